@@ -1,0 +1,179 @@
+//! `KmsGrant`: temporary, fine-grained use of a key by one principal.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::key::KeyOperation;
+use super::principal::Principal;
+
+/// Gives one principal — a ServiceAccount of any namespace, a user or a group — the use of a
+/// key for some operations, optionally only with a given encryption context and only until
+/// expiresAt. A grant lives in its key's namespace; deleting it revokes it.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, KubeSchema)]
+#[kube(
+    group = "kms.kubekms.io",
+    version = "v1alpha1",
+    kind = "KmsGrant",
+    plural = "kmsgrants",
+    singular = "kmsgrant",
+    shortname = "kmsg",
+    category = "kubekms",
+    namespaced,
+    status = "KmsGrantStatus",
+    doc = "Gives one principal temporary, fine-grained use of a KmsKey in the same namespace.",
+    printcolumn(name = "Key", type_ = "string", json_path = ".spec.keyRef.name"),
+    printcolumn(name = "Grantee", type_ = "string", json_path = ".status.grantee"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message(
+    "a grant's terms cannot change: create a new grant and delete this one"
+))]
+pub struct KmsGrantSpec {
+    /// The key the grant is for, in the grant's namespace.
+    pub key_ref: KeyReference,
+
+    /// Who receives the grant.
+    pub grantee: Principal,
+
+    /// What the grantee may do with the key.
+    #[schemars(length(min = 1))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub operations: Vec<KeyOperation>,
+
+    /// Limits the grant to calls whose encryption context matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<GrantConstraints>,
+
+    /// When the grant stops working. Absent: the grant works until it is retired or
+    /// deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+
+    /// Who besides the grantee may retire the grant through the key API's RetireGrant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring_principal: Option<Principal>,
+}
+
+/// A reference to a KmsKey in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyReference {
+    /// The KmsKey's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Encryption-context constraints on a grant; at most one of the two.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!(has(self.encryptionContextEquals) && has(self.encryptionContextSubset))"
+).message("set at most one of encryptionContextEquals and encryptionContextSubset"))]
+pub struct GrantConstraints {
+    /// The call's encryption context must equal this map exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub encryption_context_equals: Option<BTreeMap<String, String>>,
+
+    /// The call's encryption context must contain every pair of this map (and may hold more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub encryption_context_subset: Option<BTreeMap<String, String>>,
+}
+
+impl GrantConstraints {
+    /// Whether a call's encryption context satisfies these constraints.
+    pub fn allows(&self, context: &BTreeMap<String, String>) -> bool {
+        if let Some(equals) = &self.encryption_context_equals {
+            return equals == context;
+        }
+        if let Some(subset) = &self.encryption_context_subset {
+            return subset.iter().all(|(k, v)| context.get(k) == Some(v));
+        }
+        true
+    }
+}
+
+/// The observed state of a grant.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsGrantStatus {
+    /// The grant's identifier (a UUID, equal to the object's UID), recorded in audit lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+
+    /// The grant's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<GrantState>,
+
+    /// The grantee, written out for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grantee: Option<String>,
+
+    /// The keyId of the key the grant was resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+
+    /// When and by whom the grant was retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_by: Option<String>,
+
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, with a reason when the grant is not Active.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A grant's state.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum GrantState {
+    /// The grant allows its operations.
+    Active,
+    /// expiresAt has passed.
+    Expired,
+    /// The grantee or the retiring principal retired the grant.
+    Retired,
+    /// The key does not exist or cannot be used; the condition says why.
+    Invalid,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn equals_constraint_needs_exact_context() {
+        let c = GrantConstraints {
+            encryption_context_equals: Some(map(&[("app", "web")])),
+            encryption_context_subset: None,
+        };
+        assert!(c.allows(&map(&[("app", "web")])));
+        assert!(!c.allows(&map(&[("app", "web"), ("x", "y")])));
+        assert!(!c.allows(&map(&[])));
+    }
+
+    #[test]
+    fn subset_constraint_allows_extra_pairs() {
+        let c = GrantConstraints {
+            encryption_context_equals: None,
+            encryption_context_subset: Some(map(&[("app", "web")])),
+        };
+        assert!(c.allows(&map(&[("app", "web"), ("x", "y")])));
+        assert!(!c.allows(&map(&[("app", "db")])));
+        assert!(!c.allows(&map(&[])));
+    }
+}

@@ -1,0 +1,402 @@
+//! `KmsKey`: a customer-managed key.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::principal::Principal;
+
+/// A customer-managed key: versioned 256-bit key material that never leaves kubekms
+/// unencrypted. The controller creates version 1, rotates on schedule or on demand,
+/// enables and disables the key, and destroys its material only after a waiting period.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, KubeSchema)]
+#[kube(
+    group = "kms.kubekms.io",
+    version = "v1alpha1",
+    kind = "KmsKey",
+    plural = "kmskeys",
+    singular = "kmskey",
+    shortname = "kmsk",
+    category = "kubekms",
+    namespaced,
+    status = "KmsKeyStatus",
+    doc = "A customer-managed key whose versioned material never leaves kubekms unencrypted.",
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Version", type_ = "integer", json_path = ".status.currentVersion"),
+    printcolumn(name = "Next Rotation", type_ = "date", json_path = ".status.nextRotationTime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!(has(oldSelf.deletion) && oldSelf.deletion.scheduled) || (has(self.deletion) && self.deletion.scheduled) || !self.enabled"
+).message(
+    "cancelling a scheduled deletion leaves the key Disabled: set spec.enabled to false in the same change, then set it to true when the key should be used again"
+))]
+pub struct KmsKeySpec {
+    /// What the key is for. Free text, shown by `kubectl describe`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 8192))]
+    pub description: String,
+
+    /// The kind of key material. SYMMETRIC_DEFAULT is a 256-bit key used with AES-256-GCM.
+    /// Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("keySpec is immutable"))]
+    pub key_spec: KeySpec,
+
+    /// What the key may be used for. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("keyUsage is immutable"))]
+    pub key_usage: KeyUsage,
+
+    /// Where the key material comes from: KUBEKMS generates it; EXTERNAL waits in
+    /// PendingImport for material you import. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("origin is immutable"))]
+    pub origin: Origin,
+
+    /// Whether the key may be used. Setting it to false disables the key (reversibly);
+    /// disabled keys refuse every cryptographic operation.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Automatic and on-demand rotation. Rotation adds a key version; earlier versions
+    /// stay available for decryption until the key is destroyed.
+    #[serde(default)]
+    pub rotation: Rotation,
+
+    /// Scheduling and cancelling the deletion of the key material.
+    #[serde(default)]
+    pub deletion: Deletion,
+
+    /// The key policy: who may use the key for what, beyond Kubernetes RBAC.
+    #[serde(default)]
+    pub policy: KeyPolicy,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The kind of key material.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum KeySpec {
+    /// A 256-bit symmetric key used with AES-256-GCM.
+    #[default]
+    #[serde(rename = "SYMMETRIC_DEFAULT")]
+    SymmetricDefault,
+}
+
+/// What a key may be used for.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum KeyUsage {
+    /// Encryption and decryption.
+    #[default]
+    #[serde(rename = "ENCRYPT_DECRYPT")]
+    EncryptDecrypt,
+}
+
+/// Where the key material comes from.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Origin {
+    /// kubekms generates the material from the operating system's CSPRNG.
+    #[default]
+    #[serde(rename = "KUBEKMS")]
+    Kubekms,
+    /// You import the material; the key waits in PendingImport until you do.
+    #[serde(rename = "EXTERNAL")]
+    External,
+}
+
+/// Rotation settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rotation {
+    /// Rotate automatically every periodDays days.
+    #[serde(default = "default_true")]
+    pub automatic: bool,
+
+    /// Days between automatic rotations, from 90 to 2560.
+    #[serde(default = "default_rotation_period")]
+    #[schemars(range(min = 90, max = 2560))]
+    pub period_days: u16,
+
+    /// Requests one rotation now. Set it to a value not used before for this key (a
+    /// timestamp works well); the controller rotates once per new value and reports the
+    /// value it handled in status.lastOnDemandRequest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub on_demand_request: Option<String>,
+}
+
+/// The default number of days between automatic rotations.
+pub const DEFAULT_ROTATION_PERIOD_DAYS: u16 = 365;
+
+fn default_rotation_period() -> u16 {
+    DEFAULT_ROTATION_PERIOD_DAYS
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self { automatic: true, period_days: DEFAULT_ROTATION_PERIOD_DAYS, on_demand_request: None }
+    }
+}
+
+/// Deletion settings. Key material is never destroyed at once: scheduling deletion
+/// starts a waiting period of pendingWindowDays days during which the key is unusable and
+/// the deletion can be cancelled.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!(self.scheduled && oldSelf.scheduled) || self.pendingWindowDays == oldSelf.pendingWindowDays"
+).message("pendingWindowDays cannot change while deletion is scheduled: cancel the deletion and schedule it again"))]
+pub struct Deletion {
+    /// Set to true to schedule deletion of the key material; set back to false (together
+    /// with spec.enabled: false) to cancel it before status.deletionTime.
+    #[serde(default)]
+    pub scheduled: bool,
+
+    /// Days to wait between scheduling deletion and destroying the material, from 7 to 30.
+    #[serde(default = "default_pending_window")]
+    #[schemars(range(min = 7, max = 30))]
+    pub pending_window_days: u8,
+}
+
+/// The default waiting period before key material is destroyed.
+pub const DEFAULT_PENDING_WINDOW_DAYS: u8 = 30;
+
+fn default_pending_window() -> u8 {
+    DEFAULT_PENDING_WINDOW_DAYS
+}
+
+impl Default for Deletion {
+    fn default() -> Self {
+        Self { scheduled: false, pending_window_days: DEFAULT_PENDING_WINDOW_DAYS }
+    }
+}
+
+/// A key policy. An explicit Deny always wins; otherwise a call is allowed when a statement
+/// allows it, when delegateToRbac is true and Kubernetes RBAC allows the operation as a verb
+/// on this kmskeys object, or when an Active KmsGrant allows it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyPolicy {
+    /// Let Kubernetes RBAC grant use of the key: a SubjectAccessReview for the operation's
+    /// verb (encrypt, decrypt, generatedatakey, …) on this kmskeys object.
+    #[serde(default = "default_true", rename = "delegateToRBAC")]
+    pub delegate_to_rbac: bool,
+
+    /// Allow and Deny statements.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub statements: Vec<PolicyStatement>,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self { delegate_to_rbac: true, statements: Vec::new() }
+    }
+}
+
+/// One statement of a key policy.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatement {
+    /// An optional name for the statement, shown in audit records and denials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub sid: Option<String>,
+
+    /// Allow or Deny.
+    pub effect: Effect,
+
+    /// Whom the statement applies to.
+    #[schemars(length(min = 1, max = 64))]
+    pub principals: Vec<Principal>,
+
+    /// Which operations the statement applies to.
+    #[schemars(length(min = 1))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub operations: Vec<KeyOperation>,
+}
+
+/// The effect of a policy statement.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Effect {
+    /// Allow the operations, unless a Deny statement matches.
+    Allow,
+    /// Refuse the operations, whatever else allows them.
+    Deny,
+}
+
+/// A cryptographic operation of the key API that policies and grants control.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
+)]
+pub enum KeyOperation {
+    /// Encrypt up to 4 KiB of plaintext.
+    Encrypt,
+    /// Decrypt a ciphertext made under this key.
+    Decrypt,
+    /// Return a new data key in plaintext and wrapped under this key.
+    GenerateDataKey,
+    /// Return a new data key wrapped under this key only.
+    GenerateDataKeyWithoutPlaintext,
+    /// Decrypt under this key as the source of a ReEncrypt.
+    ReEncryptFrom,
+    /// Encrypt under this key as the destination of a ReEncrypt.
+    ReEncryptTo,
+    /// Read the key's metadata.
+    DescribeKey,
+}
+
+impl KeyOperation {
+    /// Every operation, in a fixed order.
+    pub const ALL: [KeyOperation; 7] = [
+        KeyOperation::Encrypt,
+        KeyOperation::Decrypt,
+        KeyOperation::GenerateDataKey,
+        KeyOperation::GenerateDataKeyWithoutPlaintext,
+        KeyOperation::ReEncryptFrom,
+        KeyOperation::ReEncryptTo,
+        KeyOperation::DescribeKey,
+    ];
+
+    /// The operation's name on the wire and in audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOperation::Encrypt => "Encrypt",
+            KeyOperation::Decrypt => "Decrypt",
+            KeyOperation::GenerateDataKey => "GenerateDataKey",
+            KeyOperation::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
+            KeyOperation::ReEncryptFrom => "ReEncryptFrom",
+            KeyOperation::ReEncryptTo => "ReEncryptTo",
+            KeyOperation::DescribeKey => "DescribeKey",
+        }
+    }
+
+    /// The RBAC verb on `kmskeys` that allows this operation when the key policy
+    /// delegates to RBAC.
+    pub fn rbac_verb(self) -> &'static str {
+        match self {
+            KeyOperation::Encrypt => "encrypt",
+            KeyOperation::Decrypt => "decrypt",
+            KeyOperation::GenerateDataKey => "generatedatakey",
+            KeyOperation::GenerateDataKeyWithoutPlaintext => "generatedatakeywithoutplaintext",
+            KeyOperation::ReEncryptFrom => "reencryptfrom",
+            KeyOperation::ReEncryptTo => "reencryptto",
+            KeyOperation::DescribeKey => "describekey",
+        }
+    }
+}
+
+/// The observed state of a key.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsKeyStatus {
+    /// The key's permanent identifier (a UUID, equal to the object's UID). Never reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+
+    /// The key's lifecycle state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<KeyState>,
+
+    /// The version new encryptions use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u32>,
+
+    /// Every version the key has had. Versions only grow and are never reused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
+    pub versions: Vec<KeyVersionStatus>,
+
+    /// When the current version was created by a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_time: Option<Time>,
+
+    /// When the next automatic rotation is due, while automatic rotation is on and the key
+    /// is Enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_time: Option<Time>,
+
+    /// The last on-demand rotation request the controller carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_on_demand_request: Option<String>,
+
+    /// When the key material will be (or was) destroyed, while deletion is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_time: Option<Time>,
+
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, and conditions explaining refused transitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A key's lifecycle state.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum KeyState {
+    /// The controller is creating version 1.
+    Creating,
+    /// The key can be used.
+    Enabled,
+    /// The key refuses every cryptographic operation until it is enabled again.
+    Disabled,
+    /// The key's material will be destroyed at status.deletionTime unless deletion is
+    /// cancelled; it refuses every cryptographic operation meanwhile.
+    PendingDeletion,
+    /// The key waits for imported material (origin EXTERNAL).
+    PendingImport,
+    /// The key's material has been destroyed; the object can be deleted.
+    Destroyed,
+}
+
+impl KeyState {
+    /// Every state, for metrics that report zero counts too.
+    pub const ALL: [KeyState; 6] = [
+        KeyState::Creating,
+        KeyState::Enabled,
+        KeyState::Disabled,
+        KeyState::PendingDeletion,
+        KeyState::PendingImport,
+        KeyState::Destroyed,
+    ];
+
+    /// The state's name as written in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Creating => "Creating",
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDeletion => "PendingDeletion",
+            KeyState::PendingImport => "PendingImport",
+            KeyState::Destroyed => "Destroyed",
+        }
+    }
+}
+
+/// One key version, as status reports it (never the material).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyVersionStatus {
+    /// The version number, counting from 1.
+    pub version: u32,
+    /// When the version was created.
+    pub created: Time,
+    /// Whether the version's material still exists.
+    pub state: KeyVersionState,
+}
+
+/// The state of one key version.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum KeyVersionState {
+    /// The material exists: the version decrypts, and encrypts if it is current.
+    Enabled,
+    /// The material has been destroyed.
+    Destroyed,
+}

@@ -1,0 +1,112 @@
+//! `KmsKeyMaterial`: the wrapped versions of one key. Internal to kubekms.
+//!
+//! Cluster-scoped on purpose: deleting a namespace must not destroy key material (that
+//! needs the waiting period), and no built-in role grants access to it, so only kubekms's
+//! own identities (and cluster administrators) can read it. It is never a `Secret`: the KMS
+//! plugin encrypts Secrets, and reading key material must not depend on the plugin.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::key::Origin;
+
+/// The key-version material of one KmsKey, each version wrapped by the root key. Written
+/// only by the kubekms controller; versions are only ever added, until the material is
+/// destroyed after the key's deletion waiting period.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, KubeSchema)]
+#[kube(
+    group = "kms.kubekms.io",
+    version = "v1alpha1",
+    kind = "KmsKeyMaterial",
+    plural = "kmskeymaterials",
+    singular = "kmskeymaterial",
+    category = "kubekms-internal",
+    doc = "Internal to kubekms: the wrapped key-version material of one KmsKey.",
+    printcolumn(name = "Namespace", type_ = "string", json_path = ".spec.owner.namespace"),
+    printcolumn(name = "Key", type_ = "string", json_path = ".spec.owner.name"),
+    printcolumn(name = "Destroyed", type_ = "date", json_path = ".spec.destroyedAt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.owner == oldSelf.owner").message("owner is immutable"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.destroyedAt) || (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && size(self.versions) == 0)"
+).message("destroyed material stays destroyed"))]
+#[x_kube(validation = Rule::new(
+    "has(self.destroyedAt) || size(self.versions) >= size(oldSelf.versions)"
+).message("key versions are never removed before the material is destroyed"))]
+#[x_kube(validation = Rule::new(
+    "has(self.destroyedAt) || self.rootKeyFingerprint == oldSelf.rootKeyFingerprint"
+).message("rootKeyFingerprint is immutable"))]
+pub struct KmsKeyMaterialSpec {
+    /// The KmsKey this material belongs to.
+    pub owner: KeyOwner,
+
+    /// Where the material came from.
+    pub origin: Origin,
+
+    /// The fingerprint of the root key that wraps every version.
+    #[schemars(length(min = 1, max = 128))]
+    pub root_key_fingerprint: String,
+
+    /// The versions, in order. An existing version never changes.
+    #[serde(default)]
+    #[schemars(length(max = 1000))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
+    pub versions: Vec<MaterialVersion>,
+
+    /// When the material was destroyed. Set once, with versions emptied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<Time>,
+}
+
+/// The KmsKey a KmsKeyMaterial belongs to.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyOwner {
+    /// The key's namespace.
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// The key's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key's UID, which is also its keyId.
+    #[schemars(length(min = 1, max = 64))]
+    pub uid: String,
+}
+
+/// One key version's wrapped material.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("an existing key version never changes"))]
+pub struct MaterialVersion {
+    /// The version number, counting from 1.
+    #[schemars(range(min = 1))]
+    pub version: u32,
+    /// When the version was created.
+    pub created: Time,
+    /// What created the version.
+    pub trigger: VersionTrigger,
+    /// The on-demand rotation request that created the version, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub request: Option<String>,
+    /// The version's 256-bit material wrapped by the root key (base64 of the kubekms
+    /// wrapped-material format: format byte, nonce, AES-256-GCM ciphertext and tag).
+    #[schemars(length(min = 1, max = 512))]
+    pub wrapped: String,
+}
+
+/// What created a key version.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum VersionTrigger {
+    /// Version 1, made when the key was created.
+    Created,
+    /// An automatic rotation.
+    Scheduled,
+    /// An on-demand rotation (spec.rotation.onDemandRequest).
+    OnDemand,
+    /// Imported key material (origin EXTERNAL).
+    Imported,
+}

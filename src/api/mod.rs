@@ -1,0 +1,31 @@
+//! The public contract: custom resources in the `kms.kubekms.io/v1alpha1` API group.
+//!
+//! `KmsKey` and `KmsGrant` are what users write. `KmsKeyMaterial` is internal: it holds
+//! key-version material wrapped by the root key and is readable only by kubekms itself.
+//! The CRD YAML in `crds/` and in the Helm chart is generated from these types
+//! (`kubekms crds`), and a test fails when the two drift.
+
+// kube-derive's repeated `printcolumn(type_ = …)` arguments trip clippy's
+// duplicated_attributes lint, which is meant for repeated attributes, not macro arguments.
+mod crds;
+#[allow(clippy::duplicated_attributes)]
+mod grant;
+#[allow(clippy::duplicated_attributes)]
+mod key;
+#[allow(clippy::duplicated_attributes)]
+mod material;
+mod principal;
+
+pub use crds::{all_crds, crds_yaml};
+pub use grant::{GrantConstraints, GrantState, KeyReference, KmsGrant, KmsGrantSpec, KmsGrantStatus};
+pub use key::{
+    Deletion, Effect, KeyOperation, KeyPolicy, KeySpec, KeyState, KeyUsage, KeyVersionState,
+    KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, Origin, PolicyStatement, Rotation,
+};
+pub use material::{KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MaterialVersion, VersionTrigger};
+pub use principal::{Principal, PrincipalKind};
+
+/// The API group of every kubekms resource.
+pub const GROUP: &str = "kms.kubekms.io";
+/// The API version served and stored.
+pub const VERSION: &str = "v1alpha1";

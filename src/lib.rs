@@ -1,0 +1,5 @@
+//! kubekms: a key management service that lives inside Kubernetes.
+//!
+//! `api` holds the custom resources (the public contract).
+
+pub mod api;
