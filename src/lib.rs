@@ -3,3 +3,4 @@
 //! `api` holds the custom resources (the public contract).
 
 pub mod api;
+pub mod crypto;

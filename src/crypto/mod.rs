@@ -1,0 +1,15 @@
+//! Cryptography: secret key types, the one AEAD construction every format uses, the root
+//! key, and the canonical encodings bound as associated data.
+//!
+//! Every format carries a version byte first; every authentication failure maps to the
+//! same error ([`SealError::Open`]) so callers cannot tell tampering from a wrong key.
+
+mod canonical;
+mod root;
+mod seal;
+mod secret;
+
+pub use canonical::{CanonicalWriter, canonical_map};
+pub use root::{RootKey, RootKeyError, WrapContext};
+pub use seal::{SEAL_OVERHEAD, SealError, open, seal};
+pub use secret::{KEY_LEN, KeyMaterial, SecretBytes, random_bytes};
