@@ -1,0 +1,34 @@
+# kubekms — the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+
+.PHONY: help up down clean demo test test-unit test-e2e crds check-crds lint tools
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+tools: ## Build etcd, kube-apiserver and helm from the Go module proxy (cached outside the clone)
+	e2e/tools/build.sh
+
+up: ## Start the local control plane (etcd, kube-apiserver, kubekms) and write e2e/.run/env
+	e2e/up.sh
+
+down: ## Stop everything `make up` started
+	e2e/down.sh
+
+clean: down ## Stop everything and remove the local control plane's data
+	rm -rf e2e/.run
+
+demo: ## Run the walkthrough: a control plane with kubekms, a key, and a Secret encrypted in etcd
+	e2e/demo.sh
+
+test: ## Run the unit tests, then the end-to-end tests against a local control plane
+	e2e/test.sh
+
+crds: ## Regenerate crds/ from the Rust types
+	$(CARGO) run --quiet -- crds > crds/kubekms.yaml
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# `make test`: the unit tests, then the end-to-end tests against a local control plane.
+# Starts the control plane if it is not running, and stops it again afterwards if this
+# script started it.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT_DIR"
+
+log "unit tests"
+cargo test --lib --bins
+
+started_here=0
+if ! pid_alive kube-apiserver; then started_here=1; fi
+cleanup() {
+  local rc=$?
+  if ((started_here)); then "$E2E_DIR/down.sh" || true; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+
+"$E2E_DIR/up.sh"
+log "end-to-end tests"
+cargo test --test e2e -- --test-threads "${KUBEKMS_E2E_THREADS:-4}"
