@@ -23,7 +23,7 @@ use super::principal::Principal;
     doc = "A customer-managed key whose versioned material never leaves kubekms unencrypted.",
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Version", type_ = "integer", json_path = ".status.currentVersion"),
-    printcolumn(name = "Next Rotation", type_ = "date", json_path = ".status.nextRotationTime"),
+    printcolumn(name = "Next Rotation", type_ = "string", json_path = ".status.nextRotationTime"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -331,6 +331,11 @@ pub struct KmsKeyStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// spec.enabled as of observedGeneration. Tells an attempt to enable a key pending
+    /// deletion apart from a key that was enabled when its deletion was scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_enabled: Option<bool>,
 
     /// Ready, and conditions explaining refused transitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
