@@ -1,0 +1,362 @@
+//! Reconciling one KmsKey: a thin shell around [`lifecycle::plan`] that reads the
+//! material, carries out the planned material change, writes status (server-side apply,
+//! only when it changed) and publishes an Event per transition.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::lifecycle::{self, Material, MaterialAction, Observed, Plan, VersionInfo};
+use super::{Context, Error};
+use crate::api::{KeyState, KmsKey, KmsKeyMaterial, KmsKeyStatus, VersionTrigger};
+use crate::crypto::KeyMaterial;
+use crate::keyring::Owner;
+
+/// Guards what the garbage collector cannot: a KmsKey goes away only after its material
+/// has been destroyed (the material object is cluster-scoped and has no owner reference).
+pub const FINALIZER: &str = "kms.kubekms.io/destroy-material";
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = "kubekms-controller";
+
+/// The longest the controller waits before looking at a key again, so a clock that was
+/// corrected or a missed event is noticed within this time.
+const MAX_REQUEUE: Duration = Duration::from_secs(3600);
+
+pub async fn reconcile(key: Arc<KmsKey>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_key(&key, &ctx).await;
+    let m = &ctx.metrics;
+    m.reconcile_seconds
+        .get_or_create(&super::metrics::KindLabels { kind: "KmsKey" })
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    m.reconciles.get_or_create(&super::metrics::ResultLabels { kind: "KmsKey", result: outcome }).inc();
+    if let Err(e) = &result {
+        m.errors.get_or_create(&super::metrics::ErrorLabels { kind: "KmsKey", category: e.category() }).inc();
+        report_failure(&key, &ctx, e).await;
+    }
+    result
+}
+
+pub fn error_policy(_key: Arc<KmsKey>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, category = error.category(), "reconcile failed");
+    Action::requeue(if error.is_conflict() { Duration::from_secs(1) } else { Duration::from_secs(15) })
+}
+
+fn owner(key: &KmsKey) -> Result<Owner, Error> {
+    Ok(Owner {
+        namespace: key.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        name: key.name_any(),
+        uid: key.uid().ok_or(Error::MissingField("metadata.uid"))?,
+    })
+}
+
+async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
+    let owner = owner(key)?;
+    let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let deleting = key.meta().deletion_timestamp.is_some();
+    let has_finalizer = key.finalizers().iter().any(|f| f == FINALIZER);
+    if deleting && !has_finalizer {
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer {
+        set_finalizer(&api, key, key.resource_version(), true).await?;
+    }
+
+    let status = key.status.clone().unwrap_or_default();
+    let mut material = current_material(ctx, &owner.uid, &status).await?;
+    let now = Timestamp::now();
+    let generation = key.meta().generation.unwrap_or(0);
+    for _ in 0..4 {
+        let view = material_view(material.as_ref(), ctx.root.fingerprint());
+        let observed = Observed { spec: &key.spec, generation, deleting, status: &status, material: &view };
+        match lifecycle::plan(&observed, now, ctx.calendar) {
+            Plan::Act(action) => {
+                if action == MaterialAction::Destroy
+                    && let Some(wait) = api_server_not_yet_due(ctx, &status).await?
+                {
+                    return Ok(Action::requeue(wait));
+                }
+                match apply(ctx, key, &owner, material.as_ref(), &action, now).await {
+                    Ok(updated) => material = Some(updated),
+                    Err(e) if e.is_conflict() => material = ctx.materials.get(&owner.uid).await?,
+                    Err(e) => return Err(e),
+                }
+            }
+            Plan::Settle { status: next, requeue_after } => {
+                let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
+                let mut resource_version = key.resource_version();
+                if next != status {
+                    resource_version = patch_status(&api, &owner.name, &next).await?;
+                }
+                publish(ctx, key, &lifecycle::transitions(&status, &next)).await;
+                if deleting && next.state == Some(KeyState::Destroyed) {
+                    // Status says Destroyed before the tombstone goes, so a retry after a
+                    // failure below still knows the key is destroyed.
+                    ctx.materials.delete(&owner.uid).await?;
+                    set_finalizer(&api, key, resource_version, false).await?;
+                    return Ok(Action::await_change());
+                }
+                let wait = requeue_after
+                    .and_then(|d| Duration::try_from(d).ok())
+                    .map_or(MAX_REQUEUE, |d| d.min(MAX_REQUEUE));
+                return Ok(Action::requeue(wait));
+            }
+        }
+    }
+    Err(Error::Unsettled)
+}
+
+/// The key's material: from the watch cache when it is at least as new as status says,
+/// otherwise read from the API server.
+async fn current_material(
+    ctx: &Context,
+    key_id: &str,
+    status: &KmsKeyStatus,
+) -> Result<Option<KmsKeyMaterial>, Error> {
+    let cached = ctx.material_cache.get(&ObjectRef::new(key_id));
+    let fresh_enough = |m: &KmsKeyMaterial| {
+        m.spec.destroyed_at.is_some()
+            || (status.state != Some(KeyState::Destroyed)
+                && m.spec.versions.last().map(|v| v.version) >= status.current_version)
+    };
+    match cached {
+        Some(m) if fresh_enough(&m) => Ok(Some((*m).clone())),
+        _ => Ok(ctx.materials.get(key_id).await?),
+    }
+}
+
+/// What the planner needs to know of the material object.
+pub fn material_view(material: Option<&KmsKeyMaterial>, root_fingerprint: &str) -> Material {
+    match material {
+        None => Material::Absent,
+        Some(m) => match &m.spec.destroyed_at {
+            Some(at) => Material::Destroyed { at: at.0 },
+            None if m.spec.versions.is_empty() => Material::Absent,
+            None => Material::Present {
+                versions: m
+                    .spec
+                    .versions
+                    .iter()
+                    .map(|v| VersionInfo {
+                        version: v.version,
+                        created: v.created.0,
+                        trigger: v.trigger,
+                        request: v.request.clone(),
+                    })
+                    .collect(),
+                root_key_matches: m.spec.root_key_fingerprint == root_fingerprint,
+            },
+        },
+    }
+}
+
+async fn apply(
+    ctx: &Context,
+    key: &KmsKey,
+    owner: &Owner,
+    material: Option<&KmsKeyMaterial>,
+    action: &MaterialAction,
+    now: Timestamp,
+) -> Result<KmsKeyMaterial, Error> {
+    let store = &ctx.materials;
+    let label = |action| super::metrics::ActionLabels { action };
+    let updated = match (action, material) {
+        (MaterialAction::Create { request }, _) => {
+            let first = KeyMaterial::generate().map_err(Error::Random)?;
+            let created = store
+                .create(
+                    owner,
+                    key.spec.origin,
+                    &ctx.root,
+                    Some((&first, VersionTrigger::Created, request.clone())),
+                    None,
+                    now,
+                )
+                .await?;
+            ctx.metrics.material_changes.get_or_create(&label("create")).inc();
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "created version 1");
+            created
+        }
+        (MaterialAction::Rotate { trigger, request }, Some(current)) => {
+            let rotated = store.rotate(current, &ctx.root, *trigger, request.clone(), now).await?;
+            ctx.metrics.material_changes.get_or_create(&label("rotate")).inc();
+            tracing::info!(
+                key = %format!("{}/{}", owner.namespace, owner.name),
+                key_id = %owner.uid,
+                version = rotated.spec.versions.last().map(|v| v.version),
+                trigger = ?trigger,
+                "rotated"
+            );
+            rotated
+        }
+        (MaterialAction::Destroy, Some(current)) => {
+            let destroyed = store.destroy(current, now).await?;
+            ctx.metrics.material_changes.get_or_create(&label("destroy")).inc();
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "destroyed key material");
+            destroyed
+        }
+        (MaterialAction::Destroy, None) => {
+            // A key that never had material (EXTERNAL, never imported): record it as
+            // destroyed so it can never get material later.
+            store.create(owner, key.spec.origin, &ctx.root, None, Some(now), now).await?
+        }
+        (MaterialAction::Rotate { .. }, None) => return Err(Error::Unsettled),
+    };
+    Ok(updated)
+}
+
+/// Before destroying material, the API server's clock must agree that the deletion time
+/// has passed, so a controller node whose clock runs ahead cannot destroy early. Returns
+/// how long to wait if it does not.
+async fn api_server_not_yet_due(ctx: &Context, status: &KmsKeyStatus) -> Result<Option<Duration>, Error> {
+    let Some(deletion_time) = status.deletion_time.as_ref().map(|t| t.0) else {
+        return Ok(None);
+    };
+    let server_now = api_server_time(&ctx.client).await?;
+    if server_now >= deletion_time {
+        return Ok(None);
+    }
+    let ahead = deletion_time.duration_since(server_now);
+    tracing::warn!(
+        %deletion_time,
+        %server_now,
+        "this controller's clock says the deletion time has passed but the API server's does not; waiting"
+    );
+    Ok(Some(
+        Duration::try_from(ahead.max(SignedDuration::from_secs(1))).unwrap_or(MAX_REQUEUE).min(MAX_REQUEUE),
+    ))
+}
+
+/// The API server's current time, from the `Date` header of a request to `/version`.
+pub async fn api_server_time(client: &kube::Client) -> Result<Timestamp, Error> {
+    let request = http::Request::get("/version")
+        .body(kube::client::Body::empty())
+        .map_err(|e| Error::ApiServerClock(e.to_string()))?;
+    let response = client.send(request).await.map_err(|e| Error::ApiServerClock(e.to_string()))?;
+    let date = response
+        .headers()
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Error::ApiServerClock("no Date header".into()))?;
+    jiff::fmt::rfc2822::parse(date)
+        .map(|z| z.timestamp())
+        .map_err(|e| Error::ApiServerClock(format!("unreadable Date header {date:?}: {e}")))
+}
+
+/// Writes status with server-side apply; returns the new resourceVersion.
+async fn patch_status(api: &Api<KmsKey>, name: &str, status: &KmsKeyStatus) -> Result<Option<String>, Error> {
+    let body = json!({
+        "apiVersion": "kms.kubekms.io/v1alpha1",
+        "kind": "KmsKey",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await
+        .map(|k| k.resource_version())
+        .map_err(Error::PatchStatus)
+}
+
+/// Adds or removes the finalizer; the resourceVersion makes it fail rather than overwrite
+/// a concurrent change of the list.
+async fn set_finalizer(
+    api: &Api<KmsKey>,
+    key: &KmsKey,
+    resource_version: Option<String>,
+    present: bool,
+) -> Result<(), Error> {
+    let mut finalizers: Vec<String> = key.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    if present {
+        finalizers.push(FINALIZER.to_owned());
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": resource_version, "finalizers": finalizers}
+    });
+    api.patch(&key.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map(|_| ())
+        .map_err(if present { Error::AddFinalizer } else { Error::RemoveFinalizer })
+}
+
+async fn publish(ctx: &Context, key: &KmsKey, transitions: &[lifecycle::Transition]) {
+    let reference = key.object_ref(&());
+    for t in transitions {
+        let event = Event {
+            type_: if t.warning { EventType::Warning } else { EventType::Normal },
+            reason: t.reason.to_owned(),
+            note: Some(t.note.clone()),
+            action: t.action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason = t.reason, "failed to publish an Event");
+        }
+    }
+}
+
+/// Makes a failure visible on the object: a Warning Event, and while the key has never
+/// been settled (no material yet), a Creating status whose Ready condition says why.
+async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
+    if error.is_conflict() {
+        return;
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "ReconcileFailed".to_owned(),
+        note: Some(error_chain(error)),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    let _ = ctx.recorder.publish(&event, &key.object_ref(&())).await;
+    let status = key.status.clone().unwrap_or_default();
+    if status.state.is_some() {
+        return;
+    }
+    let (Some(ns), Some(uid)) = (key.namespace(), key.uid()) else { return };
+    let generation = key.meta().generation.unwrap_or(0);
+    let ready = lifecycle::condition(
+        &status.conditions,
+        lifecycle::READY,
+        "False",
+        "CreateFailed",
+        error_chain(error),
+        generation,
+        Timestamp::now(),
+    );
+    let next = KmsKeyStatus {
+        key_id: Some(uid),
+        state: Some(KeyState::Creating),
+        observed_generation: Some(generation),
+        conditions: vec![ready],
+        ..Default::default()
+    };
+    let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let _ = patch_status(&api, &key.name_any(), &next).await;
+}
+
+/// An error and its causes on one line, for Events and conditions (never secret: errors
+/// carry names and API messages only).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        match e.downcast_ref::<kube::Error>() {
+            // The API server's own message, without the Debug dump of its Status.
+            Some(kube::Error::Api(status)) => {
+                text.push_str(&status.message);
+                break;
+            }
+            _ => text.push_str(&e.to_string()),
+        }
+        source = e.source();
+    }
+    text
+}

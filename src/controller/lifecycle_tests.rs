@@ -1,0 +1,570 @@
+//! The lifecycle driven through time with an injected clock: every step feeds the
+//! previous status and the material back in, as the controller does.
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::*;
+use crate::api::{Deletion, KeyPolicy, KeySpec, KeyUsage, Rotation};
+
+const DAY: SignedDuration = SignedDuration::from_hours(24);
+
+fn t0() -> Timestamp {
+    "2026-01-01T00:00:00Z".parse().unwrap()
+}
+
+fn days(n: i64) -> SignedDuration {
+    SignedDuration::from_hours(24 * n)
+}
+
+fn spec() -> KmsKeySpec {
+    KmsKeySpec {
+        description: String::new(),
+        key_spec: KeySpec::SymmetricDefault,
+        key_usage: KeyUsage::EncryptDecrypt,
+        origin: Origin::Kubekms,
+        enabled: true,
+        rotation: Rotation::default(),
+        deletion: Deletion::default(),
+        policy: KeyPolicy::default(),
+    }
+}
+
+/// A key and its material, reconciled the way the controller does: plan, apply the
+/// material action, plan again, keep the status.
+struct Sim {
+    spec: KmsKeySpec,
+    generation: i64,
+    deleting: bool,
+    status: KmsKeyStatus,
+    material: Material,
+    now: Timestamp,
+    events: Vec<&'static str>,
+    actions: Vec<MaterialAction>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Sim {
+            spec: spec(),
+            generation: 1,
+            deleting: false,
+            status: KmsKeyStatus { key_id: Some("k-1".into()), ..Default::default() },
+            material: Material::Absent,
+            now: t0(),
+            events: vec![],
+            actions: vec![],
+        }
+    }
+
+    fn edit(&mut self, f: impl FnOnce(&mut KmsKeySpec)) {
+        f(&mut self.spec);
+        self.generation += 1;
+    }
+
+    fn plan(&self) -> Plan {
+        let o = Observed {
+            spec: &self.spec,
+            generation: self.generation,
+            deleting: self.deleting,
+            status: &self.status,
+            material: &self.material,
+        };
+        plan(&o, self.now, Calendar { day: DAY })
+    }
+
+    fn apply(&mut self, action: &MaterialAction) {
+        let version = |versions: &[VersionInfo]| versions.len() as u32 + 1;
+        self.material = match (&self.material, action) {
+            (Material::Absent, MaterialAction::Create { request }) => Material::Present {
+                versions: vec![VersionInfo {
+                    version: 1,
+                    created: self.now,
+                    trigger: VersionTrigger::Created,
+                    request: request.clone(),
+                }],
+                root_key_matches: true,
+            },
+            (
+                Material::Present { versions, root_key_matches },
+                MaterialAction::Rotate { trigger, request },
+            ) => {
+                let mut versions = versions.clone();
+                versions.push(VersionInfo {
+                    version: version(&versions),
+                    created: self.now,
+                    trigger: *trigger,
+                    request: request.clone(),
+                });
+                Material::Present { versions, root_key_matches: *root_key_matches }
+            }
+            (_, MaterialAction::Destroy) => Material::Destroyed { at: self.now },
+            (m, a) => panic!("action {a:?} on material {m:?}"),
+        };
+        self.actions.push(action.clone());
+    }
+
+    /// One reconcile; returns the requeue delay.
+    fn reconcile(&mut self) -> Option<SignedDuration> {
+        for _ in 0..3 {
+            match self.plan() {
+                Plan::Act(action) => self.apply(&action),
+                Plan::Settle { status, requeue_after } => {
+                    for t in transitions(&self.status, &status) {
+                        self.events.push(t.reason);
+                    }
+                    self.status = status;
+                    return requeue_after;
+                }
+            }
+        }
+        panic!("the plan did not settle after 3 material actions: {:?}", self.actions);
+    }
+
+    fn state(&self) -> KeyState {
+        self.status.state.unwrap()
+    }
+
+    fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    fn take_events(&mut self) -> Vec<&'static str> {
+        std::mem::take(&mut self.events)
+    }
+}
+
+#[test]
+fn a_new_key_gets_version_one_and_is_enabled() {
+    let mut k = Sim::new();
+    let requeue = k.reconcile();
+    assert_eq!(k.state(), KeyState::Enabled);
+    assert_eq!(k.status.current_version, Some(1));
+    assert_eq!(k.status.versions.len(), 1);
+    assert_eq!(k.status.last_rotation_time, None);
+    assert_eq!(k.status.next_rotation_time, Some(Time(t0() + days(365))));
+    assert_eq!(requeue, Some(days(365)));
+    assert_eq!(k.take_events(), ["KeyCreated"]);
+    let ready = k.condition(READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Enabled"));
+    assert_eq!(ready.observed_generation, Some(1));
+}
+
+#[test]
+fn reconciling_an_unchanged_key_changes_nothing() {
+    let mut k = Sim::new();
+    k.reconcile();
+    let before = k.status.clone();
+    k.now += SignedDuration::from_mins(5);
+    k.reconcile();
+    assert_eq!(k.status, before, "status must not change without cause (no spin)");
+    assert!(k.take_events().len() == 1);
+    assert_eq!(k.actions.len(), 1);
+}
+
+#[test]
+fn automatic_rotation_happens_when_due_and_only_then() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.now = t0() + days(365) - SignedDuration::from_secs(1);
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1), "not yet due");
+    k.now = t0() + days(365);
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2));
+    assert_eq!(k.status.versions.len(), 2, "version 1 is kept");
+    assert_eq!(k.status.last_rotation_time, Some(Time(k.now)));
+    assert_eq!(k.status.next_rotation_time, Some(Time(k.now + days(365))));
+    assert_eq!(k.take_events(), ["KeyCreated", "KeyRotated"]);
+    assert_eq!(k.actions[1], MaterialAction::Rotate { trigger: VersionTrigger::Scheduled, request: None });
+}
+
+#[test]
+fn a_shorter_period_applies_from_the_last_rotation() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.now = t0() + days(100);
+    k.edit(|s| s.rotation.period_days = 90);
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2), "90 days since version 1 have passed");
+    assert_eq!(k.status.next_rotation_time, Some(Time(k.now + days(90))));
+}
+
+#[test]
+fn automatic_rotation_off_means_no_schedule() {
+    let mut k = Sim::new();
+    k.spec.rotation.automatic = false;
+    k.reconcile();
+    assert_eq!(k.status.next_rotation_time, None);
+    k.now = t0() + days(5000);
+    assert_eq!(k.reconcile(), None);
+    assert_eq!(k.status.current_version, Some(1));
+}
+
+#[test]
+fn on_demand_rotation_happens_once_per_request() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.rotation.on_demand_request = Some("r1".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2));
+    assert_eq!(k.status.last_on_demand_request.as_deref(), Some("r1"));
+    k.reconcile();
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2), "the same request rotates once");
+    k.edit(|s| s.rotation.on_demand_request = Some("r2".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(3));
+    assert_eq!(k.take_events(), ["KeyCreated", "KeyRotated", "KeyRotated"]);
+    // The automatic schedule restarts from the on-demand rotation.
+    assert_eq!(k.status.next_rotation_time, Some(Time(k.now + days(365))));
+}
+
+#[test]
+fn a_request_present_at_creation_is_handled_by_version_one() {
+    let mut k = Sim::new();
+    k.spec.rotation.on_demand_request = Some("initial".into());
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1));
+    assert_eq!(k.status.last_on_demand_request.as_deref(), Some("initial"));
+}
+
+#[test]
+fn restart_between_material_and_status_neither_repeats_nor_loses_a_version() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.rotation.on_demand_request = Some("r1".into()));
+    // The controller adds version 2, then dies before writing status.
+    let Plan::Act(action) = k.plan() else { panic!("expected a rotation") };
+    k.apply(&action);
+    let stale_status = k.status.clone();
+    assert_eq!(stale_status.current_version, Some(1));
+    // After the restart it sees the material and the old status.
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2));
+    assert_eq!(k.actions.len(), 2, "no second rotation for the same request");
+    assert_eq!(k.take_events(), ["KeyCreated", "KeyRotated"], "the rotation is still reported once");
+
+    // The same for a scheduled rotation.
+    k.now += days(365);
+    let Plan::Act(action) = k.plan() else { panic!("expected a rotation") };
+    k.apply(&action);
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(3));
+    assert_eq!(k.actions.len(), 3);
+}
+
+#[test]
+fn disable_and_enable() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.enabled = false);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Disabled);
+    assert_eq!(k.status.next_rotation_time, None, "a disabled key does not rotate");
+    let ready = k.condition(READY).unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Disabled"));
+    k.edit(|s| s.enabled = true);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Enabled);
+    assert_eq!(k.take_events(), ["KeyCreated", "KeyDisabled", "KeyEnabled"]);
+}
+
+#[test]
+fn a_key_disabled_past_its_rotation_date_rotates_when_enabled() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.enabled = false);
+    k.reconcile();
+    k.now = t0() + days(400);
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1));
+    k.edit(|s| s.enabled = true);
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2));
+}
+
+#[test]
+fn rotating_a_disabled_key_is_refused_and_changes_nothing() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.enabled = false);
+    k.reconcile();
+    k.take_events();
+    k.edit(|s| s.rotation.on_demand_request = Some("r1".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1));
+    assert_eq!(k.state(), KeyState::Disabled);
+    let refused = k.condition(TRANSITION_REFUSED).unwrap();
+    assert_eq!(refused.reason, "RotationRefused");
+    assert!(refused.message.contains("the key is Disabled"), "{}", refused.message);
+    assert_eq!(k.take_events(), ["RotationRefused"]);
+    // Reported once, kept while the spec asks for it, not carried out on enable.
+    k.reconcile();
+    assert!(k.take_events().is_empty());
+    assert!(k.condition(TRANSITION_REFUSED).is_some());
+    k.edit(|s| s.enabled = true);
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1), "a refused request is not carried out later");
+    // A new request works, and clears the refusal.
+    k.edit(|s| s.rotation.on_demand_request = Some("r2".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2));
+    assert!(k.condition(TRANSITION_REFUSED).is_none());
+}
+
+#[test]
+fn deletion_waits_for_the_window_and_then_destroys() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| {
+        s.deletion.scheduled = true;
+        s.deletion.pending_window_days = 7;
+    });
+    let requeue = k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    let deletion_time = t0() + days(7);
+    assert_eq!(k.status.deletion_time, Some(Time(deletion_time)));
+    assert_eq!(requeue, Some(days(7)));
+    assert_eq!(k.status.next_rotation_time, None);
+
+    // Nothing is destroyed a second early, even past the rotation date of a 7-day window.
+    k.now = deletion_time - SignedDuration::from_secs(1);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    assert!(!k.actions.contains(&MaterialAction::Destroy));
+    assert_eq!(k.status.deletion_time, Some(Time(deletion_time)), "the promised time does not move");
+
+    k.now = deletion_time;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+    assert!(k.status.versions.iter().all(|v| v.state == KeyVersionState::Destroyed));
+    assert_eq!(k.status.current_version, Some(1));
+    assert_eq!(k.take_events(), ["KeyCreated", "KeyDeletionScheduled", "KeyMaterialDestroyed"]);
+
+    // Destroyed is final.
+    k.edit(|s| {
+        s.deletion.scheduled = false;
+        s.enabled = false;
+    });
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+    assert_eq!(k.actions.iter().filter(|a| **a == MaterialAction::Destroy).count(), 1);
+}
+
+#[test]
+fn a_destroyed_key_whose_tombstone_is_gone_stays_destroyed() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    k.now += days(30);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+    // kubectl delete, and the controller removed the tombstone but not yet the finalizer.
+    k.deleting = true;
+    k.material = Material::Absent;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+    assert_eq!(k.status.deletion_time.as_ref().map(|t| t.0), Some(t0() + days(30)));
+    assert_eq!(k.actions.len(), 2, "no new material, no second destruction");
+}
+
+#[test]
+fn cancelling_deletion_leaves_the_key_disabled() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    k.now += days(3);
+    k.edit(|s| {
+        s.deletion.scheduled = false;
+        s.enabled = false;
+    });
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Disabled);
+    assert_eq!(k.status.deletion_time, None);
+    assert_eq!(k.take_events(), ["KeyCreated", "KeyDeletionScheduled", "KeyDeletionCancelled"]);
+    // Scheduling again starts a fresh window.
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    assert_eq!(k.status.deletion_time, Some(Time(k.now + days(30))));
+}
+
+#[test]
+fn enabling_a_key_pending_deletion_is_refused() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.enabled = false);
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    k.take_events();
+    k.edit(|s| s.enabled = true);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    let refused = k.condition(TRANSITION_REFUSED).unwrap();
+    assert_eq!(refused.reason, "EnableRefused");
+    assert_eq!(k.take_events(), ["EnableRefused"]);
+    k.reconcile();
+    assert!(k.take_events().is_empty(), "reported once");
+    assert!(k.condition(TRANSITION_REFUSED).is_some(), "kept while enabled: true stands");
+}
+
+#[test]
+fn scheduling_deletion_of_an_enabled_key_is_not_an_enable_attempt() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    k.edit(|s| s.description = "going away".into());
+    k.reconcile();
+    assert!(k.condition(TRANSITION_REFUSED).is_none());
+}
+
+#[test]
+fn rotating_a_key_pending_deletion_is_refused() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    k.edit(|s| s.rotation.on_demand_request = Some("r1".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1));
+    assert_eq!(k.condition(TRANSITION_REFUSED).unwrap().reason, "RotationRefused");
+}
+
+#[test]
+fn kubectl_delete_that_got_through_still_waits_for_the_window() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.deleting = true;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    assert_eq!(k.status.deletion_time, Some(Time(t0() + days(30))));
+    assert!(k.condition(READY).unwrap().message.contains("the KmsKey was deleted"));
+    k.now = t0() + days(30);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+}
+
+#[test]
+fn external_keys_wait_for_import_and_never_rotate() {
+    let mut k = Sim::new();
+    k.spec.origin = Origin::External;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingImport);
+    assert!(k.actions.is_empty(), "no material is generated for an EXTERNAL key");
+    // The material arrives (imported).
+    k.material = Material::Present {
+        versions: vec![VersionInfo {
+            version: 1,
+            created: k.now,
+            trigger: VersionTrigger::Imported,
+            request: None,
+        }],
+        root_key_matches: true,
+    };
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Enabled);
+    assert_eq!(k.status.next_rotation_time, None);
+    k.now += days(1000);
+    k.edit(|s| s.rotation.on_demand_request = Some("r".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1));
+    assert_eq!(k.take_events(), ["KeyMaterialImported", "RotationRefused"]);
+}
+
+#[test]
+fn an_external_key_pending_import_can_be_deleted() {
+    let mut k = Sim::new();
+    k.spec.origin = Origin::External;
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    k.now += days(30);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+}
+
+#[test]
+fn missing_material_is_reported_not_replaced() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.material = Material::Absent;
+    k.reconcile();
+    assert_eq!(k.actions.len(), 1, "no new material");
+    let ready = k.condition(READY).unwrap();
+    assert_eq!(ready.reason, "MaterialMissing");
+    assert_eq!(k.status.current_version, Some(1));
+}
+
+#[test]
+fn a_foreign_root_key_blocks_rotation() {
+    let mut k = Sim::new();
+    k.reconcile();
+    if let Material::Present { root_key_matches, .. } = &mut k.material {
+        *root_key_matches = false;
+    }
+    k.edit(|s| s.rotation.on_demand_request = Some("r".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(1));
+    assert!(k.condition(TRANSITION_REFUSED).unwrap().message.contains("another root key"));
+}
+
+#[test]
+fn clock_jumps_rotate_once_and_keep_the_promised_deletion_time() {
+    let mut k = Sim::new();
+    k.reconcile();
+    // The clock jumps a decade ahead: one rotation, not one per missed period.
+    k.now = t0() + days(3650);
+    k.reconcile();
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2));
+    // Then back again: nothing is due, nothing changes.
+    k.now = t0();
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(2));
+    assert_eq!(k.state(), KeyState::Enabled);
+    // A deletion scheduled now keeps its promised time whatever the clock does next;
+    // a clock behind the promise destroys nothing (the controller also checks the API
+    // server's clock before destroying, see key.rs).
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    let promised = k.status.deletion_time.clone().unwrap();
+    k.now = t0() - days(365);
+    k.reconcile();
+    assert_eq!(k.status.deletion_time, Some(promised.clone()));
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    k.now = promised.0;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+}
+
+#[test]
+fn conditions_keep_their_transition_time_until_they_flip() {
+    let mut k = Sim::new();
+    k.reconcile();
+    let first = k.condition(READY).unwrap().last_transition_time.clone();
+    k.now += days(1);
+    k.edit(|s| s.description = "x".into());
+    k.reconcile();
+    assert_eq!(k.condition(READY).unwrap().last_transition_time, first);
+    k.edit(|s| s.enabled = false);
+    k.reconcile();
+    assert_eq!(k.condition(READY).unwrap().last_transition_time, Time(k.now));
+}
+
+#[test]
+fn the_version_limit_is_reported() {
+    let mut k = Sim::new();
+    k.reconcile();
+    let versions = (1..=MAX_VERSIONS as u32)
+        .map(|v| VersionInfo { version: v, created: k.now, trigger: VersionTrigger::OnDemand, request: None })
+        .collect();
+    k.material = Material::Present { versions, root_key_matches: true };
+    k.edit(|s| s.rotation.on_demand_request = Some("one too many".into()));
+    k.reconcile();
+    assert_eq!(k.status.current_version, Some(MAX_VERSIONS as u32));
+    assert!(k.condition(TRANSITION_REFUSED).unwrap().message.contains("1000 versions"));
+}

@@ -1,0 +1,299 @@
+//! The controller: reconciles KmsKey objects (key versions, rotation, enable/disable,
+//! deletion) while it holds the leader Lease.
+
+pub mod key;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{KmsKey, KmsKeyMaterial};
+use crate::crypto::{RootKey, RootKeyError};
+use crate::keyring::{MaterialError, MaterialStore};
+use crate::telemetry::{self, Health};
+use leader::{Attempt, LeaderError, LeaseLock, Timing};
+use lifecycle::Calendar;
+use metrics::ControllerMetrics;
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the KmsKey has no {0}")]
+    MissingField(&'static str),
+    #[error(transparent)]
+    Material(#[from] MaterialError),
+    #[error("failed to generate key material")]
+    Random(#[source] getrandom::Error),
+    #[error("failed to patch the KmsKey status")]
+    PatchStatus(#[source] kube::Error),
+    #[error("failed to add the finalizer")]
+    AddFinalizer(#[source] kube::Error),
+    #[error("failed to remove the finalizer")]
+    RemoveFinalizer(#[source] kube::Error),
+    #[error("failed to read the API server's clock: {0}")]
+    ApiServerClock(String),
+    #[error("the key's lifecycle did not settle in one reconcile")]
+    Unsettled,
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::MissingField(_) => "missing_field",
+            Error::Material(e) => e.category(),
+            Error::Random(_) => "random",
+            Error::PatchStatus(_) => "patch_status",
+            Error::AddFinalizer(_) | Error::RemoveFinalizer(_) => "finalizer",
+            Error::ApiServerClock(_) => "api_server_clock",
+            Error::Unsettled => "unsettled",
+        }
+    }
+
+    /// A write lost a race with another writer; trying again soon is expected to work.
+    pub fn is_conflict(&self) -> bool {
+        let api_conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
+        match self {
+            Error::Material(e) => e.is_conflict(),
+            Error::PatchStatus(e) | Error::AddFinalizer(e) | Error::RemoveFinalizer(e) => api_conflict(e),
+            _ => false,
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub root: Arc<RootKey>,
+    pub materials: MaterialStore,
+    pub material_cache: Store<KmsKeyMaterial>,
+    pub calendar: Calendar,
+    pub metrics: Arc<ControllerMetrics>,
+}
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub root_key_file: PathBuf,
+    pub metrics_addr: SocketAddr,
+    /// The Lease to hold while active; `None` runs without leader election.
+    pub lease: Option<(String, String)>,
+    pub identity: String,
+    pub timing: Timing,
+    pub calendar: Calendar,
+    /// Only KmsKeys matching this label selector (all when `None`).
+    pub selector: Option<String>,
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to load the root key")]
+    RootKey(#[source] RootKeyError),
+    #[error("failed to listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("leader election failed")]
+    Leader(#[source] LeaderError),
+    #[error(
+        "lost the leader Lease (could not renew it for {0:?}); exiting so that a fresh start can compete again"
+    )]
+    LostLease(std::time::Duration),
+}
+
+/// Runs the controller until `shutdown` is cancelled (SIGTERM) or leadership is lost.
+pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
+    let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
+    tracing::info!(root_key = root.fingerprint(), identity = %config.identity, "loaded the root key");
+
+    let (key_reader, key_writer) = reflector::store::<KmsKey>();
+    let (material_reader, material_writer) = reflector::store::<KmsKeyMaterial>();
+    let mut registry = Registry::default();
+    let metrics = Arc::new(ControllerMetrics::register(&mut registry, key_reader.clone()));
+    let health = Health::new(60);
+    let listener = telemetry::bind(config.metrics_addr)
+        .await
+        .map_err(|source| RunError::Listen { addr: config.metrics_addr, source })?;
+    let server = tokio::spawn(telemetry::serve(
+        listener,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone().cancelled_owned(),
+    ));
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "kubekms-controller".into(), instance: Some(config.identity.clone()) },
+        ),
+        root,
+        materials: MaterialStore::new(client.clone()),
+        material_cache: material_reader,
+        calendar: config.calendar,
+        metrics: metrics.clone(),
+    });
+    let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
+
+    let result = match &config.lease {
+        None => {
+            health.set_ready(true);
+            metrics.leader.set(1);
+            run_controllers(ctx, stores, config.selector.clone(), health.clone(), shutdown.clone()).await;
+            Ok(())
+        }
+        Some((namespace, name)) => {
+            let lock = LeaseLock::new(client, namespace, name, config.identity.clone(), config.timing);
+            lead(lock, ctx, stores, config.selector.clone(), health.clone(), shutdown.clone()).await
+        }
+    };
+    shutdown.cancel();
+    let _ = server.await;
+    result
+}
+
+struct Stores {
+    keys: (Store<KmsKey>, Option<reflector::store::Writer<KmsKey>>),
+    materials: Option<reflector::store::Writer<KmsKeyMaterial>>,
+}
+
+/// Waits for the Lease, runs the controllers while holding it, renews it, and releases
+/// it on shutdown.
+async fn lead(
+    mut lock: LeaseLock,
+    ctx: Arc<Context>,
+    stores: Stores,
+    selector: Option<String>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let timing = lock.timing();
+    // Standby: try until we lead or are told to stop.
+    loop {
+        health.beat();
+        match lock.try_acquire_or_renew().await {
+            Ok(Attempt::Leading) => break,
+            Ok(Attempt::Following { holder }) => {
+                health.set_ready(true);
+                tracing::debug!(%holder, "waiting for the leader Lease");
+            }
+            Err(e) => tracing::warn!(error = %key::error_chain(&e), "leader election attempt failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(timing.retry_period) => {}
+        }
+    }
+    tracing::info!(identity = lock.identity(), "acquired the leader Lease; starting the controllers");
+    health.set_ready(true);
+    ctx.metrics.leader.set(1);
+
+    let stop = CancellationToken::new();
+    let controllers =
+        tokio::spawn(run_controllers(ctx.clone(), stores, selector, health.clone(), stop.clone()));
+    let mut last_renewal = tokio::time::Instant::now();
+    let outcome = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            () = tokio::time::sleep(timing.retry_period) => {}
+        }
+        health.beat();
+        match lock.try_acquire_or_renew().await {
+            Ok(Attempt::Leading) => last_renewal = tokio::time::Instant::now(),
+            Ok(Attempt::Following { holder }) => {
+                tracing::error!(%holder, "another replica holds the leader Lease");
+                break Err(RunError::LostLease(last_renewal.elapsed()));
+            }
+            Err(e) => tracing::warn!(error = %key::error_chain(&e), "failed to renew the leader Lease"),
+        }
+        if last_renewal.elapsed() > timing.renew_deadline {
+            break Err(RunError::LostLease(last_renewal.elapsed()));
+        }
+    };
+    stop.cancel();
+    let _ = controllers.await;
+    ctx.metrics.leader.set(0);
+    if outcome.is_ok() {
+        match lock.release().await {
+            Ok(()) => tracing::info!("released the leader Lease"),
+            Err(e) => tracing::warn!(error = %key::error_chain(&e), "failed to release the leader Lease"),
+        }
+    }
+    outcome
+}
+
+/// Hashes what should wake the controller for a KmsKey: spec changes (generation) and
+/// deletion — not its own status writes.
+fn key_trigger(key: &KmsKey) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = key.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    Some(h.finish())
+}
+
+async fn run_controllers(
+    ctx: Arc<Context>,
+    mut stores: Stores,
+    selector: Option<String>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let client = ctx.client.clone();
+    let (Some(key_writer), Some(material_writer)) = (stores.keys.1.take(), stores.materials.take()) else {
+        return;
+    };
+    let mut key_config = watcher::Config::default();
+    if let Some(selector) = &selector {
+        key_config = key_config.labels(selector);
+    }
+    let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config)
+        .default_backoff()
+        .reflect(key_writer)
+        .applied_objects()
+        .predicate_filter(key_trigger, Default::default());
+    let materials = watcher(Api::<KmsKeyMaterial>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(material_writer)
+        .touched_objects();
+    let controller = Controller::for_stream(keys, stores.keys.0.clone())
+        .watches_stream(materials, |m: KmsKeyMaterial| {
+            Some(ObjectRef::<KmsKey>::new(&m.spec.owner.name).within(&m.spec.owner.namespace))
+        })
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(key::reconcile, key::error_policy, ctx)
+        .for_each(|result| {
+            health.beat();
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+            futures::future::ready(())
+        });
+    controller.await;
+    tracing::info!("controllers stopped");
+}
+
+/// A random identity for this replica: the pod name (or host name) and a random suffix.
+pub fn default_identity() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "kubekms-controller".to_owned());
+    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}

@@ -1,0 +1,358 @@
+//! Reading and writing `KmsKeyMaterial`: the only place that turns plaintext key material
+//! into stored bytes, and only through the root key.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+
+use crate::api::{KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MaterialVersion, Origin, VersionTrigger};
+use crate::crypto::{KeyMaterial, RootKey, RootKeyError, WrapContext};
+
+/// Why reading or writing key material failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    #[error("failed to read KmsKeyMaterial {name}")]
+    Get {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to create KmsKeyMaterial {name}")]
+    Create {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to update KmsKeyMaterial {name}")]
+    Update {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to delete KmsKeyMaterial {name}")]
+    Delete {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("KmsKeyMaterial {name} belongs to {found}, not to {expected}")]
+    Owner { name: String, found: String, expected: String },
+    #[error("failed to generate key material")]
+    Random(#[source] getrandom::Error),
+    #[error("failed to wrap key material")]
+    Wrap(#[source] RootKeyError),
+    #[error("KmsKeyMaterial {name} version {version} cannot be unwrapped by this root key")]
+    Unwrap {
+        name: String,
+        version: u32,
+        #[source]
+        source: RootKeyError,
+    },
+    #[error("KmsKeyMaterial {name} version {version} is not valid base64")]
+    Encoding { name: String, version: u32 },
+    #[error("KmsKeyMaterial {name} is wrapped by root key {found}, but this root key is {expected}")]
+    RootKeyMismatch { name: String, found: String, expected: String },
+    #[error("KmsKeyMaterial {name} has {versions} versions, the most a key can hold")]
+    Full { name: String, versions: usize },
+}
+
+impl MaterialError {
+    /// A bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            MaterialError::Get { .. } => "material_get",
+            MaterialError::Create { .. } => "material_create",
+            MaterialError::Update { .. } => "material_update",
+            MaterialError::Delete { .. } => "material_delete",
+            MaterialError::Owner { .. } => "material_owner",
+            MaterialError::Random(_) => "random",
+            MaterialError::Wrap(_) => "wrap",
+            MaterialError::Unwrap { .. } | MaterialError::Encoding { .. } => "unwrap",
+            MaterialError::RootKeyMismatch { .. } => "root_key_mismatch",
+            MaterialError::Full { .. } => "material_full",
+        }
+    }
+
+    /// Whether the API server refused a write because the object changed meanwhile.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, MaterialError::Update { source: kube::Error::Api(e), .. } if e.code == 409)
+    }
+}
+
+/// The KmsKey a material object belongs to.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub namespace: String,
+    pub name: String,
+    /// The key's UID, which is its keyId and the material object's name.
+    pub uid: String,
+}
+
+impl Owner {
+    fn to_api(&self) -> KeyOwner {
+        KeyOwner { namespace: self.namespace.clone(), name: self.name.clone(), uid: self.uid.clone() }
+    }
+}
+
+/// Key material stored in the cluster, each version wrapped by the root key.
+#[derive(Clone)]
+pub struct MaterialStore {
+    api: Api<KmsKeyMaterial>,
+}
+
+fn wrap_version(
+    root: &RootKey,
+    key_id: &str,
+    version: u32,
+    material: &KeyMaterial,
+    trigger: VersionTrigger,
+    request: Option<String>,
+    now: Timestamp,
+) -> Result<MaterialVersion, MaterialError> {
+    let wrapped = root.wrap(material, WrapContext { key_id, version }).map_err(MaterialError::Wrap)?;
+    Ok(MaterialVersion { version, created: Time(now), trigger, request, wrapped: B64.encode(wrapped) })
+}
+
+impl MaterialStore {
+    pub fn new(client: Client) -> Self {
+        MaterialStore { api: Api::all(client) }
+    }
+
+    /// The material of the key `key_id`, if any.
+    pub async fn get(&self, key_id: &str) -> Result<Option<KmsKeyMaterial>, MaterialError> {
+        self.api
+            .get_opt(key_id)
+            .await
+            .map_err(|source| MaterialError::Get { name: key_id.to_owned(), source })
+    }
+
+    /// Creates the material object of `owner`, with `first` as version 1 when given
+    /// (generated material) or with no version (a destroyed key that never had any, when
+    /// `destroyed` is set). If it already exists (a previous attempt got this far), returns
+    /// the existing object after checking that it is this key's.
+    pub async fn create(
+        &self,
+        owner: &Owner,
+        origin: Origin,
+        root: &RootKey,
+        first: Option<(&KeyMaterial, VersionTrigger, Option<String>)>,
+        destroyed: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<KmsKeyMaterial, MaterialError> {
+        let versions = match first {
+            Some((material, trigger, request)) => {
+                vec![wrap_version(root, &owner.uid, 1, material, trigger, request, now)?]
+            }
+            None => Vec::new(),
+        };
+        let object = KmsKeyMaterial {
+            metadata: ObjectMeta {
+                name: Some(owner.uid.clone()),
+                labels: Some(
+                    [
+                        ("kms.kubekms.io/key-namespace".to_owned(), owner.namespace.clone()),
+                        ("kms.kubekms.io/key-name".to_owned(), owner.name.clone()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: KmsKeyMaterialSpec {
+                owner: owner.to_api(),
+                origin,
+                root_key_fingerprint: root.fingerprint().to_owned(),
+                versions,
+                destroyed_at: destroyed.map(Time),
+            },
+        };
+        match self.api.create(&PostParams::default(), &object).await {
+            Ok(created) => Ok(created),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let existing = self.get(&owner.uid).await?.ok_or_else(|| MaterialError::Get {
+                    name: owner.uid.clone(),
+                    source: kube::Error::Api(e),
+                })?;
+                check_owner(&existing, owner)?;
+                Ok(existing)
+            }
+            Err(source) => Err(MaterialError::Create { name: owner.uid.clone(), source }),
+        }
+    }
+
+    /// Adds the next version to `current`, generated from the OS CSPRNG. Fails with a
+    /// conflict (see [`MaterialError::is_conflict`]) if `current` is not the latest
+    /// version of the object, so two writers can never both add a version.
+    pub async fn rotate(
+        &self,
+        current: &KmsKeyMaterial,
+        root: &RootKey,
+        trigger: VersionTrigger,
+        request: Option<String>,
+        now: Timestamp,
+    ) -> Result<KmsKeyMaterial, MaterialError> {
+        let name = current.metadata.name.clone().unwrap_or_default();
+        check_root(current, root)?;
+        if current.spec.versions.len() >= crate::controller::lifecycle::MAX_VERSIONS {
+            return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
+        }
+        let next = current.spec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let material = KeyMaterial::generate().map_err(MaterialError::Random)?;
+        let version = wrap_version(root, &current.spec.owner.uid, next, &material, trigger, request, now)?;
+        let mut updated = current.clone();
+        updated.spec.versions.push(version);
+        self.replace(&name, &updated).await
+    }
+
+    /// Adds imported material as the next version (origin EXTERNAL).
+    pub async fn import(
+        &self,
+        owner: &Owner,
+        current: Option<&KmsKeyMaterial>,
+        root: &RootKey,
+        material: &KeyMaterial,
+        now: Timestamp,
+    ) -> Result<KmsKeyMaterial, MaterialError> {
+        match current {
+            None => {
+                self.create(
+                    owner,
+                    Origin::External,
+                    root,
+                    Some((material, VersionTrigger::Imported, None)),
+                    None,
+                    now,
+                )
+                .await
+            }
+            Some(current) => {
+                check_owner(current, owner)?;
+                check_root(current, root)?;
+                let name = owner.uid.clone();
+                let next = current.spec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+                let version =
+                    wrap_version(root, &owner.uid, next, material, VersionTrigger::Imported, None, now)?;
+                let mut updated = current.clone();
+                updated.spec.versions.push(version);
+                self.replace(&name, &updated).await
+            }
+        }
+    }
+
+    /// Destroys every version: the wrapped bytes are removed from the object and the time
+    /// of destruction recorded. Optimistic like [`MaterialStore::rotate`].
+    pub async fn destroy(
+        &self,
+        current: &KmsKeyMaterial,
+        now: Timestamp,
+    ) -> Result<KmsKeyMaterial, MaterialError> {
+        let name = current.metadata.name.clone().unwrap_or_default();
+        let mut updated = current.clone();
+        updated.spec.versions.clear();
+        updated.spec.destroyed_at = Some(Time(now));
+        self.replace(&name, &updated).await
+    }
+
+    /// Removes the material object of a key whose material is destroyed and whose KmsKey
+    /// is going away.
+    pub async fn delete(&self, key_id: &str) -> Result<(), MaterialError> {
+        match self.api.delete(key_id, &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(source) => Err(MaterialError::Delete { name: key_id.to_owned(), source }),
+        }
+    }
+
+    async fn replace(&self, name: &str, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, MaterialError> {
+        self.api
+            .replace(name, &PostParams::default(), object)
+            .await
+            .map_err(|source| MaterialError::Update { name: name.to_owned(), source })
+    }
+}
+
+fn check_owner(existing: &KmsKeyMaterial, owner: &Owner) -> Result<(), MaterialError> {
+    let found = &existing.spec.owner;
+    if found.uid != owner.uid || found.namespace != owner.namespace || found.name != owner.name {
+        return Err(MaterialError::Owner {
+            name: owner.uid.clone(),
+            found: format!("{}/{} ({})", found.namespace, found.name, found.uid),
+            expected: format!("{}/{} ({})", owner.namespace, owner.name, owner.uid),
+        });
+    }
+    Ok(())
+}
+
+fn check_root(current: &KmsKeyMaterial, root: &RootKey) -> Result<(), MaterialError> {
+    if current.spec.root_key_fingerprint != root.fingerprint() {
+        return Err(MaterialError::RootKeyMismatch {
+            name: current.metadata.name.clone().unwrap_or_default(),
+            found: current.spec.root_key_fingerprint.clone(),
+            expected: root.fingerprint().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Unwraps one stored version.
+pub fn unwrap_version(
+    root: &RootKey,
+    material: &KmsKeyMaterial,
+    version: &MaterialVersion,
+) -> Result<KeyMaterial, MaterialError> {
+    let name = material.metadata.name.clone().unwrap_or_default();
+    check_root(material, root)?;
+    let wrapped = B64
+        .decode(&version.wrapped)
+        .map_err(|_| MaterialError::Encoding { name: name.clone(), version: version.version })?;
+    root.unwrap(&wrapped, WrapContext { key_id: &material.spec.owner.uid, version: version.version })
+        .map_err(|source| MaterialError::Unwrap { name, version: version.version, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn material_with(root: &RootKey, key: &KeyMaterial) -> KmsKeyMaterial {
+        let version =
+            wrap_version(root, "uid-1", 1, key, VersionTrigger::Created, None, Timestamp::UNIX_EPOCH)
+                .unwrap();
+        KmsKeyMaterial {
+            metadata: ObjectMeta { name: Some("uid-1".into()), ..Default::default() },
+            spec: KmsKeyMaterialSpec {
+                owner: KeyOwner { namespace: "ns".into(), name: "k".into(), uid: "uid-1".into() },
+                origin: Origin::Kubekms,
+                root_key_fingerprint: root.fingerprint().into(),
+                versions: vec![version],
+                destroyed_at: None,
+            },
+        }
+    }
+
+    #[test]
+    fn stored_versions_unwrap_only_with_their_root_key_and_identity() {
+        let root = RootKey::from_material(KeyMaterial::generate().unwrap());
+        let key = KeyMaterial::generate().unwrap();
+        let mut m = material_with(&root, &key);
+        let v = m.spec.versions[0].clone();
+        assert!(unwrap_version(&root, &m, &v).unwrap().ct_eq(&key));
+
+        // The stored form never contains the material, raw or base64.
+        let yaml = serde_json::to_string(&m).unwrap();
+        assert!(!yaml.contains(&B64.encode(key.expose())));
+
+        let other = RootKey::from_material(KeyMaterial::generate().unwrap());
+        assert!(matches!(unwrap_version(&other, &m, &v), Err(MaterialError::RootKeyMismatch { .. })));
+
+        // Moved to another key or version, the same bytes do not unwrap.
+        m.spec.owner.uid = "uid-2".into();
+        assert!(matches!(unwrap_version(&root, &m, &v), Err(MaterialError::Unwrap { .. })));
+        m.spec.owner.uid = "uid-1".into();
+        let renumbered = MaterialVersion { version: 2, ..v.clone() };
+        assert!(matches!(unwrap_version(&root, &m, &renumbered), Err(MaterialError::Unwrap { .. })));
+        let garbled = MaterialVersion { wrapped: "%%%".into(), ..v };
+        assert!(matches!(unwrap_version(&root, &m, &garbled), Err(MaterialError::Encoding { .. })));
+    }
+}
