@@ -4,7 +4,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-for name in kube-apiserver etcd; do
+for name in controller kube-apiserver etcd; do
   if pid_alive "$name"; then log "stopping $name"; fi
   stop "$name"
 done

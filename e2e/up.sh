@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Starts a local control plane for kubekms on 127.0.0.1: etcd and kube-apiserver (built
 # from the Go module proxy by e2e/tools/build.sh), with RBAC, a service-account issuer
-# and an admin kubeconfig; then installs the CRDs. Writes e2e/.run/env, which exports
-# KUBECONFIG, ETCDCTL_ENDPOINTS and PATH for the tools.
+# and an admin kubeconfig; installs the CRDs, kubekms's RBAC and deletion protection (from
+# the Helm chart), creates a root key and runs the kubekms controller as its own
+# ServiceAccount. Writes e2e/.run/env, which exports KUBECONFIG, ETCDCTL_ENDPOINTS and PATH
+# for the tools.
 #
 # Safe to run twice: what already runs is left alone. `make down` stops it all.
 set -euo pipefail
@@ -49,8 +51,11 @@ make_pki() {
   mv "$tmp" "$pki"
 }
 
-write_kubeconfig() {
-  cat >"$RUN_DIR/kubeconfig" <<EOF
+# kubeconfig FILE USER CREDENTIALS: writes a kubeconfig for the local API server in which
+# USER authenticates with CREDENTIALS (YAML lines of a kubeconfig user entry).
+kubeconfig() {
+  local file="$1" user="$2" credentials="$3"
+  (umask 077; cat >"$file" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -59,18 +64,22 @@ clusters:
     server: $server
     certificate-authority: $pki/ca.crt
 users:
-- name: admin
+- name: $user
   user:
-    client-certificate: $pki/admin.crt
-    client-key: $pki/admin.key
+$credentials
 contexts:
-- name: kubekms-e2e
+- name: $user
   context:
     cluster: kubekms-e2e
-    user: admin
-current-context: kubekms-e2e
+    user: $user
+current-context: $user
 EOF
-  chmod 600 "$RUN_DIR/kubeconfig"
+  )
+}
+
+write_kubeconfig() {
+  kubeconfig "$RUN_DIR/kubeconfig" admin \
+    "$(printf '    client-certificate: %s\n    client-key: %s' "$pki/admin.crt" "$pki/admin.key")"
 }
 
 write_env() {
@@ -80,6 +89,7 @@ export KUBECONFIG='$RUN_DIR/kubeconfig'
 export ETCDCTL_API=3
 export ETCDCTL_ENDPOINTS='$etcd_url'
 export KUBEKMS_E2E_RUN_DIR='$RUN_DIR'
+export KUBEKMS_ROOT_KEY_FILE='$RUN_DIR/root.key'
 export PATH='$BIN_DIR':"\$PATH"
 EOF
 }
@@ -137,10 +147,68 @@ install_crds() {
     crd/kmskeys.kms.kubekms.io crd/kmsgrants.kms.kubekms.io crd/kmskeymaterials.kms.kubekms.io >/dev/null
 }
 
+kubekms_bin() {
+  echo "${CARGO_TARGET_DIR:-$ROOT_DIR/target}/debug/kubekms"
+}
+
+build_kubekms() {
+  log "building kubekms"
+  (cd "$ROOT_DIR" && cargo build --quiet --bin kubekms)
+}
+
+install_kubekms() {
+  local k=(kubectl --kubeconfig "$RUN_DIR/kubeconfig")
+  "${k[@]}" get namespace "$KUBEKMS_NAMESPACE" >/dev/null 2>&1 || "${k[@]}" create namespace "$KUBEKMS_NAMESPACE" >/dev/null
+  log "applying kubekms RBAC and deletion protection from charts/kubekms"
+  "$BIN_DIR/helm" template kubekms "$ROOT_DIR/charts/kubekms" --namespace "$KUBEKMS_NAMESPACE" \
+    --kube-version "$("$BIN_DIR/kube-apiserver" --version | awk '{print $2}')" \
+    --show-only templates/controller-rbac.yaml --show-only templates/deletion-protection.yaml \
+    | "${k[@]}" apply --server-side --force-conflicts -f - >/dev/null
+}
+
+# service_account_kubeconfig NAME: a kubeconfig that authenticates as the kubekms
+# ServiceAccount NAME with a token from the TokenRequest API.
+service_account_kubeconfig() {
+  local sa="$1" token
+  token="$(kubectl --kubeconfig "$RUN_DIR/kubeconfig" create token "$sa" -n "$KUBEKMS_NAMESPACE" --duration 720h)"
+  kubeconfig "$RUN_DIR/$sa.kubeconfig" "$sa" "    token: $token"
+}
+
+make_root_key() {
+  [[ -f "$RUN_DIR/root.key" ]] && return 0
+  "$(kubekms_bin)" root-key create --out "$RUN_DIR/root.key" >&2
+}
+
+# running_binary_changed NAME: whether NAME runs an older build of kubekms than the
+# current one (so `make up` after a rebuild restarts it).
+running_binary_changed() {
+  local stamp="$PID_DIR/$1.binary"
+  [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" != "$(sha256sum <"$(kubekms_bin)")" ]]
+}
+
+start_controller() {
+  if pid_alive controller && ! running_binary_changed controller; then return 0; fi
+  stop controller
+  service_account_kubeconfig kubekms-controller
+  log "starting the kubekms controller (metrics on 127.0.0.1:$CONTROLLER_METRICS_PORT)"
+  start controller "$(kubekms_bin)" controller \
+    --kubeconfig "$RUN_DIR/kubekms-controller.kubeconfig" \
+    --root-key-file "$RUN_DIR/root.key" \
+    --metrics-addr "127.0.0.1:$CONTROLLER_METRICS_PORT" \
+    --leader-election-namespace "$KUBEKMS_NAMESPACE" \
+    --selector "!kms.kubekms.io/test-controller"
+  sha256sum <"$(kubekms_bin)" >"$PID_DIR/controller.binary"
+  wait_for controller 60 "the controller's /readyz" curl -fsS "http://127.0.0.1:$CONTROLLER_METRICS_PORT/readyz"
+}
+
 make_pki
 write_kubeconfig
 start_etcd
 start_apiserver
 install_crds
+build_kubekms
+install_kubekms
+make_root_key
+start_controller
 write_env
 log "control plane is up: source $RUN_DIR/env"
