@@ -9,11 +9,55 @@ cd "$ROOT_DIR"
 source "$RUN_DIR/env"
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+say() { printf '\n\033[36m# %s\033[0m\n' "$*"; }
+ns=demo
+key=app-data
 
+say "The CRDs, and a namespace for the demo"
 step kubectl get crds
-kubectl get namespace demo >/dev/null 2>&1 || step kubectl create namespace demo
-step kubectl apply -n demo -f examples/kmskey.yaml
-step kubectl get kmskey app-data -n demo -o yaml
-step kubectl get kmskeys -n demo
+kubectl get namespace "$ns" >/dev/null 2>&1 || step kubectl create namespace "$ns"
+
+say "Create a key: the controller makes version 1 from the OS CSPRNG, wrapped by the root key"
+step kubectl apply -n "$ns" -f examples/kmskey.yaml
+if [[ "$(kubectl get kmskey "$key" -n "$ns" -o jsonpath='{.status.state}')" != Enabled ]]; then
+  # A previous run may have left it disabled or pending deletion: bring it back.
+  kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"enabled":false,"deletion":{"scheduled":false}}}' >/dev/null
+  kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"enabled":true}}' >/dev/null
+fi
+step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=Enabled --timeout=60s
+step kubectl get kmskeys -n "$ns"
+
+say "Rotate on demand: any new value of spec.rotation.onDemandRequest rotates once"
+before="$(kubectl get kmskey "$key" -n "$ns" -o jsonpath='{.status.currentVersion}')"
+step kubectl patch kmskey "$key" -n "$ns" --type merge -p "{\"spec\":{\"rotation\":{\"onDemandRequest\":\"demo-$(date +%s)\"}}}"
+step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.currentVersion}'=$((before + 1)) --timeout=60s
+step kubectl get kmskey "$key" -n "$ns" -o jsonpath='{range .status.versions[*]}version {.version}: {.state}, created {.created}{"\n"}{end}'
+
+say "The material is stored only wrapped by the root key, in a cluster-scoped object only kubekms may read"
+uid="$(kubectl get kmskey "$key" -n "$ns" -o jsonpath='{.metadata.uid}')"
+step kubectl get kmskeymaterial "$uid" -o jsonpath='{range .spec.versions[*]}version {.version} ({.trigger}): {.wrapped}{"\n"}{end}'
+
+say "Disable and enable"
+step kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"enabled":false}}'
+step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=Disabled --timeout=60s
+step kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"enabled":true}}'
+step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=Enabled --timeout=60s
+
+say "Schedule deletion: the material is destroyed only after the waiting period (here 30 days)"
+step kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"deletion":{"scheduled":true}}}'
+step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=PendingDeletion --timeout=60s
+step kubectl get kmskey "$key" -n "$ns" -o jsonpath='deletionTime: {.status.deletionTime}{"\n"}'
+
+say "A plain kubectl delete is refused while the key holds material"
+step kubectl delete kmskey "$key" -n "$ns" || true
+
+say "Cancel the deletion: as in AWS KMS the key stays Disabled until you enable it"
+step kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"enabled":false,"deletion":{"scheduled":false}}}'
+step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=Disabled --timeout=60s
+step kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"enabled":true}}'
+step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=Enabled --timeout=60s
+
+say "Every transition is an Event"
+step kubectl get events -n "$ns" --field-selector involvedObject.name="$key" --sort-by=.eventTime
 
 printf '\nThe control plane keeps running: source e2e/.run/env and use kubectl; `make down` stops it.\n'

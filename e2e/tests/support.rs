@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -102,4 +103,143 @@ impl Drop for TestNamespace {
             let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"], None);
         }
     }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails the test after `timeout`
+/// with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The kubekms binary under test.
+pub fn kubekms_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kubekms")
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `kubekms controller` process of a test's own, managing only the KmsKeys labelled
+/// `kms.kubekms.io/test-controller=<label>` (the shared controller of `make up` leaves
+/// those alone). Killed when dropped; its log is kept in e2e/.run/logs.
+pub struct TestController {
+    child: std::process::Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+/// The label that hands a KmsKey to a test's own controllers.
+pub const TEST_CONTROLLER_LABEL: &str = "kms.kubekms.io/test-controller";
+
+impl TestController {
+    /// Starts a controller for `label`, with `extra` arguments (day length, lease timing).
+    pub fn start(label: &str, name: &str, extra: &[&str]) -> Self {
+        // The chart lets the controller use only its own Lease; give this test's Lease the
+        // same rights.
+        let rbac = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: test-{label}, namespace: kubekms-system}}\n\
+             rules:\n- apiGroups: [coordination.k8s.io]\n  resources: [leases]\n  resourceNames: [test-{label}]\n  verbs: [get, update]\n\
+             ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: test-{label}, namespace: kubekms-system}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: test-{label}}}\n\
+             subjects:\n- {{kind: ServiceAccount, name: kubekms-controller, namespace: kubekms-system}}\n"
+        );
+        kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
+        let metrics_port = free_port();
+        let log = run_dir().join("logs").join(format!("test-controller-{label}-{name}.log"));
+        let out = std::fs::File::create(&log).expect("create controller log");
+        let child = Command::new(kubekms_bin())
+            .args([
+                "controller",
+                "--kubeconfig",
+                run_dir().join("kubekms-controller.kubeconfig").to_str().unwrap(),
+                "--root-key-file",
+                run_dir().join("root.key").to_str().unwrap(),
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--leader-election-namespace",
+                "kubekms-system",
+                "--leader-election-name",
+                &format!("test-{label}"),
+                "--selector",
+                &format!("{TEST_CONTROLLER_LABEL}={label}"),
+            ])
+            .args(extra)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start kubekms controller");
+        TestController { child, metrics_port, log }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// GET a path of the metrics endpoint; `None` while it is not listening.
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.metrics_port, path).await
+    }
+}
+
+impl Drop for TestController {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- controller log {} ---", self.log.display());
+            if let Ok(text) = std::fs::read_to_string(&self.log) {
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+            }
+        }
+        self.kill();
+    }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1:`port`; `None` if nothing listens.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// The reasons of the Events about `name` in `namespace`, oldest first.
+pub async fn event_reasons(namespace: &str, name: &str) -> Vec<String> {
+    use k8s_openapi::api::events::v1::Event;
+    let events: kube::Api<Event> = kube::Api::namespaced(client().await, namespace);
+    let mut list: Vec<Event> = events
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect();
+    list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    list.into_iter().filter_map(|e| e.reason).collect()
 }

@@ -1,0 +1,486 @@
+//! The KmsKey lifecycle on the real control plane, driven with kubectl as a user would.
+
+use std::time::Duration;
+
+use base64::Engine;
+use kube::Api;
+use kubekms::api::{KeyState, KmsKey, KmsKeyMaterial};
+use kubekms::crypto::RootKey;
+
+use crate::support::{
+    TEST_CONTROLLER_LABEL, TestController, TestNamespace, client, event_reasons, eventually, kubectl,
+    kubectl_ok, run_dir,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn key_manifest(name: &str, extra_metadata: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKey\nmetadata:\n  name: {name}\n{extra_metadata}spec:\n  description: e2e\n{spec}"
+    )
+}
+
+fn patch(ns: &str, name: &str, json: &str) {
+    kubectl_ok(&["patch", "kmskey", name, "-n", ns, "--type", "merge", "-p", json], None);
+}
+
+/// Waits until the key satisfies `cond` and returns it.
+async fn wait_key(ns: &str, name: &str, what: &str, cond: impl Fn(&KmsKey) -> bool) -> KmsKey {
+    let api: Api<KmsKey> = Api::namespaced(client().await, ns);
+    eventually(WAIT, what, || {
+        let api = api.clone();
+        let cond = &cond;
+        async move { api.get(name).await.ok().filter(|k| cond(k)) }
+    })
+    .await
+}
+
+fn state(k: &KmsKey) -> Option<KeyState> {
+    k.status.as_ref().and_then(|s| s.state)
+}
+
+fn observed(k: &KmsKey) -> bool {
+    k.status.as_ref().and_then(|s| s.observed_generation) == k.metadata.generation
+}
+
+fn condition<'a>(
+    k: &'a KmsKey,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    k.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+async fn wait_events(ns: &str, name: &str, expected: &[&str]) {
+    let what = format!("Events {expected:?} on {ns}/{name}");
+    eventually(WAIT, &what, || async {
+        let got = event_reasons(ns, name).await;
+        expected.iter().all(|e| got.iter().any(|g| g == e)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn key_lifecycle_with_kubectl() {
+    let ns = TestNamespace::new("lifecycle");
+    let ns = ns.name.as_str();
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("app", "", "")));
+
+    // Creating → Enabled with version 1; keyId is the object's UID.
+    let key = wait_key(ns, "app", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    let status = key.status.clone().unwrap();
+    assert_eq!(status.key_id, key.metadata.uid);
+    assert_eq!(status.current_version, Some(1));
+    assert_eq!(status.versions.len(), 1);
+    assert!(status.next_rotation_time.is_some());
+    let ready = condition(&key, "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Enabled"));
+    wait_events(ns, "app", &["KeyCreated"]).await;
+    let table = kubectl_ok(&["get", "kmskey", "app", "-n", ns], None);
+    assert!(table.contains("Enabled") && table.contains(" 1 "), "{table}");
+
+    // Rotate on demand → version 2 current, version 1 kept.
+    patch(ns, "app", r#"{"spec":{"rotation":{"onDemandRequest":"first"}}}"#);
+    let key =
+        wait_key(ns, "app", "version 2", |k| k.status.as_ref().and_then(|s| s.current_version) == Some(2))
+            .await;
+    let status = key.status.clone().unwrap();
+    assert_eq!(status.versions.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(status.last_on_demand_request.as_deref(), Some("first"));
+    assert!(status.last_rotation_time.is_some());
+    wait_events(ns, "app", &["KeyRotated"]).await;
+    let materials: Api<KmsKeyMaterial> = Api::all(client().await);
+    let material = materials.get(key.metadata.uid.as_deref().unwrap()).await.unwrap();
+    assert_eq!(material.spec.versions.len(), 2, "both versions are held");
+
+    // Disable → enable.
+    patch(ns, "app", r#"{"spec":{"enabled":false}}"#);
+    wait_key(ns, "app", "Disabled", |k| state(k) == Some(KeyState::Disabled)).await;
+    wait_events(ns, "app", &["KeyDisabled"]).await;
+
+    // Rotating a disabled key is refused with a condition and an Event; nothing changes.
+    patch(ns, "app", r#"{"spec":{"rotation":{"onDemandRequest":"while-disabled"}}}"#);
+    let key =
+        wait_key(ns, "app", "the refusal", |k| observed(k) && condition(k, "TransitionRefused").is_some())
+            .await;
+    let refused = condition(&key, "TransitionRefused").unwrap();
+    assert_eq!(refused.reason, "RotationRefused");
+    assert!(refused.message.contains("Disabled"), "{}", refused.message);
+    assert_eq!(key.status.as_ref().unwrap().current_version, Some(2));
+    wait_events(ns, "app", &["RotationRefused"]).await;
+
+    patch(ns, "app", r#"{"spec":{"enabled":true}}"#);
+    let key = wait_key(ns, "app", "Enabled again", |k| state(k) == Some(KeyState::Enabled)).await;
+    assert_eq!(
+        key.status.as_ref().unwrap().current_version,
+        Some(2),
+        "a refused rotation is not carried out later"
+    );
+    wait_events(ns, "app", &["KeyEnabled"]).await;
+
+    // Schedule deletion → PendingDeletion 30 days out.
+    patch(ns, "app", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    let key = wait_key(ns, "app", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
+    let deletion_time = key.status.as_ref().unwrap().deletion_time.clone().unwrap().0;
+    let days = deletion_time.duration_since(jiff::Timestamp::now()).as_hours() / 24;
+    assert!((29..=30).contains(&days), "deletion in {days} days");
+    wait_events(ns, "app", &["KeyDeletionScheduled"]).await;
+
+    // Enabling a key pending deletion is refused.
+    patch(ns, "app", r#"{"spec":{"enabled":false}}"#);
+    wait_key(ns, "app", "enabled:false observed", observed).await;
+    patch(ns, "app", r#"{"spec":{"enabled":true}}"#);
+    let key = wait_key(ns, "app", "EnableRefused", |k| {
+        observed(k) && condition(k, "TransitionRefused").is_some_and(|c| c.reason == "EnableRefused")
+    })
+    .await;
+    assert_eq!(state(&key), Some(KeyState::PendingDeletion));
+    wait_events(ns, "app", &["EnableRefused"]).await;
+
+    // A plain `kubectl delete` is refused and says how to schedule deletion.
+    let run = kubectl(&["delete", "kmskey", "app", "-n", ns], None);
+    assert!(!run.ok);
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("still holds key material"), "{}", run.stderr);
+    assert!(run.stderr.contains(r#"{"spec":{"deletion":{"scheduled":true}}}"#), "{}", run.stderr);
+
+    // Cancel (with enabled: false, as the schema insists) → Disabled.
+    patch(ns, "app", r#"{"spec":{"enabled":false,"deletion":{"scheduled":false}}}"#);
+    let key =
+        wait_key(ns, "app", "Disabled after cancel", |k| observed(k) && state(k) == Some(KeyState::Disabled))
+            .await;
+    assert!(key.status.as_ref().unwrap().deletion_time.is_none());
+    wait_events(ns, "app", &["KeyDeletionCancelled"]).await;
+    assert_eq!(key.status.as_ref().unwrap().versions.len(), 2, "nothing was destroyed");
+}
+
+#[tokio::test]
+async fn wrapped_material_never_contains_the_plaintext() {
+    let ns = TestNamespace::new("material");
+    let ns = ns.name.as_str();
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("k", "", "")));
+    wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    patch(ns, "k", r#"{"spec":{"rotation":{"onDemandRequest":"2"}}}"#);
+    let key =
+        wait_key(ns, "k", "version 2", |k| k.status.as_ref().and_then(|s| s.current_version) == Some(2))
+            .await;
+    let uid = key.metadata.uid.clone().unwrap();
+
+    // What any reader of the API gets: the object as JSON.
+    let raw = kubectl_ok(&["get", "kmskeymaterial", &uid, "-o", "json"], None);
+    let material: KmsKeyMaterial = serde_json::from_str(&raw).unwrap();
+    let root = RootKey::load(&run_dir().join("root.key")).unwrap();
+    assert_eq!(material.spec.root_key_fingerprint, root.fingerprint());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for version in &material.spec.versions {
+        let plain = kubekms::keyring::unwrap_version(&root, &material, version).unwrap();
+        let plain = plain.expose();
+        let wrapped = b64.decode(&version.wrapped).unwrap();
+        for haystack in [raw.as_bytes(), wrapped.as_slice()] {
+            assert!(!haystack.windows(plain.len()).any(|w| w == plain), "plaintext material found");
+        }
+        let hex: String = plain.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!raw.contains(&b64.encode(plain)) && !raw.contains(&hex), "encoded plaintext material found");
+    }
+    // Nor does the key itself, its Events, or the controller's log mention it.
+    let key_yaml = kubectl_ok(&["get", "kmskey", "k", "-n", ns, "-o", "yaml"], None);
+    let events = kubectl_ok(&["get", "events", "-n", ns, "-o", "yaml"], None);
+    for version in &material.spec.versions {
+        let plain = kubekms::keyring::unwrap_version(&root, &material, version).unwrap();
+        let encoded = b64.encode(plain.expose());
+        assert!(!key_yaml.contains(&encoded) && !events.contains(&encoded));
+        assert!(!key_yaml.contains(&version.wrapped), "wrapped material is not in KmsKey status");
+    }
+}
+
+#[tokio::test]
+async fn key_material_is_readable_only_by_kubekms() {
+    // Namespace admins and viewers (the built-in aggregated roles) cannot read material;
+    // the controller cannot read Secrets.
+    let ns = TestNamespace::new("rbac");
+    kubectl_ok(
+        &["create", "rolebinding", "jane-admin", "--clusterrole=admin", "--user=jane", "-n", &ns.name],
+        None,
+    );
+    for (who, verb, resource) in [
+        ("jane", "get", "kmskeymaterials"),
+        ("jane", "list", "kmskeymaterials"),
+        ("system:serviceaccount:kubekms-system:kubekms-controller", "get", "secrets"),
+        ("system:serviceaccount:kubekms-system:kubekms-controller", "list", "secrets"),
+        ("system:serviceaccount:default:app", "get", "kmskeymaterials"),
+    ] {
+        let run = kubectl(&["auth", "can-i", verb, resource, "-n", &ns.name, "--as", who], None);
+        assert_eq!(run.stdout.trim(), "no", "{who} can {verb} {resource}");
+    }
+    let run = kubectl(
+        &[
+            "auth",
+            "can-i",
+            "get",
+            "kmskeymaterials",
+            "--as",
+            "system:serviceaccount:kubekms-system:kubekms-controller",
+        ],
+        None,
+    );
+    assert_eq!(run.stdout.trim(), "yes");
+}
+
+#[tokio::test]
+async fn deletion_is_carried_through_to_destroyed_material() {
+    // A controller of this test's own, where a "day" lasts one second: the 7-day window
+    // is 7 seconds. Production defaults are untouched.
+    let label = format!("destroy-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let _controller = TestController::start(&label, "a", &["--unsafe-day-length", "1s"]);
+    let ns = TestNamespace::new("destroy");
+    let ns = ns.name.as_str();
+    let labels = format!("  labels:\n    {TEST_CONTROLLER_LABEL}: {label}\n");
+    kubectl_ok(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&key_manifest("doomed", &labels, "  deletion: {pendingWindowDays: 7}\n")),
+    );
+    let key = wait_key(ns, "doomed", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    let uid = key.metadata.uid.clone().unwrap();
+
+    patch(ns, "doomed", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    let key =
+        wait_key(ns, "doomed", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
+    let deletion_time = key.status.as_ref().unwrap().deletion_time.clone().unwrap().0;
+    let materials: Api<KmsKeyMaterial> = Api::all(client().await);
+    assert_eq!(materials.get(&uid).await.unwrap().spec.versions.len(), 1, "nothing destroyed yet");
+
+    let key = wait_key(ns, "doomed", "Destroyed", |k| state(k) == Some(KeyState::Destroyed)).await;
+    assert!(jiff::Timestamp::now() >= deletion_time, "destroyed before its deletion time");
+    let status = key.status.unwrap();
+    assert!(status.versions.iter().all(|v| v.state == kubekms::api::KeyVersionState::Destroyed));
+    let material = materials.get(&uid).await.unwrap();
+    assert!(material.spec.versions.is_empty(), "the wrapped material is gone");
+    assert!(material.spec.destroyed_at.is_some());
+    wait_events(ns, "doomed", &["KeyDeletionScheduled", "KeyMaterialDestroyed"]).await;
+
+    // Now the object can go, and its material record with it.
+    kubectl_ok(&["delete", "kmskey", "doomed", "-n", ns, "--wait=false"], None);
+    let keys: Api<KmsKey> = Api::namespaced(client().await, ns);
+    eventually(WAIT, "the KmsKey to be gone", || async {
+        keys.get_opt("doomed").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    eventually(WAIT, "the KmsKeyMaterial to be gone", || async {
+        materials.get_opt(&uid).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
+async fn lease_holder(name: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client().await, "kubekms-system");
+    leases.get_opt(name).await.ok().flatten()?.spec?.holder_identity
+}
+
+#[tokio::test]
+async fn a_second_replica_takes_over_and_finishes_pending_work() {
+    let label = format!("failover-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let timing = [
+        "--unsafe-day-length",
+        "1s",
+        "--lease-duration",
+        "4s",
+        "--renew-deadline",
+        "3s",
+        "--retry-period",
+        "500ms",
+    ];
+    let mut a = TestController::start(&label, "a", &timing);
+    let lease = format!("test-{label}");
+    let first = eventually(WAIT, "a leader", || lease_holder(&lease)).await;
+    let mut b = TestController::start(&label, "b", &timing);
+    // Both are ready (the standby too); only one leads.
+    for c in [&a, &b] {
+        eventually(WAIT, "/readyz", || async {
+            c.http_get("/readyz").await.filter(|(code, _)| *code == 200)
+        })
+        .await;
+    }
+    let (leader, standby) = if a.http_get("/metrics").await.unwrap().1.contains("kubekms_controller_leader 1")
+    {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(standby.http_get("/metrics").await.unwrap().1.contains("kubekms_controller_leader 0"));
+
+    let ns = TestNamespace::new("failover");
+    let ns = ns.name.as_str();
+    let labels = format!("  labels:\n    {TEST_CONTROLLER_LABEL}: {label}\n");
+    kubectl_ok(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&key_manifest("k", &labels, "  deletion: {pendingWindowDays: 7}\n")),
+    );
+    wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    patch(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    wait_key(ns, "k", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
+
+    // The leader crashes; the standby takes the Lease and destroys the material when due.
+    leader.kill();
+    let next = eventually(Duration::from_secs(60), "a new leader", || async {
+        lease_holder(&lease).await.filter(|h| *h != first)
+    })
+    .await;
+    assert_ne!(next, first);
+    let key =
+        wait_key(ns, "k", "Destroyed by the new leader", |k| state(k) == Some(KeyState::Destroyed)).await;
+    assert_eq!(key.status.unwrap().versions.len(), 1, "no version was duplicated or lost");
+    assert!(standby.http_get("/metrics").await.unwrap().1.contains("kubekms_controller_leader 1"));
+
+    // A graceful stop releases the Lease at once.
+    assert_eq!(standby.terminate(), Some(0));
+    eventually(WAIT, "the Lease to be released", || async {
+        lease_holder(&lease).await.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_controller_rewrites_nothing() {
+    let label = format!("restart-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let mut c = TestController::start(&label, "a", &[]);
+    let ns = TestNamespace::new("restart");
+    let ns = ns.name.as_str();
+    let labels = format!("  labels:\n    {TEST_CONTROLLER_LABEL}: {label}\n");
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("k", &labels, "")));
+    let before = wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    assert_eq!(c.terminate(), Some(0), "SIGTERM stops the controller cleanly");
+
+    let c = TestController::start(&label, "b", &[]);
+    // Wait until the new controller has reconciled the key at least once.
+    eventually(WAIT, "a reconcile", || async {
+        let (_, metrics) = c.http_get("/metrics").await?;
+        metrics.contains(r#"kubekms_controller_reconciles_total{kind="KmsKey",result="ok"}"#).then_some(())
+    })
+    .await;
+    let api: Api<KmsKey> = Api::namespaced(client().await, ns);
+    let after = api.get("k").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "reconciling an unchanged key wrote"
+    );
+    let materials: Api<KmsKeyMaterial> = Api::all(client().await);
+    assert_eq!(materials.get(after.metadata.uid.as_deref().unwrap()).await.unwrap().spec.versions.len(), 1);
+}
+
+#[tokio::test]
+async fn root_key_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root.key");
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::support::kubekms_bin()).args(args).output().unwrap()
+    };
+
+    let out = run(&["root-key", "create", "--out", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let fingerprint = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(fingerprint.contains("rk1-"));
+
+    let again = run(&["root-key", "create", "--out", path.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists; refusing to overwrite"));
+
+    // The controller refuses bad root key files with a clear message and exit code 1.
+    let controller = |file: &str| {
+        let kubeconfig = run_dir().join("kubekms-controller.kubeconfig");
+        run(&[
+            "controller",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--root-key-file",
+            file,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--leader-elect=false",
+        ])
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let missing = dir.path().join("missing.key");
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, [1u8; 16]).unwrap();
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for (file, message) in [
+        (path.to_str().unwrap(), "readable by group or others (mode 0644)"),
+        (missing.to_str().unwrap(), "cannot be read"),
+        (short.to_str().unwrap(), "holds 16 bytes; a root key is exactly 32 bytes"),
+    ] {
+        let out = controller(file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(message), "expected {message:?} in:\n{stderr}");
+    }
+    // The log names the key by fingerprint only.
+    let log = std::fs::read_to_string(run_dir().join("logs/controller.log")).unwrap_or_default();
+    let root = std::fs::read(run_dir().join("root.key")).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    assert!(log.contains("rk1-"));
+    assert!(!log.contains(&b64.encode(&root)));
+}
+
+#[tokio::test]
+async fn imported_material_becomes_version_one() {
+    let ns = TestNamespace::new("import");
+    let ns = ns.name.as_str();
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("byok", "", "  origin: EXTERNAL\n")));
+    let key = wait_key(ns, "byok", "PendingImport", |k| state(k) == Some(KeyState::PendingImport)).await;
+    assert_eq!(condition(&key, "Ready").unwrap().reason, "PendingImport");
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("generated", "", "")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let material = dir.path().join("material.bin");
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
+    std::fs::write(&material, bytes).unwrap();
+    let short = dir.path().join("short.bin");
+    std::fs::write(&short, [1u8; 20]).unwrap();
+    let kubeconfig = run_dir().join("kubeconfig");
+    let root_key = run_dir().join("root.key");
+    let import = |key: &str, file: &std::path::Path| {
+        std::process::Command::new(crate::support::kubekms_bin())
+            .args(["key", "import", "--key", key, "--material", file.to_str().unwrap()])
+            .args([
+                "--root-key-file",
+                root_key.to_str().unwrap(),
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let refused = |out: std::process::Output, message: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(message), "expected {message:?} in:\n{stderr}");
+    };
+    refused(import(&format!("{ns}/byok"), &short), "exactly 32 bytes of raw binary; got 20 bytes");
+    refused(
+        import(&format!("{ns}/generated"), &material),
+        "only keys with origin EXTERNAL take imported material",
+    );
+    refused(import(&format!("{ns}/missing"), &material), "failed to read KmsKey");
+    refused(import("no-slash", &material), "is not NAMESPACE/NAME");
+
+    let out = import(&format!("{ns}/byok"), &material);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = wait_key(ns, "byok", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    assert_eq!(key.status.as_ref().unwrap().current_version, Some(1));
+    assert!(
+        key.status.as_ref().unwrap().next_rotation_time.is_none(),
+        "imported keys do not rotate automatically"
+    );
+    wait_events(ns, "byok", &["KeyMaterialImported"]).await;
+
+    let materials: Api<KmsKeyMaterial> = Api::all(client().await);
+    let stored = materials.get(key.metadata.uid.as_deref().unwrap()).await.unwrap();
+    let root = RootKey::load(&root_key).unwrap();
+    let unwrapped = kubekms::keyring::unwrap_version(&root, &stored, &stored.spec.versions[0]).unwrap();
+    assert_eq!(unwrapped.expose(), &bytes, "the stored version is the imported material");
+    assert_eq!(stored.spec.versions[0].trigger, kubekms::api::VersionTrigger::Imported);
+
+    refused(import(&format!("{ns}/byok"), &material), "is Enabled, not PendingImport");
+}
