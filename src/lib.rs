@@ -3,8 +3,14 @@
 //! `api` holds the custom resources (the public contract).
 
 pub mod api;
+pub mod audit;
+pub mod bench;
 pub mod controller;
 pub mod crypto;
+pub mod envelope;
 pub mod keyring;
 pub mod kubeclient;
+pub mod metering;
+pub mod plugin;
+pub mod proto;
 pub mod telemetry;

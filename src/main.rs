@@ -30,12 +30,25 @@ enum Command {
     /// Run the controller: creates key versions, rotates, enables and disables keys,
     /// schedules and carries out deletion. Runs as a leader-elected Deployment.
     Controller(ControllerArgs),
+    /// Run the KMS v2 plugin beside kube-apiserver: it wraps the apiserver's DEK seed under
+    /// the current version of one KmsKey, so that Secrets are encrypted in etcd.
+    Plugin(PluginArgs),
     /// Create or inspect the root key that wraps every key version.
     #[command(subcommand)]
     RootKey(RootKeyCommand),
     /// Operate on KmsKeys directly (for what kubectl cannot do).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Check an audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Measure latency and throughput, printed as ratios to a floor measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Show how a value read from etcd is encrypted: provider, key id, annotations (never the
+    /// data). Reads the raw value on standard input, for example
+    /// `etcdctl get /registry/secrets/NS/NAME --print-value-only | kubekms envelope`.
+    Envelope,
     /// Print the CustomResourceDefinitions as YAML (the content of crds/).
     ///
     /// Apply them with `kubekms crds | kubectl apply --server-side -f -`.
@@ -165,6 +178,91 @@ struct ControllerArgs {
     unsafe_day_length: SignedDuration,
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify that no line of an audit log was edited, removed or reordered. With the root
+    /// key it also checks every line's MAC, which catches a forged or edited last line.
+    /// Exits 0 when the log is intact, 1 with the first broken line otherwise.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// The root key of the component that wrote the log.
+        #[arg(long, value_name = "FILE")]
+        root_key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// KMS v2 Encrypt and Decrypt over a unix socket, next to an empty gRPC call on the same
+    /// kind of socket (the floor). Without --socket it runs an in-process plugin with a
+    /// random key; with --socket it measures the plugin listening there.
+    Plugin {
+        /// A running plugin's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 20000)]
+        calls: usize,
+        /// Concurrent callers, each on its own connection (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+        /// Also write the rows as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct PluginArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The KmsKey that encrypts the cluster's Secrets.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    key: String,
+    /// The unix socket kube-apiserver connects to (the `endpoint` of the EncryptionConfiguration,
+    /// without `unix://`).
+    #[arg(long, value_name = "PATH", default_value = "/var/run/kubekms/kms.sock")]
+    socket: PathBuf,
+    /// The root key file (32 bytes, mode 0600 or stricter).
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
+    root_key_file: PathBuf,
+    /// Where the plugin keeps its cache of wrapped material (never plaintext), so it can
+    /// start and decrypt while the API server is down.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kubekms")]
+    state_dir: PathBuf,
+    /// The audit log: one JSON line per Encrypt and Decrypt ("-" for standard output).
+    /// Default: audit.log in the state directory.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+async fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
+    kubekms::telemetry::init_logging(args.common.log_json);
+    let (namespace, name) = namespaced_name(&args.key)?;
+    let config = kubekms::plugin::Config {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        socket: args.socket,
+        root_key_file: args.root_key_file,
+        audit_log: args.audit_log.unwrap_or_else(|| args.state_dir.join("audit.log")),
+        state_dir: args.state_dir,
+        metrics_addr: args.metrics_addr,
+    };
+    let client = match kubekms::kubeclient::client(args.common.kubeconfig.as_deref()).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no Kubernetes client; serving from the cache only");
+            None
+        }
+    };
+    kubekms::plugin::run(config, client, shutdown_on_signal()).await?;
+    Ok(())
+}
+
 fn std_duration(d: SignedDuration, flag: &str) -> anyhow::Result<std::time::Duration> {
     std::time::Duration::try_from(d).with_context(|| format!("{flag} must not be negative"))
 }
@@ -222,10 +320,46 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Errors are printed as one line with their causes (no backtrace), and exit with code 1;
+/// clap's usage errors exit with code 2.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Audit(AuditCommand::Verify { file, root_key_file }) => {
+            let root = root_key_file.as_deref().map(RootKey::load).transpose()?;
+            let verified = kubekms::audit::verify_file(&file, root.as_ref())
+                .with_context(|| format!("{} is not intact", file.display()))?;
+            let how = if verified.macs_checked {
+                "chain and MACs"
+            } else {
+                "chain only; give --root-key-file to check MACs"
+            };
+            println!("{}: {} lines intact ({how})", file.display(), verified.lines);
+        }
+        Command::Envelope => {
+            let mut value = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut value)
+                .context("failed to read standard input")?;
+            let envelope = kubekms::envelope::parse(&value)?;
+            println!("{}", serde_json::to_string_pretty(&envelope)?);
+        }
         Command::Crds => {
             let yaml = kubekms::api::crds_yaml().context("failed to render the CRDs")?;
             std::io::stdout().write_all(yaml.as_bytes()).context("failed to write the CRDs")?;
@@ -238,6 +372,19 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", RootKey::load(&root_key_file)?.fingerprint());
         }
         Command::Controller(args) => run_controller(args).await?,
+        Command::Plugin(args) => run_plugin(args).await?,
+        Command::Bench(BenchCommand::Plugin { socket, calls, concurrency, json }) => {
+            anyhow::ensure!(
+                calls > 0 && concurrency.iter().all(|&c| c > 0),
+                "--calls and --concurrency must be positive"
+            );
+            let rows = kubekms::bench::run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;
+            print!("{}", kubekms::bench::table(&rows));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)
+                    .with_context(|| format!("failed to write {}", path.display()))?;
+            }
+        }
         Command::Key(KeyCommand::Import { key, material, root_key_file, common }) => {
             import_key(key, material, root_key_file, common).await?
         }

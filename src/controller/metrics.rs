@@ -2,6 +2,7 @@
 //! material changes, leadership.
 
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
@@ -58,7 +59,7 @@ fn duration_histogram() -> Histogram {
 impl ControllerMetrics {
     /// Registers the metrics (under `kubekms_controller_`) and the keys-by-state gauge,
     /// which counts the controller's cache of KmsKeys at each scrape.
-    pub fn register(registry: &mut Registry, keys: Store<KmsKey>) -> Self {
+    pub fn register(registry: &mut Registry, keys: Arc<RwLock<Store<KmsKey>>>) -> Self {
         let m = ControllerMetrics {
             reconciles: Family::default(),
             errors: Family::default(),
@@ -85,8 +86,9 @@ impl ControllerMetrics {
     }
 }
 
-/// `kubekms_keys{state}`: KmsKeys by status.state, zeros included.
-struct KeysByState(Store<KmsKey>);
+/// `kubekms_keys{state}`: KmsKeys by status.state, zeros included (from the current
+/// leadership term's cache; all zero on a standby replica).
+struct KeysByState(Arc<RwLock<Store<KmsKey>>>);
 
 impl fmt::Debug for KeysByState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -100,7 +102,8 @@ impl Collector for KeysByState {
         for state in KeyState::ALL {
             let _ = family.get_or_create(&StateLabels { state: state.as_str() });
         }
-        for key in self.0.state() {
+        let keys = self.0.read().map(|s| s.state()).unwrap_or_default();
+        for key in keys {
             if let Some(state) = key.status.as_ref().and_then(|s| s.state) {
                 family.get_or_create(&StateLabels { state: state.as_str() }).inc();
             }

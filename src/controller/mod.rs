@@ -22,7 +22,7 @@ use crate::api::{KmsKey, KmsKeyMaterial};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::keyring::{MaterialError, MaterialStore};
 use crate::telemetry::{self, Health};
-use leader::{Attempt, LeaderError, LeaseLock, Timing};
+use leader::{Attempt, LeaseLock, Timing};
 use lifecycle::Calendar;
 use metrics::ControllerMetrics;
 
@@ -108,23 +108,31 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("leader election failed")]
-    Leader(#[source] LeaderError),
-    #[error(
-        "lost the leader Lease (could not renew it for {0:?}); exiting so that a fresh start can compete again"
-    )]
-    LostLease(std::time::Duration),
 }
 
-/// Runs the controller until `shutdown` is cancelled (SIGTERM) or leadership is lost.
+/// What lives for the whole process, across leadership terms.
+struct Shared {
+    client: Client,
+    root: Arc<RootKey>,
+    recorder: Recorder,
+    metrics: Arc<ControllerMetrics>,
+    /// The current term's cache of KmsKeys, read by the keys-by-state metric.
+    key_cache: Arc<std::sync::RwLock<Store<KmsKey>>>,
+    health: Arc<Health>,
+    config: Config,
+}
+
+/// Runs the controller until `shutdown` is cancelled (SIGTERM). With leader election it
+/// works only while it holds the Lease; a replica that loses it (for example while the API
+/// server is unreachable for longer than the renew deadline) stops working before anyone
+/// else may take over, and goes back to waiting.
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
     let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
     tracing::info!(root_key = root.fingerprint(), identity = %config.identity, "loaded the root key");
 
-    let (key_reader, key_writer) = reflector::store::<KmsKey>();
-    let (material_reader, material_writer) = reflector::store::<KmsKeyMaterial>();
+    let key_cache = Arc::new(std::sync::RwLock::new(reflector::store::<KmsKey>().0));
     let mut registry = Registry::default();
-    let metrics = Arc::new(ControllerMetrics::register(&mut registry, key_reader.clone()));
+    let metrics = Arc::new(ControllerMetrics::register(&mut registry, key_cache.clone()));
     let health = Health::new(60);
     let listener = telemetry::bind(config.metrics_addr)
         .await
@@ -135,106 +143,123 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         health.clone(),
         shutdown.clone().cancelled_owned(),
     ));
-
-    let ctx = Arc::new(Context {
-        client: client.clone(),
+    let shared = Shared {
         recorder: Recorder::new(
             client.clone(),
             Reporter { controller: "kubekms-controller".into(), instance: Some(config.identity.clone()) },
         ),
+        client: client.clone(),
         root,
-        materials: MaterialStore::new(client.clone()),
-        material_cache: material_reader,
-        calendar: config.calendar,
-        metrics: metrics.clone(),
-    });
-    let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
+        metrics,
+        key_cache,
+        health,
+        config: config.clone(),
+    };
 
-    let result = match &config.lease {
+    match &config.lease {
         None => {
-            health.set_ready(true);
-            metrics.leader.set(1);
-            run_controllers(ctx, stores, config.selector.clone(), health.clone(), shutdown.clone()).await;
-            Ok(())
+            shared.health.set_ready(true);
+            shared.metrics.leader.set(1);
+            run_term(&shared, shutdown.clone()).await;
         }
         Some((namespace, name)) => {
-            let lock = LeaseLock::new(client, namespace, name, config.identity.clone(), config.timing);
-            lead(lock, ctx, stores, config.selector.clone(), health.clone(), shutdown.clone()).await
+            let mut lock = LeaseLock::new(client, namespace, name, config.identity.clone(), config.timing);
+            while !shutdown.is_cancelled() {
+                lead(&mut lock, &shared, &shutdown).await;
+            }
         }
-    };
+    }
     shutdown.cancel();
     let _ = server.await;
-    result
+    Ok(())
 }
 
-struct Stores {
-    keys: (Store<KmsKey>, Option<reflector::store::Writer<KmsKey>>),
-    materials: Option<reflector::store::Writer<KmsKeyMaterial>>,
-}
-
-/// Waits for the Lease, runs the controllers while holding it, renews it, and releases
-/// it on shutdown.
-async fn lead(
-    mut lock: LeaseLock,
-    ctx: Arc<Context>,
-    stores: Stores,
-    selector: Option<String>,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
+/// One leadership term: waits for the Lease, runs the controllers while renewing it, and
+/// returns when shutting down (after releasing the Lease) or when the Lease is lost.
+async fn lead(lock: &mut LeaseLock, shared: &Shared, shutdown: &CancellationToken) {
     let timing = lock.timing();
-    // Standby: try until we lead or are told to stop.
     loop {
-        health.beat();
+        shared.health.beat();
         match lock.try_acquire_or_renew().await {
             Ok(Attempt::Leading) => break,
             Ok(Attempt::Following { holder }) => {
-                health.set_ready(true);
+                shared.health.set_ready(true);
                 tracing::debug!(%holder, "waiting for the leader Lease");
             }
             Err(e) => tracing::warn!(error = %key::error_chain(&e), "leader election attempt failed"),
         }
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return,
             () = tokio::time::sleep(timing.retry_period) => {}
         }
     }
     tracing::info!(identity = lock.identity(), "acquired the leader Lease; starting the controllers");
-    health.set_ready(true);
-    ctx.metrics.leader.set(1);
+    shared.health.set_ready(true);
+    shared.metrics.leader.set(1);
 
     let stop = CancellationToken::new();
-    let controllers =
-        tokio::spawn(run_controllers(ctx.clone(), stores, selector, health.clone(), stop.clone()));
+    let term = run_term(shared, stop.clone());
+    tokio::pin!(term);
     let mut last_renewal = tokio::time::Instant::now();
-    let outcome = loop {
+    let lost = loop {
         tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
+            () = shutdown.cancelled() => break false,
+            () = &mut term => break true,
             () = tokio::time::sleep(timing.retry_period) => {}
         }
-        health.beat();
+        shared.health.beat();
         match lock.try_acquire_or_renew().await {
             Ok(Attempt::Leading) => last_renewal = tokio::time::Instant::now(),
             Ok(Attempt::Following { holder }) => {
-                tracing::error!(%holder, "another replica holds the leader Lease");
-                break Err(RunError::LostLease(last_renewal.elapsed()));
+                tracing::error!(%holder, "another replica holds the leader Lease; stopping the controllers");
+                break true;
             }
             Err(e) => tracing::warn!(error = %key::error_chain(&e), "failed to renew the leader Lease"),
         }
         if last_renewal.elapsed() > timing.renew_deadline {
-            break Err(RunError::LostLease(last_renewal.elapsed()));
+            tracing::error!(
+                since = ?last_renewal.elapsed(),
+                "could not renew the leader Lease within the renew deadline; stopping the controllers"
+            );
+            break true;
         }
     };
     stop.cancel();
-    let _ = controllers.await;
-    ctx.metrics.leader.set(0);
-    if outcome.is_ok() {
-        match lock.release().await {
-            Ok(()) => tracing::info!("released the leader Lease"),
-            Err(e) => tracing::warn!(error = %key::error_chain(&e), "failed to release the leader Lease"),
-        }
+    term.await;
+    shared.metrics.leader.set(0);
+    if lost {
+        tracing::info!("waiting for the leader Lease again");
+        return;
     }
-    outcome
+    match lock.release().await {
+        Ok(()) => tracing::info!("released the leader Lease"),
+        Err(e) => tracing::warn!(error = %key::error_chain(&e), "failed to release the leader Lease"),
+    }
+}
+
+/// Runs the controllers with fresh caches until `stop`.
+async fn run_term(shared: &Shared, stop: CancellationToken) {
+    let (key_reader, key_writer) = reflector::store::<KmsKey>();
+    let (material_reader, material_writer) = reflector::store::<KmsKeyMaterial>();
+    if let Ok(mut cache) = shared.key_cache.write() {
+        *cache = key_reader.clone();
+    }
+    let ctx = Arc::new(Context {
+        client: shared.client.clone(),
+        recorder: shared.recorder.clone(),
+        root: shared.root.clone(),
+        materials: MaterialStore::new(shared.client.clone()),
+        material_cache: material_reader,
+        calendar: shared.config.calendar,
+        metrics: shared.metrics.clone(),
+    });
+    let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
+    run_controllers(ctx, stores, shared.config.selector.clone(), shared.health.clone(), stop).await;
+}
+
+struct Stores {
+    keys: (Store<KmsKey>, Option<reflector::store::Writer<KmsKey>>),
+    materials: Option<reflector::store::Writer<KmsKeyMaterial>>,
 }
 
 /// Hashes what should wake the controller for a KmsKey: spec changes (generation) and

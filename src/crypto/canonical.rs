@@ -40,6 +40,15 @@ impl CanonicalWriter {
         self
     }
 
+    /// Appends a map with byte values: its size, then each key and value in key order.
+    pub fn bytes_map(mut self, map: &BTreeMap<String, Vec<u8>>) -> Self {
+        self.0.extend_from_slice(&(map.len() as u32).to_be_bytes());
+        for (k, v) in map {
+            self = self.str(k).bytes(v);
+        }
+        self
+    }
+
     /// The encoding.
     pub fn finish(self) -> Vec<u8> {
         self.0

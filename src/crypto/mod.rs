@@ -10,6 +10,7 @@ mod seal;
 mod secret;
 
 pub use canonical::{CanonicalWriter, canonical_map};
+pub(crate) use root::hex;
 pub use root::{RootKey, RootKeyError, WrapContext};
 pub use seal::{SEAL_OVERHEAD, SealError, open, seal};
 pub use secret::{KEY_LEN, KeyMaterial, SecretBytes, random_bytes};

@@ -3,6 +3,37 @@
 
 mod import;
 mod material;
+mod snapshot;
 
 pub use import::{ImportError, import, read_material};
 pub use material::{MaterialError, MaterialStore, Owner, unwrap_version};
+pub use snapshot::{KeySnapshot, WrappedVersions, snapshot, unwrap_all};
+
+use std::sync::Arc;
+
+/// Where the plugin and the key API get keys from. Only the wiring knows whether that is a
+/// watch on the API server, a local cache, or (in tests) a fixed set.
+pub trait Keyring: Send + Sync + 'static {
+    /// The latest snapshot of the key, if one is known yet.
+    fn snapshot(&self) -> Option<Arc<KeySnapshot>>;
+}
+
+/// A keyring that always returns the same snapshot (tests, benchmarks).
+#[derive(Debug, Clone)]
+pub struct FixedKeyring(pub Option<Arc<KeySnapshot>>);
+
+impl Keyring for FixedKeyring {
+    fn snapshot(&self) -> Option<Arc<KeySnapshot>> {
+        self.0.clone()
+    }
+}
+
+/// A keyring fed by a `tokio::sync::watch` channel (the plugin's key watch).
+#[derive(Debug, Clone)]
+pub struct WatchKeyring(pub tokio::sync::watch::Receiver<Option<Arc<KeySnapshot>>>);
+
+impl Keyring for WatchKeyring {
+    fn snapshot(&self) -> Option<Arc<KeySnapshot>> {
+        self.0.borrow().clone()
+    }
+}

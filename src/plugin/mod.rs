@@ -1,0 +1,130 @@
+//! The KMS v2 plugin: serves kube-apiserver's `v2.KeyManagementService` on a unix socket
+//! and wraps its DEK seed under the current version of one configured KmsKey.
+
+pub mod cache;
+pub mod client;
+pub mod format;
+pub mod service;
+pub mod socket;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditError, AuditLog};
+use crate::crypto::{RootKey, RootKeyError};
+use crate::keyring::{KeySnapshot, WatchKeyring};
+use crate::metering::OperationMetrics;
+use crate::proto::kmsv2::key_management_service_server::KeyManagementServiceServer;
+use crate::telemetry::{self, Health};
+use service::KmsPlugin;
+use socket::{PluginSocket, SocketError};
+
+/// How the plugin runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub namespace: String,
+    pub name: String,
+    pub socket: PathBuf,
+    pub root_key_file: PathBuf,
+    pub state_dir: PathBuf,
+    /// Where audit lines go ("-" for standard output).
+    pub audit_log: PathBuf,
+    /// The /healthz, /readyz and /metrics endpoints, if wanted.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Why the plugin stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to load the root key")]
+    RootKey(#[source] RootKeyError),
+    #[error("failed to open the audit log")]
+    Audit(#[source] AuditError),
+    #[error("failed to create the state directory {0}")]
+    StateDir(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("failed to listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Runs the plugin until `shutdown`. `client` is `None` when no API server configuration
+/// could be found; the plugin then serves from its cache only.
+pub async fn run(
+    config: Config,
+    client: Option<kube::Client>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
+    tracing::info!(root_key = root.fingerprint(), key = %format!("{}/{}", config.namespace, config.name), "starting the KMS v2 plugin");
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&config.state_dir)
+        .map_err(|e| RunError::StateDir(config.state_dir.clone(), e))?;
+    let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
+
+    let initial = watch::from_cache(&root, &config.state_dir, &config.namespace, &config.name);
+    let (tx, rx) = tokio::sync::watch::channel::<Option<Arc<KeySnapshot>>>(initial);
+    if let Some(client) = client {
+        let key_watch = watch::KeyWatch {
+            client,
+            namespace: config.namespace.clone(),
+            name: config.name.clone(),
+            root: root.clone(),
+            state_dir: config.state_dir.clone(),
+        };
+        tokio::spawn(key_watch.run(tx, shutdown.clone()));
+    } else {
+        tracing::warn!("no API server configuration: serving from the cache only");
+    }
+
+    let mut registry = Registry::default();
+    let metrics = OperationMetrics::register(&mut registry);
+    let health = Health::new(i64::MAX);
+    let server_task = match config.metrics_addr {
+        Some(addr) => {
+            let listener = telemetry::bind(addr).await.map_err(|source| RunError::Listen { addr, source })?;
+            Some(tokio::spawn(telemetry::serve(
+                listener,
+                Arc::new(registry),
+                health.clone(),
+                shutdown.clone().cancelled_owned(),
+            )))
+        }
+        None => None,
+    };
+
+    let socket = PluginSocket::bind(&config.socket).await?;
+    tracing::info!(socket = %socket.path().display(), "serving KMS v2");
+    let (listener, guard) = socket.into_parts();
+    health.set_ready(true);
+    let service = KmsPlugin::new(WatchKeyring(rx), audit, metrics);
+    let served = tonic::transport::Server::builder()
+        .add_service(KeyManagementServiceServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.clone().cancelled_owned())
+        .await;
+    drop(guard);
+    shutdown.cancel();
+    if let Some(task) = server_task {
+        let _ = task.await;
+    }
+    tracing::info!("stopped; removed the socket");
+    served.map_err(RunError::Serve)
+}
+
+#[cfg(test)]
+mod component_tests;
+
+#[cfg(test)]
+mod property_tests;

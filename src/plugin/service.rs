@@ -1,0 +1,294 @@
+//! The KMS v2 gRPC service. It depends only on a [`Keyring`]: where the key comes from is
+//! the wiring's business.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+
+use super::format::{self, FormatError, KeyVersionId};
+use crate::api::KeyState;
+use crate::audit::{AuditEvent, AuditLog};
+use crate::crypto::{KeyMaterial, SealError};
+use crate::keyring::{KeySnapshot, Keyring};
+use crate::metering::{OperationMetrics, code_name};
+use crate::proto::kmsv2::key_management_service_server::KeyManagementService;
+use crate::proto::kmsv2::{
+    DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
+};
+
+/// How long a health self-test result is reused by Status.
+const HEALTH_TTL: Duration = Duration::from_secs(30);
+
+/// Every way a call can fail, mapped to a gRPC status in one place ([`PluginError::status`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("key_id {0:?} names a key version this plugin does not hold")]
+    UnknownKeyId(String),
+    #[error("key {key} is {state}; it refuses every operation until it is Enabled")]
+    NotEnabled { key: String, state: &'static str },
+    #[error("the key is not available yet: {0}")]
+    NoKey(String),
+    #[error("decryption failed")]
+    DecryptionFailed,
+    #[error("failed to encrypt")]
+    Seal(#[source] SealError),
+    #[error("failed to write the audit log")]
+    Audit(#[source] crate::audit::AuditError),
+}
+
+impl PluginError {
+    /// The gRPC status the caller sees. Authentication failures all say "decryption
+    /// failed"; details of internal failures go to the log only.
+    pub fn status(&self) -> Status {
+        match self {
+            PluginError::InvalidArgument(_) | PluginError::Format(_) => {
+                Status::invalid_argument(self.to_string())
+            }
+            PluginError::UnknownKeyId(_) => Status::not_found(self.to_string()),
+            PluginError::NotEnabled { .. } => Status::failed_precondition(self.to_string()),
+            PluginError::NoKey(_) => Status::unavailable(self.to_string()),
+            PluginError::DecryptionFailed => Status::invalid_argument("decryption failed"),
+            PluginError::Seal(_) => Status::internal("failed to encrypt"),
+            PluginError::Audit(_) => Status::unavailable("the audit log cannot be written"),
+        }
+    }
+}
+
+/// A self-test result: when, for which key id, and what it found.
+type HealthCheck = (Instant, String, Result<(), String>);
+
+/// The plugin.
+pub struct KmsPlugin<K> {
+    keyring: K,
+    audit: Arc<AuditLog>,
+    metrics: OperationMetrics,
+    health: Mutex<Option<HealthCheck>>,
+}
+
+impl<K: Keyring> KmsPlugin<K> {
+    pub fn new(keyring: K, audit: Arc<AuditLog>, metrics: OperationMetrics) -> Self {
+        KmsPlugin { keyring, audit, metrics, health: Mutex::new(None) }
+    }
+
+    fn usable(&self) -> Result<Arc<KeySnapshot>, PluginError> {
+        let key = self.keyring.snapshot().ok_or_else(|| {
+            PluginError::NoKey(
+                "waiting for the KmsKey and its material (API server unreachable and no cache)".into(),
+            )
+        })?;
+        if key.state != KeyState::Enabled {
+            return Err(PluginError::NotEnabled { key: key.display(), state: key.state.as_str() });
+        }
+        Ok(key)
+    }
+
+    fn encrypt_inner(
+        &self,
+        req: &EncryptRequest,
+    ) -> Result<(EncryptResponse, Arc<KeySnapshot>, u32), PluginError> {
+        if req.uid.is_empty() {
+            return Err(PluginError::InvalidArgument("uid is required".into()));
+        }
+        match req.plaintext.len() {
+            0 => return Err(PluginError::InvalidArgument("plaintext is empty".into())),
+            n if n > format::MAX_PLAINTEXT_LEN => {
+                return Err(PluginError::InvalidArgument(format!(
+                    "plaintext is {n} bytes; the most is {}",
+                    format::MAX_PLAINTEXT_LEN
+                )));
+            }
+            _ => {}
+        }
+        let key = self.usable()?;
+        let (version, material) =
+            key.current().ok_or_else(|| PluginError::NoKey("the key has no current version yet".into()))?;
+        let id = KeyVersionId::new(&key.key_id, version);
+        let annotations = format::annotations_for(&key.display());
+        let ciphertext =
+            format::wrap(material, &id, &annotations, &req.plaintext).map_err(PluginError::Seal)?;
+        let response = EncryptResponse {
+            ciphertext,
+            key_id: id.to_kms(),
+            annotations: annotations.into_iter().collect(),
+        };
+        Ok((response, key.clone(), version))
+    }
+
+    fn decrypt_inner(
+        &self,
+        req: &DecryptRequest,
+    ) -> Result<(DecryptResponse, Arc<KeySnapshot>, u32), PluginError> {
+        if req.uid.is_empty() {
+            return Err(PluginError::InvalidArgument("uid is required".into()));
+        }
+        if req.key_id.is_empty() {
+            return Err(PluginError::InvalidArgument("key_id is required".into()));
+        }
+        if req.key_id.len() > format::MAX_KEY_ID_LEN {
+            return Err(PluginError::InvalidArgument(format!(
+                "key_id is {} bytes; the most is {}",
+                req.key_id.len(),
+                format::MAX_KEY_ID_LEN
+            )));
+        }
+        let id = KeyVersionId::parse(&req.key_id).ok_or_else(|| {
+            PluginError::InvalidArgument(format!("key_id {:?} is not a kubekms key id", req.key_id))
+        })?;
+        let annotations: BTreeMap<String, Vec<u8>> = req.annotations.clone().into_iter().collect();
+        format::check_annotations(&annotations)?;
+        format::check_ciphertext(&req.ciphertext, &id)?;
+        let key = self.usable()?;
+        if id.key_id != key.key_id {
+            return Err(PluginError::UnknownKeyId(req.key_id.clone()));
+        }
+        let material =
+            key.versions.get(&id.version).ok_or_else(|| PluginError::UnknownKeyId(req.key_id.clone()))?;
+        let plaintext =
+            format::unwrap(material, &id, &annotations, &req.ciphertext).map_err(|e| match e {
+                SealError::Open => PluginError::DecryptionFailed,
+                other => PluginError::Seal(other),
+            })?;
+        Ok((DecryptResponse { plaintext: plaintext.expose().to_vec() }, key.clone(), id.version))
+    }
+
+    /// Audits, meters and maps the outcome of one operation.
+    fn finish<T>(
+        &self,
+        operation: &'static str,
+        principal: String,
+        request_id: &str,
+        started: Instant,
+        outcome: Result<(T, Arc<KeySnapshot>, u32), PluginError>,
+    ) -> Result<T, Status> {
+        let (result, key, version, reason) = match &outcome {
+            Ok((_, key, v)) => ("OK", Some(key.clone()), Some(*v), None),
+            Err(e) => {
+                let status = e.status();
+                if matches!(e, PluginError::Seal(_) | PluginError::Audit(_)) {
+                    tracing::error!(error = %crate::controller::key::error_chain(e), operation, "operation failed");
+                }
+                (code_name(status.code()), self.keyring.snapshot(), None, Some(status.message().to_owned()))
+            }
+        };
+        let event = AuditEvent {
+            component: "plugin",
+            request_id: request_id.to_owned(),
+            principal,
+            operation,
+            key: key.as_ref().map(|k| k.display()),
+            key_id: key.as_ref().map(|k| k.key_id.clone()),
+            key_version: version,
+            result,
+            reason,
+            ..Default::default()
+        };
+        let audited = self.audit.record(&event);
+        let key_label = key.as_ref().map(|k| k.display()).unwrap_or_default();
+        let (result, response) = match (outcome, audited) {
+            (Ok((value, _, _)), Ok(())) => (result, Ok(value)),
+            (Ok(_), Err(e)) => {
+                let err = PluginError::Audit(e);
+                tracing::error!(error = %crate::controller::key::error_chain(&err), "refusing an operation that cannot be audited");
+                ("Unavailable", Err(err.status()))
+            }
+            (Err(e), _) => (result, Err(e.status())),
+        };
+        self.metrics.observe("plugin", key_label, operation, result, started.elapsed().as_secs_f64());
+        response
+    }
+
+    /// Whether a real wrap and unwrap through the current version works (cached).
+    fn healthz(&self, key: &KeySnapshot, kms_key_id: &str) -> Result<(), String> {
+        if let Ok(cache) = self.health.lock()
+            && let Some((at, id, result)) = cache.as_ref()
+            && id == kms_key_id
+            && at.elapsed() < HEALTH_TTL
+        {
+            return result.clone();
+        }
+        let result = self_test(key);
+        if let Ok(mut cache) = self.health.lock() {
+            *cache = Some((Instant::now(), kms_key_id.to_owned(), result.clone()));
+        }
+        result
+    }
+}
+
+fn self_test(key: &KeySnapshot) -> Result<(), String> {
+    let (version, material): (u32, &KeyMaterial) =
+        key.current().map(|(v, m)| (v, m.as_ref())).ok_or("the key has no current version")?;
+    let id = KeyVersionId::new(&key.key_id, version);
+    let probe = crate::crypto::random_bytes::<32>().map_err(|_| "no randomness")?;
+    let annotations = format::annotations_for(&key.display());
+    let ct = format::wrap(material, &id, &annotations, &probe).map_err(|_| "wrap failed")?;
+    let back = format::unwrap(material, &id, &annotations, &ct).map_err(|_| "unwrap failed")?;
+    if back.expose() != probe {
+        return Err("the self-test round trip returned other bytes".into());
+    }
+    Ok(())
+}
+
+fn principal<T>(req: &Request<T>) -> String {
+    match req.extensions().get::<tonic::transport::server::UdsConnectInfo>().and_then(|i| i.peer_cred) {
+        Some(cred) => match cred.pid() {
+            Some(pid) => format!("unix:uid={},pid={pid}", cred.uid()),
+            None => format!("unix:uid={}", cred.uid()),
+        },
+        None => "unix:unknown".to_owned(),
+    }
+}
+
+#[tonic::async_trait]
+impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let response = match self.keyring.snapshot() {
+            None => StatusResponse {
+                version: "v2".into(),
+                healthz: "waiting for the KmsKey and its material".into(),
+                key_id: String::new(),
+            },
+            Some(key) if key.state != KeyState::Enabled => StatusResponse {
+                version: "v2".into(),
+                healthz: format!("key {} is {}", key.display(), key.state.as_str()),
+                // No key id while the key refuses to encrypt: kube-apiserver keeps using
+                // its current DEK seed for writes as long as Status repeats that seed's key
+                // id, even when unhealthy. Without one, its writes stop within minutes.
+                key_id: String::new(),
+            },
+            Some(key) => {
+                let key_id = key
+                    .current_version
+                    .map(|v| KeyVersionId::new(&key.key_id, v).to_kms())
+                    .unwrap_or_default();
+                let healthz = match self.healthz(&key, &key_id) {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("self-test failed: {e}"),
+                };
+                StatusResponse { version: "v2".into(), healthz, key_id }
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
+        let started = Instant::now();
+        let who = principal(&request);
+        let req = request.into_inner();
+        let outcome = self.encrypt_inner(&req);
+        self.finish("Encrypt", who, &req.uid, started, outcome).map(Response::new)
+    }
+
+    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
+        let started = Instant::now();
+        let who = principal(&request);
+        let req = request.into_inner();
+        let outcome = self.decrypt_inner(&req);
+        self.finish("Decrypt", who, &req.uid, started, outcome).map(Response::new)
+    }
+}

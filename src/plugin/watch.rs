@@ -1,0 +1,218 @@
+//! Keeps the plugin's key current: watches the KmsKey and its KmsKeyMaterial, unwraps new
+//! versions, publishes a new snapshot within moments of a status change, and writes the
+//! cache. Starts from the cache, so the plugin serves before the API server answers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{self, CachedKey, CachedVersion};
+use crate::api::{KeyState, KmsKey, KmsKeyMaterial};
+use crate::crypto::{KeyMaterial, RootKey};
+use crate::keyring::{KeySnapshot, WrappedVersions, snapshot, unwrap_all};
+
+/// What the watch needs.
+pub struct KeyWatch {
+    pub client: Client,
+    pub namespace: String,
+    pub name: String,
+    pub root: Arc<RootKey>,
+    pub state_dir: PathBuf,
+}
+
+/// The snapshot the cache holds, if it is for this key and unwraps with this root key.
+pub fn from_cache(
+    root: &RootKey,
+    state_dir: &std::path::Path,
+    namespace: &str,
+    name: &str,
+) -> Option<Arc<KeySnapshot>> {
+    let mac_key = cache::mac_key(root);
+    let cached = match cache::read(state_dir, &mac_key) {
+        Ok(Some(c)) => c,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %crate::controller::key::error_chain(&e), "ignoring the plugin cache");
+            return None;
+        }
+    };
+    if cached.namespace != namespace || cached.name != name {
+        tracing::warn!(cached = %format!("{}/{}", cached.namespace, cached.name), "the cache is for another key; ignoring it");
+        return None;
+    }
+    let wrapped = WrappedVersions {
+        key_id: &cached.key_id,
+        root_key_fingerprint: &cached.root_key_fingerprint,
+        versions: cached.versions.iter().map(|v| (v.version, v.wrapped.as_str())).collect(),
+    };
+    match unwrap_all(root, &wrapped, None) {
+        Ok(versions) => {
+            tracing::info!(
+                key = %format!("{namespace}/{name}"),
+                state = cached.state.as_str(),
+                current_version = cached.current_version,
+                versions = versions.len(),
+                "loaded the key from the cache"
+            );
+            Some(Arc::new(KeySnapshot {
+                namespace: cached.namespace,
+                name: cached.name,
+                key_id: cached.key_id,
+                state: cached.state,
+                current_version: cached.current_version,
+                versions,
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::controller::key::error_chain(&e), "the cache does not unwrap with this root key; ignoring it");
+            None
+        }
+    }
+}
+
+fn cache_entry(key: &KmsKey, material: Option<&KmsKeyMaterial>, snap: &KeySnapshot) -> CachedKey {
+    let (fingerprint, versions) = match material.filter(|m| m.spec.destroyed_at.is_none()) {
+        Some(m) => (
+            m.spec.root_key_fingerprint.clone(),
+            m.spec
+                .versions
+                .iter()
+                .map(|v| CachedVersion { version: v.version, wrapped: v.wrapped.clone() })
+                .collect(),
+        ),
+        None => (String::new(), Vec::new()),
+    };
+    CachedKey {
+        namespace: snap.namespace.clone(),
+        name: snap.name.clone(),
+        key_id: key.metadata.uid.clone().unwrap_or_default(),
+        state: snap.state,
+        current_version: snap.current_version,
+        root_key_fingerprint: fingerprint,
+        versions,
+    }
+}
+
+impl KeyWatch {
+    /// Watches until `shutdown`, publishing snapshots on `tx`.
+    pub async fn run(self, tx: watch::Sender<Option<Arc<KeySnapshot>>>, shutdown: CancellationToken) {
+        let keys: Api<KmsKey> = Api::namespaced(self.client.clone(), &self.namespace);
+        let materials: Api<KmsKeyMaterial> = Api::all(self.client.clone());
+        let key_config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        let material_config = watcher::Config::default().labels(&format!(
+            "kms.kubekms.io/key-namespace={},kms.kubekms.io/key-name={}",
+            self.namespace, self.name
+        ));
+        let (key_store, key_writer) = reflector::store::<KmsKey>();
+        let (material_store, material_writer) = reflector::store::<KmsKeyMaterial>();
+        // Every watch event counts, InitDone included: that is when a store becomes ready.
+        let key_events = watcher(keys, key_config)
+            .default_backoff()
+            .reflect(key_writer)
+            .map(|e| log_watch_error("KmsKey", e.err()))
+            .boxed();
+        let material_events = watcher(materials, material_config)
+            .default_backoff()
+            .reflect(material_writer)
+            .map(|e| log_watch_error("KmsKeyMaterial", e.err()))
+            .boxed();
+        let mut events = futures::stream::select(key_events, material_events);
+        let mac_key = cache::mac_key(&self.root);
+        let mut synced = false;
+        let mut last_cached: Option<CachedKey> = None;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = events.next() => if next.is_none() { return },
+            }
+            if !synced {
+                // Publish nothing until both watches have listed once: an empty store
+                // must not replace what the cache provided.
+                if !(key_store.wait_until_ready().now_or_never_ready()
+                    && material_store.wait_until_ready().now_or_never_ready())
+                {
+                    continue;
+                }
+                synced = true;
+                tracing::info!(key = %format!("{}/{}", self.namespace, self.name), "watching the key");
+            }
+            self.refresh(&key_store, &material_store, &tx, &mac_key, &mut last_cached);
+        }
+    }
+
+    fn refresh(
+        &self,
+        key_store: &Store<KmsKey>,
+        material_store: &Store<KmsKeyMaterial>,
+        tx: &watch::Sender<Option<Arc<KeySnapshot>>>,
+        mac_key: &KeyMaterial,
+        last_cached: &mut Option<CachedKey>,
+    ) {
+        let Some(key) =
+            key_store.state().into_iter().find(|k| k.metadata.name.as_deref() == Some(self.name.as_str()))
+        else {
+            tracing::warn!(key = %format!("{}/{}", self.namespace, self.name), "the KmsKey does not exist");
+            tx.send_if_modified(|current| current.take().is_some());
+            return;
+        };
+        let uid = key.metadata.uid.clone().unwrap_or_default();
+        let material = material_store.state().into_iter().find(|m| m.spec.owner.uid == uid);
+        let previous = tx.borrow().clone();
+        let snap = match snapshot(&self.root, &key, material.as_deref(), previous.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %crate::controller::key::error_chain(&e), "cannot use the key's material; keeping the last good snapshot");
+                return;
+            }
+        };
+        // Status may move to a new current version a moment before the material watch
+        // delivers it; wait for the material rather than publish an unusable version.
+        if snap.state == KeyState::Enabled && snap.current().is_none() {
+            tracing::debug!("waiting for the current version's material");
+            return;
+        }
+        let changed = previous.as_ref().is_none_or(|p| !p.same_as(&snap));
+        if changed {
+            tracing::info!(
+                key = %snap.display(),
+                state = snap.state.as_str(),
+                current_version = snap.current_version,
+                versions = snap.versions.len(),
+                "key updated"
+            );
+            tx.send_replace(Some(Arc::new(snap.clone())));
+        }
+        let entry = cache_entry(&key, material.as_deref(), &snap);
+        if last_cached.as_ref() != Some(&entry) {
+            match cache::write(&self.state_dir, &entry, mac_key) {
+                Ok(()) => *last_cached = Some(entry),
+                Err(e) => {
+                    tracing::error!(error = %crate::controller::key::error_chain(&e), "failed to write the cache")
+                }
+            }
+        }
+    }
+}
+
+fn log_watch_error(what: &str, error: Option<watcher::Error>) {
+    if let Some(e) = error {
+        tracing::warn!(error = %e, "watching the {what} failed; retrying");
+    }
+}
+
+trait ReadyNow {
+    fn now_or_never_ready(self) -> bool;
+}
+
+impl<F: std::future::Future> ReadyNow for F {
+    /// Whether the future is already complete (without waiting).
+    fn now_or_never_ready(self) -> bool {
+        futures::FutureExt::now_or_never(self).is_some()
+    }
+}
