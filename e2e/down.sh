@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Stops everything e2e/up.sh started, newest first. Safe to run twice. Keeps the data in
 # e2e/.run (etcd, certificates, root key) so `make up` resumes; `make clean` removes it.
+# `e2e/down.sh kube-apiserver` stops only the named components.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-for name in controller kube-apiserver etcd; do
+if (($# > 0)); then
+  for name in "$@"; do
+    if pid_alive "$name"; then log "stopping $name"; fi
+    stop "$name"
+  done
+  exit 0
+fi
+
+for name in controller kube-apiserver plugin etcd; do
   if pid_alive "$name"; then log "stopping $name"; fi
   stop "$name"
 done

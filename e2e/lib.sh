@@ -12,7 +12,14 @@ ETCD_CLIENT_PORT="${KUBEKMS_ETCD_PORT:-32379}"
 ETCD_PEER_PORT="${KUBEKMS_ETCD_PEER_PORT:-32380}"
 APISERVER_PORT="${KUBEKMS_APISERVER_PORT:-36443}"
 CONTROLLER_METRICS_PORT="${KUBEKMS_CONTROLLER_METRICS_PORT:-38080}"
+PLUGIN_METRICS_PORT="${KUBEKMS_PLUGIN_METRICS_PORT:-38081}"
 KUBEKMS_NAMESPACE=kubekms-system
+CLUSTER_KEY=kube-system/cluster-secrets
+KMS_SOCKET="$RUN_DIR/kms.sock"
+# A unix socket path is limited to 107 bytes; fall back to a short one for deep checkouts.
+if ((${#KMS_SOCKET} > 100)); then
+  KMS_SOCKET="${TMPDIR:-/tmp}/kubekms-$(printf '%s' "$RUN_DIR" | sha256sum | cut -c1-12).sock"
+fi
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

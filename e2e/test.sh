@@ -20,4 +20,6 @@ trap cleanup EXIT
 
 "$E2E_DIR/up.sh"
 log "end-to-end tests"
-cargo test --test e2e -- --test-threads "${KUBEKMS_E2E_THREADS:-4}"
+cargo test --test e2e -- --skip disruptive --test-threads "${KUBEKMS_E2E_THREADS:-4}"
+log "end-to-end tests that restart or disable shared components, one at a time"
+cargo test --test e2e disruptive -- --test-threads 1

@@ -86,10 +86,10 @@ write_env() {
   cat >"$RUN_DIR/env" <<EOF
 # Written by e2e/up.sh: source it to talk to the local control plane.
 export KUBECONFIG='$RUN_DIR/kubeconfig'
-export ETCDCTL_API=3
 export ETCDCTL_ENDPOINTS='$etcd_url'
 export KUBEKMS_E2E_RUN_DIR='$RUN_DIR'
 export KUBEKMS_ROOT_KEY_FILE='$RUN_DIR/root.key'
+export KMS_SOCKET='$KMS_SOCKET'
 export PATH='$BIN_DIR':"\$PATH"
 EOF
 }
@@ -111,9 +111,33 @@ start_etcd() {
   wait_for etcd 60 "etcd to become healthy" "$BIN_DIR/etcdctl" --endpoints "$etcd_url" endpoint health
 }
 
+# apiserver_get PATH: GET on the API server as the admin.
+apiserver_get() {
+  curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" "$server$1"
+}
+
+# Ready, apart from the KMS provider: on a first start the key it needs does not exist
+# yet, because the CRDs and the controller come after the API server.
 apiserver_ready() {
-  curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
-    "$server/readyz"
+  apiserver_get "/readyz?exclude=kms-providers"
+}
+
+# The EncryptionConfiguration: Secrets through the kubekms KMS v2 plugin, identity to read
+# what was stored before encryption was turned on.
+write_encryption_config() {
+  cat >"$RUN_DIR/encryption-config.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+- resources: [secrets]
+  providers:
+  - kms:
+      apiVersion: v2
+      name: kubekms
+      endpoint: unix://$KMS_SOCKET
+      timeout: 3s
+  - identity: {}
+EOF
 }
 
 start_apiserver() {
@@ -134,6 +158,8 @@ start_apiserver() {
     --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 \
     --cert-dir "$RUN_DIR/apiserver-certs" \
+    --encryption-provider-config "$RUN_DIR/encryption-config.yaml" \
+    --encryption-provider-config-automatic-reload=true \
     --profiling=false \
     --v=1
   wait_for kube-apiserver 120 "kube-apiserver /readyz" apiserver_ready
@@ -154,6 +180,7 @@ kubekms_bin() {
 build_kubekms() {
   log "building kubekms"
   (cd "$ROOT_DIR" && cargo build --quiet --bin kubekms)
+  ln -sfn "$(kubekms_bin)" "$BIN_DIR/kubekms"
 }
 
 install_kubekms() {
@@ -162,7 +189,9 @@ install_kubekms() {
   log "applying kubekms RBAC and deletion protection from charts/kubekms"
   "$BIN_DIR/helm" template kubekms "$ROOT_DIR/charts/kubekms" --namespace "$KUBEKMS_NAMESPACE" \
     --kube-version "$("$BIN_DIR/kube-apiserver" --version | awk '{print $2}')" \
-    --show-only templates/controller-rbac.yaml --show-only templates/deletion-protection.yaml \
+    --set plugin.key="$CLUSTER_KEY" \
+    --show-only templates/controller-rbac.yaml --show-only templates/plugin-rbac.yaml \
+    --show-only templates/deletion-protection.yaml \
     | "${k[@]}" apply --server-side --force-conflicts -f - >/dev/null
 }
 
@@ -201,14 +230,83 @@ start_controller() {
   wait_for controller 60 "the controller's /readyz" curl -fsS "http://127.0.0.1:$CONTROLLER_METRICS_PORT/readyz"
 }
 
-make_pki
-write_kubeconfig
-start_etcd
-start_apiserver
-install_crds
-build_kubekms
-install_kubekms
-make_root_key
-start_controller
-write_env
-log "control plane is up: source $RUN_DIR/env"
+# The KmsKey that encrypts the cluster's Secrets.
+ensure_cluster_key() {
+  local ns="${CLUSTER_KEY%/*}" name="${CLUSTER_KEY#*/}" k=(kubectl --kubeconfig "$RUN_DIR/kubeconfig")
+  if ! "${k[@]}" get kmskey "$name" -n "$ns" >/dev/null 2>&1; then
+    log "creating the KmsKey $CLUSTER_KEY that encrypts the cluster's Secrets"
+    "${k[@]}" apply -f - >/dev/null <<EOF
+apiVersion: kms.kubekms.io/v1alpha1
+kind: KmsKey
+metadata:
+  name: $name
+  namespace: $ns
+spec:
+  description: Encrypts the Secrets of the local control plane in etcd (KMS v2)
+EOF
+  fi
+  "${k[@]}" wait kmskey/"$name" -n "$ns" --for=jsonpath='{.status.keyId}' --timeout=60s >/dev/null
+}
+
+plugin_cache_exists() {
+  [[ -f "$RUN_DIR/plugin/key-cache-v1" && -f "$RUN_DIR/kubekms-plugin.kubeconfig" ]]
+}
+
+start_plugin() {
+  if pid_alive plugin && ! running_binary_changed plugin; then return 0; fi
+  stop plugin
+  if pid_alive kube-apiserver; then service_account_kubeconfig kubekms-plugin; fi
+  log "starting the kubekms KMS v2 plugin on $KMS_SOCKET (key $CLUSTER_KEY)"
+  start plugin "$(kubekms_bin)" plugin \
+    --kubeconfig "$RUN_DIR/kubekms-plugin.kubeconfig" \
+    --key "$CLUSTER_KEY" \
+    --socket "$KMS_SOCKET" \
+    --root-key-file "$RUN_DIR/root.key" \
+    --state-dir "$RUN_DIR/plugin" \
+    --metrics-addr "127.0.0.1:$PLUGIN_METRICS_PORT"
+  sha256sum <"$(kubekms_bin)" >"$PID_DIR/plugin.binary"
+  wait_for plugin 30 "the plugin's socket" test -S "$KMS_SOCKET"
+}
+
+up_all() {
+  make_pki
+  write_kubeconfig
+  write_encryption_config
+  start_etcd
+  build_kubekms
+  make_root_key
+  # With a cache from an earlier run the plugin starts first, as it would beside a
+  # restarting kube-apiserver: it serves from the cache until the API server answers.
+  if plugin_cache_exists; then start_plugin; fi
+  start_apiserver
+  install_crds
+  install_kubekms
+  start_controller
+  ensure_cluster_key
+  start_plugin
+  local state
+  state="$(kubectl --kubeconfig "$RUN_DIR/kubeconfig" get kmskey "${CLUSTER_KEY#*/}" -n "${CLUSTER_KEY%/*}" -o jsonpath='{.status.state}')"
+  if [[ "$state" == Enabled ]]; then
+    wait_for kube-apiserver 90 "the KMS provider to be healthy (/healthz/kms-providers)" \
+      apiserver_get /healthz/kms-providers
+  else
+    log "warning: the cluster key $CLUSTER_KEY is $state, so Secrets cannot be written; enable it with:"
+    log "  kubectl patch kmskey ${CLUSTER_KEY#*/} -n ${CLUSTER_KEY%/*} --type merge -p '{\"spec\":{\"enabled\":true}}'"
+  fi
+  write_env
+  log "control plane is up: source $RUN_DIR/env"
+}
+
+if (($# == 0)); then
+  up_all
+else
+  for component in "$@"; do
+    case "$component" in
+      etcd) start_etcd ;;
+      kube-apiserver) start_apiserver ;;
+      controller) start_controller ;;
+      plugin) start_plugin ;;
+      *) die "unknown component $component (etcd, kube-apiserver, controller, plugin)" ;;
+    esac
+  done
+fi
