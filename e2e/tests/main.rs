@@ -8,3 +8,4 @@ mod support;
 
 mod crds;
 mod lifecycle;
+mod plugin;

@@ -243,3 +243,39 @@ pub async fn event_reasons(namespace: &str, name: &str) -> Vec<String> {
     list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
     list.into_iter().filter_map(|e| e.reason).collect()
 }
+
+/// A variable that `make up` exported in e2e/.run/env.
+pub fn env_var(name: &str) -> String {
+    let env = std::fs::read_to_string(run_dir().join("env")).expect("read e2e/.run/env");
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+        .map(|v| v.trim_matches('\'').to_owned())
+        .unwrap_or_else(|| panic!("{name} is not in e2e/.run/env"))
+}
+
+/// The raw value etcd holds for `key`, read with etcdctl (not through the API server).
+pub fn etcd_get(key: &str) -> Vec<u8> {
+    let etcdctl = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.bin/etcdctl");
+    let out = Command::new(etcdctl)
+        .args(["--endpoints", &env_var("ETCDCTL_ENDPOINTS"), "get", key, "--print-value-only"])
+        .output()
+        .expect("run etcdctl");
+    assert!(out.status.success(), "etcdctl get {key}: {}", String::from_utf8_lossy(&out.stderr));
+    let mut value = out.stdout;
+    if value.last() == Some(&b'\n') {
+        value.pop();
+    }
+    value
+}
+
+/// Runs e2e/up.sh or e2e/down.sh with component names, failing the test if it fails.
+pub fn control_plane(script: &str, components: &[&str]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e").join(script);
+    let out = Command::new(path).args(components).output().expect("run control plane script");
+    assert!(
+        out.status.success(),
+        "e2e/{script} {components:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
