@@ -2,7 +2,11 @@
 //! kubekms needs no protoc on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/kubernetes/kms/v2/kms.proto", "proto/kubernetes/kms/v2/encrypted_object.proto"];
+    let files = [
+        "proto/kubernetes/kms/v2/kms.proto",
+        "proto/kubernetes/kms/v2/encrypted_object.proto",
+        "proto/kubekms/v1/key_service.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

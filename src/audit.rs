@@ -44,6 +44,13 @@ pub struct AuditEvent {
     /// The key version used, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_version: Option<u32>,
+    /// For ReEncrypt: the key the ciphertext came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_key_version: Option<u32>,
     /// The grant that allowed the call, if one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,

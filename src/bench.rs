@@ -128,28 +128,21 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
 
-/// Runs `calls` calls of `call` spread over `concurrency` callers, each with its own
-/// connection, after a short warm-up.
-pub async fn measure<F, Fut>(
+/// Runs `calls` calls of `call` spread over the `clients` (one caller each, concurrently),
+/// after a short warm-up.
+pub async fn measure<C, F, Fut>(
     target: &str,
     operation: &str,
-    socket: &Path,
-    concurrency: usize,
+    clients: Vec<C>,
     calls: usize,
     call: F,
 ) -> Result<Row, BenchError>
 where
-    F: Fn(KeyManagementServiceClient<tonic::transport::Channel>, usize) -> Fut + Clone + Send + 'static,
+    C: Clone + Send + 'static,
+    F: Fn(C, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), Status>> + Send,
 {
-    let mut clients = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        clients.push(
-            crate::plugin::client::connect(socket)
-                .await
-                .map_err(|e| BenchError::Connect(socket.to_owned(), e))?,
-        );
-    }
+    let concurrency = clients.len().max(1);
     for c in &clients {
         for i in 0..10 {
             call(c.clone(), i).await?;
@@ -190,6 +183,22 @@ where
     })
 }
 
+/// `n` KMS v2 clients, each with its own connection to `socket`.
+pub async fn kms_clients(
+    socket: &Path,
+    n: usize,
+) -> Result<Vec<KeyManagementServiceClient<tonic::transport::Channel>>, BenchError> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(
+            crate::plugin::client::connect(socket)
+                .await
+                .map_err(|e| BenchError::Connect(socket.to_owned(), e))?,
+        );
+    }
+    Ok(clients)
+}
+
 /// Measures Status on `floor`, and Encrypt and Decrypt on `plugin`, at each concurrency.
 pub async fn plugin_rows(
     plugin_name: &str,
@@ -212,22 +221,80 @@ pub async fn plugin_rows(
     let mut rows = Vec::new();
     for &n in concurrencies {
         rows.push(
-            measure("floor", "empty call", floor, n, calls, |mut c, _| async move {
+            measure("floor", "empty call", kms_clients(floor, n).await?, calls, |mut c, _| async move {
                 c.status(StatusRequest {}).await.map(|_| ())
             })
             .await?,
         );
         rows.push(
-            measure(plugin_name, "Encrypt", plugin, n, calls, |mut c, i| async move {
+            measure(plugin_name, "Encrypt", kms_clients(plugin, n).await?, calls, |mut c, i| async move {
                 c.encrypt(EncryptRequest { plaintext: vec![7; 32], uid: format!("b{i}") }).await.map(|_| ())
             })
             .await?,
         );
         let req = decrypt.clone();
         rows.push(
-            measure(plugin_name, "Decrypt", plugin, n, calls, move |mut c, _| {
+            measure(plugin_name, "Decrypt", kms_clients(plugin, n).await?, calls, move |mut c, _| {
                 let req = req.clone();
                 async move { c.decrypt(req).await.map(|_| ()) }
+            })
+            .await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// The key API: GenerateRandom (the floor: authenticated, audited, no key), Encrypt and
+/// GenerateDataKey, at each concurrency, each caller on its own connection. Tokens are
+/// cached by the server after the warm-up, so this measures the authenticated steady state.
+pub async fn keyapi_rows(
+    connect: impl AsyncFn() -> Result<crate::client::Client, crate::client::ClientError>,
+    key: &str,
+    concurrencies: &[usize],
+    calls: usize,
+) -> Result<Vec<Row>, BenchError> {
+    use crate::proto::keyapi::{EncryptRequest, GenerateDataKeyRequest, GenerateRandomRequest};
+    let mut rows = Vec::new();
+    for &n in concurrencies {
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            clients.push(connect().await.map_err(|e| BenchError::Call(Status::unavailable(e.to_string())))?);
+        }
+        rows.push(
+            measure("floor", "GenerateRandom", clients.clone(), calls, |mut c, _| async move {
+                c.generate_random(GenerateRandomRequest { number_of_bytes: 32 }).await.map(|_| ())
+            })
+            .await?,
+        );
+        let k = key.to_owned();
+        rows.push(
+            measure("kubekms", "Encrypt", clients.clone(), calls, move |mut c, _| {
+                let key = k.clone();
+                async move {
+                    c.encrypt(EncryptRequest {
+                        key,
+                        plaintext: vec![7; 32],
+                        encryption_context: Default::default(),
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            })
+            .await?,
+        );
+        let k = key.to_owned();
+        rows.push(
+            measure("kubekms", "GenerateDataKey", clients, calls, move |mut c, _| {
+                let key = k.clone();
+                async move {
+                    c.generate_data_key(GenerateDataKeyRequest {
+                        key,
+                        encryption_context: Default::default(),
+                        number_of_bytes: 32,
+                    })
+                    .await
+                    .map(|_| ())
+                }
             })
             .await?,
         );

@@ -5,12 +5,15 @@
 pub mod api;
 pub mod audit;
 pub mod bench;
+pub mod client;
 pub mod controller;
 pub mod crypto;
 pub mod envelope;
+pub mod file_envelope;
 pub mod keyring;
 pub mod kubeclient;
 pub mod metering;
 pub mod plugin;
 pub mod proto;
+pub mod server;
 pub mod telemetry;

@@ -33,6 +33,25 @@ enum Command {
     /// Run the KMS v2 plugin beside kube-apiserver: it wraps the apiserver's DEK seed under
     /// the current version of one KmsKey, so that Secrets are encrypted in etcd.
     Plugin(PluginArgs),
+    /// Run the key API for workloads: gRPC over TLS, ServiceAccount tokens, key policies,
+    /// RBAC and grants, every call audited.
+    Server(ServerArgs),
+    /// Envelope-encrypt a file or stream of any size through the key API.
+    ///
+    /// Gets a data key from GenerateDataKey and encrypts in 64 KiB chunks (constant memory;
+    /// truncation and reordering are detected on decrypt). The output holds the wrapped data
+    /// key and the encryption context, so `kubekms decrypt` needs no key name.
+    ///
+    /// Exit codes: 0 ok, 1 error, 2 usage, 3 unauthenticated, 4 permission denied, 5 not
+    /// found, 6 key not usable (disabled, pending deletion), 7 invalid input or decryption
+    /// failed, 8 server unavailable.
+    Encrypt(EncryptArgs),
+    /// Decrypt what `kubekms encrypt` wrote (exit codes as for encrypt).
+    ///
+    /// Plaintext is written chunk by chunk, each only after it authenticated; to a file it is
+    /// written to a temporary file renamed into place on success, so a failure never leaves a
+    /// partial file.
+    Decrypt(DecryptArgs),
     /// Create or inspect the root key that wraps every key version.
     #[command(subcommand)]
     RootKey(RootKeyCommand),
@@ -178,6 +197,162 @@ struct ControllerArgs {
     unsafe_day_length: SignedDuration,
 }
 
+#[derive(Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to serve gRPC over TLS on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// The server's TLS certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// The server's TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    /// The root key file (32 bytes, mode 0600 or stricter).
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
+    root_key_file: PathBuf,
+    /// Token audience callers' tokens must be issued for (repeatable).
+    #[arg(long = "audience", value_name = "AUDIENCE", default_value = "kubekms")]
+    audiences: Vec<String>,
+    /// How long a TokenReview result is reused (never past the token's expiry).
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    token_cache_ttl: SignedDuration,
+    /// How long a SubjectAccessReview result is reused, and so how long an RBAC change takes
+    /// to apply.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    rbac_cache_ttl: SignedDuration,
+    /// The audit log: one JSON line per call ("-" for standard output).
+    #[arg(long, value_name = "FILE", default_value = "-")]
+    audit_log: PathBuf,
+    /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct Connection {
+    /// The key API's address.
+    #[arg(long, value_name = "URL", env = "KUBEKMS_ADDR")]
+    server: String,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_CA")]
+    ca: Option<PathBuf>,
+    /// A file with the bearer token (for example a projected ServiceAccount token).
+    #[arg(long, value_name = "FILE", conflicts_with = "service_account")]
+    token_file: Option<PathBuf>,
+    /// Get a token with `kubectl create token NAME -n NAMESPACE --audience kubekms`.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    service_account: Option<String>,
+    /// Audience of the token kubectl creates.
+    #[arg(long, value_name = "AUDIENCE", default_value = "kubekms")]
+    audience: String,
+}
+
+impl Connection {
+    /// The token source: --token-file, else $KUBEKMS_TOKEN, else --service-account.
+    fn token(&self) -> anyhow::Result<kubekms::client::TokenSource> {
+        use kubekms::client::TokenSource;
+        if let Some(f) = &self.token_file {
+            return Ok(TokenSource::File(f.clone()));
+        }
+        if let Some(sa) = &self.service_account {
+            let (ns, name) = namespaced_name(sa)?;
+            return Ok(TokenSource::Kubectl {
+                namespace: ns.into(),
+                name: name.into(),
+                audience: self.audience.clone(),
+            });
+        }
+        match std::env::var("KUBEKMS_TOKEN") {
+            Ok(t) if !t.is_empty() => Ok(TokenSource::Literal(zeroize::Zeroizing::new(t))),
+            _ => anyhow::bail!(
+                "no token: give --token-file, set KUBEKMS_TOKEN, or give --service-account NAMESPACE/NAME"
+            ),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<kubekms::client::Client> {
+        Ok(kubekms::client::connect(&self.server, self.ca.as_deref(), &self.token()?).await?)
+    }
+}
+
+/// A `key=value` pair of an encryption context.
+fn context_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+#[derive(Args)]
+struct EncryptArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The key, as NAMESPACE/NAME or keyId.
+    #[arg(long)]
+    key: String,
+    /// An encryption-context pair, bound to the data key (repeatable).
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = context_pair)]
+    context: Vec<(String, String)>,
+    /// What to encrypt ("-" for standard input).
+    #[arg(long = "in", value_name = "FILE", default_value = "-")]
+    input: PathBuf,
+    /// Where to write ("-" for standard output).
+    #[arg(long = "out", value_name = "FILE", default_value = "-")]
+    output: PathBuf,
+    /// Print the byte count and this process's peak memory to standard error.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+struct DecryptArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// A pair the file's encryption context must contain (repeatable).
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = context_pair)]
+    context: Vec<(String, String)>,
+    /// Require the file to be under this key (NAMESPACE/NAME or keyId).
+    #[arg(long)]
+    key: Option<String>,
+    /// What to decrypt ("-" for standard input).
+    #[arg(long = "in", value_name = "FILE", default_value = "-")]
+    input: PathBuf,
+    /// Where to write ("-" for standard output).
+    #[arg(long = "out", value_name = "FILE", default_value = "-")]
+    output: PathBuf,
+    /// Print the byte count and this process's peak memory to standard error.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn report(verbose: bool, what: &str, bytes: u64) {
+    if verbose {
+        let peak =
+            kubekms::client::peak_memory_kib().map_or_else(|| "unknown".to_owned(), |k| format!("{k} KiB"));
+        eprintln!("{what} {bytes} bytes; peak memory {peak}");
+    }
+}
+
+async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    kubekms::telemetry::init_logging(args.common.log_json);
+    let config = kubekms::server::Config {
+        listen: args.listen,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        root_key_file: args.root_key_file,
+        audiences: args.audiences,
+        token_cache_ttl: std_duration(args.token_cache_ttl, "--token-cache-ttl")?,
+        rbac_cache_ttl: std_duration(args.rbac_cache_ttl, "--rbac-cache-ttl")?,
+        audit_log: args.audit_log,
+        metrics_addr: args.metrics_addr,
+    };
+    let client = kubekms::kubeclient::client(args.common.kubeconfig.as_deref()).await?;
+    kubekms::server::run(config, client, shutdown_on_signal()).await?;
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Verify that no line of an audit log was edited, removed or reordered. With the root
@@ -203,6 +378,24 @@ enum BenchCommand {
         socket: Option<PathBuf>,
         /// Calls per measurement.
         #[arg(long, default_value_t = 20000)]
+        calls: usize,
+        /// Concurrent callers, each on its own connection (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+        /// Also write the rows as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// The key API's Encrypt and GenerateDataKey next to GenerateRandom (the floor: an
+    /// authenticated, audited call that touches no key), against a running server.
+    Keyapi {
+        #[command(flatten)]
+        connection: Connection,
+        /// The key to use, as NAMESPACE/NAME.
+        #[arg(long)]
+        key: String,
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 5000)]
         calls: usize,
         /// Concurrent callers, each on its own connection (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
@@ -335,8 +528,38 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+fn print_rows(rows: &[kubekms::bench::Row], json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    print!("{}", kubekms::bench::table(rows));
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(rows)?)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Exit codes of the client commands, by the gRPC status the key API returned.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use tonic::Code;
+    let client_error = e.chain().find_map(|c| c.downcast_ref::<kubekms::client::ClientError>());
+    if matches!(
+        client_error,
+        Some(kubekms::client::ClientError::File(_) | kubekms::client::ClientError::Context(_))
+    ) {
+        return 7;
+    }
+    match client_error.and_then(|c| c.code()) {
+        Some(Code::Unauthenticated) => 3,
+        Some(Code::PermissionDenied) => 4,
+        Some(Code::NotFound) => 5,
+        Some(Code::FailedPrecondition) => 6,
+        Some(Code::InvalidArgument) => 7,
+        Some(Code::Unavailable) => 8,
+        _ => 1,
     }
 }
 
@@ -373,17 +596,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Controller(args) => run_controller(args).await?,
         Command::Plugin(args) => run_plugin(args).await?,
+        Command::Server(args) => run_server(args).await?,
+        Command::Encrypt(args) => {
+            let mut client = args.connection.connect().await?;
+            let context = args.context.into_iter().collect();
+            let n = kubekms::client::encrypt_file(&mut client, &args.key, context, &args.input, &args.output)
+                .await?;
+            report(args.verbose, "encrypted", n);
+        }
+        Command::Decrypt(args) => {
+            let mut client = args.connection.connect().await?;
+            let expected = args.context.into_iter().collect();
+            let key = args.key.unwrap_or_default();
+            let n = kubekms::client::decrypt_file(&mut client, &expected, &key, &args.input, &args.output)
+                .await?;
+            report(args.verbose, "decrypted", n);
+        }
         Command::Bench(BenchCommand::Plugin { socket, calls, concurrency, json }) => {
             anyhow::ensure!(
                 calls > 0 && concurrency.iter().all(|&c| c > 0),
                 "--calls and --concurrency must be positive"
             );
             let rows = kubekms::bench::run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;
-            print!("{}", kubekms::bench::table(&rows));
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)
-                    .with_context(|| format!("failed to write {}", path.display()))?;
-            }
+            print_rows(&rows, json.as_deref())?;
+        }
+        Command::Bench(BenchCommand::Keyapi { connection, key, calls, concurrency, json }) => {
+            anyhow::ensure!(
+                calls > 0 && concurrency.iter().all(|&c| c > 0),
+                "--calls and --concurrency must be positive"
+            );
+            let token = connection.token()?;
+            let connect =
+                async || kubekms::client::connect(&connection.server, connection.ca.as_deref(), &token).await;
+            let rows = kubekms::bench::keyapi_rows(connect, &key, &concurrency, calls).await?;
+            print_rows(&rows, json.as_deref())?;
         }
         Command::Key(KeyCommand::Import { key, material, root_key_file, common }) => {
             import_key(key, material, root_key_file, common).await?

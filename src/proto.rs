@@ -5,3 +5,9 @@
 pub mod kmsv2 {
     tonic::include_proto!("v2");
 }
+
+/// The kubekms key API for workloads (package `kubekms.v1`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod keyapi {
+    tonic::include_proto!("kubekms.v1");
+}

@@ -116,3 +116,15 @@ pub async fn serve(
         .with_state(Shared { registry, health });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
+
+/// Starts the endpoints on `addr` in the background, if an address is given.
+pub async fn spawn_endpoints(
+    addr: Option<SocketAddr>,
+    registry: Registry,
+    health: Arc<Health>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = bind(addr).await?;
+    Ok(Some(tokio::spawn(serve(listener, Arc::new(registry), health, shutdown.cancelled_owned()))))
+}

@@ -1,6 +1,7 @@
 //! The controller: reconciles KmsKey objects (key versions, rotation, enable/disable,
 //! deletion) while it holds the leader Lease.
 
+pub mod grant;
 pub mod key;
 pub mod leader;
 pub mod lifecycle;
@@ -18,7 +19,7 @@ use kube::{Api, Client, Resource};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{KmsKey, KmsKeyMaterial};
+use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::keyring::{MaterialError, MaterialStore};
 use crate::telemetry::{self, Health};
@@ -289,7 +290,7 @@ async fn run_controllers(
     if let Some(selector) = &selector {
         key_config = key_config.labels(selector);
     }
-    let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config)
+    let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config.clone())
         .default_backoff()
         .reflect(key_writer)
         .applied_objects()
@@ -298,12 +299,12 @@ async fn run_controllers(
         .default_backoff()
         .reflect(material_writer)
         .touched_objects();
-    let controller = Controller::for_stream(keys, stores.keys.0.clone())
+    let key_controller = Controller::for_stream(keys, stores.keys.0.clone())
         .watches_stream(materials, |m: KmsKeyMaterial| {
             Some(ObjectRef::<KmsKey>::new(&m.spec.owner.name).within(&m.spec.owner.namespace))
         })
         .graceful_shutdown_on(stop.clone().cancelled_owned())
-        .run(key::reconcile, key::error_policy, ctx)
+        .run(key::reconcile, key::error_policy, ctx.clone())
         .for_each(|result| {
             health.beat();
             if let Err(e) = result {
@@ -311,8 +312,55 @@ async fn run_controllers(
             }
             futures::future::ready(())
         });
-    controller.await;
+
+    // Grants: woken by their own changes (including the key API's retirement, a status
+    // write) and by any change of the key they name.
+    let (grant_reader, grant_writer) = reflector::store::<KmsGrant>();
+    let (grant_keys_reader, grant_keys_writer) = reflector::store::<KmsKey>();
+    let grants = watcher(Api::<KmsGrant>::all(client.clone()), key_config.clone())
+        .default_backoff()
+        .reflect(grant_writer)
+        .applied_objects()
+        .predicate_filter(grant_trigger, Default::default());
+    let grant_keys = watcher(Api::<KmsKey>::all(client.clone()), key_config)
+        .default_backoff()
+        .reflect(grant_keys_writer)
+        .touched_objects();
+    let grant_index = grant_reader.clone();
+    let grant_ctx = Arc::new(grant::GrantContext { inner: ctx, keys: grant_keys_reader });
+    let grant_controller = Controller::for_stream(grants, grant_reader)
+        .watches_stream(grant_keys, move |key: KmsKey| {
+            let (ns, name) =
+                (key.metadata.namespace.unwrap_or_default(), key.metadata.name.unwrap_or_default());
+            grant_index
+                .state()
+                .into_iter()
+                .filter(|g| {
+                    g.metadata.namespace.as_deref() == Some(ns.as_str()) && g.spec.key_ref.name == name
+                })
+                .map(|g| ObjectRef::from_obj(g.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(grant::reconcile, grant::error_policy, grant_ctx)
+        .for_each(|result| {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "grant controller event");
+            }
+            futures::future::ready(())
+        });
+    tokio::join!(key_controller, grant_controller);
     tracing::info!("controllers stopped");
+}
+
+/// Hashes what should wake the controller for a KmsGrant: spec changes and the key API's
+/// retirement — not the controller's own writes of the other status fields.
+fn grant_trigger(grant: &KmsGrant) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    grant.meta().generation.hash(&mut h);
+    grant.status.as_ref().and_then(|s| s.retired_by.as_ref()).hash(&mut h);
+    Some(h.finish())
 }
 
 /// A random identity for this replica: the pod name (or host name) and a random suffix.

@@ -92,18 +92,13 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = OperationMetrics::register(&mut registry);
     let health = Health::new(i64::MAX);
-    let server_task = match config.metrics_addr {
-        Some(addr) => {
-            let listener = telemetry::bind(addr).await.map_err(|source| RunError::Listen { addr, source })?;
-            Some(tokio::spawn(telemetry::serve(
-                listener,
-                Arc::new(registry),
-                health.clone(),
-                shutdown.clone().cancelled_owned(),
-            )))
-        }
-        None => None,
-    };
+    let server_task =
+        telemetry::spawn_endpoints(config.metrics_addr, registry, health.clone(), shutdown.clone())
+            .await
+            .map_err(|source| RunError::Listen {
+                addr: config.metrics_addr.unwrap_or(([0, 0, 0, 0], 0).into()),
+                source,
+            })?;
 
     let socket = PluginSocket::bind(&config.socket).await?;
     tracing::info!(socket = %socket.path().display(), "serving KMS v2");

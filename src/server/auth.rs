@@ -1,0 +1,214 @@
+//! Authentication: a ServiceAccount (or any Kubernetes) bearer token, checked with a
+//! TokenReview for the server's audience. Results are cached by the token's SHA-256 for a
+//! bounded time, and never beyond the token's own expiry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use sha2::{Digest, Sha256};
+
+/// Who is calling, as the API server authenticated them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    pub username: String,
+    pub uid: String,
+    pub groups: Vec<String>,
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+/// Why a caller is not authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token: send `authorization: Bearer <ServiceAccount token>`")]
+    Missing,
+    #[error("the authorization header is not `Bearer <token>`")]
+    Malformed,
+    #[error("invalid or expired token, or a token not meant for audience {0:?}")]
+    Rejected(String),
+    #[error("failed to review the token with the API server")]
+    Backend(#[source] kube::Error),
+}
+
+/// Asks whether a token is valid for one of `audiences`; `None` when it is not.
+#[tonic::async_trait]
+pub trait TokenReviewer: Send + Sync + 'static {
+    async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, kube::Error>;
+}
+
+/// The real reviewer: a TokenReview on the API server.
+pub struct KubeTokenReviewer(pub Client);
+
+#[tonic::async_trait]
+impl TokenReviewer for KubeTokenReviewer {
+    async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, kube::Error> {
+        let api: Api<TokenReview> = Api::all(self.0.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: token.to_owned(), audiences: Some(audiences.to_vec()) },
+            ..Default::default()
+        };
+        let result = api.create(&PostParams::default(), &review).await?;
+        let Some(status) = result.status else { return Ok(None) };
+        if status.authenticated != Some(true) {
+            return Ok(None);
+        }
+        // The API server only authenticates a token for an audience it was issued for;
+        // check the answer names one of ours all the same.
+        let granted = status.audiences.unwrap_or_default();
+        if !granted.iter().any(|a| audiences.contains(a)) {
+            return Ok(None);
+        }
+        let user = status.user.unwrap_or_default();
+        Ok(Some(Identity {
+            username: user.username.unwrap_or_default(),
+            uid: user.uid.unwrap_or_default(),
+            groups: user.groups.unwrap_or_default(),
+            extra: user.extra.unwrap_or_default(),
+        }))
+    }
+}
+
+/// The token's `exp` claim, if it is a JWT (read without verifying: the TokenReview did).
+fn jwt_expiry(token: &str) -> Option<i64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("exp")?.as_i64()
+}
+
+struct Cached {
+    identity: Identity,
+    /// Unix seconds after which the entry is not used.
+    until: i64,
+}
+
+/// Authenticates bearer tokens, with a bounded cache.
+pub struct Authenticator<R> {
+    reviewer: R,
+    audiences: Vec<String>,
+    ttl: Duration,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+}
+
+/// The most cached tokens; the cache is emptied of expired entries, then cleared, beyond it.
+const MAX_CACHED: usize = 10_000;
+
+impl<R: TokenReviewer> Authenticator<R> {
+    pub fn new(reviewer: R, audiences: Vec<String>, ttl: Duration) -> Self {
+        Authenticator { reviewer, audiences, ttl, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// The audiences tokens must be issued for.
+    pub fn audiences(&self) -> &[String] {
+        &self.audiences
+    }
+
+    /// Extracts the token from an `authorization` header value.
+    pub fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
+        let value = header.ok_or(AuthError::Missing)?;
+        let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+            return Err(AuthError::Malformed);
+        }
+        Ok(token.trim())
+    }
+
+    /// Who `token` belongs to.
+    pub async fn authenticate(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Ok(cache) = self.cache.lock()
+            && let Some(c) = cache.get(&hash).filter(|c| now < c.until)
+        {
+            return Ok(c.identity.clone());
+        }
+        let expiry = jwt_expiry(token);
+        if expiry.is_some_and(|exp| exp <= now) {
+            return Err(AuthError::Rejected(self.audiences.join(",")));
+        }
+        let identity = self
+            .reviewer
+            .review(token, &self.audiences)
+            .await
+            .map_err(AuthError::Backend)?
+            .ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))?;
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let until = expiry.map_or(now.saturating_add(ttl), |exp| exp.min(now.saturating_add(ttl)));
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= MAX_CACHED {
+                cache.retain(|_, c| now < c.until);
+                if cache.len() >= MAX_CACHED {
+                    cache.clear();
+                }
+            }
+            cache.insert(hash, Cached { identity: identity.clone(), until });
+        }
+        Ok(identity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Accepts tokens starting with "good" for audience "kubekms", and counts reviews.
+    struct Counting(AtomicUsize);
+
+    #[tonic::async_trait]
+    impl TokenReviewer for Counting {
+        async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, kube::Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok((token.starts_with("good") && audiences.contains(&"kubekms".to_owned()))
+                .then(|| Identity { username: "system:serviceaccount:a:b".into(), ..Default::default() }))
+        }
+    }
+
+    fn jwt(exp: i64) -> String {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("good.{}.sig", b64.encode(format!(r#"{{"exp":{exp}}}"#)))
+    }
+
+    #[tokio::test]
+    async fn results_are_cached_for_a_bounded_time_and_never_past_expiry() {
+        let auth = Authenticator::new(
+            Counting(AtomicUsize::new(0)),
+            vec!["kubekms".into()],
+            Duration::from_secs(60),
+        );
+        let token = jwt(1_000_030);
+        auth.authenticate(&token, 1_000_000).await.unwrap();
+        auth.authenticate(&token, 1_000_010).await.unwrap();
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1, "cached");
+        // The token expires at 1_000_030: the cache does not outlive it.
+        assert!(matches!(auth.authenticate(&token, 1_000_031).await, Err(AuthError::Rejected(_))));
+
+        let long = jwt(9_000_000);
+        auth.authenticate(&long, 1_000_000).await.unwrap();
+        auth.authenticate(&long, 1_000_059).await.unwrap();
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 2);
+        auth.authenticate(&long, 1_000_061).await.unwrap();
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 3, "re-reviewed after the cache TTL");
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_and_headers_are_refused() {
+        let auth = Authenticator::new(
+            Counting(AtomicUsize::new(0)),
+            vec!["kubekms".into()],
+            Duration::from_secs(60),
+        );
+        assert!(matches!(auth.authenticate("bad", 0).await, Err(AuthError::Rejected(_))));
+        let other_audience =
+            Authenticator::new(Counting(AtomicUsize::new(0)), vec!["other".into()], Duration::from_secs(60));
+        assert!(matches!(other_audience.authenticate("good", 0).await, Err(AuthError::Rejected(_))));
+        assert!(matches!(Authenticator::<Counting>::bearer(None), Err(AuthError::Missing)));
+        assert!(matches!(Authenticator::<Counting>::bearer(Some("Basic abc")), Err(AuthError::Malformed)));
+        assert!(matches!(Authenticator::<Counting>::bearer(Some("Bearer ")), Err(AuthError::Malformed)));
+        assert_eq!(Authenticator::<Counting>::bearer(Some("Bearer abc")).unwrap(), "abc");
+    }
+}

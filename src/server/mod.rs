@@ -1,0 +1,163 @@
+//! The key API for workloads: gRPC over TLS, callers authenticated by ServiceAccount token
+//! (TokenReview), authorized by key policy, RBAC and KmsGrant, every call audited.
+
+pub mod auth;
+pub mod authz;
+pub mod blob;
+pub mod keys;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::reflector;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
+
+use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::audit::{AuditError, AuditLog};
+use crate::crypto::{RootKey, RootKeyError};
+use crate::metering::OperationMetrics;
+use crate::proto::keyapi::key_service_server::KeyServiceServer;
+use crate::telemetry::{self, Health};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub root_key_file: PathBuf,
+    /// Token audiences accepted (a token must be issued for one of them).
+    pub audiences: Vec<String>,
+    /// How long a TokenReview result is reused (never past the token's expiry).
+    pub token_cache_ttl: Duration,
+    /// How long a SubjectAccessReview result is reused.
+    pub rbac_cache_ttl: Duration,
+    pub audit_log: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to load the root key")]
+    RootKey(#[source] RootKeyError),
+    #[error("failed to open the audit log")]
+    Audit(#[source] AuditError),
+    #[error("failed to read the TLS {what} {path}")]
+    Tls {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+fn spawn_reflector<K>(api: Api<K>, shutdown: CancellationToken) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream =
+        watcher(api, watcher::Config::default()).default_backoff().reflect(writer).for_each(|event| {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watch failed; retrying");
+            }
+            futures::future::ready(())
+        });
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stream => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+    reader
+}
+
+/// Runs the server until `shutdown`.
+pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
+    let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
+    tracing::info!(root_key = root.fingerprint(), listen = %config.listen, "starting the key API server");
+    let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
+    let read = |what, path: &PathBuf| {
+        std::fs::read(path).map_err(|source| RunError::Tls { what, path: path.clone(), source })
+    };
+    let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(
+        read("certificate", &config.tls_cert)?,
+        read("key", &config.tls_key)?,
+    ));
+
+    let keys = spawn_reflector(Api::<KmsKey>::all(client.clone()), shutdown.clone());
+    let materials = spawn_reflector(Api::<KmsKeyMaterial>::all(client.clone()), shutdown.clone());
+    let grants = spawn_reflector(Api::<KmsGrant>::all(client.clone()), shutdown.clone());
+
+    let mut registry = Registry::default();
+    let metrics = OperationMetrics::register(&mut registry);
+    let health = Health::new(i64::MAX);
+    let metrics_task =
+        telemetry::spawn_endpoints(config.metrics_addr, registry, health.clone(), shutdown.clone())
+            .await
+            .map_err(|source| RunError::Listen {
+                addr: config.metrics_addr.unwrap_or(([0, 0, 0, 0], 0).into()),
+                source,
+            })?;
+
+    // Serve only once every watch has listed, so that no call sees an empty directory.
+    tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        _ = async { tokio::join!(keys.wait_until_ready(), materials.wait_until_ready(), grants.wait_until_ready()) } => {}
+    }
+    tracing::info!("keys, material and grants are in sync; serving");
+    let directory = keys::WatchedKeys::new(keys, materials, grants, root.clone());
+    let api = service::KeyApi::new(
+        auth::Authenticator::new(
+            auth::KubeTokenReviewer(client.clone()),
+            config.audiences.clone(),
+            config.token_cache_ttl,
+        ),
+        authz::SarChecker::new(client.clone(), config.rbac_cache_ttl),
+        directory,
+        service::KubeGrantRetirer(client),
+        audit,
+        metrics,
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Listen { addr: config.listen, source })?;
+    health.set_ready(true);
+    let served = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(RunError::Serve)?
+        .add_service(KeyServiceServer::new(api))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await;
+    shutdown.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    served.map_err(RunError::Serve)
+}
