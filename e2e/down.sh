@@ -13,7 +13,7 @@ if (($# > 0)); then
   exit 0
 fi
 
-for name in controller kube-apiserver plugin etcd; do
+for name in server controller kube-apiserver plugin etcd; do
   if pid_alive "$name"; then log "stopping $name"; fi
   stop "$name"
 done

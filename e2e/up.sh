@@ -77,6 +77,22 @@ EOF
   )
 }
 
+# The key API server's certificate, signed by the local CA.
+make_server_cert() {
+  [[ -f "$pki/server.crt" ]] && return 0
+  (
+    cd "$pki"
+    umask 077
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out server.key 2>/dev/null
+    openssl req -new -key server.key -subj "/CN=kubekms-server" -out server.csr
+    printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth' \
+      'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubekms-server.kubekms-system.svc' >server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.crt 2>/dev/null
+    rm -f server.csr server.ext
+  )
+}
+
 write_kubeconfig() {
   kubeconfig "$RUN_DIR/kubeconfig" admin \
     "$(printf '    client-certificate: %s\n    client-key: %s' "$pki/admin.crt" "$pki/admin.key")"
@@ -90,6 +106,11 @@ export ETCDCTL_ENDPOINTS='$etcd_url'
 export KUBEKMS_E2E_RUN_DIR='$RUN_DIR'
 export KUBEKMS_ROOT_KEY_FILE='$RUN_DIR/root.key'
 export KMS_SOCKET='$KMS_SOCKET'
+export KUBEKMS_ADDR='https://127.0.0.1:$SERVER_PORT'
+export KUBEKMS_CA='$pki/ca.crt'
+export KUBEKMS_CONTROLLER_METRICS='http://127.0.0.1:$CONTROLLER_METRICS_PORT'
+export KUBEKMS_PLUGIN_METRICS='http://127.0.0.1:$PLUGIN_METRICS_PORT'
+export KUBEKMS_SERVER_METRICS='http://127.0.0.1:$SERVER_METRICS_PORT'
 export PATH='$BIN_DIR':"\$PATH"
 EOF
 }
@@ -191,6 +212,7 @@ install_kubekms() {
     --kube-version "$("$BIN_DIR/kube-apiserver" --version | awk '{print $2}')" \
     --set plugin.key="$CLUSTER_KEY" \
     --show-only templates/controller-rbac.yaml --show-only templates/plugin-rbac.yaml \
+    --show-only templates/server-rbac.yaml \
     --show-only templates/deletion-protection.yaml \
     | "${k[@]}" apply --server-side --force-conflicts -f - >/dev/null
 }
@@ -268,8 +290,27 @@ start_plugin() {
   wait_for plugin 30 "the plugin's socket" test -S "$KMS_SOCKET"
 }
 
+start_server() {
+  if pid_alive server && ! running_binary_changed server; then return 0; fi
+  stop server
+  service_account_kubeconfig kubekms-server
+  mkdir -p "$RUN_DIR/server"
+  log "starting the kubekms key API server on https://127.0.0.1:$SERVER_PORT"
+  start server "$(kubekms_bin)" server \
+    --kubeconfig "$RUN_DIR/kubekms-server.kubeconfig" \
+    --listen "127.0.0.1:$SERVER_PORT" \
+    --tls-cert "$pki/server.crt" \
+    --tls-key "$pki/server.key" \
+    --root-key-file "$RUN_DIR/root.key" \
+    --audit-log "$RUN_DIR/server/audit.log" \
+    --metrics-addr "127.0.0.1:$SERVER_METRICS_PORT"
+  sha256sum <"$(kubekms_bin)" >"$PID_DIR/server.binary"
+  wait_for server 60 "the server's /readyz" curl -fsS "http://127.0.0.1:$SERVER_METRICS_PORT/readyz"
+}
+
 up_all() {
   make_pki
+  make_server_cert
   write_kubeconfig
   write_encryption_config
   start_etcd
@@ -282,6 +323,7 @@ up_all() {
   install_crds
   install_kubekms
   start_controller
+  start_server
   ensure_cluster_key
   start_plugin
   local state
@@ -306,7 +348,8 @@ else
       kube-apiserver) start_apiserver ;;
       controller) start_controller ;;
       plugin) start_plugin ;;
-      *) die "unknown component $component (etcd, kube-apiserver, controller, plugin)" ;;
+      server) start_server ;;
+      *) die "unknown component $component (etcd, kube-apiserver, controller, plugin, server)" ;;
     esac
   done
 fi
