@@ -93,6 +93,19 @@ step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=Disabl
 step kubectl patch kmskey "$key" -n "$ns" --type merge -p '{"spec":{"enabled":true}}'
 step kubectl wait kmskey/"$key" -n "$ns" --for=jsonpath='{.status.state}'=Enabled --timeout=60s
 
+say "Workloads: a ServiceAccount envelope-encrypts a file through the key API"
+kubectl get serviceaccount backup -n "$ns" >/dev/null 2>&1 || step kubectl create serviceaccount backup -n "$ns"
+kubectl get rolebinding backup-keys -n "$ns" >/dev/null 2>&1 ||
+  step kubectl create rolebinding backup-keys -n "$ns" --clusterrole=kubekms-key-user --serviceaccount="$ns:backup"
+head -c 300000 /dev/urandom >"$RUN_DIR/demo-plain.bin"
+step kubekms encrypt --service-account "$ns/backup" --key "$ns/$key" --context app=demo \
+  --in "$RUN_DIR/demo-plain.bin" --out "$RUN_DIR/demo.kkms" --verbose
+step kubekms decrypt --service-account "$ns/backup" --in "$RUN_DIR/demo.kkms" --out "$RUN_DIR/demo-back.bin" --verbose
+cmp "$RUN_DIR/demo-plain.bin" "$RUN_DIR/demo-back.bin" && echo "(round trip intact)"
+printf '\n\033[1m$ tail -n 2 %s\033[0m\n' "$RUN_DIR/server/audit.log"
+tail -n 2 "$RUN_DIR/server/audit.log"
+step kubekms audit verify "$RUN_DIR/server/audit.log" --root-key-file "$RUN_DIR/root.key"
+
 say "Every transition is an Event"
 step kubectl get events -n "$ns" --field-selector involvedObject.name="$key" --sort-by=.eventTime
 

@@ -7,5 +7,6 @@
 mod support;
 
 mod crds;
+mod keyapi;
 mod lifecycle;
 mod plugin;
