@@ -26,8 +26,9 @@ demo: ## Run the walkthrough: a control plane with kubekms, a key, and a Secret 
 test: ## Run the unit tests, then the end-to-end tests against a local control plane
 	e2e/test.sh
 
-crds: ## Regenerate crds/ from the Rust types
+crds: ## Regenerate crds/ and the chart's crds/ from the Rust types
 	$(CARGO) run --quiet -- crds > crds/kubekms.yaml
+	cp crds/kubekms.yaml charts/kubekms/crds/kubekms.yaml
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --check

@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod file_envelope;
 pub mod keyring;
 pub mod kubeclient;
+pub mod manifests;
 pub mod metering;
 pub mod plugin;
 pub mod proto;

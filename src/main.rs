@@ -68,6 +68,9 @@ enum Command {
     /// data). Reads the raw value on standard input, for example
     /// `etcdctl get /registry/secrets/NS/NAME --print-value-only | kubekms envelope`.
     Envelope,
+    /// Print manifests that are not part of the Helm chart.
+    #[command(subcommand)]
+    Manifests(ManifestsCommand),
     /// Print the CustomResourceDefinitions as YAML (the content of crds/).
     ///
     /// Apply them with `kubekms crds | kubectl apply --server-side -f -`.
@@ -82,6 +85,16 @@ enum RootKeyCommand {
     /// version is wrapped by it, and without it no key material can be recovered.
     Create {
         /// Where to write the key.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Copy a root key into a private file (mode 0600), for example from a Secret volume
+    /// that only the pod's group can read: the init container of the Helm chart does this.
+    Copy {
+        /// The root key to copy (checked for length only).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Where to write it (replaced atomically).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -354,6 +367,46 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand)]
+enum ManifestsCommand {
+    /// The KMS plugin as a static pod for /etc/kubernetes/manifests, and the matching
+    /// EncryptionConfiguration for kube-apiserver. For clusters whose API server must never
+    /// depend on a scheduled pod (install the chart with plugin.enabled=false).
+    ///
+    /// Every path is a path on the control-plane node. The plugin authenticates with the
+    /// kubeconfig given (static pods have no ServiceAccount token): make one for the
+    /// chart's <release>-plugin ServiceAccount.
+    StaticPod {
+        /// The KmsKey that encrypts Secrets, as NAMESPACE/NAME.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        key: String,
+        /// The kubekms image.
+        #[arg(long, default_value = concat!("ghcr.io/kubekms/kubekms:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// Directory for the socket kube-apiserver connects to.
+        #[arg(long, value_name = "DIR", default_value = "/var/run/kubekms")]
+        socket_dir: String,
+        /// Directory for the plugin's cache and audit log.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/kubekms")]
+        state_dir: String,
+        /// The root key file.
+        #[arg(long, value_name = "FILE", default_value = "/etc/kubekms/root.key")]
+        root_key_file: String,
+        /// The plugin's kubeconfig.
+        #[arg(long, value_name = "FILE", default_value = "/etc/kubekms/plugin.kubeconfig")]
+        kubeconfig: String,
+        /// The (non-root) user the plugin runs as; it must own the directories and files above.
+        #[arg(long, default_value_t = 65532)]
+        run_as_user: i64,
+        /// Port of the plugin's /healthz, /readyz and /metrics on 127.0.0.1.
+        #[arg(long, default_value_t = 9465)]
+        metrics_port: i32,
+        /// Print only one of the two documents.
+        #[arg(long, value_enum)]
+        only: Option<kubekms::manifests::Part>,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuditCommand {
     /// Verify that no line of an audit log was edited, removed or reordered. With the root
     /// key it also checks every line's MAC, which catches a forged or edited last line.
@@ -576,6 +629,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{}: {} lines intact ({how})", file.display(), verified.lines);
         }
+        Command::Manifests(ManifestsCommand::StaticPod {
+            key,
+            image,
+            socket_dir,
+            state_dir,
+            root_key_file,
+            kubeconfig,
+            run_as_user,
+            metrics_port,
+            only,
+        }) => {
+            namespaced_name(&key)?;
+            for (flag, path) in [
+                ("--socket-dir", &socket_dir),
+                ("--state-dir", &state_dir),
+                ("--root-key-file", &root_key_file),
+                ("--kubeconfig", &kubeconfig),
+            ] {
+                anyhow::ensure!(
+                    path.starts_with('/'),
+                    "{flag} must be an absolute path on the node, got {path:?}"
+                );
+            }
+            anyhow::ensure!(run_as_user > 0, "--run-as-user must not be root (0)");
+            anyhow::ensure!(
+                (1024..=65535).contains(&metrics_port),
+                "--metrics-port must be from 1024 to 65535"
+            );
+            let pod = kubekms::manifests::StaticPod {
+                key,
+                image,
+                socket_dir: socket_dir.trim_end_matches('/').to_owned(),
+                state_dir,
+                root_key_file,
+                kubeconfig,
+                run_as_user,
+                metrics_port,
+            };
+            print!("{}", pod.render(only)?);
+        }
         Command::Envelope => {
             let mut value = Vec::new();
             std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut value)
@@ -590,6 +683,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RootKey(RootKeyCommand::Create { out }) => {
             let key = RootKey::create(&out)?;
             println!("wrote a new root key to {} (fingerprint {})", out.display(), key.fingerprint());
+        }
+        Command::RootKey(RootKeyCommand::Copy { from, out }) => {
+            let key = RootKey::copy(&from, &out)?;
+            println!("copied the root key {} to {}", key.fingerprint(), out.display());
         }
         Command::RootKey(RootKeyCommand::Fingerprint { root_key_file }) => {
             println!("{}", RootKey::load(&root_key_file)?.fingerprint());

@@ -94,14 +94,13 @@ mod tests {
         assert_eq!(parsed[0].metadata.name.as_deref(), Some("kmskeys.kms.kubekms.io"));
     }
 
-    /// `crds/` must hold exactly what `kubekms crds` prints.
+    /// `crds/` and the Helm chart's `crds/` must hold exactly what `kubekms crds` prints.
     #[test]
-    fn crds_directory_matches_generated_yaml() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kubekms.yaml");
-        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            on_disk == crds_yaml().unwrap(),
-            "crds/kubekms.yaml is out of date: run `cargo run -- crds > crds/kubekms.yaml`"
-        );
+    fn crds_directories_match_generated_yaml() {
+        for file in ["crds/kubekms.yaml", "charts/kubekms/crds/kubekms.yaml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(on_disk == crds_yaml().unwrap(), "{file} is out of date: run `make crds`");
+        }
     }
 }

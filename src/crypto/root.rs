@@ -122,6 +122,33 @@ impl RootKey {
         Ok(RootKey::from_material(key))
     }
 
+    /// Copies the root key in `from` (any mode: for example a Secret volume that only the
+    /// pod's group may read) to `to` with mode 0600, replacing `to` atomically. The copy is
+    /// what components then load, with their usual checks.
+    pub fn copy(from: &Path, to: &Path) -> Result<RootKey, RootKeyError> {
+        let read_err = |source| RootKeyError::Read { path: from.to_owned(), source };
+        let mut buf = Zeroizing::new(Vec::with_capacity(KEY_LEN + 1));
+        std::fs::File::open(from)
+            .and_then(|f| f.take(KEY_LEN as u64 + 1).read_to_end(&mut buf))
+            .map_err(read_err)?;
+        let key = KeyMaterial::from_slice(&buf)
+            .ok_or_else(|| RootKeyError::Length { path: from.to_owned(), len: buf.len() as u64 })?;
+        let tmp = to.with_file_name(format!(".root-key.{}.tmp", std::process::id()));
+        let create_err = |source| RootKeyError::Create { path: to.to_owned(), source };
+        let written = (|| {
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(key.expose())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, to)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(create_err(e));
+        }
+        Ok(RootKey::from_material(key))
+    }
+
     /// A root key from material already in memory (tests, benchmarks).
     pub fn from_material(key: KeyMaterial) -> RootKey {
         let mut fp = [0u8; 8];
@@ -219,6 +246,23 @@ mod tests {
         assert!(matches!(RootKey::load(&long), Err(RootKeyError::Length { len: 33, .. })));
 
         assert!(matches!(RootKey::load(dir.path()), Err(RootKeyError::NotAFile(_))));
+    }
+
+    #[test]
+    fn copy_makes_a_private_file_from_a_group_readable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::write(&shared, [9u8; 32]).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert!(matches!(RootKey::load(&shared), Err(RootKeyError::Permissions { .. })));
+        let private = dir.path().join("private");
+        let copied = RootKey::copy(&shared, &private).unwrap();
+        assert_eq!(std::fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(RootKey::load(&private).unwrap().fingerprint(), copied.fingerprint());
+        // Again (a restarted init container): replaced, not refused.
+        RootKey::copy(&shared, &private).unwrap();
+        std::fs::write(&shared, [9u8; 31]).unwrap();
+        assert!(matches!(RootKey::copy(&shared, &private), Err(RootKeyError::Length { len: 31, .. })));
     }
 
     #[test]

@@ -1,0 +1,240 @@
+//! `kubekms manifests static-pod`: the KMS plugin as a static pod, for clusters whose API
+//! server must never depend on a scheduled pod, with the matching EncryptionConfiguration.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, Pod, PodSecurityContext,
+    PodSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::json;
+
+/// What the static pod needs to know.
+#[derive(Debug, Clone)]
+pub struct StaticPod {
+    /// The KmsKey as NAMESPACE/NAME.
+    pub key: String,
+    pub image: String,
+    pub socket_dir: String,
+    pub state_dir: String,
+    pub root_key_file: String,
+    /// A kubeconfig on the node for the plugin's identity (static pods have no
+    /// ServiceAccount token).
+    pub kubeconfig: String,
+    pub run_as_user: i64,
+    pub metrics_port: i32,
+}
+
+fn host_path(name: &str, path: &str, kind: &str) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        host_path: Some(HostPathVolumeSource { path: path.to_owned(), type_: Some(kind.to_owned()) }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, port: i32, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            host: Some("127.0.0.1".into()),
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(port),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(6),
+        ..Default::default()
+    }
+}
+
+impl StaticPod {
+    /// The Pod for /etc/kubernetes/manifests.
+    pub fn pod(&self) -> Pod {
+        let quantity = |s: &str| Quantity(s.to_owned());
+        let args = vec![
+            "plugin".to_owned(),
+            format!("--key={}", self.key),
+            "--socket=/var/run/kubekms/kms.sock".to_owned(),
+            "--root-key-file=/etc/kubekms/root.key".to_owned(),
+            "--state-dir=/var/lib/kubekms".to_owned(),
+            "--kubeconfig=/etc/kubekms/plugin.kubeconfig".to_owned(),
+            format!("--metrics-addr=127.0.0.1:{}", self.metrics_port),
+            "--log-json".to_owned(),
+        ];
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("kubekms-plugin".into()),
+                namespace: Some("kube-system".into()),
+                labels: Some(BTreeMap::from([
+                    ("app.kubernetes.io/name".to_owned(), "kubekms".to_owned()),
+                    ("app.kubernetes.io/component".to_owned(), "plugin".to_owned()),
+                ])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                host_network: Some(true),
+                automount_service_account_token: Some(false),
+                priority_class_name: Some("system-node-critical".into()),
+                security_context: Some(PodSecurityContext {
+                    run_as_non_root: Some(true),
+                    run_as_user: Some(self.run_as_user),
+                    run_as_group: Some(self.run_as_user),
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                containers: vec![Container {
+                    name: "plugin".into(),
+                    image: Some(self.image.clone()),
+                    args: Some(args),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("metrics".into()),
+                        container_port: self.metrics_port,
+                        host_ip: Some("127.0.0.1".into()),
+                        ..Default::default()
+                    }]),
+                    liveness_probe: Some(probe("/healthz", self.metrics_port, 10)),
+                    readiness_probe: Some(probe("/readyz", self.metrics_port, 5)),
+                    security_context: Some(SecurityContext {
+                        run_as_non_root: Some(true),
+                        read_only_root_filesystem: Some(true),
+                        allow_privilege_escalation: Some(false),
+                        capabilities: Some(Capabilities {
+                            drop: Some(vec!["ALL".into()]),
+                            ..Default::default()
+                        }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    resources: Some(ResourceRequirements {
+                        requests: Some(BTreeMap::from([
+                            ("cpu".into(), quantity("50m")),
+                            ("memory".into(), quantity("32Mi")),
+                        ])),
+                        limits: Some(BTreeMap::from([("memory".into(), quantity("128Mi"))])),
+                        ..Default::default()
+                    }),
+                    volume_mounts: Some(vec![
+                        mount("socket", "/var/run/kubekms", false),
+                        mount("state", "/var/lib/kubekms", false),
+                        mount("root-key", "/etc/kubekms/root.key", true),
+                        mount("kubeconfig", "/etc/kubekms/plugin.kubeconfig", true),
+                    ]),
+                    ..Default::default()
+                }],
+                volumes: Some(vec![
+                    host_path("socket", &self.socket_dir, "Directory"),
+                    host_path("state", &self.state_dir, "Directory"),
+                    host_path("root-key", &self.root_key_file, "File"),
+                    host_path("kubeconfig", &self.kubeconfig, "File"),
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The EncryptionConfiguration that sends Secrets through this plugin.
+    pub fn encryption_config(&self) -> serde_json::Value {
+        json!({
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "EncryptionConfiguration",
+            "resources": [{
+                "resources": ["secrets"],
+                "providers": [
+                    {"kms": {"apiVersion": "v2", "name": "kubekms", "endpoint": format!("unix://{}/kms.sock", self.socket_dir), "timeout": "3s"}},
+                    {"identity": {}},
+                ],
+            }],
+        })
+    }
+
+    /// Both documents, with comments saying where each goes.
+    pub fn render(&self, only: Option<Part>) -> Result<String, serde_saphyr::ser_error::Error> {
+        let mut out = String::new();
+        if only != Some(Part::EncryptionConfig) {
+            out.push_str(
+                "# Save as /etc/kubernetes/manifests/kubekms-plugin.yaml on every control-plane node.\n",
+            );
+            out.push_str(&serde_saphyr::to_string(&self.pod())?);
+        }
+        if only.is_none() {
+            out.push_str("---\n");
+        }
+        if only != Some(Part::Pod) {
+            out.push_str(
+                "# Save as /etc/kubernetes/enc/encryption-config.yaml and start kube-apiserver with\n\
+                 # --encryption-provider-config=/etc/kubernetes/enc/encryption-config.yaml\n\
+                 # --encryption-provider-config-automatic-reload=true (and hostPath mounts of\n\
+                 # /etc/kubernetes/enc and the socket directory).\n",
+            );
+            out.push_str(&serde_saphyr::to_string(&self.encryption_config())?);
+        }
+        Ok(out)
+    }
+}
+
+/// One of the two documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Pod,
+    EncryptionConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StaticPod {
+        StaticPod {
+            key: "kube-system/cluster-secrets".into(),
+            image: "ghcr.io/kubekms/kubekms:0.1.0".into(),
+            socket_dir: "/var/run/kubekms".into(),
+            state_dir: "/var/lib/kubekms".into(),
+            root_key_file: "/etc/kubekms/root.key".into(),
+            kubeconfig: "/etc/kubekms/plugin.kubeconfig".into(),
+            run_as_user: 65532,
+            metrics_port: 9465,
+        }
+    }
+
+    #[test]
+    fn the_pod_and_the_encryption_config_agree_on_the_socket() {
+        let yaml = sample().render(None).unwrap();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
+        assert_eq!(docs.len(), 2);
+        let pod: Pod = serde_json::from_value(docs[0].clone()).unwrap();
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.priority_class_name.as_deref(), Some("system-node-critical"));
+        let c = &spec.containers[0];
+        assert!(c.args.as_ref().unwrap().contains(&"--key=kube-system/cluster-secrets".to_owned()));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+        assert_eq!(
+            docs[1]["resources"][0]["providers"][0]["kms"]["endpoint"],
+            "unix:///var/run/kubekms/kms.sock"
+        );
+        assert_eq!(docs[1]["resources"][0]["providers"][1], serde_json::json!({"identity": {}}));
+        let only_pod = sample().render(Some(Part::Pod)).unwrap();
+        assert!(!only_pod.contains("EncryptionConfiguration") && !only_pod.contains("---"));
+        let only_config = sample().render(Some(Part::EncryptionConfig)).unwrap();
+        assert!(only_config.contains("EncryptionConfiguration") && !only_config.contains("kind: Pod"));
+    }
+}
