@@ -210,7 +210,7 @@ install_kubekms() {
   log "applying kubekms RBAC and deletion protection from charts/kubekms"
   "$BIN_DIR/helm" template kubekms "$ROOT_DIR/charts/kubekms" --namespace "$KUBEKMS_NAMESPACE" \
     --kube-version "$("$BIN_DIR/kube-apiserver" --version | awk '{print $2}')" \
-    --set plugin.key="$CLUSTER_KEY" \
+    --set plugin.key="$CLUSTER_KEY" --set server.tls.secretName=unused \
     --show-only templates/controller-rbac.yaml --show-only templates/plugin-rbac.yaml \
     --show-only templates/server-rbac.yaml \
     --show-only templates/deletion-protection.yaml \

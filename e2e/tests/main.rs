@@ -6,6 +6,7 @@
 
 mod support;
 
+mod chart;
 mod crds;
 mod keyapi;
 mod lifecycle;

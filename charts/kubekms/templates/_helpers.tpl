@@ -7,7 +7,145 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 
+{{/* Selector labels of one component: include with (list . "controller"). */}}
+{{- define "kubekms.selector" -}}
+app.kubernetes.io/name: kubekms
+app.kubernetes.io/instance: {{ (index . 0).Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
 {{/* The controller's ServiceAccount name. */}}
 {{- define "kubekms.controller.serviceAccount" -}}
 {{ .Release.Name }}-controller
+{{- end }}
+
+{{/* The image reference. */}}
+{{- define "kubekms.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The restricted container securityContext every container gets. */}}
+{{- define "kubekms.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.runAsUser }}
+runAsGroup: {{ .Values.runAsUser }}
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The pod securityContext every pod gets. fsGroup lets the pod's group read its Secret
+volumes (mode 0440): the TLS key, and a root key in a Secret, which an init container
+copies to a file only the user can read. It does not apply to hostPath volumes. */}}
+{{- define "kubekms.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.runAsUser }}
+runAsGroup: {{ .Values.runAsUser }}
+fsGroup: {{ .Values.runAsUser }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Scheduling of the controller or the server: its own nodeSelector/tolerations when set;
+otherwise, with the root key on the control-plane nodes' disks, those nodes.
+Include with (list . .Values.controller).
+*/}}
+{{- define "kubekms.scheduling" -}}
+{{- $root := index . 0 -}}
+{{- $c := index . 1 -}}
+{{- $nodeSelector := $c.nodeSelector -}}
+{{- $tolerations := $c.tolerations -}}
+{{- if and (eq $root.Values.rootKey.source "hostPath") (not $nodeSelector) -}}
+{{- $nodeSelector = $root.Values.plugin.nodeSelector -}}
+{{- $tolerations = $root.Values.plugin.tolerations -}}
+{{- end -}}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The root key volume of the controller or the server. */}}
+{{- define "kubekms.rootKeyVolume" -}}
+- name: root-key
+{{- if eq .Values.rootKey.source "secret" }}
+  secret:
+    secretName: {{ required "rootKey.secretName is required when rootKey.source is secret" .Values.rootKey.secretName }}
+    defaultMode: 0440
+    items:
+    - {key: root.key, path: root.key}
+- name: root-key-private
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- else }}
+  hostPath:
+    path: {{ .Values.rootKey.hostPath }}
+    type: File
+{{- end }}
+{{- end }}
+
+{{/* Where the controller or the server finds the root key. */}}
+{{- define "kubekms.rootKeyPath" -}}
+{{- if eq .Values.rootKey.source "secret" -}}
+/run/kubekms/root.key
+{{- else -}}
+/etc/kubekms/root.key
+{{- end -}}
+{{- end }}
+
+{{/* Mounts for the root key. */}}
+{{- define "kubekms.rootKeyMounts" -}}
+{{- if eq .Values.rootKey.source "secret" }}
+- {name: root-key-private, mountPath: /run/kubekms, readOnly: true}
+{{- else }}
+- {name: root-key, mountPath: /etc/kubekms/root.key, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{/*
+With the root key in a Secret, an init container copies it into a private in-memory
+volume with mode 0400, since a Secret volume can only be made readable to a non-root user
+through a group (which kubekms refuses for a root key).
+*/}}
+{{- define "kubekms.rootKeyInit" -}}
+{{- if eq .Values.rootKey.source "secret" }}
+initContainers:
+- name: root-key
+  image: {{ include "kubekms.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: [root-key, copy, --from, /var/run/secrets/kubekms/root.key, --out, /run/kubekms/root.key]
+  securityContext:
+    {{- include "kubekms.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+  - {name: root-key, mountPath: /var/run/secrets/kubekms, readOnly: true}
+  - {name: root-key-private, mountPath: /run/kubekms}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 32Mi}
+{{- end }}
+{{- end }}
+
+{{/* Standard probes on the metrics port. */}}
+{{- define "kubekms.probes" -}}
+livenessProbe:
+  httpGet: {path: /healthz, port: metrics}
+  periodSeconds: 10
+  failureThreshold: 6
+readinessProbe:
+  httpGet: {path: /readyz, port: metrics}
+  periodSeconds: 5
+  failureThreshold: 3
 {{- end }}

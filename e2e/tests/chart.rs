@@ -1,0 +1,353 @@
+//! The Helm chart: lint, templates validated by the real API server, bad values refused by
+//! the schema, install and upgrade into the local control plane (no kubelet runs there, so
+//! the objects are checked, not running pods), and least-privilege RBAC.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::{Run, TestNamespace, kubeconfig_path, kubectl, kubectl_ok, kubekms_bin, run_dir};
+
+fn helm(args: &[&str]) -> Run {
+    let helm = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.bin/helm");
+    Command::new(helm).args(args).env("KUBECONFIG", kubeconfig_path()).output().expect("run helm").into()
+}
+
+const KUBE_VERSION: &str = "1.37.2";
+
+fn template(release: &str, ns: &str, sets: &[&str]) -> Run {
+    let mut args = vec!["template", release, chart_path(), "-n", ns, "--kube-version", KUBE_VERSION];
+    for s in sets {
+        args.push("--set");
+        args.push(s);
+    }
+    helm(&args)
+}
+
+fn chart_path() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/charts/kubekms")
+}
+
+/// The documents of a rendered template.
+fn docs(yaml: &str) -> Vec<serde_json::Value> {
+    serde_saphyr::from_multiple::<serde_json::Value>(yaml)
+        .expect("parse the rendered chart")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// Every container (init containers too) of every workload in the rendered chart meets the
+/// restricted Pod Security profile's container rules.
+fn assert_restricted(rendered: &[serde_json::Value]) {
+    let mut checked = 0;
+    for d in rendered {
+        let kind = d["kind"].as_str().unwrap_or_default();
+        if !["Deployment", "DaemonSet"].contains(&kind) {
+            continue;
+        }
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{kind} pod");
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        let containers = pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(pod["initContainers"].as_array().into_iter().flatten());
+        for c in containers {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["runAsNonRoot"], true, "{kind}/{}", c["name"]);
+            assert_eq!(sc["readOnlyRootFilesystem"], true);
+            assert_eq!(sc["allowPrivilegeEscalation"], false);
+            assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+            assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+            assert!(c["resources"]["requests"].is_object(), "{kind}/{} has no resource requests", c["name"]);
+            if c.get("livenessProbe").is_some() {
+                assert!(c["readinessProbe"].is_object());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "expected the controller, server and plugin containers");
+}
+
+#[tokio::test]
+async fn lint_and_server_side_dry_run_with_default_and_other_values() {
+    for sets in [
+        &["server.tls.secretName=tls"][..],
+        &[
+            "server.tls.secretName=tls",
+            "rootKey.source=secret",
+            "rootKey.secretName=kubekms-root-key",
+            "controller.replicas=3",
+            "server.replicas=1",
+            "server.minAvailable=0",
+            "plugin.key=kms-system/etcd-secrets",
+            "plugin.createKey=false",
+            "networkPolicy.enabled=true",
+            "metrics.serviceMonitor.enabled=true",
+            "image.pullSecrets[0]=registry",
+            "controller.selector=team=payments",
+        ][..],
+    ] {
+        let mut args = vec!["lint", "--strict", chart_path(), "--kube-version", KUBE_VERSION];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let lint = helm(&args);
+        assert!(lint.ok, "helm lint --strict {sets:?}:\n{}{}", lint.stdout, lint.stderr);
+    }
+
+    let ns = TestNamespace::new("chart-dry-run");
+    let ns = ns.name.as_str();
+    let defaults = template("dry", ns, &["server.tls.secretName=tls"]);
+    assert!(defaults.ok, "{}", defaults.stderr);
+    let rendered = docs(&defaults.stdout);
+    assert_restricted(&rendered);
+    let kinds: Vec<&str> = rendered.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "Deployment",
+        "DaemonSet",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "Role",
+        "ValidatingAdmissionPolicy",
+        "KmsKey",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in the default rendering: {kinds:?}");
+    }
+    assert!(
+        !kinds.contains(&"NetworkPolicy") && !kinds.contains(&"ServiceMonitor"),
+        "optional objects are off by default"
+    );
+    let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&defaults.stdout));
+    assert!(dry.ok, "the API server refused the default rendering:\n{}", dry.stderr);
+
+    kubectl_ok(
+        &["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/tests/fixtures/servicemonitor-crd.yaml")],
+        None,
+    );
+    kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    let other = template(
+        "dry-other",
+        ns,
+        &[
+            "server.tls.secretName=tls",
+            "rootKey.source=secret",
+            "rootKey.secretName=kubekms-root-key",
+            "controller.replicas=3",
+            &format!("plugin.key={ns}/etcd-secrets"),
+            "networkPolicy.enabled=true",
+            "metrics.serviceMonitor.enabled=true",
+        ],
+    );
+    assert!(other.ok, "{}", other.stderr);
+    let rendered = docs(&other.stdout);
+    assert_restricted(&rendered);
+    let kinds: Vec<&str> = rendered.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert!(kinds.contains(&"NetworkPolicy") && kinds.contains(&"ServiceMonitor"));
+    let controller = rendered
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "dry-other-controller")
+        .unwrap();
+    assert_eq!(controller["spec"]["replicas"], 3);
+    let pod = &controller["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["initContainers"][0]["args"][1], "copy",
+        "a root key in a Secret is copied to a private file"
+    );
+    let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&other.stdout));
+    assert!(dry.ok, "the API server refused the non-default rendering:\n{}", dry.stderr);
+}
+
+#[tokio::test]
+async fn bad_values_are_refused_by_the_schema() {
+    for (sets, expected) in [
+        (vec!["controller.replicas=0"], "/controller/replicas"),
+        (vec!["rootKey.source=vault"], "/rootKey/source"),
+        (vec!["plugin.key=no-slash"], "/plugin/key"),
+        (vec!["server.tokenCacheTTL=forever"], "/server/tokenCacheTTL"),
+        (vec!["runAsUser=0"], "/runAsUser"),
+        (vec!["controler.replicas=2"], "additional properties 'controler' not allowed"),
+        (vec!["image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        (vec!["rootKey.source=secret"], "secretName"),
+        (vec![], "/server/tls"),
+    ] {
+        let mut all = sets.clone();
+        if !expected.contains("tls") {
+            all.push("server.tls.secretName=tls");
+        }
+        let run = template("bad", "kubekms-system", &all);
+        assert!(!run.ok, "accepted {all:?}");
+        assert!(run.stderr.contains(expected), "{all:?}: expected {expected:?} in\n{}", run.stderr);
+    }
+}
+
+/// `kubectl auth can-i`; `resource` is TYPE, TYPE/NAME, or TYPE:SUBRESOURCE.
+fn can_i(ns: &str, who: &str, verb: &str, resource: &str) -> bool {
+    let mut args = vec!["auth", "can-i", verb, "-n", ns, "--as", who];
+    let sub;
+    match resource.split_once(':') {
+        Some((r, s)) => {
+            sub = format!("--subresource={s}");
+            args.extend([r, sub.as_str()]);
+        }
+        None => args.push(resource),
+    }
+    kubectl(&args, None).stdout.trim() == "yes"
+}
+
+#[tokio::test]
+async fn install_upgrade_uninstall_and_least_privilege() {
+    let ns = TestNamespace::new("chart");
+    let ns = ns.name.as_str();
+    let release = format!("rel-{}", &ns[ns.len() - 6..]);
+    let pki = run_dir().join("pki");
+    kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "tls",
+            "kubekms-tls",
+            "-n",
+            ns,
+            &format!("--cert={}", pki.join("server.crt").display()),
+            &format!("--key={}", pki.join("server.key").display()),
+        ],
+        None,
+    );
+    let key = format!("plugin.key={ns}/cluster-secrets");
+    let install = helm(&[
+        "install",
+        &release,
+        chart_path(),
+        "-n",
+        ns,
+        "--set",
+        "server.tls.secretName=kubekms-tls",
+        "--set",
+        &key,
+    ]);
+    assert!(install.ok, "helm install:\n{}{}", install.stdout, install.stderr);
+    assert!(
+        install.stdout.contains("EncryptionConfiguration"),
+        "NOTES print the EncryptionConfiguration:\n{}",
+        install.stdout
+    );
+    assert!(install.stdout.contains("unix:///var/run/kubekms/kms.sock"));
+
+    let replicas = |name: &str| {
+        kubectl_ok(&["get", "deployment", name, "-n", ns, "-o", "jsonpath={.spec.replicas}"], None)
+    };
+    assert_eq!(replicas(&format!("{release}-controller")), "2");
+    assert_eq!(replicas(&format!("{release}-server")), "2");
+    for object in [
+        format!("daemonset/{release}-plugin"),
+        format!("service/{release}-server"),
+        format!("pdb/{release}-controller"),
+        format!("pdb/{release}-server"),
+        format!("serviceaccount/{release}-controller"),
+        format!("serviceaccount/{release}-plugin"),
+        format!("serviceaccount/{release}-server"),
+        format!("role/{release}-controller-leader"),
+        "kmskey/cluster-secrets".to_owned(),
+    ] {
+        kubectl_ok(&["get", &object, "-n", ns], None);
+    }
+    let ds = kubectl_ok(&["get", "daemonset", &format!("{release}-plugin"), "-n", ns, "-o", "json"], None);
+    let ds: serde_json::Value = serde_json::from_str(&ds).unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"]["node-role.kubernetes.io/control-plane"], "");
+    assert_eq!(pod["tolerations"][0]["key"], "node-role.kubernetes.io/control-plane");
+    let host_paths: Vec<&str> =
+        pod["volumes"].as_array().unwrap().iter().filter_map(|v| v["hostPath"]["path"].as_str()).collect();
+    assert_eq!(host_paths, ["/var/run/kubekms", "/var/lib/kubekms", "/etc/kubekms/root.key"]);
+
+    // Least privilege, component by component.
+    let sa = |c: &str| format!("system:serviceaccount:{ns}:{release}-{c}");
+    let (controller, plugin, server) = (sa("controller"), sa("plugin"), sa("server"));
+    for (who, verb, resource, where_, allowed) in [
+        (&controller, "create", "kmskeymaterials", ns, true),
+        (&controller, "patch", "kmskeys:status", "default", true),
+        (&controller, "get", "secrets", ns, false),
+        (&controller, "list", "secrets", "kube-system", false),
+        (&controller, "delete", "kmskeys", ns, false),
+        (&controller, "update", "kmskeys", ns, false),
+        (&controller, "patch", "kmsgrants:status", "default", true),
+        (&controller, "create", "leases", ns, true),
+        (&controller, "create", "tokenreviews", ns, false),
+        (&plugin, "get", "kmskeymaterials", ns, true),
+        (&plugin, "create", "kmskeymaterials", ns, false),
+        (&plugin, "get", "kmskeys/cluster-secrets", ns, true),
+        (&plugin, "get", "kmskeys/other", ns, false),
+        (&plugin, "list", "kmskeys", "default", false),
+        (&plugin, "get", "secrets", ns, false),
+        (&plugin, "update", "kmskeys", ns, false),
+        (&server, "create", "tokenreviews", ns, true),
+        (&server, "create", "subjectaccessreviews", ns, true),
+        (&server, "list", "kmsgrants", "default", true),
+        (&server, "patch", "kmsgrants:status", "default", true),
+        (&server, "create", "kmskeymaterials", ns, false),
+        (&server, "update", "kmskeys", ns, false),
+        (&server, "patch", "kmskeys:status", ns, false),
+        (&server, "get", "secrets", ns, false),
+        (&server, "encrypt", "kmskeys", ns, false),
+    ] {
+        assert_eq!(can_i(where_, who, verb, resource), allowed, "{who} {verb} {resource} in {where_}");
+    }
+
+    // Upgrade with other values.
+    let upgrade = helm(&[
+        "upgrade",
+        &release,
+        chart_path(),
+        "-n",
+        ns,
+        "--reuse-values",
+        "--set",
+        "controller.replicas=3",
+        "--set",
+        "networkPolicy.enabled=true",
+    ]);
+    assert!(upgrade.ok, "helm upgrade:\n{}{}", upgrade.stdout, upgrade.stderr);
+    assert_eq!(replicas(&format!("{release}-controller")), "3");
+    kubectl_ok(&["get", "networkpolicy", &format!("{release}-server"), "-n", ns], None);
+    let history = helm(&["history", &release, "-n", ns]);
+    assert!(history.stdout.contains("deployed") && history.stdout.lines().count() >= 3, "{}", history.stdout);
+
+    // Uninstall removes the workloads but keeps the key (and so its material).
+    let uninstall = helm(&["uninstall", &release, "-n", ns]);
+    assert!(uninstall.ok, "{}", uninstall.stderr);
+    assert!(!kubectl(&["get", "deployment", &format!("{release}-controller"), "-n", ns], None).ok);
+    kubectl_ok(&["get", "kmskey", "cluster-secrets", "-n", ns], None);
+}
+
+#[tokio::test]
+async fn static_pod_manifest_is_valid() {
+    let out = Command::new(kubekms_bin())
+        .args(["manifests", "static-pod", "--key", "kube-system/cluster-secrets", "--only", "pod"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let pod = String::from_utf8(out.stdout).unwrap();
+    // Without kube-controller-manager nobody creates kube-system's default ServiceAccount,
+    // which admission looks up for any pod that is not a kubelet mirror pod.
+    let _ = kubectl(&["create", "serviceaccount", "default", "-n", "kube-system"], None);
+    let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&pod));
+    assert!(dry.ok, "the API server refused the static pod:\n{}", dry.stderr);
+    let bad = Command::new(kubekms_bin())
+        .args(["manifests", "static-pod", "--key", "kube-system/x", "--state-dir", "relative"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--state-dir must be an absolute path"));
+}
