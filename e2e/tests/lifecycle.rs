@@ -484,3 +484,86 @@ async fn imported_material_becomes_version_one() {
 
     refused(import(&format!("{ns}/byok"), &material), "is Enabled, not PendingImport");
 }
+
+#[tokio::test]
+async fn key_material_cannot_be_deleted_or_destroyed_by_hand() {
+    let ns = TestNamespace::new("material-guard");
+    let ns = ns.name.as_str();
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("k", "", "")));
+    let key = wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    let uid = key.metadata.uid.clone().unwrap();
+    // Even a cluster administrator cannot skip the waiting period through the material.
+    let run = kubectl(&["delete", "kmskeymaterial", &uid], None);
+    assert!(!run.ok);
+    assert!(run.stderr.contains("destroyed only after its deletion waiting period"), "{}", run.stderr);
+    let run = kubectl(
+        &[
+            "patch",
+            "kmskeymaterial",
+            &uid,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"destroyedAt":"2026-01-01T00:00:00Z","versions":[]}}"#,
+        ],
+        None,
+    );
+    assert!(!run.ok);
+    assert!(run.stderr.contains("only the kubekms controller destroys key material"), "{}", run.stderr);
+    // Removing a version is refused by the schema.
+    let run = kubectl(
+        &[
+            "patch",
+            "kmskeymaterial",
+            &uid,
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/versions/0"}]"#,
+        ],
+        None,
+    );
+    assert!(!run.ok);
+    assert!(run.stderr.contains("key versions are never removed"), "{}", run.stderr);
+    let materials: Api<KmsKeyMaterial> = Api::all(client().await);
+    assert_eq!(materials.get(&uid).await.unwrap().spec.versions.len(), 1);
+}
+
+#[tokio::test]
+async fn rescheduling_before_a_cancellation_is_processed_is_refused() {
+    // With the controller stopped, a cancellation stays unprocessed (status still says
+    // PendingDeletion); scheduling again then must not reuse the old deletion time, so the
+    // API server refuses it until the controller has caught up.
+    let label = format!("resched-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let mut controller = TestController::start(&label, "a", &[]);
+    let ns = TestNamespace::new("resched");
+    let ns = ns.name.as_str();
+    let labels = format!("  labels:\n    {TEST_CONTROLLER_LABEL}: {label}\n");
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("k", &labels, "")));
+    wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
+    patch(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    wait_key(ns, "k", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
+    controller.kill();
+    patch(ns, "k", r#"{"spec":{"enabled":false,"deletion":{"scheduled":false}}}"#);
+    let run = kubectl(
+        &[
+            "patch",
+            "kmskey",
+            "k",
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"deletion":{"scheduled":true}}}"#,
+        ],
+        None,
+    );
+    assert!(!run.ok, "rescheduled before the cancellation was processed");
+    assert!(run.stderr.contains("has not been processed yet"), "{}", run.stderr);
+    // Once a controller has processed the cancellation, scheduling works again.
+    let _controller = TestController::start(&label, "b", &[]);
+    wait_key(ns, "k", "Disabled", |k| state(k) == Some(KeyState::Disabled)).await;
+    patch(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    wait_key(ns, "k", "PendingDeletion again", |k| state(k) == Some(KeyState::PendingDeletion)).await;
+}

@@ -24,7 +24,12 @@ use super::principal::Principal;
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Version", type_ = "integer", json_path = ".status.currentVersion"),
     printcolumn(name = "Next Rotation", type_ = "string", json_path = ".status.nextRotationTime"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.state) || oldSelf.status.state != 'PendingDeletion' || oldSelf.spec.deletion.scheduled || !self.spec.deletion.scheduled"
+    ).message(
+        "the cancellation of this key's deletion has not been processed yet: wait until status.state is no longer PendingDeletion, then schedule deletion again (with a new waiting period)"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(

@@ -34,7 +34,7 @@ use super::key::Origin;
     "!has(oldSelf.destroyedAt) || (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && size(self.versions) == 0)"
 ).message("destroyed material stays destroyed"))]
 #[x_kube(validation = Rule::new(
-    "has(self.destroyedAt) || size(self.versions) >= size(oldSelf.versions)"
+    "has(self.destroyedAt) || oldSelf.versions.all(o, self.versions.exists(v, v.version == o.version))"
 ).message("key versions are never removed before the material is destroyed"))]
 #[x_kube(validation = Rule::new(
     "has(self.destroyedAt) || self.rootKeyFingerprint == oldSelf.rootKeyFingerprint"

@@ -24,6 +24,11 @@ pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrant
     let generation = grant.metadata.generation.unwrap_or(0);
     let expires = grant.spec.expires_at.as_ref().map(|t| t.0);
     let key_state = key.and_then(|k| k.status.as_ref()).and_then(|s| s.state);
+    // A grant is for the key it first resolved to: a later key of the same name (the first
+    // destroyed and deleted) is another key, which the grant does not cover.
+    let key_uid = key.and_then(|k| k.uid());
+    let key_id = prev.key_id.clone().or_else(|| key_uid.clone());
+    let replaced = prev.key_id.is_some() && key_uid.is_some() && key_uid != prev.key_id;
     let (state, reason, message) = if let Some(by) = &prev.retired_by {
         (GrantState::Retired, "Retired", format!("retired by {by}"))
     } else if expires.is_some_and(|t| now >= t) {
@@ -38,6 +43,16 @@ pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrant
             "KeyNotFound",
             format!("KmsKey {:?} does not exist in this namespace", grant.spec.key_ref.name),
         )
+    } else if replaced {
+        (
+            GrantState::Invalid,
+            "KeyReplaced",
+            format!(
+                "KmsKey {:?} is another key than the one this grant was made for (keyId {}); create a new grant",
+                grant.spec.key_ref.name,
+                prev.key_id.clone().unwrap_or_default()
+            ),
+        )
     } else if key_state != Some(KeyState::Enabled) {
         let state = key_state.map_or("not ready", KeyState::as_str);
         (GrantState::Invalid, "KeyNotEnabled", format!("KmsKey {:?} is {state}", grant.spec.key_ref.name))
@@ -49,7 +64,7 @@ pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrant
         grant_id: grant.uid(),
         state: Some(state),
         grantee: Some(grant.spec.grantee.to_string()),
-        key_id: key.and_then(|k| k.uid()),
+        key_id,
         retired_by: prev.retired_by.clone(),
         observed_generation: Some(generation),
         conditions: vec![condition(&prev.conditions, READY, ready, reason, message, generation, now)],
@@ -206,6 +221,19 @@ mod tests {
         let (s, _) = plan(&retired, Some(&key(KeyState::Enabled)), t("2026-01-01T00:00:00Z"));
         assert_eq!(s.state, Some(GrantState::Retired));
         assert_eq!(s.retired_by.as_deref(), Some("system:serviceaccount:batch:nightly"));
+    }
+
+    #[test]
+    fn a_grant_does_not_carry_over_to_a_new_key_of_the_same_name() {
+        let now = t("2026-01-01T00:00:00Z");
+        let mut g = grant(None);
+        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), now);
+        g.status = Some(s);
+        let mut newer = key(KeyState::Enabled);
+        newer.metadata.uid = Some("another-uid".into());
+        let (s, _) = plan(&g, Some(&newer), now);
+        assert_eq!((s.state, s.conditions[0].reason.as_str()), (Some(GrantState::Invalid), "KeyReplaced"));
+        assert_eq!(s.key_id.as_deref(), Some("key-uid"), "the grant keeps naming its own key");
     }
 
     #[test]

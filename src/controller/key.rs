@@ -24,6 +24,8 @@ use crate::keyring::Owner;
 pub const FINALIZER: &str = "kms.kubekms.io/destroy-material";
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "kubekms-controller";
+/// The field manager of the condition that reports a key that cannot be created.
+const ERROR_FIELD_MANAGER: &str = "kubekms-controller-errors";
 
 /// The longest the controller waits before looking at a key again, so a clock that was
 /// corrected or a missed event is noticed within this time.
@@ -72,9 +74,10 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
 
     let status = key.status.clone().unwrap_or_default();
     let mut material = current_material(ctx, &owner.uid, &status).await?;
-    let now = Timestamp::now();
+    let mut now = Timestamp::now();
+    let mut clock_checked = false;
     let generation = key.meta().generation.unwrap_or(0);
-    for _ in 0..4 {
+    for _ in 0..5 {
         let view = material_view(material.as_ref(), ctx.root.fingerprint());
         let observed = Observed { spec: &key.spec, generation, deleting, status: &status, material: &view };
         match lifecycle::plan(&observed, now, ctx.calendar) {
@@ -91,6 +94,20 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 }
             }
             Plan::Settle { status: next, requeue_after } => {
+                // Promising a deletion time: measure the waiting period from the later of
+                // this controller's clock and the API server's, so a controller whose clock
+                // is behind cannot promise an early destruction.
+                if next.deletion_time.is_some()
+                    && next.deletion_time != status.deletion_time
+                    && !clock_checked
+                {
+                    clock_checked = true;
+                    let server_now = api_server_time(&ctx.client).await?;
+                    if server_now > now {
+                        now = server_now;
+                        continue;
+                    }
+                }
                 let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
                 let mut resource_version = key.resource_version();
                 if next != status {
@@ -302,7 +319,9 @@ async fn publish(ctx: &Context, key: &KmsKey, transitions: &[lifecycle::Transiti
 }
 
 /// Makes a failure visible on the object: a Warning Event, and while the key has never
-/// been settled (no material yet), a Creating status whose Ready condition says why.
+/// been settled (no material yet), a Ready condition that says why. That condition is
+/// written under a field manager of its own and alone, so it can never remove status
+/// fields (a cached object may be older than the status the API server holds).
 async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     if error.is_conflict() {
         return;
@@ -319,7 +338,7 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     if status.state.is_some() {
         return;
     }
-    let (Some(ns), Some(uid)) = (key.namespace(), key.uid()) else { return };
+    let Some(ns) = key.namespace() else { return };
     let generation = key.meta().generation.unwrap_or(0);
     let ready = lifecycle::condition(
         &status.conditions,
@@ -330,15 +349,15 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
         generation,
         Timestamp::now(),
     );
-    let next = KmsKeyStatus {
-        key_id: Some(uid),
-        state: Some(KeyState::Creating),
-        observed_generation: Some(generation),
-        conditions: vec![ready],
-        ..Default::default()
-    };
+    let body = json!({
+        "apiVersion": "kms.kubekms.io/v1alpha1",
+        "kind": "KmsKey",
+        "status": {"conditions": [ready]},
+    });
     let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &ns);
-    let _ = patch_status(&api, &key.name_any(), &next).await;
+    let _ = api
+        .patch_status(&key.name_any(), &PatchParams::apply(ERROR_FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await;
 }
 
 /// An error and its causes on one line, for Events and conditions (never secret: errors

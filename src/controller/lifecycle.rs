@@ -18,6 +18,11 @@ use crate::api::{
 
 /// The most versions a key may have (the size bound of `KmsKeyMaterial.spec.versions`).
 pub const MAX_VERSIONS: usize = 1000;
+/// Bounds of the deletion window and the rotation period, as the CRD schema sets them.
+const MIN_WINDOW_DAYS: u8 = 7;
+const MAX_WINDOW_DAYS: u8 = 30;
+const MIN_PERIOD_DAYS: u16 = 90;
+const MAX_PERIOD_DAYS: u16 = 2560;
 
 /// The condition that reports whether a key can be used.
 pub const READY: &str = "Ready";
@@ -169,7 +174,12 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
         _ if deletion_requested => {
             let deletion_time = match (prev.state, &prev.deletion_time) {
                 (Some(KeyState::PendingDeletion), Some(t)) => t.0,
-                _ => ceil_second(add(now, cal.days(u32::from(o.spec.deletion.pending_window_days)))),
+                // The schema bounds the window to 7–30 days; clamp anyway, in case the CRD
+                // installed is older than this controller.
+                _ => {
+                    let window = o.spec.deletion.pending_window_days.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS);
+                    ceil_second(add(now, cal.days(u32::from(window))))
+                }
             };
             if now >= deletion_time {
                 return Plan::Act(MaterialAction::Destroy);
@@ -258,7 +268,8 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
         && o.spec.origin == Origin::Kubekms
         && let Some(latest) = versions.last()
     {
-        let due = add(latest.created, cal.days(u32::from(o.spec.rotation.period_days)));
+        let period = o.spec.rotation.period_days.clamp(MIN_PERIOD_DAYS, MAX_PERIOD_DAYS);
+        let due = add(latest.created, cal.days(u32::from(period)));
         if now >= due && may_rotate("rotated").is_ok() {
             return Plan::Act(MaterialAction::Rotate { trigger: VersionTrigger::Scheduled, request: None });
         }

@@ -542,6 +542,22 @@ fn clock_jumps_rotate_once_and_keep_the_promised_deletion_time() {
 }
 
 #[test]
+fn out_of_range_windows_and_periods_are_clamped() {
+    // A CRD older than the controller might let these through; the controller still never
+    // waits less than 7 days before destroying, nor rotates more often than every 90.
+    let mut k = Sim::new();
+    k.spec.rotation.period_days = 1;
+    k.reconcile();
+    assert_eq!(k.status.next_rotation_time, Some(Time(t0() + days(90))));
+    k.edit(|s| {
+        s.deletion.scheduled = true;
+        s.deletion.pending_window_days = 0;
+    });
+    k.reconcile();
+    assert_eq!(k.status.deletion_time, Some(Time(t0() + days(7))));
+}
+
+#[test]
 fn conditions_keep_their_transition_time_until_they_flip() {
     let mut k = Sim::new();
     k.reconcile();

@@ -102,7 +102,9 @@ impl RootKey {
     /// length, or one that group or others can read.
     pub fn load(path: &Path) -> Result<RootKey, RootKeyError> {
         let read_err = |source| RootKeyError::Read { path: path.to_owned(), source };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
+        // Check the file that was opened, not the path (which could change in between).
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
         if !meta.is_file() {
             return Err(RootKeyError::NotAFile(path.to_owned()));
         }
@@ -114,9 +116,7 @@ impl RootKey {
             return Err(RootKeyError::Length { path: path.to_owned(), len: meta.len() });
         }
         let mut buf = Zeroizing::new(Vec::with_capacity(KEY_LEN + 1));
-        std::fs::File::open(path)
-            .and_then(|f| f.take(KEY_LEN as u64 + 1).read_to_end(&mut buf))
-            .map_err(read_err)?;
+        file.take(KEY_LEN as u64 + 1).read_to_end(&mut buf).map_err(read_err)?;
         let key = KeyMaterial::from_slice(&buf)
             .ok_or_else(|| RootKeyError::Length { path: path.to_owned(), len: buf.len() as u64 })?;
         Ok(RootKey::from_material(key))

@@ -38,6 +38,8 @@ pub enum MaterialError {
         #[source]
         source: kube::Error,
     },
+    #[error("KmsKeyMaterial {name} already exists")]
+    AlreadyExists { name: String },
     #[error("KmsKeyMaterial {name} belongs to {found}, not to {expected}")]
     Owner { name: String, found: String, expected: String },
     #[error("failed to generate key material")]
@@ -64,7 +66,7 @@ impl MaterialError {
     pub fn category(&self) -> &'static str {
         match self {
             MaterialError::Get { .. } => "material_get",
-            MaterialError::Create { .. } => "material_create",
+            MaterialError::Create { .. } | MaterialError::AlreadyExists { .. } => "material_create",
             MaterialError::Update { .. } => "material_update",
             MaterialError::Delete { .. } => "material_delete",
             MaterialError::Owner { .. } => "material_owner",
@@ -142,6 +144,30 @@ impl MaterialStore {
         destroyed: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<KmsKeyMaterial, MaterialError> {
+        match self.create_new(owner, origin, root, first, destroyed, now).await {
+            Err(MaterialError::AlreadyExists { .. }) => {
+                let existing = self
+                    .get(&owner.uid)
+                    .await?
+                    .ok_or_else(|| MaterialError::AlreadyExists { name: owner.uid.clone() })?;
+                check_owner(&existing, owner)?;
+                Ok(existing)
+            }
+            other => other,
+        }
+    }
+
+    /// Like [`MaterialStore::create`], but fails with [`MaterialError::AlreadyExists`] if
+    /// the object exists: for imports, where someone else's material must not pass for ours.
+    pub async fn create_new(
+        &self,
+        owner: &Owner,
+        origin: Origin,
+        root: &RootKey,
+        first: Option<(&KeyMaterial, VersionTrigger, Option<String>)>,
+        destroyed: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<KmsKeyMaterial, MaterialError> {
         let versions = match first {
             Some((material, trigger, request)) => {
                 vec![wrap_version(root, &owner.uid, 1, material, trigger, request, now)?]
@@ -198,7 +224,7 @@ impl MaterialStore {
         if current.spec.versions.len() >= crate::controller::lifecycle::MAX_VERSIONS {
             return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
         }
-        let next = current.spec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let next = next_version(current)?;
         let material = KeyMaterial::generate().map_err(MaterialError::Random)?;
         let version = wrap_version(root, &current.spec.owner.uid, next, &material, trigger, request, now)?;
         let mut updated = current.clone();
@@ -271,6 +297,15 @@ impl MaterialStore {
             .await
             .map_err(|source| MaterialError::Update { name: name.to_owned(), source })
     }
+}
+
+/// The number of the version after the newest (refusing an object that claims the last one).
+fn next_version(current: &KmsKeyMaterial) -> Result<u32, MaterialError> {
+    let newest = current.spec.versions.iter().map(|v| v.version).max().unwrap_or(0);
+    newest.checked_add(1).ok_or_else(|| MaterialError::Full {
+        name: current.metadata.name.clone().unwrap_or_default(),
+        versions: current.spec.versions.len(),
+    })
 }
 
 fn check_owner(existing: &KmsKeyMaterial, owner: &Owner) -> Result<(), MaterialError> {
