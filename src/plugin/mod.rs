@@ -106,7 +106,8 @@ pub async fn run(
     health.set_ready(true);
     let service = KmsPlugin::new(WatchKeyring(rx), audit, metrics);
     let served = tonic::transport::Server::builder()
-        .add_service(KeyManagementServiceServer::new(service))
+        // kube-apiserver's requests are small (a ciphertext of 1 KiB, annotations of 32 KiB).
+        .add_service(KeyManagementServiceServer::new(service).max_decoding_message_size(64 * 1024))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.clone().cancelled_owned())
         .await;
     drop(guard);

@@ -126,10 +126,13 @@ impl KeyWatch {
         let mac_key = cache::mac_key(&self.root);
         let mut synced = false;
         let mut last_cached: Option<CachedKey> = None;
+        // Set when the cache could not be written; the refresh is retried on this timer.
+        let mut retry = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 next = events.next() => if next.is_none() { return },
+                () = tokio::time::sleep(std::time::Duration::from_secs(5)), if retry => {}
             }
             if !synced {
                 // Publish nothing until both watches have listed once: an empty store
@@ -142,7 +145,7 @@ impl KeyWatch {
                 synced = true;
                 tracing::info!(key = %format!("{}/{}", self.namespace, self.name), "watching the key");
             }
-            self.refresh(&key_store, &material_store, &tx, &mac_key, &mut last_cached);
+            retry = !self.refresh(&key_store, &material_store, &tx, &mac_key, &mut last_cached);
         }
     }
 
@@ -153,13 +156,13 @@ impl KeyWatch {
         tx: &watch::Sender<Option<Arc<KeySnapshot>>>,
         mac_key: &KeyMaterial,
         last_cached: &mut Option<CachedKey>,
-    ) {
+    ) -> bool {
         let Some(key) =
             key_store.state().into_iter().find(|k| k.metadata.name.as_deref() == Some(self.name.as_str()))
         else {
             tracing::warn!(key = %format!("{}/{}", self.namespace, self.name), "the KmsKey does not exist");
             tx.send_if_modified(|current| current.take().is_some());
-            return;
+            return true;
         };
         let uid = key.metadata.uid.clone().unwrap_or_default();
         let material = material_store.state().into_iter().find(|m| m.spec.owner.uid == uid);
@@ -168,14 +171,31 @@ impl KeyWatch {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %crate::controller::key::error_chain(&e), "cannot use the key's material; keeping the last good snapshot");
-                return;
+                return true;
             }
         };
         // Status may move to a new current version a moment before the material watch
         // delivers it; wait for the material rather than publish an unusable version.
         if snap.state == KeyState::Enabled && snap.current().is_none() {
             tracing::debug!("waiting for the current version's material");
-            return;
+            return true;
+        }
+        // The cache first: a version kube-apiserver may encrypt under must be in the cache
+        // before it is served, or a cold start during an API server outage could not
+        // decrypt what was written under it. If the cache cannot be written, keep serving
+        // the previous snapshot and try again (the caller retries on a timer).
+        let entry = cache_entry(&key, material.as_deref(), &snap);
+        if last_cached.as_ref() != Some(&entry) {
+            match cache::write(&self.state_dir, &entry, mac_key) {
+                Ok(()) => *last_cached = Some(entry),
+                Err(e) => {
+                    tracing::error!(
+                        error = %crate::controller::key::error_chain(&e),
+                        "failed to write the cache; not serving the key's new state until it is written"
+                    );
+                    return false;
+                }
+            }
         }
         let changed = previous.as_ref().is_none_or(|p| !p.same_as(&snap));
         if changed {
@@ -186,17 +206,9 @@ impl KeyWatch {
                 versions = snap.versions.len(),
                 "key updated"
             );
-            tx.send_replace(Some(Arc::new(snap.clone())));
+            tx.send_replace(Some(Arc::new(snap)));
         }
-        let entry = cache_entry(&key, material.as_deref(), &snap);
-        if last_cached.as_ref() != Some(&entry) {
-            match cache::write(&self.state_dir, &entry, mac_key) {
-                Ok(()) => *last_cached = Some(entry),
-                Err(e) => {
-                    tracing::error!(error = %crate::controller::key::error_chain(&e), "failed to write the cache")
-                }
-            }
-        }
+        true
     }
 }
 
