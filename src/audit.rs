@@ -119,8 +119,13 @@ fn mac_hex(key: &KeyMaterial, bytes: &[u8]) -> String {
     crate::crypto::hex(&mac.finalize().into_bytes())
 }
 
-/// The last complete line of a file and the number of complete lines, read from the end.
-fn last_line(path: &Path) -> std::io::Result<Option<(String, u64)>> {
+/// The longest line the writer continues a chain from; longer ones mean a corrupt file.
+const MAX_LINE: u64 = 1024 * 1024;
+
+/// The last line of a file (read backwards from the end, whatever its length up to
+/// [`MAX_LINE`]), its sequence number, and whether the file ends with a newline (it does not
+/// after a crash in the middle of a write).
+fn last_line(path: &Path) -> std::io::Result<Option<(String, u64, bool)>> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -130,18 +135,58 @@ fn last_line(path: &Path) -> std::io::Result<Option<(String, u64)>> {
     if len == 0 {
         return Ok(None);
     }
-    // Read a tail large enough for any line (lines are small); the seq comes from it.
-    let tail = len.min(64 * 1024);
-    file.seek(SeekFrom::Start(len - tail))?;
-    let mut buf = Vec::with_capacity(tail as usize);
-    file.take(tail).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let Some(line) = text.trim_end_matches('\n').rsplit('\n').next() else { return Ok(None) };
-    let seq = serde_json::from_str::<serde_json::Value>(line)
+    let mut pos = len;
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let start = pos.saturating_sub(8192);
+        let mut chunk = vec![0u8; (pos - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        pos = start;
+        let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        if pos == 0 || body.contains(&b'\n') {
+            break;
+        }
+        if tail.len() as u64 > MAX_LINE {
+            return Err(std::io::Error::other(
+                "the last line of the audit log is implausibly long; the file is corrupt",
+            ));
+        }
+    }
+    let ends_with_newline = tail.last() == Some(&b'\n');
+    let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+    let line = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
+    let line = String::from_utf8_lossy(line).into_owned();
+    let seq = serde_json::from_str::<serde_json::Value>(&line)
         .ok()
         .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
         .unwrap_or(0);
-    Ok(Some((line.to_owned(), seq)))
+    Ok(Some((line, seq, ends_with_newline)))
+}
+
+/// Bounds what one line may hold, whatever a caller sent.
+fn bounded(event: &AuditEvent) -> AuditEvent {
+    fn cut(s: &str, max: usize) -> String {
+        if s.len() <= max {
+            return s.to_owned();
+        }
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &s[..end])
+    }
+    let mut e = event.clone();
+    e.request_id = cut(&e.request_id, 128);
+    e.principal = cut(&e.principal, 512);
+    e.reason = e.reason.as_deref().map(|r| cut(r, 512));
+    e.encryption_context_keys = e.encryption_context_keys.iter().take(64).map(|k| cut(k, 128)).collect();
+    for field in [&mut e.key, &mut e.key_id, &mut e.source_key, &mut e.source_key_id, &mut e.grant_id] {
+        *field = field.as_deref().map(|v| cut(v, 320));
+    }
+    e
 }
 
 impl AuditLog {
@@ -155,16 +200,22 @@ impl AuditLog {
                 mac_key,
             });
         }
-        let (prev, seq) = match last_line(path).map_err(|e| AuditError::Open(path.to_owned(), e))? {
-            Some((line, seq)) => (sha256_hex(line.as_bytes()), seq),
+        let last = last_line(path).map_err(|e| AuditError::Open(path.to_owned(), e))?;
+        let (prev, seq) = match &last {
+            Some((line, seq, _)) => (sha256_hex(line.as_bytes()), *seq),
             None => (GENESIS.to_owned(), 0),
         };
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(path)
             .map_err(|e| AuditError::Open(path.to_owned(), e))?;
+        if matches!(last, Some((_, _, false))) {
+            // A crash cut the last line short: end it, so the next line starts on its own
+            // (the cut line stays visible to `kubekms audit verify`).
+            file.write_all(b"\n").map_err(|e| AuditError::Open(path.to_owned(), e))?;
+        }
         Ok(AuditLog { writer: Mutex::new(Writer { out: Box::new(file), prev, seq }), mac_key })
     }
 
@@ -178,6 +229,7 @@ impl AuditLog {
 
     /// Writes one line. Callers fail the operation when this fails (fail closed).
     pub fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let event = &bounded(event);
         let mut w = self.writer.lock().map_err(|_| AuditError::Poisoned)?;
         let time = jiff::Timestamp::now().to_string();
         let seq = w.seq + 1;
@@ -351,6 +403,36 @@ mod tests {
         let other = RootKey::from_material(KeyMaterial::from_slice(&[4; 32]).unwrap());
         assert_eq!(check(&good, Some(&other)), Err(VerifyError::Mac(1)));
         assert_eq!(check(&["not json".to_owned()], None), Err(VerifyError::Malformed(1)));
+    }
+
+    #[test]
+    fn huge_requests_cannot_break_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, &root()).unwrap();
+        log.record(&event(1)).unwrap();
+        let mut huge = event(2);
+        huge.reason = Some("x".repeat(4 << 20));
+        huge.encryption_context_keys = (0..10_000).map(|i| format!("{i}{}", "k".repeat(500))).collect();
+        log.record(&huge).unwrap();
+        drop(log);
+        let longest = std::fs::read_to_string(&path).unwrap().lines().map(str::len).max().unwrap();
+        assert!(longest < 16 * 1024, "a line of {longest} bytes");
+        // Reopened (a restart), the chain continues.
+        AuditLog::open(&path, &root()).unwrap().record(&event(3)).unwrap();
+        assert_eq!(verify_file(&path, Some(&root())).unwrap().lines, 3);
+    }
+
+    #[test]
+    fn a_line_cut_by_a_crash_is_visible_and_the_log_goes_on() {
+        let (_dir, path) = log_of(2);
+        let mut text = std::fs::read(&path).unwrap();
+        text.truncate(text.len() - 20);
+        std::fs::write(&path, &text).unwrap();
+        AuditLog::open(&path, &root()).unwrap().record(&event(3)).unwrap();
+        let lines = lines(&path);
+        assert_eq!(lines.len(), 3, "the cut line, then a new one");
+        assert_eq!(verify_file(&path, None), Err(VerifyError::Malformed(2)));
     }
 
     #[test]

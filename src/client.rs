@@ -156,9 +156,17 @@ fn write_output<T>(
     }
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.kubekms-{}.tmp", std::process::id()));
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    let tmp = dir.join(format!(".{name}.kubekms-{random}.tmp"));
     let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(|e| ClientError::Output(tmp.clone(), e))?;
+        // Plaintext may be written here: private to the user, never through a symlink or
+        // into an existing file.
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            0o600,
+        )
+        .open(&tmp)
+        .map_err(|e| ClientError::Output(tmp.clone(), e))?;
         let mut buf = std::io::BufWriter::new(file);
         let value = write(&mut buf)?;
         let file = buf.into_inner().map_err(|e| ClientError::Output(tmp.clone(), e.into_error()))?;

@@ -42,11 +42,12 @@ pub fn policy_verdict(policy: &KeyPolicy, who: &Identity, op: KeyOperation) -> P
     }
 }
 
-/// Whether `grant` lets `who` do `op` on its key with `context` at `now`: the controller
-/// marked it Active, it has not expired (checked here too, not only by the controller),
-/// and its constraint holds.
+/// Whether `grant` lets `who` do `op` on the key `key_id` with `context` at `now`: the
+/// controller marked it Active for this very key (not an earlier key of the same name), it
+/// has not expired (checked here too, not only by the controller), and its constraint holds.
 pub fn grant_allows(
     grant: &KmsGrant,
+    key_id: &str,
     who: &Identity,
     op: KeyOperation,
     context: &BTreeMap<String, String>,
@@ -54,6 +55,7 @@ pub fn grant_allows(
 ) -> bool {
     let status = grant.status.as_ref();
     status.and_then(|s| s.state) == Some(GrantState::Active)
+        && status.and_then(|s| s.key_id.as_deref()) == Some(key_id)
         && status.and_then(|s| s.retired_by.as_ref()).is_none()
         && grant.metadata.deletion_timestamp.is_none()
         && grant.spec.expires_at.as_ref().is_none_or(|t| now < t.0)
@@ -79,7 +81,7 @@ pub trait RbacChecker: Send + Sync + 'static {
     ) -> Result<bool, RbacError>;
 }
 
-type SarKey = (String, Vec<String>, String, String, String);
+type SarKey = (String, String, Vec<String>, BTreeMap<String, Vec<String>>, String, String, String);
 
 /// SubjectAccessReviews, with answers cached for a short, bounded time.
 pub struct SarChecker {
@@ -105,7 +107,9 @@ impl RbacChecker for SarChecker {
     ) -> Result<bool, RbacError> {
         let key: SarKey = (
             who.username.clone(),
+            who.uid.clone(),
             who.groups.clone(),
+            who.extra.clone(),
             verb.to_owned(),
             namespace.to_owned(),
             name.to_owned(),
@@ -229,9 +233,11 @@ mod tests {
                 retiring_principal: None,
             },
         );
-        g.status = Some(KmsGrantStatus { state, ..Default::default() });
+        g.status = Some(KmsGrantStatus { state, key_id: Some(KEY.into()), ..Default::default() });
         g
     }
+
+    const KEY: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
 
     fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -242,26 +248,30 @@ mod tests {
         let now: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
         let who = sa("batch", "nightly");
         let active = grant(None, None, Some(GrantState::Active));
-        assert!(grant_allows(&active, &who, KeyOperation::Decrypt, &ctx(&[]), now));
-        assert!(!grant_allows(&active, &who, KeyOperation::Encrypt, &ctx(&[]), now), "operation not granted");
+        assert!(grant_allows(&active, KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now));
         assert!(
-            !grant_allows(&active, &sa("batch", "other"), KeyOperation::Decrypt, &ctx(&[]), now),
+            !grant_allows(&active, KEY, &who, KeyOperation::Encrypt, &ctx(&[]), now),
+            "operation not granted"
+        );
+        assert!(
+            !grant_allows(&active, KEY, &sa("batch", "other"), KeyOperation::Decrypt, &ctx(&[]), now),
             "other grantee"
         );
         assert!(
-            !grant_allows(&active, &sa("other", "nightly"), KeyOperation::Decrypt, &ctx(&[]), now),
+            !grant_allows(&active, KEY, &sa("other", "nightly"), KeyOperation::Decrypt, &ctx(&[]), now),
             "same name, other namespace"
         );
         for state in [None, Some(GrantState::Invalid), Some(GrantState::Expired), Some(GrantState::Retired)] {
             assert!(
-                !grant_allows(&grant(None, None, state), &who, KeyOperation::Decrypt, &ctx(&[]), now),
+                !grant_allows(&grant(None, None, state), KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now),
                 "{state:?}"
             );
         }
         let expiring = grant(None, Some("2026-06-01T00:00:01Z"), Some(GrantState::Active));
-        assert!(grant_allows(&expiring, &who, KeyOperation::Decrypt, &ctx(&[]), now));
+        assert!(grant_allows(&expiring, KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now));
         assert!(!grant_allows(
             &expiring,
+            KEY,
             &who,
             KeyOperation::Decrypt,
             &ctx(&[]),
@@ -274,14 +284,31 @@ mod tests {
         let constrained = grant(Some(subset), None, Some(GrantState::Active));
         assert!(grant_allows(
             &constrained,
+            KEY,
             &who,
             KeyOperation::Decrypt,
             &ctx(&[("tenant", "acme"), ("x", "y")]),
             now
         ));
-        assert!(!grant_allows(&constrained, &who, KeyOperation::Decrypt, &ctx(&[("tenant", "evil")]), now));
+        assert!(!grant_allows(
+            &constrained,
+            KEY,
+            &who,
+            KeyOperation::Decrypt,
+            &ctx(&[("tenant", "evil")]),
+            now
+        ));
         let mut retired = grant(None, None, Some(GrantState::Active));
         retired.status.as_mut().unwrap().retired_by = Some("someone".into());
-        assert!(!grant_allows(&retired, &who, KeyOperation::Decrypt, &ctx(&[]), now));
+        assert!(!grant_allows(&retired, KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now));
+        // A grant made for an earlier key of the same name does not carry over.
+        assert!(!grant_allows(
+            &active,
+            "7ece15cd-0195-4985-aff9-395763ad0a3b",
+            &who,
+            KeyOperation::Decrypt,
+            &ctx(&[]),
+            now
+        ));
     }
 }

@@ -12,12 +12,11 @@ use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::crypto::RootKey;
 use crate::keyring::{KeySnapshot, MaterialError, WrappedVersions, unwrap_all};
 
-/// A key as the service needs it: the object (spec, status) and its unwrapped versions.
+/// A key as the service finds it: the object (spec, status). Its material is unwrapped
+/// only once the caller is authorized ([`KeyDirectory::material`]).
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub key: Arc<KmsKey>,
-    /// Every version the key holds (empty when it holds none).
-    pub versions: Arc<KeySnapshot>,
 }
 
 impl KeyEntry {
@@ -40,8 +39,10 @@ pub enum DirectoryError {
 
 /// Keys and grants, by name or id.
 pub trait KeyDirectory: Send + Sync + 'static {
-    /// A key by `namespace/name` or keyId; `Ok(None)` if there is none.
-    fn resolve(&self, name: &str) -> Result<Option<KeyEntry>, DirectoryError>;
+    /// A key by `namespace/name` or keyId, if there is one.
+    fn resolve(&self, name: &str) -> Option<KeyEntry>;
+    /// Every version the key holds, unwrapped (none when it holds none).
+    fn material(&self, entry: &KeyEntry) -> Result<Arc<KeySnapshot>, DirectoryError>;
     /// The grants of one key.
     fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<KmsGrant>>;
     /// A grant by `namespace/name` or grantId.
@@ -95,9 +96,34 @@ impl WatchedKeys {
         Some(found)
     }
 
+    /// Forgets the unwrapped material of keys that are gone or destroyed (run periodically:
+    /// plaintext material must not outlive its key in memory).
+    pub fn sweep(&self) {
+        let live = |key_id: &String| {
+            self.materials
+                .get(&ObjectRef::new(key_id))
+                .is_some_and(|m| m.spec.destroyed_at.is_none() && self.find_by_id(key_id).is_some())
+        };
+        if let Ok(mut m) = self.unwrapped.lock() {
+            m.retain(|key_id, _| live(key_id));
+        }
+        if let Ok(mut m) = self.by_id.lock() {
+            m.retain(|key_id, _| self.keys.find(|k| k.uid().as_deref() == Some(key_id)).is_some());
+        }
+    }
+
     fn versions(&self, key: &KmsKey) -> Result<Arc<KeySnapshot>, DirectoryError> {
         let key_id = key.uid().unwrap_or_default();
-        let material = self.materials.get(&ObjectRef::new(&key_id)).filter(|m| m.spec.destroyed_at.is_none());
+        let material = self
+            .materials
+            .get(&ObjectRef::new(&key_id))
+            .filter(|m| m.spec.destroyed_at.is_none() && m.spec.owner.uid == key_id);
+        if material.is_none() {
+            // Destroyed or gone: drop whatever was unwrapped before.
+            if let Ok(mut m) = self.unwrapped.lock() {
+                m.remove(&key_id);
+            }
+        }
         let version_of_material = material.as_ref().and_then(|m| m.meta().resource_version.clone());
         let cached = self.unwrapped.lock().ok().and_then(|m| m.get(&key_id).cloned());
         if let Some((rv, snap)) = &cached
@@ -129,15 +155,32 @@ impl WatchedKeys {
     }
 }
 
+impl<T: KeyDirectory> KeyDirectory for Arc<T> {
+    fn resolve(&self, name: &str) -> Option<KeyEntry> {
+        self.as_ref().resolve(name)
+    }
+    fn material(&self, entry: &KeyEntry) -> Result<Arc<KeySnapshot>, DirectoryError> {
+        self.as_ref().material(entry)
+    }
+    fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<KmsGrant>> {
+        self.as_ref().grants(namespace, key_name)
+    }
+    fn grant(&self, name: &str) -> Option<Arc<KmsGrant>> {
+        self.as_ref().grant(name)
+    }
+}
+
 impl KeyDirectory for WatchedKeys {
-    fn resolve(&self, name: &str) -> Result<Option<KeyEntry>, DirectoryError> {
+    fn resolve(&self, name: &str) -> Option<KeyEntry> {
         let key = match name.split_once('/') {
             Some((ns, n)) => self.keys.get(&ObjectRef::new(n).within(ns)),
             None => self.find_by_id(name),
         };
-        let Some(key) = key else { return Ok(None) };
-        let versions = self.versions(&key)?;
-        Ok(Some(KeyEntry { key, versions }))
+        key.map(|key| KeyEntry { key })
+    }
+
+    fn material(&self, entry: &KeyEntry) -> Result<Arc<KeySnapshot>, DirectoryError> {
+        self.versions(&entry.key)
     }
 
     fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<KmsGrant>> {

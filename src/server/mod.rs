@@ -129,7 +129,17 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         _ = async { tokio::join!(keys.wait_until_ready(), materials.wait_until_ready(), grants.wait_until_ready()) } => {}
     }
     tracing::info!("keys, material and grants are in sync; serving");
-    let directory = keys::WatchedKeys::new(keys, materials, grants, root.clone());
+    let directory = Arc::new(keys::WatchedKeys::new(keys, materials, grants, root.clone()));
+    let sweeper = directory.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(30)) => sweeper.sweep(),
+            }
+        }
+    });
     let api = service::KeyApi::new(
         auth::Authenticator::new(
             auth::KubeTokenReviewer(client.clone()),
@@ -149,7 +159,11 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let served = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(RunError::Serve)?
-        .add_service(KeyServiceServer::new(api))
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(256)
+        // Requests are small (4 KiB of plaintext, 8 KiB of context): refuse anything larger
+        // before it is decoded.
+        .add_service(KeyServiceServer::new(api).max_decoding_message_size(64 * 1024))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

@@ -246,13 +246,10 @@ where
         if name.is_empty() {
             return Err(ApiError::InvalidArgument("key is required (namespace/name or keyId)".into()));
         }
-        if name.len() > 400 {
+        if name.len() > 320 {
             return Err(ApiError::InvalidArgument("key name is too long".into()));
         }
-        self.keys
-            .resolve(name)
-            .map_err(ApiError::Material)?
-            .ok_or_else(|| ApiError::NotFound(format!("key {name:?} not found")))
+        self.keys.resolve(name).ok_or_else(|| ApiError::NotFound(format!("key {name:?} not found")))
     }
 
     /// Key policy (explicit deny wins), then grants, then RBAC when the policy delegates.
@@ -279,8 +276,9 @@ where
             PolicyVerdict::NoMatch => {}
         }
         let now = Timestamp::now();
+        let key_id = entry.key_id();
         if let Some(grant) =
-            self.keys.grants(&ns, &name).iter().find(|g| grant_allows(g, who, op, context, now))
+            self.keys.grants(&ns, &name).iter().find(|g| grant_allows(g, &key_id, who, op, context, now))
         {
             trail.grant_id = grant.uid();
             return Ok(());
@@ -311,9 +309,12 @@ where
         Ok(())
     }
 
-    fn current(entry: &KeyEntry) -> Result<(u32, Arc<KeyMaterial>), ApiError> {
+    /// The key's current version and its material (unwrapped only now, after the caller
+    /// was authorized).
+    fn current(&self, entry: &KeyEntry) -> Result<(u32, Arc<KeyMaterial>), ApiError> {
         let version = entry.key.status.as_ref().and_then(|s| s.current_version);
-        version.and_then(|v| Some((v, entry.versions.versions.get(&v)?.clone()))).ok_or_else(|| {
+        let versions = self.keys.material(entry).map_err(ApiError::Material)?;
+        version.and_then(|v| Some((v, versions.versions.get(&v)?.clone()))).ok_or_else(|| {
             ApiError::FailedPrecondition(format!("key {} has no usable current version yet", entry.display()))
         })
     }
@@ -348,12 +349,16 @@ where
         trail: &mut Trail,
     ) -> Result<(KeyEntry, u32, crate::crypto::SecretBytes), ApiError> {
         let header = blob::parse_header(ciphertext)?;
-        let entry = self.keys.resolve(&header.key_id).map_err(ApiError::Material)?.ok_or_else(|| {
+        let entry = self.keys.resolve(&header.key_id).ok_or_else(|| {
             ApiError::NotFound(format!(
                 "the key that made this ciphertext ({}) does not exist",
                 header.key_id
             ))
         })?;
+        trail.version = Some(header.version);
+        trail.key = Some(entry.clone());
+        self.authorize(who, &entry, op, context, trail).await?;
+        // Only an authorized caller learns which key a ciphertext is under.
         if !expected_key.is_empty() {
             let expected = self.resolve(expected_key)?;
             if expected.key_id() != entry.key_id() {
@@ -363,11 +368,9 @@ where
                 )));
             }
         }
-        trail.version = Some(header.version);
-        trail.key = Some(entry.clone());
-        self.authorize(who, &entry, op, context, trail).await?;
         Self::usable(&entry)?;
-        let material = entry.versions.versions.get(&header.version).cloned().ok_or_else(|| {
+        let versions = self.keys.material(&entry).map_err(ApiError::Material)?;
+        let material = versions.versions.get(&header.version).cloned().ok_or_else(|| {
             ApiError::NotFound(format!("key {} does not hold version {}", entry.display(), header.version))
         })?;
         let plaintext = blob::open_blob(&material, context, ciphertext).map_err(|e| match e {
@@ -400,7 +403,7 @@ where
         trail.key = Some(entry.clone());
         self.authorize(who, &entry, op, context, trail).await?;
         Self::usable(&entry)?;
-        let (version, material) = Self::current(&entry)?;
+        let (version, material) = self.current(&entry)?;
         trail.version = Some(version);
         let mut data_key = vec![0u8; n as usize];
         getrandom::fill(&mut data_key).map_err(|_| ApiError::Random)?;
@@ -463,7 +466,7 @@ where
             trail.key = Some(entry.clone());
             self.authorize(who, &entry, KeyOperation::Encrypt, &context, trail).await?;
             Self::usable(&entry)?;
-            let (version, material) = Self::current(&entry)?;
+            let (version, material) = self.current(&entry)?;
             trail.version = Some(version);
             let ciphertext_blob = Self::seal(&entry, version, &material, &context, &req.plaintext)?;
             Ok(EncryptResponse { ciphertext_blob, key: version_ref(&entry, version) })
@@ -509,7 +512,7 @@ where
             trail.key = Some(entry.clone());
             self.authorize(who, &entry, KeyOperation::ReEncryptTo, &context, trail).await?;
             Self::usable(&entry)?;
-            let (version, material) = Self::current(&entry)?;
+            let (version, material) = self.current(&entry)?;
             trail.version = Some(version);
             let ciphertext_blob = Self::seal(&entry, version, &material, &context, plaintext.expose())?;
             Ok(ReEncryptResponse {
@@ -603,7 +606,7 @@ where
                 .ok_or_else(|| ApiError::NotFound(format!("grant {:?} not found", req.grant)))?;
             trail.grant_id = grant.uid();
             let ns = grant.namespace().unwrap_or_default();
-            if let Ok(Some(entry)) = self.keys.resolve(&format!("{ns}/{}", grant.spec.key_ref.name)) {
+            if let Some(entry) = self.keys.resolve(&format!("{ns}/{}", grant.spec.key_ref.name)) {
                 trail.key = Some(entry);
             }
             let may = grant.spec.grantee.matches(&who.username, &who.groups)
