@@ -279,8 +279,10 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         let started = Instant::now();
         let who = principal(&request);
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         let outcome = self.encrypt_inner(&req);
+        // The DEK seed is key material: wipe the request's copy.
+        zeroize::Zeroize::zeroize(&mut req.plaintext);
         self.finish("Encrypt", who, &req.uid, started, outcome).map(Response::new)
     }
 

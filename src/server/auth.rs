@@ -81,10 +81,15 @@ fn jwt_expiry(token: &str) -> Option<i64> {
 }
 
 struct Cached {
-    identity: Identity,
+    /// Who the token is, or `None` for a token the API server rejected.
+    identity: Option<Identity>,
     /// Unix seconds after which the entry is not used.
     until: i64,
 }
+
+/// How long a rejected token is remembered, so that retrying it does not turn into a
+/// TokenReview per call.
+const REJECTED_TTL: i64 = 10;
 
 /// Authenticates bearer tokens, with a bounded cache.
 pub struct Authenticator<R> {
@@ -123,20 +128,18 @@ impl<R: TokenReviewer> Authenticator<R> {
         if let Ok(cache) = self.cache.lock()
             && let Some(c) = cache.get(&hash).filter(|c| now < c.until)
         {
-            return Ok(c.identity.clone());
+            return c.identity.clone().ok_or_else(|| AuthError::Rejected(self.audiences.join(",")));
         }
         let expiry = jwt_expiry(token);
         if expiry.is_some_and(|exp| exp <= now) {
             return Err(AuthError::Rejected(self.audiences.join(",")));
         }
-        let identity = self
-            .reviewer
-            .review(token, &self.audiences)
-            .await
-            .map_err(AuthError::Backend)?
-            .ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))?;
+        let reviewed = self.reviewer.review(token, &self.audiences).await.map_err(AuthError::Backend)?;
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
-        let until = expiry.map_or(now.saturating_add(ttl), |exp| exp.min(now.saturating_add(ttl)));
+        let until = match &reviewed {
+            Some(_) => expiry.map_or(now.saturating_add(ttl), |exp| exp.min(now.saturating_add(ttl))),
+            None => now.saturating_add(REJECTED_TTL),
+        };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= MAX_CACHED {
                 cache.retain(|_, c| now < c.until);
@@ -144,9 +147,9 @@ impl<R: TokenReviewer> Authenticator<R> {
                     cache.clear();
                 }
             }
-            cache.insert(hash, Cached { identity: identity.clone(), until });
+            cache.insert(hash, Cached { identity: reviewed.clone(), until });
         }
-        Ok(identity)
+        reviewed.ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))
     }
 }
 
@@ -193,6 +196,21 @@ mod tests {
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 2);
         auth.authenticate(&long, 1_000_061).await.unwrap();
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 3, "re-reviewed after the cache TTL");
+    }
+
+    #[tokio::test]
+    async fn rejected_tokens_are_remembered_briefly() {
+        let auth = Authenticator::new(
+            Counting(AtomicUsize::new(0)),
+            vec!["kubekms".into()],
+            Duration::from_secs(60),
+        );
+        for t in 0..5 {
+            assert!(matches!(auth.authenticate("bad", 100 + t).await, Err(AuthError::Rejected(_))));
+        }
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1);
+        assert!(auth.authenticate("bad", 100 + REJECTED_TTL).await.is_err());
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -468,8 +468,10 @@ where
             Self::usable(&entry)?;
             let (version, material) = self.current(&entry)?;
             trail.version = Some(version);
-            let ciphertext_blob = Self::seal(&entry, version, &material, &context, &req.plaintext)?;
-            Ok(EncryptResponse { ciphertext_blob, key: version_ref(&entry, version) })
+            let mut plaintext = req.plaintext;
+            let sealed = Self::seal(&entry, version, &material, &context, &plaintext);
+            zeroize::Zeroize::zeroize(&mut plaintext);
+            Ok(EncryptResponse { ciphertext_blob: sealed?, key: version_ref(&entry, version) })
         })
         .await
     }
