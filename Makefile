@@ -30,6 +30,13 @@ crds: ## Regenerate crds/ and the chart's crds/ from the Rust types
 	$(CARGO) run --quiet -- crds > crds/kubekms.yaml
 	cp crds/kubekms.yaml charts/kubekms/crds/kubekms.yaml
 
+.PHONY: bench bench-smoke
+bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~15 min; BENCH_ARGS=--runs 5)
+	bench/run.sh $(BENCH_ARGS)
+
+bench-smoke: ## The benchmark at tiny sizes, to check that it works (about a minute; measures nothing)
+	bench/run.sh --smoke
+
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
