@@ -182,6 +182,7 @@ start_apiserver() {
     --encryption-provider-config "$RUN_DIR/encryption-config.yaml" \
     --encryption-provider-config-automatic-reload=true \
     --profiling=false \
+    --shutdown-watch-termination-grace-period=2s \
     --v=1
   wait_for kube-apiserver 120 "kube-apiserver /readyz" apiserver_ready
 }

@@ -64,6 +64,9 @@ pub struct AuditEvent {
     pub reason: Option<String>,
 }
 
+/// The layout of a line before its MAC (written by hand in `record`, checked against this
+/// in the tests).
+#[cfg(test)]
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Line<'a> {
@@ -229,21 +232,31 @@ impl AuditLog {
 
     /// Writes one line. Callers fail the operation when this fails (fail closed).
     pub fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let event = &bounded(event);
-        let mut w = self.writer.lock().map_err(|_| AuditError::Poisoned)?;
+        // Everything that does not depend on the chain is done before taking the lock, so
+        // concurrent callers queue only for the sequence number, the MAC, the hash and the
+        // write. The line is what `Line` serializes to: time, seq, the event's fields, prev.
+        let event = serde_json::to_string(&bounded(event)).map_err(AuditError::Encode)?;
+        let fields = event.strip_prefix('{').and_then(|e| e.strip_suffix('}')).unwrap_or_default();
         let time = jiff::Timestamp::now().to_string();
+        let mut w = self.writer.lock().map_err(|_| AuditError::Poisoned)?;
         let seq = w.seq + 1;
-        let body =
-            serde_json::to_string(&Line { time, seq, event, prev: &w.prev }).map_err(AuditError::Encode)?;
-        let mac = mac_hex(&self.mac_key, body.as_bytes());
-        let mut line = body;
+        let mut line = String::with_capacity(fields.len() + 256);
+        line.push_str("{\"time\":\"");
+        line.push_str(&time);
+        line.push_str("\",\"seq\":");
+        line.push_str(&seq.to_string());
+        line.push(',');
+        line.push_str(fields);
+        line.push_str(",\"prev\":\"");
+        line.push_str(&w.prev);
+        line.push_str("\"}");
+        let mac = mac_hex(&self.mac_key, line.as_bytes());
         line.pop(); // the closing brace
         line.push_str(",\"mac\":\"");
         line.push_str(&mac);
-        line.push_str("\"}");
-        let mut bytes = line.clone().into_bytes();
-        bytes.push(b'\n');
-        w.out.write_all(&bytes).and_then(|()| w.out.flush()).map_err(AuditError::Write)?;
+        line.push_str("\"}\n");
+        w.out.write_all(line.as_bytes()).and_then(|()| w.out.flush()).map_err(AuditError::Write)?;
+        line.pop(); // the newline: the chain hashes the line itself
         w.prev = sha256_hex(line.as_bytes());
         w.seq = seq;
         Ok(())
@@ -403,6 +416,23 @@ mod tests {
         let other = RootKey::from_material(KeyMaterial::from_slice(&[4; 32]).unwrap());
         assert_eq!(check(&good, Some(&other)), Err(VerifyError::Mac(1)));
         assert_eq!(check(&["not json".to_owned()], None), Err(VerifyError::Malformed(1)));
+    }
+
+    #[test]
+    fn lines_are_laid_out_as_the_line_type_serializes() {
+        let (_dir, path) = log_of(2);
+        let second = lines(&path)[1].clone();
+        let value: serde_json::Value = serde_json::from_str(&second).unwrap();
+        let mac = value["mac"].as_str().unwrap();
+        let body = second.strip_suffix(&format!(",\"mac\":\"{mac}\"}}")).unwrap().to_owned() + "}";
+        let expected = serde_json::to_string(&Line {
+            time: value["time"].as_str().unwrap().to_owned(),
+            seq: 2,
+            event: &bounded(&event(2)),
+            prev: value["prev"].as_str().unwrap(),
+        })
+        .unwrap();
+        assert_eq!(body, expected);
     }
 
     #[test]

@@ -33,3 +33,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     };
     Client::try_from(config).map_err(ClientError::Build)
 }
+
+/// Drops `metadata.managedFields` from a watched object before it is cached: more than half
+/// of a stored KmsKey, and never read by kubekms.
+pub fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}

@@ -109,16 +109,30 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                     }
                 }
                 let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
+                let already_written = ctx
+                    .written
+                    .lock()
+                    .ok()
+                    .and_then(|w| {
+                        w.get(&owner.uid).map(|(before, after)| *before == status && *after == next)
+                    })
+                    .unwrap_or(false);
                 let mut resource_version = key.resource_version();
-                if next != status {
+                if next != status && !already_written {
                     resource_version = patch_status(&api, &owner.name, &next).await?;
+                    if let Ok(mut w) = ctx.written.lock() {
+                        w.insert(owner.uid.clone(), (status.clone(), next.clone()));
+                    }
+                    publish(ctx, key, &lifecycle::transitions(&status, &next)).await;
                 }
-                publish(ctx, key, &lifecycle::transitions(&status, &next)).await;
                 if deleting && next.state == Some(KeyState::Destroyed) {
                     // Status says Destroyed before the tombstone goes, so a retry after a
                     // failure below still knows the key is destroyed.
                     ctx.materials.delete(&owner.uid).await?;
                     set_finalizer(&api, key, resource_version, false).await?;
+                    if let Ok(mut w) = ctx.written.lock() {
+                        w.remove(&owner.uid);
+                    }
                     return Ok(Action::await_change());
                 }
                 let wait = requeue_after
@@ -146,6 +160,9 @@ async fn current_material(
     };
     match cached {
         Some(m) if fresh_enough(&m) => Ok(Some((*m).clone())),
+        // A key that never had status has no material yet, or only material a crashed
+        // attempt created: creating it then finds that one (409, then a read).
+        None if status.key_id.is_none() && status.current_version.is_none() => Ok(None),
         _ => Ok(ctx.materials.get(key_id).await?),
     }
 }

@@ -19,7 +19,7 @@ use kube::{Api, Client, Resource};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial, KmsKeyStatus};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::keyring::{MaterialError, MaterialStore};
 use crate::telemetry::{self, Health};
@@ -82,6 +82,10 @@ pub struct Context {
     pub material_cache: Store<KmsKeyMaterial>,
     pub calendar: Calendar,
     pub metrics: Arc<ControllerMetrics>,
+    /// The last status write per key (by UID): the status it replaced and the one it wrote.
+    /// A reconcile that sees the replaced one again is looking at a cache that has not caught
+    /// up with that write yet, and must not write (and announce) the same change twice.
+    pub written: std::sync::Mutex<std::collections::HashMap<String, (KmsKeyStatus, KmsKeyStatus)>>,
 }
 
 /// How the controller runs.
@@ -253,6 +257,7 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
         material_cache: material_reader,
         calendar: shared.config.calendar,
         metrics: shared.metrics.clone(),
+        written: Default::default(),
     });
     let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
     run_controllers(ctx, stores, shared.config.selector.clone(), shared.health.clone(), stop).await;
@@ -264,14 +269,14 @@ struct Stores {
 }
 
 /// Hashes what should wake the controller for a KmsKey: spec changes (generation) and
-/// deletion — not its own status writes.
+/// deletion — not its own writes (status, the finalizer), which would only make it look
+/// again at an object whose cached copy may not show them yet.
 fn key_trigger(key: &KmsKey) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let meta = key.meta();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     meta.generation.hash(&mut h);
     meta.deletion_timestamp.is_some().hash(&mut h);
-    meta.finalizers.hash(&mut h);
     Some(h.finish())
 }
 
@@ -292,11 +297,13 @@ async fn run_controllers(
     }
     let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config.clone())
         .default_backoff()
+        .modify(crate::kubeclient::drop_managed_fields)
         .reflect(key_writer)
         .applied_objects()
         .predicate_filter(key_trigger, Default::default());
     let materials = watcher(Api::<KmsKeyMaterial>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .modify(crate::kubeclient::drop_managed_fields)
         .reflect(material_writer)
         .touched_objects();
     let key_controller = Controller::for_stream(keys, stores.keys.0.clone())
@@ -319,11 +326,13 @@ async fn run_controllers(
     let (grant_keys_reader, grant_keys_writer) = reflector::store::<KmsKey>();
     let grants = watcher(Api::<KmsGrant>::all(client.clone()), key_config.clone())
         .default_backoff()
+        .modify(crate::kubeclient::drop_managed_fields)
         .reflect(grant_writer)
         .applied_objects()
         .predicate_filter(grant_trigger, Default::default());
     let grant_keys = watcher(Api::<KmsKey>::all(client.clone()), key_config)
         .default_backoff()
+        .modify(crate::kubeclient::drop_managed_fields)
         .reflect(grant_keys_writer)
         .touched_objects();
     let grant_index = grant_reader.clone();

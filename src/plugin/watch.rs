@@ -114,11 +114,13 @@ impl KeyWatch {
         // Every watch event counts, InitDone included: that is when a store becomes ready.
         let key_events = watcher(keys, key_config)
             .default_backoff()
+            .modify(crate::kubeclient::drop_managed_fields)
             .reflect(key_writer)
             .map(|e| log_watch_error("KmsKey", e.err()))
             .boxed();
         let material_events = watcher(materials, material_config)
             .default_backoff()
+            .modify(crate::kubeclient::drop_managed_fields)
             .reflect(material_writer)
             .map(|e| log_watch_error("KmsKeyMaterial", e.err()))
             .boxed();

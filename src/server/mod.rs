@@ -79,8 +79,11 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream =
-        watcher(api, watcher::Config::default()).default_backoff().reflect(writer).for_each(|event| {
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(crate::kubeclient::drop_managed_fields)
+        .reflect(writer)
+        .for_each(|event| {
             if let Err(e) = event {
                 tracing::warn!(error = %e, "watch failed; retrying");
             }
