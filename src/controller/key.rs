@@ -72,7 +72,8 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
         set_finalizer(&api, key, key.resource_version(), true).await?;
     }
 
-    let status = key.status.clone().unwrap_or_default();
+    let cached_status = key.status.clone().unwrap_or_default();
+    let status = ctx.written.current(&owner.uid, &cached_status);
     let mut material = current_material(ctx, &owner.uid, &status).await?;
     let mut now = Timestamp::now();
     let mut clock_checked = false;
@@ -109,20 +110,10 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                     }
                 }
                 let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
-                let already_written = ctx
-                    .written
-                    .lock()
-                    .ok()
-                    .and_then(|w| {
-                        w.get(&owner.uid).map(|(before, after)| *before == status && *after == next)
-                    })
-                    .unwrap_or(false);
                 let mut resource_version = key.resource_version();
-                if next != status && !already_written {
+                if next != status {
                     resource_version = patch_status(&api, &owner.name, &next).await?;
-                    if let Ok(mut w) = ctx.written.lock() {
-                        w.insert(owner.uid.clone(), (status.clone(), next.clone()));
-                    }
+                    ctx.written.wrote(&owner.uid, &cached_status, &status, next.clone());
                     publish(ctx, key, &lifecycle::transitions(&status, &next)).await;
                 }
                 if deleting && next.state == Some(KeyState::Destroyed) {
@@ -130,9 +121,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                     // failure below still knows the key is destroyed.
                     ctx.materials.delete(&owner.uid).await?;
                     set_finalizer(&api, key, resource_version, false).await?;
-                    if let Ok(mut w) = ctx.written.lock() {
-                        w.remove(&owner.uid);
-                    }
+                    ctx.written.forget(&owner.uid);
                     return Ok(Action::await_change());
                 }
                 let wait = requeue_after
@@ -143,6 +132,70 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
         }
     }
     Err(Error::Unsettled)
+}
+
+/// The status writes of this controller that its watch cache may not show yet, per key UID.
+///
+/// A reconcile woken (say, by the material watch) before the key's watch has delivered the
+/// controller's own last status write sees the status that write replaced. Planning from it
+/// would write the same change again — with a new condition time — and announce it twice.
+/// So the controller plans from the status it wrote whenever the cache shows one that it has
+/// since replaced. Only this controller writes these fields (one field manager, one leader).
+#[derive(Debug, Default)]
+pub struct StatusMemory(std::sync::Mutex<std::collections::HashMap<String, Written>>);
+
+#[derive(Debug)]
+struct Written {
+    /// Statuses this controller replaced and the cache may still show, oldest first.
+    replaced: Vec<KmsKeyStatus>,
+    /// The status it wrote last.
+    latest: KmsKeyStatus,
+}
+
+/// How many replaced statuses are remembered per key: writes follow each other faster than
+/// the watch delivers them only a few times in a row.
+const REPLACED_REMEMBERED: usize = 8;
+
+impl StatusMemory {
+    /// The status to plan from, given what the watch cache shows.
+    pub fn current(&self, uid: &str, cached: &KmsKeyStatus) -> KmsKeyStatus {
+        let Ok(mut written) = self.0.lock() else { return cached.clone() };
+        match written.get(uid) {
+            Some(w) if w.replaced.contains(cached) => w.latest.clone(),
+            Some(_) => {
+                // The cache has caught up (or status changed some other way): nothing to
+                // remember any more.
+                written.remove(uid);
+                cached.clone()
+            }
+            None => cached.clone(),
+        }
+    }
+
+    /// Records a status write: `next` replaced `base`, which was planned from `cached`.
+    pub fn wrote(&self, uid: &str, cached: &KmsKeyStatus, base: &KmsKeyStatus, next: KmsKeyStatus) {
+        let Ok(mut written) = self.0.lock() else { return };
+        let entry = written
+            .entry(uid.to_owned())
+            .or_insert_with(|| Written { replaced: Vec::new(), latest: next.clone() });
+        for s in [cached, base] {
+            if !entry.replaced.contains(s) {
+                entry.replaced.push(s.clone());
+            }
+        }
+        if entry.replaced.len() > REPLACED_REMEMBERED {
+            let excess = entry.replaced.len() - REPLACED_REMEMBERED;
+            entry.replaced.drain(..excess);
+        }
+        entry.latest = next;
+    }
+
+    /// Forgets a key that is gone.
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut written) = self.0.lock() {
+            written.remove(uid);
+        }
+    }
 }
 
 /// The key's material: from the watch cache when it is at least as new as status says,
@@ -395,4 +448,58 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::KeyState;
+
+    fn status(state: KeyState, version: u32) -> KmsKeyStatus {
+        KmsKeyStatus { state: Some(state), current_version: Some(version), ..Default::default() }
+    }
+
+    #[test]
+    fn a_stale_cache_is_planned_from_the_last_write() {
+        let memory = StatusMemory::default();
+        let (s0, s1, s2) =
+            (KmsKeyStatus::default(), status(KeyState::Enabled, 1), status(KeyState::Enabled, 2));
+        assert_eq!(memory.current("a", &s0), s0, "nothing written yet: the cache is the truth");
+
+        memory.wrote("a", &s0, &s0, s1.clone());
+        assert_eq!(memory.current("a", &s0), s1, "the cache has not seen the write");
+        assert_eq!(memory.current("b", &s0), s0, "other keys are not affected");
+
+        // A second write planned from the first, before the cache showed either.
+        memory.wrote("a", &s0, &s1, s2.clone());
+        assert_eq!(memory.current("a", &s0), s2);
+        assert_eq!(memory.current("a", &s1), s2, "the cache shows the first write only");
+
+        assert_eq!(memory.current("a", &s2), s2, "caught up");
+        assert_eq!(memory.current("a", &s0), s0, "and forgotten once caught up");
+    }
+
+    #[test]
+    fn a_status_changed_elsewhere_wins() {
+        let memory = StatusMemory::default();
+        let (s0, s1, other) =
+            (KmsKeyStatus::default(), status(KeyState::Enabled, 1), status(KeyState::Disabled, 1));
+        memory.wrote("a", &s0, &s0, s1);
+        assert_eq!(memory.current("a", &other), other);
+        assert_eq!(memory.current("a", &s0), s0);
+    }
+
+    #[test]
+    fn what_is_remembered_is_bounded_and_forgotten_with_the_key() {
+        let memory = StatusMemory::default();
+        let states: Vec<_> = (1..=20).map(|v| status(KeyState::Enabled, v)).collect();
+        for pair in states.windows(2) {
+            memory.wrote("a", &pair[0], &pair[0], pair[1].clone());
+        }
+        let remembered = memory.0.lock().map(|w| w["a"].replaced.len()).unwrap_or_default();
+        assert_eq!(remembered, REPLACED_REMEMBERED);
+        assert_eq!(memory.current("a", &states[18]), states[19]);
+        memory.forget("a");
+        assert_eq!(memory.current("a", &states[18]), states[18]);
+    }
 }

@@ -19,7 +19,7 @@ use kube::{Api, Client, Resource};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial, KmsKeyStatus};
+use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::keyring::{MaterialError, MaterialStore};
 use crate::telemetry::{self, Health};
@@ -82,10 +82,9 @@ pub struct Context {
     pub material_cache: Store<KmsKeyMaterial>,
     pub calendar: Calendar,
     pub metrics: Arc<ControllerMetrics>,
-    /// The last status write per key (by UID): the status it replaced and the one it wrote.
-    /// A reconcile that sees the replaced one again is looking at a cache that has not caught
-    /// up with that write yet, and must not write (and announce) the same change twice.
-    pub written: std::sync::Mutex<std::collections::HashMap<String, (KmsKeyStatus, KmsKeyStatus)>>,
+    /// The status writes the watch cache may not show yet, so that a reconcile on a stale
+    /// cache neither writes nor announces the same change twice.
+    pub written: key::StatusMemory,
 }
 
 /// How the controller runs.
