@@ -567,3 +567,94 @@ async fn rescheduling_before_a_cancellation_is_processed_is_refused() {
     patch(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     wait_key(ns, "k", "PendingDeletion again", |k| state(k) == Some(KeyState::PendingDeletion)).await;
 }
+
+/// Removes the admission policy of a test, also when the test fails.
+struct PolicyGuard(String);
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        let _ = kubectl(
+            &[
+                "delete",
+                "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                &self.0,
+                "--ignore-not-found",
+            ],
+            None,
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_whose_material_cannot_be_stored_says_why_and_recovers() {
+    let ns = TestNamespace::new("create-fails");
+    let ns = ns.name.as_str();
+    // An admission policy refuses the material of this namespace's keys: a stand-in for any
+    // failure to store version 1 (a webhook, a quota, an RBAC mistake).
+    let policy = format!("e2e-refuse-material-{ns}");
+    let guard = PolicyGuard(policy.clone());
+    let manifests = format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {policy}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [kms.kubekms.io]
+      apiVersions: ["*"]
+      operations: [CREATE]
+      resources: [kmskeymaterials]
+  validations:
+  - expression: "object.spec.owner.namespace != '{ns}'"
+    message: the e2e test refuses key material in {ns}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {policy}
+spec:
+  policyName: {policy}
+  validationActions: [Deny]
+"#
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&manifests));
+    // Wait until the policy is in force: a dry-run of such a material is refused.
+    let probe = format!(
+        "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKeyMaterial\nmetadata:\n  name: probe-{ns}\nspec:\n  origin: KUBEKMS\n  rootKeyFingerprint: probe\n  owner: {{namespace: {ns}, name: probe, uid: probe}}\n"
+    );
+    eventually(WAIT, "the admission policy in force", || async {
+        let run = kubectl(&["create", "--dry-run=server", "-f", "-"], Some(&probe));
+        (!run.ok && run.stderr.contains("refuses key material")).then_some(())
+    })
+    .await;
+
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("doomed", "", "")));
+    let key = wait_key(ns, "doomed", "Creating with the reason", |k| {
+        state(k) == Some(KeyState::Creating)
+            && condition(k, "Ready").is_some_and(|c| c.status == "False" && c.reason == "CreateFailed")
+    })
+    .await;
+    let ready = condition(&key, "Ready").unwrap();
+    assert!(ready.message.contains("refuses key material"), "the condition says why: {}", ready.message);
+    assert!(key.status.as_ref().unwrap().key_id.is_none(), "no key id before there is material");
+    wait_events(ns, "doomed", &["ReconcileFailed"]).await;
+    let table = kubectl_ok(&["get", "kmskey", "doomed", "-n", ns], None);
+    assert!(table.contains("Creating"), "{table}");
+
+    // Once the cause is gone the controller's retry creates version 1.
+    drop(guard);
+    let api: Api<KmsKey> = Api::namespaced(client().await, ns);
+    let key = eventually(Duration::from_secs(90), "Enabled after the policy is gone", || {
+        let api = api.clone();
+        async move { api.get("doomed").await.ok().filter(|k| state(k) == Some(KeyState::Enabled)) }
+    })
+    .await;
+    let status = key.status.clone().unwrap();
+    assert_eq!(status.current_version, Some(1));
+    assert_eq!(status.key_id, key.metadata.uid);
+    let ready = condition(&key, "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Enabled"));
+    wait_events(ns, "doomed", &["KeyCreated"]).await;
+}

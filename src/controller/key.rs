@@ -389,9 +389,10 @@ async fn publish(ctx: &Context, key: &KmsKey, transitions: &[lifecycle::Transiti
 }
 
 /// Makes a failure visible on the object: a Warning Event, and while the key has never
-/// been settled (no material yet), a Ready condition that says why. That condition is
-/// written under a field manager of its own and alone, so it can never remove status
-/// fields (a cached object may be older than the status the API server holds).
+/// been settled (no material yet), state Creating and a Ready condition that says why.
+/// Those are written under a field manager of their own and alone, so they can never
+/// remove status fields (a cached object may be older than the status the API server
+/// holds); the first settled status takes both over.
 async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     if error.is_conflict() {
         return;
@@ -405,7 +406,7 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     };
     let _ = ctx.recorder.publish(&event, &key.object_ref(&())).await;
     let status = key.status.clone().unwrap_or_default();
-    if status.state.is_some() {
+    if status.state.is_some_and(|s| s != KeyState::Creating) {
         return;
     }
     let Some(ns) = key.namespace() else { return };
@@ -422,7 +423,7 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     let body = json!({
         "apiVersion": "kms.kubekms.io/v1alpha1",
         "kind": "KmsKey",
-        "status": {"conditions": [ready]},
+        "status": {"state": KeyState::Creating, "conditions": [ready]},
     });
     let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &ns);
     let _ = api
