@@ -167,6 +167,22 @@ async fn lint_and_server_side_dry_run_with_default_and_other_values() {
     );
     let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&other.stdout));
     assert!(dry.ok, "the API server refused the non-default rendering:\n{}", dry.stderr);
+
+    // The static-pod path: no DaemonSet, but the cluster key and the plugin's identity.
+    let static_pod = template("dry-static", ns, &["server.tls.secretName=tls", "plugin.enabled=false"]);
+    assert!(static_pod.ok, "{}", static_pod.stderr);
+    let rendered = docs(&static_pod.stdout);
+    assert!(!rendered.iter().any(|d| d["kind"] == "DaemonSet"), "plugin.enabled=false renders no DaemonSet");
+    assert!(
+        rendered.iter().any(|d| d["kind"] == "KmsKey" && d["metadata"]["name"] == "cluster-secrets"),
+        "the cluster key is created for the static pod too"
+    );
+    assert!(
+        rendered
+            .iter()
+            .any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "dry-static-plugin"),
+        "the static pod authenticates as the plugin's ServiceAccount"
+    );
 }
 
 #[tokio::test]
