@@ -390,9 +390,10 @@ async fn publish(ctx: &Context, key: &KmsKey, transitions: &[lifecycle::Transiti
 
 /// Makes a failure visible on the object: a Warning Event, and while the key has never
 /// been settled (no material yet), state Creating and a Ready condition that says why.
-/// Those are written under a field manager of their own and alone, so they can never
-/// remove status fields (a cached object may be older than the status the API server
-/// holds); the first settled status takes both over.
+/// Those are written under a field manager of their own, alone, and only onto the
+/// resourceVersion just read from the API server: the cached object may be older than the
+/// status the API server holds, and a settled key must never be shown as Creating. The
+/// first settled status takes both over.
 async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     if error.is_conflict() {
         return;
@@ -405,11 +406,16 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
         secondary: None,
     };
     let _ = ctx.recorder.publish(&event, &key.object_ref(&())).await;
+    if key.status.as_ref().and_then(|s| s.state).is_some_and(|s| s != KeyState::Creating) {
+        return;
+    }
+    let Some(ns) = key.namespace() else { return };
+    let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let Ok(Some(key)) = api.get_opt(&key.name_any()).await else { return };
     let status = key.status.clone().unwrap_or_default();
     if status.state.is_some_and(|s| s != KeyState::Creating) {
         return;
     }
-    let Some(ns) = key.namespace() else { return };
     let generation = key.meta().generation.unwrap_or(0);
     let ready = lifecycle::condition(
         &status.conditions,
@@ -423,9 +429,9 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     let body = json!({
         "apiVersion": "kms.kubekms.io/v1alpha1",
         "kind": "KmsKey",
+        "metadata": {"resourceVersion": key.resource_version()},
         "status": {"state": KeyState::Creating, "conditions": [ready]},
     });
-    let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &ns);
     let _ = api
         .patch_status(&key.name_any(), &PatchParams::apply(ERROR_FIELD_MANAGER).force(), &Patch::Apply(body))
         .await;
