@@ -50,15 +50,19 @@ class Components:
                    interval=0.2)
         return proc
 
-    def start_controller(self, name: str, kubeconfig: Path, selector: str) -> Process:
+    def start_controller(self, name: str, kubeconfig: Path, selector: str,
+                         plugin_key: tuple[str, str] | None = None) -> Process:
         """`kubekms controller` for the keys that match `selector`, leader-elected as in a
-        Deployment; returns once it leads."""
+        Deployment; returns once it leads. With `plugin_key` it lets the plugin read that
+        key's material, as the chart's controller does."""
         metrics = f"http://127.0.0.1:{self.l.controller_metrics_port}"
+        plugin_args = ["--plugin-key", "/".join(plugin_key), "--plugin-material-role", "kubekms-plugin"] \
+            if plugin_key else []
         proc = Process(name, [
             self.l.kubekms, "controller", "--kubeconfig", kubeconfig,
             "--root-key-file", self.cp.run_dir / "root.key",
             "--metrics-addr", f"127.0.0.1:{self.l.controller_metrics_port}",
-            "--leader-election-namespace", KUBEKMS_NAMESPACE, "--selector", selector,
+            "--leader-election-namespace", KUBEKMS_NAMESPACE, "--selector", selector, *plugin_args,
         ], self.cp.run_dir).start()
         wait_until(60, f"{name} to hold the leader Lease",
                    lambda: metric_value(f"{metrics}/metrics", "kubekms_controller_leader") == 1, proc, interval=0.2)

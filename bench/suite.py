@@ -108,7 +108,7 @@ subjects: [{{kind: ServiceAccount, name: {caller}, namespace: {caller_ns}}}]
 """)
         log("creating the cluster key and the key API's key")
         kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-controller")
-        controller = self.c.start_controller("setup-controller", kubeconfig, INFRA_LABEL)
+        controller = self.c.start_controller("setup-controller", kubeconfig, INFRA_LABEL, plugin_key=CLUSTER_KEY)
         for ns, name in (CLUSTER_KEY, KEYAPI_KEY):
             self.cp.create_key(ns, name, INFRA_LABEL)
         for ns, name in (CLUSTER_KEY, KEYAPI_KEY):

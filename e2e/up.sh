@@ -248,7 +248,8 @@ start_controller() {
     --root-key-file "$RUN_DIR/root.key" \
     --metrics-addr "127.0.0.1:$CONTROLLER_METRICS_PORT" \
     --leader-election-namespace "$KUBEKMS_NAMESPACE" \
-    --selector "!kms.kubekms.io/test-controller"
+    --selector "!kms.kubekms.io/test-controller" \
+    --plugin-key "$CLUSTER_KEY" --plugin-material-role kubekms-plugin
   sha256sum <"$(kubekms_bin)" >"$PID_DIR/controller.binary"
   wait_for controller 60 "the controller's /readyz" curl -fsS "http://127.0.0.1:$CONTROLLER_METRICS_PORT/readyz"
 }

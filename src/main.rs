@@ -203,6 +203,15 @@ struct ControllerArgs {
     /// between controllers, or to try a new version on some keys first).
     #[arg(long, value_name = "SELECTOR")]
     selector: Option<String>,
+    /// The KmsKey (NAMESPACE/NAME) of the KMS plugin. With --plugin-material-role the
+    /// controller lets the plugin read this key's material and no other key's.
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "plugin_material_role")]
+    plugin_key: Option<String>,
+    /// The ClusterRole bound to the plugin's ServiceAccount whose rules the controller keeps
+    /// naming the material of --plugin-key (material is named by its key's UID, which is
+    /// known only once the key exists). The chart sets both.
+    #[arg(long, value_name = "NAME", requires = "plugin_key")]
+    plugin_material_role: Option<String>,
     /// TEST ONLY: how long one "day" of rotation periods and deletion windows lasts. Never
     /// set this in production: it shortens the waiting period before key material is
     /// destroyed.
@@ -536,6 +545,17 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         timing,
         calendar: Calendar { day: args.unsafe_day_length },
         selector: args.selector,
+        plugin_access: match (args.plugin_key, args.plugin_material_role) {
+            (Some(key), Some(cluster_role)) => {
+                let (key_namespace, key_name) = namespaced_name(&key).context("--plugin-key")?;
+                Some(controller::PluginAccess {
+                    key_namespace: key_namespace.to_owned(),
+                    key_name: key_name.to_owned(),
+                    cluster_role,
+                })
+            }
+            _ => None,
+        },
     };
     let client = kubekms::kubeclient::client(args.common.kubeconfig.as_deref()).await?;
     let shutdown = shutdown_on_signal();

@@ -301,7 +301,13 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&controller, "patch", "kmsgrants:status", "default", true),
         (&controller, "create", "leases", ns, true),
         (&controller, "create", "tokenreviews", ns, false),
-        (&plugin, "get", "kmskeymaterials", ns, true),
+        (&controller, "patch", &format!("clusterroles/{release}-plugin"), ns, true),
+        (&controller, "patch", "clusterroles/cluster-admin", ns, false),
+        (&controller, "create", "clusterroles", ns, false),
+        // The plugin's material role is empty until the controller names its key's material
+        // (tested on the running control plane in plugin.rs).
+        (&plugin, "get", "kmskeymaterials", ns, false),
+        (&plugin, "list", "kmskeymaterials", ns, false),
         (&plugin, "create", "kmskeymaterials", ns, false),
         (&plugin, "get", "kmskeys/cluster-secrets", ns, true),
         (&plugin, "get", "kmskeys/other", ns, false),

@@ -252,3 +252,48 @@ async fn disruptive_rotation_restarts_and_disable() {
     let name = wait_secret_write(ns, "reenabled", true, Duration::from_secs(120)).await;
     assert_eq!(stored(ns, &name).key_id, new_id);
 }
+
+#[tokio::test]
+async fn the_plugin_reads_its_own_key_material_and_no_other() {
+    // The controller of `make up` runs with --plugin-key for the cluster key; the plugin's
+    // ServiceAccount has the chart's RBAC.
+    let key = cluster_key().await;
+    let uid = key.metadata.uid.clone().expect("uid");
+    let plugin = "system:serviceaccount:kubekms-system:kubekms-plugin";
+    let can = |verb: &str, resource: &str| {
+        kubectl(&["auth", "can-i", verb, resource, "--as", plugin], None).stdout.trim() == "yes"
+    };
+    eventually(Duration::from_secs(30), "the controller to grant the plugin its key's material", || async {
+        can("get", &format!("kmskeymaterials/{uid}")).then_some(())
+    })
+    .await;
+
+    let ns = TestNamespace::new("plugin-rbac");
+    let ns = ns.name.as_str();
+    kubectl_ok(
+        &["apply", "-n", ns, "-f", "-"],
+        Some("apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKey\nmetadata:\n  name: other\nspec: {}\n"),
+    );
+    let keys: Api<KmsKey> = Api::namespaced(client().await, ns);
+    let other = eventually(Duration::from_secs(30), "the other key to be Enabled", || async {
+        keys.get("other")
+            .await
+            .ok()
+            .filter(|k| k.status.as_ref().and_then(|s| s.state) == Some(KeyState::Enabled))
+    })
+    .await;
+    let other_uid = other.metadata.uid.expect("uid");
+    assert!(!can("get", &format!("kmskeymaterials/{other_uid}")), "the plugin reads another key's material");
+    assert!(!can("list", "kmskeymaterials"), "the plugin lists key material");
+    assert!(!can("watch", "kmskeymaterials"), "the plugin watches key material");
+    assert!(can("get", &format!("kmskeymaterials/{uid}")), "still its own");
+
+    // The role's only rule names the cluster key's material.
+    let role = kubectl_ok(&["get", "clusterrole", "kubekms-plugin", "-o", "jsonpath={.rules}"], None);
+    let rules: serde_json::Value = serde_json::from_str(&role).expect("rules");
+    assert_eq!(
+        rules,
+        serde_json::json!([{"apiGroups": ["kms.kubekms.io"], "resources": ["kmskeymaterials"],
+            "resourceNames": [uid], "verbs": ["get"]}])
+    );
+}

@@ -116,6 +116,9 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                     ctx.written.wrote(&owner.uid, &cached_status, &status, next.clone());
                     publish(ctx, key, &lifecycle::transitions(&status, &next)).await;
                 }
+                if next.current_version.is_some() && !deleting {
+                    grant_plugin_access(ctx, &owner).await?;
+                }
                 if deleting && next.state == Some(KeyState::Destroyed) {
                     // Status says Destroyed before the tombstone goes, so a retry after a
                     // failure below still knows the key is destroyed.
@@ -132,6 +135,33 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
         }
     }
     Err(Error::Unsettled)
+}
+
+/// For the KMS plugin's key: applies the plugin's ClusterRole with one rule, reading this
+/// key's material (named by the key's UID) and nothing else. Applied on every settled
+/// reconcile of that key — a no-op for the API server when nothing changed — so a role
+/// that was reset (say by `helm upgrade --force`) is repaired within the hour.
+async fn grant_plugin_access(ctx: &Context, owner: &Owner) -> Result<(), Error> {
+    let Some(access) = &ctx.plugin_access else { return Ok(()) };
+    if access.key_namespace != owner.namespace || access.key_name != owner.name {
+        return Ok(());
+    }
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": access.cluster_role},
+        "rules": [{
+            "apiGroups": [crate::api::GROUP],
+            "resources": ["kmskeymaterials"],
+            "resourceNames": [owner.uid],
+            "verbs": ["get"],
+        }],
+    });
+    let api: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(ctx.client.clone());
+    api.patch(&access.cluster_role, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(role))
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::PluginAccess(access.cluster_role.clone(), e))
 }
 
 /// The status writes of this controller that its watch cache may not show yet, per key UID.

@@ -46,6 +46,8 @@ pub enum Error {
     ApiServerClock(String),
     #[error("the key's lifecycle did not settle in one reconcile")]
     Unsettled,
+    #[error("failed to let the KMS plugin read its key's material (ClusterRole {0})")]
+    PluginAccess(String, #[source] kube::Error),
 }
 
 impl Error {
@@ -59,6 +61,7 @@ impl Error {
             Error::AddFinalizer(_) | Error::RemoveFinalizer(_) => "finalizer",
             Error::ApiServerClock(_) => "api_server_clock",
             Error::Unsettled => "unsettled",
+            Error::PluginAccess(..) => "plugin_access",
         }
     }
 
@@ -85,6 +88,7 @@ pub struct Context {
     /// The status writes the watch cache may not show yet, so that a reconcile on a stale
     /// cache neither writes nor announces the same change twice.
     pub written: key::StatusMemory,
+    pub plugin_access: Option<PluginAccess>,
 }
 
 /// How the controller runs.
@@ -99,6 +103,18 @@ pub struct Config {
     pub calendar: Calendar,
     /// Only KmsKeys matching this label selector (all when `None`).
     pub selector: Option<String>,
+    /// The KMS plugin's key and the ClusterRole through which the plugin reads that key's
+    /// material, and no other key's.
+    pub plugin_access: Option<PluginAccess>,
+}
+
+/// The KMS plugin reads the material of one key, named by that key's UID, which is known
+/// only once the key exists: the controller keeps a ClusterRole's rules naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginAccess {
+    pub key_namespace: String,
+    pub key_name: String,
+    pub cluster_role: String,
 }
 
 /// Why the controller stopped.
@@ -257,6 +273,7 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
         calendar: shared.config.calendar,
         metrics: shared.metrics.clone(),
         written: Default::default(),
+        plugin_access: shared.config.plugin_access.clone(),
     });
     let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
     run_controllers(ctx, stores, shared.config.selector.clone(), shared.health.clone(), stop).await;

@@ -1,5 +1,5 @@
-//! Keeps the plugin's key current: watches the KmsKey and its KmsKeyMaterial, unwraps new
-//! versions, publishes a new snapshot within moments of a status change, and writes the
+//! Keeps the plugin's key current: watches the KmsKey, reads its KmsKeyMaterial when it
+//! changes, unwraps new versions, publishes a new snapshot within moments of a status change, and writes the
 //! cache. Starts from the cache, so the plugin serves before the API server answers.
 
 use std::path::PathBuf;
@@ -101,34 +101,26 @@ fn cache_entry(key: &KmsKey, material: Option<&KmsKeyMaterial>, snap: &KeySnapsh
 
 impl KeyWatch {
     /// Watches until `shutdown`, publishing snapshots on `tx`.
+    ///
+    /// Only the KmsKey is watched. Its material is read by name (the key's UID) whenever the
+    /// key changes: the controller writes a new version's material before the status that
+    /// names it, and the plugin's RBAC allows reading that one object and no other.
     pub async fn run(self, tx: watch::Sender<Option<Arc<KeySnapshot>>>, shutdown: CancellationToken) {
         let keys: Api<KmsKey> = Api::namespaced(self.client.clone(), &self.namespace);
         let materials: Api<KmsKeyMaterial> = Api::all(self.client.clone());
         let key_config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let material_config = watcher::Config::default().labels(&format!(
-            "kms.kubekms.io/key-namespace={},kms.kubekms.io/key-name={}",
-            self.namespace, self.name
-        ));
         let (key_store, key_writer) = reflector::store::<KmsKey>();
-        let (material_store, material_writer) = reflector::store::<KmsKeyMaterial>();
-        // Every watch event counts, InitDone included: that is when a store becomes ready.
-        let key_events = watcher(keys, key_config)
+        // Every watch event counts, InitDone included: that is when the store becomes ready.
+        let mut events = watcher(keys, key_config)
             .default_backoff()
             .modify(crate::kubeclient::drop_managed_fields)
             .reflect(key_writer)
             .map(|e| log_watch_error("KmsKey", e.err()))
             .boxed();
-        let material_events = watcher(materials, material_config)
-            .default_backoff()
-            .modify(crate::kubeclient::drop_managed_fields)
-            .reflect(material_writer)
-            .map(|e| log_watch_error("KmsKeyMaterial", e.err()))
-            .boxed();
-        let mut events = futures::stream::select(key_events, material_events);
         let mac_key = cache::mac_key(&self.root);
         let mut synced = false;
-        let mut last_cached: Option<CachedKey> = None;
-        // Set when the cache could not be written; the refresh is retried on this timer.
+        let mut state = RefreshState::default();
+        // Set when the material could not be read or the cache written; retried on a timer.
         let mut retry = false;
         loop {
             tokio::select! {
@@ -137,59 +129,72 @@ impl KeyWatch {
                 () = tokio::time::sleep(std::time::Duration::from_secs(5)), if retry => {}
             }
             if !synced {
-                // Publish nothing until both watches have listed once: an empty store
-                // must not replace what the cache provided.
-                if !(key_store.wait_until_ready().now_or_never_ready()
-                    && material_store.wait_until_ready().now_or_never_ready())
-                {
+                // Publish nothing until the watch has listed once: an empty store must not
+                // replace what the cache provided.
+                if !key_store.wait_until_ready().now_or_never_ready() {
                     continue;
                 }
                 synced = true;
                 tracing::info!(key = %format!("{}/{}", self.namespace, self.name), "watching the key");
             }
-            retry = !self.refresh(&key_store, &material_store, &tx, &mac_key, &mut last_cached);
+            retry = !self.refresh(&key_store, &materials, &tx, &mac_key, &mut state).await;
         }
     }
 
-    fn refresh(
+    /// Brings the snapshot and the cache up to date with the key; false when it must be
+    /// tried again.
+    async fn refresh(
         &self,
         key_store: &Store<KmsKey>,
-        material_store: &Store<KmsKeyMaterial>,
+        materials: &Api<KmsKeyMaterial>,
         tx: &watch::Sender<Option<Arc<KeySnapshot>>>,
         mac_key: &KeyMaterial,
-        last_cached: &mut Option<CachedKey>,
+        state: &mut RefreshState,
     ) -> bool {
         let Some(key) =
             key_store.state().into_iter().find(|k| k.metadata.name.as_deref() == Some(self.name.as_str()))
         else {
             tracing::warn!(key = %format!("{}/{}", self.namespace, self.name), "the KmsKey does not exist");
             tx.send_if_modified(|current| current.take().is_some());
+            state.done = None;
             return true;
         };
+        if state.done.is_some() && state.done == key.metadata.resource_version {
+            return true;
+        }
         let uid = key.metadata.uid.clone().unwrap_or_default();
-        let material = material_store.state().into_iter().find(|m| m.spec.owner.uid == uid);
+        let material = match materials.get_opt(&uid).await {
+            Ok(m) => m.filter(|m| m.spec.owner.uid == uid),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot read the key's material; keeping the last good snapshot and trying again"
+                );
+                return false;
+            }
+        };
         let previous = tx.borrow().clone();
-        let snap = match snapshot(&self.root, &key, material.as_deref(), previous.as_deref()) {
+        let snap = match snapshot(&self.root, &key, material.as_ref(), previous.as_deref()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %crate::controller::key::error_chain(&e), "cannot use the key's material; keeping the last good snapshot");
+                state.done = key.metadata.resource_version.clone();
                 return true;
             }
         };
-        // Status may move to a new current version a moment before the material watch
-        // delivers it; wait for the material rather than publish an unusable version.
+        // Status names a current version whose material is not there: read it again soon.
         if snap.state == KeyState::Enabled && snap.current().is_none() {
             tracing::debug!("waiting for the current version's material");
-            return true;
+            return false;
         }
         // The cache first: a version kube-apiserver may encrypt under must be in the cache
         // before it is served, or a cold start during an API server outage could not
         // decrypt what was written under it. If the cache cannot be written, keep serving
         // the previous snapshot and try again (the caller retries on a timer).
-        let entry = cache_entry(&key, material.as_deref(), &snap);
-        if last_cached.as_ref() != Some(&entry) {
+        let entry = cache_entry(&key, material.as_ref(), &snap);
+        if state.last_cached.as_ref() != Some(&entry) {
             match cache::write(&self.state_dir, &entry, mac_key) {
-                Ok(()) => *last_cached = Some(entry),
+                Ok(()) => state.last_cached = Some(entry),
                 Err(e) => {
                     tracing::error!(
                         error = %crate::controller::key::error_chain(&e),
@@ -210,8 +215,19 @@ impl KeyWatch {
             );
             tx.send_replace(Some(Arc::new(snap)));
         }
+        state.done = key.metadata.resource_version.clone();
         true
     }
+}
+
+/// What [`KeyWatch::refresh`] remembers between calls.
+#[derive(Default)]
+struct RefreshState {
+    /// The entry last written to the cache.
+    last_cached: Option<CachedKey>,
+    /// The key's resourceVersion last brought up to date: later events of the same object
+    /// (a relist, say) read nothing again.
+    done: Option<String>,
 }
 
 fn log_watch_error(what: &str, error: Option<watcher::Error>) {
