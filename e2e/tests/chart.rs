@@ -48,6 +48,13 @@ fn assert_restricted(rendered: &[serde_json::Value]) {
         let pod = &d["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{kind} pod");
         assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        for c in pod["containers"].as_array().unwrap() {
+            assert!(
+                c["livenessProbe"].is_object() && c["readinessProbe"].is_object(),
+                "{kind}/{} lacks a liveness or readiness probe",
+                c["name"]
+            );
+        }
         let containers = pod["containers"]
             .as_array()
             .unwrap()
@@ -61,9 +68,6 @@ fn assert_restricted(rendered: &[serde_json::Value]) {
             assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
             assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
             assert!(c["resources"]["requests"].is_object(), "{kind}/{} has no resource requests", c["name"]);
-            if c.get("livenessProbe").is_some() {
-                assert!(c["readinessProbe"].is_object());
-            }
             checked += 1;
         }
     }

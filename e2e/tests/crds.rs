@@ -9,6 +9,15 @@ use serde_json::json;
 use crate::support::{TestNamespace, client, kubectl, kubectl_ok};
 
 #[tokio::test]
+async fn the_api_server_reports_its_real_version() {
+    // Built from k8s.io/kubernetes with version ldflags (e2e/tools/build.sh).
+    let version = client().await.apiserver_version().await.expect("/version");
+    assert_eq!(version.git_version, "v1.37.2");
+    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "37"));
+    assert_eq!(version.git_tree_state, "clean");
+}
+
+#[tokio::test]
 async fn crds_are_installed_and_established() {
     let crds: Api<CustomResourceDefinition> = Api::all(client().await);
     for name in ["kmskeys.kms.kubekms.io", "kmsgrants.kms.kubekms.io", "kmskeymaterials.kms.kubekms.io"] {

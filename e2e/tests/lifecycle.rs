@@ -363,6 +363,12 @@ async fn a_restarted_controller_rewrites_nothing() {
         after.metadata.resource_version, before.metadata.resource_version,
         "reconciling an unchanged key wrote"
     );
+    // Keys by state, zeros included, counting only the keys this controller manages.
+    let (_, metrics) = c.http_get("/metrics").await.unwrap();
+    for (state, count) in [("Enabled", 1), ("Disabled", 0), ("PendingDeletion", 0), ("Creating", 0)] {
+        let line = format!("kubekms_keys{{state=\"{state}\"}} {count}\n");
+        assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
+    }
     let materials: Api<KmsKeyMaterial> = Api::all(client().await);
     assert_eq!(materials.get(after.metadata.uid.as_deref().unwrap()).await.unwrap().spec.versions.len(), 1);
 }
