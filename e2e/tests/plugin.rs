@@ -161,6 +161,10 @@ async fn disruptive_rotation_restarts_and_disable() {
     let old_id = expected_key_id(&cluster_key().await);
     assert!(create_secret(ns, "before", "old-value").ok);
     assert_eq!(stored(ns, "before").key_id, old_id);
+    // Stays under the old version to the end: every version must keep decrypting.
+    assert!(create_secret(ns, "kept-old", "kept-value").ok);
+    let old_object = stored(ns, "kept-old");
+    assert_eq!(old_object.key_id, old_id);
 
     // Rotate: the plugin reports the new key id within seconds (it watches the key) …
     let request = format!("e2e-{}", uuid::Uuid::new_v4());
@@ -193,7 +197,7 @@ async fn disruptive_rotation_restarts_and_disable() {
     assert_eq!(stored(ns, "before").key_id, new_id);
     assert_eq!(read_secret(ns, "before"), "old-value");
 
-    let all = [("before", "old-value"), (fresh.as_str(), "new-value")];
+    let all = [("before", "old-value"), ("kept-old", "kept-value"), (fresh.as_str(), "new-value")];
     let all_read = || {
         for (name, value) in all {
             assert_eq!(read_secret(ns, name), value, "{name}");
@@ -222,16 +226,20 @@ async fn disruptive_rotation_restarts_and_disable() {
     .await;
     assert_eq!(id, new_id);
     let mut c = kubekms::plugin::client::connect(&socket()).await.unwrap();
-    let seed = c
-        .decrypt(DecryptRequest {
-            ciphertext: fresh_object.encrypted_dek_source.clone(),
-            uid: "e2e".into(),
-            key_id: fresh_object.key_id.clone(),
-            annotations: fresh_object.annotations.clone().into_iter().collect::<HashMap<_, _>>(),
-        })
-        .await
-        .expect("decrypt from the cache while the API server is down");
-    assert_eq!(seed.into_inner().plaintext.len(), 32);
+    for (version, object) in [("new", &fresh_object), ("old", &old_object)] {
+        let seed = c
+            .decrypt(DecryptRequest {
+                ciphertext: object.encrypted_dek_source.clone(),
+                uid: "e2e".into(),
+                key_id: object.key_id.clone(),
+                annotations: object.annotations.clone().into_iter().collect::<HashMap<_, _>>(),
+            })
+            .await
+            .unwrap_or_else(|e| {
+                panic!("decrypt the {version} version from the cache while the API server is down: {e}")
+            });
+        assert_eq!(seed.into_inner().plaintext.len(), 32);
+    }
     control_plane("up.sh", &["kube-apiserver"]);
     all_read();
 
@@ -243,6 +251,12 @@ async fn disruptive_rotation_restarts_and_disable() {
     eventually(Duration::from_secs(30), "the key to be Disabled", || async {
         let k = keys.get(CLUSTER_KEY.1).await.ok()?;
         (k.status?.state == Some(KeyState::Disabled)).then_some(())
+    })
+    .await;
+    // The plugin that started from its cache went back to the API server when it returned:
+    // it sees the key disabled within seconds.
+    eventually(Duration::from_secs(30), "the plugin to report the disabled key", || async {
+        plugin_key_id().await.is_none().then_some(())
     })
     .await;
     let error = wait_secret_write(ns, "while-disabled", false, Duration::from_secs(330)).await;
