@@ -411,6 +411,40 @@ async fn bad_requests_get_precise_errors() {
     })
     .await;
     assert_eq!(code(decrypt(&mut app, &before.ciphertext_blob, &[]).await), Code::FailedPrecondition);
+    // A grant for a key that is not usable is Invalid, and says why.
+    kubectl_ok(
+        &["apply", "-n", ns, "-f", "-"],
+        Some(&grant_manifest("on-disabled", ns, "app", "Encrypt", "").replace("name: k}", "name: switch}")),
+    );
+    let g = grant_state(ns, "on-disabled", GrantState::Invalid).await;
+    assert_eq!(g.status.unwrap().conditions[0].reason, "KeyNotEnabled");
+    // A key pending deletion refuses the same way.
+    kubectl_ok(
+        &[
+            "patch",
+            "kmskey",
+            "switch",
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"deletion":{"scheduled":true}}}"#,
+        ],
+        None,
+    );
+    let keys: Api<KmsKey> = Api::namespaced(client().await, ns);
+    eventually(WAIT, "the key to be PendingDeletion", || async {
+        let k = keys.get("switch").await.ok()?;
+        (k.status?.state == Some(KeyState::PendingDeletion)).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the server to see PendingDeletion", || async {
+        let err = encrypt(&mut app.clone(), &off, b"x", &[]).await.err()?;
+        (err.code() == Code::FailedPrecondition && err.message().contains("PendingDeletion")).then_some(())
+    })
+    .await;
+    assert_eq!(code(decrypt(&mut app, &before.ciphertext_blob, &[]).await), Code::FailedPrecondition);
 
     // Authentication: no token, a garbage token, a token for another audience.
     let ca = PathBuf::from(env_var("KUBEKMS_CA"));
