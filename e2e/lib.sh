@@ -26,6 +26,16 @@ fi
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# require_tools: fails at once, naming what is missing, when a prerequisite of the
+# control plane and its tests is not on PATH (etcd, kube-apiserver and helm are built here).
+require_tools() {
+  local tool missing=()
+  for tool in cargo go kubectl python3 openssl curl sha256sum; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+  done
+  ((${#missing[@]} == 0)) || die "not on PATH: ${missing[*]} (README.md, \"Try it\", lists the prerequisites)"
+}
+
 # wait_until SECONDS DESCRIPTION COMMAND...: runs COMMAND every half second until it
 # succeeds; fails with DESCRIPTION after SECONDS.
 wait_until() {

@@ -341,6 +341,7 @@ up_all() {
   log "control plane is up: source $RUN_DIR/env"
 }
 
+require_tools
 if (($# == 0)); then
   up_all
 else
