@@ -372,6 +372,74 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_callers_make_one_valid_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, &root()).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..4u32 {
+                let log = &log;
+                scope.spawn(move || {
+                    for i in 0..75 {
+                        log.record(&event(t * 1000 + i)).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(verify_file(&path, Some(&root())).unwrap().lines, 300);
+        let mut ids: Vec<String> = lines(&path)
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["requestId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 300, "every caller's line, once");
+    }
+
+    /// A sink whose next write fails when asked to.
+    struct Flaky {
+        fail_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        out: std::sync::Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_fails_its_caller_and_the_chain_goes_on() {
+        let fail_next = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let out = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = Flaky { fail_next: fail_next.clone(), out: out.clone() };
+        let log = AuditLog::to_writer(Box::new(sink), &root());
+        log.record(&event(1)).unwrap();
+        fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(log.record(&event(2)), Err(AuditError::Write(_))), "fail closed");
+        log.record(&event(3)).unwrap();
+        let text = out.lock().unwrap().clone();
+        assert_eq!(
+            verify(text.as_slice(), Some(&root())).unwrap().lines,
+            2,
+            "the unwritten line left no gap"
+        );
+        assert!(!String::from_utf8_lossy(&text).contains("req-2"));
+    }
+
+    #[test]
     fn a_written_log_verifies_and_continues_across_reopen() {
         let (_dir, path) = log_of(3);
         let log = AuditLog::open(&path, &root()).unwrap();
