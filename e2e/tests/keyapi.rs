@@ -401,10 +401,10 @@ async fn bad_requests_get_precise_errors() {
     // A disabled key refuses with FAILED_PRECONDITION.
     let off = format!("{ns}/switch");
     let before = encrypt(&mut app, &off, b"while enabled", &[]).await.unwrap();
-    kubectl_ok(
-        &["patch", "kmskey", "switch", "-n", ns, "--type", "merge", "-p", r#"{"spec":{"enabled":false}}"#],
-        None,
-    );
+    let patch_switch = |json: &str| {
+        kubectl_ok(&["patch", "kmskey", "switch", "-n", ns, "--type", "merge", "-p", json], None)
+    };
+    patch_switch(r#"{"spec":{"enabled":false}}"#);
     eventually(WAIT, "the key to be refused", || async {
         (encrypt(&mut app.clone(), &off, b"x", &[]).await.err()?.code() == Code::FailedPrecondition)
             .then_some(())
@@ -419,20 +419,7 @@ async fn bad_requests_get_precise_errors() {
     let g = grant_state(ns, "on-disabled", GrantState::Invalid).await;
     assert_eq!(g.status.unwrap().conditions[0].reason, "KeyNotEnabled");
     // A key pending deletion refuses the same way.
-    kubectl_ok(
-        &[
-            "patch",
-            "kmskey",
-            "switch",
-            "-n",
-            ns,
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"deletion":{"scheduled":true}}}"#,
-        ],
-        None,
-    );
+    patch_switch(r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     let keys: Api<KmsKey> = Api::namespaced(client().await, ns);
     eventually(WAIT, "the key to be PendingDeletion", || async {
         let k = keys.get("switch").await.ok()?;
