@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use hmac::{Hmac, KeyInit, Mac};
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -100,6 +101,10 @@ struct Writer {
 pub struct AuditLog {
     writer: Mutex<Writer>,
     mac_key: KeyMaterial,
+    /// The sequence number of the last line written, for `/metrics`: a monitoring system that
+    /// records it can later tell `audit verify --expect-seq` where the log must reach, which
+    /// the chain alone cannot show for lines cut from the end.
+    sequence: Gauge,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -201,6 +206,7 @@ impl AuditLog {
             return Ok(AuditLog {
                 writer: Mutex::new(Writer { out: Box::new(std::io::stdout()), prev: GENESIS.into(), seq: 0 }),
                 mac_key,
+                sequence: Gauge::default(),
             });
         }
         let last = last_line(path).map_err(|e| AuditError::Open(path.to_owned(), e))?;
@@ -219,7 +225,18 @@ impl AuditLog {
             // (the cut line stays visible to `kubekms audit verify`).
             file.write_all(b"\n").map_err(|e| AuditError::Open(path.to_owned(), e))?;
         }
-        Ok(AuditLog { writer: Mutex::new(Writer { out: Box::new(file), prev, seq }), mac_key })
+        let sequence = Gauge::default();
+        sequence.set(i64::try_from(seq).unwrap_or(i64::MAX));
+        Ok(AuditLog { writer: Mutex::new(Writer { out: Box::new(file), prev, seq }), mac_key, sequence })
+    }
+
+    /// `kubekms_audit_sequence`: the sequence number of the last line written.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "kubekms_audit_sequence",
+            "Sequence number of the last audit line written (compare with `kubekms audit verify --expect-seq`)",
+            self.sequence.clone(),
+        );
     }
 
     /// An audit log written to any sink (tests).
@@ -227,6 +244,7 @@ impl AuditLog {
         AuditLog {
             writer: Mutex::new(Writer { out, prev: GENESIS.into(), seq: 0 }),
             mac_key: root.derive(MAC_PURPOSE),
+            sequence: Gauge::default(),
         }
     }
 
@@ -259,6 +277,7 @@ impl AuditLog {
         line.pop(); // the newline: the chain hashes the line itself
         w.prev = sha256_hex(line.as_bytes());
         w.seq = seq;
+        self.sequence.set(i64::try_from(seq).unwrap_or(i64::MAX));
         Ok(())
     }
 }
@@ -437,6 +456,20 @@ mod tests {
             "the unwritten line left no gap"
         );
         assert!(!String::from_utf8_lossy(&text).contains("req-2"));
+    }
+
+    #[test]
+    fn the_sequence_gauge_follows_the_log_across_reopen() {
+        let (_dir, path) = log_of(3);
+        let log = AuditLog::open(&path, &root()).unwrap();
+        assert_eq!(log.sequence.get(), 3, "continued from the file");
+        log.record(&event(4)).unwrap();
+        assert_eq!(log.sequence.get(), 4);
+        let mut registry = prometheus_client::registry::Registry::default();
+        log.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("kubekms_audit_sequence 4"), "{text}");
     }
 
     #[test]

@@ -426,6 +426,11 @@ enum AuditCommand {
         /// The root key of the component that wrote the log.
         #[arg(long, value_name = "FILE")]
         root_key_file: Option<PathBuf>,
+        /// The sequence number the log must reach: `kubekms_audit_sequence` of the component
+        /// as your monitoring recorded it. Lines cut from the end leave the chain intact, so
+        /// only this shows them.
+        #[arg(long, value_name = "N")]
+        expect_seq: Option<u64>,
     },
 }
 
@@ -638,10 +643,20 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Audit(AuditCommand::Verify { file, root_key_file }) => {
+        Command::Audit(AuditCommand::Verify { file, root_key_file, expect_seq }) => {
             let root = root_key_file.as_deref().map(RootKey::load).transpose()?;
             let verified = kubekms::audit::verify_file(&file, root.as_ref())
                 .with_context(|| format!("{} is not intact", file.display()))?;
+            // A verified chain starts at 1 and counts up by one: its last line is line N.
+            if let Some(expected) = expect_seq
+                && verified.lines < expected
+            {
+                anyhow::bail!(
+                    "{} is not intact: it ends at sequence {}, but sequence {expected} was written (lines were cut from the end)",
+                    file.display(),
+                    verified.lines
+                );
+            }
             let how = if verified.macs_checked {
                 "chain and MACs"
             } else {

@@ -793,6 +793,42 @@ async fn the_audit_trail_verifies_and_holds_no_secrets() {
     );
     assert!(metrics.contains(&counter), "missing {counter}");
     assert!(metrics.contains(r#"kubekms_operation_duration_seconds_bucket{le="#));
+
+    // Lines cut from the end leave a valid chain; the sequence number that monitoring
+    // recorded from /metrics shows them.
+    let seq: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kubekms_audit_sequence "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("kubekms_audit_sequence in the server's metrics");
+    let now = std::fs::read_to_string(&log).unwrap();
+    let written: Vec<&str> = now.lines().collect();
+    assert!(written.len() >= seq, "the log holds every line the metric counts");
+    let cut = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cut.path(), written[..seq - 1].join("\n") + "\n").unwrap();
+    let root_key = run_dir().join("root.key");
+    let verify = |path: &std::path::Path, expect: Option<usize>| {
+        let mut args = vec![
+            "audit".to_owned(),
+            "verify".to_owned(),
+            path.to_str().unwrap().to_owned(),
+            "--root-key-file".to_owned(),
+            root_key.to_str().unwrap().to_owned(),
+        ];
+        if let Some(n) = expect {
+            args.extend(["--expect-seq".to_owned(), n.to_string()]);
+        }
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert!(verify(&log, Some(seq)).status.success());
+    assert!(verify(cut.path(), None).status.success(), "the chain alone cannot tell");
+    let out = verify(cut.path(), Some(seq));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cut from the end"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]

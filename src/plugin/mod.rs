@@ -91,6 +91,7 @@ pub async fn run(
 
     let mut registry = Registry::default();
     let metrics = OperationMetrics::register(&mut registry);
+    audit.register(&mut registry);
     let health = Health::new(i64::MAX);
     let server_task =
         telemetry::spawn_endpoints(config.metrics_addr, registry, health.clone(), shutdown.clone())

@@ -117,6 +117,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
 
     let mut registry = Registry::default();
     let metrics = OperationMetrics::register(&mut registry);
+    audit.register(&mut registry);
     let health = Health::new(i64::MAX);
     let metrics_task =
         telemetry::spawn_endpoints(config.metrics_addr, registry, health.clone(), shutdown.clone())
