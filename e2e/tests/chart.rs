@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::{Run, TestNamespace, kubeconfig_path, kubectl, kubectl_ok, kubekms_bin, run_dir};
+use crate::support::{Run, TestNamespace, can_i, kubeconfig_path, kubectl, kubectl_ok, kubekms_bin, run_dir};
 
 fn helm(args: &[&str]) -> Run {
     let helm = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.bin/helm");
@@ -210,20 +210,6 @@ async fn bad_values_are_refused_by_the_schema() {
         assert!(!run.ok, "accepted {all:?}");
         assert!(run.stderr.contains(expected), "{all:?}: expected {expected:?} in\n{}", run.stderr);
     }
-}
-
-/// `kubectl auth can-i`; `resource` is TYPE, TYPE/NAME, or TYPE:SUBRESOURCE.
-fn can_i(ns: &str, who: &str, verb: &str, resource: &str) -> bool {
-    let mut args = vec!["auth", "can-i", verb, "-n", ns, "--as", who];
-    let sub;
-    match resource.split_once(':') {
-        Some((r, s)) => {
-            sub = format!("--subresource={s}");
-            args.extend([r, sub.as_str()]);
-        }
-        None => args.push(resource),
-    }
-    kubectl(&args, None).stdout.trim() == "yes"
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@ use kubekms::client::{Client, TokenSource};
 use kubekms::proto::keyapi::*;
 use tonic::Code;
 
-use crate::support::{TestNamespace, client, env_var, eventually, kubectl, kubectl_ok, kubekms_bin, run_dir};
+use crate::support::{
+    TestNamespace, client, env_var, eventually, kubectl, kubectl_ok, kubekms_bin, patch_key, run_dir,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -401,10 +403,7 @@ async fn bad_requests_get_precise_errors() {
     // A disabled key refuses with FAILED_PRECONDITION.
     let off = format!("{ns}/switch");
     let before = encrypt(&mut app, &off, b"while enabled", &[]).await.unwrap();
-    let patch_switch = |json: &str| {
-        kubectl_ok(&["patch", "kmskey", "switch", "-n", ns, "--type", "merge", "-p", json], None)
-    };
-    patch_switch(r#"{"spec":{"enabled":false}}"#);
+    patch_key(ns, "switch", r#"{"spec":{"enabled":false}}"#);
     eventually(WAIT, "the key to be refused", || async {
         (encrypt(&mut app.clone(), &off, b"x", &[]).await.err()?.code() == Code::FailedPrecondition)
             .then_some(())
@@ -419,7 +418,7 @@ async fn bad_requests_get_precise_errors() {
     let g = grant_state(ns, "on-disabled", GrantState::Invalid).await;
     assert_eq!(g.status.unwrap().conditions[0].reason, "KeyNotEnabled");
     // A key pending deletion refuses the same way.
-    patch_switch(r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    patch_key(ns, "switch", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     let keys: Api<KmsKey> = Api::namespaced(client().await, ns);
     eventually(WAIT, "the key to be PendingDeletion", || async {
         let k = keys.get("switch").await.ok()?;

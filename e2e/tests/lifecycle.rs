@@ -9,7 +9,7 @@ use kubekms::crypto::RootKey;
 
 use crate::support::{
     TEST_CONTROLLER_LABEL, TestController, TestNamespace, client, event_reasons, eventually, kubectl,
-    kubectl_ok, run_dir,
+    kubectl_ok, patch_key, run_dir,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -18,10 +18,6 @@ fn key_manifest(name: &str, extra_metadata: &str, spec: &str) -> String {
     format!(
         "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKey\nmetadata:\n  name: {name}\n{extra_metadata}spec:\n  description: e2e\n{spec}"
     )
-}
-
-fn patch(ns: &str, name: &str, json: &str) {
-    kubectl_ok(&["patch", "kmskey", name, "-n", ns, "--type", "merge", "-p", json], None);
 }
 
 /// Waits until the key satisfies `cond` and returns it.
@@ -79,7 +75,7 @@ async fn key_lifecycle_with_kubectl() {
     assert!(table.contains("Enabled") && table.contains(" 1 "), "{table}");
 
     // Rotate on demand → version 2 current, version 1 kept.
-    patch(ns, "app", r#"{"spec":{"rotation":{"onDemandRequest":"first"}}}"#);
+    patch_key(ns, "app", r#"{"spec":{"rotation":{"onDemandRequest":"first"}}}"#);
     let key =
         wait_key(ns, "app", "version 2", |k| k.status.as_ref().and_then(|s| s.current_version) == Some(2))
             .await;
@@ -93,12 +89,12 @@ async fn key_lifecycle_with_kubectl() {
     assert_eq!(material.spec.versions.len(), 2, "both versions are held");
 
     // Disable → enable.
-    patch(ns, "app", r#"{"spec":{"enabled":false}}"#);
+    patch_key(ns, "app", r#"{"spec":{"enabled":false}}"#);
     wait_key(ns, "app", "Disabled", |k| state(k) == Some(KeyState::Disabled)).await;
     wait_events(ns, "app", &["KeyDisabled"]).await;
 
     // Rotating a disabled key is refused with a condition and an Event; nothing changes.
-    patch(ns, "app", r#"{"spec":{"rotation":{"onDemandRequest":"while-disabled"}}}"#);
+    patch_key(ns, "app", r#"{"spec":{"rotation":{"onDemandRequest":"while-disabled"}}}"#);
     let key =
         wait_key(ns, "app", "the refusal", |k| observed(k) && condition(k, "TransitionRefused").is_some())
             .await;
@@ -108,7 +104,7 @@ async fn key_lifecycle_with_kubectl() {
     assert_eq!(key.status.as_ref().unwrap().current_version, Some(2));
     wait_events(ns, "app", &["RotationRefused"]).await;
 
-    patch(ns, "app", r#"{"spec":{"enabled":true}}"#);
+    patch_key(ns, "app", r#"{"spec":{"enabled":true}}"#);
     let key = wait_key(ns, "app", "Enabled again", |k| state(k) == Some(KeyState::Enabled)).await;
     assert_eq!(
         key.status.as_ref().unwrap().current_version,
@@ -118,7 +114,7 @@ async fn key_lifecycle_with_kubectl() {
     wait_events(ns, "app", &["KeyEnabled"]).await;
 
     // Schedule deletion → PendingDeletion 30 days out.
-    patch(ns, "app", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    patch_key(ns, "app", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     let key = wait_key(ns, "app", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
     let deletion_time = key.status.as_ref().unwrap().deletion_time.clone().unwrap().0;
     let days = deletion_time.duration_since(jiff::Timestamp::now()).as_hours() / 24;
@@ -126,9 +122,9 @@ async fn key_lifecycle_with_kubectl() {
     wait_events(ns, "app", &["KeyDeletionScheduled"]).await;
 
     // Enabling a key pending deletion is refused.
-    patch(ns, "app", r#"{"spec":{"enabled":false}}"#);
+    patch_key(ns, "app", r#"{"spec":{"enabled":false}}"#);
     wait_key(ns, "app", "enabled:false observed", observed).await;
-    patch(ns, "app", r#"{"spec":{"enabled":true}}"#);
+    patch_key(ns, "app", r#"{"spec":{"enabled":true}}"#);
     let key = wait_key(ns, "app", "EnableRefused", |k| {
         observed(k) && condition(k, "TransitionRefused").is_some_and(|c| c.reason == "EnableRefused")
     })
@@ -144,7 +140,7 @@ async fn key_lifecycle_with_kubectl() {
     assert!(run.stderr.contains(r#"{"spec":{"deletion":{"scheduled":true}}}"#), "{}", run.stderr);
 
     // Cancel (with enabled: false, as the schema insists) → Disabled.
-    patch(ns, "app", r#"{"spec":{"enabled":false,"deletion":{"scheduled":false}}}"#);
+    patch_key(ns, "app", r#"{"spec":{"enabled":false,"deletion":{"scheduled":false}}}"#);
     let key =
         wait_key(ns, "app", "Disabled after cancel", |k| observed(k) && state(k) == Some(KeyState::Disabled))
             .await;
@@ -159,7 +155,7 @@ async fn wrapped_material_never_contains_the_plaintext() {
     let ns = ns.name.as_str();
     kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("k", "", "")));
     wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
-    patch(ns, "k", r#"{"spec":{"rotation":{"onDemandRequest":"2"}}}"#);
+    patch_key(ns, "k", r#"{"spec":{"rotation":{"onDemandRequest":"2"}}}"#);
     let key =
         wait_key(ns, "k", "version 2", |k| k.status.as_ref().and_then(|s| s.current_version) == Some(2))
             .await;
@@ -241,7 +237,7 @@ async fn deletion_is_carried_through_to_destroyed_material() {
     let key = wait_key(ns, "doomed", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
     let uid = key.metadata.uid.clone().unwrap();
 
-    patch(ns, "doomed", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    patch_key(ns, "doomed", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     let key =
         wait_key(ns, "doomed", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
     let deletion_time = key.status.as_ref().unwrap().deletion_time.clone().unwrap().0;
@@ -316,7 +312,7 @@ async fn a_second_replica_takes_over_and_finishes_pending_work() {
         Some(&key_manifest("k", &labels, "  deletion: {pendingWindowDays: 7}\n")),
     );
     wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
-    patch(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    patch_key(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     wait_key(ns, "k", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
 
     // The leader crashes; the standby takes the Lease and destroys the material when due.
@@ -547,10 +543,10 @@ async fn rescheduling_before_a_cancellation_is_processed_is_refused() {
     let labels = format!("  labels:\n    {TEST_CONTROLLER_LABEL}: {label}\n");
     kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("k", &labels, "")));
     wait_key(ns, "k", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
-    patch(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    patch_key(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     wait_key(ns, "k", "PendingDeletion", |k| state(k) == Some(KeyState::PendingDeletion)).await;
     controller.kill();
-    patch(ns, "k", r#"{"spec":{"enabled":false,"deletion":{"scheduled":false}}}"#);
+    patch_key(ns, "k", r#"{"spec":{"enabled":false,"deletion":{"scheduled":false}}}"#);
     let run = kubectl(
         &[
             "patch",
@@ -570,7 +566,7 @@ async fn rescheduling_before_a_cancellation_is_processed_is_refused() {
     // Once a controller has processed the cancellation, scheduling works again.
     let _controller = TestController::start(&label, "b", &[]);
     wait_key(ns, "k", "Disabled", |k| state(k) == Some(KeyState::Disabled)).await;
-    patch(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
+    patch_key(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     wait_key(ns, "k", "PendingDeletion again", |k| state(k) == Some(KeyState::PendingDeletion)).await;
 }
 

@@ -14,8 +14,8 @@ use kubekms::proto::kmsv2::{DecryptRequest, EncryptedObject, StatusRequest};
 use prost::Message;
 
 use crate::support::{
-    Run, TestNamespace, client, control_plane, env_var, etcd_get, eventually, kubectl, kubectl_ok,
-    kubekms_bin,
+    Run, TestNamespace, can_i, client, control_plane, env_var, etcd_get, eventually, kubectl, kubectl_ok,
+    kubekms_bin, patch_key,
 };
 
 const PREFIX: &[u8] = b"k8s:enc:kms:v2:kubekms:";
@@ -58,10 +58,7 @@ async fn cluster_key() -> KmsKey {
 }
 
 fn patch_cluster_key(merge_patch: &str) {
-    kubectl_ok(
-        &["patch", "kmskey", CLUSTER_KEY.1, "-n", CLUSTER_KEY.0, "--type", "merge", "-p", merge_patch],
-        None,
-    );
+    patch_key(CLUSTER_KEY.0, CLUSTER_KEY.1, merge_patch);
 }
 
 fn expected_key_id(key: &KmsKey) -> String {
@@ -274,9 +271,8 @@ async fn the_plugin_reads_its_own_key_material_and_no_other() {
     let key = cluster_key().await;
     let uid = key.metadata.uid.clone().expect("uid");
     let plugin = "system:serviceaccount:kubekms-system:kubekms-plugin";
-    let can = |verb: &str, resource: &str| {
-        kubectl(&["auth", "can-i", verb, resource, "--as", plugin], None).stdout.trim() == "yes"
-    };
+    // Key material is cluster-scoped: the namespace does not matter.
+    let can = |verb: &str, resource: &str| can_i("default", plugin, verb, resource);
     eventually(Duration::from_secs(30), "the controller to grant the plugin its key's material", || async {
         can("get", &format!("kmskeymaterials/{uid}")).then_some(())
     })

@@ -77,6 +77,25 @@ pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
     run.stdout
 }
 
+/// Merge-patches a KmsKey with kubectl, as a user would; fails the test if kubectl does.
+pub fn patch_key(ns: &str, name: &str, json: &str) {
+    kubectl_ok(&["patch", "kmskey", name, "-n", ns, "--type", "merge", "-p", json], None);
+}
+
+/// `kubectl auth can-i`; `resource` is TYPE, TYPE/NAME, or TYPE:SUBRESOURCE.
+pub fn can_i(ns: &str, who: &str, verb: &str, resource: &str) -> bool {
+    let mut args = vec!["auth", "can-i", verb, "-n", ns, "--as", who];
+    let sub;
+    match resource.split_once(':') {
+        Some((r, s)) => {
+            sub = format!("--subresource={s}");
+            args.extend([r, sub.as_str()]);
+        }
+        None => args.push(resource),
+    }
+    kubectl(&args, None).stdout.trim() == "yes"
+}
+
 /// A namespace of its own for one test. Deleted when the test passes; kept (and its
 /// kubekms objects printed) when it fails, so the state can be inspected.
 pub struct TestNamespace {
