@@ -127,6 +127,10 @@ fn mac_hex(key: &KeyMaterial, bytes: &[u8]) -> String {
     crate::crypto::hex(&mac.finalize().into_bytes())
 }
 
+fn set_sequence(gauge: &Gauge, seq: u64) {
+    gauge.set(i64::try_from(seq).unwrap_or(i64::MAX));
+}
+
 /// The longest line the writer continues a chain from; longer ones mean a corrupt file.
 const MAX_LINE: u64 = 1024 * 1024;
 
@@ -203,11 +207,10 @@ impl AuditLog {
     pub fn open(path: &Path, root: &RootKey) -> Result<AuditLog, AuditError> {
         let mac_key = root.derive(MAC_PURPOSE);
         if path == Path::new("-") {
-            return Ok(AuditLog {
-                writer: Mutex::new(Writer { out: Box::new(std::io::stdout()), prev: GENESIS.into(), seq: 0 }),
+            return Ok(AuditLog::new(
+                Writer { out: Box::new(std::io::stdout()), prev: GENESIS.into(), seq: 0 },
                 mac_key,
-                sequence: Gauge::default(),
-            });
+            ));
         }
         let last = last_line(path).map_err(|e| AuditError::Open(path.to_owned(), e))?;
         let (prev, seq) = match &last {
@@ -225,9 +228,14 @@ impl AuditLog {
             // (the cut line stays visible to `kubekms audit verify`).
             file.write_all(b"\n").map_err(|e| AuditError::Open(path.to_owned(), e))?;
         }
+        Ok(AuditLog::new(Writer { out: Box::new(file), prev, seq }, mac_key))
+    }
+
+    /// The log around a writer, its gauge starting where the writer's chain stands.
+    fn new(writer: Writer, mac_key: KeyMaterial) -> AuditLog {
         let sequence = Gauge::default();
-        sequence.set(i64::try_from(seq).unwrap_or(i64::MAX));
-        Ok(AuditLog { writer: Mutex::new(Writer { out: Box::new(file), prev, seq }), mac_key, sequence })
+        set_sequence(&sequence, writer.seq);
+        AuditLog { writer: Mutex::new(writer), mac_key, sequence }
     }
 
     /// `kubekms_audit_sequence`: the sequence number of the last line written.
@@ -241,11 +249,7 @@ impl AuditLog {
 
     /// An audit log written to any sink (tests).
     pub fn to_writer(out: Box<dyn Write + Send>, root: &RootKey) -> AuditLog {
-        AuditLog {
-            writer: Mutex::new(Writer { out, prev: GENESIS.into(), seq: 0 }),
-            mac_key: root.derive(MAC_PURPOSE),
-            sequence: Gauge::default(),
-        }
+        AuditLog::new(Writer { out, prev: GENESIS.into(), seq: 0 }, root.derive(MAC_PURPOSE))
     }
 
     /// Writes one line. Callers fail the operation when this fails (fail closed).
@@ -277,7 +281,7 @@ impl AuditLog {
         line.pop(); // the newline: the chain hashes the line itself
         w.prev = sha256_hex(line.as_bytes());
         w.seq = seq;
-        self.sequence.set(i64::try_from(seq).unwrap_or(i64::MAX));
+        set_sequence(&self.sequence, seq);
         Ok(())
     }
 }
