@@ -174,7 +174,7 @@ async fn grant_plugin_access(ctx: &Context, owner: &Owner) -> Result<(), Error> 
 #[derive(Debug, Default)]
 pub struct StatusMemory(std::sync::Mutex<std::collections::HashMap<String, Written>>);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Written {
     /// Statuses this controller replaced and the cache may still show, oldest first.
     replaced: Vec<KmsKeyStatus>,
@@ -205,9 +205,7 @@ impl StatusMemory {
     /// Records a status write: `next` replaced `base`, which was planned from `cached`.
     pub fn wrote(&self, uid: &str, cached: &KmsKeyStatus, base: &KmsKeyStatus, next: KmsKeyStatus) {
         let Ok(mut written) = self.0.lock() else { return };
-        let entry = written
-            .entry(uid.to_owned())
-            .or_insert_with(|| Written { replaced: Vec::new(), latest: next.clone() });
+        let entry = written.entry(uid.to_owned()).or_default();
         for s in [cached, base] {
             if !entry.replaced.contains(s) {
                 entry.replaced.push(s.clone());
