@@ -769,3 +769,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kubekms").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn plugin_access_flags_come_together() {
+        let base = ["controller", "--root-key-file", "/k"];
+        for extra in [&["--plugin-key", "kube-system/k"][..], &["--plugin-material-role", "r"][..]] {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let err = parse(&args).err().expect("one flag without the other is refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        }
+        let args = [&base[..], &["--plugin-key", "kube-system/k", "--plugin-material-role", "r"]].concat();
+        assert!(parse(&args).is_ok());
+    }
+
+    #[test]
+    fn key_names_must_be_namespace_slash_name() {
+        assert_eq!(namespaced_name("kube-system/k").unwrap(), ("kube-system", "k"));
+        for bad in ["k", "/k", "ns/", "a/b/c", ""] {
+            let err = namespaced_name(bad).unwrap_err().to_string();
+            assert!(err.contains("is not NAMESPACE/NAME"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn expect_seq_takes_a_count() {
+        assert!(parse(&["audit", "verify", "f", "--expect-seq", "12"]).is_ok());
+        for bad in ["-1", "x", ""] {
+            let arg = format!("--expect-seq={bad}");
+            let err = parse(&["audit", "verify", "f", &arg]).err().expect(bad);
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+        }
+    }
+}
