@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from procs import BenchError, Process, run, wait_until
+from controlplane.procs import BenchError, Process, run, wait_until
 
 # The encryption providers compared for Secrets, and how each marks a value in etcd.
 PROVIDERS = ("identity", "aesgcm", "reference", "kubekms")

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from cluster import CLUSTER_KEY, KUBEKMS_NAMESPACE, ControlPlane, http_ok, metric_value
-from procs import Process, wait_until
+from controlplane.procs import Process, wait_until
 
 
 class Components:

@@ -26,11 +26,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import report
+# The control plane is shared with `make up`: its package lives in e2e/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
+
+import report  # noqa: E402 (after the path)
 from cluster import (CLUSTER_KEY, CONTROLLER_SA_NAMESPACE, ETCD_PREFIX, INFRA_LABEL, KEYAPI_CALLER, KEYAPI_KEY,
                      KUBEKMS_NAMESPACE, PROVIDERS, ControlPlane, Layout)
 from components import Components
-from procs import BenchError, log, run, stop_all, stop_stale
+from controlplane.procs import BenchError, log, run, stop_all, stop_stale
 
 SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API")
 
