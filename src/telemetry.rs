@@ -27,6 +27,26 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// An error and its causes on one line, for Events and conditions (never secret: errors
+/// carry names and API messages only).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        match e.downcast_ref::<kube::Error>() {
+            // The API server's own message, without the Debug dump of its Status.
+            Some(kube::Error::Api(status)) => {
+                text.push_str(&status.message);
+                break;
+            }
+            _ => text.push_str(&e.to_string()),
+        }
+        source = e.source();
+    }
+    text
+}
+
 /// What `/healthz` and `/readyz` report.
 #[derive(Debug)]
 pub struct Health {

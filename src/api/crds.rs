@@ -94,6 +94,16 @@ mod tests {
         assert_eq!(parsed[0].metadata.name.as_deref(), Some("kmskeys.kms.kubekms.io"));
     }
 
+    #[test]
+    fn the_version_limit_is_the_schema_bound() {
+        let crds = all_crds();
+        let material = crds.iter().find(|c| c.spec.names.kind == "KmsKeyMaterial").unwrap();
+        let schema = material.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap();
+        let spec = &schema.properties.as_ref().unwrap()["spec"];
+        let versions = &spec.properties.as_ref().unwrap()["versions"];
+        assert_eq!(versions.max_items, Some(super::super::MAX_VERSIONS as i64));
+    }
+
     /// `crds/` and the Helm chart's `crds/` must hold exactly what `kubekms crds` prints.
     #[test]
     fn crds_directories_match_generated_yaml() {

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::key::Origin;
 
+/// The most versions a key may have: the bound of `KmsKeyMaterial.spec.versions` in the
+/// schema, which a test checks against the generated CRD.
+pub const MAX_VERSIONS: usize = 1000;
+
 /// The key-version material of one KmsKey, each version wrapped by the root key. Written
 /// only by the kubekms controller; versions are only ever added, until the material is
 /// destroyed after the key's deletion waiting period.
@@ -52,7 +56,7 @@ pub struct KmsKeyMaterialSpec {
 
     /// The versions, in order. An existing version never changes.
     #[serde(default)]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = MAX_VERSIONS))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
     pub versions: Vec<MaterialVersion>,
 

@@ -22,7 +22,9 @@ pub use key::{
     Deletion, Effect, KeyOperation, KeyPolicy, KeySpec, KeyState, KeyUsage, KeyVersionState,
     KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, Origin, PolicyStatement, Rotation,
 };
-pub use material::{KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MaterialVersion, VersionTrigger};
+pub use material::{
+    KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS, MaterialVersion, VersionTrigger,
+};
 pub use principal::{Principal, PrincipalKind};
 
 /// The API group of every kubekms resource.

@@ -18,6 +18,7 @@ use super::{Context, Error};
 use crate::api::{KeyState, KmsKey, KmsKeyMaterial, KmsKeyStatus, VersionTrigger};
 use crate::crypto::KeyMaterial;
 use crate::keyring::Owner;
+use crate::telemetry::error_chain;
 
 /// Guards what the garbage collector cannot: a KmsKey goes away only after its material
 /// has been destroyed (the material object is cluster-scoped and has no owner reference).
@@ -463,26 +464,6 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
     let _ = api
         .patch_status(&key.name_any(), &PatchParams::apply(ERROR_FIELD_MANAGER).force(), &Patch::Apply(body))
         .await;
-}
-
-/// An error and its causes on one line, for Events and conditions (never secret: errors
-/// carry names and API messages only).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        match e.downcast_ref::<kube::Error>() {
-            // The API server's own message, without the Debug dump of its Status.
-            Some(kube::Error::Api(status)) => {
-                text.push_str(&status.message);
-                break;
-            }
-            _ => text.push_str(&e.to_string()),
-        }
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -13,11 +13,10 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{
-    KeyState, KeyVersionState, KeyVersionStatus, KmsKeySpec, KmsKeyStatus, Origin, VersionTrigger,
+    KeyState, KeyVersionState, KeyVersionStatus, KmsKeySpec, KmsKeyStatus, MAX_VERSIONS, Origin,
+    VersionTrigger,
 };
 
-/// The most versions a key may have (the size bound of `KmsKeyMaterial.spec.versions`).
-pub const MAX_VERSIONS: usize = 1000;
 /// Bounds of the deletion window and the rotation period, as the CRD schema sets them.
 const MIN_WINDOW_DAYS: u8 = 7;
 const MAX_WINDOW_DAYS: u8 = 30;

@@ -206,7 +206,7 @@ async fn lead(lock: &mut LeaseLock, shared: &Shared, shutdown: &CancellationToke
                 shared.health.set_ready(true);
                 tracing::debug!(%holder, "waiting for the leader Lease");
             }
-            Err(e) => tracing::warn!(error = %key::error_chain(&e), "leader election attempt failed"),
+            Err(e) => tracing::warn!(error = %telemetry::error_chain(&e), "leader election attempt failed"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -234,7 +234,7 @@ async fn lead(lock: &mut LeaseLock, shared: &Shared, shutdown: &CancellationToke
                 tracing::error!(%holder, "another replica holds the leader Lease; stopping the controllers");
                 break true;
             }
-            Err(e) => tracing::warn!(error = %key::error_chain(&e), "failed to renew the leader Lease"),
+            Err(e) => tracing::warn!(error = %telemetry::error_chain(&e), "failed to renew the leader Lease"),
         }
         if last_renewal.elapsed() > timing.renew_deadline {
             tracing::error!(
@@ -253,7 +253,7 @@ async fn lead(lock: &mut LeaseLock, shared: &Shared, shutdown: &CancellationToke
     }
     match lock.release().await {
         Ok(()) => tracing::info!("released the leader Lease"),
-        Err(e) => tracing::warn!(error = %key::error_chain(&e), "failed to release the leader Lease"),
+        Err(e) => tracing::warn!(error = %telemetry::error_chain(&e), "failed to release the leader Lease"),
     }
 }
 

@@ -221,7 +221,7 @@ impl MaterialStore {
     ) -> Result<KmsKeyMaterial, MaterialError> {
         let name = current.metadata.name.clone().unwrap_or_default();
         check_root(current, root)?;
-        if current.spec.versions.len() >= crate::controller::lifecycle::MAX_VERSIONS {
+        if current.spec.versions.len() >= crate::api::MAX_VERSIONS {
             return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
         }
         let next = next_version(current)?;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::api::KeyState;
-use crate::controller::lifecycle::MAX_VERSIONS;
+use crate::api::MAX_VERSIONS;
 use crate::crypto::{KeyMaterial, RootKey};
 
 const HEADER: &str = "kubekms-plugin-cache v1";

@@ -171,7 +171,7 @@ impl<K: Keyring> KmsPlugin<K> {
             Err(e) => {
                 let status = e.status();
                 if matches!(e, PluginError::Seal(_) | PluginError::Audit(_)) {
-                    tracing::error!(error = %crate::controller::key::error_chain(e), operation, "operation failed");
+                    tracing::error!(error = %crate::telemetry::error_chain(e), operation, "operation failed");
                 }
                 (code_name(status.code()), self.keyring.snapshot(), None, Some(status.message().to_owned()))
             }
@@ -194,7 +194,7 @@ impl<K: Keyring> KmsPlugin<K> {
             (Ok((value, _, _)), Ok(())) => (result, Ok(value)),
             (Ok(_), Err(e)) => {
                 let err = PluginError::Audit(e);
-                tracing::error!(error = %crate::controller::key::error_chain(&err), "refusing an operation that cannot be audited");
+                tracing::error!(error = %crate::telemetry::error_chain(&err), "refusing an operation that cannot be audited");
                 ("Unavailable", Err(err.status()))
             }
             (Err(e), _) => (result, Err(e.status())),

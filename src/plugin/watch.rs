@@ -38,7 +38,7 @@ pub fn from_cache(
         Ok(Some(c)) => c,
         Ok(None) => return None,
         Err(e) => {
-            tracing::warn!(error = %crate::controller::key::error_chain(&e), "ignoring the plugin cache");
+            tracing::warn!(error = %crate::telemetry::error_chain(&e), "ignoring the plugin cache");
             return None;
         }
     };
@@ -70,7 +70,7 @@ pub fn from_cache(
             }))
         }
         Err(e) => {
-            tracing::warn!(error = %crate::controller::key::error_chain(&e), "the cache does not unwrap with this root key; ignoring it");
+            tracing::warn!(error = %crate::telemetry::error_chain(&e), "the cache does not unwrap with this root key; ignoring it");
             None
         }
     }
@@ -177,7 +177,7 @@ impl KeyWatch {
         let snap = match snapshot(&self.root, &key, material.as_ref(), previous.as_deref()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %crate::controller::key::error_chain(&e), "cannot use the key's material; keeping the last good snapshot");
+                tracing::error!(error = %crate::telemetry::error_chain(&e), "cannot use the key's material; keeping the last good snapshot");
                 state.done = key.metadata.resource_version.clone();
                 return true;
             }
@@ -197,7 +197,7 @@ impl KeyWatch {
                 Ok(()) => state.last_cached = Some(entry),
                 Err(e) => {
                     tracing::error!(
-                        error = %crate::controller::key::error_chain(&e),
+                        error = %crate::telemetry::error_chain(&e),
                         "failed to write the cache; not serving the key's new state until it is written"
                     );
                     return false;

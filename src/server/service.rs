@@ -204,7 +204,7 @@ where
         if let Err(e) = &outcome
             && e.is_internal()
         {
-            tracing::error!(error = %crate::controller::key::error_chain(e), operation, request_id = %id, "call failed");
+            tracing::error!(error = %crate::telemetry::error_chain(e), operation, request_id = %id, "call failed");
         }
         let result = status.as_ref().map_or("OK", |s| code_name(s.code()));
         let event = AuditEvent {
@@ -229,7 +229,7 @@ where
             (Ok(resp), Ok(())) => (result, Ok(resp)),
             (Ok(_), Err(e)) => {
                 let err = ApiError::Audit(e);
-                tracing::error!(error = %crate::controller::key::error_chain(&err), "refusing a call that cannot be audited");
+                tracing::error!(error = %crate::telemetry::error_chain(&err), "refusing a call that cannot be audited");
                 ("Unavailable", Err(err.status()))
             }
             (Err(e), _) => (result, Err(e.status())),
