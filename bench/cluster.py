@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.procs import BenchError, Process, run, wait_until
+from controlplane.procs import Failure, Process, run, wait_until
 
 # The encryption providers compared for Secrets, and how each marks a value in etcd.
 PROVIDERS = ("identity", "aesgcm", "reference", "kubekms")
@@ -41,7 +41,7 @@ def _port(env: str, default: int, count: int = 1) -> int:
     """The first of `count` consecutive ports, from the environment variable `env`."""
     value = os.environ.get(env, str(default))
     if not value.isdigit() or not 0 < int(value) <= 65536 - count:
-        raise BenchError(f"{env}={value!r} is not a port number (it and the next {count - 1} ports)"
+        raise Failure(f"{env}={value!r} is not a port number (it and the next {count - 1} ports)"
                          if count > 1 else f"{env}={value!r} is not a port number")
     return int(value)
 
@@ -90,7 +90,7 @@ class Layout:
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
-                    raise BenchError(
+                    raise Failure(
                         f"port {port} on 127.0.0.1 is in use; move the benchmark's ports with "
                         "KUBEKMS_BENCH_ETCD_PORT (4 ports from it), KUBEKMS_BENCH_APISERVER_PORT, "
                         "KUBEKMS_BENCH_SERVER_PORT and KUBEKMS_BENCH_METRICS_PORT (3 ports from it)"
@@ -241,7 +241,7 @@ current-context: {user}
         done = subprocess.run([str(self.l.e2e_bin / "etcdctl"), "--endpoints", f"http://127.0.0.1:{port}", *args],
                               capture_output=True, timeout=60)
         if done.returncode != 0:
-            raise BenchError(f"etcdctl {' '.join(args)} failed: {done.stderr.decode(errors='replace').strip()}")
+            raise Failure(f"etcdctl {' '.join(args)} failed: {done.stderr.decode(errors='replace').strip()}")
         return done.stdout
 
     def start_etcd(self) -> None:
@@ -252,7 +252,7 @@ current-context: {user}
     def reset_secrets(self) -> None:
         """Starts the Secrets' etcd afresh, empty; kube-apiserver must be stopped."""
         if self.apiserver is not None:
-            raise BenchError("reset_secrets needs kube-apiserver stopped")
+            raise Failure("reset_secrets needs kube-apiserver stopped")
         if self.secrets_etcd is not None:
             self.secrets_etcd.stop()
         subprocess.run(["rm", "-rf", str(self.run_dir / "etcd-secrets")], check=True)
@@ -269,7 +269,7 @@ current-context: {user}
         """Starts kube-apiserver with `provider` encrypting Secrets; returns the seconds from
         the start of the process until /readyz answers ok."""
         if self.apiserver is not None:
-            raise BenchError("kube-apiserver already runs")
+            raise Failure("kube-apiserver already runs")
         pki = self.l.pki
         proc = Process("kube-apiserver", [
             self.l.e2e_bin / "kube-apiserver",
@@ -315,7 +315,7 @@ current-context: {user}
         except urllib.error.HTTPError as e:
             return e.code, e.read()
         except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError) as e:
-            raise BenchError(f"GET {path}: {e}") from e
+            raise Failure(f"GET {path}: {e}") from e
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
         return run(["kubectl", "--kubeconfig", self.kubeconfig, *args], f"kubectl {args[0]}", stdin=stdin)

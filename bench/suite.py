@@ -33,7 +33,7 @@ import report  # noqa: E402 (after the path)
 from cluster import (CLUSTER_KEY, CONTROLLER_SA_NAMESPACE, ETCD_PREFIX, INFRA_LABEL, KEYAPI_CALLER, KEYAPI_KEY,
                      KUBEKMS_NAMESPACE, PROVIDERS, ControlPlane, Layout)
 from components import Components
-from controlplane.procs import BenchError, log, run, stop_all, stop_stale
+from controlplane.procs import Failure, log, run, stop_all, stop_stale
 
 SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API")
 
@@ -84,7 +84,7 @@ class Suite:
         marker = self.l.run_dir / ".kubekms-bench"
         if self.l.run_dir.exists():
             if any(self.l.run_dir.iterdir()) and not marker.exists():
-                raise BenchError(f"{self.l.run_dir} is not empty and was not made by the benchmark; "
+                raise Failure(f"{self.l.run_dir} is not empty and was not made by the benchmark; "
                                  "refusing to delete it (set KUBEKMS_BENCH_RUN_DIR to another directory)")
             shutil.rmtree(self.l.run_dir)
         self.l.run_dir.mkdir(parents=True)
@@ -163,7 +163,7 @@ subjects: [{{kind: ServiceAccount, name: {caller}, namespace: {caller_ns}}}]
             for row in rows:
                 if row["target"] == target and row["operation"] == op and row["concurrency"] == n:
                     return row
-            raise BenchError(f"`{tool}` gave no {target} {op} row at {n} callers")
+            raise Failure(f"`{tool}` gave no {target} {op} row at {n} callers")
 
         target, ops = measured
         for op in ops:
@@ -197,7 +197,7 @@ subjects: [{{kind: ServiceAccount, name: {caller}, namespace: {caller_ns}}}]
             res["cpu"] = self.cp.apiserver.cpu_seconds() - cpu
             stored = self.cp.stored_secret(SECRETS_NAMESPACE, "s-00000")
             if not stored.startswith(ETCD_PREFIX[provider]):
-                raise BenchError(f"with {provider}, etcd holds a Secret starting {stored[:32]!r}, "
+                raise Failure(f"with {provider}, etcd holds a Secret starting {stored[:32]!r}, "
                                  f"not {ETCD_PREFIX[provider]!r}: the provider is not in use")
             self.cp.stop_apiserver()
             ready = self.cp.start_apiserver(provider)
@@ -294,7 +294,7 @@ subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {CONTROLLER_SA_NAMESPA
                 resource = ref.get("resource", "-") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
                 ids.setdefault(event["auditID"], f"{event['verb']} {resource}")
         if not ids:
-            raise BenchError(f"the audit log has no request of {user}; is auditing on?")
+            raise Failure(f"the audit log has no request of {user}; is auditing on?")
         by_kind: dict[str, int] = {}
         for kind in ids.values():
             by_kind[kind] = by_kind.get(kind, 0) + 1
@@ -421,7 +421,7 @@ def main() -> int:
         stop_stale(run_dir)
         suite = Suite(layout, args.sizes)
         suite.run_all()
-    except BenchError as e:
+    except Failure as e:
         log(f"error: {e}")
         return 1
     finally:

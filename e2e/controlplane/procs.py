@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 
-class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and why."""
+class Failure(Exception):
+    """A step failed; the message says which and why."""
 
 
 def log(message: str) -> None:
@@ -35,7 +35,7 @@ class Process:
     @property
     def pid(self) -> int:
         if self.popen is None:
-            raise BenchError(f"{self.name} is not running")
+            raise Failure(f"{self.name} is not running")
         return self.popen.pid
 
     def start(self) -> "Process":
@@ -84,9 +84,9 @@ class Process:
                 if key in wanted:
                     fields[key] = int(value.split()[0])
         except OSError as e:
-            raise BenchError(f"failed to read the memory of {self.name}: {e}") from e
+            raise Failure(f"failed to read the memory of {self.name}: {e}") from e
         if len(fields) != len(wanted):
-            raise BenchError(f"/proc/{self.pid}/status of {self.name} lacks one of {', '.join(wanted)}")
+            raise Failure(f"/proc/{self.pid}/status of {self.name} lacks one of {', '.join(wanted)}")
         return fields
 
     def cpu_seconds(self) -> float:
@@ -94,7 +94,7 @@ class Process:
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError as e:
-            raise BenchError(f"failed to read the CPU time of {self.name}: {e}") from e
+            raise Failure(f"failed to read the CPU time of {self.name}: {e}") from e
         # Fields after "pid (comm) ": state is field 3; utime and stime are fields 14 and 15.
         fields = stat[stat.rindex(")") + 2:].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -105,8 +105,8 @@ class Process:
         except OSError:
             return "(no log)"
 
-    def fail(self, message: str) -> BenchError:
-        return BenchError(f"{message}; last lines of {self.log_path}:\n{self.log_tail()}")
+    def fail(self, message: str) -> Failure:
+        return Failure(f"{message}; last lines of {self.log_path}:\n{self.log_tail()}")
 
 
 _started: list[Process] = []
@@ -161,21 +161,21 @@ def wait_until(timeout: float, what: str, check: Callable[[], bool], proc: Proce
         try:
             if check():
                 return time.monotonic() - started
-        except (OSError, BenchError):
+        except (OSError, Failure):
             pass
         if proc is not None and not proc.alive():
             raise proc.fail(f"{proc.name} exited while waiting for {what}")
         if time.monotonic() - started > timeout:
             if proc is not None:
                 raise proc.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise Failure(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
 
 
 def run(argv: list, what: str, env: dict[str, str] | None = None, timeout: float = 600,
         stdin: str | None = None) -> str:
     """Runs a command to completion and returns its standard output; a failure is a
-    BenchError with the command's standard error."""
+    Failure with the command's standard error."""
     argv = [str(a) for a in argv]
     try:
         done = subprocess.run(
@@ -183,9 +183,9 @@ def run(argv: list, what: str, env: dict[str, str] | None = None, timeout: float
             env=None if env is None else {**os.environ, **env},
         )
     except subprocess.TimeoutExpired as e:
-        raise BenchError(f"{what}: timed out after {timeout:.0f}s ({' '.join(argv)})") from e
+        raise Failure(f"{what}: timed out after {timeout:.0f}s ({' '.join(argv)})") from e
     except OSError as e:
-        raise BenchError(f"{what}: failed to run {argv[0]}: {e}") from e
+        raise Failure(f"{what}: failed to run {argv[0]}: {e}") from e
     if done.returncode != 0:
-        raise BenchError(f"{what} failed (exit {done.returncode}): {' '.join(argv)}\n{done.stderr.strip()}")
+        raise Failure(f"{what} failed (exit {done.returncode}): {' '.join(argv)}\n{done.stderr.strip()}")
     return done.stdout
