@@ -8,6 +8,7 @@ pub mod bench;
 pub mod client;
 pub mod controller;
 pub mod crypto;
+pub mod domain;
 pub mod envelope;
 pub mod file_envelope;
 pub mod keyring;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::key::KeyOperation;
 use super::principal::Principal;
+pub use crate::domain::GrantState;
 
 /// Gives one principal — a ServiceAccount of any namespace, a user or a group — the use of a
 /// key for some operations, optionally only with a given encryption context and only until
@@ -132,19 +133,6 @@ pub struct KmsGrantStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-}
-
-/// A grant's state.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
-pub enum GrantState {
-    /// The grant allows its operations.
-    Active,
-    /// expiresAt has passed.
-    Expired,
-    /// The grantee or the retiring principal retired the grant.
-    Retired,
-    /// The key does not exist or cannot be used; the condition says why.
-    Invalid,
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::principal::Principal;
+pub use crate::domain::{Effect, KeyOperation, KeyState, Origin};
 
 /// A customer-managed key: versioned 256-bit key material that never leaves kubekms
 /// unencrypted. The controller creates version 1, rotates on schedule or on demand,
@@ -99,18 +100,6 @@ pub enum KeyUsage {
     #[default]
     #[serde(rename = "ENCRYPT_DECRYPT")]
     EncryptDecrypt,
-}
-
-/// Where the key material comes from.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
-pub enum Origin {
-    /// kubekms generates the material from the operating system's CSPRNG.
-    #[default]
-    #[serde(rename = "KUBEKMS")]
-    Kubekms,
-    /// You import the material; the key waits in PendingImport until you do.
-    #[serde(rename = "EXTERNAL")]
-    External,
 }
 
 /// Rotation settings.
@@ -225,76 +214,6 @@ pub struct PolicyStatement {
     pub operations: Vec<KeyOperation>,
 }
 
-/// The effect of a policy statement.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
-pub enum Effect {
-    /// Allow the operations, unless a Deny statement matches.
-    Allow,
-    /// Refuse the operations, whatever else allows them.
-    Deny,
-}
-
-/// A cryptographic operation of the key API that policies and grants control.
-#[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
-)]
-pub enum KeyOperation {
-    /// Encrypt up to 4 KiB of plaintext.
-    Encrypt,
-    /// Decrypt a ciphertext made under this key.
-    Decrypt,
-    /// Return a new data key in plaintext and wrapped under this key.
-    GenerateDataKey,
-    /// Return a new data key wrapped under this key only.
-    GenerateDataKeyWithoutPlaintext,
-    /// Decrypt under this key as the source of a ReEncrypt.
-    ReEncryptFrom,
-    /// Encrypt under this key as the destination of a ReEncrypt.
-    ReEncryptTo,
-    /// Read the key's metadata.
-    DescribeKey,
-}
-
-impl KeyOperation {
-    /// Every operation, in a fixed order.
-    pub const ALL: [KeyOperation; 7] = [
-        KeyOperation::Encrypt,
-        KeyOperation::Decrypt,
-        KeyOperation::GenerateDataKey,
-        KeyOperation::GenerateDataKeyWithoutPlaintext,
-        KeyOperation::ReEncryptFrom,
-        KeyOperation::ReEncryptTo,
-        KeyOperation::DescribeKey,
-    ];
-
-    /// The operation's name on the wire and in audit records.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyOperation::Encrypt => "Encrypt",
-            KeyOperation::Decrypt => "Decrypt",
-            KeyOperation::GenerateDataKey => "GenerateDataKey",
-            KeyOperation::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
-            KeyOperation::ReEncryptFrom => "ReEncryptFrom",
-            KeyOperation::ReEncryptTo => "ReEncryptTo",
-            KeyOperation::DescribeKey => "DescribeKey",
-        }
-    }
-
-    /// The RBAC verb on `kmskeys` that allows this operation when the key policy
-    /// delegates to RBAC.
-    pub fn rbac_verb(self) -> &'static str {
-        match self {
-            KeyOperation::Encrypt => "encrypt",
-            KeyOperation::Decrypt => "decrypt",
-            KeyOperation::GenerateDataKey => "generatedatakey",
-            KeyOperation::GenerateDataKeyWithoutPlaintext => "generatedatakeywithoutplaintext",
-            KeyOperation::ReEncryptFrom => "reencryptfrom",
-            KeyOperation::ReEncryptTo => "reencryptto",
-            KeyOperation::DescribeKey => "describekey",
-        }
-    }
-}
-
 /// The observed state of a key.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -346,48 +265,6 @@ pub struct KmsKeyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-}
-
-/// A key's lifecycle state.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
-pub enum KeyState {
-    /// The controller is creating version 1.
-    Creating,
-    /// The key can be used.
-    Enabled,
-    /// The key refuses every cryptographic operation until it is enabled again.
-    Disabled,
-    /// The key's material will be destroyed at status.deletionTime unless deletion is
-    /// cancelled; it refuses every cryptographic operation meanwhile.
-    PendingDeletion,
-    /// The key waits for imported material (origin EXTERNAL).
-    PendingImport,
-    /// The key's material has been destroyed; the object can be deleted.
-    Destroyed,
-}
-
-impl KeyState {
-    /// Every state, for metrics that report zero counts too.
-    pub const ALL: [KeyState; 6] = [
-        KeyState::Creating,
-        KeyState::Enabled,
-        KeyState::Disabled,
-        KeyState::PendingDeletion,
-        KeyState::PendingImport,
-        KeyState::Destroyed,
-    ];
-
-    /// The state's name as written in status.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyState::Creating => "Creating",
-            KeyState::Enabled => "Enabled",
-            KeyState::Disabled => "Disabled",
-            KeyState::PendingDeletion => "PendingDeletion",
-            KeyState::PendingImport => "PendingImport",
-            KeyState::Destroyed => "Destroyed",
-        }
-    }
 }
 
 /// One key version, as status reports it (never the material).

@@ -1,0 +1,11 @@
+//! The kube-free core: keys, versions, grants, principals, policy evaluation and the key
+//! snapshot the data paths use, as plain types. CRD objects (`crate::api`) are converted
+//! into these once, where they are watched; nothing here imports `kube` or `k8s_openapi`.
+
+mod grant;
+mod key;
+mod policy;
+
+pub use grant::GrantState;
+pub use key::{KeyState, Origin};
+pub use policy::{Effect, KeyOperation};
