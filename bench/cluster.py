@@ -42,7 +42,7 @@ def _port(env: str, default: int, count: int = 1) -> int:
     value = os.environ.get(env, str(default))
     if not value.isdigit() or not 0 < int(value) <= 65536 - count:
         raise Failure(f"{env}={value!r} is not a port number (it and the next {count - 1} ports)"
-                         if count > 1 else f"{env}={value!r} is not a port number")
+                      if count > 1 else f"{env}={value!r} is not a port number")
     return int(value)
 
 

@@ -85,7 +85,7 @@ class Suite:
         if self.l.run_dir.exists():
             if any(self.l.run_dir.iterdir()) and not marker.exists():
                 raise Failure(f"{self.l.run_dir} is not empty and was not made by the benchmark; "
-                                 "refusing to delete it (set KUBEKMS_BENCH_RUN_DIR to another directory)")
+                              "refusing to delete it (set KUBEKMS_BENCH_RUN_DIR to another directory)")
             shutil.rmtree(self.l.run_dir)
         self.l.run_dir.mkdir(parents=True)
         marker.write_text("state of a kubekms benchmark run; deleted by the next run\n")
@@ -198,7 +198,7 @@ subjects: [{{kind: ServiceAccount, name: {caller}, namespace: {caller_ns}}}]
             stored = self.cp.stored_secret(SECRETS_NAMESPACE, "s-00000")
             if not stored.startswith(ETCD_PREFIX[provider]):
                 raise Failure(f"with {provider}, etcd holds a Secret starting {stored[:32]!r}, "
-                                 f"not {ETCD_PREFIX[provider]!r}: the provider is not in use")
+                              f"not {ETCD_PREFIX[provider]!r}: the provider is not in use")
             self.cp.stop_apiserver()
             ready = self.cp.start_apiserver(provider)
             first = self.cp.loadgen("list", "--namespace", SECRETS_NAMESPACE, "--expect", str(s.secrets))
