@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::api::KeyState;
 use crate::audit::AuditLog;
 use crate::crypto::{KeyMaterial, RootKey};
-use crate::keyring::{FixedKeyring, KeySnapshot};
+use crate::domain::{KeyInfo, KeySnapshot, KeyState};
+use crate::keyring::FixedKeyring;
 use crate::metering::OperationMetrics;
 use crate::plugin::service::KmsPlugin;
 use crate::plugin::socket::PluginSocket;
@@ -97,11 +97,13 @@ async fn serve<S: KeyManagementService>(
 pub async fn start_local_plugin(dir: &Path, stop: CancellationToken) -> Result<PathBuf, BenchError> {
     let root = RootKey::from_material(KeyMaterial::generate().map_err(BenchError::Random)?);
     let key = KeySnapshot {
-        namespace: "bench".into(),
-        name: "key".into(),
-        key_id: uuid::Uuid::new_v4().to_string(),
-        state: KeyState::Enabled,
-        current_version: Some(1),
+        info: KeyInfo {
+            namespace: "bench".into(),
+            name: "key".into(),
+            key_id: uuid::Uuid::new_v4().to_string(),
+            state: KeyState::Enabled,
+            current_version: Some(1),
+        },
         versions: [(1, Arc::new(KeyMaterial::generate().map_err(BenchError::Random)?))].into(),
     };
     let audit = AuditLog::open(&dir.join("audit.log"), &root)

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod audit;
 pub mod bench;
+pub mod call;
 pub mod client;
 pub mod controller;
 pub mod crypto;

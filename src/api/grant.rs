@@ -88,19 +88,6 @@ pub struct GrantConstraints {
     pub encryption_context_subset: Option<BTreeMap<String, String>>,
 }
 
-impl GrantConstraints {
-    /// Whether a call's encryption context satisfies these constraints.
-    pub fn allows(&self, context: &BTreeMap<String, String>) -> bool {
-        if let Some(equals) = &self.encryption_context_equals {
-            return equals == context;
-        }
-        if let Some(subset) = &self.encryption_context_subset {
-            return subset.iter().all(|(k, v)| context.get(k) == Some(v));
-        }
-        true
-    }
-}
-
 /// The observed state of a grant.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -133,35 +120,4 @@ pub struct KmsGrantStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-    }
-
-    #[test]
-    fn equals_constraint_needs_exact_context() {
-        let c = GrantConstraints {
-            encryption_context_equals: Some(map(&[("app", "web")])),
-            encryption_context_subset: None,
-        };
-        assert!(c.allows(&map(&[("app", "web")])));
-        assert!(!c.allows(&map(&[("app", "web"), ("x", "y")])));
-        assert!(!c.allows(&map(&[])));
-    }
-
-    #[test]
-    fn subset_constraint_allows_extra_pairs() {
-        let c = GrantConstraints {
-            encryption_context_equals: None,
-            encryption_context_subset: Some(map(&[("app", "web")])),
-        };
-        assert!(c.allows(&map(&[("app", "web"), ("x", "y")])));
-        assert!(!c.allows(&map(&[("app", "db")])));
-        assert!(!c.allows(&map(&[])));
-    }
 }

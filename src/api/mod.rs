@@ -7,6 +7,7 @@
 
 // kube-derive's repeated `printcolumn(type_ = …)` arguments trip clippy's
 // duplicated_attributes lint, which is meant for repeated attributes, not macro arguments.
+mod convert;
 mod crds;
 #[allow(clippy::duplicated_attributes)]
 mod grant;

@@ -5,6 +5,8 @@ use std::fmt;
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::domain;
+
 /// A Kubernetes identity: a ServiceAccount (of any namespace), a user or a group, as
 /// authenticated by the API server (TokenReview).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, KubeSchema)]
@@ -46,32 +48,24 @@ impl Principal {
             namespace: Some(namespace.to_owned()),
         }
     }
+}
 
-    /// Whether an authenticated identity (user name and groups, as a TokenReview returns
-    /// them) is this principal.
-    pub fn matches(&self, username: &str, groups: &[String]) -> bool {
-        match self.kind {
-            PrincipalKind::ServiceAccount => {
-                let namespace = self.namespace.as_deref().unwrap_or_default();
-                service_account_username(namespace, &self.name) == username
-            }
-            PrincipalKind::User => self.name == username,
-            PrincipalKind::Group => groups.iter().any(|g| g == &self.name),
+impl From<&Principal> for domain::Principal {
+    fn from(p: &Principal) -> Self {
+        match p.kind {
+            PrincipalKind::ServiceAccount => domain::Principal::ServiceAccount {
+                namespace: p.namespace.clone().unwrap_or_default(),
+                name: p.name.clone(),
+            },
+            PrincipalKind::User => domain::Principal::User(p.name.clone()),
+            PrincipalKind::Group => domain::Principal::Group(p.name.clone()),
         }
     }
 }
 
-/// The user name the API server gives a ServiceAccount.
-pub fn service_account_username(namespace: &str, name: &str) -> String {
-    format!("system:serviceaccount:{namespace}:{name}")
-}
-
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.kind, &self.namespace) {
-            (PrincipalKind::ServiceAccount, Some(ns)) => write!(f, "ServiceAccount:{ns}/{}", self.name),
-            (kind, _) => write!(f, "{kind:?}:{}", self.name),
-        }
+        domain::Principal::from(self).fmt(f)
     }
 }
 
@@ -80,24 +74,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_account_matches_only_its_own_username() {
-        let p = Principal::service_account("apps", "web");
-        assert!(p.matches("system:serviceaccount:apps:web", &[]));
-        assert!(!p.matches("system:serviceaccount:other:web", &[]));
-        assert!(!p.matches("system:serviceaccount:apps:web2", &[]));
-    }
-
-    #[test]
-    fn group_matches_membership_not_username() {
-        let p = Principal { kind: PrincipalKind::Group, name: "admins".into(), namespace: None };
-        assert!(p.matches("jane", &["admins".to_owned()]));
-        assert!(!p.matches("admins", &[]));
-    }
-
-    #[test]
-    fn display_is_readable() {
+    fn converts_and_displays_as_the_domain_principal() {
         assert_eq!(Principal::service_account("a", "b").to_string(), "ServiceAccount:a/b");
         let u = Principal { kind: PrincipalKind::User, name: "jane".into(), namespace: None };
         assert_eq!(u.to_string(), "User:jane");
+        assert_eq!(domain::Principal::from(&u), domain::Principal::User("jane".into()));
+        let g = Principal { kind: PrincipalKind::Group, name: "ops".into(), namespace: None };
+        assert_eq!(domain::Principal::from(&g), domain::Principal::Group("ops".into()));
     }
 }

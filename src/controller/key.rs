@@ -17,7 +17,7 @@ use super::lifecycle::{self, Material, MaterialAction, Observed, Plan, VersionIn
 use super::{Context, Error};
 use crate::api::{KeyState, KmsKey, KmsKeyMaterial, KmsKeyStatus, VersionTrigger};
 use crate::crypto::KeyMaterial;
-use crate::keyring::Owner;
+use crate::keyring::{self, Owner};
 use crate::telemetry::error_chain;
 
 /// Guards what the garbage collector cannot: a KmsKey goes away only after its material
@@ -287,22 +287,22 @@ async fn apply(
     let updated = match (action, material) {
         (MaterialAction::Create { request }, _) => {
             let first = KeyMaterial::generate().map_err(Error::Random)?;
-            let created = store
-                .create(
-                    owner,
-                    key.spec.origin,
-                    &ctx.root,
-                    Some((&first, VersionTrigger::Created, request.clone())),
-                    None,
-                    now,
-                )
-                .await?;
+            let object = keyring::new_material(
+                owner,
+                key.spec.origin,
+                &ctx.root,
+                Some((&first, VersionTrigger::Created, request.clone())),
+                None,
+                now,
+            )?;
+            let created = store.create(owner, &object).await?;
             ctx.metrics.material_changes.get_or_create(&label("create")).inc();
             tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "created version 1");
             created
         }
         (MaterialAction::Rotate { trigger, request }, Some(current)) => {
-            let rotated = store.rotate(current, &ctx.root, *trigger, request.clone(), now).await?;
+            let next = keyring::with_rotation(current, &ctx.root, *trigger, request.clone(), now)?;
+            let rotated = store.replace(&next).await?;
             ctx.metrics.material_changes.get_or_create(&label("rotate")).inc();
             tracing::info!(
                 key = %format!("{}/{}", owner.namespace, owner.name),
@@ -314,7 +314,7 @@ async fn apply(
             rotated
         }
         (MaterialAction::Destroy, Some(current)) => {
-            let destroyed = store.destroy(current, now).await?;
+            let destroyed = store.replace(&keyring::destroyed(current, now)).await?;
             ctx.metrics.material_changes.get_or_create(&label("destroy")).inc();
             tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "destroyed key material");
             destroyed
@@ -322,7 +322,8 @@ async fn apply(
         (MaterialAction::Destroy, None) => {
             // A key that never had material (EXTERNAL, never imported): record it as
             // destroyed so it can never get material later.
-            store.create(owner, key.spec.origin, &ctx.root, None, Some(now), now).await?
+            let object = keyring::new_material(owner, key.spec.origin, &ctx.root, None, Some(now), now)?;
+            store.create(owner, &object).await?
         }
         (MaterialAction::Rotate { .. }, None) => return Err(Error::Unsettled),
     };

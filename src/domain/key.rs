@@ -1,6 +1,46 @@
 //! Keys as the data paths and the controller decide with them.
 
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+
+use super::policy::Policy;
+
+/// Which key, in which state, encrypting under which version: what every data path must
+/// know of a key besides its material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub namespace: String,
+    pub name: String,
+    /// The key's keyId (its UID).
+    pub key_id: String,
+    pub state: KeyState,
+    /// The version new encryptions use.
+    pub current_version: Option<u32>,
+}
+
+impl KeyInfo {
+    /// `namespace/name`.
+    pub fn display(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A key as the key API finds it: everything but its material, which is unwrapped only
+/// once a caller is authorized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub info: KeyInfo,
+    pub description: String,
+    pub origin: Origin,
+    /// Every version the key has had.
+    pub versions: Vec<u32>,
+    pub created: Option<Timestamp>,
+    pub next_rotation: Option<Timestamp>,
+    pub deletion: Option<Timestamp>,
+    pub automatic_rotation: bool,
+    pub rotation_period_days: u16,
+    pub policy: Policy,
+}
 
 /// Where the key material comes from.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]

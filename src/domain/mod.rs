@@ -5,7 +5,11 @@
 mod grant;
 mod key;
 mod policy;
+mod principal;
+mod snapshot;
 
-pub use grant::GrantState;
-pub use key::{KeyState, Origin};
-pub use policy::{Effect, KeyOperation};
+pub use grant::{Constraints, Grant, GrantState};
+pub use key::{Key, KeyInfo, KeyState, Origin};
+pub use policy::{Effect, KeyOperation, Policy, Statement, Verdict};
+pub use principal::{Identity, Principal, service_account_username};
+pub use snapshot::{KeySnapshot, WrappedMaterial};

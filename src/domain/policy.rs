@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::principal::{Identity, Principal};
+
 /// The effect of a policy statement.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
 pub enum Effect {
@@ -69,5 +71,101 @@ impl KeyOperation {
             KeyOperation::ReEncryptTo => "reencryptto",
             KeyOperation::DescribeKey => "describekey",
         }
+    }
+}
+
+/// A key policy. An explicit Deny always wins; otherwise a statement that allows the call
+/// decides, and without one grants and (when the policy delegates) RBAC may allow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Whether Kubernetes RBAC may allow what no statement does.
+    pub delegate_to_rbac: bool,
+    pub statements: Vec<Statement>,
+}
+
+/// One statement of a key policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub sid: Option<String>,
+    pub effect: Effect,
+    pub principals: Vec<Principal>,
+    pub operations: Vec<KeyOperation>,
+}
+
+/// What the key policy says about one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A Deny statement matches (its sid, if any).
+    Deny(Option<String>),
+    /// An Allow statement matches and no Deny does.
+    Allow(Option<String>),
+    /// No statement matches.
+    NoMatch,
+}
+
+impl Policy {
+    /// Evaluates the statements for `who` doing `op`.
+    pub fn verdict(&self, who: &Identity, op: KeyOperation) -> Verdict {
+        let applicable = || {
+            self.statements
+                .iter()
+                .filter(|s| s.operations.contains(&op) && s.principals.iter().any(|p| p.matches(who)))
+        };
+        if let Some(s) = applicable().find(|s| s.effect == Effect::Deny) {
+            return Verdict::Deny(s.sid.clone());
+        }
+        match applicable().find(|s| s.effect == Effect::Allow) {
+            Some(s) => Verdict::Allow(s.sid.clone()),
+            None => Verdict::NoMatch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sa(ns: &str, name: &str) -> Identity {
+        Identity {
+            username: format!("system:serviceaccount:{ns}:{name}"),
+            groups: vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{ns}")],
+            ..Default::default()
+        }
+    }
+
+    fn statement(effect: Effect, principal: Principal, ops: &[KeyOperation]) -> Statement {
+        Statement {
+            sid: Some(format!("{effect:?}")),
+            effect,
+            principals: vec![principal],
+            operations: ops.to_vec(),
+        }
+    }
+
+    #[test]
+    fn explicit_deny_wins_over_allow() {
+        let group = Principal::Group("system:serviceaccounts:apps".into());
+        let intruder = Principal::ServiceAccount { namespace: "apps".into(), name: "intruder".into() };
+        let policy = Policy {
+            delegate_to_rbac: false,
+            statements: vec![
+                statement(Effect::Allow, group, &[KeyOperation::Encrypt, KeyOperation::Decrypt]),
+                statement(Effect::Deny, intruder, &[KeyOperation::Decrypt]),
+            ],
+        };
+        assert_eq!(
+            policy.verdict(&sa("apps", "web"), KeyOperation::Decrypt),
+            Verdict::Allow(Some("Allow".into()))
+        );
+        assert_eq!(
+            policy.verdict(&sa("apps", "intruder"), KeyOperation::Decrypt),
+            Verdict::Deny(Some("Deny".into()))
+        );
+        assert_eq!(
+            policy.verdict(&sa("apps", "intruder"), KeyOperation::Encrypt),
+            Verdict::Allow(Some("Allow".into()))
+        );
+        assert_eq!(policy.verdict(&sa("other", "web"), KeyOperation::Encrypt), Verdict::NoMatch);
+        assert_eq!(policy.verdict(&sa("apps", "web"), KeyOperation::GenerateDataKey), Verdict::NoMatch);
     }
 }

@@ -1,14 +1,16 @@
-//! Reading and writing `KmsKeyMaterial`: the only place that turns plaintext key material
-//! into stored bytes, and only through the root key.
+//! Key versions as `KmsKeyMaterial` holds them: the only place that turns plaintext key
+//! material into stored bytes, and only through the root key. Pure: it builds and checks
+//! objects; [`super::store`] reads and writes them.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Client};
+use kube::api::ObjectMeta;
 
-use crate::api::{KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MaterialVersion, Origin, VersionTrigger};
+use crate::api::{
+    KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS, MaterialVersion, Origin, VersionTrigger,
+};
 use crate::crypto::{KeyMaterial, RootKey, RootKeyError, WrapContext};
 
 /// Why reading or writing key material failed.
@@ -38,8 +40,6 @@ pub enum MaterialError {
         #[source]
         source: kube::Error,
     },
-    #[error("KmsKeyMaterial {name} already exists")]
-    AlreadyExists { name: String },
     #[error("KmsKeyMaterial {name} belongs to {found}, not to {expected}")]
     Owner { name: String, found: String, expected: String },
     #[error("failed to generate key material")]
@@ -66,7 +66,7 @@ impl MaterialError {
     pub fn category(&self) -> &'static str {
         match self {
             MaterialError::Get { .. } => "material_get",
-            MaterialError::Create { .. } | MaterialError::AlreadyExists { .. } => "material_create",
+            MaterialError::Create { .. } => "material_create",
             MaterialError::Update { .. } => "material_update",
             MaterialError::Delete { .. } => "material_delete",
             MaterialError::Owner { .. } => "material_owner",
@@ -99,12 +99,6 @@ impl Owner {
     }
 }
 
-/// Key material stored in the cluster, each version wrapped by the root key.
-#[derive(Clone)]
-pub struct MaterialStore {
-    api: Api<KmsKeyMaterial>,
-}
-
 fn wrap_version(
     root: &RootKey,
     key_id: &str,
@@ -118,185 +112,74 @@ fn wrap_version(
     Ok(MaterialVersion { version, created: Time(now), trigger, request, wrapped: B64.encode(wrapped) })
 }
 
-impl MaterialStore {
-    pub fn new(client: Client) -> Self {
-        MaterialStore { api: Api::all(client) }
-    }
-
-    /// The material of the key `key_id`, if any.
-    pub async fn get(&self, key_id: &str) -> Result<Option<KmsKeyMaterial>, MaterialError> {
-        self.api
-            .get_opt(key_id)
-            .await
-            .map_err(|source| MaterialError::Get { name: key_id.to_owned(), source })
-    }
-
-    /// Creates the material object of `owner`, with `first` as version 1 when given
-    /// (generated material) or with no version (a destroyed key that never had any, when
-    /// `destroyed` is set). If it already exists (a previous attempt got this far), returns
-    /// the existing object after checking that it is this key's.
-    pub async fn create(
-        &self,
-        owner: &Owner,
-        origin: Origin,
-        root: &RootKey,
-        first: Option<(&KeyMaterial, VersionTrigger, Option<String>)>,
-        destroyed: Option<Timestamp>,
-        now: Timestamp,
-    ) -> Result<KmsKeyMaterial, MaterialError> {
-        match self.create_new(owner, origin, root, first, destroyed, now).await {
-            Err(MaterialError::AlreadyExists { .. }) => {
-                let existing = self
-                    .get(&owner.uid)
-                    .await?
-                    .ok_or_else(|| MaterialError::AlreadyExists { name: owner.uid.clone() })?;
-                check_owner(&existing, owner)?;
-                Ok(existing)
-            }
-            other => other,
+/// The material object of `owner`, with `first` as version 1 when given (generated or
+/// imported material), or with no version (a destroyed key that never had any, when
+/// `destroyed` is set).
+pub fn new_material(
+    owner: &Owner,
+    origin: Origin,
+    root: &RootKey,
+    first: Option<(&KeyMaterial, VersionTrigger, Option<String>)>,
+    destroyed: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<KmsKeyMaterial, MaterialError> {
+    let versions = match first {
+        Some((material, trigger, request)) => {
+            vec![wrap_version(root, &owner.uid, 1, material, trigger, request, now)?]
         }
-    }
+        None => Vec::new(),
+    };
+    Ok(KmsKeyMaterial {
+        metadata: ObjectMeta {
+            name: Some(owner.uid.clone()),
+            labels: Some(
+                [
+                    ("kms.kubekms.io/key-namespace".to_owned(), owner.namespace.clone()),
+                    ("kms.kubekms.io/key-name".to_owned(), owner.name.clone()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: KmsKeyMaterialSpec {
+            owner: owner.to_api(),
+            origin,
+            root_key_fingerprint: root.fingerprint().to_owned(),
+            versions,
+            destroyed_at: destroyed.map(Time),
+        },
+    })
+}
 
-    /// Like [`MaterialStore::create`], but fails with [`MaterialError::AlreadyExists`] if
-    /// the object exists: for imports, where someone else's material must not pass for ours.
-    pub async fn create_new(
-        &self,
-        owner: &Owner,
-        origin: Origin,
-        root: &RootKey,
-        first: Option<(&KeyMaterial, VersionTrigger, Option<String>)>,
-        destroyed: Option<Timestamp>,
-        now: Timestamp,
-    ) -> Result<KmsKeyMaterial, MaterialError> {
-        let versions = match first {
-            Some((material, trigger, request)) => {
-                vec![wrap_version(root, &owner.uid, 1, material, trigger, request, now)?]
-            }
-            None => Vec::new(),
-        };
-        let object = KmsKeyMaterial {
-            metadata: ObjectMeta {
-                name: Some(owner.uid.clone()),
-                labels: Some(
-                    [
-                        ("kms.kubekms.io/key-namespace".to_owned(), owner.namespace.clone()),
-                        ("kms.kubekms.io/key-name".to_owned(), owner.name.clone()),
-                    ]
-                    .into(),
-                ),
-                ..Default::default()
-            },
-            spec: KmsKeyMaterialSpec {
-                owner: owner.to_api(),
-                origin,
-                root_key_fingerprint: root.fingerprint().to_owned(),
-                versions,
-                destroyed_at: destroyed.map(Time),
-            },
-        };
-        match self.api.create(&PostParams::default(), &object).await {
-            Ok(created) => Ok(created),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                let existing = self.get(&owner.uid).await?.ok_or_else(|| MaterialError::Get {
-                    name: owner.uid.clone(),
-                    source: kube::Error::Api(e),
-                })?;
-                check_owner(&existing, owner)?;
-                Ok(existing)
-            }
-            Err(source) => Err(MaterialError::Create { name: owner.uid.clone(), source }),
-        }
+/// `current` with the next version added, generated from the OS CSPRNG. Written back with
+/// its resourceVersion, so two writers can never both add a version.
+pub fn with_rotation(
+    current: &KmsKeyMaterial,
+    root: &RootKey,
+    trigger: VersionTrigger,
+    request: Option<String>,
+    now: Timestamp,
+) -> Result<KmsKeyMaterial, MaterialError> {
+    let name = current.metadata.name.clone().unwrap_or_default();
+    check_root(current, root)?;
+    if current.spec.versions.len() >= MAX_VERSIONS {
+        return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
     }
+    let next = next_version(current)?;
+    let material = KeyMaterial::generate().map_err(MaterialError::Random)?;
+    let version = wrap_version(root, &current.spec.owner.uid, next, &material, trigger, request, now)?;
+    let mut updated = current.clone();
+    updated.spec.versions.push(version);
+    Ok(updated)
+}
 
-    /// Adds the next version to `current`, generated from the OS CSPRNG. Fails with a
-    /// conflict (see [`MaterialError::is_conflict`]) if `current` is not the latest
-    /// version of the object, so two writers can never both add a version.
-    pub async fn rotate(
-        &self,
-        current: &KmsKeyMaterial,
-        root: &RootKey,
-        trigger: VersionTrigger,
-        request: Option<String>,
-        now: Timestamp,
-    ) -> Result<KmsKeyMaterial, MaterialError> {
-        let name = current.metadata.name.clone().unwrap_or_default();
-        check_root(current, root)?;
-        if current.spec.versions.len() >= crate::api::MAX_VERSIONS {
-            return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
-        }
-        let next = next_version(current)?;
-        let material = KeyMaterial::generate().map_err(MaterialError::Random)?;
-        let version = wrap_version(root, &current.spec.owner.uid, next, &material, trigger, request, now)?;
-        let mut updated = current.clone();
-        updated.spec.versions.push(version);
-        self.replace(&name, &updated).await
-    }
-
-    /// Adds imported material as the next version (origin EXTERNAL).
-    pub async fn import(
-        &self,
-        owner: &Owner,
-        current: Option<&KmsKeyMaterial>,
-        root: &RootKey,
-        material: &KeyMaterial,
-        now: Timestamp,
-    ) -> Result<KmsKeyMaterial, MaterialError> {
-        match current {
-            None => {
-                self.create(
-                    owner,
-                    Origin::External,
-                    root,
-                    Some((material, VersionTrigger::Imported, None)),
-                    None,
-                    now,
-                )
-                .await
-            }
-            Some(current) => {
-                check_owner(current, owner)?;
-                check_root(current, root)?;
-                let name = owner.uid.clone();
-                let next = current.spec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-                let version =
-                    wrap_version(root, &owner.uid, next, material, VersionTrigger::Imported, None, now)?;
-                let mut updated = current.clone();
-                updated.spec.versions.push(version);
-                self.replace(&name, &updated).await
-            }
-        }
-    }
-
-    /// Destroys every version: the wrapped bytes are removed from the object and the time
-    /// of destruction recorded. Optimistic like [`MaterialStore::rotate`].
-    pub async fn destroy(
-        &self,
-        current: &KmsKeyMaterial,
-        now: Timestamp,
-    ) -> Result<KmsKeyMaterial, MaterialError> {
-        let name = current.metadata.name.clone().unwrap_or_default();
-        let mut updated = current.clone();
-        updated.spec.versions.clear();
-        updated.spec.destroyed_at = Some(Time(now));
-        self.replace(&name, &updated).await
-    }
-
-    /// Removes the material object of a key whose material is destroyed and whose KmsKey
-    /// is going away.
-    pub async fn delete(&self, key_id: &str) -> Result<(), MaterialError> {
-        match self.api.delete(key_id, &Default::default()).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(source) => Err(MaterialError::Delete { name: key_id.to_owned(), source }),
-        }
-    }
-
-    async fn replace(&self, name: &str, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, MaterialError> {
-        self.api
-            .replace(name, &PostParams::default(), object)
-            .await
-            .map_err(|source| MaterialError::Update { name: name.to_owned(), source })
-    }
+/// `current` with every version destroyed: the wrapped bytes removed and the time of
+/// destruction recorded.
+pub fn destroyed(current: &KmsKeyMaterial, now: Timestamp) -> KmsKeyMaterial {
+    let mut updated = current.clone();
+    updated.spec.versions.clear();
+    updated.spec.destroyed_at = Some(Time(now));
+    updated
 }
 
 /// The number of the version after the newest (refusing an object that claims the last one).
@@ -308,7 +191,7 @@ fn next_version(current: &KmsKeyMaterial) -> Result<u32, MaterialError> {
     })
 }
 
-fn check_owner(existing: &KmsKeyMaterial, owner: &Owner) -> Result<(), MaterialError> {
+pub(super) fn check_owner(existing: &KmsKeyMaterial, owner: &Owner) -> Result<(), MaterialError> {
     let found = &existing.spec.owner;
     if found.uid != owner.uid || found.namespace != owner.namespace || found.name != owner.name {
         return Err(MaterialError::Owner {

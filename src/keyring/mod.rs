@@ -1,15 +1,20 @@
-//! Key versions: where wrapped material is stored (`KmsKeyMaterial`), and how it is read
-//! back into memory.
+//! Key versions: how material is wrapped, numbered and checked (`material`, pure), where it
+//! is stored (`store`, a thin adapter for `KmsKeyMaterial`), how it is read back into
+//! memory (`snapshot`), and importing your own.
 
 mod import;
 mod material;
 mod snapshot;
+mod store;
 
-pub use import::{ImportError, import, read_material};
-pub use material::{MaterialError, MaterialStore, Owner, unwrap_version};
-pub use snapshot::{KeySnapshot, WrappedVersions, snapshot, unwrap_all};
+pub use import::{ImportError, check_importable, check_no_material, import, read_material};
+pub use material::{MaterialError, Owner, destroyed, new_material, unwrap_version, with_rotation};
+pub use snapshot::snapshot;
+pub use store::MaterialStore;
 
 use std::sync::Arc;
+
+use crate::domain::KeySnapshot;
 
 /// Where the plugin and the key API get keys from. Only the wiring knows whether that is a
 /// watch on the API server, a local cache, or (in tests) a fixed set.

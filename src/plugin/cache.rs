@@ -19,6 +19,7 @@ use sha2::Sha256;
 use crate::api::KeyState;
 use crate::api::MAX_VERSIONS;
 use crate::crypto::{KeyMaterial, RootKey};
+use crate::domain::{KeyInfo, WrappedMaterial};
 
 const HEADER: &str = "kubekms-plugin-cache v1";
 const MAC_PURPOSE: &[u8] = b"kubekms/v1 plugin-cache mac";
@@ -37,6 +38,53 @@ pub struct CachedKey {
     pub current_version: Option<u32>,
     pub root_key_fingerprint: String,
     pub versions: Vec<CachedVersion>,
+}
+
+impl CachedKey {
+    /// What the cache remembers of a key and its material (none when destroyed).
+    pub fn new(info: &KeyInfo, material: Option<&WrappedMaterial>) -> Self {
+        let (root_key_fingerprint, versions) = match material.filter(|m| !m.destroyed) {
+            Some(m) => (
+                m.root_key_fingerprint.clone(),
+                m.versions
+                    .iter()
+                    .map(|(version, wrapped)| CachedVersion { version: *version, wrapped: wrapped.clone() })
+                    .collect(),
+            ),
+            None => (String::new(), Vec::new()),
+        };
+        CachedKey {
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            key_id: info.key_id.clone(),
+            state: info.state,
+            current_version: info.current_version,
+            root_key_fingerprint,
+            versions,
+        }
+    }
+
+    /// The key as the cache remembers it.
+    pub fn info(&self) -> KeyInfo {
+        KeyInfo {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            key_id: self.key_id.clone(),
+            state: self.state,
+            current_version: self.current_version,
+        }
+    }
+
+    /// The cached versions, as stored.
+    pub fn material(&self) -> WrappedMaterial {
+        WrappedMaterial {
+            key_id: self.key_id.clone(),
+            root_key_fingerprint: self.root_key_fingerprint.clone(),
+            destroyed: false,
+            versions: self.versions.iter().map(|v| (v.version, v.wrapped.clone())).collect(),
+            revision: None,
+        }
+    }
 }
 
 /// One wrapped version (base64 of the root-key wrapping, as in KmsKeyMaterial).

@@ -12,10 +12,10 @@ use tonic::transport::Channel;
 use super::format::{KEY_ANNOTATION, MAX_CIPHERTEXT_LEN, MAX_KEY_ID_LEN, is_fqdn};
 use super::service::KmsPlugin;
 use super::socket::PluginSocket;
-use crate::api::KeyState;
 use crate::audit::AuditLog;
 use crate::crypto::{KeyMaterial, RootKey};
-use crate::keyring::{KeySnapshot, WatchKeyring};
+use crate::domain::{KeyInfo, KeySnapshot, KeyState};
+use crate::keyring::WatchKeyring;
 use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementServiceServer;
@@ -25,11 +25,13 @@ const KEY_ID: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
 
 fn snapshot(state: KeyState, versions: u32) -> Arc<KeySnapshot> {
     Arc::new(KeySnapshot {
-        namespace: "kube-system".into(),
-        name: "cluster".into(),
-        key_id: KEY_ID.into(),
-        state,
-        current_version: Some(versions),
+        info: KeyInfo {
+            namespace: "kube-system".into(),
+            name: "cluster".into(),
+            key_id: KEY_ID.into(),
+            state,
+            current_version: Some(versions),
+        },
         versions: (1..=versions).map(|v| (v, Arc::new(KeyMaterial::generate().unwrap()))).collect(),
     })
 }
@@ -151,7 +153,7 @@ async fn rotation_changes_the_key_id_and_old_versions_still_decrypt() {
     // The controller rotates: version 2 is current, version 1 kept (same material).
     let mut next = (*h.keys.borrow().clone().unwrap()).clone();
     next.versions.insert(2, Arc::new(KeyMaterial::generate().unwrap()));
-    next.current_version = Some(2);
+    next.info.current_version = Some(2);
     h.keys.send_replace(Some(Arc::new(next)));
 
     let status = c.status(StatusRequest {}).await.unwrap().into_inner();
@@ -351,7 +353,8 @@ async fn a_disabled_or_pending_deletion_key_refuses_everything() {
         let h = Harness::start(Some(enabled.clone())).await;
         let mut c = h.client().await;
         let good = c.encrypt(enc(b"seed", "x")).await.unwrap().into_inner();
-        h.keys.send_replace(Some(Arc::new(KeySnapshot { state, ..(*enabled).clone() })));
+        let disabled = KeySnapshot { info: KeyInfo { state, ..enabled.info.clone() }, ..(*enabled).clone() };
+        h.keys.send_replace(Some(Arc::new(disabled)));
 
         let status = c.status(StatusRequest {}).await.unwrap().into_inner();
         assert_ne!(status.healthz, "ok");

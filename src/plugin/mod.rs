@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditError, AuditLog};
 use crate::crypto::{RootKey, RootKeyError};
-use crate::keyring::{KeySnapshot, WatchKeyring};
+use crate::domain::KeySnapshot;
+use crate::keyring::WatchKeyring;
 use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementServiceServer;
 use crate::telemetry::{self, Health};

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 use super::format::{self, FormatError, KeyVersionId};
-use crate::api::KeyState;
 use crate::audit::{AuditEvent, AuditLog};
+use crate::call::{CallError, CallPipeline};
 use crate::crypto::{KeyMaterial, SealError};
-use crate::keyring::{KeySnapshot, Keyring};
-use crate::metering::{OperationMetrics, code_name};
+use crate::domain::{KeySnapshot, KeyState};
+use crate::keyring::Keyring;
+use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementService;
 use crate::proto::kmsv2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
@@ -21,42 +22,62 @@ use crate::proto::kmsv2::{
 /// How long a health self-test result is reused by Status.
 const HEALTH_TTL: Duration = Duration::from_secs(30);
 
-/// Every way a call can fail, mapped to a gRPC status in one place ([`PluginError::status`]).
+/// Every way a call can fail, each named by its cause, mapped to a gRPC status in one
+/// place ([`CallError::status`]).
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error("uid is required")]
+    MissingUid,
+    #[error("plaintext is empty")]
+    EmptyPlaintext,
+    #[error("plaintext is {len} bytes; the most is {max}")]
+    PlaintextTooLarge { len: usize, max: usize },
+    #[error("key_id is required")]
+    MissingKeyId,
+    #[error("key_id is {len} bytes; the most is {max}")]
+    KeyIdTooLong { len: usize, max: usize },
+    #[error("key_id {0:?} is not a kubekms key id")]
+    MalformedKeyId(String),
     #[error(transparent)]
     Format(#[from] FormatError),
     #[error("key_id {0:?} names a key version this plugin does not hold")]
     UnknownKeyId(String),
     #[error("key {key} is {state}; it refuses every operation until it is Enabled")]
     NotEnabled { key: String, state: &'static str },
-    #[error("the key is not available yet: {0}")]
-    NoKey(String),
+    #[error(
+        "the key is not available yet: waiting for the KmsKey and its material (API server unreachable and no cache)"
+    )]
+    NoKey,
+    #[error("the key is not available yet: the key has no current version yet")]
+    NoCurrentVersion,
     #[error("decryption failed")]
     DecryptionFailed,
     #[error("failed to encrypt")]
     Seal(#[source] SealError),
-    #[error("failed to write the audit log")]
-    Audit(#[source] crate::audit::AuditError),
 }
 
-impl PluginError {
-    /// The gRPC status the caller sees. Authentication failures all say "decryption
-    /// failed"; details of internal failures go to the log only.
-    pub fn status(&self) -> Status {
+impl CallError for PluginError {
+    /// Authentication failures all say "decryption failed"; details of internal failures
+    /// go to the log only.
+    fn status(&self) -> Status {
         match self {
-            PluginError::InvalidArgument(_) | PluginError::Format(_) => {
-                Status::invalid_argument(self.to_string())
-            }
+            PluginError::MissingUid
+            | PluginError::EmptyPlaintext
+            | PluginError::PlaintextTooLarge { .. }
+            | PluginError::MissingKeyId
+            | PluginError::KeyIdTooLong { .. }
+            | PluginError::MalformedKeyId(_)
+            | PluginError::Format(_) => Status::invalid_argument(self.to_string()),
             PluginError::UnknownKeyId(_) => Status::not_found(self.to_string()),
             PluginError::NotEnabled { .. } => Status::failed_precondition(self.to_string()),
-            PluginError::NoKey(_) => Status::unavailable(self.to_string()),
+            PluginError::NoKey | PluginError::NoCurrentVersion => Status::unavailable(self.to_string()),
             PluginError::DecryptionFailed => Status::invalid_argument("decryption failed"),
             PluginError::Seal(_) => Status::internal("failed to encrypt"),
-            PluginError::Audit(_) => Status::unavailable("the audit log cannot be written"),
         }
+    }
+
+    fn is_internal(&self) -> bool {
+        matches!(self, PluginError::Seal(_))
     }
 }
 
@@ -66,24 +87,19 @@ type HealthCheck = (Instant, String, Result<(), String>);
 /// The plugin.
 pub struct KmsPlugin<K> {
     keyring: K,
-    audit: Arc<AuditLog>,
-    metrics: OperationMetrics,
+    calls: CallPipeline,
     health: Mutex<Option<HealthCheck>>,
 }
 
 impl<K: Keyring> KmsPlugin<K> {
     pub fn new(keyring: K, audit: Arc<AuditLog>, metrics: OperationMetrics) -> Self {
-        KmsPlugin { keyring, audit, metrics, health: Mutex::new(None) }
+        KmsPlugin { keyring, calls: CallPipeline::new("plugin", audit, metrics), health: Mutex::new(None) }
     }
 
     fn usable(&self) -> Result<Arc<KeySnapshot>, PluginError> {
-        let key = self.keyring.snapshot().ok_or_else(|| {
-            PluginError::NoKey(
-                "waiting for the KmsKey and its material (API server unreachable and no cache)".into(),
-            )
-        })?;
-        if key.state != KeyState::Enabled {
-            return Err(PluginError::NotEnabled { key: key.display(), state: key.state.as_str() });
+        let key = self.keyring.snapshot().ok_or(PluginError::NoKey)?;
+        if key.info.state != KeyState::Enabled {
+            return Err(PluginError::NotEnabled { key: key.display(), state: key.info.state.as_str() });
         }
         Ok(key)
     }
@@ -93,22 +109,18 @@ impl<K: Keyring> KmsPlugin<K> {
         req: &EncryptRequest,
     ) -> Result<(EncryptResponse, Arc<KeySnapshot>, u32), PluginError> {
         if req.uid.is_empty() {
-            return Err(PluginError::InvalidArgument("uid is required".into()));
+            return Err(PluginError::MissingUid);
         }
         match req.plaintext.len() {
-            0 => return Err(PluginError::InvalidArgument("plaintext is empty".into())),
-            n if n > format::MAX_PLAINTEXT_LEN => {
-                return Err(PluginError::InvalidArgument(format!(
-                    "plaintext is {n} bytes; the most is {}",
-                    format::MAX_PLAINTEXT_LEN
-                )));
+            0 => return Err(PluginError::EmptyPlaintext),
+            len if len > format::MAX_PLAINTEXT_LEN => {
+                return Err(PluginError::PlaintextTooLarge { len, max: format::MAX_PLAINTEXT_LEN });
             }
             _ => {}
         }
         let key = self.usable()?;
-        let (version, material) =
-            key.current().ok_or_else(|| PluginError::NoKey("the key has no current version yet".into()))?;
-        let id = KeyVersionId::new(&key.key_id, version);
+        let (version, material) = key.current().ok_or(PluginError::NoCurrentVersion)?;
+        let id = KeyVersionId::new(&key.info.key_id, version);
         let annotations = format::annotations_for(&key.display());
         let ciphertext =
             format::wrap(material, &id, &annotations, &req.plaintext).map_err(PluginError::Seal)?;
@@ -125,26 +137,21 @@ impl<K: Keyring> KmsPlugin<K> {
         req: &DecryptRequest,
     ) -> Result<(DecryptResponse, Arc<KeySnapshot>, u32), PluginError> {
         if req.uid.is_empty() {
-            return Err(PluginError::InvalidArgument("uid is required".into()));
+            return Err(PluginError::MissingUid);
         }
         if req.key_id.is_empty() {
-            return Err(PluginError::InvalidArgument("key_id is required".into()));
+            return Err(PluginError::MissingKeyId);
         }
         if req.key_id.len() > format::MAX_KEY_ID_LEN {
-            return Err(PluginError::InvalidArgument(format!(
-                "key_id is {} bytes; the most is {}",
-                req.key_id.len(),
-                format::MAX_KEY_ID_LEN
-            )));
+            return Err(PluginError::KeyIdTooLong { len: req.key_id.len(), max: format::MAX_KEY_ID_LEN });
         }
-        let id = KeyVersionId::parse(&req.key_id).ok_or_else(|| {
-            PluginError::InvalidArgument(format!("key_id {:?} is not a kubekms key id", req.key_id))
-        })?;
+        let id = KeyVersionId::parse(&req.key_id)
+            .ok_or_else(|| PluginError::MalformedKeyId(req.key_id.clone()))?;
         let annotations: BTreeMap<String, Vec<u8>> = req.annotations.clone().into_iter().collect();
         format::check_annotations(&annotations)?;
         format::check_ciphertext(&req.ciphertext, &id)?;
         let key = self.usable()?;
-        if id.key_id != key.key_id {
+        if id.key_id != key.info.key_id {
             return Err(PluginError::UnknownKeyId(req.key_id.clone()));
         }
         let material =
@@ -157,7 +164,8 @@ impl<K: Keyring> KmsPlugin<K> {
         Ok((DecryptResponse { plaintext: plaintext.expose().to_vec() }, key.clone(), id.version))
     }
 
-    /// Audits, meters and maps the outcome of one operation.
+    /// Audits, meters and maps the outcome of one operation. A failed call is recorded
+    /// against the key the plugin serves, without a version.
     fn finish<T>(
         &self,
         operation: &'static str,
@@ -166,41 +174,20 @@ impl<K: Keyring> KmsPlugin<K> {
         started: Instant,
         outcome: Result<(T, Arc<KeySnapshot>, u32), PluginError>,
     ) -> Result<T, Status> {
-        let (result, key, version, reason) = match &outcome {
-            Ok((_, key, v)) => ("OK", Some(key.clone()), Some(*v), None),
-            Err(e) => {
-                let status = e.status();
-                if matches!(e, PluginError::Seal(_) | PluginError::Audit(_)) {
-                    tracing::error!(error = %crate::telemetry::error_chain(e), operation, "operation failed");
-                }
-                (code_name(status.code()), self.keyring.snapshot(), None, Some(status.message().to_owned()))
-            }
+        let (key, version) = match &outcome {
+            Ok((_, key, v)) => (Some(key.clone()), Some(*v)),
+            Err(_) => (self.keyring.snapshot(), None),
         };
         let event = AuditEvent {
-            component: "plugin",
             request_id: request_id.to_owned(),
             principal,
             operation,
             key: key.as_ref().map(|k| k.display()),
-            key_id: key.as_ref().map(|k| k.key_id.clone()),
+            key_id: key.as_ref().map(|k| k.info.key_id.clone()),
             key_version: version,
-            result,
-            reason,
             ..Default::default()
         };
-        let audited = self.audit.record(&event);
-        let key_label = key.as_ref().map(|k| k.display()).unwrap_or_default();
-        let (result, response) = match (outcome, audited) {
-            (Ok((value, _, _)), Ok(())) => (result, Ok(value)),
-            (Ok(_), Err(e)) => {
-                let err = PluginError::Audit(e);
-                tracing::error!(error = %crate::telemetry::error_chain(&err), "refusing an operation that cannot be audited");
-                ("Unavailable", Err(err.status()))
-            }
-            (Err(e), _) => (result, Err(e.status())),
-        };
-        self.metrics.observe("plugin", key_label, operation, result, started.elapsed().as_secs_f64());
-        response
+        self.calls.finish(started, event, outcome.map(|(value, _, _)| value))
     }
 
     /// Whether a real wrap and unwrap through the current version works (cached).
@@ -223,7 +210,7 @@ impl<K: Keyring> KmsPlugin<K> {
 fn self_test(key: &KeySnapshot) -> Result<(), String> {
     let (version, material): (u32, &KeyMaterial) =
         key.current().map(|(v, m)| (v, m.as_ref())).ok_or("the key has no current version")?;
-    let id = KeyVersionId::new(&key.key_id, version);
+    let id = KeyVersionId::new(&key.info.key_id, version);
     let probe = crate::crypto::random_bytes::<32>().map_err(|_| "no randomness")?;
     let annotations = format::annotations_for(&key.display());
     let ct = format::wrap(material, &id, &annotations, &probe).map_err(|_| "wrap failed")?;
@@ -253,9 +240,9 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
                 healthz: "waiting for the KmsKey and its material".into(),
                 key_id: String::new(),
             },
-            Some(key) if key.state != KeyState::Enabled => StatusResponse {
+            Some(key) if key.info.state != KeyState::Enabled => StatusResponse {
                 version: "v2".into(),
-                healthz: format!("key {} is {}", key.display(), key.state.as_str()),
+                healthz: format!("key {} is {}", key.display(), key.info.state.as_str()),
                 // No key id while the key refuses to encrypt: kube-apiserver keeps using
                 // its current DEK seed for writes as long as Status repeats that seed's key
                 // id, even when unhealthy. Without one, its writes stop within minutes.
@@ -263,8 +250,9 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
             },
             Some(key) => {
                 let key_id = key
+                    .info
                     .current_version
-                    .map(|v| KeyVersionId::new(&key.key_id, v).to_kms())
+                    .map(|v| KeyVersionId::new(&key.info.key_id, v).to_kms())
                     .unwrap_or_default();
                 let healthz = match self.healthz(&key, &key_id) {
                     Ok(()) => "ok".to_owned(),

@@ -12,10 +12,11 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::cache::{self, CachedKey, CachedVersion};
-use crate::api::{KeyState, KmsKey, KmsKeyMaterial};
+use super::cache::{self, CachedKey};
+use crate::api::{KmsKey, KmsKeyMaterial};
 use crate::crypto::{KeyMaterial, RootKey};
-use crate::keyring::{KeySnapshot, WrappedVersions, snapshot, unwrap_all};
+use crate::domain::{KeySnapshot, KeyState, WrappedMaterial};
+use crate::keyring::snapshot;
 
 /// What the watch needs.
 pub struct KeyWatch {
@@ -46,56 +47,21 @@ pub fn from_cache(
         tracing::warn!(cached = %format!("{}/{}", cached.namespace, cached.name), "the cache is for another key; ignoring it");
         return None;
     }
-    let wrapped = WrappedVersions {
-        key_id: &cached.key_id,
-        root_key_fingerprint: &cached.root_key_fingerprint,
-        versions: cached.versions.iter().map(|v| (v.version, v.wrapped.as_str())).collect(),
-    };
-    match unwrap_all(root, &wrapped, None) {
-        Ok(versions) => {
+    match snapshot(root, cached.info(), Some(&cached.material()), None) {
+        Ok(snap) => {
             tracing::info!(
                 key = %format!("{namespace}/{name}"),
                 state = cached.state.as_str(),
                 current_version = cached.current_version,
-                versions = versions.len(),
+                versions = snap.versions.len(),
                 "loaded the key from the cache"
             );
-            Some(Arc::new(KeySnapshot {
-                namespace: cached.namespace,
-                name: cached.name,
-                key_id: cached.key_id,
-                state: cached.state,
-                current_version: cached.current_version,
-                versions,
-            }))
+            Some(Arc::new(snap))
         }
         Err(e) => {
             tracing::warn!(error = %crate::telemetry::error_chain(&e), "the cache does not unwrap with this root key; ignoring it");
             None
         }
-    }
-}
-
-fn cache_entry(key: &KmsKey, material: Option<&KmsKeyMaterial>, snap: &KeySnapshot) -> CachedKey {
-    let (fingerprint, versions) = match material.filter(|m| m.spec.destroyed_at.is_none()) {
-        Some(m) => (
-            m.spec.root_key_fingerprint.clone(),
-            m.spec
-                .versions
-                .iter()
-                .map(|v| CachedVersion { version: v.version, wrapped: v.wrapped.clone() })
-                .collect(),
-        ),
-        None => (String::new(), Vec::new()),
-    };
-    CachedKey {
-        namespace: snap.namespace.clone(),
-        name: snap.name.clone(),
-        key_id: key.metadata.uid.clone().unwrap_or_default(),
-        state: snap.state,
-        current_version: snap.current_version,
-        root_key_fingerprint: fingerprint,
-        versions,
     }
 }
 
@@ -162,9 +128,9 @@ impl KeyWatch {
         if state.done.is_some() && state.done == key.metadata.resource_version {
             return true;
         }
-        let uid = key.metadata.uid.clone().unwrap_or_default();
-        let material = match materials.get_opt(&uid).await {
-            Ok(m) => m.filter(|m| m.spec.owner.uid == uid),
+        let info = key.info();
+        let material = match materials.get_opt(&info.key_id).await {
+            Ok(m) => m.filter(|m| m.spec.owner.uid == info.key_id).as_ref().map(WrappedMaterial::from),
             Err(e) => {
                 tracing::warn!(
                     error = %e,
@@ -174,7 +140,7 @@ impl KeyWatch {
             }
         };
         let previous = tx.borrow().clone();
-        let snap = match snapshot(&self.root, &key, material.as_ref(), previous.as_deref()) {
+        let snap = match snapshot(&self.root, info, material.as_ref(), previous.as_deref()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %crate::telemetry::error_chain(&e), "cannot use the key's material; keeping the last good snapshot");
@@ -183,7 +149,7 @@ impl KeyWatch {
             }
         };
         // Status names a current version whose material is not there: read it again soon.
-        if snap.state == KeyState::Enabled && snap.current().is_none() {
+        if snap.info.state == KeyState::Enabled && snap.current().is_none() {
             tracing::debug!("waiting for the current version's material");
             return false;
         }
@@ -191,7 +157,7 @@ impl KeyWatch {
         // before it is served, or a cold start during an API server outage could not
         // decrypt what was written under it. If the cache cannot be written, keep serving
         // the previous snapshot and try again (the caller retries on a timer).
-        let entry = cache_entry(&key, material.as_ref(), &snap);
+        let entry = CachedKey::new(&snap.info, material.as_ref());
         if state.last_cached.as_ref() != Some(&entry) {
             match cache::write(&self.state_dir, &entry, mac_key) {
                 Ok(()) => state.last_cached = Some(entry),
@@ -208,8 +174,8 @@ impl KeyWatch {
         if changed {
             tracing::info!(
                 key = %snap.display(),
-                state = snap.state.as_str(),
-                current_version = snap.current_version,
+                state = snap.info.state.as_str(),
+                current_version = snap.info.current_version,
                 versions = snap.versions.len(),
                 "key updated"
             );

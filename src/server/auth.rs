@@ -2,24 +2,15 @@
 //! TokenReview for the server's audience. Results are cached by the token's SHA-256 for a
 //! bounded time, and never beyond the token's own expiry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use kube::api::PostParams;
-use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 
-/// Who is calling, as the API server authenticated them.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Identity {
-    pub username: String,
-    pub uid: String,
-    pub groups: Vec<String>,
-    pub extra: BTreeMap<String, Vec<String>>,
-}
+use super::BackendError;
+use crate::domain::Identity;
 
 /// Why a caller is not authenticated.
 #[derive(Debug, thiserror::Error)]
@@ -31,45 +22,13 @@ pub enum AuthError {
     #[error("invalid or expired token, or a token not meant for audience {0:?}")]
     Rejected(String),
     #[error("failed to review the token with the API server")]
-    Backend(#[source] kube::Error),
+    Backend(#[source] BackendError),
 }
 
 /// Asks whether a token is valid for one of `audiences`; `None` when it is not.
 #[tonic::async_trait]
 pub trait TokenReviewer: Send + Sync + 'static {
-    async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, kube::Error>;
-}
-
-/// The real reviewer: a TokenReview on the API server.
-pub struct KubeTokenReviewer(pub Client);
-
-#[tonic::async_trait]
-impl TokenReviewer for KubeTokenReviewer {
-    async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, kube::Error> {
-        let api: Api<TokenReview> = Api::all(self.0.clone());
-        let review = TokenReview {
-            spec: TokenReviewSpec { token: token.to_owned(), audiences: Some(audiences.to_vec()) },
-            ..Default::default()
-        };
-        let result = api.create(&PostParams::default(), &review).await?;
-        let Some(status) = result.status else { return Ok(None) };
-        if status.authenticated != Some(true) {
-            return Ok(None);
-        }
-        // The API server only authenticates a token for an audience it was issued for;
-        // check the answer names one of ours all the same.
-        let granted = status.audiences.unwrap_or_default();
-        if !granted.iter().any(|a| audiences.contains(a)) {
-            return Ok(None);
-        }
-        let user = status.user.unwrap_or_default();
-        Ok(Some(Identity {
-            username: user.username.unwrap_or_default(),
-            uid: user.uid.unwrap_or_default(),
-            groups: user.groups.unwrap_or_default(),
-            extra: user.extra.unwrap_or_default(),
-        }))
-    }
+    async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, BackendError>;
 }
 
 /// The token's `exp` claim, if it is a JWT (read without verifying: the TokenReview did).
@@ -164,7 +123,7 @@ mod tests {
 
     #[tonic::async_trait]
     impl TokenReviewer for Counting {
-        async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, kube::Error> {
+        async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, BackendError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok((token.starts_with("good") && audiences.contains(&"kubekms".to_owned()))
                 .then(|| Identity { username: "system:serviceaccount:a:b".into(), ..Default::default() }))

@@ -1,73 +1,15 @@
 //! Authorization, in three layers as in AWS KMS: the key policy (an explicit Deny always
-//! wins), Kubernetes RBAC when the policy delegates to it (a SubjectAccessReview for the
-//! operation's verb on the kmskeys object), and KmsGrants.
+//! wins), KmsGrants, and Kubernetes RBAC when the policy delegates to it (a
+//! SubjectAccessReview for the operation's verb on the kmskeys object). One
+//! [`Authorizer`] decides for every API the server speaks.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use jiff::Timestamp;
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
-use kube::api::PostParams;
-use kube::{Api, Client};
 
-use super::auth::Identity;
-use crate::api::{Effect, GrantState, KeyOperation, KeyPolicy, KmsGrant, Principal};
-
-/// What the key policy says about one call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PolicyVerdict {
-    /// A Deny statement matches (its sid, if any).
-    Deny(Option<String>),
-    /// An Allow statement matches and no Deny does.
-    Allow(Option<String>),
-    /// No statement matches.
-    NoMatch,
-}
-
-fn matches(principals: &[Principal], who: &Identity) -> bool {
-    principals.iter().any(|p| p.matches(&who.username, &who.groups))
-}
-
-/// Evaluates the key policy's statements.
-pub fn policy_verdict(policy: &KeyPolicy, who: &Identity, op: KeyOperation) -> PolicyVerdict {
-    let applicable =
-        || policy.statements.iter().filter(|s| s.operations.contains(&op) && matches(&s.principals, who));
-    if let Some(s) = applicable().find(|s| s.effect == Effect::Deny) {
-        return PolicyVerdict::Deny(s.sid.clone());
-    }
-    match applicable().find(|s| s.effect == Effect::Allow) {
-        Some(s) => PolicyVerdict::Allow(s.sid.clone()),
-        None => PolicyVerdict::NoMatch,
-    }
-}
-
-/// Whether `grant` lets `who` do `op` on the key `key_id` with `context` at `now`: the
-/// controller marked it Active for this very key (not an earlier key of the same name), it
-/// has not expired (checked here too, not only by the controller), and its constraint holds.
-pub fn grant_allows(
-    grant: &KmsGrant,
-    key_id: &str,
-    who: &Identity,
-    op: KeyOperation,
-    context: &BTreeMap<String, String>,
-    now: Timestamp,
-) -> bool {
-    let status = grant.status.as_ref();
-    status.and_then(|s| s.state) == Some(GrantState::Active)
-        && status.and_then(|s| s.key_id.as_deref()) == Some(key_id)
-        && status.and_then(|s| s.retired_by.as_ref()).is_none()
-        && grant.metadata.deletion_timestamp.is_none()
-        && grant.spec.expires_at.as_ref().is_none_or(|t| now < t.0)
-        && grant.spec.operations.contains(&op)
-        && grant.spec.grantee.matches(&who.username, &who.groups)
-        && grant.spec.constraints.as_ref().is_none_or(|c| c.allows(context))
-}
-
-/// Why an RBAC check could not be made.
-#[derive(Debug, thiserror::Error)]
-#[error("failed to create a SubjectAccessReview")]
-pub struct RbacError(#[source] pub kube::Error);
+use super::BackendError;
+use crate::domain::{Grant, Identity, Key, KeyOperation, Verdict};
 
 /// Asks Kubernetes RBAC whether `who` may use `verb` on the kmskeys object.
 #[tonic::async_trait]
@@ -78,237 +20,230 @@ pub trait RbacChecker: Send + Sync + 'static {
         verb: &str,
         namespace: &str,
         name: &str,
-    ) -> Result<bool, RbacError>;
+    ) -> Result<bool, BackendError>;
 }
 
-type SarKey = (String, String, Vec<String>, BTreeMap<String, Vec<String>>, String, String, String);
-
-/// SubjectAccessReviews, with answers cached for a short, bounded time.
-pub struct SarChecker {
-    client: Client,
-    ttl: Duration,
-    cache: Mutex<HashMap<SarKey, (bool, Instant)>>,
+/// Why a call is not authorized.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    #[error("{who} is denied {} on key {key} by the key policy{}", op.as_str(), statement(.sid))]
+    DeniedByPolicy { who: String, op: KeyOperation, key: String, sid: Option<String> },
+    #[error(
+        "{who} may not {} with key {key}: no key policy statement, grant{} allows it",
+        op.as_str(),
+        if *.rbac { " or RBAC rule" } else { "" }
+    )]
+    NotAllowed { who: String, op: KeyOperation, key: String, rbac: bool },
+    #[error("failed to authorize the call with Kubernetes RBAC")]
+    Rbac(#[source] BackendError),
 }
 
-impl SarChecker {
-    pub fn new(client: Client, ttl: Duration) -> Self {
-        SarChecker { client, ttl, cache: Mutex::new(HashMap::new()) }
+fn statement(sid: &Option<String>) -> String {
+    sid.as_ref().map(|s| format!(" (statement {s:?})")).unwrap_or_default()
+}
+
+/// What allowed a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// A key policy statement (its sid, if any).
+    Policy(Option<String>),
+    /// A grant (its id).
+    Grant(String),
+    /// Kubernetes RBAC.
+    Rbac,
+}
+
+impl Allowed {
+    /// The grant that allowed the call, for the audit line.
+    pub fn grant_id(&self) -> Option<String> {
+        match self {
+            Allowed::Grant(id) => Some(id.clone()),
+            _ => None,
+        }
     }
 }
 
-#[tonic::async_trait]
-impl RbacChecker for SarChecker {
-    async fn allowed(
+/// Decides whether a caller may do an operation with a key.
+pub struct Authorizer<R> {
+    rbac: R,
+}
+
+impl<R: RbacChecker> Authorizer<R> {
+    pub fn new(rbac: R) -> Self {
+        Authorizer { rbac }
+    }
+
+    /// Key policy (an explicit Deny wins), then the key's `grants`, then RBAC when the
+    /// policy delegates to it.
+    pub async fn authorize(
         &self,
         who: &Identity,
-        verb: &str,
-        namespace: &str,
-        name: &str,
-    ) -> Result<bool, RbacError> {
-        let key: SarKey = (
-            who.username.clone(),
-            who.uid.clone(),
-            who.groups.clone(),
-            who.extra.clone(),
-            verb.to_owned(),
-            namespace.to_owned(),
-            name.to_owned(),
-        );
-        if let Ok(cache) = self.cache.lock()
-            && let Some((allowed, _)) = cache.get(&key).filter(|(_, at)| at.elapsed() < self.ttl)
-        {
-            return Ok(*allowed);
-        }
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(who.username.clone()),
-                uid: (!who.uid.is_empty()).then(|| who.uid.clone()),
-                groups: Some(who.groups.clone()),
-                extra: (!who.extra.is_empty()).then(|| who.extra.clone()),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(crate::api::GROUP.to_owned()),
-                    version: Some(crate::api::VERSION.to_owned()),
-                    resource: Some("kmskeys".to_owned()),
-                    namespace: Some(namespace.to_owned()),
-                    name: Some(name.to_owned()),
-                    verb: Some(verb.to_owned()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
-        let result = api.create(&PostParams::default(), &review).await.map_err(RbacError)?;
-        let allowed = result.status.is_some_and(|s| s.allowed && s.denied != Some(true));
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() > 10_000 {
-                cache.clear();
+        key: &Key,
+        op: KeyOperation,
+        context: &BTreeMap<String, String>,
+        grants: &[Arc<Grant>],
+        now: Timestamp,
+    ) -> Result<Allowed, AuthzError> {
+        match key.policy.verdict(who, op) {
+            Verdict::Deny(sid) => {
+                return Err(AuthzError::DeniedByPolicy {
+                    who: who.username.clone(),
+                    op,
+                    key: key.info.display(),
+                    sid,
+                });
             }
-            cache.insert(key, (allowed, Instant::now()));
+            Verdict::Allow(sid) => return Ok(Allowed::Policy(sid)),
+            Verdict::NoMatch => {}
         }
-        Ok(allowed)
+        if let Some(grant) = grants.iter().find(|g| g.allows(&key.info.key_id, who, op, context, now)) {
+            return Ok(Allowed::Grant(grant.grant_id.clone()));
+        }
+        let delegate = key.policy.delegate_to_rbac;
+        if delegate
+            && self
+                .rbac
+                .allowed(who, op.rbac_verb(), &key.info.namespace, &key.info.name)
+                .await
+                .map_err(AuthzError::Rbac)?
+        {
+            return Ok(Allowed::Rbac);
+        }
+        Err(AuthzError::NotAllowed { who: who.username.clone(), op, key: key.info.display(), rbac: delegate })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::api::{
-        GrantConstraints, KeyReference, KmsGrantSpec, KmsGrantStatus, PolicyStatement, PrincipalKind,
-    };
+    use crate::domain::{Effect, GrantState, KeyInfo, KeyState, Origin, Policy, Principal, Statement};
 
-    fn sa(ns: &str, name: &str) -> Identity {
-        Identity {
-            username: format!("system:serviceaccount:{ns}:{name}"),
-            groups: vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{ns}")],
-            ..Default::default()
+    /// Allows what `allow` names as (username, verb), counts the reviews; fails for "broken".
+    struct Scripted {
+        allow: Vec<(&'static str, &'static str)>,
+        asked: AtomicUsize,
+    }
+
+    #[tonic::async_trait]
+    impl RbacChecker for Scripted {
+        async fn allowed(&self, who: &Identity, verb: &str, _: &str, _: &str) -> Result<bool, BackendError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            if who.username == "broken" {
+                return Err(BackendError::new(std::io::Error::other("down")));
+            }
+            Ok(self.allow.iter().any(|(u, v)| *u == who.username && *v == verb))
         }
     }
 
-    fn statement(effect: Effect, principal: Principal, ops: &[KeyOperation]) -> PolicyStatement {
-        PolicyStatement {
-            sid: Some(format!("{effect:?}")),
-            effect,
-            principals: vec![principal],
-            operations: ops.to_vec(),
-        }
-    }
-
-    #[test]
-    fn explicit_deny_wins_over_allow() {
-        let group = Principal {
-            kind: PrincipalKind::Group,
-            name: "system:serviceaccounts:apps".into(),
-            namespace: None,
-        };
-        let policy = KeyPolicy {
-            delegate_to_rbac: false,
-            statements: vec![
-                statement(Effect::Allow, group.clone(), &[KeyOperation::Encrypt, KeyOperation::Decrypt]),
-                statement(
-                    Effect::Deny,
-                    Principal::service_account("apps", "intruder"),
-                    &[KeyOperation::Decrypt],
-                ),
-            ],
-        };
-        assert_eq!(
-            policy_verdict(&policy, &sa("apps", "web"), KeyOperation::Decrypt),
-            PolicyVerdict::Allow(Some("Allow".into()))
-        );
-        assert_eq!(
-            policy_verdict(&policy, &sa("apps", "intruder"), KeyOperation::Decrypt),
-            PolicyVerdict::Deny(Some("Deny".into()))
-        );
-        assert_eq!(
-            policy_verdict(&policy, &sa("apps", "intruder"), KeyOperation::Encrypt),
-            PolicyVerdict::Allow(Some("Allow".into()))
-        );
-        assert_eq!(
-            policy_verdict(&policy, &sa("other", "web"), KeyOperation::Encrypt),
-            PolicyVerdict::NoMatch
-        );
-        assert_eq!(
-            policy_verdict(&policy, &sa("apps", "web"), KeyOperation::GenerateDataKey),
-            PolicyVerdict::NoMatch
-        );
-    }
-
-    fn grant(
-        constraints: Option<GrantConstraints>,
-        expires: Option<&str>,
-        state: Option<GrantState>,
-    ) -> KmsGrant {
-        let mut g = KmsGrant::new(
-            "g",
-            KmsGrantSpec {
-                key_ref: KeyReference { name: "k".into() },
-                grantee: Principal::service_account("batch", "nightly"),
-                operations: vec![KeyOperation::Decrypt],
-                constraints,
-                expires_at: expires.map(|t| Time(t.parse().unwrap())),
-                retiring_principal: None,
+    fn key(delegate: bool, statements: Vec<Statement>) -> Key {
+        Key {
+            info: KeyInfo {
+                namespace: "apps".into(),
+                name: "k".into(),
+                key_id: "uid-1".into(),
+                state: KeyState::Enabled,
+                current_version: Some(1),
             },
-        );
-        g.status = Some(KmsGrantStatus { state, key_id: Some(KEY.into()), ..Default::default() });
-        g
-    }
-
-    const KEY: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
-
-    fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-    }
-
-    #[test]
-    fn grants_need_active_state_grantee_operation_time_and_constraint() {
-        let now: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
-        let who = sa("batch", "nightly");
-        let active = grant(None, None, Some(GrantState::Active));
-        assert!(grant_allows(&active, KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now));
-        assert!(
-            !grant_allows(&active, KEY, &who, KeyOperation::Encrypt, &ctx(&[]), now),
-            "operation not granted"
-        );
-        assert!(
-            !grant_allows(&active, KEY, &sa("batch", "other"), KeyOperation::Decrypt, &ctx(&[]), now),
-            "other grantee"
-        );
-        assert!(
-            !grant_allows(&active, KEY, &sa("other", "nightly"), KeyOperation::Decrypt, &ctx(&[]), now),
-            "same name, other namespace"
-        );
-        for state in [None, Some(GrantState::Invalid), Some(GrantState::Expired), Some(GrantState::Retired)] {
-            assert!(
-                !grant_allows(&grant(None, None, state), KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now),
-                "{state:?}"
-            );
+            description: String::new(),
+            origin: Origin::Kubekms,
+            versions: vec![1],
+            created: None,
+            next_rotation: None,
+            deletion: None,
+            automatic_rotation: true,
+            rotation_period_days: 365,
+            policy: Policy { delegate_to_rbac: delegate, statements },
         }
-        let expiring = grant(None, Some("2026-06-01T00:00:01Z"), Some(GrantState::Active));
-        assert!(grant_allows(&expiring, KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now));
-        assert!(!grant_allows(
-            &expiring,
-            KEY,
-            &who,
-            KeyOperation::Decrypt,
-            &ctx(&[]),
-            now + jiff::SignedDuration::from_secs(1)
-        ));
-        let subset = GrantConstraints {
-            encryption_context_subset: Some(ctx(&[("tenant", "acme")])),
-            encryption_context_equals: None,
+    }
+
+    fn user(name: &str) -> Identity {
+        Identity { username: name.into(), ..Default::default() }
+    }
+
+    fn grant_to(name: &str) -> Arc<Grant> {
+        Arc::new(Grant {
+            namespace: "apps".into(),
+            name: "g".into(),
+            grant_id: "grant-1".into(),
+            key_name: "k".into(),
+            key_id: Some("uid-1".into()),
+            state: Some(GrantState::Active),
+            retired_by: None,
+            deleting: false,
+            expires_at: None,
+            grantee: Principal::User(name.into()),
+            operations: vec![KeyOperation::Decrypt],
+            constraints: None,
+            retiring_principal: None,
+        })
+    }
+
+    async fn decide(
+        authz: &Authorizer<Scripted>,
+        key: &Key,
+        who: &str,
+        grants: &[Arc<Grant>],
+    ) -> Result<Allowed, AuthzError> {
+        authz
+            .authorize(
+                &user(who),
+                key,
+                KeyOperation::Decrypt,
+                &BTreeMap::new(),
+                grants,
+                Timestamp::UNIX_EPOCH,
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_deny_wins_over_grants_and_rbac() {
+        let authz =
+            Authorizer::new(Scripted { allow: vec![("mallory", "decrypt")], asked: AtomicUsize::new(0) });
+        let deny = Statement {
+            sid: Some("no-mallory".into()),
+            effect: Effect::Deny,
+            principals: vec![Principal::User("mallory".into())],
+            operations: vec![KeyOperation::Decrypt],
         };
-        let constrained = grant(Some(subset), None, Some(GrantState::Active));
-        assert!(grant_allows(
-            &constrained,
-            KEY,
-            &who,
-            KeyOperation::Decrypt,
-            &ctx(&[("tenant", "acme"), ("x", "y")]),
-            now
-        ));
-        assert!(!grant_allows(
-            &constrained,
-            KEY,
-            &who,
-            KeyOperation::Decrypt,
-            &ctx(&[("tenant", "evil")]),
-            now
-        ));
-        let mut retired = grant(None, None, Some(GrantState::Active));
-        retired.status.as_mut().unwrap().retired_by = Some("someone".into());
-        assert!(!grant_allows(&retired, KEY, &who, KeyOperation::Decrypt, &ctx(&[]), now));
-        // A grant made for an earlier key of the same name does not carry over.
-        assert!(!grant_allows(
-            &active,
-            "7ece15cd-0195-4985-aff9-395763ad0a3b",
-            &who,
-            KeyOperation::Decrypt,
-            &ctx(&[]),
-            now
-        ));
+        let k = key(true, vec![deny]);
+        let err = decide(&authz, &k, "mallory", &[grant_to("mallory")]).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"mallory is denied Decrypt on key apps/k by the key policy (statement "no-mallory")"#
+        );
+        assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), 0, "RBAC is not asked once a Deny matched");
+    }
+
+    #[tokio::test]
+    async fn grants_then_rbac_only_when_the_policy_delegates() {
+        let authz =
+            Authorizer::new(Scripted { allow: vec![("alice", "decrypt")], asked: AtomicUsize::new(0) });
+        let delegating = key(true, Vec::new());
+        assert_eq!(
+            decide(&authz, &delegating, "bob", &[grant_to("bob")]).await.unwrap(),
+            Allowed::Grant("grant-1".into())
+        );
+        assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), 0, "a grant answers without RBAC");
+        assert_eq!(decide(&authz, &delegating, "alice", &[]).await.unwrap(), Allowed::Rbac);
+        let err = decide(&authz, &delegating, "carol", &[]).await.unwrap_err();
+        assert!(err.to_string().ends_with("no key policy statement, grant or RBAC rule allows it"), "{err}");
+
+        let policy_only = key(false, Vec::new());
+        let err = decide(&authz, &policy_only, "alice", &[]).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "alice may not Decrypt with key apps/k: no key policy statement, grant allows it"
+        );
+        assert_eq!(
+            authz.rbac.asked.load(Ordering::SeqCst),
+            2,
+            "a policy that does not delegate never asks RBAC"
+        );
+
+        let err = decide(&authz, &delegating, "broken", &[]).await.unwrap_err();
+        assert!(matches!(err, AuthzError::Rbac(_)));
     }
 }

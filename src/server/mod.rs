@@ -4,7 +4,8 @@
 pub mod auth;
 pub mod authz;
 pub mod blob;
-pub mod keys;
+pub mod directory;
+pub mod k8s;
 pub mod service;
 
 use std::net::SocketAddr;
@@ -12,15 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use kube::runtime::reflector;
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::Client;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
 
-use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::audit::{AuditError, AuditLog};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::metering::OperationMetrics;
@@ -68,34 +65,16 @@ pub enum RunError {
     Serve(#[source] tonic::transport::Error),
 }
 
-fn spawn_reflector<K>(api: Api<K>, shutdown: CancellationToken) -> reflector::Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(crate::kubeclient::drop_managed_fields)
-        .reflect(writer)
-        .for_each(|event| {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "watch failed; retrying");
-            }
-            futures::future::ready(())
-        });
-    tokio::spawn(async move {
-        tokio::select! {
-            () = stream => {}
-            () = shutdown.cancelled() => {}
-        }
-    });
-    reader
+/// A call to a backend (the API server) failed; the cause is kept for the log, never
+/// shown to the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("the call to the API server failed")]
+pub struct BackendError(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+impl BackendError {
+    pub fn new(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BackendError(Box::new(cause))
+    }
 }
 
 /// Runs the server until `shutdown`.
@@ -111,10 +90,6 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         read("key", &config.tls_key)?,
     ));
 
-    let keys = spawn_reflector(Api::<KmsKey>::all(client.clone()), shutdown.clone());
-    let materials = spawn_reflector(Api::<KmsKeyMaterial>::all(client.clone()), shutdown.clone());
-    let grants = spawn_reflector(Api::<KmsGrant>::all(client.clone()), shutdown.clone());
-
     let mut registry = Registry::default();
     let metrics = OperationMetrics::register(&mut registry);
     audit.register(&mut registry);
@@ -128,12 +103,12 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
             })?;
 
     // Serve only once every watch has listed, so that no call sees an empty directory.
+    let directory = Arc::new(directory::Directory::new(root.clone()));
     tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
-        _ = async { tokio::join!(keys.wait_until_ready(), materials.wait_until_ready(), grants.wait_until_ready()) } => {}
+        () = k8s::watch_directory(&client, &directory, &shutdown) => {}
     }
     tracing::info!("keys, material and grants are in sync; serving");
-    let directory = Arc::new(keys::WatchedKeys::new(keys, materials, grants, root.clone()));
     let sweeper = directory.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -146,13 +121,13 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     });
     let api = service::KeyApi::new(
         auth::Authenticator::new(
-            auth::KubeTokenReviewer(client.clone()),
+            k8s::KubeTokenReviewer(client.clone()),
             config.audiences.clone(),
             config.token_cache_ttl,
         ),
-        authz::SarChecker::new(client.clone(), config.rbac_cache_ttl),
+        k8s::SarChecker::new(client.clone(), config.rbac_cache_ttl),
         directory,
-        service::KubeGrantRetirer(client),
+        k8s::KubeGrantRetirer(client),
         audit,
         metrics,
     );

@@ -1,78 +1,122 @@
 //! The key API service: authenticate, resolve the key, authorize, check the key's state,
-//! do the cryptography, audit and meter — in that order, for every call.
+//! do the cryptography — in that order, for every call — and hand the outcome to the call
+//! pipeline, which audits, meters and maps it to the wire.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use jiff::Timestamp;
-use kube::ResourceExt;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use super::auth::{AuthError, Authenticator, Identity, TokenReviewer};
-use super::authz::{PolicyVerdict, RbacChecker, grant_allows, policy_verdict};
+use super::BackendError;
+use super::auth::{AuthError, Authenticator, TokenReviewer};
+use super::authz::{Authorizer, AuthzError, RbacChecker};
 use super::blob::{self, BlobError};
-use super::keys::{DirectoryError, KeyDirectory, KeyEntry};
-use crate::api::{KeyOperation, KeyState, KmsGrant};
+use super::directory::KeyDirectory;
 use crate::audit::{AuditEvent, AuditLog};
-use crate::crypto::{KeyMaterial, SealError};
-use crate::metering::{OperationMetrics, code_name};
+use crate::call::{CallError, CallPipeline};
+use crate::crypto::{KeyMaterial, SealError, SecretBytes};
+use crate::domain::{Grant, Identity, Key, KeyOperation, KeyState, Origin};
+use crate::keyring::MaterialError;
+use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyService;
 use crate::proto::keyapi::*;
 
 /// The most bytes GenerateDataKey and GenerateRandom return.
 pub const MAX_RANDOM_BYTES: u32 = 1024;
+/// The longest key name or keyId a request may give.
+const MAX_KEY_NAME_LEN: usize = 320;
 
-/// Every way a call fails, mapped to a gRPC status in one place ([`ApiError::status`]).
+/// Every way a call fails, each named by its cause, mapped to a gRPC status in one place
+/// ([`CallError::status`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error("key is required (namespace/name or keyId)")]
+    KeyRequired,
+    #[error("key name is too long")]
+    KeyNameTooLong,
+    #[error("plaintext is empty")]
+    EmptyPlaintext,
+    #[error(
+        "plaintext is {len} bytes; Encrypt takes at most {max} (use GenerateDataKey and encrypt locally)"
+    )]
+    PlaintextTooLarge { len: usize, max: usize },
+    #[error("number_of_bytes is {requested}; the most is {max}")]
+    DataKeyTooLarge { requested: u32, max: u32 },
+    #[error("number_of_bytes is {requested}; it must be from 1 to {max}")]
+    RandomBytesOutOfRange { requested: u32, max: u32 },
+    #[error("the ciphertext is under key {actual}, not {expected}")]
+    WrongKey { actual: String, expected: String },
+    #[error("grant is required (namespace/name or grantId)")]
+    GrantRequired,
     #[error(transparent)]
     Blob(#[from] BlobError),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
+    #[error("key {0:?} not found")]
+    KeyNotFound(String),
+    #[error("the key that made this ciphertext ({0}) does not exist")]
+    CiphertextKeyNotFound(String),
+    #[error("key {key} does not hold version {version}")]
+    VersionNotHeld { key: String, version: u32 },
+    #[error("grant {0:?} not found")]
+    GrantNotFound(String),
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error("{who} is neither the grantee nor the retiring principal of grant {grant}")]
+    NotRetirer { who: String, grant: String },
+    #[error("key {key} is {state}; it refuses cryptographic operations until it is Enabled")]
+    KeyNotEnabled { key: String, state: &'static str },
+    #[error("key {0} has no usable current version yet")]
+    NoCurrentVersion(String),
+    #[error("key {0} has no valid keyId")]
+    InvalidKeyId(String),
     #[error("decryption failed")]
     DecryptionFailed,
-    #[error("failed to authorize the call with Kubernetes RBAC")]
-    Rbac(#[source] super::authz::RbacError),
     #[error("the key's material cannot be used")]
-    Material(#[source] DirectoryError),
+    Material(#[source] MaterialError),
     #[error("failed to encrypt")]
     Seal(#[source] SealError),
     #[error("failed to read random bytes from the operating system")]
     Random,
-    #[error("failed to write the audit log")]
-    Audit(#[source] crate::audit::AuditError),
     #[error("failed to update the grant")]
-    GrantWrite(#[source] kube::Error),
+    GrantWrite(#[source] BackendError),
 }
 
-impl ApiError {
+impl CallError for ApiError {
     /// The status the caller sees; internal details stay in the log.
-    pub fn status(&self) -> Status {
+    fn status(&self) -> Status {
         match self {
             ApiError::Auth(AuthError::Backend(_)) => {
                 Status::unavailable("cannot authenticate callers right now")
             }
             ApiError::Auth(e) => Status::unauthenticated(e.to_string()),
-            ApiError::InvalidArgument(_) | ApiError::Blob(_) => Status::invalid_argument(self.to_string()),
-            ApiError::NotFound(_) => Status::not_found(self.to_string()),
-            ApiError::PermissionDenied(_) => Status::permission_denied(self.to_string()),
-            ApiError::FailedPrecondition(_) => Status::failed_precondition(self.to_string()),
+            ApiError::KeyRequired
+            | ApiError::KeyNameTooLong
+            | ApiError::EmptyPlaintext
+            | ApiError::PlaintextTooLarge { .. }
+            | ApiError::DataKeyTooLarge { .. }
+            | ApiError::RandomBytesOutOfRange { .. }
+            | ApiError::WrongKey { .. }
+            | ApiError::GrantRequired
+            | ApiError::Blob(_) => Status::invalid_argument(self.to_string()),
+            ApiError::KeyNotFound(_)
+            | ApiError::CiphertextKeyNotFound(_)
+            | ApiError::VersionNotHeld { .. }
+            | ApiError::GrantNotFound(_) => Status::not_found(self.to_string()),
+            ApiError::Authz(AuthzError::Rbac(_)) => {
+                Status::unavailable("cannot check Kubernetes RBAC right now")
+            }
+            ApiError::Authz(_) | ApiError::NotRetirer { .. } => Status::permission_denied(self.to_string()),
+            ApiError::KeyNotEnabled { .. } | ApiError::NoCurrentVersion(_) | ApiError::InvalidKeyId(_) => {
+                Status::failed_precondition(self.to_string())
+            }
             ApiError::DecryptionFailed => Status::invalid_argument("decryption failed"),
-            ApiError::Rbac(_) => Status::unavailable("cannot check Kubernetes RBAC right now"),
             ApiError::Material(_) | ApiError::Seal(_) | ApiError::Random => {
                 Status::internal(self.to_string())
             }
-            ApiError::Audit(_) => Status::unavailable("the audit log cannot be written"),
             ApiError::GrantWrite(_) => Status::unavailable("failed to update the grant"),
         }
     }
@@ -81,11 +125,10 @@ impl ApiError {
         matches!(
             self,
             ApiError::Auth(AuthError::Backend(_))
-                | ApiError::Rbac(_)
+                | ApiError::Authz(AuthzError::Rbac(_))
                 | ApiError::Material(_)
                 | ApiError::Seal(_)
                 | ApiError::Random
-                | ApiError::Audit(_)
                 | ApiError::GrantWrite(_)
         )
     }
@@ -94,40 +137,15 @@ impl ApiError {
 /// Marks a grant Retired (the server's only write).
 #[tonic::async_trait]
 pub trait GrantRetirer: Send + Sync + 'static {
-    async fn retire(&self, grant: &KmsGrant, by: &str) -> Result<(), kube::Error>;
-}
-
-/// Retires grants through the API server (status subresource, field manager `kubekms-server`).
-pub struct KubeGrantRetirer(pub kube::Client);
-
-#[tonic::async_trait]
-impl GrantRetirer for KubeGrantRetirer {
-    async fn retire(&self, grant: &KmsGrant, by: &str) -> Result<(), kube::Error> {
-        let api: kube::Api<KmsGrant> =
-            kube::Api::namespaced(self.0.clone(), &grant.namespace().unwrap_or_default());
-        // retiredBy is the server's field and final; the controller, which owns state,
-        // turns it into Retired.
-        let patch = serde_json::json!({
-            "apiVersion": "kms.kubekms.io/v1alpha1",
-            "kind": "KmsGrant",
-            "status": {"retiredBy": by},
-        });
-        api.patch_status(
-            &grant.name_any(),
-            &kube::api::PatchParams::apply("kubekms-server"),
-            &kube::api::Patch::Apply(patch),
-        )
-        .await
-        .map(|_| ())
-    }
+    async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError>;
 }
 
 /// What an audit line records of a call, filled in as the call proceeds.
 #[derive(Default)]
 struct Trail {
-    key: Option<KeyEntry>,
+    key: Option<Arc<Key>>,
     version: Option<u32>,
-    source: Option<(KeyEntry, u32)>,
+    source: Option<(Arc<Key>, u32)>,
     grant_id: Option<String>,
     context_keys: Vec<String>,
 }
@@ -135,11 +153,10 @@ struct Trail {
 /// The key API.
 pub struct KeyApi<T, R, D, G> {
     auth: Authenticator<T>,
-    rbac: R,
+    authz: Authorizer<R>,
     keys: D,
     retirer: G,
-    audit: Arc<AuditLog>,
-    metrics: OperationMetrics,
+    calls: CallPipeline,
 }
 
 fn request_id(meta: &MetadataMap) -> String {
@@ -154,8 +171,8 @@ fn context_map(map: &std::collections::HashMap<String, String>) -> BTreeMap<Stri
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-fn version_ref(entry: &KeyEntry, version: u32) -> Option<KeyVersionRef> {
-    Some(KeyVersionRef { key: entry.display(), key_id: entry.key_id(), version })
+fn version_ref(key: &Key, version: u32) -> Option<KeyVersionRef> {
+    Some(KeyVersionRef { key: key.info.display(), key_id: key.info.key_id.clone(), version })
 }
 
 impl<T, R, D, G> KeyApi<T, R, D, G>
@@ -173,10 +190,16 @@ where
         audit: Arc<AuditLog>,
         metrics: OperationMetrics,
     ) -> Self {
-        KeyApi { auth, rbac, keys, retirer, audit, metrics }
+        KeyApi {
+            auth,
+            authz: Authorizer::new(rbac),
+            keys,
+            retirer,
+            calls: CallPipeline::new("server", audit, metrics),
+        }
     }
 
-    /// Authenticates, runs `body`, then audits, meters and maps the result.
+    /// Authenticates, runs `body`, then hands the outcome to the call pipeline.
     async fn call<Req, Resp, F>(
         &self,
         operation: &'static str,
@@ -200,135 +223,79 @@ where
                 }
             },
         };
-        let status = outcome.as_ref().err().map(ApiError::status);
-        if let Err(e) = &outcome
-            && e.is_internal()
-        {
-            tracing::error!(error = %crate::telemetry::error_chain(e), operation, request_id = %id, "call failed");
-        }
-        let result = status.as_ref().map_or("OK", |s| code_name(s.code()));
         let event = AuditEvent {
-            component: "server",
             request_id: id.clone(),
             principal,
             operation,
-            key: trail.key.as_ref().map(KeyEntry::display),
-            key_id: trail.key.as_ref().map(KeyEntry::key_id),
+            key: trail.key.as_ref().map(|k| k.info.display()),
+            key_id: trail.key.as_ref().map(|k| k.info.key_id.clone()),
             key_version: trail.version,
-            source_key: trail.source.as_ref().map(|(k, _)| k.display()),
-            source_key_id: trail.source.as_ref().map(|(k, _)| k.key_id()),
+            source_key: trail.source.as_ref().map(|(k, _)| k.info.display()),
+            source_key_id: trail.source.as_ref().map(|(k, _)| k.info.key_id.clone()),
             source_key_version: trail.source.as_ref().map(|(_, v)| *v),
-            grant_id: trail.grant_id.clone(),
+            grant_id: trail.grant_id,
             encryption_context_keys: trail.context_keys,
-            result,
-            reason: status.as_ref().map(|s| s.message().to_owned()),
+            ..Default::default()
         };
-        let audited = self.audit.record(&event);
-        let key_label = event.key.clone().unwrap_or_default();
-        let (result, reply) = match (outcome, audited) {
-            (Ok(resp), Ok(())) => (result, Ok(resp)),
-            (Ok(_), Err(e)) => {
-                let err = ApiError::Audit(e);
-                tracing::error!(error = %crate::telemetry::error_chain(&err), "refusing a call that cannot be audited");
-                ("Unavailable", Err(err.status()))
-            }
-            (Err(e), _) => (result, Err(e.status())),
-        };
-        self.metrics.observe("server", key_label, operation, result, started.elapsed().as_secs_f64());
-        let mut response = reply.map(Response::new)?;
+        let mut response = self.calls.finish(started, event, outcome).map(Response::new)?;
         if let Ok(v) = id.parse() {
             response.metadata_mut().insert("x-request-id", v);
         }
         Ok(response)
     }
 
-    fn resolve(&self, name: &str) -> Result<KeyEntry, ApiError> {
+    fn resolve(&self, name: &str) -> Result<Arc<Key>, ApiError> {
         if name.is_empty() {
-            return Err(ApiError::InvalidArgument("key is required (namespace/name or keyId)".into()));
+            return Err(ApiError::KeyRequired);
         }
-        if name.len() > 320 {
-            return Err(ApiError::InvalidArgument("key name is too long".into()));
+        if name.len() > MAX_KEY_NAME_LEN {
+            return Err(ApiError::KeyNameTooLong);
         }
-        self.keys.resolve(name).ok_or_else(|| ApiError::NotFound(format!("key {name:?} not found")))
+        self.keys.resolve(name).ok_or_else(|| ApiError::KeyNotFound(name.to_owned()))
     }
 
-    /// Key policy (explicit deny wins), then grants, then RBAC when the policy delegates.
+    /// Authorizes `op` on `key`, recording the grant that allowed it.
     async fn authorize(
         &self,
         who: &Identity,
-        entry: &KeyEntry,
+        key: &Key,
         op: KeyOperation,
         context: &BTreeMap<String, String>,
         trail: &mut Trail,
     ) -> Result<(), ApiError> {
-        let key = &entry.key;
-        let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
-        match policy_verdict(&key.spec.policy, who, op) {
-            PolicyVerdict::Deny(sid) => {
-                let by = sid.map(|s| format!(" (statement {s:?})")).unwrap_or_default();
-                return Err(ApiError::PermissionDenied(format!(
-                    "{} is denied {} on key {ns}/{name} by the key policy{by}",
-                    who.username,
-                    op.as_str()
-                )));
-            }
-            PolicyVerdict::Allow(_) => return Ok(()),
-            PolicyVerdict::NoMatch => {}
-        }
-        let now = Timestamp::now();
-        let key_id = entry.key_id();
-        if let Some(grant) =
-            self.keys.grants(&ns, &name).iter().find(|g| grant_allows(g, &key_id, who, op, context, now))
-        {
-            trail.grant_id = grant.uid();
-            return Ok(());
-        }
-        if key.spec.policy.delegate_to_rbac
-            && self.rbac.allowed(who, op.rbac_verb(), &ns, &name).await.map_err(ApiError::Rbac)?
-        {
-            return Ok(());
-        }
-        Err(ApiError::PermissionDenied(format!(
-            "{} may not {} with key {ns}/{name}: no key policy statement, grant{} allows it",
-            who.username,
-            op.as_str(),
-            if key.spec.policy.delegate_to_rbac { " or RBAC rule" } else { "" },
-        )))
+        let grants = self.keys.grants(&key.info.namespace, &key.info.name);
+        let allowed = self.authz.authorize(who, key, op, context, &grants, Timestamp::now()).await?;
+        trail.grant_id = allowed.grant_id();
+        Ok(())
     }
 
     /// The key's state must let it be used.
-    fn usable(entry: &KeyEntry) -> Result<(), ApiError> {
-        let state = entry.key.status.as_ref().and_then(|s| s.state).unwrap_or(KeyState::Creating);
-        if state != KeyState::Enabled {
-            return Err(ApiError::FailedPrecondition(format!(
-                "key {} is {}; it refuses cryptographic operations until it is Enabled",
-                entry.display(),
-                state.as_str()
-            )));
+    fn usable(key: &Key) -> Result<(), ApiError> {
+        if key.info.state != KeyState::Enabled {
+            return Err(ApiError::KeyNotEnabled { key: key.info.display(), state: key.info.state.as_str() });
         }
         Ok(())
     }
 
     /// The key's current version and its material (unwrapped only now, after the caller
     /// was authorized).
-    fn current(&self, entry: &KeyEntry) -> Result<(u32, Arc<KeyMaterial>), ApiError> {
-        let version = entry.key.status.as_ref().and_then(|s| s.current_version);
-        let versions = self.keys.material(entry).map_err(ApiError::Material)?;
-        version.and_then(|v| Some((v, versions.versions.get(&v)?.clone()))).ok_or_else(|| {
-            ApiError::FailedPrecondition(format!("key {} has no usable current version yet", entry.display()))
-        })
+    fn current(&self, key: &Key) -> Result<(u32, Arc<KeyMaterial>), ApiError> {
+        let versions = self.keys.material(key).map_err(ApiError::Material)?;
+        key.info
+            .current_version
+            .and_then(|v| Some((v, versions.versions.get(&v)?.clone())))
+            .ok_or_else(|| ApiError::NoCurrentVersion(key.info.display()))
     }
 
     fn seal(
-        entry: &KeyEntry,
+        key: &Key,
         version: u32,
         material: &KeyMaterial,
         context: &BTreeMap<String, String>,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, ApiError> {
-        let key_id = uuid::Uuid::parse_str(&entry.key_id()).map_err(|_| {
-            ApiError::FailedPrecondition(format!("key {} has no valid keyId", entry.display()))
-        })?;
+        let key_id = uuid::Uuid::parse_str(&key.info.key_id)
+            .map_err(|_| ApiError::InvalidKeyId(key.info.display()))?;
         blob::seal_blob(material, &key_id, version, context, plaintext).map_err(ApiError::Seal)
     }
 
@@ -347,37 +314,37 @@ where
         expected_key: &str,
         op: KeyOperation,
         trail: &mut Trail,
-    ) -> Result<(KeyEntry, u32, crate::crypto::SecretBytes), ApiError> {
+    ) -> Result<(Arc<Key>, u32, SecretBytes), ApiError> {
         let header = blob::parse_header(ciphertext)?;
-        let entry = self.keys.resolve(&header.key_id).ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "the key that made this ciphertext ({}) does not exist",
-                header.key_id
-            ))
-        })?;
+        let key = self
+            .keys
+            .resolve(&header.key_id)
+            .ok_or_else(|| ApiError::CiphertextKeyNotFound(header.key_id.clone()))?;
         trail.version = Some(header.version);
-        trail.key = Some(entry.clone());
-        self.authorize(who, &entry, op, context, trail).await?;
+        trail.key = Some(key.clone());
+        self.authorize(who, &key, op, context, trail).await?;
         // Only an authorized caller learns which key a ciphertext is under.
         if !expected_key.is_empty() {
             let expected = self.resolve(expected_key)?;
-            if expected.key_id() != entry.key_id() {
-                return Err(ApiError::InvalidArgument(format!(
-                    "the ciphertext is under key {}, not {expected_key}",
-                    entry.display()
-                )));
+            if expected.info.key_id != key.info.key_id {
+                return Err(ApiError::WrongKey {
+                    actual: key.info.display(),
+                    expected: expected_key.to_owned(),
+                });
             }
         }
-        Self::usable(&entry)?;
-        let versions = self.keys.material(&entry).map_err(ApiError::Material)?;
-        let material = versions.versions.get(&header.version).cloned().ok_or_else(|| {
-            ApiError::NotFound(format!("key {} does not hold version {}", entry.display(), header.version))
-        })?;
+        Self::usable(&key)?;
+        let versions = self.keys.material(&key).map_err(ApiError::Material)?;
+        let material = versions
+            .versions
+            .get(&header.version)
+            .cloned()
+            .ok_or_else(|| ApiError::VersionNotHeld { key: key.info.display(), version: header.version })?;
         let plaintext = blob::open_blob(&material, context, ciphertext).map_err(|e| match e {
             SealError::Open => ApiError::DecryptionFailed,
             other => ApiError::Seal(other),
         })?;
-        Ok((entry, header.version, plaintext))
+        Ok((key, header.version, plaintext))
     }
 
     async fn generate(
@@ -388,55 +355,49 @@ where
         bytes: u32,
         op: KeyOperation,
         trail: &mut Trail,
-    ) -> Result<(crate::crypto::SecretBytes, Vec<u8>, Option<KeyVersionRef>), ApiError> {
+    ) -> Result<(SecretBytes, Vec<u8>, Option<KeyVersionRef>), ApiError> {
         let n = match bytes {
             0 => 32,
-            n if n > MAX_RANDOM_BYTES => {
-                return Err(ApiError::InvalidArgument(format!(
-                    "number_of_bytes is {n}; the most is {MAX_RANDOM_BYTES}"
-                )));
+            requested if requested > MAX_RANDOM_BYTES => {
+                return Err(ApiError::DataKeyTooLarge { requested, max: MAX_RANDOM_BYTES });
             }
             n => n,
         };
         Self::check_context(context, trail)?;
-        let entry = self.resolve(key)?;
-        trail.key = Some(entry.clone());
-        self.authorize(who, &entry, op, context, trail).await?;
-        Self::usable(&entry)?;
-        let (version, material) = self.current(&entry)?;
+        let key = self.resolve(key)?;
+        trail.key = Some(key.clone());
+        self.authorize(who, &key, op, context, trail).await?;
+        Self::usable(&key)?;
+        let (version, material) = self.current(&key)?;
         trail.version = Some(version);
         let mut data_key = vec![0u8; n as usize];
         getrandom::fill(&mut data_key).map_err(|_| ApiError::Random)?;
-        let data_key = crate::crypto::SecretBytes::new(data_key);
-        let blob = Self::seal(&entry, version, &material, context, data_key.expose())?;
-        Ok((data_key, blob, version_ref(&entry, version)))
+        let data_key = SecretBytes::new(data_key);
+        let blob = Self::seal(&key, version, &material, context, data_key.expose())?;
+        Ok((data_key, blob, version_ref(&key, version)))
     }
 }
 
-fn describe(entry: &KeyEntry) -> KeyMetadata {
-    let key = &entry.key;
-    let status = key.status.clone().unwrap_or_default();
-    let time = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
-        t.map(|t| t.0.to_string()).unwrap_or_default()
-    };
+fn describe(key: &Key) -> KeyMetadata {
+    let time = |t: Option<Timestamp>| t.map(|t| t.to_string()).unwrap_or_default();
     KeyMetadata {
-        key: entry.display(),
-        key_id: entry.key_id(),
-        description: key.spec.description.clone(),
-        state: status.state.unwrap_or(KeyState::Creating).as_str().to_owned(),
+        key: key.info.display(),
+        key_id: key.info.key_id.clone(),
+        description: key.description.clone(),
+        state: key.info.state.as_str().to_owned(),
         key_spec: "SYMMETRIC_DEFAULT".into(),
         key_usage: "ENCRYPT_DECRYPT".into(),
-        origin: match key.spec.origin {
-            crate::api::Origin::Kubekms => "KUBEKMS".into(),
-            crate::api::Origin::External => "EXTERNAL".into(),
+        origin: match key.origin {
+            Origin::Kubekms => "KUBEKMS".into(),
+            Origin::External => "EXTERNAL".into(),
         },
-        current_version: status.current_version.unwrap_or(0),
-        versions: status.versions.iter().map(|v| v.version).collect(),
-        creation_time: time(key.metadata.creation_timestamp.as_ref()),
-        next_rotation_time: time(status.next_rotation_time.as_ref()),
-        deletion_time: time(status.deletion_time.as_ref()),
-        automatic_rotation: key.spec.rotation.automatic,
-        rotation_period_days: u32::from(key.spec.rotation.period_days),
+        current_version: key.info.current_version.unwrap_or(0),
+        versions: key.versions.clone(),
+        creation_time: time(key.created),
+        next_rotation_time: time(key.next_rotation),
+        deletion_time: time(key.deletion),
+        automatic_rotation: key.automatic_rotation,
+        rotation_period_days: u32::from(key.rotation_period_days),
     }
 }
 
@@ -453,25 +414,22 @@ where
             let context = context_map(&req.encryption_context);
             Self::check_context(&context, trail)?;
             match req.plaintext.len() {
-                0 => return Err(ApiError::InvalidArgument("plaintext is empty".into())),
-                n if n > blob::MAX_PLAINTEXT_LEN => {
-                    return Err(ApiError::InvalidArgument(format!(
-                        "plaintext is {n} bytes; Encrypt takes at most {} (use GenerateDataKey and encrypt locally)",
-                        blob::MAX_PLAINTEXT_LEN
-                    )));
+                0 => return Err(ApiError::EmptyPlaintext),
+                len if len > blob::MAX_PLAINTEXT_LEN => {
+                    return Err(ApiError::PlaintextTooLarge { len, max: blob::MAX_PLAINTEXT_LEN });
                 }
                 _ => {}
             }
-            let entry = self.resolve(&req.key)?;
-            trail.key = Some(entry.clone());
-            self.authorize(who, &entry, KeyOperation::Encrypt, &context, trail).await?;
-            Self::usable(&entry)?;
-            let (version, material) = self.current(&entry)?;
+            let key = self.resolve(&req.key)?;
+            trail.key = Some(key.clone());
+            self.authorize(who, &key, KeyOperation::Encrypt, &context, trail).await?;
+            Self::usable(&key)?;
+            let (version, material) = self.current(&key)?;
             trail.version = Some(version);
             let mut plaintext = req.plaintext;
-            let sealed = Self::seal(&entry, version, &material, &context, &plaintext);
+            let sealed = Self::seal(&key, version, &material, &context, &plaintext);
             zeroize::Zeroize::zeroize(&mut plaintext);
-            Ok(EncryptResponse { ciphertext_blob: sealed?, key: version_ref(&entry, version) })
+            Ok(EncryptResponse { ciphertext_blob: sealed?, key: version_ref(&key, version) })
         })
         .await
     }
@@ -480,10 +438,10 @@ where
         self.call("Decrypt", request, async |who, req, trail| {
             let context = context_map(&req.encryption_context);
             Self::check_context(&context, trail)?;
-            let (entry, version, plaintext) = self
+            let (key, version, plaintext) = self
                 .open(who, &req.ciphertext_blob, &context, &req.key, KeyOperation::Decrypt, trail)
                 .await?;
-            Ok(DecryptResponse { plaintext: plaintext.expose().to_vec(), key: version_ref(&entry, version) })
+            Ok(DecryptResponse { plaintext: plaintext.expose().to_vec(), key: version_ref(&key, version) })
         })
         .await
     }
@@ -510,17 +468,17 @@ where
             trail.source = Some((source.clone(), source_version));
             trail.key = None;
             trail.version = None;
-            let entry = self.resolve(&req.destination_key)?;
-            trail.key = Some(entry.clone());
-            self.authorize(who, &entry, KeyOperation::ReEncryptTo, &context, trail).await?;
-            Self::usable(&entry)?;
-            let (version, material) = self.current(&entry)?;
+            let key = self.resolve(&req.destination_key)?;
+            trail.key = Some(key.clone());
+            self.authorize(who, &key, KeyOperation::ReEncryptTo, &context, trail).await?;
+            Self::usable(&key)?;
+            let (version, material) = self.current(&key)?;
             trail.version = Some(version);
-            let ciphertext_blob = Self::seal(&entry, version, &material, &context, plaintext.expose())?;
+            let ciphertext_blob = Self::seal(&key, version, &material, &context, plaintext.expose())?;
             Ok(ReEncryptResponse {
                 ciphertext_blob,
                 source_key: version_ref(&source, source_version),
-                key: version_ref(&entry, version),
+                key: version_ref(&key, version),
             })
         })
         .await
@@ -568,9 +526,7 @@ where
         self.call("GenerateRandom", request, async |_who, req, _trail| {
             let n = req.number_of_bytes;
             if n == 0 || n > MAX_RANDOM_BYTES {
-                return Err(ApiError::InvalidArgument(format!(
-                    "number_of_bytes is {n}; it must be from 1 to {MAX_RANDOM_BYTES}"
-                )));
+                return Err(ApiError::RandomBytesOutOfRange { requested: n, max: MAX_RANDOM_BYTES });
             }
             let mut plaintext = vec![0u8; n as usize];
             getrandom::fill(&mut plaintext).map_err(|_| ApiError::Random)?;
@@ -584,10 +540,10 @@ where
         request: Request<DescribeKeyRequest>,
     ) -> Result<Response<DescribeKeyResponse>, Status> {
         self.call("DescribeKey", request, async |who, req, trail| {
-            let entry = self.resolve(&req.key)?;
-            trail.key = Some(entry.clone());
-            self.authorize(who, &entry, KeyOperation::DescribeKey, &BTreeMap::new(), trail).await?;
-            Ok(DescribeKeyResponse { metadata: Some(describe(&entry)) })
+            let key = self.resolve(&req.key)?;
+            trail.key = Some(key.clone());
+            self.authorize(who, &key, KeyOperation::DescribeKey, &BTreeMap::new(), trail).await?;
+            Ok(DescribeKeyResponse { metadata: Some(describe(&key)) })
         })
         .await
     }
@@ -598,36 +554,19 @@ where
     ) -> Result<Response<RetireGrantResponse>, Status> {
         self.call("RetireGrant", request, async |who, req, trail| {
             if req.grant.is_empty() {
-                return Err(ApiError::InvalidArgument(
-                    "grant is required (namespace/name or grantId)".into(),
-                ));
+                return Err(ApiError::GrantRequired);
             }
-            let grant = self
-                .keys
-                .grant(&req.grant)
-                .ok_or_else(|| ApiError::NotFound(format!("grant {:?} not found", req.grant)))?;
-            trail.grant_id = grant.uid();
-            let ns = grant.namespace().unwrap_or_default();
-            if let Some(entry) = self.keys.resolve(&format!("{ns}/{}", grant.spec.key_ref.name)) {
-                trail.key = Some(entry);
+            let grant =
+                self.keys.grant(&req.grant).ok_or_else(|| ApiError::GrantNotFound(req.grant.clone()))?;
+            trail.grant_id = Some(grant.grant_id.clone());
+            trail.key = self.keys.resolve(&format!("{}/{}", grant.namespace, grant.key_name));
+            if !grant.may_retire(who) {
+                return Err(ApiError::NotRetirer { who: who.username.clone(), grant: grant.display() });
             }
-            let may = grant.spec.grantee.matches(&who.username, &who.groups)
-                || grant
-                    .spec
-                    .retiring_principal
-                    .as_ref()
-                    .is_some_and(|p| p.matches(&who.username, &who.groups));
-            if !may {
-                return Err(ApiError::PermissionDenied(format!(
-                    "{} is neither the grantee nor the retiring principal of grant {ns}/{}",
-                    who.username,
-                    grant.name_any()
-                )));
-            }
-            if grant.status.as_ref().and_then(|s| s.retired_by.as_ref()).is_none() {
+            if grant.retired_by.is_none() {
                 self.retirer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
             }
-            Ok(RetireGrantResponse { grant_id: grant.uid().unwrap_or_default() })
+            Ok(RetireGrantResponse { grant_id: grant.grant_id.clone() })
         })
         .await
     }

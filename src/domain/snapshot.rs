@@ -1,0 +1,51 @@
+//! A key ready for cryptographic operations: its [`KeyInfo`] and every version's material
+//! unwrapped in memory (zeroized when the last snapshot holding it is dropped), and the
+//! stored, wrapped form that a snapshot is made from.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::key::KeyInfo;
+use crate::crypto::KeyMaterial;
+
+/// One key, ready for cryptographic operations. `keyring::snapshot` makes it from the
+/// key's [`WrappedMaterial`].
+#[derive(Debug, Clone)]
+pub struct KeySnapshot {
+    pub info: KeyInfo,
+    /// Every version the key holds, unwrapped.
+    pub versions: BTreeMap<u32, Arc<KeyMaterial>>,
+}
+
+impl KeySnapshot {
+    /// `namespace/name`.
+    pub fn display(&self) -> String {
+        self.info.display()
+    }
+
+    /// The current version and its material, if the key has one.
+    pub fn current(&self) -> Option<(u32, &Arc<KeyMaterial>)> {
+        let v = self.info.current_version?;
+        Some((v, self.versions.get(&v)?))
+    }
+
+    /// Whether two snapshots describe the same key, state and versions.
+    pub fn same_as(&self, other: &KeySnapshot) -> bool {
+        self.info == other.info && self.versions.keys().eq(other.versions.keys())
+    }
+}
+
+/// A key's versions as stored (in a `KmsKeyMaterial`, or in the plugin's cache): each
+/// version's material wrapped by the root key, base64-encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedMaterial {
+    /// The keyId of the key the material belongs to.
+    pub key_id: String,
+    pub root_key_fingerprint: String,
+    /// The material was destroyed (and `versions` is empty).
+    pub destroyed: bool,
+    /// (version, base64 of the wrapped bytes), oldest first.
+    pub versions: Vec<(u32, String)>,
+    /// Changes whenever the stored object does (its resourceVersion), when known.
+    pub revision: Option<String>,
+}

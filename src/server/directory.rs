@@ -1,0 +1,256 @@
+//! Where the key API finds keys, their material and their grants: the [`KeyDirectory`]
+//! the service depends on, and [`Directory`], which holds domain objects by name and id
+//! (fed by watches in the wiring, or filled by hand in tests) and unwraps each key's
+//! material once, and again only when it changes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::crypto::RootKey;
+use crate::domain::{Grant, Key, KeySnapshot, WrappedMaterial};
+use crate::keyring::{self, MaterialError};
+
+/// Keys and grants, by name or id.
+pub trait KeyDirectory: Send + Sync + 'static {
+    /// A key by `namespace/name` or keyId, if there is one.
+    fn resolve(&self, name: &str) -> Option<Arc<Key>>;
+    /// Every version the key holds, unwrapped (none when it holds none).
+    fn material(&self, key: &Key) -> Result<Arc<KeySnapshot>, MaterialError>;
+    /// The grants of one key.
+    fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<Grant>>;
+    /// A grant by `namespace/name` or grantId.
+    fn grant(&self, name: &str) -> Option<Arc<Grant>>;
+}
+
+/// An object a [`Mirror`] holds: named by namespace (empty when cluster-scoped) and name,
+/// and identified by a unique id.
+pub trait Mirrored {
+    fn namespace(&self) -> &str;
+    fn name(&self) -> &str;
+    fn id(&self) -> &str;
+}
+
+impl Mirrored for Key {
+    fn namespace(&self) -> &str {
+        &self.info.namespace
+    }
+    fn name(&self) -> &str {
+        &self.info.name
+    }
+    fn id(&self) -> &str {
+        &self.info.key_id
+    }
+}
+
+impl Mirrored for Grant {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn id(&self) -> &str {
+        &self.grant_id
+    }
+}
+
+/// Material objects are cluster-scoped and named by their key's keyId.
+impl Mirrored for WrappedMaterial {
+    fn namespace(&self) -> &str {
+        ""
+    }
+    fn name(&self) -> &str {
+        &self.key_id
+    }
+    fn id(&self) -> &str {
+        &self.key_id
+    }
+}
+
+type Name = (String, String);
+
+struct Objects<D> {
+    by_name: HashMap<Name, Arc<D>>,
+    by_id: HashMap<String, Name>,
+}
+
+impl<D> Default for Objects<D> {
+    fn default() -> Self {
+        Objects { by_name: HashMap::new(), by_id: HashMap::new() }
+    }
+}
+
+impl<D: Mirrored> Objects<D> {
+    fn insert(&mut self, object: D) {
+        let name = (object.namespace().to_owned(), object.name().to_owned());
+        if let Some(old) = self.by_name.get(&name) {
+            self.by_id.remove(old.id());
+        }
+        self.by_id.insert(object.id().to_owned(), name.clone());
+        self.by_name.insert(name, Arc::new(object));
+    }
+
+    fn remove(&mut self, namespace: &str, name: &str) {
+        if let Some(old) = self.by_name.remove(&(namespace.to_owned(), name.to_owned())) {
+            self.by_id.remove(old.id());
+        }
+    }
+}
+
+/// The objects of one kind, by name and by id, as a watch last reported them.
+pub struct Mirror<D> {
+    objects: RwLock<Objects<D>>,
+}
+
+impl<D> Default for Mirror<D> {
+    fn default() -> Self {
+        Mirror { objects: RwLock::new(Objects::default()) }
+    }
+}
+
+impl<D: Mirrored> Mirror<D> {
+    /// Adds or replaces an object.
+    pub fn apply(&self, object: D) {
+        if let Ok(mut objects) = self.objects.write() {
+            objects.insert(object);
+        }
+    }
+
+    /// Removes an object.
+    pub fn delete(&self, namespace: &str, name: &str) {
+        if let Ok(mut objects) = self.objects.write() {
+            objects.remove(namespace, name);
+        }
+    }
+
+    /// Replaces every object (a watch's fresh list).
+    pub fn replace_all(&self, all: Vec<D>) {
+        let mut fresh = Objects::default();
+        for object in all {
+            fresh.insert(object);
+        }
+        if let Ok(mut objects) = self.objects.write() {
+            *objects = fresh;
+        }
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<D>> {
+        let objects = self.objects.read().ok()?;
+        objects.by_name.get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<Arc<D>> {
+        let objects = self.objects.read().ok()?;
+        objects.by_id.get(id).and_then(|name| objects.by_name.get(name)).cloned()
+    }
+
+    /// Every object `keep` keeps.
+    pub fn filter(&self, keep: impl Fn(&D) -> bool) -> Vec<Arc<D>> {
+        let Ok(objects) = self.objects.read() else { return Vec::new() };
+        objects.by_name.values().filter(|o| keep(o)).cloned().collect()
+    }
+}
+
+/// A key's unwrapped versions and the revision of the material they came from.
+type Unwrapped = (Option<String>, Arc<KeySnapshot>);
+
+/// The key API's directory: keys, material and grants as the watches report them.
+pub struct Directory {
+    pub keys: Mirror<Key>,
+    pub materials: Mirror<WrappedMaterial>,
+    pub grants: Mirror<Grant>,
+    root: Arc<RootKey>,
+    /// Unwrapped versions by keyId, with the material revision they came from.
+    unwrapped: Mutex<HashMap<String, Unwrapped>>,
+}
+
+impl Directory {
+    pub fn new(root: Arc<RootKey>) -> Self {
+        Directory {
+            keys: Mirror::default(),
+            materials: Mirror::default(),
+            grants: Mirror::default(),
+            root,
+            unwrapped: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The key's live material: not destroyed, and this key's.
+    fn live_material(&self, key_id: &str) -> Option<Arc<WrappedMaterial>> {
+        self.materials.get("", key_id).filter(|m| !m.destroyed && m.key_id == key_id)
+    }
+
+    /// Forgets the unwrapped material of keys that are gone or destroyed (run periodically:
+    /// plaintext material must not outlive its key in memory).
+    pub fn sweep(&self) {
+        let live =
+            |key_id: &String| self.live_material(key_id).is_some() && self.keys.by_id(key_id).is_some();
+        if let Ok(mut m) = self.unwrapped.lock() {
+            m.retain(|key_id, _| live(key_id));
+        }
+    }
+
+    fn versions(&self, key: &Key) -> Result<Arc<KeySnapshot>, MaterialError> {
+        let key_id = &key.info.key_id;
+        let material = self.live_material(key_id);
+        if material.is_none() {
+            // Destroyed or gone: drop whatever was unwrapped before.
+            if let Ok(mut m) = self.unwrapped.lock() {
+                m.remove(key_id);
+            }
+        }
+        let revision = material.as_ref().and_then(|m| m.revision.clone());
+        let cached = self.unwrapped.lock().ok().and_then(|m| m.get(key_id).cloned());
+        if let Some((rv, snap)) = &cached
+            && *rv == revision
+            && snap.info == key.info
+        {
+            return Ok(snap.clone());
+        }
+        let previous = cached.as_ref().map(|(_, s)| s.as_ref());
+        let snap = Arc::new(keyring::snapshot(&self.root, key.info.clone(), material.as_deref(), previous)?);
+        if let Ok(mut m) = self.unwrapped.lock() {
+            m.insert(key_id.clone(), (revision, snap.clone()));
+        }
+        Ok(snap)
+    }
+}
+
+impl<T: KeyDirectory> KeyDirectory for Arc<T> {
+    fn resolve(&self, name: &str) -> Option<Arc<Key>> {
+        self.as_ref().resolve(name)
+    }
+    fn material(&self, key: &Key) -> Result<Arc<KeySnapshot>, MaterialError> {
+        self.as_ref().material(key)
+    }
+    fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<Grant>> {
+        self.as_ref().grants(namespace, key_name)
+    }
+    fn grant(&self, name: &str) -> Option<Arc<Grant>> {
+        self.as_ref().grant(name)
+    }
+}
+
+impl KeyDirectory for Directory {
+    fn resolve(&self, name: &str) -> Option<Arc<Key>> {
+        match name.split_once('/') {
+            Some((ns, n)) => self.keys.get(ns, n),
+            None => self.keys.by_id(name),
+        }
+    }
+
+    fn material(&self, key: &Key) -> Result<Arc<KeySnapshot>, MaterialError> {
+        self.versions(key)
+    }
+
+    fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<Grant>> {
+        self.grants.filter(|g| g.namespace == namespace && g.key_name == key_name)
+    }
+
+    fn grant(&self, name: &str) -> Option<Arc<Grant>> {
+        match name.split_once('/') {
+            Some((ns, n)) => self.grants.get(ns, n),
+            None => self.grants.by_id(name),
+        }
+    }
+}

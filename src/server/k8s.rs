@@ -1,0 +1,221 @@
+//! The key API's adapters to the API server: TokenReview, SubjectAccessReview, the grant
+//! retirement write, and the watches that keep the [`Directory`] current. Everything the
+//! service decides with arrives here as domain types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use kube::api::PostParams;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::BackendError;
+use super::auth::TokenReviewer;
+use super::authz::RbacChecker;
+use super::directory::{Directory, Mirror, Mirrored};
+use super::service::GrantRetirer;
+use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::domain::{Grant, Identity};
+
+/// The real reviewer: a TokenReview on the API server.
+pub struct KubeTokenReviewer(pub Client);
+
+#[tonic::async_trait]
+impl TokenReviewer for KubeTokenReviewer {
+    async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, BackendError> {
+        let api: Api<TokenReview> = Api::all(self.0.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: token.to_owned(), audiences: Some(audiences.to_vec()) },
+            ..Default::default()
+        };
+        let result = api.create(&PostParams::default(), &review).await.map_err(BackendError::new)?;
+        let Some(status) = result.status else { return Ok(None) };
+        if status.authenticated != Some(true) {
+            return Ok(None);
+        }
+        // The API server only authenticates a token for an audience it was issued for;
+        // check the answer names one of ours all the same.
+        let granted = status.audiences.unwrap_or_default();
+        if !granted.iter().any(|a| audiences.contains(a)) {
+            return Ok(None);
+        }
+        let user = status.user.unwrap_or_default();
+        Ok(Some(Identity {
+            username: user.username.unwrap_or_default(),
+            uid: user.uid.unwrap_or_default(),
+            groups: user.groups.unwrap_or_default(),
+            extra: user.extra.unwrap_or_default(),
+        }))
+    }
+}
+
+type SarKey = (String, String, Vec<String>, BTreeMap<String, Vec<String>>, String, String, String);
+
+/// SubjectAccessReviews, with answers cached for a short, bounded time.
+pub struct SarChecker {
+    client: Client,
+    ttl: Duration,
+    cache: Mutex<HashMap<SarKey, (bool, Instant)>>,
+}
+
+impl SarChecker {
+    pub fn new(client: Client, ttl: Duration) -> Self {
+        SarChecker { client, ttl, cache: Mutex::new(HashMap::new()) }
+    }
+}
+
+#[tonic::async_trait]
+impl RbacChecker for SarChecker {
+    async fn allowed(
+        &self,
+        who: &Identity,
+        verb: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, BackendError> {
+        let key: SarKey = (
+            who.username.clone(),
+            who.uid.clone(),
+            who.groups.clone(),
+            who.extra.clone(),
+            verb.to_owned(),
+            namespace.to_owned(),
+            name.to_owned(),
+        );
+        if let Ok(cache) = self.cache.lock()
+            && let Some((allowed, _)) = cache.get(&key).filter(|(_, at)| at.elapsed() < self.ttl)
+        {
+            return Ok(*allowed);
+        }
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(who.username.clone()),
+                uid: (!who.uid.is_empty()).then(|| who.uid.clone()),
+                groups: Some(who.groups.clone()),
+                extra: (!who.extra.is_empty()).then(|| who.extra.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(crate::api::GROUP.to_owned()),
+                    version: Some(crate::api::VERSION.to_owned()),
+                    resource: Some("kmskeys".to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    name: Some(name.to_owned()),
+                    verb: Some(verb.to_owned()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let result = api.create(&PostParams::default(), &review).await.map_err(BackendError::new)?;
+        let allowed = result.status.is_some_and(|s| s.allowed && s.denied != Some(true));
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(key, (allowed, Instant::now()));
+        }
+        Ok(allowed)
+    }
+}
+
+/// Retires grants through the API server (status subresource, field manager `kubekms-server`).
+pub struct KubeGrantRetirer(pub Client);
+
+#[tonic::async_trait]
+impl GrantRetirer for KubeGrantRetirer {
+    async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError> {
+        let api: Api<KmsGrant> = Api::namespaced(self.0.clone(), &grant.namespace);
+        // retiredBy is the server's field and final; the controller, which owns state,
+        // turns it into Retired.
+        let patch = serde_json::json!({
+            "apiVersion": "kms.kubekms.io/v1alpha1",
+            "kind": "KmsGrant",
+            "status": {"retiredBy": by},
+        });
+        api.patch_status(
+            &grant.name,
+            &kube::api::PatchParams::apply("kubekms-server"),
+            &kube::api::Patch::Apply(patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(BackendError::new)
+    }
+}
+
+/// Keeps one mirror of `directory` current with a watch on `api`, converting each object
+/// once. `listed` fires when the watch has listed everything for the first time.
+fn feed<K, D>(
+    api: Api<K>,
+    directory: Arc<Directory>,
+    mirror: fn(&Directory) -> &Mirror<D>,
+    listed: oneshot::Sender<()>,
+    shutdown: CancellationToken,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    D: for<'a> From<&'a K> + Mirrored + Send + Sync + 'static,
+{
+    let mut listed = Some(listed);
+    let mut initial: Vec<D> = Vec::new();
+    let stream = watcher(api, watcher::Config::default()).default_backoff().for_each(move |event| {
+        let target = mirror(&directory);
+        match event {
+            Ok(watcher::Event::Apply(object)) => target.apply(D::from(&object)),
+            Ok(watcher::Event::Delete(object)) => {
+                let gone = D::from(&object);
+                target.delete(gone.namespace(), gone.name());
+            }
+            Ok(watcher::Event::Init) => initial.clear(),
+            Ok(watcher::Event::InitApply(object)) => initial.push(D::from(&object)),
+            Ok(watcher::Event::InitDone) => {
+                target.replace_all(std::mem::take(&mut initial));
+                if let Some(tx) = listed.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "watch failed; retrying"),
+        }
+        futures::future::ready(())
+    });
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stream => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+}
+
+/// Starts the watches of keys, material and grants that feed `directory`; resolves once
+/// each has listed everything (so that no call sees an empty directory).
+pub async fn watch_directory(client: &Client, directory: &Arc<Directory>, shutdown: &CancellationToken) {
+    let (keys, materials, grants) = (oneshot::channel(), oneshot::channel(), oneshot::channel());
+    feed::<KmsKey, _>(Api::all(client.clone()), directory.clone(), |d| &d.keys, keys.0, shutdown.clone());
+    feed::<KmsKeyMaterial, _>(
+        Api::all(client.clone()),
+        directory.clone(),
+        |d| &d.materials,
+        materials.0,
+        shutdown.clone(),
+    );
+    feed::<KmsGrant, _>(
+        Api::all(client.clone()),
+        directory.clone(),
+        |d| &d.grants,
+        grants.0,
+        shutdown.clone(),
+    );
+    let _ = tokio::join!(keys.1, materials.1, grants.1);
+}
