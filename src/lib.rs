@@ -3,6 +3,8 @@
 //! `api` holds the custom resources (the public contract).
 
 pub mod api;
+#[cfg(test)]
+mod boundaries;
 pub mod audit;
 pub mod bench;
 pub mod call;
