@@ -20,8 +20,8 @@ trap cleanup EXIT
 
 "$E2E_DIR/up.sh"
 log "end-to-end tests"
-cargo test --test e2e -- --skip disruptive --test-threads "${KUBEKMS_E2E_THREADS:-4}"
+cargo test --features e2e --test e2e -- --skip disruptive --test-threads "${KUBEKMS_E2E_THREADS:-4}"
 log "end-to-end tests that restart or disable shared components, one at a time"
-cargo test --test e2e disruptive -- --test-threads 1
+cargo test --features e2e --test e2e disruptive -- --test-threads 1
 log "benchmark smoke run (tiny sizes: checks that \`make bench\` works; measures nothing)"
 "$ROOT_DIR/bench/run.sh" --smoke
