@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Resource, ResourceExt};
 
 use super::lifecycle::{READY, condition};
 use super::metrics::{ErrorLabels, KindLabels, ResultLabels};
@@ -117,15 +115,7 @@ async fn reconcile_grant(grant: &KmsGrant, ctx: &GrantContext) -> Result<Action,
     let (next, requeue) = plan(grant, key.as_deref(), Timestamp::now());
     let prev = grant.status.clone().unwrap_or_default();
     if next != prev {
-        let api: Api<KmsGrant> = Api::namespaced(ctx.inner.client.clone(), &ns);
-        let body = json!({"apiVersion": "kms.kubekms.io/v1alpha1", "kind": "KmsGrant", "status": next});
-        api.patch_status(
-            &grant.name_any(),
-            &PatchParams::apply(super::key::FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await
-        .map_err(Error::PatchStatus)?;
+        ctx.inner.cluster.patch_grant_status(&ns, &grant.name_any(), &next).await?;
         if next.state != prev.state {
             let (reason, warning) = match next.state {
                 Some(GrantState::Active) => ("GrantActive", false),
@@ -141,9 +131,7 @@ async fn reconcile_grant(grant: &KmsGrant, ctx: &GrantContext) -> Result<Action,
                 action: "Reconcile".to_owned(),
                 secondary: None,
             };
-            if let Err(e) = ctx.inner.recorder.publish(&event, &grant.object_ref(&())).await {
-                tracing::warn!(error = %e, "failed to publish an Event");
-            }
+            ctx.inner.cluster.publish(&grant.object_ref(&()), event).await;
         }
     }
     Ok(requeue.map_or(Action::requeue(Duration::from_secs(3600)), Action::requeue))
@@ -152,6 +140,7 @@ async fn reconcile_grant(grant: &KmsGrant, ctx: &GrantContext) -> Result<Action,
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
 
     use super::*;
     use crate::api::{KeyOperation, KeyReference, KmsGrantSpec, KmsKeySpec, KmsKeyStatus, Principal};

@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Resource, ResourceExt};
 
 use super::lifecycle::{self, Material, MaterialAction, Observed, Plan, VersionInfo};
 use super::{Context, Error};
@@ -23,10 +21,6 @@ use crate::telemetry::error_chain;
 /// Guards what the garbage collector cannot: a KmsKey goes away only after its material
 /// has been destroyed (the material object is cluster-scoped and has no owner reference).
 pub const FINALIZER: &str = "kms.kubekms.io/destroy-material";
-/// The field manager of every status write.
-pub const FIELD_MANAGER: &str = "kubekms-controller";
-/// The field manager of the condition that reports a key that cannot be created.
-const ERROR_FIELD_MANAGER: &str = "kubekms-controller-errors";
 
 /// The longest the controller waits before looking at a key again, so a clock that was
 /// corrected or a missed event is noticed within this time.
@@ -63,14 +57,14 @@ fn owner(key: &KmsKey) -> Result<Owner, Error> {
 
 async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
     let owner = owner(key)?;
-    let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let cluster = ctx.cluster.as_ref();
     let deleting = key.meta().deletion_timestamp.is_some();
     let has_finalizer = key.finalizers().iter().any(|f| f == FINALIZER);
     if deleting && !has_finalizer {
         return Ok(Action::await_change());
     }
     if !has_finalizer {
-        set_finalizer(&api, key, key.resource_version(), true).await?;
+        cluster.set_finalizer(key, FINALIZER, key.resource_version(), true).await?;
     }
 
     let cached_status = key.status.clone().unwrap_or_default();
@@ -91,7 +85,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 }
                 match apply(ctx, key, &owner, material.as_ref(), &action, now).await {
                     Ok(updated) => material = Some(updated),
-                    Err(e) if e.is_conflict() => material = ctx.materials.get(&owner.uid).await?,
+                    Err(e) if e.is_conflict() => material = cluster.material(&owner.uid).await?,
                     Err(e) => return Err(e),
                 }
             }
@@ -104,7 +98,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                     && !clock_checked
                 {
                     clock_checked = true;
-                    let server_now = api_server_time(&ctx.client).await?;
+                    let server_now = cluster.server_time().await?;
                     if server_now > now {
                         now = server_now;
                         continue;
@@ -113,7 +107,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
                 let mut resource_version = key.resource_version();
                 if next != status {
-                    resource_version = patch_status(&api, &owner.name, &next).await?;
+                    resource_version = cluster.patch_key_status(&owner.namespace, &owner.name, &next).await?;
                     ctx.written.wrote(&owner.uid, &cached_status, &status, next.clone());
                     publish(ctx, key, &lifecycle::transitions(&status, &next)).await;
                 }
@@ -123,8 +117,8 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 if deleting && next.state == Some(KeyState::Destroyed) {
                     // Status says Destroyed before the tombstone goes, so a retry after a
                     // failure below still knows the key is destroyed.
-                    ctx.materials.delete(&owner.uid).await?;
-                    set_finalizer(&api, key, resource_version, false).await?;
+                    cluster.delete_material(&owner.uid).await?;
+                    cluster.set_finalizer(key, FINALIZER, resource_version, false).await?;
                     ctx.written.forget(&owner.uid);
                     return Ok(Action::await_change());
                 }
@@ -147,22 +141,7 @@ async fn grant_plugin_access(ctx: &Context, owner: &Owner) -> Result<(), Error> 
     if access.key_namespace != owner.namespace || access.key_name != owner.name {
         return Ok(());
     }
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": access.cluster_role},
-        "rules": [{
-            "apiGroups": [crate::api::GROUP],
-            "resources": ["kmskeymaterials"],
-            "resourceNames": [owner.uid],
-            "verbs": ["get"],
-        }],
-    });
-    let api: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(ctx.client.clone());
-    api.patch(&access.cluster_role, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(role))
-        .await
-        .map(|_| ())
-        .map_err(|e| Error::PluginAccess(access.cluster_role.clone(), e))
+    ctx.cluster.apply_plugin_role(&access.cluster_role, &owner.uid).await
 }
 
 /// The status writes of this controller that its watch cache may not show yet, per key UID.
@@ -245,7 +224,7 @@ async fn current_material(
         // A key that never had status has no material yet, or only material a crashed
         // attempt created: creating it then finds that one (409, then a read).
         None if status.key_id.is_none() && status.current_version.is_none() => Ok(None),
-        _ => Ok(ctx.materials.get(key_id).await?),
+        _ => ctx.cluster.material(key_id).await,
     }
 }
 
@@ -282,7 +261,7 @@ async fn apply(
     action: &MaterialAction,
     now: Timestamp,
 ) -> Result<KmsKeyMaterial, Error> {
-    let store = &ctx.materials;
+    let cluster = ctx.cluster.as_ref();
     let label = |action| super::metrics::ActionLabels { action };
     let updated = match (action, material) {
         (MaterialAction::Create { request }, _) => {
@@ -295,14 +274,14 @@ async fn apply(
                 None,
                 now,
             )?;
-            let created = store.create(owner, &object).await?;
+            let created = cluster.create_material(owner, &object).await?;
             ctx.metrics.material_changes.get_or_create(&label("create")).inc();
             tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "created version 1");
             created
         }
         (MaterialAction::Rotate { trigger, request }, Some(current)) => {
             let next = keyring::with_rotation(current, &ctx.root, *trigger, request.clone(), now)?;
-            let rotated = store.replace(&next).await?;
+            let rotated = cluster.replace_material(&next).await?;
             ctx.metrics.material_changes.get_or_create(&label("rotate")).inc();
             tracing::info!(
                 key = %format!("{}/{}", owner.namespace, owner.name),
@@ -314,7 +293,7 @@ async fn apply(
             rotated
         }
         (MaterialAction::Destroy, Some(current)) => {
-            let destroyed = store.replace(&keyring::destroyed(current, now)).await?;
+            let destroyed = cluster.replace_material(&keyring::destroyed(current, now)).await?;
             ctx.metrics.material_changes.get_or_create(&label("destroy")).inc();
             tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "destroyed key material");
             destroyed
@@ -323,7 +302,7 @@ async fn apply(
             // A key that never had material (EXTERNAL, never imported): record it as
             // destroyed so it can never get material later.
             let object = keyring::new_material(owner, key.spec.origin, &ctx.root, None, Some(now), now)?;
-            store.create(owner, &object).await?
+            cluster.create_material(owner, &object).await?
         }
         (MaterialAction::Rotate { .. }, None) => return Err(Error::Unsettled),
     };
@@ -337,7 +316,7 @@ async fn api_server_not_yet_due(ctx: &Context, status: &KmsKeyStatus) -> Result<
     let Some(deletion_time) = status.deletion_time.as_ref().map(|t| t.0) else {
         return Ok(None);
     };
-    let server_now = api_server_time(&ctx.client).await?;
+    let server_now = ctx.cluster.server_time().await?;
     if server_now >= deletion_time {
         return Ok(None);
     }
@@ -352,56 +331,6 @@ async fn api_server_not_yet_due(ctx: &Context, status: &KmsKeyStatus) -> Result<
     ))
 }
 
-/// The API server's current time, from the `Date` header of a request to `/version`.
-pub async fn api_server_time(client: &kube::Client) -> Result<Timestamp, Error> {
-    let request = http::Request::get("/version")
-        .body(kube::client::Body::empty())
-        .map_err(|e| Error::ApiServerClock(e.to_string()))?;
-    let response = client.send(request).await.map_err(|e| Error::ApiServerClock(e.to_string()))?;
-    let date = response
-        .headers()
-        .get(http::header::DATE)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| Error::ApiServerClock("no Date header".into()))?;
-    jiff::fmt::rfc2822::parse(date)
-        .map(|z| z.timestamp())
-        .map_err(|e| Error::ApiServerClock(format!("unreadable Date header {date:?}: {e}")))
-}
-
-/// Writes status with server-side apply; returns the new resourceVersion.
-async fn patch_status(api: &Api<KmsKey>, name: &str, status: &KmsKeyStatus) -> Result<Option<String>, Error> {
-    let body = json!({
-        "apiVersion": "kms.kubekms.io/v1alpha1",
-        "kind": "KmsKey",
-        "status": status,
-    });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await
-        .map(|k| k.resource_version())
-        .map_err(Error::PatchStatus)
-}
-
-/// Adds or removes the finalizer; the resourceVersion makes it fail rather than overwrite
-/// a concurrent change of the list.
-async fn set_finalizer(
-    api: &Api<KmsKey>,
-    key: &KmsKey,
-    resource_version: Option<String>,
-    present: bool,
-) -> Result<(), Error> {
-    let mut finalizers: Vec<String> = key.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    if present {
-        finalizers.push(FINALIZER.to_owned());
-    }
-    let patch = json!({
-        "metadata": {"resourceVersion": resource_version, "finalizers": finalizers}
-    });
-    api.patch(&key.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map(|_| ())
-        .map_err(if present { Error::AddFinalizer } else { Error::RemoveFinalizer })
-}
-
 async fn publish(ctx: &Context, key: &KmsKey, transitions: &[lifecycle::Transition]) {
     let reference = key.object_ref(&());
     for t in transitions {
@@ -412,9 +341,7 @@ async fn publish(ctx: &Context, key: &KmsKey, transitions: &[lifecycle::Transiti
             action: t.action.to_owned(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, reason = t.reason, "failed to publish an Event");
-        }
+        ctx.cluster.publish(&reference, event).await;
     }
 }
 
@@ -435,13 +362,12 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
         action: "Reconcile".to_owned(),
         secondary: None,
     };
-    let _ = ctx.recorder.publish(&event, &key.object_ref(&())).await;
+    ctx.cluster.publish(&key.object_ref(&()), event).await;
     if key.status.as_ref().and_then(|s| s.state).is_some_and(|s| s != KeyState::Creating) {
         return;
     }
-    let Some(ns) = key.namespace() else { return };
-    let api: Api<KmsKey> = Api::namespaced(ctx.client.clone(), &ns);
-    let Ok(Some(key)) = api.get_opt(&key.name_any()).await else { return };
+    let (Some(ns), name) = (key.namespace(), key.name_any()) else { return };
+    let Some(key) = ctx.cluster.fresh_key(&ns, &name).await else { return };
     let status = key.status.clone().unwrap_or_default();
     if status.state.is_some_and(|s| s != KeyState::Creating) {
         return;
@@ -456,15 +382,7 @@ async fn report_failure(key: &KmsKey, ctx: &Context, error: &Error) {
         generation,
         Timestamp::now(),
     );
-    let body = json!({
-        "apiVersion": "kms.kubekms.io/v1alpha1",
-        "kind": "KmsKey",
-        "metadata": {"resourceVersion": key.resource_version()},
-        "status": {"state": KeyState::Creating, "conditions": [ready]},
-    });
-    let _ = api
-        .patch_status(&key.name_any(), &PatchParams::apply(ERROR_FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await;
+    ctx.cluster.report_creating(&ns, &name, key.resource_version(), &ready).await;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The controller: reconciles KmsKey objects (key versions, rotation, enable/disable,
 //! deletion) while it holds the leader Lease.
 
+pub mod cluster;
 pub mod grant;
 pub mod key;
 pub mod leader;
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::crypto::{RootKey, RootKeyError};
-use crate::keyring::{MaterialError, MaterialStore};
+use crate::keyring::MaterialError;
 use crate::telemetry::{self, Health};
 use leader::{Attempt, LeaseLock, Timing};
 use lifecycle::Calendar;
@@ -78,10 +79,9 @@ impl Error {
 
 /// What every reconcile shares.
 pub struct Context {
-    pub client: Client,
-    pub recorder: Recorder,
+    /// Every read and write of the API server.
+    pub cluster: Arc<dyn cluster::Cluster>,
     pub root: Arc<RootKey>,
-    pub materials: MaterialStore,
     pub material_cache: Store<KmsKeyMaterial>,
     pub calendar: Calendar,
     pub metrics: Arc<ControllerMetrics>,
@@ -265,10 +265,8 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
         *cache = key_reader.clone();
     }
     let ctx = Arc::new(Context {
-        client: shared.client.clone(),
-        recorder: shared.recorder.clone(),
+        cluster: Arc::new(cluster::KubeCluster::new(shared.client.clone(), shared.recorder.clone())),
         root: shared.root.clone(),
-        materials: MaterialStore::new(shared.client.clone()),
         material_cache: material_reader,
         calendar: shared.config.calendar,
         metrics: shared.metrics.clone(),
@@ -276,7 +274,15 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
         plugin_access: shared.config.plugin_access.clone(),
     });
     let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
-    run_controllers(ctx, stores, shared.config.selector.clone(), shared.health.clone(), stop).await;
+    run_controllers(
+        shared.client.clone(),
+        ctx,
+        stores,
+        shared.config.selector.clone(),
+        shared.health.clone(),
+        stop,
+    )
+    .await;
 }
 
 struct Stores {
@@ -297,13 +303,13 @@ fn key_trigger(key: &KmsKey) -> Option<u64> {
 }
 
 async fn run_controllers(
+    client: Client,
     ctx: Arc<Context>,
     mut stores: Stores,
     selector: Option<String>,
     health: Arc<Health>,
     stop: CancellationToken,
 ) {
-    let client = ctx.client.clone();
     let (Some(key_writer), Some(material_writer)) = (stores.keys.1.take(), stores.materials.take()) else {
         return;
     };

@@ -1,0 +1,226 @@
+//! Every read and write the reconcilers make of the API server, one method each, behind
+//! the [`Cluster`] trait: [`KubeCluster`] talks to the API server; the reconcilers' tests
+//! record the calls, which pins the order in which a reconcile writes.
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, Recorder};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::Error;
+use crate::api::{KmsGrant, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus};
+use crate::keyring::{MaterialStore, Owner};
+
+/// The field manager of every status write.
+pub const FIELD_MANAGER: &str = "kubekms-controller";
+/// The field manager of the condition that reports a key that cannot be created.
+pub const ERROR_FIELD_MANAGER: &str = "kubekms-controller-errors";
+
+/// What the reconcilers do to the cluster.
+#[tonic::async_trait]
+pub trait Cluster: Send + Sync + 'static {
+    /// Adds or removes the key's finalizer; `resource_version` makes it fail rather than
+    /// overwrite a concurrent change of the list.
+    async fn set_finalizer(
+        &self,
+        key: &KmsKey,
+        finalizer: &str,
+        resource_version: Option<String>,
+        present: bool,
+    ) -> Result<(), Error>;
+    /// The material object of the key `key_id`, read from the API server.
+    async fn material(&self, key_id: &str) -> Result<Option<KmsKeyMaterial>, Error>;
+    /// Creates `owner`'s material object (or returns the one a previous attempt made).
+    async fn create_material(&self, owner: &Owner, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error>;
+    /// Replaces a material object, failing with a conflict if it changed meanwhile.
+    async fn replace_material(&self, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error>;
+    /// Removes a destroyed key's material object (its tombstone).
+    async fn delete_material(&self, key_id: &str) -> Result<(), Error>;
+    /// Writes the key's status (server-side apply); returns the new resourceVersion.
+    async fn patch_key_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &KmsKeyStatus,
+    ) -> Result<Option<String>, Error>;
+    /// The key as the API server has it now (not as the watch cache does).
+    async fn fresh_key(&self, namespace: &str, name: &str) -> Option<KmsKey>;
+    /// Writes state Creating and a Ready condition onto exactly `resource_version` of the
+    /// key, under a field manager of its own. Best effort.
+    async fn report_creating(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: Option<String>,
+        ready: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+    );
+    /// Writes a grant's status (server-side apply).
+    async fn patch_grant_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &KmsGrantStatus,
+    ) -> Result<(), Error>;
+    /// Keeps the ClusterRole `role` to one rule: reading the material object `key_id`.
+    async fn apply_plugin_role(&self, role: &str, key_id: &str) -> Result<(), Error>;
+    /// The API server's clock.
+    async fn server_time(&self) -> Result<Timestamp, Error>;
+    /// Publishes an Event about `object` (failures are logged, never fatal).
+    async fn publish(&self, object: &ObjectReference, event: Event);
+}
+
+/// The cluster through the API server.
+pub struct KubeCluster {
+    client: Client,
+    recorder: Recorder,
+    materials: MaterialStore,
+}
+
+impl KubeCluster {
+    pub fn new(client: Client, recorder: Recorder) -> Self {
+        KubeCluster { materials: MaterialStore::new(client.clone()), client, recorder }
+    }
+
+    fn keys(&self, namespace: &str) -> Api<KmsKey> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for KubeCluster {
+    async fn set_finalizer(
+        &self,
+        key: &KmsKey,
+        finalizer: &str,
+        resource_version: Option<String>,
+        present: bool,
+    ) -> Result<(), Error> {
+        let mut finalizers: Vec<String> =
+            key.finalizers().iter().filter(|f| *f != finalizer).cloned().collect();
+        if present {
+            finalizers.push(finalizer.to_owned());
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": resource_version, "finalizers": finalizers}
+        });
+        self.keys(&key.namespace().unwrap_or_default())
+            .patch(&key.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .map_err(if present { Error::AddFinalizer } else { Error::RemoveFinalizer })
+    }
+
+    async fn material(&self, key_id: &str) -> Result<Option<KmsKeyMaterial>, Error> {
+        Ok(self.materials.get(key_id).await?)
+    }
+
+    async fn create_material(&self, owner: &Owner, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {
+        Ok(self.materials.create(owner, object).await?)
+    }
+
+    async fn replace_material(&self, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {
+        Ok(self.materials.replace(object).await?)
+    }
+
+    async fn delete_material(&self, key_id: &str) -> Result<(), Error> {
+        Ok(self.materials.delete(key_id).await?)
+    }
+
+    async fn patch_key_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &KmsKeyStatus,
+    ) -> Result<Option<String>, Error> {
+        let body = json!({
+            "apiVersion": "kms.kubekms.io/v1alpha1",
+            "kind": "KmsKey",
+            "status": status,
+        });
+        self.keys(namespace)
+            .patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+            .await
+            .map(|k| k.resource_version())
+            .map_err(Error::PatchStatus)
+    }
+
+    async fn fresh_key(&self, namespace: &str, name: &str) -> Option<KmsKey> {
+        self.keys(namespace).get_opt(name).await.ok().flatten()
+    }
+
+    async fn report_creating(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: Option<String>,
+        ready: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+    ) {
+        let body = json!({
+            "apiVersion": "kms.kubekms.io/v1alpha1",
+            "kind": "KmsKey",
+            "metadata": {"resourceVersion": resource_version},
+            "status": {"state": crate::api::KeyState::Creating, "conditions": [ready]},
+        });
+        let _ = self
+            .keys(namespace)
+            .patch_status(name, &PatchParams::apply(ERROR_FIELD_MANAGER).force(), &Patch::Apply(body))
+            .await;
+    }
+
+    async fn patch_grant_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &KmsGrantStatus,
+    ) -> Result<(), Error> {
+        let api: Api<KmsGrant> = Api::namespaced(self.client.clone(), namespace);
+        let body = json!({"apiVersion": "kms.kubekms.io/v1alpha1", "kind": "KmsGrant", "status": status});
+        api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(Error::PatchStatus)
+    }
+
+    async fn apply_plugin_role(&self, role: &str, key_id: &str) -> Result<(), Error> {
+        let body = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": role},
+            "rules": [{
+                "apiGroups": [crate::api::GROUP],
+                "resources": ["kmskeymaterials"],
+                "resourceNames": [key_id],
+                "verbs": ["get"],
+            }],
+        });
+        let api: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(self.client.clone());
+        api.patch(role, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::PluginAccess(role.to_owned(), e))
+    }
+
+    /// From the `Date` header of a request to `/version`.
+    async fn server_time(&self) -> Result<Timestamp, Error> {
+        let request = http::Request::get("/version")
+            .body(kube::client::Body::empty())
+            .map_err(|e| Error::ApiServerClock(e.to_string()))?;
+        let response = self.client.send(request).await.map_err(|e| Error::ApiServerClock(e.to_string()))?;
+        let date = response
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::ApiServerClock("no Date header".into()))?;
+        jiff::fmt::rfc2822::parse(date)
+            .map(|z| z.timestamp())
+            .map_err(|e| Error::ApiServerClock(format!("unreadable Date header {date:?}: {e}")))
+    }
+
+    async fn publish(&self, object: &ObjectReference, event: Event) {
+        if let Err(e) = self.recorder.publish(&event, object).await {
+            tracing::warn!(error = %e, reason = %event.reason, "failed to publish an Event");
+        }
+    }
+}
