@@ -8,6 +8,9 @@ pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 
+#[cfg(test)]
+mod reconcile_tests;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

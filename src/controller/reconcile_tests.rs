@@ -1,0 +1,276 @@
+//! The reconcile shell against a recording [`Cluster`]: what it writes, and in which
+//! order (finalizer → material → status → plugin role → tombstone → finalizer removal).
+//! The planner's decisions are tested in `lifecycle_tests.rs`; these pin the shell.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::events::Event;
+use kube::runtime::reflector;
+use prometheus_client::registry::Registry;
+
+use super::cluster::Cluster;
+use super::key::{FINALIZER, reconcile};
+use super::lifecycle::Calendar;
+use super::metrics::ControllerMetrics;
+use super::{Context, Error, PluginAccess};
+use crate::api::{KeyState, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus};
+use crate::crypto::{KeyMaterial, RootKey};
+use crate::keyring::Owner;
+
+/// One call the shell made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    AddFinalizer,
+    RemoveFinalizer,
+    CreateMaterial { versions: usize },
+    ReplaceMaterial { versions: usize, destroyed: bool },
+    DeleteMaterial,
+    PatchStatus(Option<KeyState>),
+    PluginRole { role: String, key_id: String },
+    Event(String),
+}
+
+/// A cluster that remembers what was written and answers reads from it.
+#[derive(Default)]
+struct Recording {
+    calls: Mutex<Vec<Call>>,
+    material: Mutex<Option<KmsKeyMaterial>>,
+    status: Mutex<Option<KmsKeyStatus>>,
+    /// When set, the next material write fails with this API status code.
+    fail_material_write: Mutex<Option<u16>>,
+}
+
+impl Recording {
+    fn record(&self, call: Call) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    fn take(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+
+    fn material_write(&self, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {
+        if let Some(code) = self.fail_material_write.lock().unwrap().take() {
+            let source =
+                kube::Error::Api(kube::core::Status::failure("refused", "Refused").with_code(code).boxed());
+            return Err(Error::Material(crate::keyring::MaterialError::Update { name: "m".into(), source }));
+        }
+        let mut stored = object.clone();
+        stored.metadata.resource_version = Some(format!("rv-{}", object.spec.versions.len()));
+        *self.material.lock().unwrap() = Some(stored.clone());
+        Ok(stored)
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for Recording {
+    async fn set_finalizer(
+        &self,
+        _: &KmsKey,
+        finalizer: &str,
+        _: Option<String>,
+        present: bool,
+    ) -> Result<(), Error> {
+        assert_eq!(finalizer, FINALIZER);
+        self.record(if present { Call::AddFinalizer } else { Call::RemoveFinalizer });
+        Ok(())
+    }
+    async fn material(&self, _: &str) -> Result<Option<KmsKeyMaterial>, Error> {
+        Ok(self.material.lock().unwrap().clone())
+    }
+    async fn create_material(&self, _: &Owner, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {
+        let stored = self.material_write(object)?;
+        self.record(Call::CreateMaterial { versions: object.spec.versions.len() });
+        Ok(stored)
+    }
+    async fn replace_material(&self, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {
+        let stored = self.material_write(object)?;
+        let destroyed = object.spec.destroyed_at.is_some();
+        self.record(Call::ReplaceMaterial { versions: object.spec.versions.len(), destroyed });
+        Ok(stored)
+    }
+    async fn delete_material(&self, _: &str) -> Result<(), Error> {
+        *self.material.lock().unwrap() = None;
+        self.record(Call::DeleteMaterial);
+        Ok(())
+    }
+    async fn patch_key_status(
+        &self,
+        _: &str,
+        _: &str,
+        status: &KmsKeyStatus,
+    ) -> Result<Option<String>, Error> {
+        *self.status.lock().unwrap() = Some(status.clone());
+        self.record(Call::PatchStatus(status.state));
+        Ok(Some("rv".into()))
+    }
+    async fn fresh_key(&self, _: &str, _: &str) -> Option<KmsKey> {
+        None
+    }
+    async fn report_creating(&self, _: &str, _: &str, _: Option<String>, _: &Condition) {}
+    async fn patch_grant_status(&self, _: &str, _: &str, _: &KmsGrantStatus) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn apply_plugin_role(&self, role: &str, key_id: &str) -> Result<(), Error> {
+        self.record(Call::PluginRole { role: role.into(), key_id: key_id.into() });
+        Ok(())
+    }
+    async fn server_time(&self) -> Result<Timestamp, Error> {
+        Ok(Timestamp::now())
+    }
+    async fn publish(&self, _: &ObjectReference, event: Event) {
+        self.record(Call::Event(event.reason));
+    }
+}
+
+/// A key "apps/k", with automatic rotation off so that only what a test does happens.
+fn key(spec: serde_json::Value) -> KmsKey {
+    let mut spec = spec;
+    spec["rotation"] = serde_json::json!({"automatic": false});
+    let mut key = KmsKey::new("k", serde_json::from_value(spec).unwrap());
+    key.metadata.namespace = Some("apps".into());
+    key.metadata.uid = Some("uid-1".into());
+    key.metadata.generation = Some(1);
+    key.metadata.resource_version = Some("1".into());
+    key
+}
+
+/// A context whose days last a microsecond, so a deletion window passes between two
+/// reconciles.
+fn context(cluster: Arc<Recording>, plugin_key: bool) -> Arc<Context> {
+    let mut registry = Registry::default();
+    let keys = Arc::new(RwLock::new(reflector::store::<KmsKey>().0));
+    Arc::new(Context {
+        cluster,
+        root: Arc::new(RootKey::from_material(KeyMaterial::generate().unwrap())),
+        material_cache: reflector::store::<KmsKeyMaterial>().0,
+        calendar: Calendar { day: SignedDuration::from_micros(1) },
+        metrics: Arc::new(ControllerMetrics::register(&mut registry, keys)),
+        written: Default::default(),
+        plugin_access: plugin_key.then(|| PluginAccess {
+            key_namespace: "apps".into(),
+            key_name: "k".into(),
+            cluster_role: "plugin-material".into(),
+        }),
+    })
+}
+
+/// The key as the watch would show it after the shell's writes.
+fn after(mut key: KmsKey, cluster: &Recording, finalizer: bool) -> KmsKey {
+    key.status = cluster.status.lock().unwrap().clone();
+    key.metadata.finalizers = finalizer.then(|| vec![FINALIZER.to_owned()]);
+    key
+}
+
+fn events(calls: &[Call]) -> Vec<Call> {
+    calls.iter().filter(|c| matches!(c, Call::Event(_))).cloned().collect()
+}
+
+fn writes(calls: &[Call]) -> Vec<Call> {
+    calls.iter().filter(|c| !matches!(c, Call::Event(_))).cloned().collect()
+}
+
+#[tokio::test]
+async fn a_new_key_gets_its_finalizer_then_material_then_status_then_the_plugin_role() {
+    let cluster = Arc::new(Recording::default());
+    let ctx = context(cluster.clone(), true);
+    reconcile(Arc::new(key(serde_json::json!({}))), ctx.clone()).await.unwrap();
+    let calls = cluster.take();
+    let plugin_role = Call::PluginRole { role: "plugin-material".into(), key_id: "uid-1".into() };
+    assert_eq!(
+        writes(&calls),
+        [
+            Call::AddFinalizer,
+            Call::CreateMaterial { versions: 1 },
+            Call::PatchStatus(Some(KeyState::Enabled)),
+            plugin_role.clone()
+        ]
+    );
+    let status_at = calls.iter().position(|c| *c == Call::PatchStatus(Some(KeyState::Enabled))).unwrap();
+    let role_at = calls.iter().position(|c| *c == plugin_role).unwrap();
+    assert!(
+        calls[status_at + 1..role_at].iter().all(|c| matches!(c, Call::Event(_))) && status_at + 1 < role_at,
+        "the Events announce the written status, before the plugin role: {calls:?}"
+    );
+
+    // Settled: a reconcile of the key as written writes nothing but the plugin role, which
+    // is re-applied on every settled reconcile so that a reset role is repaired.
+    let settled = after(key(serde_json::json!({})), &cluster, true);
+    reconcile(Arc::new(settled), ctx).await.unwrap();
+    assert_eq!(cluster.take(), [plugin_role]);
+}
+
+#[tokio::test]
+async fn other_keys_do_not_touch_the_plugin_role() {
+    let cluster = Arc::new(Recording::default());
+    reconcile(Arc::new(key(serde_json::json!({}))), context(cluster.clone(), false)).await.unwrap();
+    assert!(!cluster.take().iter().any(|c| matches!(c, Call::PluginRole { .. })));
+}
+
+#[tokio::test]
+async fn a_rotation_writes_the_new_version_before_the_status_that_names_it() {
+    let cluster = Arc::new(Recording::default());
+    let ctx = context(cluster.clone(), false);
+    reconcile(Arc::new(key(serde_json::json!({}))), ctx.clone()).await.unwrap();
+    cluster.take();
+    let mut rotate = after(key(serde_json::json!({"rotation": {"onDemandRequest": "r1"}})), &cluster, true);
+    rotate.spec.rotation.on_demand_request = Some("r1".into());
+    rotate.spec.rotation.automatic = false;
+    rotate.metadata.generation = Some(2);
+    reconcile(Arc::new(rotate), ctx).await.unwrap();
+    let calls = cluster.take();
+    assert_eq!(
+        writes(&calls),
+        [Call::ReplaceMaterial { versions: 2, destroyed: false }, Call::PatchStatus(Some(KeyState::Enabled))]
+    );
+    assert_eq!(cluster.status.lock().unwrap().as_ref().and_then(|s| s.current_version), Some(2));
+    assert!(!events(&calls).is_empty(), "the rotation is announced");
+}
+
+#[tokio::test]
+async fn a_deleted_key_goes_material_then_status_then_tombstone_then_finalizer() {
+    let cluster = Arc::new(Recording::default());
+    let ctx = context(cluster.clone(), false);
+    reconcile(Arc::new(key(serde_json::json!({}))), ctx.clone()).await.unwrap();
+    // Schedule deletion: the waiting period starts; nothing is destroyed yet.
+    let spec = serde_json::json!({"deletion": {"scheduled": true, "pendingWindowDays": 7}});
+    let mut scheduled = after(key(spec.clone()), &cluster, true);
+    scheduled.metadata.generation = Some(2);
+    cluster.take();
+    reconcile(Arc::new(scheduled.clone()), ctx.clone()).await.unwrap();
+    assert_eq!(writes(&cluster.take()), [Call::PatchStatus(Some(KeyState::PendingDeletion))]);
+
+    // `kubectl delete` once the window has passed: seven microsecond days, rounded up to
+    // the next second.
+    let due = cluster.status.lock().unwrap().as_ref().and_then(|s| s.deletion_time.clone()).unwrap().0;
+    while Timestamp::now() < due {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut deleted = after(scheduled, &cluster, true);
+    deleted.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    reconcile(Arc::new(deleted), ctx).await.unwrap();
+    assert_eq!(
+        writes(&cluster.take()),
+        [
+            Call::ReplaceMaterial { versions: 0, destroyed: true },
+            Call::PatchStatus(Some(KeyState::Destroyed)),
+            Call::DeleteMaterial,
+            Call::RemoveFinalizer
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failed_material_write_writes_no_status() {
+    let cluster = Arc::new(Recording::default());
+    *cluster.fail_material_write.lock().unwrap() = Some(500);
+    let ctx = context(cluster.clone(), true);
+    let err = reconcile(Arc::new(key(serde_json::json!({}))), ctx).await.unwrap_err();
+    assert_eq!(err.category(), "material_update");
+    let calls = cluster.take();
+    assert_eq!(writes(&calls), [Call::AddFinalizer], "no status, no plugin role without material");
+    assert_eq!(events(&calls), [Call::Event("ReconcileFailed".into())]);
+}
