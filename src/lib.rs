@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod audit;
+#[path = "cli/bench.rs"]
 pub mod bench;
 pub mod client;
 pub mod controller;
