@@ -4,8 +4,6 @@
 
 pub mod api;
 pub mod audit;
-#[path = "cli/bench.rs"]
-pub mod bench;
 pub mod client;
 pub mod controller;
 pub mod crypto;

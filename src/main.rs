@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use kubekms::controller::{self, leader::Timing, lifecycle::Calendar};
 use kubekms::crypto::RootKey;
 
+mod cli;
+
 /// kubekms — a key management service that lives inside Kubernetes.
 ///
 /// Keys are Kubernetes objects (KmsKey, KmsGrant in kms.kubekms.io/v1alpha1). The
@@ -611,8 +613,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn print_rows(rows: &[kubekms::bench::Row], json: Option<&std::path::Path>) -> anyhow::Result<()> {
-    print!("{}", kubekms::bench::table(rows));
+fn print_rows(rows: &[cli::bench::Row], json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    print!("{}", cli::bench::table(rows));
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(rows)?)
             .with_context(|| format!("failed to write {}", path.display()))?;
@@ -749,7 +751,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 calls > 0 && concurrency.iter().all(|&c| c > 0),
                 "--calls and --concurrency must be positive"
             );
-            let rows = kubekms::bench::run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;
+            let rows = cli::bench::run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;
             print_rows(&rows, json.as_deref())?;
         }
         Command::Bench(BenchCommand::Keyapi { connection, key, calls, concurrency, json }) => {
@@ -760,7 +762,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = connection.token()?;
             let connect =
                 async || kubekms::client::connect(&connection.server, connection.ca.as_deref(), &token).await;
-            let rows = kubekms::bench::keyapi_rows(connect, &key, &concurrency, calls).await?;
+            let rows = cli::bench::keyapi_rows(connect, &key, &concurrency, calls).await?;
             print_rows(&rows, json.as_deref())?;
         }
         Command::Key(KeyCommand::Import { key, material, root_key_file, common }) => {

@@ -10,16 +10,18 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::api::KeyState;
-use crate::audit::AuditLog;
-use crate::crypto::{KeyMaterial, RootKey};
-use crate::keyring::{FixedKeyring, KeySnapshot};
-use crate::metering::OperationMetrics;
-use crate::plugin::service::KmsPlugin;
-use crate::plugin::socket::PluginSocket;
-use crate::proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
-use crate::proto::kmsv2::key_management_service_server::{KeyManagementService, KeyManagementServiceServer};
-use crate::proto::kmsv2::{
+use kubekms::api::KeyState;
+use kubekms::audit::AuditLog;
+use kubekms::crypto::{KeyMaterial, RootKey};
+use kubekms::keyring::{FixedKeyring, KeySnapshot};
+use kubekms::metering::OperationMetrics;
+use kubekms::plugin::service::KmsPlugin;
+use kubekms::plugin::socket::PluginSocket;
+use kubekms::proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
+use kubekms::proto::kmsv2::key_management_service_server::{
+    KeyManagementService, KeyManagementServiceServer,
+};
+use kubekms::proto::kmsv2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
 
@@ -39,7 +41,7 @@ pub struct Row {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("failed to set up a socket")]
-    Socket(#[from] crate::plugin::socket::SocketError),
+    Socket(#[from] kubekms::plugin::socket::SocketError),
     #[error("failed to connect to {0}")]
     Connect(PathBuf, #[source] tonic::transport::Error),
     #[error("a call failed: {0}")]
@@ -191,7 +193,7 @@ pub async fn kms_clients(
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
         clients.push(
-            crate::plugin::client::connect(socket)
+            kubekms::plugin::client::connect(socket)
                 .await
                 .map_err(|e| BenchError::Connect(socket.to_owned(), e))?,
         );
@@ -207,7 +209,7 @@ pub async fn plugin_rows(
     concurrencies: &[usize],
     calls: usize,
 ) -> Result<Vec<Row>, BenchError> {
-    let mut setup = crate::plugin::client::connect(plugin)
+    let mut setup = kubekms::plugin::client::connect(plugin)
         .await
         .map_err(|e| BenchError::Connect(plugin.to_owned(), e))?;
     let sample =
@@ -248,12 +250,12 @@ pub async fn plugin_rows(
 /// GenerateDataKey, at each concurrency, each caller on its own connection. Tokens are
 /// cached by the server after the warm-up, so this measures the authenticated steady state.
 pub async fn keyapi_rows(
-    connect: impl AsyncFn() -> Result<crate::client::Client, crate::client::ClientError>,
+    connect: impl AsyncFn() -> Result<kubekms::client::Client, kubekms::client::ClientError>,
     key: &str,
     concurrencies: &[usize],
     calls: usize,
 ) -> Result<Vec<Row>, BenchError> {
-    use crate::proto::keyapi::{EncryptRequest, GenerateDataKeyRequest, GenerateRandomRequest};
+    use kubekms::proto::keyapi::{EncryptRequest, GenerateDataKeyRequest, GenerateRandomRequest};
     let mut rows = Vec::new();
     for &n in concurrencies {
         let mut clients = Vec::with_capacity(n);
