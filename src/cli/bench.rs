@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -24,6 +26,8 @@ use kubekms::proto::kmsv2::key_management_service_server::{
 use kubekms::proto::kmsv2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
+
+use super::args::Connection;
 
 /// One measured row.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -367,6 +371,82 @@ fn tempfile_dir() -> Result<TempDir, BenchError> {
         .create(&dir)
         .map_err(BenchError::TempDir)?;
     Ok(TempDir(dir))
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// KMS v2 Encrypt and Decrypt over a unix socket, next to an empty gRPC call on the same
+    /// kind of socket (the floor). Without --socket it runs an in-process plugin with a
+    /// random key; with --socket it measures the plugin listening there.
+    Plugin {
+        /// A running plugin's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 20000)]
+        calls: usize,
+        /// Concurrent callers, each on its own connection (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+        /// Also write the rows as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// The key API's Encrypt and GenerateDataKey next to GenerateRandom (the floor: an
+    /// authenticated, audited call that touches no key), against a running server.
+    Keyapi {
+        #[command(flatten)]
+        connection: Connection,
+        /// The key to use, as NAMESPACE/NAME.
+        #[arg(long)]
+        key: String,
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 5000)]
+        calls: usize,
+        /// Concurrent callers, each on its own connection (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+        /// Also write the rows as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Plugin { socket, calls, concurrency, json } => {
+                anyhow::ensure!(
+                    calls > 0 && concurrency.iter().all(|&c| c > 0),
+                    "--calls and --concurrency must be positive"
+                );
+                let rows = run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;
+                print_rows(&rows, json.as_deref())?;
+            }
+            Command::Keyapi { connection, key, calls, concurrency, json } => {
+                anyhow::ensure!(
+                    calls > 0 && concurrency.iter().all(|&c| c > 0),
+                    "--calls and --concurrency must be positive"
+                );
+                let token = connection.token()?;
+                let connect = async || {
+                    kubekms::client::connect(&connection.server, connection.ca.as_deref(), &token).await
+                };
+                let rows = keyapi_rows(connect, &key, &concurrency, calls).await?;
+                print_rows(&rows, json.as_deref())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn print_rows(rows: &[Row], json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    print!("{}", table(rows));
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(rows)?)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

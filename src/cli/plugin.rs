@@ -1,0 +1,58 @@
+//! `kubekms plugin`: its flags, and the KMS v2 plugin's configuration built from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::args::{self, Common};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    common: Common,
+    /// The KmsKey that encrypts the cluster's Secrets.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    key: String,
+    /// The unix socket kube-apiserver connects to (the `endpoint` of the EncryptionConfiguration,
+    /// without `unix://`).
+    #[arg(long, value_name = "PATH", default_value = "/var/run/kubekms/kms.sock")]
+    socket: PathBuf,
+    /// The root key file (32 bytes, mode 0600 or stricter).
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
+    root_key_file: PathBuf,
+    /// Where the plugin keeps its cache of wrapped material (never plaintext), so it can
+    /// start and decrypt while the API server is down.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kubekms")]
+    state_dir: PathBuf,
+    /// The audit log: one JSON line per Encrypt and Decrypt ("-" for standard output).
+    /// Default: audit.log in the state directory.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Args {
+    pub async fn run(self) -> anyhow::Result<()> {
+        kubekms::telemetry::init_logging(self.common.log_json);
+        let (namespace, name) = args::namespaced_name(&self.key)?;
+        let config = kubekms::plugin::Config {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            socket: self.socket,
+            root_key_file: self.root_key_file,
+            audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
+            state_dir: self.state_dir,
+            metrics_addr: self.metrics_addr,
+        };
+        let client = match kubekms::kubeclient::client(self.common.kubeconfig.as_deref()).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no Kubernetes client; serving from the cache only");
+                None
+            }
+        };
+        kubekms::plugin::run(config, client, super::shutdown_on_signal()).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,62 @@
+//! `kubekms server`: its flags, and the key API server's configuration built from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use jiff::SignedDuration;
+
+use super::args::{self, Common};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    common: Common,
+    /// Address to serve gRPC over TLS on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// The server's TLS certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// The server's TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    /// The root key file (32 bytes, mode 0600 or stricter).
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
+    root_key_file: PathBuf,
+    /// Token audience callers' tokens must be issued for (repeatable).
+    #[arg(long = "audience", value_name = "AUDIENCE", default_value = "kubekms")]
+    audiences: Vec<String>,
+    /// How long a TokenReview result is reused (never past the token's expiry).
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    token_cache_ttl: SignedDuration,
+    /// How long a SubjectAccessReview result is reused, and so how long an RBAC change takes
+    /// to apply.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    rbac_cache_ttl: SignedDuration,
+    /// The audit log: one JSON line per call ("-" for standard output).
+    #[arg(long, value_name = "FILE", default_value = "-")]
+    audit_log: PathBuf,
+    /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Args {
+    pub async fn run(self) -> anyhow::Result<()> {
+        kubekms::telemetry::init_logging(self.common.log_json);
+        let config = kubekms::server::Config {
+            listen: self.listen,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            root_key_file: self.root_key_file,
+            audiences: self.audiences,
+            token_cache_ttl: args::std_duration(self.token_cache_ttl, "--token-cache-ttl")?,
+            rbac_cache_ttl: args::std_duration(self.rbac_cache_ttl, "--rbac-cache-ttl")?,
+            audit_log: self.audit_log,
+            metrics_addr: self.metrics_addr,
+        };
+        let client = kubekms::kubeclient::client(self.common.kubeconfig.as_deref()).await?;
+        kubekms::server::run(config, client, super::shutdown_on_signal()).await?;
+        Ok(())
+    }
+}
