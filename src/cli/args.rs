@@ -1,5 +1,5 @@
-//! Flags that several subcommands share, declared once and flattened into each: the
-//! Kubernetes connection, the key API connection, and their parsers.
+//! Flags that several subcommands share, declared once and flattened into each: the root
+//! key, the Kubernetes connection, the key API connection, and their parsers.
 
 use std::path::PathBuf;
 
@@ -7,8 +7,27 @@ use anyhow::Context;
 use clap::Args;
 use jiff::SignedDuration;
 
+use kubekms::client::{Client, ClientError, TokenSource};
+use kubekms::crypto::{RootKey, RootKeyError};
+
+/// Where the root key comes from (today a file; PKCS#11 options join this group later).
 #[derive(Args)]
-pub struct Common {
+pub struct RootKeyArgs {
+    /// The root key file (32 bytes, mode 0600 or stricter).
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
+    pub root_key_file: PathBuf,
+}
+
+impl RootKeyArgs {
+    /// Loads the root key.
+    pub fn load(&self) -> Result<RootKey, RootKeyError> {
+        RootKey::load(&self.root_key_file)
+    }
+}
+
+/// How an in-cluster component reaches the API server, and how it logs.
+#[derive(Args)]
+pub struct KubeArgs {
     /// Kubeconfig to use; by default the in-cluster service account, then $KUBECONFIG,
     /// then ~/.kube/config.
     #[arg(long, value_name = "FILE", global = true)]
@@ -18,8 +37,21 @@ pub struct Common {
     pub log_json: bool,
 }
 
+impl KubeArgs {
+    /// Starts logging, as text or as JSON lines.
+    pub fn init_logging(&self) {
+        kubekms::telemetry::init_logging(self.log_json);
+    }
+
+    /// A client of the API server.
+    pub async fn client(&self) -> Result<kube::Client, kubekms::kubeclient::ClientError> {
+        kubekms::kubeclient::client(self.kubeconfig.as_deref()).await
+    }
+}
+
+/// How a client reaches the key API, and with which token.
 #[derive(Args)]
-pub struct Connection {
+pub struct KeyApiArgs {
     /// The key API's address.
     #[arg(long, value_name = "URL", env = "KUBEKMS_ADDR")]
     pub server: String,
@@ -37,10 +69,9 @@ pub struct Connection {
     pub audience: String,
 }
 
-impl Connection {
+impl KeyApiArgs {
     /// The token source: --token-file, else $KUBEKMS_TOKEN, else --service-account.
-    pub fn token(&self) -> anyhow::Result<kubekms::client::TokenSource> {
-        use kubekms::client::TokenSource;
+    pub fn token(&self) -> anyhow::Result<TokenSource> {
         if let Some(f) = &self.token_file {
             return Ok(TokenSource::File(f.clone()));
         }
@@ -60,8 +91,14 @@ impl Connection {
         }
     }
 
-    pub async fn connect(&self) -> anyhow::Result<kubekms::client::Client> {
-        Ok(kubekms::client::connect(&self.server, self.ca.as_deref(), &self.token()?).await?)
+    /// Connects with the token `token()` gives.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(self.connect_with(&self.token()?).await?)
+    }
+
+    /// Connects with `token` (a caller that connects many times gets the token once).
+    pub async fn connect_with(&self, token: &TokenSource) -> Result<Client, ClientError> {
+        kubekms::client::connect(&self.server, self.ca.as_deref(), token).await
     }
 }
 

@@ -27,7 +27,7 @@ use kubekms::proto::kmsv2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
 
-use super::args::Connection;
+use super::args::KeyApiArgs;
 
 /// One measured row.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -396,7 +396,7 @@ pub enum Command {
     /// authenticated, audited call that touches no key), against a running server.
     Keyapi {
         #[command(flatten)]
-        connection: Connection,
+        key_api: KeyApiArgs,
         /// The key to use, as NAMESPACE/NAME.
         #[arg(long)]
         key: String,
@@ -423,15 +423,13 @@ impl Command {
                 let rows = run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;
                 print_rows(&rows, json.as_deref())?;
             }
-            Command::Keyapi { connection, key, calls, concurrency, json } => {
+            Command::Keyapi { key_api, key, calls, concurrency, json } => {
                 anyhow::ensure!(
                     calls > 0 && concurrency.iter().all(|&c| c > 0),
                     "--calls and --concurrency must be positive"
                 );
-                let token = connection.token()?;
-                let connect = async || {
-                    kubekms::client::connect(&connection.server, connection.ca.as_deref(), &token).await
-                };
+                let token = key_api.token()?;
+                let connect = async || key_api.connect_with(&token).await;
                 let rows = keyapi_rows(connect, &key, &concurrency, calls).await?;
                 print_rows(&rows, json.as_deref())?;
             }

@@ -1,7 +1,6 @@
 //! `kubekms controller`: its flags, and the controller's configuration built from them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::ArgAction;
@@ -9,15 +8,14 @@ use jiff::SignedDuration;
 
 use kubekms::controller::{self, leader::Timing, lifecycle::Calendar};
 
-use super::args::{self, Common};
+use super::args::{self, KubeArgs, RootKeyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    common: Common,
-    /// The root key file (32 bytes, mode 0600 or stricter).
-    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
-    root_key_file: PathBuf,
+    kube: KubeArgs,
+    #[command(flatten)]
+    root_key: RootKeyArgs,
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -61,7 +59,7 @@ pub struct Args {
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
-        kubekms::telemetry::init_logging(self.common.log_json);
+        self.kube.init_logging();
         if self.unsafe_day_length != SignedDuration::from_hours(24) {
             anyhow::ensure!(self.unsafe_day_length.is_positive(), "--unsafe-day-length must be positive");
             tracing::warn!(day = %self.unsafe_day_length, "TEST ONLY: --unsafe-day-length shortens rotation periods and deletion windows");
@@ -76,7 +74,7 @@ impl Args {
             "--renew-deadline must be shorter than --lease-duration"
         );
         let config = controller::Config {
-            root_key_file: self.root_key_file,
+            root_key_file: self.root_key.root_key_file,
             metrics_addr: self.metrics_addr,
             lease: self.leader_elect.then_some((self.leader_election_namespace, self.leader_election_name)),
             identity: controller::default_identity(),
@@ -95,7 +93,7 @@ impl Args {
                 _ => None,
             },
         };
-        let client = kubekms::kubeclient::client(self.common.kubeconfig.as_deref()).await?;
+        let client = self.kube.client().await?;
         let shutdown = super::shutdown_on_signal();
         controller::run(config, client, shutdown).await?;
         Ok(())

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::args::Connection;
+use super::args::KeyApiArgs;
 
 /// A `key=value` pair of an encryption context.
 fn context_pair(s: &str) -> Result<(String, String), String> {
@@ -15,7 +15,7 @@ fn context_pair(s: &str) -> Result<(String, String), String> {
 #[derive(clap::Args)]
 pub struct EncryptArgs {
     #[command(flatten)]
-    connection: Connection,
+    key_api: KeyApiArgs,
     /// The key, as NAMESPACE/NAME or keyId.
     #[arg(long)]
     key: String,
@@ -36,7 +36,7 @@ pub struct EncryptArgs {
 #[derive(clap::Args)]
 pub struct DecryptArgs {
     #[command(flatten)]
-    connection: Connection,
+    key_api: KeyApiArgs,
     /// A pair the file's encryption context must contain (repeatable).
     #[arg(long = "context", value_name = "KEY=VALUE", value_parser = context_pair)]
     context: Vec<(String, String)>,
@@ -64,7 +64,7 @@ fn report(verbose: bool, what: &str, bytes: u64) {
 
 impl EncryptArgs {
     pub async fn run(self) -> anyhow::Result<()> {
-        let mut client = self.connection.connect().await?;
+        let mut client = self.key_api.connect().await?;
         let context = self.context.into_iter().collect();
         let n =
             kubekms::client::encrypt_file(&mut client, &self.key, context, &self.input, &self.output).await?;
@@ -75,7 +75,7 @@ impl EncryptArgs {
 
 impl DecryptArgs {
     pub async fn run(self) -> anyhow::Result<()> {
-        let mut client = self.connection.connect().await?;
+        let mut client = self.key_api.connect().await?;
         let expected = self.context.into_iter().collect();
         let key = self.key.unwrap_or_default();
         let n =

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 
-use kubekms::crypto::RootKey;
-
-use super::args::{self, Common};
+use super::args::{self, KubeArgs, RootKeyArgs};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -23,19 +21,18 @@ pub enum Command {
         /// A file with exactly 32 bytes of raw key material, or - for standard input.
         #[arg(long, value_name = "FILE")]
         material: PathBuf,
-        /// The root key file.
-        #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
-        root_key_file: PathBuf,
         #[command(flatten)]
-        common: Common,
+        root_key: RootKeyArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
 }
 
 impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Import { key, material, root_key_file, common } => {
-                import_key(key, material, root_key_file, common).await?
+            Command::Import { key, material, root_key, kube } => {
+                import_key(key, material, root_key, kube).await?
             }
         }
         Ok(())
@@ -45,11 +42,11 @@ impl Command {
 async fn import_key(
     key: String,
     material: PathBuf,
-    root_key_file: PathBuf,
-    common: Common,
+    root_key: RootKeyArgs,
+    kube: KubeArgs,
 ) -> anyhow::Result<()> {
     let (namespace, name) = args::namespaced_name(&key)?;
-    let root = RootKey::load(&root_key_file)?;
+    let root = root_key.load()?;
     let material = if material.as_os_str() == "-" {
         kubekms::keyring::read_material(std::io::stdin().lock())?
     } else {
@@ -57,7 +54,7 @@ async fn import_key(
             .with_context(|| format!("failed to open {}", material.display()))?;
         kubekms::keyring::read_material(file)?
     };
-    let client = kubekms::kubeclient::client(common.kubeconfig.as_deref()).await?;
+    let client = kube.client().await?;
     let key_id = kubekms::keyring::import(client, &root, namespace, name, &material).await?;
     println!(
         "imported key material into {key} (keyId {key_id}) as version 1, wrapped by root key {}",

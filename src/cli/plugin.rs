@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use super::args::{self, Common};
+use super::args::{self, KubeArgs, RootKeyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    common: Common,
+    kube: KubeArgs,
     /// The KmsKey that encrypts the cluster's Secrets.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     key: String,
@@ -16,9 +16,8 @@ pub struct Args {
     /// without `unix://`).
     #[arg(long, value_name = "PATH", default_value = "/var/run/kubekms/kms.sock")]
     socket: PathBuf,
-    /// The root key file (32 bytes, mode 0600 or stricter).
-    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
-    root_key_file: PathBuf,
+    #[command(flatten)]
+    root_key: RootKeyArgs,
     /// Where the plugin keeps its cache of wrapped material (never plaintext), so it can
     /// start and decrypt while the API server is down.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/kubekms")]
@@ -34,18 +33,18 @@ pub struct Args {
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
-        kubekms::telemetry::init_logging(self.common.log_json);
+        self.kube.init_logging();
         let (namespace, name) = args::namespaced_name(&self.key)?;
         let config = kubekms::plugin::Config {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             socket: self.socket,
-            root_key_file: self.root_key_file,
+            root_key_file: self.root_key.root_key_file,
             audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
             state_dir: self.state_dir,
             metrics_addr: self.metrics_addr,
         };
-        let client = match kubekms::kubeclient::client(self.common.kubeconfig.as_deref()).await {
+        let client = match self.kube.client().await {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "no Kubernetes client; serving from the cache only");

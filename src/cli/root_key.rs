@@ -7,6 +7,8 @@ use clap::Subcommand;
 
 use kubekms::crypto::RootKey;
 
+use super::args::RootKeyArgs;
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Write a new random 256-bit root key to a file with mode 0600.
@@ -30,9 +32,8 @@ pub enum Command {
     },
     /// Print the fingerprint of a root key (a one-way identifier, safe to share).
     Fingerprint {
-        /// The root key file.
-        #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
-        root_key_file: PathBuf,
+        #[command(flatten)]
+        root_key: RootKeyArgs,
     },
 }
 
@@ -47,8 +48,8 @@ impl Command {
                 let key = RootKey::copy(&from, &out)?;
                 println!("copied the root key {} to {}", key.fingerprint(), out.display());
             }
-            Command::Fingerprint { root_key_file } => {
-                println!("{}", RootKey::load(&root_key_file)?.fingerprint());
+            Command::Fingerprint { root_key } => {
+                println!("{}", root_key.load()?.fingerprint());
             }
         }
         Ok(())

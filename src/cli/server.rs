@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use jiff::SignedDuration;
 
-use super::args::{self, Common};
+use super::args::{self, KubeArgs, RootKeyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    common: Common,
+    kube: KubeArgs,
     /// Address to serve gRPC over TLS on.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
@@ -20,9 +20,8 @@ pub struct Args {
     /// The server's TLS private key (PEM).
     #[arg(long, value_name = "FILE")]
     tls_key: PathBuf,
-    /// The root key file (32 bytes, mode 0600 or stricter).
-    #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
-    root_key_file: PathBuf,
+    #[command(flatten)]
+    root_key: RootKeyArgs,
     /// Token audience callers' tokens must be issued for (repeatable).
     #[arg(long = "audience", value_name = "AUDIENCE", default_value = "kubekms")]
     audiences: Vec<String>,
@@ -43,19 +42,19 @@ pub struct Args {
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
-        kubekms::telemetry::init_logging(self.common.log_json);
+        self.kube.init_logging();
         let config = kubekms::server::Config {
             listen: self.listen,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
-            root_key_file: self.root_key_file,
+            root_key_file: self.root_key.root_key_file,
             audiences: self.audiences,
             token_cache_ttl: args::std_duration(self.token_cache_ttl, "--token-cache-ttl")?,
             rbac_cache_ttl: args::std_duration(self.rbac_cache_ttl, "--rbac-cache-ttl")?,
             audit_log: self.audit_log,
             metrics_addr: self.metrics_addr,
         };
-        let client = kubekms::kubeclient::client(self.common.kubeconfig.as_deref()).await?;
+        let client = self.kube.client().await?;
         kubekms::server::run(config, client, super::shutdown_on_signal()).await?;
         Ok(())
     }
