@@ -7,6 +7,7 @@ pub mod audit;
 pub mod client;
 pub mod controller;
 pub mod crypto;
+pub mod domain;
 pub mod envelope;
 pub mod file_envelope;
 pub mod keyring;
