@@ -6,9 +6,12 @@ mod cli;
 use clap::Parser;
 
 /// Errors are printed as one line with their causes (no backtrace), and exit with code 1
-/// or a client code (`cli::exit_code`); clap's usage errors exit with code 2.
+/// or a client code (`cli::exit_code`); usage errors exit with code 2 (`cli::usage`).
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return std::process::ExitCode::from(cli::usage(&e)),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

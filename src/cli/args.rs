@@ -1,5 +1,5 @@
 //! Flags that several subcommands share, declared once and flattened into each: the root
-//! key, the Kubernetes connection, the key API connection, and their parsers.
+//! key, the Kubernetes connection, the key API connection.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,7 @@ use jiff::SignedDuration;
 
 use kubekms::client::{Client, ClientError, TokenSource};
 use kubekms::crypto::{RootKey, RootKeyError};
+use kubekms::domain::NamespacedName;
 
 /// Where the root key comes from (today a file; PKCS#11 options join this group later).
 #[derive(Args)]
@@ -63,7 +64,7 @@ pub struct KeyApiArgs {
     pub token_file: Option<PathBuf>,
     /// Get a token with `kubectl create token NAME -n NAMESPACE --audience kubekms`.
     #[arg(long, value_name = "NAMESPACE/NAME")]
-    pub service_account: Option<String>,
+    pub service_account: Option<NamespacedName>,
     /// Audience of the token kubectl creates.
     #[arg(long, value_name = "AUDIENCE", default_value = "kubekms")]
     pub audience: String,
@@ -76,10 +77,9 @@ impl KeyApiArgs {
             return Ok(TokenSource::File(f.clone()));
         }
         if let Some(sa) = &self.service_account {
-            let (ns, name) = namespaced_name(sa)?;
             return Ok(TokenSource::Kubectl {
-                namespace: ns.into(),
-                name: name.into(),
+                namespace: sa.namespace().to_owned(),
+                name: sa.name().to_owned(),
                 audience: self.audience.clone(),
             });
         }
@@ -102,28 +102,6 @@ impl KeyApiArgs {
     }
 }
 
-/// Splits NAMESPACE/NAME.
-pub fn namespaced_name(value: &str) -> anyhow::Result<(&str, &str)> {
-    match value.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns, name)),
-        _ => anyhow::bail!("{value:?} is not NAMESPACE/NAME"),
-    }
-}
-
 pub fn std_duration(d: SignedDuration, flag: &str) -> anyhow::Result<std::time::Duration> {
     std::time::Duration::try_from(d).with_context(|| format!("{flag} must not be negative"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_names_must_be_namespace_slash_name() {
-        assert_eq!(namespaced_name("kube-system/k").unwrap(), ("kube-system", "k"));
-        for bad in ["k", "/k", "ns/", "a/b/c", ""] {
-            let err = namespaced_name(bad).unwrap_err().to_string();
-            assert!(err.contains("is not NAMESPACE/NAME"), "{bad:?}: {err}");
-        }
-    }
 }

@@ -2,11 +2,11 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
 use clap::ArgAction;
 use jiff::SignedDuration;
 
 use kubekms::controller::{self, leader::Timing, lifecycle::Calendar};
+use kubekms::domain::NamespacedName;
 
 use super::args::{self, KubeArgs, RootKeyArgs};
 
@@ -44,7 +44,7 @@ pub struct Args {
     /// The KmsKey (NAMESPACE/NAME) of the KMS plugin. With --plugin-material-role the
     /// controller lets the plugin read this key's material and no other key's.
     #[arg(long, value_name = "NAMESPACE/NAME", requires = "plugin_material_role")]
-    plugin_key: Option<String>,
+    plugin_key: Option<NamespacedName>,
     /// The ClusterRole bound to the plugin's ServiceAccount whose rules the controller keeps
     /// naming the material of --plugin-key (material is named by its key's UID, which is
     /// known only once the key exists). The chart sets both.
@@ -83,12 +83,8 @@ impl Args {
             selector: self.selector,
             plugin_access: match (self.plugin_key, self.plugin_material_role) {
                 (Some(key), Some(cluster_role)) => {
-                    let (key_namespace, key_name) = args::namespaced_name(&key).context("--plugin-key")?;
-                    Some(controller::PluginAccess {
-                        key_namespace: key_namespace.to_owned(),
-                        key_name: key_name.to_owned(),
-                        cluster_role,
-                    })
+                    let (key_namespace, key_name) = key.into_parts();
+                    Some(controller::PluginAccess { key_namespace, key_name, cluster_role })
                 }
                 _ => None,
             },

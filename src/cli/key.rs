@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::args::{self, KubeArgs, RootKeyArgs};
+use kubekms::domain::NamespacedName;
+
+use super::args::{KubeArgs, RootKeyArgs};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -17,7 +19,7 @@ pub enum Command {
     Import {
         /// The key, as NAMESPACE/NAME.
         #[arg(long, value_name = "NAMESPACE/NAME")]
-        key: String,
+        key: NamespacedName,
         /// A file with exactly 32 bytes of raw key material, or - for standard input.
         #[arg(long, value_name = "FILE")]
         material: PathBuf,
@@ -40,12 +42,11 @@ impl Command {
 }
 
 async fn import_key(
-    key: String,
+    key: NamespacedName,
     material: PathBuf,
     root_key: RootKeyArgs,
     kube: KubeArgs,
 ) -> anyhow::Result<()> {
-    let (namespace, name) = args::namespaced_name(&key)?;
     let root = root_key.load()?;
     let material = if material.as_os_str() == "-" {
         kubekms::keyring::read_material(std::io::stdin().lock())?
@@ -55,7 +56,7 @@ async fn import_key(
         kubekms::keyring::read_material(file)?
     };
     let client = kube.client().await?;
-    let key_id = kubekms::keyring::import(client, &root, namespace, name, &material).await?;
+    let key_id = kubekms::keyring::import(client, &root, key.namespace(), key.name(), &material).await?;
     println!(
         "imported key material into {key} (keyId {key_id}) as version 1, wrapped by root key {}",
         root.fingerprint()

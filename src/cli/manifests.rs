@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::args;
+use kubekms::domain::NamespacedName;
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -16,7 +16,7 @@ pub enum Command {
     StaticPod {
         /// The KmsKey that encrypts Secrets, as NAMESPACE/NAME.
         #[arg(long, value_name = "NAMESPACE/NAME")]
-        key: String,
+        key: NamespacedName,
         /// The kubekms image.
         #[arg(long, default_value = concat!("ghcr.io/kubekms/kubekms:", env!("CARGO_PKG_VERSION")))]
         image: String,
@@ -58,7 +58,6 @@ impl Command {
                 metrics_port,
                 only,
             } => {
-                args::namespaced_name(&key)?;
                 for (flag, path) in [
                     ("--socket-dir", &socket_dir),
                     ("--state-dir", &state_dir),
@@ -76,7 +75,7 @@ impl Command {
                     "--metrics-port must be from 1024 to 65535"
                 );
                 let pod = kubekms::manifests::StaticPod {
-                    key,
+                    key: key.to_string(),
                     image,
                     socket_dir: socket_dir.trim_end_matches('/').to_owned(),
                     state_dir,

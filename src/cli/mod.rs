@@ -102,6 +102,16 @@ impl Cli {
     }
 }
 
+/// Prints a usage error (or the help or version asked for) and gives its exit code: clap's
+/// own, 2 for a usage error, except 1 for a value that is not NAMESPACE/NAME, the code it
+/// had when each subcommand checked its names itself.
+pub fn usage(e: &clap::Error) -> u8 {
+    let _ = e.print();
+    let bad_name =
+        std::error::Error::source(e).is_some_and(|s| s.is::<kubekms::domain::NamespacedNameError>());
+    if bad_name { 1 } else { u8::try_from(e.exit_code()).unwrap_or(2) }
+}
+
 /// Exit codes of the client commands, by the gRPC status the key API returned.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     use tonic::Code;
@@ -150,4 +160,47 @@ pub fn shutdown_on_signal() -> CancellationToken {
 #[cfg(test)]
 pub fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(std::iter::once("kubekms").chain(args.iter().copied()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn a_name_that_is_not_namespace_slash_name_exits_1() {
+        for args in [
+            &["plugin", "--key", "no-slash", "--root-key-file", "/k"][..],
+            &["key", "import", "--key", "a/b/c", "--material", "-", "--root-key-file", "/k"],
+            &["manifests", "static-pod", "--key", "/k"],
+            &["encrypt", "--server", "https://x:1", "--key", "k", "--service-account", "ns/"],
+        ] {
+            let err = parse(args).err().expect("refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{args:?}");
+            assert!(err.to_string().contains("is not NAMESPACE/NAME"), "{err}");
+            assert_eq!(usage(&err), 1, "{args:?}");
+        }
+        let other = parse(&["audit", "verify", "f", "--expect-seq", "x"]).err().expect("refused");
+        assert_eq!(usage(&other), 2);
+    }
+
+    #[test]
+    fn client_errors_have_their_own_exit_codes() {
+        use kubekms::client::ClientError;
+        let code = |e: ClientError| exit_code(&anyhow::Error::new(e).context("while encrypting"));
+        assert_eq!(code(ClientError::Call(tonic::Status::unauthenticated("x"))), 3);
+        assert_eq!(code(ClientError::Call(tonic::Status::permission_denied("x"))), 4);
+        assert_eq!(code(ClientError::Call(tonic::Status::not_found("x"))), 5);
+        assert_eq!(code(ClientError::Call(tonic::Status::failed_precondition("x"))), 6);
+        assert_eq!(code(ClientError::Call(tonic::Status::invalid_argument("x"))), 7);
+        assert_eq!(code(ClientError::Context("x".into())), 7);
+        assert_eq!(code(ClientError::Call(tonic::Status::unavailable("x"))), 8);
+        assert_eq!(code(ClientError::Call(tonic::Status::internal("x"))), 1);
+        assert_eq!(code(ClientError::EmptyToken), 1);
+        assert_eq!(exit_code(&anyhow::anyhow!("anything else")), 1);
+    }
 }

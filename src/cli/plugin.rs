@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use super::args::{self, KubeArgs, RootKeyArgs};
+use kubekms::domain::NamespacedName;
+
+use super::args::{KubeArgs, RootKeyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -11,7 +13,7 @@ pub struct Args {
     kube: KubeArgs,
     /// The KmsKey that encrypts the cluster's Secrets.
     #[arg(long, value_name = "NAMESPACE/NAME")]
-    key: String,
+    key: NamespacedName,
     /// The unix socket kube-apiserver connects to (the `endpoint` of the EncryptionConfiguration,
     /// without `unix://`).
     #[arg(long, value_name = "PATH", default_value = "/var/run/kubekms/kms.sock")]
@@ -34,10 +36,10 @@ pub struct Args {
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         self.kube.init_logging();
-        let (namespace, name) = args::namespaced_name(&self.key)?;
+        let (namespace, name) = self.key.into_parts();
         let config = kubekms::plugin::Config {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            namespace,
+            name,
             socket: self.socket,
             root_key_file: self.root_key.root_key_file,
             audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
