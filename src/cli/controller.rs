@@ -2,13 +2,14 @@
 
 use std::net::SocketAddr;
 
+use anyhow::Context;
 use clap::ArgAction;
 use jiff::SignedDuration;
 
 use kubekms::controller::{self, leader::Timing, lifecycle::Calendar};
 use kubekms::domain::NamespacedName;
 
-use super::args::{self, KubeArgs, RootKeyArgs};
+use super::args::{KubeArgs, RootKeyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,26 +61,19 @@ pub struct Args {
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         self.kube.init_logging();
-        if self.unsafe_day_length != SignedDuration::from_hours(24) {
-            anyhow::ensure!(self.unsafe_day_length.is_positive(), "--unsafe-day-length must be positive");
+        let calendar = Calendar::new(self.unsafe_day_length).context("invalid --unsafe-day-length")?;
+        if calendar.day != Calendar::default().day {
             tracing::warn!(day = %self.unsafe_day_length, "TEST ONLY: --unsafe-day-length shortens rotation periods and deletion windows");
         }
-        let timing = Timing {
-            lease_duration: args::std_duration(self.lease_duration, "--lease-duration")?,
-            renew_deadline: args::std_duration(self.renew_deadline, "--renew-deadline")?,
-            retry_period: args::std_duration(self.retry_period, "--retry-period")?,
-        };
-        anyhow::ensure!(
-            timing.renew_deadline < timing.lease_duration,
-            "--renew-deadline must be shorter than --lease-duration"
-        );
+        let timing = Timing::new(self.lease_duration, self.renew_deadline, self.retry_period)
+            .context("invalid leader election timing")?;
         let config = controller::Config {
             root_key_file: self.root_key.root_key_file,
             metrics_addr: self.metrics_addr,
             lease: self.leader_elect.then_some((self.leader_election_namespace, self.leader_election_name)),
             identity: controller::default_identity(),
             timing,
-            calendar: Calendar { day: self.unsafe_day_length },
+            calendar,
             selector: self.selector,
             plugin_access: match (self.plugin_key, self.plugin_material_role) {
                 (Some(key), Some(cluster_role)) => {
