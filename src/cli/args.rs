@@ -3,9 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
-use jiff::SignedDuration;
 
 use kubekms::client::{Client, ClientError, TokenSource};
 use kubekms::crypto::{RootKey, RootKeyError};
@@ -100,8 +98,4 @@ impl KeyApiArgs {
     pub async fn connect_with(&self, token: &TokenSource) -> Result<Client, ClientError> {
         kubekms::client::connect(&self.server, self.ca.as_deref(), token).await
     }
-}
-
-pub fn std_duration(d: SignedDuration, flag: &str) -> anyhow::Result<std::time::Duration> {
-    std::time::Duration::try_from(d).with_context(|| format!("{flag} must not be negative"))
 }

@@ -3,9 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use jiff::SignedDuration;
 
-use super::args::{self, KubeArgs, RootKeyArgs};
+use kubekms::server::Config;
+
+use super::args::{KubeArgs, RootKeyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,14 +46,16 @@ pub struct Args {
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         self.kube.init_logging();
-        let config = kubekms::server::Config {
+        let config = Config {
             listen: self.listen,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             root_key_file: self.root_key.root_key_file,
             audiences: self.audiences,
-            token_cache_ttl: args::std_duration(self.token_cache_ttl, "--token-cache-ttl")?,
-            rbac_cache_ttl: args::std_duration(self.rbac_cache_ttl, "--rbac-cache-ttl")?,
+            token_cache_ttl: Config::cache_ttl("token", self.token_cache_ttl)
+                .context("invalid --token-cache-ttl")?,
+            rbac_cache_ttl: Config::cache_ttl("RBAC", self.rbac_cache_ttl)
+                .context("invalid --rbac-cache-ttl")?,
             audit_log: self.audit_log,
             metrics_addr: self.metrics_addr,
         };
