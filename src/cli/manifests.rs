@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 use kubekms::domain::NamespacedName;
+use kubekms::manifests::{NodePaths, StaticPod};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -58,32 +59,8 @@ impl Command {
                 metrics_port,
                 only,
             } => {
-                for (flag, path) in [
-                    ("--socket-dir", &socket_dir),
-                    ("--state-dir", &state_dir),
-                    ("--root-key-file", &root_key_file),
-                    ("--kubeconfig", &kubeconfig),
-                ] {
-                    anyhow::ensure!(
-                        path.starts_with('/'),
-                        "{flag} must be an absolute path on the node, got {path:?}"
-                    );
-                }
-                anyhow::ensure!(run_as_user > 0, "--run-as-user must not be root (0)");
-                anyhow::ensure!(
-                    (1024..=65535).contains(&metrics_port),
-                    "--metrics-port must be from 1024 to 65535"
-                );
-                let pod = kubekms::manifests::StaticPod {
-                    key: key.to_string(),
-                    image,
-                    socket_dir: socket_dir.trim_end_matches('/').to_owned(),
-                    state_dir,
-                    root_key_file,
-                    kubeconfig,
-                    run_as_user,
-                    metrics_port,
-                };
+                let paths = NodePaths { socket_dir, state_dir, root_key_file, kubeconfig };
+                let pod = StaticPod::new(key, image, paths, run_as_user, metrics_port)?;
                 print!("{}", pod.render(only)?);
             }
         }
