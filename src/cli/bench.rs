@@ -1,6 +1,7 @@
 //! `kubekms bench`: latency and throughput of the plugin over a unix socket, next to an
-//! empty gRPC call on the same kind of socket (the floor), measured in the same run and
-//! reported as ratios — never as absolute pass/fail thresholds.
+//! empty gRPC call on the same kind of socket (the floor), and of the key API, next to
+//! GenerateRandom; each floor is measured in the same run and results are reported as
+//! ratios to it — never as absolute pass/fail thresholds.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -416,18 +417,12 @@ impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Plugin { socket, calls, concurrency, json } => {
-                anyhow::ensure!(
-                    calls > 0 && concurrency.iter().all(|&c| c > 0),
-                    "--calls and --concurrency must be positive"
-                );
+                check_load(calls, &concurrency)?;
                 let rows = run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;
                 print_rows(&rows, json.as_deref())?;
             }
             Command::Keyapi { key_api, key, calls, concurrency, json } => {
-                anyhow::ensure!(
-                    calls > 0 && concurrency.iter().all(|&c| c > 0),
-                    "--calls and --concurrency must be positive"
-                );
+                check_load(calls, &concurrency)?;
                 let token = key_api.token()?;
                 let connect = async || key_api.connect_with(&token).await;
                 let rows = keyapi_rows(connect, &key, &concurrency, calls).await?;
@@ -436,6 +431,15 @@ impl Command {
         }
         Ok(())
     }
+}
+
+/// Refuses a measurement of no calls, or with no callers.
+fn check_load(calls: usize, concurrency: &[usize]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        calls > 0 && concurrency.iter().all(|&c| c > 0),
+        "--calls and --concurrency must be positive"
+    );
+    Ok(())
 }
 
 fn print_rows(rows: &[Row], json: Option<&std::path::Path>) -> anyhow::Result<()> {
@@ -453,6 +457,17 @@ mod tests {
 
     /// A smoke run with tiny sizes, so the benchmark cannot rot. It checks that every row is
     /// measured, not how fast anything is.
+    #[test]
+    fn a_measurement_has_calls_and_callers() {
+        assert!(check_load(1, &[1, 16]).is_ok());
+        for (calls, concurrency) in [(0, &[1][..]), (20, &[1, 0]), (0, &[0])] {
+            let err = check_load(calls, concurrency).unwrap_err();
+            assert_eq!(err.to_string(), "--calls and --concurrency must be positive");
+        }
+        // The flags parse; the check above is what refuses them.
+        assert!(crate::cli::parse(&["bench", "plugin", "--calls", "0", "--concurrency", "1,0"]).is_ok());
+    }
+
     #[tokio::test]
     async fn smoke() {
         let rows = run_plugin_bench(None, &[1, 4], 40).await.unwrap();
