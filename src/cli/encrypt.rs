@@ -25,12 +25,8 @@ pub struct EncryptArgs {
     /// What to encrypt ("-" for standard input).
     #[arg(long = "in", value_name = "FILE", default_value = "-")]
     input: PathBuf,
-    /// Where to write ("-" for standard output).
-    #[arg(long = "out", value_name = "FILE", default_value = "-")]
-    output: PathBuf,
-    /// Print the byte count and this process's peak memory to standard error.
-    #[arg(long)]
-    verbose: bool,
+    #[command(flatten)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -46,19 +42,28 @@ pub struct DecryptArgs {
     /// What to decrypt ("-" for standard input).
     #[arg(long = "in", value_name = "FILE", default_value = "-")]
     input: PathBuf,
+    #[command(flatten)]
+    output: Output,
+}
+
+/// Where encrypt and decrypt write, and whether they say how much.
+#[derive(clap::Args)]
+struct Output {
     /// Where to write ("-" for standard output).
     #[arg(long = "out", value_name = "FILE", default_value = "-")]
-    output: PathBuf,
+    file: PathBuf,
     /// Print the byte count and this process's peak memory to standard error.
     #[arg(long)]
     verbose: bool,
 }
 
-fn report(verbose: bool, what: &str, bytes: u64) {
-    if verbose {
-        let peak =
-            kubekms::client::peak_memory_kib().map_or_else(|| "unknown".to_owned(), |k| format!("{k} KiB"));
-        eprintln!("{what} {bytes} bytes; peak memory {peak}");
+impl Output {
+    fn report(&self, what: &str, bytes: u64) {
+        if self.verbose {
+            let peak = kubekms::client::peak_memory_kib()
+                .map_or_else(|| "unknown".to_owned(), |k| format!("{k} KiB"));
+            eprintln!("{what} {bytes} bytes; peak memory {peak}");
+        }
     }
 }
 
@@ -67,8 +72,9 @@ impl EncryptArgs {
         let mut client = self.key_api.connect().await?;
         let context = self.context.into_iter().collect();
         let n =
-            kubekms::client::encrypt_file(&mut client, &self.key, context, &self.input, &self.output).await?;
-        report(self.verbose, "encrypted", n);
+            kubekms::client::encrypt_file(&mut client, &self.key, context, &self.input, &self.output.file)
+                .await?;
+        self.output.report("encrypted", n);
         Ok(())
     }
 }
@@ -78,9 +84,9 @@ impl DecryptArgs {
         let mut client = self.key_api.connect().await?;
         let expected = self.context.into_iter().collect();
         let key = self.key.unwrap_or_default();
-        let n =
-            kubekms::client::decrypt_file(&mut client, &expected, &key, &self.input, &self.output).await?;
-        report(self.verbose, "decrypted", n);
+        let n = kubekms::client::decrypt_file(&mut client, &expected, &key, &self.input, &self.output.file)
+            .await?;
+        self.output.report("decrypted", n);
         Ok(())
     }
 }
