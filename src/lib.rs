@@ -3,10 +3,9 @@
 //! `api` holds the custom resources (the public contract).
 
 pub mod api;
+pub mod audit;
 #[cfg(test)]
 mod boundaries;
-pub mod audit;
-pub mod bench;
 pub mod call;
 pub mod client;
 pub mod controller;

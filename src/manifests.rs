@@ -12,20 +12,41 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
-/// What the static pod needs to know.
+use crate::domain::NamespacedName;
+
+/// What the static pod needs to know, checked by `StaticPod::new`.
 #[derive(Debug, Clone)]
 pub struct StaticPod {
-    /// The KmsKey as NAMESPACE/NAME.
-    pub key: String,
-    pub image: String,
+    /// The KmsKey that encrypts Secrets.
+    key: NamespacedName,
+    image: String,
+    paths: NodePaths,
+    run_as_user: i64,
+    metrics_port: i32,
+}
+
+/// Where the plugin's directories and files are on the control-plane node.
+#[derive(Debug, Clone)]
+pub struct NodePaths {
+    /// The directory of the socket kube-apiserver connects to.
     pub socket_dir: String,
+    /// The plugin's cache and audit log.
     pub state_dir: String,
     pub root_key_file: String,
-    /// A kubeconfig on the node for the plugin's identity (static pods have no
-    /// ServiceAccount token).
+    /// A kubeconfig for the plugin's identity (static pods have no ServiceAccount token).
     pub kubeconfig: String,
-    pub run_as_user: i64,
-    pub metrics_port: i32,
+}
+
+/// Why the static pod cannot be made. `StaticPod` is what `kubekms manifests static-pod`
+/// prints, so the errors name that command's flags.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StaticPodError {
+    #[error("{flag} must be an absolute path on the node, got {path:?}")]
+    NotAbsolute { flag: &'static str, path: String },
+    #[error("--run-as-user must not be root (0) or negative, got {0}")]
+    Privileged(i64),
+    #[error("--metrics-port must be from 1024 to 65535, got {0}")]
+    MetricsPort(i32),
 }
 
 fn host_path(name: &str, path: &str, kind: &str) -> Volume {
@@ -60,6 +81,35 @@ fn probe(path: &str, port: i32, period: i32) -> Probe {
 }
 
 impl StaticPod {
+    /// Checks what the pod needs: absolute paths (a static pod has no working directory),
+    /// a user other than root, and an unprivileged port for the metrics.
+    pub fn new(
+        key: NamespacedName,
+        image: String,
+        mut paths: NodePaths,
+        run_as_user: i64,
+        metrics_port: i32,
+    ) -> Result<StaticPod, StaticPodError> {
+        for (flag, path) in [
+            ("--socket-dir", &paths.socket_dir),
+            ("--state-dir", &paths.state_dir),
+            ("--root-key-file", &paths.root_key_file),
+            ("--kubeconfig", &paths.kubeconfig),
+        ] {
+            if !path.starts_with('/') {
+                return Err(StaticPodError::NotAbsolute { flag, path: path.clone() });
+            }
+        }
+        if run_as_user <= 0 {
+            return Err(StaticPodError::Privileged(run_as_user));
+        }
+        if !(1024..=65535).contains(&metrics_port) {
+            return Err(StaticPodError::MetricsPort(metrics_port));
+        }
+        paths.socket_dir = paths.socket_dir.trim_end_matches('/').to_owned();
+        Ok(StaticPod { key, image, paths, run_as_user, metrics_port })
+    }
+
     /// The Pod for /etc/kubernetes/manifests.
     pub fn pod(&self) -> Pod {
         let quantity = |s: &str| Quantity(s.to_owned());
@@ -140,10 +190,10 @@ impl StaticPod {
                     ..Default::default()
                 }],
                 volumes: Some(vec![
-                    host_path("socket", &self.socket_dir, "Directory"),
-                    host_path("state", &self.state_dir, "Directory"),
-                    host_path("root-key", &self.root_key_file, "File"),
-                    host_path("kubeconfig", &self.kubeconfig, "File"),
+                    host_path("socket", &self.paths.socket_dir, "Directory"),
+                    host_path("state", &self.paths.state_dir, "Directory"),
+                    host_path("root-key", &self.paths.root_key_file, "File"),
+                    host_path("kubeconfig", &self.paths.kubeconfig, "File"),
                 ]),
                 ..Default::default()
             }),
@@ -159,7 +209,7 @@ impl StaticPod {
             "resources": [{
                 "resources": ["secrets"],
                 "providers": [
-                    {"kms": {"apiVersion": "v2", "name": "kubekms", "endpoint": format!("unix://{}/kms.sock", self.socket_dir), "timeout": "3s"}},
+                    {"kms": {"apiVersion": "v2", "name": "kubekms", "endpoint": format!("unix://{}/kms.sock", self.paths.socket_dir), "timeout": "3s"}},
                     {"identity": {}},
                 ],
             }],
@@ -202,17 +252,63 @@ pub enum Part {
 mod tests {
     use super::*;
 
-    fn sample() -> StaticPod {
-        StaticPod {
-            key: "kube-system/cluster-secrets".into(),
-            image: "ghcr.io/kubekms/kubekms:0.1.0".into(),
+    fn paths() -> NodePaths {
+        NodePaths {
             socket_dir: "/var/run/kubekms".into(),
             state_dir: "/var/lib/kubekms".into(),
             root_key_file: "/etc/kubekms/root.key".into(),
             kubeconfig: "/etc/kubekms/plugin.kubeconfig".into(),
-            run_as_user: 65532,
-            metrics_port: 9465,
         }
+    }
+
+    fn pod(paths: NodePaths, run_as_user: i64, metrics_port: i32) -> Result<StaticPod, StaticPodError> {
+        let key = "kube-system/cluster-secrets".parse().unwrap();
+        StaticPod::new(key, "ghcr.io/kubekms/kubekms:0.1.0".into(), paths, run_as_user, metrics_port)
+    }
+
+    fn sample() -> StaticPod {
+        pod(paths(), 65532, 9465).unwrap()
+    }
+
+    #[test]
+    fn every_path_is_absolute() {
+        let relative = |edit: fn(&mut NodePaths)| {
+            let mut p = paths();
+            edit(&mut p);
+            pod(p, 65532, 9465).unwrap_err()
+        };
+        let not_absolute = |flag, path: &str| StaticPodError::NotAbsolute { flag, path: path.into() };
+        assert_eq!(relative(|p| p.socket_dir = "run".into()), not_absolute("--socket-dir", "run"));
+        assert_eq!(relative(|p| p.state_dir = "relative".into()), not_absolute("--state-dir", "relative"));
+        assert_eq!(relative(|p| p.root_key_file = "".into()), not_absolute("--root-key-file", ""));
+        assert_eq!(relative(|p| p.kubeconfig = "./k".into()), not_absolute("--kubeconfig", "./k"));
+        assert!(
+            relative(|p| p.state_dir = "relative".into())
+                .to_string()
+                .starts_with("--state-dir must be an absolute path on the node")
+        );
+    }
+
+    #[test]
+    fn the_plugin_is_not_root_and_its_port_is_unprivileged() {
+        for user in [0, -1] {
+            assert_eq!(pod(paths(), user, 9465).unwrap_err(), StaticPodError::Privileged(user));
+        }
+        for port in [0, 80, 1023, 65536, -1] {
+            assert_eq!(pod(paths(), 65532, port).unwrap_err(), StaticPodError::MetricsPort(port));
+        }
+        assert!(pod(paths(), 1, 1024).is_ok() && pod(paths(), 65532, 65535).is_ok());
+    }
+
+    #[test]
+    fn a_trailing_slash_of_the_socket_dir_is_dropped() {
+        let mut p = paths();
+        p.socket_dir = "/var/run/kubekms//".into();
+        let config = pod(p, 65532, 9465).unwrap().encryption_config();
+        assert_eq!(
+            config["resources"][0]["providers"][0]["kms"]["endpoint"],
+            "unix:///var/run/kubekms/kms.sock"
+        );
     }
 
     #[test]

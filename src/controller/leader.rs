@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
@@ -50,6 +50,44 @@ impl Default for Timing {
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
         }
+    }
+}
+
+/// Why a timing is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimingError {
+    #[error("the {what} must not be negative")]
+    Negative { what: &'static str, value: SignedDuration },
+    #[error(
+        "the renew deadline ({renew_deadline:#?}) must be shorter than the lease duration ({lease_duration:#?})"
+    )]
+    RenewDeadlineNotShorter { renew_deadline: Duration, lease_duration: Duration },
+}
+
+impl Timing {
+    /// A timing from signed durations (as a command line gives them), checked: none is
+    /// negative, and the leader stops renewing before its lease can run out, so that it
+    /// has stopped before another replica may take over.
+    pub fn new(
+        lease_duration: SignedDuration,
+        renew_deadline: SignedDuration,
+        retry_period: SignedDuration,
+    ) -> Result<Timing, TimingError> {
+        let unsigned = |what, value: SignedDuration| {
+            Duration::try_from(value).map_err(|_| TimingError::Negative { what, value })
+        };
+        let timing = Timing {
+            lease_duration: unsigned("lease duration", lease_duration)?,
+            renew_deadline: unsigned("renew deadline", renew_deadline)?,
+            retry_period: unsigned("retry period", retry_period)?,
+        };
+        if timing.renew_deadline >= timing.lease_duration {
+            return Err(TimingError::RenewDeadlineNotShorter {
+                renew_deadline: timing.renew_deadline,
+                lease_duration: timing.lease_duration,
+            });
+        }
+        Ok(timing)
     }
 }
 
@@ -182,5 +220,52 @@ impl LeaseLock {
             .await
             .map(|_| ())
             .map_err(|source| LeaderError::Write { name: self.name.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: i64) -> SignedDuration {
+        SignedDuration::from_secs(s)
+    }
+
+    #[test]
+    fn a_timing_is_checked() {
+        let t = Timing::new(secs(15), secs(10), secs(2)).unwrap();
+        assert_eq!(
+            (t.lease_duration, t.renew_deadline, t.retry_period),
+            (Duration::from_secs(15), Duration::from_secs(10), Duration::from_secs(2))
+        );
+        let d = Timing::default();
+        assert_eq!(
+            (d.lease_duration, d.renew_deadline, d.retry_period),
+            (t.lease_duration, t.renew_deadline, t.retry_period)
+        );
+        assert!(Timing::new(secs(15), secs(0), secs(0)).is_ok());
+    }
+
+    #[test]
+    fn no_duration_may_be_negative() {
+        for (timing, what) in [
+            (Timing::new(secs(-1), secs(10), secs(2)), "lease duration"),
+            (Timing::new(secs(15), secs(-1), secs(2)), "renew deadline"),
+            (Timing::new(secs(15), secs(10), secs(-1)), "retry period"),
+        ] {
+            assert_eq!(timing.unwrap_err(), TimingError::Negative { what, value: secs(-1) });
+        }
+        let err = Timing::new(secs(15), secs(10), secs(-2)).unwrap_err();
+        assert_eq!(err.to_string(), "the retry period must not be negative");
+    }
+
+    #[test]
+    fn the_leader_stops_renewing_before_its_lease_runs_out() {
+        for (lease, renew) in [(15, 15), (15, 20), (0, 0)] {
+            let err = Timing::new(secs(lease), secs(renew), secs(2)).unwrap_err();
+            assert!(matches!(err, TimingError::RenewDeadlineNotShorter { .. }), "{lease} {renew}: {err}");
+        }
+        let err = Timing::new(secs(15), secs(20), secs(2)).unwrap_err();
+        assert_eq!(err.to_string(), "the renew deadline (20s) must be shorter than the lease duration (15s)");
     }
 }

@@ -93,7 +93,20 @@ impl Default for Calendar {
     }
 }
 
+/// Why a calendar is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CalendarError {
+    #[error("a day must last a positive time, got {0:#?}")]
+    NotPositive(SignedDuration),
+}
+
 impl Calendar {
+    /// A calendar whose day lasts `day`, which must be positive (a day of zero or less would
+    /// make every rotation period and deletion window already over).
+    pub fn new(day: SignedDuration) -> Result<Calendar, CalendarError> {
+        if day.is_positive() { Ok(Calendar { day }) } else { Err(CalendarError::NotPositive(day)) }
+    }
+
     fn days(&self, n: u32) -> SignedDuration {
         self.day.checked_mul(n as i32).unwrap_or(SignedDuration::MAX)
     }

@@ -584,3 +584,14 @@ fn the_version_limit_is_reported() {
     assert_eq!(k.status.current_version, Some(MAX_VERSIONS as u32));
     assert!(k.condition(TRANSITION_REFUSED).unwrap().message.contains("1000 versions"));
 }
+
+#[test]
+fn a_day_must_last_a_positive_time() {
+    assert_eq!(Calendar::new(SignedDuration::from_secs(2)).unwrap().day, SignedDuration::from_secs(2));
+    assert_eq!(Calendar::new(SignedDuration::from_hours(24)).unwrap().day, Calendar::default().day);
+    for bad in [SignedDuration::ZERO, SignedDuration::from_secs(-1), SignedDuration::MIN] {
+        assert_eq!(Calendar::new(bad).unwrap_err(), CalendarError::NotPositive(bad));
+    }
+    let err = Calendar::new(SignedDuration::ZERO).unwrap_err();
+    assert_eq!(err.to_string(), "a day must last a positive time, got 0s");
+}

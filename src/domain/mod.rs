@@ -1,15 +1,18 @@
-//! The kube-free core: keys, versions, grants, principals, policy evaluation and the key
-//! snapshot the data paths use, as plain types. CRD objects (`crate::api`) are converted
-//! into these once, where they are watched; nothing here imports `kube` or `k8s_openapi`.
+//! The kube-free core: keys, versions, grants, principals, policy evaluation, names and the
+//! key snapshot the data paths use, as plain types. CRD objects (`crate::api`) are
+//! converted into these once, where they are watched; nothing here imports `kube` or
+//! `k8s_openapi` (a test checks).
 
 mod grant;
 mod key;
+mod name;
 mod policy;
 mod principal;
 mod snapshot;
 
 pub use grant::{Constraints, Grant, GrantState};
 pub use key::{Key, KeyInfo, KeyState, Origin};
+pub use name::{NamespacedName, NamespacedNameError};
 pub use policy::{Effect, KeyOperation, Policy, Statement, Verdict};
 pub use principal::{Identity, Principal, service_account_username};
 pub use snapshot::{KeySnapshot, WrappedMaterial};

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::SignedDuration;
 use kube::Client;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,21 @@ pub struct Config {
     pub rbac_cache_ttl: Duration,
     pub audit_log: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the {cache} cache lifetime must not be negative")]
+    NegativeTtl { cache: &'static str, ttl: SignedDuration },
+}
+
+impl Config {
+    /// A cache lifetime (`token_cache_ttl`, `rbac_cache_ttl`) from a signed duration, as a
+    /// command line gives it: a result cannot be reused for a negative time.
+    pub fn cache_ttl(cache: &'static str, ttl: SignedDuration) -> Result<Duration, ConfigError> {
+        Duration::try_from(ttl).map_err(|_| ConfigError::NegativeTtl { cache, ttl })
+    }
 }
 
 /// Why the server stopped.
@@ -153,4 +169,19 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         let _ = task.await;
     }
     served.map_err(RunError::Serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_lifetime_is_not_negative() {
+        assert_eq!(Config::cache_ttl("token", SignedDuration::from_secs(60)), Ok(Duration::from_secs(60)));
+        assert_eq!(Config::cache_ttl("RBAC", SignedDuration::ZERO), Ok(Duration::ZERO));
+        let ttl = SignedDuration::from_millis(-1500);
+        let err = Config::cache_ttl("RBAC", ttl).unwrap_err();
+        assert_eq!(err, ConfigError::NegativeTtl { cache: "RBAC", ttl });
+        assert_eq!(err.to_string(), "the RBAC cache lifetime must not be negative");
+    }
 }
