@@ -43,6 +43,9 @@ pub const MAX_VERSIONS: usize = 1000;
 #[x_kube(validation = Rule::new(
     "has(self.destroyedAt) || self.rootKeyFingerprint == oldSelf.rootKeyFingerprint"
 ).message("rootKeyFingerprint is immutable"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.deletionTime) || !has(self.deletionTime) || self.deletionTime == oldSelf.deletionTime"
+).message("a promised deletion time never moves: cancel the deletion, then schedule it again"))]
 pub struct KmsKeyMaterialSpec {
     /// The KmsKey this material belongs to.
     pub owner: KeyOwner,
@@ -59,6 +62,13 @@ pub struct KmsKeyMaterialSpec {
     #[schemars(length(max = MAX_VERSIONS))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
     pub versions: Vec<MaterialVersion>,
+
+    /// When the material will be destroyed: fixed by the controller when it first sees the
+    /// key's deletion requested (that moment plus the waiting period), removed when the
+    /// deletion is cancelled. This, not the KmsKey's status, is what the controller, the
+    /// plugin and the key API go by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_time: Option<Time>,
 
     /// When the material was destroyed. Set once, with versions emptied.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -75,11 +75,30 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
     let generation = key.meta().generation.unwrap_or(0);
     for _ in 0..5 {
         let view = material_view(material.as_ref(), ctx.root.fingerprint());
-        let observed = Observed { spec: &key.spec, generation, deleting, status: &status, material: &view };
+        let promised_deletion = material.as_ref().and_then(|m| m.spec.deletion_time.as_ref()).map(|t| t.0);
+        let observed = Observed {
+            spec: &key.spec,
+            generation,
+            deleting,
+            status: &status,
+            material: &view,
+            promised_deletion,
+        };
         match lifecycle::plan(&observed, now, ctx.calendar) {
             Plan::Act(action) => {
+                // Promising a deletion time: measure the waiting period from the later of
+                // this controller's clock and the API server's, so a controller whose clock
+                // is behind cannot promise an early destruction.
+                if matches!(action, MaterialAction::ScheduleDeletion { .. }) && !clock_checked {
+                    clock_checked = true;
+                    let server_now = cluster.server_time().await?;
+                    if server_now > now {
+                        now = server_now;
+                        continue;
+                    }
+                }
                 if action == MaterialAction::Destroy
-                    && let Some(wait) = api_server_not_yet_due(ctx, &status).await?
+                    && let Some(wait) = api_server_not_yet_due(ctx, promised_deletion).await?
                 {
                     return Ok(Action::requeue(wait));
                 }
@@ -90,20 +109,6 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 }
             }
             Plan::Settle { status: next, requeue_after } => {
-                // Promising a deletion time: measure the waiting period from the later of
-                // this controller's clock and the API server's, so a controller whose clock
-                // is behind cannot promise an early destruction.
-                if next.deletion_time.is_some()
-                    && next.deletion_time != status.deletion_time
-                    && !clock_checked
-                {
-                    clock_checked = true;
-                    let server_now = cluster.server_time().await?;
-                    if server_now > now {
-                        now = server_now;
-                        continue;
-                    }
-                }
                 let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
                 let mut resource_version = key.resource_version();
                 if next != status {
@@ -264,17 +269,27 @@ async fn apply(
     let cluster = ctx.cluster.as_ref();
     let label = |action| super::metrics::ActionLabels { action };
     let updated = match (action, material) {
-        (MaterialAction::Create { request }, _) => {
+        (MaterialAction::Create { request }, current) => {
             let first = KeyMaterial::generate().map_err(Error::Random)?;
-            let object = keyring::new_material(
-                owner,
-                key.spec.origin,
-                &ctx.root,
-                Some((&first, VersionTrigger::Created, request.clone())),
-                None,
-                now,
-            )?;
-            let created = cluster.create_material(owner, &object).await?;
+            let created = match current {
+                // An object without versions (it held a deletion promise that was cancelled).
+                Some(empty) => {
+                    let object = keyring::with_version(
+                        empty,
+                        &ctx.root,
+                        &first,
+                        VersionTrigger::Created,
+                        request.clone(),
+                        now,
+                    )?;
+                    cluster.replace_material(&object).await?
+                }
+                None => {
+                    let first = Some((&first, VersionTrigger::Created, request.clone()));
+                    let object = keyring::new_material(owner, key.spec.origin, &ctx.root, first, None, now)?;
+                    cluster.create_material(owner, &object).await?
+                }
+            };
             ctx.metrics.material_changes.get_or_create(&label("create")).inc();
             tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "created version 1");
             created
@@ -292,6 +307,23 @@ async fn apply(
             );
             rotated
         }
+        (MaterialAction::ScheduleDeletion { at }, Some(current)) => {
+            let scheduled =
+                cluster.replace_material(&keyring::with_deletion_time(current, Some(*at))).await?;
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, deletion_time = %at, "promised the deletion time");
+            scheduled
+        }
+        (MaterialAction::ScheduleDeletion { at }, None) => {
+            // A key without material yet (EXTERNAL, not imported): the promise needs an
+            // object to live in, without versions.
+            let empty = keyring::new_material(owner, key.spec.origin, &ctx.root, None, None, now)?;
+            cluster.create_material(owner, &keyring::with_deletion_time(&empty, Some(*at))).await?
+        }
+        (MaterialAction::CancelDeletion, Some(current)) => {
+            let cancelled = cluster.replace_material(&keyring::with_deletion_time(current, None)).await?;
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, "cancelled the deletion");
+            cancelled
+        }
         (MaterialAction::Destroy, Some(current)) => {
             let destroyed = cluster.replace_material(&keyring::destroyed(current, now)).await?;
             ctx.metrics.material_changes.get_or_create(&label("destroy")).inc();
@@ -304,16 +336,21 @@ async fn apply(
             let object = keyring::new_material(owner, key.spec.origin, &ctx.root, None, Some(now), now)?;
             cluster.create_material(owner, &object).await?
         }
-        (MaterialAction::Rotate { .. }, None) => return Err(Error::Unsettled),
+        (MaterialAction::Rotate { .. } | MaterialAction::CancelDeletion, None) => {
+            return Err(Error::Unsettled);
+        }
     };
     Ok(updated)
 }
 
-/// Before destroying material, the API server's clock must agree that the deletion time
-/// has passed, so a controller node whose clock runs ahead cannot destroy early. Returns
-/// how long to wait if it does not.
-async fn api_server_not_yet_due(ctx: &Context, status: &KmsKeyStatus) -> Result<Option<Duration>, Error> {
-    let Some(deletion_time) = status.deletion_time.as_ref().map(|t| t.0) else {
+/// Before destroying material, the API server's clock must agree that the promised
+/// deletion time has passed, so a controller node whose clock runs ahead cannot destroy
+/// early. Returns how long to wait if it does not.
+async fn api_server_not_yet_due(
+    ctx: &Context,
+    promised: Option<Timestamp>,
+) -> Result<Option<Duration>, Error> {
+    let Some(deletion_time) = promised else {
         return Ok(None);
     };
     let server_now = ctx.cluster.server_time().await?;

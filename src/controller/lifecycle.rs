@@ -3,11 +3,15 @@
 //!
 //! Nothing here talks to the API server, so every transition — rotation due, window
 //! elapsed, cancel, a restart between writing material and writing status, a clock that
-//! jumps — is a plain unit test. Everything is derived from the material (what exists)
-//! and the spec (what is wanted); status contributes only what cannot be derived: the
-//! deletion time already promised, the last observed `enabled` and the last handled
-//! on-demand request. A crash between a material write and the status write therefore
-//! neither repeats nor loses a version.
+//! jumps — is a plain unit test. Everything is derived from the material (what exists, and
+//! the deletion time promised, which the material object records) and the spec (what is
+//! wanted). Status is a report: what it contributes decides no destruction and no use of
+//! a key — only the last observed `enabled` (for the EnableRefused condition), the last
+//! handled on-demand request (so that a refused request is not retried; whoever can edit
+//! status could as well edit the request), and, when the material object is gone, that
+//! the key was destroyed or had material (which only ever stops kubekms from making new
+//! material). A crash between a material write and the status write therefore neither
+//! repeats nor loses a version, and a forged status is overwritten at the next reconcile.
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -57,6 +61,9 @@ pub struct Observed<'a> {
     pub deleting: bool,
     pub status: &'a KmsKeyStatus,
     pub material: &'a Material,
+    /// The deletion time the material object records (promised when the controller first
+    /// saw the deletion requested).
+    pub promised_deletion: Option<Timestamp>,
 }
 
 /// The one material change a reconcile makes.
@@ -67,6 +74,11 @@ pub enum MaterialAction {
     Create { request: Option<String> },
     /// Add a version.
     Rotate { trigger: VersionTrigger, request: Option<String> },
+    /// Record in the material object (creating one without versions if there is none)
+    /// that the material will be destroyed at `at`.
+    ScheduleDeletion { at: Timestamp },
+    /// Remove the promised deletion time: the deletion was cancelled.
+    CancelDeletion,
     /// Destroy every version (or record a destroyed key that never had material).
     Destroy,
 }
@@ -170,6 +182,9 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
         Material::Absent => prev.state == Some(KeyState::Destroyed),
         Material::Present { .. } => false,
     };
+    if !destroyed && !deletion_requested && o.promised_deletion.is_some() {
+        return Plan::Act(MaterialAction::CancelDeletion);
+    }
     let state = match o.material {
         _ if destroyed => {
             // Destroyed is final; keep the version history, marked destroyed.
@@ -180,18 +195,16 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
                 .collect();
             next.current_version = prev.current_version;
             next.last_rotation_time = prev.last_rotation_time.clone();
-            next.deletion_time = prev.deletion_time.clone();
+            next.deletion_time = o.promised_deletion.map(Time).or_else(|| prev.deletion_time.clone());
             KeyState::Destroyed
         }
         _ if deletion_requested => {
-            let deletion_time = match (prev.state, &prev.deletion_time) {
-                (Some(KeyState::PendingDeletion), Some(t)) => t.0,
+            let Some(deletion_time) = o.promised_deletion else {
                 // The schema bounds the window to 7–30 days; clamp anyway, in case the CRD
                 // installed is older than this controller.
-                _ => {
-                    let window = o.spec.deletion.pending_window_days.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS);
-                    ceil_second(add(now, cal.days(u32::from(window))))
-                }
+                let window = o.spec.deletion.pending_window_days.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS);
+                let at = ceil_second(add(now, cal.days(u32::from(window))));
+                return Plan::Act(MaterialAction::ScheduleDeletion { at });
             };
             if now >= deletion_time {
                 return Plan::Act(MaterialAction::Destroy);

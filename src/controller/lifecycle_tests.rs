@@ -37,6 +37,8 @@ struct Sim {
     deleting: bool,
     status: KmsKeyStatus,
     material: Material,
+    /// The deletion time the material object records.
+    promised_deletion: Option<Timestamp>,
     now: Timestamp,
     events: Vec<&'static str>,
     actions: Vec<MaterialAction>,
@@ -50,6 +52,7 @@ impl Sim {
             deleting: false,
             status: KmsKeyStatus { key_id: Some("k-1".into()), ..Default::default() },
             material: Material::Absent,
+            promised_deletion: None,
             now: t0(),
             events: vec![],
             actions: vec![],
@@ -68,12 +71,19 @@ impl Sim {
             deleting: self.deleting,
             status: &self.status,
             material: &self.material,
+            promised_deletion: self.promised_deletion,
         };
         plan(&o, self.now, Calendar { day: DAY })
     }
 
     fn apply(&mut self, action: &MaterialAction) {
         let version = |versions: &[VersionInfo]| versions.len() as u32 + 1;
+        self.actions.push(action.clone());
+        match action {
+            MaterialAction::ScheduleDeletion { at } => return self.promised_deletion = Some(*at),
+            MaterialAction::CancelDeletion => return self.promised_deletion = None,
+            _ => {}
+        }
         self.material = match (&self.material, action) {
             (Material::Absent, MaterialAction::Create { request }) => Material::Present {
                 versions: vec![VersionInfo {
@@ -100,7 +110,6 @@ impl Sim {
             (_, MaterialAction::Destroy) => Material::Destroyed { at: self.now },
             (m, a) => panic!("action {a:?} on material {m:?}"),
         };
-        self.actions.push(action.clone());
     }
 
     /// One reconcile; returns the requeue delay.
@@ -363,10 +372,20 @@ fn a_destroyed_key_whose_tombstone_is_gone_stays_destroyed() {
     // kubectl delete, and the controller removed the tombstone but not yet the finalizer.
     k.deleting = true;
     k.material = Material::Absent;
+    k.promised_deletion = None;
     k.reconcile();
     assert_eq!(k.state(), KeyState::Destroyed);
     assert_eq!(k.status.deletion_time.as_ref().map(|t| t.0), Some(t0() + days(30)));
-    assert_eq!(k.actions.len(), 2, "no new material, no second destruction");
+    let at = t0() + days(30);
+    assert_eq!(
+        k.actions,
+        [
+            MaterialAction::Create { request: None },
+            MaterialAction::ScheduleDeletion { at },
+            MaterialAction::Destroy
+        ],
+        "no new material, no second destruction"
+    );
 }
 
 #[test]
@@ -594,4 +613,69 @@ fn a_day_must_last_a_positive_time() {
     }
     let err = Calendar::new(SignedDuration::ZERO).unwrap_err();
     assert_eq!(err.to_string(), "a day must last a positive time, got 0s");
+}
+
+#[test]
+fn a_forged_status_changes_no_deletion_decision_and_is_overwritten() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    let promised = t0() + days(30);
+    assert_eq!(k.promised_deletion, Some(promised));
+    // Someone with patch on kmskeys/status moves the deletion time into the past.
+    k.now += days(1);
+    k.status.deletion_time = Some(Time(t0() - days(1)));
+    k.reconcile();
+    assert!(!k.actions.contains(&MaterialAction::Destroy), "nothing destroyed before the promised time");
+    assert_eq!(k.status.deletion_time, Some(Time(promised)), "the forged time is overwritten");
+    // … or claims the key was never pending deletion, with another state.
+    k.status.state = Some(KeyState::Enabled);
+    k.status.deletion_time = None;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    assert_eq!(k.status.deletion_time, Some(Time(promised)), "the promise is kept, not renewed");
+    k.now = promised;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+}
+
+#[test]
+fn the_deletion_time_is_promised_once_and_cancelled_in_the_material() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    assert_eq!(k.actions[1], MaterialAction::ScheduleDeletion { at: t0() + days(30) });
+    // Later reconciles keep the promise (no second write, however often they run).
+    k.now += days(2);
+    k.reconcile();
+    assert_eq!(k.actions.len(), 2);
+    k.edit(|s| {
+        s.deletion.scheduled = false;
+        s.enabled = false;
+    });
+    k.reconcile();
+    assert_eq!(k.actions[2], MaterialAction::CancelDeletion);
+    assert_eq!(k.promised_deletion, None);
+    // A forged status that still says PendingDeletion does not bring the promise back.
+    k.status.state = Some(KeyState::PendingDeletion);
+    k.status.deletion_time = Some(Time(t0()));
+    k.reconcile();
+    assert_eq!((k.state(), k.status.deletion_time.clone()), (KeyState::Disabled, None));
+}
+
+#[test]
+fn a_key_without_material_keeps_its_promise_in_an_empty_object() {
+    let mut k = Sim::new();
+    k.spec.origin = Origin::External;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingImport);
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    assert_eq!(k.actions, [MaterialAction::ScheduleDeletion { at: t0() + days(30) }]);
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    k.now += days(30);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
 }

@@ -26,7 +26,7 @@ enum Call {
     AddFinalizer,
     RemoveFinalizer,
     CreateMaterial { versions: usize },
-    ReplaceMaterial { versions: usize, destroyed: bool },
+    ReplaceMaterial { versions: usize, promised: bool, destroyed: bool },
     DeleteMaterial,
     PatchStatus(Option<KeyState>),
     PluginRole { role: String, key_id: String },
@@ -88,8 +88,11 @@ impl Cluster for Recording {
     }
     async fn replace_material(&self, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {
         let stored = self.material_write(object)?;
-        let destroyed = object.spec.destroyed_at.is_some();
-        self.record(Call::ReplaceMaterial { versions: object.spec.versions.len(), destroyed });
+        self.record(Call::ReplaceMaterial {
+            versions: object.spec.versions.len(),
+            promised: object.spec.deletion_time.is_some(),
+            destroyed: object.spec.destroyed_at.is_some(),
+        });
         Ok(stored)
     }
     async fn delete_material(&self, _: &str) -> Result<(), Error> {
@@ -224,7 +227,10 @@ async fn a_rotation_writes_the_new_version_before_the_status_that_names_it() {
     let calls = cluster.take();
     assert_eq!(
         writes(&calls),
-        [Call::ReplaceMaterial { versions: 2, destroyed: false }, Call::PatchStatus(Some(KeyState::Enabled))]
+        [
+            Call::ReplaceMaterial { versions: 2, promised: false, destroyed: false },
+            Call::PatchStatus(Some(KeyState::Enabled))
+        ]
     );
     assert_eq!(cluster.status.lock().unwrap().as_ref().and_then(|s| s.current_version), Some(2));
     assert!(!events(&calls).is_empty(), "the rotation is announced");
@@ -235,17 +241,26 @@ async fn a_deleted_key_goes_material_then_status_then_tombstone_then_finalizer()
     let cluster = Arc::new(Recording::default());
     let ctx = context(cluster.clone(), false);
     reconcile(Arc::new(key(serde_json::json!({}))), ctx.clone()).await.unwrap();
-    // Schedule deletion: the waiting period starts; nothing is destroyed yet.
+    // Schedule deletion: the deletion time is promised in the material object before
+    // status reports it; nothing is destroyed yet.
     let spec = serde_json::json!({"deletion": {"scheduled": true, "pendingWindowDays": 7}});
     let mut scheduled = after(key(spec.clone()), &cluster, true);
     scheduled.metadata.generation = Some(2);
     cluster.take();
     reconcile(Arc::new(scheduled.clone()), ctx.clone()).await.unwrap();
-    assert_eq!(writes(&cluster.take()), [Call::PatchStatus(Some(KeyState::PendingDeletion))]);
+    assert_eq!(
+        writes(&cluster.take()),
+        [
+            Call::ReplaceMaterial { versions: 1, promised: true, destroyed: false },
+            Call::PatchStatus(Some(KeyState::PendingDeletion))
+        ]
+    );
 
     // `kubectl delete` once the window has passed: seven microsecond days, rounded up to
     // the next second.
-    let due = cluster.status.lock().unwrap().as_ref().and_then(|s| s.deletion_time.clone()).unwrap().0;
+    let due = cluster.material.lock().unwrap().as_ref().and_then(|m| m.spec.deletion_time.clone()).unwrap().0;
+    let reported = cluster.status.lock().unwrap().as_ref().and_then(|s| s.deletion_time.clone());
+    assert_eq!(reported.map(|t| t.0), Some(due), "status reports the promise");
     while Timestamp::now() < due {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -255,7 +270,7 @@ async fn a_deleted_key_goes_material_then_status_then_tombstone_then_finalizer()
     assert_eq!(
         writes(&cluster.take()),
         [
-            Call::ReplaceMaterial { versions: 0, destroyed: true },
+            Call::ReplaceMaterial { versions: 0, promised: true, destroyed: true },
             Call::PatchStatus(Some(KeyState::Destroyed)),
             Call::DeleteMaterial,
             Call::RemoveFinalizer

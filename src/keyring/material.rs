@@ -146,6 +146,7 @@ pub fn new_material(
             origin,
             root_key_fingerprint: root.fingerprint().to_owned(),
             versions,
+            deletion_time: None,
             destroyed_at: destroyed.map(Time),
         },
     })
@@ -160,17 +161,36 @@ pub fn with_rotation(
     request: Option<String>,
     now: Timestamp,
 ) -> Result<KmsKeyMaterial, MaterialError> {
+    let material = KeyMaterial::generate().map_err(MaterialError::Random)?;
+    with_version(current, root, &material, trigger, request, now)
+}
+
+/// `current` with `material` added as the next version.
+pub fn with_version(
+    current: &KmsKeyMaterial,
+    root: &RootKey,
+    material: &KeyMaterial,
+    trigger: VersionTrigger,
+    request: Option<String>,
+    now: Timestamp,
+) -> Result<KmsKeyMaterial, MaterialError> {
     let name = current.metadata.name.clone().unwrap_or_default();
     check_root(current, root)?;
     if current.spec.versions.len() >= MAX_VERSIONS {
         return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
     }
     let next = next_version(current)?;
-    let material = KeyMaterial::generate().map_err(MaterialError::Random)?;
-    let version = wrap_version(root, &current.spec.owner.uid, next, &material, trigger, request, now)?;
+    let version = wrap_version(root, &current.spec.owner.uid, next, material, trigger, request, now)?;
     let mut updated = current.clone();
     updated.spec.versions.push(version);
     Ok(updated)
+}
+
+/// `current` with its deletion promised for `at`, or (with `None`) cancelled.
+pub fn with_deletion_time(current: &KmsKeyMaterial, at: Option<Timestamp>) -> KmsKeyMaterial {
+    let mut updated = current.clone();
+    updated.spec.deletion_time = at.map(Time);
+    updated
 }
 
 /// `current` with every version destroyed: the wrapped bytes removed and the time of
@@ -244,6 +264,7 @@ mod tests {
                 origin: Origin::Kubekms,
                 root_key_fingerprint: root.fingerprint().into(),
                 versions: vec![version],
+                deletion_time: None,
                 destroyed_at: None,
             },
         }

@@ -7,8 +7,11 @@ mod material;
 mod snapshot;
 mod store;
 
-pub use import::{ImportError, check_importable, check_no_material, import, read_material};
-pub use material::{MaterialError, Owner, destroyed, new_material, unwrap_version, with_rotation};
+pub use import::{ImportError, check_importable, import, read_material};
+pub use material::{
+    MaterialError, Owner, destroyed, new_material, unwrap_version, with_deletion_time, with_rotation,
+    with_version,
+};
 pub use snapshot::snapshot;
 pub use store::MaterialStore;
 
