@@ -1,35 +1,49 @@
 //! The CRD objects converted into domain types, once, where they are watched: the data
 //! paths never look at a CRD object.
 
-use super::{GrantConstraints, KeyPolicy, KeyState, KmsGrant, KmsKey, KmsKeyMaterial};
-use crate::domain::{self, Constraints, Grant, Key, KeyInfo, Policy, Statement, WrappedMaterial};
+use super::{GrantConstraints, KeyPolicy, KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::domain::{self, Constraints, Grant, Key, KeyInfo, KeyIntent, Policy, Statement, WrappedMaterial};
 
 impl KmsKey {
-    /// Which key this is, its state and current version, as its status reports them.
-    pub fn info(&self) -> KeyInfo {
-        let status = self.status.as_ref();
-        KeyInfo {
-            namespace: self.metadata.namespace.clone().unwrap_or_default(),
-            name: self.metadata.name.clone().unwrap_or_default(),
-            key_id: self.metadata.uid.clone().unwrap_or_default(),
-            state: status.and_then(|s| s.state).unwrap_or(KeyState::Creating),
-            current_version: status.and_then(|s| s.current_version),
+    /// What the spec asks for, and whether the key is being deleted.
+    pub fn intent(&self) -> KeyIntent {
+        KeyIntent {
+            origin: self.spec.origin,
+            enabled: self.spec.enabled,
+            deletion_scheduled: self.spec.deletion.scheduled,
+            deleting: self.metadata.deletion_timestamp.is_some(),
         }
+    }
+
+    /// Which key this is, and its state and current version as the spec and `material`
+    /// (the key's material object) decide them — never its status.
+    pub fn info(&self, material: Option<&WrappedMaterial>) -> KeyInfo {
+        Key::from(self).with_material(material).info
     }
 }
 
+/// The key without its material; [`Key::with_material`] completes it.
 impl From<&KmsKey> for Key {
     fn from(key: &KmsKey) -> Self {
         let status = key.status.as_ref();
         let time = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| t.map(|t| t.0);
+        let intent = key.intent();
+        let (state, current_version) = intent.state(None);
         Key {
-            info: key.info(),
+            info: KeyInfo {
+                namespace: key.metadata.namespace.clone().unwrap_or_default(),
+                name: key.metadata.name.clone().unwrap_or_default(),
+                key_id: key.metadata.uid.clone().unwrap_or_default(),
+                state,
+                current_version,
+            },
+            intent,
             description: key.spec.description.clone(),
             origin: key.spec.origin,
-            versions: status.map(|s| s.versions.iter().map(|v| v.version).collect()).unwrap_or_default(),
+            versions: Vec::new(),
             created: time(key.metadata.creation_timestamp.as_ref()),
             next_rotation: time(status.and_then(|s| s.next_rotation_time.as_ref())),
-            deletion: time(status.and_then(|s| s.deletion_time.as_ref())),
+            deletion: None,
             automatic_rotation: key.spec.rotation.automatic,
             rotation_period_days: key.spec.rotation.period_days,
             policy: Policy::from(&key.spec.policy),
@@ -93,6 +107,7 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
             key_id: m.spec.owner.uid.clone(),
             root_key_fingerprint: m.spec.root_key_fingerprint.clone(),
             destroyed: m.spec.destroyed_at.is_some(),
+            deletion_time: m.spec.deletion_time.as_ref().map(|t| t.0),
             versions: m.spec.versions.iter().map(|v| (v.version, v.wrapped.clone())).collect(),
             revision: m.metadata.resource_version.clone(),
         }
@@ -107,7 +122,7 @@ mod tests {
 
     use super::*;
     use crate::api::{
-        Effect, GrantState, KeyOperation, KeyReference, KmsGrantSpec, KmsGrantStatus, KmsKeySpec,
+        Effect, GrantState, KeyOperation, KeyReference, KeyState, KmsGrantSpec, KmsGrantStatus, KmsKeySpec,
         KmsKeyStatus, PolicyStatement, Principal, PrincipalKind,
     };
 
@@ -116,23 +131,37 @@ mod tests {
     }
 
     #[test]
-    fn a_key_without_status_is_creating() {
+    fn the_state_comes_from_the_spec_and_the_material_never_from_status() {
         let mut key = KmsKey::new("k", spec());
         key.metadata.namespace = Some("apps".into());
         key.metadata.uid = Some("uid-1".into());
-        let info = key.info();
+        let info = key.info(None);
         assert_eq!(
             (info.display(), info.key_id.as_str(), info.state),
             ("apps/k".into(), "uid-1", KeyState::Creating)
         );
         assert_eq!(info.current_version, None);
+        let material = WrappedMaterial {
+            key_id: "uid-1".into(),
+            root_key_fingerprint: "rk".into(),
+            destroyed: false,
+            deletion_time: None,
+            versions: vec![(1, String::new()), (2, String::new())],
+            revision: None,
+        };
+        // A status that claims another state and version is not believed.
         key.status = Some(KmsKeyStatus {
             state: Some(KeyState::Enabled),
-            current_version: Some(3),
+            current_version: Some(1),
             ..Default::default()
         });
-        let converted = Key::from(&key);
-        assert_eq!((converted.info.state, converted.info.current_version), (KeyState::Enabled, Some(3)));
+        key.spec.enabled = false;
+        let converted = Key::from(&key).with_material(Some(&material));
+        assert_eq!((converted.info.state, converted.info.current_version), (KeyState::Disabled, Some(2)));
+        assert_eq!(converted.versions, [1, 2]);
+        // Another key's material is not this key's.
+        let other = WrappedMaterial { key_id: "uid-2".into(), ..material };
+        assert_eq!(key.info(Some(&other)).current_version, None);
         assert!(converted.automatic_rotation && converted.policy.delegate_to_rbac);
     }
 

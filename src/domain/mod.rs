@@ -11,7 +11,7 @@ mod principal;
 mod snapshot;
 
 pub use grant::{Constraints, Grant, GrantState};
-pub use key::{Key, KeyInfo, KeyState, Origin};
+pub use key::{Key, KeyInfo, KeyIntent, KeyState, Origin};
 pub use name::{NamespacedName, NamespacedNameError};
 pub use policy::{Effect, KeyOperation, Policy, Statement, Verdict};
 pub use principal::{Identity, Principal, service_account_username};

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use jiff::Timestamp;
+
 use super::key::KeyInfo;
 use crate::crypto::KeyMaterial;
 
@@ -44,6 +46,8 @@ pub struct WrappedMaterial {
     pub root_key_fingerprint: String,
     /// The material was destroyed (and `versions` is empty).
     pub destroyed: bool,
+    /// When the material will be destroyed, as the controller promised it.
+    pub deletion_time: Option<Timestamp>,
     /// (version, base64 of the wrapped bytes), oldest first.
     pub versions: Vec<(u32, String)>,
     /// Changes whenever the stored object does (its resourceVersion), when known.

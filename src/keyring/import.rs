@@ -11,10 +11,11 @@ use jiff::Timestamp;
 use kube::{Api, Client, ResourceExt};
 use zeroize::Zeroizing;
 
-use super::material::{MaterialError, Owner, new_material};
+use super::material::{MaterialError, Owner, new_material, with_version};
 use super::store::MaterialStore;
 use crate::api::{KeyState, KmsKey, KmsKeyMaterial, Origin, VersionTrigger};
 use crate::crypto::{KEY_LEN, KeyMaterial, RootKey};
+use crate::domain::WrappedMaterial;
 
 /// Why an import was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +26,6 @@ pub enum ImportError {
     NotExternal(String),
     #[error("KmsKey {0} is {1}, not PendingImport; import material into a new EXTERNAL key instead")]
     NotPendingImport(String, &'static str),
-    #[error("KmsKey {0} has no status yet; wait for the controller to mark it PendingImport")]
-    NoStatus(String),
     #[error("failed to read the key material")]
     Read(#[source] std::io::Error),
     #[error("the key material must be exactly {KEY_LEN} bytes of raw binary; got {0} bytes")]
@@ -42,32 +41,20 @@ pub fn read_material(mut input: impl Read) -> Result<KeyMaterial, ImportError> {
     KeyMaterial::from_slice(&buf).ok_or(ImportError::Length(buf.len()))
 }
 
-/// The owner of the material to import into `key`, if `key` may take imported material
-/// (EXTERNAL and PendingImport).
-pub fn check_importable(key: &KmsKey) -> Result<Owner, ImportError> {
+/// The owner of the material to import into `key`, if `key` may take imported material:
+/// EXTERNAL and PendingImport as its spec and its material object (`existing`, if any)
+/// decide — no version yet, not destroyed, no deletion requested or promised.
+pub fn check_importable(key: &KmsKey, existing: Option<&KmsKeyMaterial>) -> Result<Owner, ImportError> {
     let (namespace, name) = (key.namespace().unwrap_or_default(), key.name_any());
     let display = format!("{namespace}/{name}");
     if key.spec.origin != Origin::External {
         return Err(ImportError::NotExternal(display));
     }
-    match key.status.as_ref().and_then(|s| s.state) {
-        Some(KeyState::PendingImport) => {}
-        Some(other) => return Err(ImportError::NotPendingImport(display, other.as_str())),
-        None => return Err(ImportError::NoStatus(display)),
+    let (state, _) = key.intent().state(existing.map(WrappedMaterial::from).as_ref());
+    if state != KeyState::PendingImport {
+        return Err(ImportError::NotPendingImport(display, state.as_str()));
     }
     Ok(Owner { namespace, name, uid: key.uid().unwrap_or_default() })
-}
-
-/// Refuses an import into a key that has a material object already (imported, or
-/// destroyed): someone else's material must not pass for ours.
-pub fn check_no_material(owner: &Owner, existing: Option<&KmsKeyMaterial>) -> Result<(), ImportError> {
-    match existing {
-        None => Ok(()),
-        Some(existing) => {
-            let state = if existing.spec.destroyed_at.is_some() { "Destroyed" } else { "already imported" };
-            Err(ImportError::NotPendingImport(format!("{}/{}", owner.namespace, owner.name), state))
-        }
-    }
 }
 
 /// Imports `material` as version 1 of the EXTERNAL key `namespace/name`.
@@ -80,18 +67,21 @@ pub async fn import(
 ) -> Result<String, ImportError> {
     let keys: Api<KmsKey> = Api::namespaced(client.clone(), namespace);
     let key = keys.get(name).await.map_err(|e| ImportError::GetKey(format!("{namespace}/{name}"), e))?;
-    let owner = check_importable(&key)?;
     let store = MaterialStore::new(client);
-    check_no_material(&owner, store.get(&owner.uid).await?.as_ref())?;
-    let object = new_material(
-        &owner,
-        Origin::External,
-        root,
-        Some((material, VersionTrigger::Imported, None)),
-        None,
-        Timestamp::now(),
-    )?;
-    store.create(&owner, &object).await?;
+    let existing = store.get(&key.uid().unwrap_or_default()).await?;
+    let owner = check_importable(&key, existing.as_ref())?;
+    let (imported, now) = ((material, VersionTrigger::Imported, None), Timestamp::now());
+    match existing {
+        // An object without versions, left by a deletion that was cancelled.
+        Some(empty) => {
+            let (material, trigger, request) = imported;
+            store.replace(&with_version(&empty, root, material, trigger, request, now)?).await?;
+        }
+        None => {
+            let object = new_material(&owner, Origin::External, root, Some(imported), None, now)?;
+            store.create(&owner, &object).await?;
+        }
+    }
     Ok(owner.uid)
 }
 
@@ -109,42 +99,35 @@ mod tests {
         assert!(read_material(&[b'a'; 64][..]).is_err());
     }
 
-    fn key(origin: Origin, state: Option<KeyState>) -> KmsKey {
+    fn key(origin: Origin, scheduled: bool) -> KmsKey {
         let mut key = KmsKey::new("byok", serde_json::from_value(serde_json::json!({})).unwrap());
         key.spec.origin = origin;
+        key.spec.deletion.scheduled = scheduled;
         key.metadata.namespace = Some("apps".into());
         key.metadata.uid = Some("uid-1".into());
-        key.status = state.map(|s| crate::api::KmsKeyStatus { state: Some(s), ..Default::default() });
         key
     }
 
     #[test]
-    fn only_a_pending_external_key_without_material_takes_an_import() {
-        let owner = check_importable(&key(Origin::External, Some(KeyState::PendingImport))).unwrap();
+    fn only_a_pending_external_key_takes_an_import() {
+        let pending = key(Origin::External, false);
+        let owner = check_importable(&pending, None).unwrap();
         assert_eq!(
             (owner.namespace.as_str(), owner.name.as_str(), owner.uid.as_str()),
             ("apps", "byok", "uid-1")
         );
-        let refused = |k: &KmsKey| check_importable(k).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(refused(&key(Origin::Kubekms, Some(KeyState::PendingImport))).contains("origin KUBEKMS"));
+        let refused = |k: &KmsKey, existing: Option<&KmsKeyMaterial>| {
+            check_importable(k, existing).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        assert!(refused(&key(Origin::Kubekms, false), None).contains("origin KUBEKMS"));
         assert!(
-            refused(&key(Origin::External, Some(KeyState::Enabled)))
-                .contains("is Enabled, not PendingImport")
+            refused(&key(Origin::External, true), None).contains("is PendingDeletion, not PendingImport")
         );
-        assert!(refused(&key(Origin::External, None)).contains("has no status yet"));
+        // Whatever its status says: the material object decides.
+        let mut forged = pending.clone();
+        forged.status =
+            Some(crate::api::KmsKeyStatus { state: Some(KeyState::PendingImport), ..Default::default() });
         let root = RootKey::from_material(KeyMaterial::generate().unwrap());
-        let destroyed = new_material(
-            &owner,
-            Origin::External,
-            &root,
-            None,
-            Some(Timestamp::UNIX_EPOCH),
-            Timestamp::UNIX_EPOCH,
-        )
-        .unwrap();
-        assert!(check_no_material(&owner, None).is_ok());
-        let err = check_no_material(&owner, Some(&destroyed)).unwrap_err().to_string();
-        assert!(err.contains("apps/byok is Destroyed"), "{err}");
         let imported = new_material(
             &owner,
             Origin::External,
@@ -154,7 +137,21 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         )
         .unwrap();
-        let err = check_no_material(&owner, Some(&imported)).unwrap_err().to_string();
-        assert!(err.contains("is already imported"), "{err}");
+        assert!(refused(&forged, Some(&imported)).contains("is Enabled, not PendingImport"));
+        let destroyed = new_material(
+            &owner,
+            Origin::External,
+            &root,
+            None,
+            Some(Timestamp::UNIX_EPOCH),
+            Timestamp::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert!(refused(&pending, Some(&destroyed)).contains("is Destroyed, not PendingImport"));
+        // An object without versions or promise (a cancelled deletion) still takes one.
+        let empty = new_material(&owner, Origin::External, &root, None, None, Timestamp::UNIX_EPOCH).unwrap();
+        assert!(check_importable(&pending, Some(&empty)).is_ok());
+        let promised = crate::keyring::with_deletion_time(&empty, Some(Timestamp::UNIX_EPOCH));
+        assert!(refused(&pending, Some(&promised)).contains("is PendingDeletion"));
     }
 }

@@ -84,6 +84,7 @@ mod tests {
             key_id: key_id.into(),
             root_key_fingerprint: root.fingerprint().into(),
             destroyed: false,
+            deletion_time: None,
             versions,
             revision: None,
         }

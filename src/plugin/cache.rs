@@ -81,6 +81,7 @@ impl CachedKey {
             key_id: self.key_id.clone(),
             root_key_fingerprint: self.root_key_fingerprint.clone(),
             destroyed: false,
+            deletion_time: None,
             versions: self.versions.iter().map(|v| (v.version, v.wrapped.clone())).collect(),
             revision: None,
         }

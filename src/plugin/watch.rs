@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{self, CachedKey};
 use crate::api::{KmsKey, KmsKeyMaterial};
 use crate::crypto::{KeyMaterial, RootKey};
-use crate::domain::{KeySnapshot, KeyState, WrappedMaterial};
+use crate::domain::{KeyInfo, KeySnapshot, KeyState, WrappedMaterial};
 use crate::keyring::snapshot;
 
 /// What the watch needs.
@@ -128,17 +128,19 @@ impl KeyWatch {
         if state.done.is_some() && state.done == key.metadata.resource_version {
             return true;
         }
-        let info = key.info();
-        let material = match materials.get_opt(&info.key_id).await {
-            Ok(m) => m.filter(|m| m.spec.owner.uid == info.key_id).as_ref().map(WrappedMaterial::from),
+        let key_id = key.metadata.uid.clone().unwrap_or_default();
+        let material = match materials.get_opt(&key_id).await {
+            Ok(m) => m.filter(|m| m.spec.owner.uid == key_id).as_ref().map(WrappedMaterial::from),
             Err(e) => {
                 tracing::warn!(
                     error = %e,
                     "cannot read the key's material; keeping the last good snapshot and trying again"
                 );
+                refuse_if_spec_refuses(&key, tx);
                 return false;
             }
         };
+        let info = key.info(material.as_ref());
         let previous = tx.borrow().clone();
         let snap = match snapshot(&self.root, info, material.as_ref(), previous.as_deref()) {
             Ok(s) => s,
@@ -184,6 +186,24 @@ impl KeyWatch {
         state.done = key.metadata.resource_version.clone();
         true
     }
+}
+
+/// Fails closed without the material: when the key's spec disables it or asks for its
+/// deletion, the snapshot served says so at once, even while its material cannot be read.
+fn refuse_if_spec_refuses(key: &KmsKey, tx: &watch::Sender<Option<Arc<KeySnapshot>>>) {
+    let (refused, _) = key.intent().state(None);
+    if !matches!(refused, KeyState::Disabled | KeyState::PendingDeletion) {
+        return;
+    }
+    tx.send_if_modified(|current| match current {
+        Some(snap) if snap.info.state == KeyState::Enabled => {
+            let info = KeyInfo { state: refused, ..snap.info.clone() };
+            tracing::warn!(key = %snap.display(), state = refused.as_str(), "the key's spec refuses it; refusing it now");
+            *current = Some(Arc::new(KeySnapshot { info, versions: snap.versions.clone() }));
+            true
+        }
+        _ => false,
+    });
 }
 
 /// What [`KeyWatch::refresh`] remembers between calls.

@@ -118,7 +118,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::domain::{Effect, GrantState, KeyInfo, KeyState, Origin, Policy, Principal, Statement};
+    use crate::domain::{
+        Effect, GrantState, KeyInfo, KeyIntent, KeyState, Origin, Policy, Principal, Statement,
+    };
 
     /// Allows what `allow` names as (username, verb), counts the reviews; fails for "broken".
     struct Scripted {
@@ -145,6 +147,12 @@ mod tests {
                 key_id: "uid-1".into(),
                 state: KeyState::Enabled,
                 current_version: Some(1),
+            },
+            intent: KeyIntent {
+                origin: Origin::Kubekms,
+                enabled: true,
+                deletion_scheduled: false,
+                deleting: false,
             },
             description: String::new(),
             origin: Origin::Kubekms,

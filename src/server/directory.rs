@@ -1,7 +1,8 @@
 //! Where the key API finds keys, their material and their grants: the [`KeyDirectory`]
 //! the service depends on, and [`Directory`], which holds domain objects by name and id
-//! (fed by watches in the wiring, or filled by hand in tests) and unwraps each key's
-//! material once, and again only when it changes.
+//! (fed by watches in the wiring, or filled by hand in tests through [`Feed`]), derives
+//! each key's state from its spec and material whenever either changes, and unwraps each
+//! key's material once, and again only when it changes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -164,7 +165,74 @@ pub struct Directory {
     unwrapped: Mutex<HashMap<String, Unwrapped>>,
 }
 
+/// How a watch's reports change a [`Directory`].
+pub trait Feed<D> {
+    /// An object was added or changed.
+    fn apply(&self, object: D);
+    /// An object was removed.
+    fn delete(&self, object: &D);
+    /// The watch listed every object afresh.
+    fn replace_all(&self, all: Vec<D>);
+}
+
+impl Feed<Key> for Directory {
+    fn apply(&self, key: Key) {
+        let material = self.materials.get("", &key.info.key_id);
+        self.keys.apply(key.with_material(material.as_deref()));
+    }
+    fn delete(&self, key: &Key) {
+        self.keys.delete(&key.info.namespace, &key.info.name);
+    }
+    fn replace_all(&self, all: Vec<Key>) {
+        let with_material = |k: Key| {
+            let material = self.materials.get("", &k.info.key_id);
+            k.with_material(material.as_deref())
+        };
+        self.keys.replace_all(all.into_iter().map(with_material).collect());
+    }
+}
+
+/// A key's state and versions follow its material: a change of the material re-derives
+/// the key.
+impl Feed<WrappedMaterial> for Directory {
+    fn apply(&self, material: WrappedMaterial) {
+        let key_id = material.key_id.clone();
+        self.materials.apply(material);
+        self.rederive(&key_id);
+    }
+    fn delete(&self, material: &WrappedMaterial) {
+        self.materials.delete("", &material.key_id);
+        self.rederive(&material.key_id);
+    }
+    fn replace_all(&self, all: Vec<WrappedMaterial>) {
+        self.materials.replace_all(all);
+        for key in self.keys.filter(|_| true) {
+            self.rederive(&key.info.key_id);
+        }
+    }
+}
+
+impl Feed<Grant> for Directory {
+    fn apply(&self, grant: Grant) {
+        self.grants.apply(grant);
+    }
+    fn delete(&self, grant: &Grant) {
+        self.grants.delete(&grant.namespace, &grant.name);
+    }
+    fn replace_all(&self, all: Vec<Grant>) {
+        self.grants.replace_all(all);
+    }
+}
+
 impl Directory {
+    /// Derives the key `key_id` anew from its current material.
+    fn rederive(&self, key_id: &str) {
+        if let Some(key) = self.keys.by_id(key_id) {
+            let material = self.materials.get("", key_id);
+            self.keys.apply((*key).clone().with_material(material.as_deref()));
+        }
+    }
+
     pub fn new(root: Arc<RootKey>) -> Self {
         Directory {
             keys: Mirror::default(),

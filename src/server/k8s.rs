@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use super::BackendError;
 use super::auth::TokenReviewer;
 use super::authz::RbacChecker;
-use super::directory::{Directory, Mirror, Mirrored};
+use super::directory::{Directory, Feed};
 use super::service::GrantRetirer;
 use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
-use crate::domain::{Grant, Identity};
+use crate::domain::{Grant, Identity, Key, WrappedMaterial};
 
 /// The real reviewer: a TokenReview on the API server.
 pub struct KubeTokenReviewer(pub Client);
@@ -150,12 +150,11 @@ impl GrantRetirer for KubeGrantRetirer {
     }
 }
 
-/// Keeps one mirror of `directory` current with a watch on `api`, converting each object
-/// once. `listed` fires when the watch has listed everything for the first time.
+/// Keeps `directory` current with a watch on `api`, converting each object once. `listed`
+/// fires when the watch has listed everything for the first time.
 fn feed<K, D>(
     api: Api<K>,
     directory: Arc<Directory>,
-    mirror: fn(&Directory) -> &Mirror<D>,
     listed: oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) where
@@ -166,22 +165,19 @@ fn feed<K, D>(
         + Send
         + Sync
         + 'static,
-    D: for<'a> From<&'a K> + Mirrored + Send + Sync + 'static,
+    D: for<'a> From<&'a K> + Send + Sync + 'static,
+    Directory: Feed<D>,
 {
     let mut listed = Some(listed);
     let mut initial: Vec<D> = Vec::new();
     let stream = watcher(api, watcher::Config::default()).default_backoff().for_each(move |event| {
-        let target = mirror(&directory);
         match event {
-            Ok(watcher::Event::Apply(object)) => target.apply(D::from(&object)),
-            Ok(watcher::Event::Delete(object)) => {
-                let gone = D::from(&object);
-                target.delete(gone.namespace(), gone.name());
-            }
+            Ok(watcher::Event::Apply(object)) => directory.apply(D::from(&object)),
+            Ok(watcher::Event::Delete(object)) => directory.delete(&D::from(&object)),
             Ok(watcher::Event::Init) => initial.clear(),
             Ok(watcher::Event::InitApply(object)) => initial.push(D::from(&object)),
             Ok(watcher::Event::InitDone) => {
-                target.replace_all(std::mem::take(&mut initial));
+                directory.replace_all(std::mem::take(&mut initial));
                 if let Some(tx) = listed.take() {
                     let _ = tx.send(());
                 }
@@ -202,20 +198,13 @@ fn feed<K, D>(
 /// each has listed everything (so that no call sees an empty directory).
 pub async fn watch_directory(client: &Client, directory: &Arc<Directory>, shutdown: &CancellationToken) {
     let (keys, materials, grants) = (oneshot::channel(), oneshot::channel(), oneshot::channel());
-    feed::<KmsKey, _>(Api::all(client.clone()), directory.clone(), |d| &d.keys, keys.0, shutdown.clone());
-    feed::<KmsKeyMaterial, _>(
+    feed::<KmsKeyMaterial, WrappedMaterial>(
         Api::all(client.clone()),
         directory.clone(),
-        |d| &d.materials,
         materials.0,
         shutdown.clone(),
     );
-    feed::<KmsGrant, _>(
-        Api::all(client.clone()),
-        directory.clone(),
-        |d| &d.grants,
-        grants.0,
-        shutdown.clone(),
-    );
+    feed::<KmsKey, Key>(Api::all(client.clone()), directory.clone(), keys.0, shutdown.clone());
+    feed::<KmsGrant, Grant>(Api::all(client.clone()), directory.clone(), grants.0, shutdown.clone());
     let _ = tokio::join!(keys.1, materials.1, grants.1);
 }
