@@ -227,13 +227,13 @@ current-context: {user}
     def _etcd(self, name: str, port: int, peer_port: int) -> Process:
         url = f"http://127.0.0.1:{port}"
         peer = f"http://127.0.0.1:{peer_port}"
-        proc = Process(name, [
+        proc = Process(name, self.run_dir).start([
             self.l.e2e_bin / "etcd", "--name", name, "--data-dir", self.run_dir / name,
             "--listen-client-urls", url, "--advertise-client-urls", url,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{name}={peer}", "--listen-metrics-urls", "",
             "--unsafe-no-fsync", "--log-level", "warn",
-        ], self.run_dir).start()
+        ])
         wait_until(60, f"{name} to be healthy", lambda: self.etcdctl(port, "endpoint", "health") is not None, proc)
         return proc
 
@@ -271,7 +271,7 @@ current-context: {user}
         if self.apiserver is not None:
             raise Failure("kube-apiserver already runs")
         pki = self.l.pki
-        proc = Process("kube-apiserver", [
+        argv = [
             self.l.e2e_bin / "kube-apiserver",
             "--etcd-servers", f"http://127.0.0.1:{self.l.etcd_port}",
             # Secrets go to their own etcd, which is wiped between measurements.
@@ -290,9 +290,9 @@ current-context: {user}
             # http.Server.Shutdown for the open watch connections (the plugin's, say) to close.
             "--shutdown-watch-termination-grace-period=2s",
             "--profiling=false", "--v=1",
-        ], self.run_dir)
+        ]
         started = time.monotonic()
-        proc.start()
+        proc = Process("kube-apiserver", self.run_dir).start(argv)
         self.apiserver, self.provider = proc, provider
         wait_until(180, f"kube-apiserver /readyz ({provider})", lambda: self.api_get("/readyz")[0] == 200,
                    proc, interval=0.05)

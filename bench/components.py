@@ -31,21 +31,21 @@ class Components:
         cache and audit log) in the run directory."""
         if self._plugin_kubeconfig is None:
             self._plugin_kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-plugin")
-        proc = Process("kubekms-plugin", [
+        proc = Process("kubekms-plugin", self.cp.run_dir).start([
             self.l.kubekms, "plugin", "--kubeconfig", self._plugin_kubeconfig,
             "--key", f"{CLUSTER_KEY[0]}/{CLUSTER_KEY[1]}", "--socket", self.l.kubekms_socket,
             "--root-key-file", self.cp.run_dir / "root.key", "--state-dir", self.cp.run_dir / "kubekms-plugin",
             "--metrics-addr", f"127.0.0.1:{self.l.plugin_metrics_port}",
-        ], self.cp.run_dir).start()
+        ])
         wait_until(60, "the kubekms plugin to encrypt", lambda: self.plugin_works(self.l.kubekms_socket), proc,
                    interval=0.2)
         return proc
 
     def start_reference_plugin(self) -> Process:
-        proc = Process("reference-plugin", [
+        proc = Process("reference-plugin", self.cp.run_dir).start([
             self.l.bench_bin / "reference-plugin", "--socket", self.l.reference_socket,
             "--key-file", self.cp.run_dir / "reference.key",
-        ], self.cp.run_dir).start()
+        ])
         wait_until(60, "the reference plugin to encrypt", lambda: self.plugin_works(self.l.reference_socket), proc,
                    interval=0.2)
         return proc
@@ -58,12 +58,12 @@ class Components:
         metrics = f"http://127.0.0.1:{self.l.controller_metrics_port}"
         plugin_args = ["--plugin-key", "/".join(plugin_key), "--plugin-material-role", "kubekms-plugin"] \
             if plugin_key else []
-        proc = Process(name, [
+        proc = Process(name, self.cp.run_dir).start([
             self.l.kubekms, "controller", "--kubeconfig", kubeconfig,
             "--root-key-file", self.cp.run_dir / "root.key",
             "--metrics-addr", f"127.0.0.1:{self.l.controller_metrics_port}",
             "--leader-election-namespace", KUBEKMS_NAMESPACE, "--selector", selector, *plugin_args,
-        ], self.cp.run_dir).start()
+        ])
         wait_until(60, f"{name} to hold the leader Lease",
                    lambda: metric_value(f"{metrics}/metrics", "kubekms_controller_leader") == 1, proc, interval=0.2)
         return proc
@@ -73,13 +73,13 @@ class Components:
         if self._server_kubeconfig is None:
             self._server_kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-server")
         pki = self.l.pki
-        proc = Process("kubekms-server", [
+        proc = Process("kubekms-server", self.cp.run_dir).start([
             self.l.kubekms, "server", "--kubeconfig", self._server_kubeconfig,
             "--listen", f"127.0.0.1:{self.l.server_port}", "--tls-cert", pki / "server.crt",
             "--tls-key", pki / "server.key", "--root-key-file", self.cp.run_dir / "root.key",
             "--audit-log", self.cp.run_dir / "server-audit.log",
             "--metrics-addr", f"127.0.0.1:{self.l.server_metrics_port}",
-        ], self.cp.run_dir).start()
+        ])
         wait_until(60, "the key API server's /readyz",
                    lambda: http_ok(f"http://127.0.0.1:{self.l.server_metrics_port}/readyz"), proc, interval=0.2)
         return proc

@@ -33,7 +33,7 @@ import report  # noqa: E402 (after the path)
 from cluster import (CLUSTER_KEY, CONTROLLER_SA_NAMESPACE, ETCD_PREFIX, INFRA_LABEL, KEYAPI_CALLER, KEYAPI_KEY,
                      KUBEKMS_NAMESPACE, PROVIDERS, ControlPlane, Layout)
 from components import Components
-from controlplane.procs import Failure, log, run, stop_all, stop_stale
+from controlplane.procs import Failure, log, run, stop_all, stop_recorded
 
 SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API")
 
@@ -418,7 +418,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         layout = Layout(root=root, run_dir=run_dir, kubekms=args.kubekms.resolve())
-        stop_stale(run_dir)
+        stop_recorded(run_dir)  # what a run that was killed outright left behind
         suite = Suite(layout, args.sizes)
         suite.run_all()
     except Failure as e:

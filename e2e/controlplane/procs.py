@@ -1,6 +1,8 @@
-"""Processes the benchmark starts: started in their own session with a log file and a pid
-file, stopped by process group, their resident memory read from /proc, and every one of
-them stopped when the benchmark ends, however it ends."""
+"""Processes of the control plane, known by name in a run directory: started in their own
+session with logs/NAME.log and pids/NAME.pid, stopped by process group, found again from the
+pid file by a later invocation (`make down`, the next benchmark run), their resident memory
+and CPU time read from /proc; and waiting for a condition, failing at once if the process
+being waited for exits."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 class Failure(Exception):
@@ -22,51 +24,81 @@ def log(message: str) -> None:
 
 
 class Process:
-    """One long-running program of the benchmark (etcd, kube-apiserver, a plugin, ...)."""
+    """One long-running program (etcd, kube-apiserver, a plugin, ...): the one this
+    invocation started, or the one its pid file records."""
 
-    def __init__(self, name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, run_dir: Path):
         self.name = name
-        self.argv = [str(a) for a in argv]
         self.log_path = run_dir / "logs" / f"{name}.log"
         self.pid_path = run_dir / "pids" / f"{name}.pid"
-        self.env = env
         self.popen: subprocess.Popen | None = None
+        self.started: float | None = None  # time.monotonic() just before the start
 
-    @property
-    def pid(self) -> int:
-        if self.popen is None:
-            raise Failure(f"{self.name} is not running")
-        return self.popen.pid
-
-    def start(self) -> "Process":
+    def start(self, argv: list, env: dict[str, str] | None = None) -> "Process":
+        argv = [str(a) for a in argv]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
-        env = None if self.env is None else {**os.environ, **self.env}
+        self.started = time.monotonic()
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=env,
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=None if env is None else {**os.environ, **env},
             )
-        # The pid file names the executable too, so a later run stops only what it started.
-        self.pid_path.write_text(f"{self.popen.pid}\n{self.argv[0]}\n")
+        # The pid file names the executable too, so that a later invocation stops only
+        # what was started here, not whatever got the pid since.
+        self.pid_path.write_text(f"{self.popen.pid}\n{argv[0]}\n")
         _started.append(self)
         return self
 
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+    def _recorded_pid(self) -> int | None:
+        """The pid the pid file records, if that process still runs the executable the
+        file names (a file of one line, as older versions wrote, names none)."""
+        try:
+            lines = self.pid_path.read_text().splitlines()
+            pid = int(lines[0])
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            return None
+        if not argv0 or (len(lines) > 1 and argv0 != lines[1]):
+            return None  # a zombie has no command line; another program has the pid
+        return pid
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the process group, SIGKILL after `timeout` seconds."""
-        if self.popen is None:
-            return
-        if self.alive():
-            _signal_group(self.popen.pid, signal.SIGTERM)
+    @property
+    def pid(self) -> int:
+        pid = self.popen.pid if self.popen is not None else self._recorded_pid()
+        if pid is None:
+            raise Failure(f"{self.name} is not running")
+        return pid
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return self._recorded_pid() is not None
+
+    def _exited(self, timeout: float) -> bool:
+        if self.popen is not None:
             try:
                 self.popen.wait(timeout)
+                return True
             except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the process group, SIGKILL after `timeout` seconds; then the pid
+        file goes."""
+        if self.alive():
+            pid = self.pid
+            _signal_group(pid, signal.SIGTERM)
+            if not self._exited(timeout):
                 log(f"{self.name} did not stop on SIGTERM; killing it")
-                _signal_group(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+                _signal_group(pid, signal.SIGKILL)
+                self._exited(timeout)
         self.pid_path.unlink(missing_ok=True)
         if self in _started:
             _started.remove(self)
@@ -99,7 +131,7 @@ class Process:
         fields = stat[stat.rindex(")") + 2:].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def log_tail(self, lines: int = 25) -> str:
+    def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -122,34 +154,26 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def stop_all() -> None:
-    """Stops every process this benchmark started, newest first."""
+    """Stops every process this invocation started, newest first."""
     for proc in reversed(list(_started)):
         proc.stop()
 
 
-def stop_stale(run_dir: Path) -> None:
-    """Stops processes that an interrupted earlier run left behind: those whose pid file is
-    in run_dir/pids and that still run the executable the file names."""
-    pid_dir = run_dir / "pids"
-    if not pid_dir.is_dir():
-        return
-    for pid_file in pid_dir.glob("*.pid"):
-        try:
-            pid_text, exe = pid_file.read_text().splitlines()[:2]
-            pid = int(pid_text)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            pid_file.unlink(missing_ok=True)
-            continue
-        if cmdline and cmdline[0].decode(errors="replace") == exe:
-            log(f"stopping {pid_file.stem} (pid {pid}) left by an earlier run")
-            _signal_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if Path(f"/proc/{pid}").exists():
-                _signal_group(pid, signal.SIGKILL)
-        pid_file.unlink(missing_ok=True)
+def stop_named(run_dir: Path, names: Iterable[str]) -> None:
+    """Stops the processes of run_dir with these names, in this order, saying which run."""
+    for name in names:
+        proc = Process(name, run_dir)
+        if proc.alive():
+            log(f"stopping {name}")
+        proc.stop()
+
+
+def stop_recorded(run_dir: Path, first: Iterable[str] = ()) -> None:
+    """Stops every process recorded in run_dir/pids: those named in `first`, in that
+    order, then the others, newest first."""
+    first = list(first)
+    files = sorted((run_dir / "pids").glob("*.pid"), key=lambda f: f.stat().st_mtime, reverse=True)
+    stop_named(run_dir, first + [f.stem for f in files if f.stem not in first])
 
 
 def wait_until(timeout: float, what: str, check: Callable[[], bool], proc: Process | None = None,
