@@ -1,17 +1,19 @@
 """The programs under test, started beside the benchmark's kube-apiserver: the kubekms
-plugin, controller and key API server (release builds) and the Go reference plugin."""
+plugin, controller and key API server (release builds), each started as `make up` starts
+it and then waited for until it does its work, and the Go reference plugin."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
-from cluster import CLUSTER_KEY, KUBEKMS_NAMESPACE, ControlPlane, http_ok, metric_value
+from cluster import BenchPlane, metric_value
+from controlplane.cluster import KUBEKMS_NAMESPACE
 from controlplane.procs import Process, wait_until
 
 
 class Components:
-    def __init__(self, cp: ControlPlane):
+    def __init__(self, cp: BenchPlane):
         self.cp = cp
         self.l = cp.l
         self._plugin_kubeconfig: Path | None = None
@@ -31,55 +33,29 @@ class Components:
         cache and audit log) in the run directory."""
         if self._plugin_kubeconfig is None:
             self._plugin_kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-plugin")
-        proc = Process("kubekms-plugin", self.cp.run_dir).start([
-            self.l.kubekms, "plugin", "--kubeconfig", self._plugin_kubeconfig,
-            "--key", f"{CLUSTER_KEY[0]}/{CLUSTER_KEY[1]}", "--socket", self.l.kubekms_socket,
-            "--root-key-file", self.cp.run_dir / "root.key", "--state-dir", self.cp.run_dir / "kubekms-plugin",
-            "--metrics-addr", f"127.0.0.1:{self.l.plugin_metrics_port}",
-        ])
+        proc = self.cp.start_plugin("kubekms-plugin", self._plugin_kubeconfig, self.l.kubekms_socket,
+                                    self.cp.run_dir / "kubekms-plugin")
         wait_until(60, "the kubekms plugin to encrypt", lambda: self.plugin_works(self.l.kubekms_socket), proc,
                    interval=0.2)
         return proc
 
     def start_reference_plugin(self) -> Process:
-        proc = Process("reference-plugin", self.cp.run_dir).start([
+        return self.cp.start("reference-plugin", [
             self.l.bench_bin / "reference-plugin", "--socket", self.l.reference_socket,
             "--key-file", self.cp.run_dir / "reference.key",
-        ])
-        wait_until(60, "the reference plugin to encrypt", lambda: self.plugin_works(self.l.reference_socket), proc,
-                   interval=0.2)
-        return proc
+        ], lambda: self.plugin_works(self.l.reference_socket), "the reference plugin to encrypt", interval=0.2)
 
     def start_controller(self, name: str, kubeconfig: Path, selector: str,
                          plugin_key: tuple[str, str] | None = None) -> Process:
-        """`kubekms controller` for the keys that match `selector`, leader-elected as in a
-        Deployment; returns once it leads. With `plugin_key` it lets the plugin read that
-        key's material, as the chart's controller does."""
-        metrics = f"http://127.0.0.1:{self.l.controller_metrics_port}"
-        plugin_args = ["--plugin-key", "/".join(plugin_key), "--plugin-material-role", "kubekms-plugin"] \
-            if plugin_key else []
-        proc = Process(name, self.cp.run_dir).start([
-            self.l.kubekms, "controller", "--kubeconfig", kubeconfig,
-            "--root-key-file", self.cp.run_dir / "root.key",
-            "--metrics-addr", f"127.0.0.1:{self.l.controller_metrics_port}",
-            "--leader-election-namespace", KUBEKMS_NAMESPACE, "--selector", selector, *plugin_args,
-        ])
+        """`kubekms controller` for the keys that match `selector`; returns once it leads."""
+        proc = self.cp.start_controller(name, kubeconfig, selector, plugin_key)
+        metrics = f"http://127.0.0.1:{self.l.ports.controller_metrics}/metrics"
         wait_until(60, f"{name} to hold the leader Lease",
-                   lambda: metric_value(f"{metrics}/metrics", "kubekms_controller_leader") == 1, proc, interval=0.2)
+                   lambda: metric_value(metrics, "kubekms_controller_leader") == 1, proc, interval=0.2)
         return proc
 
     def start_server(self) -> Process:
         """`kubekms server`, the key API, as its ServiceAccount."""
         if self._server_kubeconfig is None:
             self._server_kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-server")
-        pki = self.l.pki
-        proc = Process("kubekms-server", self.cp.run_dir).start([
-            self.l.kubekms, "server", "--kubeconfig", self._server_kubeconfig,
-            "--listen", f"127.0.0.1:{self.l.server_port}", "--tls-cert", pki / "server.crt",
-            "--tls-key", pki / "server.key", "--root-key-file", self.cp.run_dir / "root.key",
-            "--audit-log", self.cp.run_dir / "server-audit.log",
-            "--metrics-addr", f"127.0.0.1:{self.l.server_metrics_port}",
-        ])
-        wait_until(60, "the key API server's /readyz",
-                   lambda: http_ok(f"http://127.0.0.1:{self.l.server_metrics_port}/readyz"), proc, interval=0.2)
-        return proc
+        return self.cp.start_server("kubekms-server", self._server_kubeconfig, self.cp.run_dir / "server-audit.log")

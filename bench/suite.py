@@ -30,9 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
 import report  # noqa: E402 (after the path)
-from cluster import (CLUSTER_KEY, CONTROLLER_SA_NAMESPACE, ETCD_PREFIX, INFRA_LABEL, KEYAPI_CALLER, KEYAPI_KEY,
-                     KUBEKMS_NAMESPACE, PROVIDERS, ControlPlane, Layout)
+from cluster import (CONTROLLER_SA_NAMESPACE, ETCD_PREFIX, INFRA_LABEL, KEYAPI_CALLER, KEYAPI_KEY, PROVIDERS, BenchPlane,
+                     Layout)
 from components import Components
+from controlplane.cluster import CLUSTER_KEY, KUBEKMS_NAMESPACE
 from controlplane.procs import Failure, log, run, stop_all, stop_recorded
 
 SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API")
@@ -64,7 +65,7 @@ class Suite:
     def __init__(self, layout: Layout, sizes: Sizes):
         self.l = layout
         self.sizes = sizes
-        self.cp = ControlPlane(layout)
+        self.cp = BenchPlane(layout)
         self.c = Components(self.cp)
         self.samples: list[dict] = []
         self.details: dict = {"controller_requests": []}
@@ -89,13 +90,11 @@ class Suite:
             shutil.rmtree(self.l.run_dir)
         self.l.run_dir.mkdir(parents=True)
         marker.write_text("state of a kubekms benchmark run; deleted by the next run\n")
-        for sock in (self.l.kubekms_socket, self.l.reference_socket):
-            sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         log(f"preparing {self.l.run_dir}")
         self.cp.prepare()
-        self.cp.start_etcd()
+        self.cp.start_etcds()
         log("starting kube-apiserver")
-        self.cp.start_apiserver("identity")
+        self.cp.start_apiserver_with("identity")
         self.cp.install_kubekms()
         caller_ns, caller = KEYAPI_CALLER
         self.cp.apply(f"""\
@@ -189,7 +188,7 @@ subjects: [{{kind: ServiceAccount, name: {caller}, namespace: {caller_ns}}}]
             self.cp.stop_apiserver()
             self.cp.reset_secrets()
             log(f"run {r}: API server with {provider}")
-            self.cp.start_apiserver(provider)
+            self.cp.start_apiserver_with(provider)
             cpu = self.cp.apiserver.cpu_seconds()
             res = self.cp.loadgen("secrets", "--namespace", SECRETS_NAMESPACE, "--count", str(s.secrets),
                                   "--size", str(s.secret_bytes), "--concurrency", str(s.concurrency),
@@ -200,7 +199,7 @@ subjects: [{{kind: ServiceAccount, name: {caller}, namespace: {caller_ns}}}]
                 raise Failure(f"with {provider}, etcd holds a Secret starting {stored[:32]!r}, "
                               f"not {ETCD_PREFIX[provider]!r}: the provider is not in use")
             self.cp.stop_apiserver()
-            ready = self.cp.start_apiserver(provider)
+            ready = self.cp.start_apiserver_with(provider)
             first = self.cp.loadgen("list", "--namespace", SECRETS_NAMESPACE, "--expect", str(s.secrets))
             res["cold"] = {"ready": ready, "list": first["seconds"]}
             results[provider] = res
@@ -309,7 +308,7 @@ subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {CONTROLLER_SA_NAMESPA
         idle = server.memory_kib()["VmRSS"]
         out = self.l.run_dir / f"keyapi-{r}.json"
         run([self.l.kubekms, "bench", "keyapi", "--key", "/".join(KEYAPI_KEY),
-             "--service-account", "/".join(KEYAPI_CALLER), "--server", f"https://127.0.0.1:{self.l.server_port}",
+             "--service-account", "/".join(KEYAPI_CALLER), "--server", f"https://127.0.0.1:{self.l.ports.server}",
              "--ca", self.l.pki / "ca.crt", "--calls", s.keyapi_calls, "--concurrency", "1,16", "--json", out],
             "kubekms bench keyapi", env={"KUBECONFIG": str(self.cp.kubeconfig)})
         peak = server.memory_kib()["VmHWM"]

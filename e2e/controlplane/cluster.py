@@ -1,0 +1,274 @@
+"""One control plane on 127.0.0.1 — etcd, kube-apiserver and the kubekms components — in a
+run directory and on ports of its own. `make up` (controlplane/__main__.py) and the benchmark
+(bench/cluster.py) both start theirs with `ControlPlane`: each component is one method that
+starts its process and returns it once it is ready, and a new component (kube-scheduler, a
+kubelet) is one more such method, with its certificate in pki.certificates and its port in
+Ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+from typing import Callable
+
+from controlplane.pki import make_pki, write_kubeconfig
+from controlplane.procs import Failure, Process, log, run, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: crds/, charts/
+TOOLS = ROOT / "e2e" / ".bin"  # etcd, etcdctl, kube-apiserver, helm (e2e/tools/build.sh)
+
+KUBEKMS_NAMESPACE = "kubekms-system"
+CLUSTER_KEY = ("kube-system", "cluster-secrets")  # the KmsKey the kubekms plugin uses
+
+
+def port(env: str, default: int, count: int = 1) -> int:
+    """The first of `count` consecutive ports, from the environment variable `env`."""
+    value = os.environ.get(env, str(default))
+    if not value.isdigit() or not 0 < int(value) <= 65536 - count:
+        raise Failure(f"{env}={value!r} is not a port number (it and the next {count - 1} ports)"
+                      if count > 1 else f"{env}={value!r} is not a port number")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Ports:
+    etcd: int
+    etcd_peer: int
+    apiserver: int
+    controller_metrics: int
+    plugin_metrics: int
+    server: int
+    server_metrics: int
+
+
+def socket_path(run_dir: Path, name: str) -> Path:
+    """run_dir/name, or, where that is longer than a unix socket path may be (107 bytes),
+    a short private directory under $TMPDIR named after run_dir."""
+    path = run_dir / name
+    if len(str(path)) <= 100:
+        return path
+    short = Path(os.environ.get("TMPDIR", "/tmp")) / f"kubekms-{sha256(str(run_dir).encode()).hexdigest()[:12]}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    return short / name
+
+
+def http_ok(url: str) -> bool:
+    """Whether a plain-HTTP GET of url answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def kms_provider(name: str, socket: Path) -> str:
+    """An EncryptionConfiguration provider entry for the KMS v2 plugin on `socket`."""
+    return (f"  - kms:\n      apiVersion: v2\n      name: {name}\n      endpoint: unix://{socket}\n"
+            "      timeout: 3s\n")
+
+
+IDENTITY = "  - identity: {}\n"
+
+
+def write_encryption_config(path: Path, *providers: str) -> Path:
+    """An EncryptionConfiguration for Secrets: the first provider writes, all of them read."""
+    path.write_text("apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n"
+                    "- resources: [secrets]\n  providers:\n" + "".join(providers))
+    return path
+
+
+class ControlPlane:
+    """A control plane named `name` (its CA, kubeconfigs and etcd members carry the name)
+    with its state in `run_dir`, its processes in run_dir/pids and run_dir/logs."""
+
+    def __init__(self, name: str, run_dir: Path, ports: Ports, kubekms: Path):
+        self.name = name
+        self.run_dir = run_dir
+        self.ports = ports
+        self.kubekms = kubekms
+        self.pki = run_dir / "pki"
+        self.server = f"https://127.0.0.1:{ports.apiserver}"
+        self.kubeconfig = run_dir / "kubeconfig"  # the admin's (system:masters)
+        self.root_key = run_dir / "root.key"
+        self._tls: ssl.SSLContext | None = None
+
+    # --- files ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """The PKI (what is missing of it), the admin's kubeconfig and the root key."""
+        make_pki(self.pki, self.name)
+        self.write_kubeconfig(self.kubeconfig, "admin", {"client-certificate": str(self.pki / "admin.crt"),
+                                                         "client-key": str(self.pki / "admin.key")})
+        if not self.root_key.exists():
+            run([self.kubekms, "root-key", "create", "--out", self.root_key], "kubekms root-key create")
+
+    def write_kubeconfig(self, path: Path, user: str, credentials: dict[str, str]) -> None:
+        write_kubeconfig(path, self.name, self.server, self.pki / "ca.crt", user, credentials)
+
+    def service_account_kubeconfig(self, namespace: str, name: str) -> Path:
+        """run_dir/NAME.kubeconfig, authenticating as the ServiceAccount with a token from
+        the TokenRequest API."""
+        token = self.kubectl("create", "token", name, "-n", namespace, "--duration", "720h").strip()
+        path = self.run_dir / f"{name}.kubeconfig"
+        self.write_kubeconfig(path, name, {"token": token})
+        return path
+
+    # --- processes -----------------------------------------------------------------------
+
+    def process(self, name: str) -> Process:
+        """The process `name` of this run directory, started here or recorded earlier."""
+        return Process(name, self.run_dir)
+
+    def start(self, name: str, argv: list, ready: Callable[[], bool], what: str, timeout: float = 60,
+              interval: float = 0.1) -> Process:
+        """Starts `argv` as `name` and returns once `ready()` holds; fails, with its log, if
+        it exits first or `timeout` passes."""
+        proc = self.process(name).start(argv)
+        wait_until(timeout, what, ready, proc, interval)
+        return proc
+
+    # --- components ----------------------------------------------------------------------
+
+    def start_etcd(self, name: str = "etcd", port: int | None = None, peer_port: int | None = None) -> Process:
+        """A one-member etcd with its data in run_dir/NAME, on the ports of `self.ports`
+        unless others are given."""
+        port, peer_port = port or self.ports.etcd, peer_port or self.ports.etcd_peer
+        url, peer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
+        return self.start(name, [
+            TOOLS / "etcd", "--name", self.name, "--data-dir", self.run_dir / name,
+            "--listen-client-urls", url, "--advertise-client-urls", url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}", "--listen-metrics-urls", "",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ], lambda: self.etcdctl(port, "endpoint", "health") is not None, f"{name} to become healthy")
+
+    def etcdctl(self, port: int, *args: str) -> bytes:
+        """etcdctl on the etcd at `port`; returns its output, as bytes (values are binary)."""
+        # etcdctl refuses --endpoints beside ETCDCTL_ENDPOINTS, which e2e/.run/env exports.
+        env = {k: v for k, v in os.environ.items() if k != "ETCDCTL_ENDPOINTS"}
+        done = subprocess.run([str(TOOLS / "etcdctl"), "--endpoints", f"http://127.0.0.1:{port}", *args],
+                              capture_output=True, timeout=60, env=env)
+        if done.returncode != 0:
+            raise Failure(f"etcdctl {' '.join(args)} failed: {done.stderr.decode(errors='replace').strip()}")
+        return done.stdout
+
+    def start_apiserver(self, encryption_config: Path, *flags: str, readyz: str = "/readyz") -> Process:
+        """kube-apiserver on the etcd of `self.ports`, with RBAC, client certificates, a
+        service-account issuer and `encryption_config` for Secrets; `flags` are added.
+        Returns once `readyz` answers ok; the process's `started` says when it began."""
+        pki = self.pki
+        return self.start("kube-apiserver", [
+            TOOLS / "kube-apiserver",
+            "--etcd-servers", f"http://127.0.0.1:{self.ports.etcd}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--endpoint-reconciler-type", "none", "--secure-port", self.ports.apiserver,
+            "--tls-cert-file", pki / "apiserver.crt", "--tls-private-key-file", pki / "apiserver.key",
+            "--client-ca-file", pki / "ca.crt", "--authorization-mode", "RBAC",
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", pki / "sa.pub", "--service-account-signing-key-file", pki / "sa.key",
+            "--service-cluster-ip-range", "10.96.0.0/16", "--cert-dir", self.run_dir / "apiserver-certs",
+            "--encryption-provider-config", encryption_config,
+            # Without it, SIGTERM leaves kube-apiserver waiting up to a minute in
+            # http.Server.Shutdown for the open watch connections (the plugin's, say) to close.
+            "--shutdown-watch-termination-grace-period=2s",
+            "--profiling=false", "--v=1", *flags,
+        ], lambda: self.api_get(readyz)[0] == 200, f"kube-apiserver {readyz}", timeout=180, interval=0.05)
+
+    def start_controller(self, name: str, kubeconfig: Path, selector: str,
+                         plugin_key: tuple[str, str] | None = None) -> Process:
+        """`kubekms controller` for the KmsKeys that match `selector`, leader-elected as in
+        the chart's Deployment. With `plugin_key` it lets the plugin read that key's
+        material, as the chart's controller does."""
+        plugin_args = ["--plugin-key", "/".join(plugin_key), "--plugin-material-role", "kubekms-plugin"] \
+            if plugin_key else []
+        metrics = f"127.0.0.1:{self.ports.controller_metrics}"
+        return self.start(name, [
+            self.kubekms, "controller", "--kubeconfig", kubeconfig, "--root-key-file", self.root_key,
+            "--metrics-addr", metrics, "--leader-election-namespace", KUBEKMS_NAMESPACE,
+            "--selector", selector, *plugin_args,
+        ], lambda: http_ok(f"http://{metrics}/readyz"), f"{name}'s /readyz")
+
+    def start_plugin(self, name: str, kubeconfig: Path, socket: Path, state_dir: Path) -> Process:
+        """`kubekms plugin` for the cluster key on `socket`, its key cache and audit log in
+        `state_dir`; returns once it listens (it serves once it has the key)."""
+        return self.start(name, [
+            self.kubekms, "plugin", "--kubeconfig", kubeconfig, "--key", "/".join(CLUSTER_KEY),
+            "--socket", socket, "--root-key-file", self.root_key, "--state-dir", state_dir,
+            "--metrics-addr", f"127.0.0.1:{self.ports.plugin_metrics}",
+        ], socket.is_socket, f"{name}'s socket")
+
+    def start_server(self, name: str, kubeconfig: Path, audit_log: Path) -> Process:
+        """`kubekms server`, the key API, with the PKI's server certificate."""
+        audit_log.parent.mkdir(parents=True, exist_ok=True)
+        return self.start(name, [
+            self.kubekms, "server", "--kubeconfig", kubeconfig, "--listen", f"127.0.0.1:{self.ports.server}",
+            "--tls-cert", self.pki / "server.crt", "--tls-key", self.pki / "server.key",
+            "--root-key-file", self.root_key, "--audit-log", audit_log,
+            "--metrics-addr", f"127.0.0.1:{self.ports.server_metrics}",
+        ], lambda: http_ok(f"http://127.0.0.1:{self.ports.server_metrics}/readyz"), f"{name}'s /readyz")
+
+    # --- the API -------------------------------------------------------------------------
+
+    def api_get(self, path: str) -> tuple[int, bytes]:
+        """GET as the admin; returns the status code and the body."""
+        if self._tls is None:
+            ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+            ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+            self._tls = ctx
+        try:
+            with urllib.request.urlopen(self.server + path, context=self._tls, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError) as e:
+            raise Failure(f"GET {path}: {e}") from e
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        return run(["kubectl", "--kubeconfig", self.kubeconfig, *args], f"kubectl {args[0]}", stdin=stdin)
+
+    def apply(self, manifest: str) -> None:
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=manifest)
+
+    def create_namespace(self, name: str) -> None:
+        self.apply(f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n")
+
+    def install_kubekms(self, *templates: str) -> None:
+        """The CRDs, and from the chart the RBAC of the controller, the plugin and the
+        server, and `templates` (such as templates/deletion-protection.yaml)."""
+        log("applying crds/ and kubekms's RBAC from charts/kubekms")
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+        self.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
+                     "crd/kmskeys.kms.kubekms.io", "crd/kmsgrants.kms.kubekms.io", "crd/kmskeymaterials.kms.kubekms.io")
+        self.create_namespace(KUBEKMS_NAMESPACE)
+        version = run([TOOLS / "kube-apiserver", "--version"], "kube-apiserver --version").split()[-1]
+        show = [arg for t in ("templates/controller-rbac.yaml", "templates/plugin-rbac.yaml",
+                              "templates/server-rbac.yaml", *templates) for arg in ("--show-only", t)]
+        self.apply(run([TOOLS / "helm", "template", "kubekms", ROOT / "charts" / "kubekms",
+                        "--namespace", KUBEKMS_NAMESPACE, "--kube-version", version,
+                        "--set", f"plugin.key={'/'.join(CLUSTER_KEY)}",
+                        # Required by the chart's schema; only its Deployment (not rendered) uses it.
+                        "--set", "server.tls.secretName=unused", *show], "helm template"))
+
+    def ensure_key(self, namespace: str, name: str, description: str, labels: dict[str, str] | None = None) -> bool:
+        """Creates the KmsKey unless it exists (an existing one is left as it is); returns
+        whether it did."""
+        try:
+            self.kubectl("get", "kmskey", name, "-n", namespace)
+            return False
+        except Failure:
+            pass
+        label_map = ", ".join(f"{k}: {v}" for k, v in (labels or {}).items())
+        self.apply(f"""\
+apiVersion: kms.kubekms.io/v1alpha1
+kind: KmsKey
+metadata: {{name: {name}, namespace: {namespace}, labels: {{{label_map}}}}}
+spec: {{description: {json.dumps(description)}}}
+""")
+        return True
