@@ -10,7 +10,7 @@ log "unit tests"
 cargo test --lib --bins
 
 started_here=0
-if ! pid_alive kube-apiserver; then started_here=1; fi
+if ! controlplane running kube-apiserver; then started_here=1; fi
 cleanup() {
   local rc=$?
   if ((started_here)); then "$E2E_DIR/down.sh" || true; fi

@@ -1,0 +1,215 @@
+"""`make up` and `make down`: the local control plane of the end-to-end tests and the demo.
+etcd and kube-apiserver with RBAC, a service-account issuer and an admin kubeconfig; the
+CRDs, kubekms's RBAC and deletion protection (from the Helm chart); a root key; and the
+kubekms controller, KMS v2 plugin and key API server, each as its ServiceAccount. State in
+e2e/.run (KUBEKMS_RUN_DIR), ports from KUBEKMS_*_PORT; writes e2e/.run/env. e2e/up.sh and
+e2e/down.sh run it (up.sh builds what it needs first):
+
+  python3 -m controlplane up --kubekms BIN [COMPONENT...]   start all, or the named ones
+  python3 -m controlplane down [COMPONENT...]               stop all, or the named ones
+  python3 -m controlplane running COMPONENT                 exit status 0 if it runs
+
+Safe to run twice: what already runs is left alone, except a kubekms component whose
+binary has changed since it started, which is restarted."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from controlplane.cluster import (CLUSTER_KEY, IDENTITY, KUBEKMS_NAMESPACE, ROOT, TOOLS, ControlPlane, Ports,
+                                  kms_provider, port, socket_path, write_encryption_config)
+from controlplane.procs import Failure, Process, log, stop_named, stop_recorded, wait_until
+
+# `make down` stops these first, in this order (clients before what they depend on; the
+# plugin after kube-apiserver, which calls it), then anything else recorded.
+STOP_ORDER = ("server", "controller", "kube-apiserver", "plugin", "etcd")
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("KUBEKMS_RUN_DIR", ROOT / "e2e" / ".run"))
+
+
+class Local:
+    """The control plane of `make up`: one method per component, each of which starts
+    the component unless it runs already."""
+
+    def __init__(self, kubekms: Path):
+        ports = Ports(
+            etcd=port("KUBEKMS_ETCD_PORT", 32379), etcd_peer=port("KUBEKMS_ETCD_PEER_PORT", 32380),
+            apiserver=port("KUBEKMS_APISERVER_PORT", 36443),
+            controller_metrics=port("KUBEKMS_CONTROLLER_METRICS_PORT", 38080),
+            plugin_metrics=port("KUBEKMS_PLUGIN_METRICS_PORT", 38081),
+            server=port("KUBEKMS_SERVER_PORT", 38443), server_metrics=port("KUBEKMS_SERVER_METRICS_PORT", 38082))
+        self.cp = ControlPlane("kubekms-e2e", run_dir(), ports, kubekms)
+        self.socket = socket_path(self.cp.run_dir, "kms.sock")
+        self.encryption_config = self.cp.run_dir / "encryption-config.yaml"
+
+    def etcd(self) -> None:
+        if self.cp.process("etcd").alive():
+            return
+        log(f"starting etcd on http://127.0.0.1:{self.cp.ports.etcd}")
+        self.cp.start_etcd()
+
+    def kube_apiserver(self) -> None:
+        if self.cp.process("kube-apiserver").alive():
+            return
+        log(f"starting kube-apiserver on {self.cp.server}")
+        # Ready apart from the KMS provider: on a first start the key it needs does not
+        # exist yet, because the CRDs and the controller come after the API server.
+        self.cp.start_apiserver(self.encryption_config, "--encryption-provider-config-automatic-reload=true",
+                                readyz="/readyz?exclude=kms-providers")
+
+    def controller(self) -> None:
+        if self._runs_current_build("controller"):
+            return
+        kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-controller")
+        log(f"starting the kubekms controller (metrics on 127.0.0.1:{self.cp.ports.controller_metrics})")
+        self.cp.start_controller("controller", kubeconfig, "!kms.kubekms.io/test-controller", plugin_key=CLUSTER_KEY)
+        self._record_build("controller")
+
+    def plugin(self) -> None:
+        if self._runs_current_build("plugin"):
+            return
+        # Without kube-apiserver the plugin starts from its cache with the kubeconfig it had.
+        kubeconfig = self.cp.run_dir / "kubekms-plugin.kubeconfig"
+        if self.cp.process("kube-apiserver").alive():
+            kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-plugin")
+        log(f"starting the kubekms KMS v2 plugin on {self.socket} (key {'/'.join(CLUSTER_KEY)})")
+        self.cp.start_plugin("plugin", kubeconfig, self.socket, self.cp.run_dir / "plugin")
+        self._record_build("plugin")
+
+    def server(self) -> None:
+        if self._runs_current_build("server"):
+            return
+        kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-server")
+        log(f"starting the kubekms key API server on https://127.0.0.1:{self.cp.ports.server}")
+        self.cp.start_server("server", kubeconfig, self.cp.run_dir / "server" / "audit.log")
+        self._record_build("server")
+
+    # --- a rebuilt kubekms replaces the running one ----------------------------------------
+
+    def _build_stamp(self, name: str) -> Path:
+        return self.cp.run_dir / "pids" / f"{name}.binary"
+
+    def _build(self) -> str:
+        return f"{hashlib.sha256(self.cp.kubekms.read_bytes()).hexdigest()}  -\n"  # as sha256sum prints it
+
+    def _runs_current_build(self, name: str) -> bool:
+        """Whether `name` runs, and not an older build of kubekms than the current one;
+        if not, it is stopped, to be started again."""
+        stamp = self._build_stamp(name)
+        proc = self.cp.process(name)
+        if proc.alive() and not (stamp.exists() and stamp.read_text() != self._build()):
+            return True
+        proc.stop()
+        return False
+
+    def _record_build(self, name: str) -> None:
+        self._build_stamp(name).write_text(self._build())
+
+    # --- all of it -----------------------------------------------------------------------
+
+    def up(self) -> None:
+        cp = self.cp
+        cp.run_dir.mkdir(parents=True, exist_ok=True)
+        cp.prepare()
+        # Secrets through the kubekms KMS v2 plugin; identity reads what was stored before.
+        write_encryption_config(self.encryption_config, kms_provider("kubekms", self.socket), IDENTITY)
+        self.etcd()
+        # With a cache from an earlier run the plugin starts first, as it would beside a
+        # restarting kube-apiserver: it serves from the cache until the API server answers.
+        if (cp.run_dir / "plugin" / "key-cache-v1").is_file() and (cp.run_dir / "kubekms-plugin.kubeconfig").is_file():
+            self.plugin()
+        self.kube_apiserver()
+        cp.install_kubekms("templates/deletion-protection.yaml")
+        self.controller()
+        self.server()
+        self.cluster_key()
+        self.plugin()
+        self.wait_kms_healthy()
+        self.write_env()
+        log(f"control plane is up: source {cp.run_dir}/env")
+
+    def cluster_key(self) -> None:
+        """The KmsKey that encrypts the cluster's Secrets, with its first version."""
+        ns, name = CLUSTER_KEY
+        if self.cp.ensure_key(ns, name, "Encrypts the Secrets of the local control plane in etcd (KMS v2)"):
+            log(f"created the KmsKey {ns}/{name} that encrypts the cluster's Secrets")
+        self.cp.kubectl("wait", f"kmskey/{name}", "-n", ns, "--for=jsonpath={.status.keyId}", "--timeout=60s")
+
+    def wait_kms_healthy(self) -> None:
+        ns, name = CLUSTER_KEY
+        state = self.cp.kubectl("get", "kmskey", name, "-n", ns, "-o", "jsonpath={.status.state}")
+        if state == "Enabled":
+            wait_until(90, "the KMS provider to be healthy (/healthz/kms-providers)",
+                       lambda: self.cp.api_get("/healthz/kms-providers")[0] == 200, self.cp.process("kube-apiserver"))
+            return
+        log(f"warning: the cluster key {ns}/{name} is {state}, so Secrets cannot be written; enable it with:")
+        log(f"  kubectl patch kmskey {name} -n {ns} --type merge -p '{{\"spec\":{{\"enabled\":true}}}}'")
+
+    def write_env(self) -> None:
+        r, p = self.cp.run_dir, self.cp.ports
+        (r / "env").write_text(f"""\
+# Written by e2e/up.sh: source it to talk to the local control plane.
+export KUBECONFIG='{self.cp.kubeconfig}'
+export ETCDCTL_ENDPOINTS='http://127.0.0.1:{p.etcd}'
+export KUBEKMS_E2E_RUN_DIR='{r}'
+export KUBEKMS_ROOT_KEY_FILE='{self.cp.root_key}'
+export KMS_SOCKET='{self.socket}'
+export KUBEKMS_ADDR='https://127.0.0.1:{p.server}'
+export KUBEKMS_CA='{self.cp.pki / "ca.crt"}'
+export KUBEKMS_CONTROLLER_METRICS='http://127.0.0.1:{p.controller_metrics}'
+export KUBEKMS_PLUGIN_METRICS='http://127.0.0.1:{p.plugin_metrics}'
+export KUBEKMS_SERVER_METRICS='http://127.0.0.1:{p.server_metrics}'
+export PATH='{TOOLS}':"$PATH"
+""")
+
+    def components(self) -> dict:
+        """What `e2e/up.sh NAME...` can start, by name."""
+        return {"etcd": self.etcd, "kube-apiserver": self.kube_apiserver, "controller": self.controller,
+                "plugin": self.plugin, "server": self.server}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m controlplane", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start the control plane, or the named components")
+    up.add_argument("--kubekms", type=Path, required=True, help="the kubekms binary")
+    up.add_argument("components", nargs="*", metavar="COMPONENT")
+    down = commands.add_parser("down", help="stop the control plane, or the named components")
+    down.add_argument("components", nargs="*", metavar="COMPONENT")
+    running = commands.add_parser("running", help="exit status 0 if the component runs")
+    running.add_argument("component")
+    args = parser.parse_args()
+
+    try:
+        if args.command == "running":
+            return 0 if Process(args.component, run_dir()).alive() else 1
+        if args.command == "down":
+            if args.components:
+                stop_named(run_dir(), args.components)
+            else:
+                stop_recorded(run_dir(), STOP_ORDER)
+            return 0
+        local = Local(args.kubekms)
+        if not args.components:
+            local.up()
+            return 0
+        known = local.components()
+        for name in args.components:
+            if name not in known:
+                raise Failure(f"unknown component {name} ({', '.join(known)})")
+            known[name]()
+        return 0
+    except Failure as e:
+        log(f"error: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
