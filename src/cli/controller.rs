@@ -1,6 +1,7 @@
 //! `kubekms controller`: its flags, and the controller's configuration built from them.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::ArgAction;
@@ -20,6 +21,11 @@ pub struct Args {
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// The management audit trail: one chained JSON line per transition the controller
+    /// carries out (created, rotated, disabled, deletion scheduled, destroyed, grant
+    /// activated …), "-" for standard output. Check it with `kubekms audit verify`.
+    #[arg(long, value_name = "FILE", default_value = "-")]
+    audit_log: PathBuf,
     /// Hold a Lease so that only one replica is active.
     #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
     leader_elect: bool,
@@ -53,15 +59,34 @@ pub struct Args {
     plugin_material_role: Option<String>,
     /// TEST ONLY: how long one "day" of rotation periods and deletion windows lasts. Never
     /// set this in production: it shortens the waiting period before key material is
-    /// destroyed.
+    /// destroyed. Refused unless the environment also says
+    /// KUBEKMS_UNSAFE_TEST_CLOCK=shorten-waiting-periods.
     #[arg(long, value_name = "DURATION", default_value = "24h")]
     unsafe_day_length: SignedDuration,
+}
+
+/// The environment variable that must accompany a shortened day, and its value.
+const TEST_CLOCK_OPT_IN: &str = "KUBEKMS_UNSAFE_TEST_CLOCK";
+const TEST_CLOCK_CONSENT: &str = "shorten-waiting-periods";
+
+/// A day other than 24 hours shortens the waiting period before material is destroyed:
+/// refused without an unmistakable opt-in in the environment, which no chart value sets.
+fn check_test_clock(calendar: &Calendar, opt_in: Option<&str>) -> anyhow::Result<()> {
+    if calendar.day == Calendar::default().day || opt_in == Some(TEST_CLOCK_CONSENT) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing --unsafe-day-length {:#}: it shortens the waiting period before key material is destroyed; \
+         for a test, also set {TEST_CLOCK_OPT_IN}={TEST_CLOCK_CONSENT}",
+        calendar.day
+    )
 }
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         self.kube.init_logging();
         let calendar = Calendar::new(self.unsafe_day_length).context("invalid --unsafe-day-length")?;
+        check_test_clock(&calendar, std::env::var(TEST_CLOCK_OPT_IN).ok().as_deref())?;
         if calendar.day != Calendar::default().day {
             tracing::warn!(day = %self.unsafe_day_length, "TEST ONLY: --unsafe-day-length shortens rotation periods and deletion windows");
         }
@@ -69,6 +94,7 @@ impl Args {
             .context("invalid leader election timing")?;
         let config = controller::Config {
             root_key_file: self.root_key.root_key_file,
+            audit_log: self.audit_log,
             metrics_addr: self.metrics_addr,
             lease: self.leader_elect.then_some((self.leader_election_namespace, self.leader_election_name)),
             identity: controller::default_identity(),
@@ -92,7 +118,19 @@ impl Args {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::cli::parse;
+
+    #[test]
+    fn a_short_day_needs_the_opt_in() {
+        let day = Calendar::default();
+        assert!(check_test_clock(&day, None).is_ok());
+        let short = Calendar::new(SignedDuration::from_secs(1)).unwrap();
+        let err = check_test_clock(&short, None).unwrap_err().to_string();
+        assert!(err.contains("KUBEKMS_UNSAFE_TEST_CLOCK=shorten-waiting-periods"), "{err}");
+        assert!(check_test_clock(&short, Some("1")).is_err());
+        assert!(check_test_clock(&short, Some(TEST_CLOCK_CONSENT)).is_ok());
+    }
 
     #[test]
     fn plugin_access_flags_come_together() {
