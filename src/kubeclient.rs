@@ -39,3 +39,64 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
 pub fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
+
+/// Keeps of `metadata.managedFields` only who wrote and when (manager, operation,
+/// subresource, time), without the field sets that make up most of its size: enough to
+/// name who requested a change.
+pub fn slim_managed_fields<K: kube::Resource>(object: &mut K) {
+    if let Some(entries) = object.meta_mut().managed_fields.as_mut() {
+        for entry in entries {
+            entry.fields_v1 = None;
+        }
+    }
+}
+
+/// Who last changed the object's spec or metadata, as the API server's managedFields name
+/// them (the field manager — `kubectl-patch`, a GitOps controller …), leaving out the
+/// managers listed in `ours`.
+pub fn last_writer<K: kube::Resource>(object: &K, ours: &[&str]) -> Option<String> {
+    object
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| e.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter(|e| e.manager.as_deref().is_some_and(|m| !ours.contains(&m)))
+        .max_by_key(|e| e.time.as_ref().map(|t| t.0))
+        .and_then(|e| e.manager.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, Time};
+
+    use super::*;
+    use crate::api::KmsKey;
+
+    fn entry(manager: &str, second: i64, subresource: Option<&str>) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some("Update".into()),
+            subresource: subresource.map(Into::into),
+            time: Some(Time(jiff::Timestamp::from_second(second).unwrap())),
+            fields_v1: Some(FieldsV1(serde_json::json!({"f:spec": {}}))),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_last_writer_of_the_spec_is_named_and_the_field_sets_dropped() {
+        let mut key = KmsKey::new("k", serde_json::from_value(serde_json::json!({})).unwrap());
+        key.metadata.managed_fields = Some(vec![
+            entry("kubectl-client-side-apply", 10, None),
+            entry("kubectl-patch", 20, None),
+            entry("kubekms-controller", 30, Some("status")),
+            entry("kubekms-controller", 40, None),
+        ]);
+        slim_managed_fields(&mut key);
+        assert!(key.metadata.managed_fields.iter().flatten().all(|e| e.fields_v1.is_none()));
+        assert_eq!(last_writer(&key, &["kubekms-controller"]).as_deref(), Some("kubectl-patch"));
+        key.metadata.managed_fields = None;
+        assert_eq!(last_writer(&key, &[]), None);
+    }
+}

@@ -15,6 +15,7 @@ use super::lifecycle::{READY, condition};
 use super::metrics::{ErrorLabels, KindLabels, ResultLabels};
 use super::{Context, Error};
 use crate::api::{GrantState, KeyState, KmsGrant, KmsGrantStatus, KmsKey};
+use crate::audit::AuditEvent;
 
 /// What the grant's status should be at `now`, and when to look again.
 pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrantStatus, Option<Duration>) {
@@ -114,25 +115,43 @@ async fn reconcile_grant(grant: &KmsGrant, ctx: &GrantContext) -> Result<Action,
     let key = ctx.keys.get(&ObjectRef::new(&grant.spec.key_ref.name).within(&ns));
     let (next, requeue) = plan(grant, key.as_deref(), Timestamp::now());
     let prev = grant.status.clone().unwrap_or_default();
-    if next != prev {
-        ctx.inner.cluster.patch_grant_status(&ns, &grant.name_any(), &next).await?;
-        if next.state != prev.state {
-            let (reason, warning) = match next.state {
-                Some(GrantState::Active) => ("GrantActive", false),
-                Some(GrantState::Expired) => ("GrantExpired", false),
-                Some(GrantState::Retired) => ("GrantRetired", false),
-                _ => ("GrantInvalid", true),
-            };
-            let note = next.conditions.first().map(|c| c.message.clone());
-            let event = Event {
-                type_: if warning { EventType::Warning } else { EventType::Normal },
-                reason: reason.to_owned(),
-                note,
-                action: "Reconcile".to_owned(),
-                secondary: None,
-            };
-            ctx.inner.cluster.publish(&grant.object_ref(&()), event).await;
-        }
+    if next == prev {
+        return Ok(requeue.map_or(Action::requeue(Duration::from_secs(3600)), Action::requeue));
+    }
+    let (reason, warning) = match next.state {
+        Some(GrantState::Active) => ("GrantActive", false),
+        Some(GrantState::Expired) => ("GrantExpired", false),
+        Some(GrantState::Retired) => ("GrantRetired", false),
+        _ => ("GrantInvalid", true),
+    };
+    let note = next.conditions.first().map(|c| c.message.clone());
+    let changed = next.state != prev.state;
+    if changed {
+        // Audited before status reports it, as for keys.
+        let event = AuditEvent {
+            component: "controller",
+            request_id: uuid::Uuid::new_v4().to_string(),
+            principal: super::key::requester(grant),
+            operation: reason,
+            key: Some(format!("{ns}/{}", grant.spec.key_ref.name)),
+            key_id: next.key_id.clone(),
+            grant_id: next.grant_id.clone(),
+            result: if warning { "Refused" } else { "OK" },
+            reason: note.clone(),
+            ..Default::default()
+        };
+        ctx.inner.audit.record(&event).map_err(Error::Audit)?;
+    }
+    ctx.inner.cluster.patch_grant_status(&ns, &grant.name_any(), &next).await?;
+    if changed {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.to_owned(),
+            note,
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        ctx.inner.cluster.publish(&grant.object_ref(&()), event).await;
     }
     Ok(requeue.map_or(Action::requeue(Duration::from_secs(3600)), Action::requeue))
 }

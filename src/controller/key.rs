@@ -11,9 +11,11 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
+use super::cluster::{ERROR_FIELD_MANAGER, FIELD_MANAGER};
 use super::lifecycle::{self, Material, MaterialAction, Observed, Plan, VersionInfo};
 use super::{Context, Error};
 use crate::api::{KeyState, KmsKey, KmsKeyMaterial, KmsKeyStatus, VersionTrigger};
+use crate::audit::AuditEvent;
 use crate::crypto::KeyMaterial;
 use crate::keyring::{self, Owner};
 use crate::telemetry::error_chain;
@@ -112,9 +114,13 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
                 let mut resource_version = key.resource_version();
                 if next != status {
+                    // Audited before status reports it: a transition that cannot be audited
+                    // is not reported, and is audited again by the retry.
+                    let transitions = lifecycle::transitions(&status, &next);
+                    audit(ctx, key, &owner, next.current_version, &transitions)?;
                     resource_version = cluster.patch_key_status(&owner.namespace, &owner.name, &next).await?;
                     ctx.written.wrote(&owner.uid, &cached_status, &status, next.clone());
-                    publish(ctx, key, &lifecycle::transitions(&status, &next)).await;
+                    publish(ctx, key, &transitions).await;
                 }
                 if next.current_version.is_some() && !deleting {
                     grant_plugin_access(ctx, &owner).await?;
@@ -366,6 +372,41 @@ async fn api_server_not_yet_due(
     Ok(Some(
         Duration::try_from(ahead.max(SignedDuration::from_secs(1))).unwrap_or(MAX_REQUEUE).min(MAX_REQUEUE),
     ))
+}
+
+/// One chained audit line per transition, naming who last changed the key (its field
+/// manager, as the API server records it).
+fn audit(
+    ctx: &Context,
+    key: &KmsKey,
+    owner: &Owner,
+    version: Option<u32>,
+    transitions: &[lifecycle::Transition],
+) -> Result<(), Error> {
+    let principal = requester(key);
+    for t in transitions {
+        let event = AuditEvent {
+            component: "controller",
+            request_id: uuid::Uuid::new_v4().to_string(),
+            principal: principal.clone(),
+            operation: t.reason,
+            key: Some(format!("{}/{}", owner.namespace, owner.name)),
+            key_id: Some(owner.uid.clone()),
+            key_version: version,
+            result: if t.warning { "Refused" } else { "OK" },
+            reason: Some(t.note.clone()),
+            ..Default::default()
+        };
+        ctx.audit.record(&event).map_err(Error::Audit)?;
+    }
+    Ok(())
+}
+
+/// Who asked for what the controller now does: the last field manager of the object's
+/// spec and metadata other than the controller itself.
+pub fn requester<K: kube::Resource>(object: &K) -> String {
+    crate::kubeclient::last_writer(object, &[FIELD_MANAGER, ERROR_FIELD_MANAGER])
+        .map_or_else(|| "unknown".to_owned(), |m| format!("manager:{m}"))
 }
 
 async fn publish(ctx: &Context, key: &KmsKey, transitions: &[lifecycle::Transition]) {

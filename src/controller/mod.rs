@@ -24,6 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::audit::AuditLog;
 use crate::crypto::{RootKey, RootKeyError};
 use crate::keyring::MaterialError;
 use crate::telemetry::{self, Health};
@@ -52,6 +53,8 @@ pub enum Error {
     Unsettled,
     #[error("failed to let the KMS plugin read its key's material (ClusterRole {0})")]
     PluginAccess(String, #[source] kube::Error),
+    #[error("failed to write the audit log")]
+    Audit(#[source] crate::audit::AuditError),
 }
 
 impl Error {
@@ -66,6 +69,7 @@ impl Error {
             Error::ApiServerClock(_) => "api_server_clock",
             Error::Unsettled => "unsettled",
             Error::PluginAccess(..) => "plugin_access",
+            Error::Audit(_) => "audit",
         }
     }
 
@@ -82,6 +86,8 @@ impl Error {
 
 /// What every reconcile shares.
 pub struct Context {
+    /// The management audit trail: one chained line per transition carried out.
+    pub audit: Arc<AuditLog>,
     /// Every read and write of the API server.
     pub cluster: Arc<dyn cluster::Cluster>,
     pub root: Arc<RootKey>,
@@ -98,6 +104,8 @@ pub struct Context {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub root_key_file: PathBuf,
+    /// Where the management audit trail goes ("-" for standard output).
+    pub audit_log: PathBuf,
     pub metrics_addr: SocketAddr,
     /// The Lease to hold while active; `None` runs without leader election.
     pub lease: Option<(String, String)>,
@@ -125,6 +133,8 @@ pub struct PluginAccess {
 pub enum RunError {
     #[error("failed to load the root key")]
     RootKey(#[source] RootKeyError),
+    #[error("failed to open the audit log")]
+    Audit(#[source] crate::audit::AuditError),
     #[error("failed to listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -137,6 +147,7 @@ pub enum RunError {
 struct Shared {
     client: Client,
     root: Arc<RootKey>,
+    audit: Arc<AuditLog>,
     recorder: Recorder,
     metrics: Arc<ControllerMetrics>,
     /// The current term's cache of KmsKeys, read by the keys-by-state metric.
@@ -153,8 +164,10 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
     tracing::info!(root_key = root.fingerprint(), identity = %config.identity, "loaded the root key");
 
+    let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
     let key_cache = Arc::new(std::sync::RwLock::new(reflector::store::<KmsKey>().0));
     let mut registry = Registry::default();
+    audit.register(&mut registry);
     let metrics = Arc::new(ControllerMetrics::register(&mut registry, key_cache.clone()));
     let health = Health::new(60);
     let listener = telemetry::bind(config.metrics_addr)
@@ -173,6 +186,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         ),
         client: client.clone(),
         root,
+        audit,
         metrics,
         key_cache,
         health,
@@ -269,6 +283,7 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
     }
     let ctx = Arc::new(Context {
         cluster: Arc::new(cluster::KubeCluster::new(shared.client.clone(), shared.recorder.clone())),
+        audit: shared.audit.clone(),
         root: shared.root.clone(),
         material_cache: material_reader,
         calendar: shared.config.calendar,
@@ -322,7 +337,7 @@ async fn run_controllers(
     }
     let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config.clone())
         .default_backoff()
-        .modify(crate::kubeclient::drop_managed_fields)
+        .modify(crate::kubeclient::slim_managed_fields)
         .reflect(key_writer)
         .applied_objects()
         .predicate_filter(key_trigger, Default::default());
@@ -351,7 +366,7 @@ async fn run_controllers(
     let (grant_keys_reader, grant_keys_writer) = reflector::store::<KmsKey>();
     let grants = watcher(Api::<KmsGrant>::all(client.clone()), key_config.clone())
         .default_backoff()
-        .modify(crate::kubeclient::drop_managed_fields)
+        .modify(crate::kubeclient::slim_managed_fields)
         .reflect(grant_writer)
         .applied_objects()
         .predicate_filter(grant_trigger, Default::default());

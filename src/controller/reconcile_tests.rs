@@ -17,6 +17,7 @@ use super::lifecycle::Calendar;
 use super::metrics::ControllerMetrics;
 use super::{Context, Error, PluginAccess};
 use crate::api::{KeyState, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus};
+use crate::audit::AuditLog;
 use crate::crypto::{KeyMaterial, RootKey};
 use crate::keyring::Owner;
 
@@ -146,9 +147,11 @@ fn key(spec: serde_json::Value) -> KmsKey {
 fn context(cluster: Arc<Recording>, plugin_key: bool) -> Arc<Context> {
     let mut registry = Registry::default();
     let keys = Arc::new(RwLock::new(reflector::store::<KmsKey>().0));
+    let root = RootKey::from_material(KeyMaterial::generate().unwrap());
     Arc::new(Context {
         cluster,
-        root: Arc::new(RootKey::from_material(KeyMaterial::generate().unwrap())),
+        audit: Arc::new(AuditLog::to_writer(Box::new(std::io::sink()), &root)),
+        root: Arc::new(root),
         material_cache: reflector::store::<KmsKeyMaterial>().0,
         calendar: Calendar { day: SignedDuration::from_micros(1) },
         metrics: Arc::new(ControllerMetrics::register(&mut registry, keys)),
