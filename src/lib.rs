@@ -3,10 +3,10 @@
 //! `api` holds the custom resources (the public contract).
 
 pub mod api;
-#[cfg(test)]
-mod boundaries;
 pub mod audit;
 pub mod bench;
+#[cfg(test)]
+mod boundaries;
 pub mod call;
 pub mod client;
 pub mod controller;
