@@ -22,3 +22,5 @@ pub mod plugin;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
