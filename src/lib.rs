@@ -21,3 +21,5 @@ pub mod plugin;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;

@@ -1,5 +1,9 @@
-//! The key API with real ServiceAccount tokens on the real control plane: the allow/deny
-//! matrix of key policies, RBAC and grants, bad input, the CLI, and the audit trail.
+//! The key API with real ServiceAccount tokens on the real control plane: the wiring that
+//! only a cluster shows — TokenReview, SubjectAccessReview, policies and grants as the
+//! watches convert them, the controller's key and grant transitions, TLS, the CLI, and the
+//! audit file and metrics. The decisions themselves (the allow/deny matrix, grant
+//! constraints and states, bad input, every error's code and message) are the component
+//! tests' (`src/server/component_tests.rs`); each keeps one representative here.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -139,7 +143,6 @@ async fn key_policy_allow_and_explicit_deny() {
     assert_eq!(decrypt(&mut web, &e.ciphertext_blob, &[]).await.unwrap().plaintext, b"for web");
     // RBAC would allow "other", but key A does not delegate to RBAC.
     assert_eq!(code(encrypt(&mut other, &a, b"x", &[]).await), Code::PermissionDenied);
-    assert_eq!(code(decrypt(&mut other, &e.ciphertext_blob, &[]).await), Code::PermissionDenied);
 
     let b = format!("{ns}/b");
     let e = encrypt(&mut intruder, &b, b"secret", &[]).await.expect("RBAC allows Encrypt");
@@ -174,7 +177,6 @@ async fn rbac_delegation_by_verb() {
         None,
     );
     let mut writer = as_sa(ns, "writer").await;
-    let mut nobody = as_sa(ns, "nobody").await;
     let key = format!("{ns}/k");
     let e = encrypt(&mut writer, &key, b"data", &[]).await.unwrap();
     assert_eq!(
@@ -182,7 +184,6 @@ async fn rbac_delegation_by_verb() {
         Code::PermissionDenied,
         "decrypt not granted"
     );
-    assert_eq!(code(encrypt(&mut nobody, &key, b"data", &[]).await), Code::PermissionDenied);
     // Keys can be named by keyId too.
     let key_id = e.key.unwrap().key_id;
     encrypt(&mut writer, &key_id, b"by id", &[]).await.unwrap();
@@ -217,14 +218,9 @@ async fn grants_to_another_namespace_with_constraints_expiry_retire_and_revoke()
         .ciphertext_blob;
     let evil = encrypt(&mut owner, &key, b"evil data", &[("tenant", "evil")]).await.unwrap().ciphertext_blob;
 
-    // A ServiceAccount of another namespace, without RBAC, gets nothing …
+    // A ServiceAccount of another namespace, without RBAC, through a grant with an
+    // encryptionContextSubset constraint.
     let mut reader = as_sa(other, "reader").await;
-    assert_eq!(
-        code(decrypt(&mut reader, &acme, &[("tenant", "acme"), ("doc", "1")]).await),
-        Code::PermissionDenied
-    );
-
-    // … until a grant with an encryptionContextSubset constraint.
     apply(ns, &grant_manifest(
         "subset", other, "reader", "Decrypt",
         "  constraints:\n    encryptionContextSubset: {tenant: acme}\n  retiringPrincipal: {kind: ServiceAccount, namespace: NS, name: owner}\n".replace("NS", ns).as_str(),
@@ -243,43 +239,11 @@ async fn grants_to_another_namespace_with_constraints_expiry_retire_and_revoke()
         Code::PermissionDenied,
         "constraint violated"
     );
-    assert_eq!(
-        code(encrypt(&mut reader, &key, b"x", &[("tenant", "acme")]).await),
-        Code::PermissionDenied,
-        "operation not granted"
-    );
     // The audit line names the grant.
     let audit = std::fs::read_to_string(run_dir().join("server/audit.log")).unwrap();
     assert!(audit.lines().any(|l| l.contains(&grant_id) && l.contains(r#""result":"OK""#)));
 
-    // encryptionContextEquals: an extra pair breaks it.
-    let mut exact = as_sa(other, "exact").await;
-    apply(
-        ns,
-        &grant_manifest(
-            "equals",
-            other,
-            "exact",
-            "Decrypt",
-            "  constraints:\n    encryptionContextEquals: {tenant: evil}\n",
-        ),
-    );
-    grant_state(ns, "equals", GrantState::Active).await;
-    let ok = eventually(WAIT, "the equals grant", || async {
-        decrypt(&mut exact.clone(), &evil, &[("tenant", "evil")]).await.ok()
-    })
-    .await;
-    assert_eq!(ok.plaintext, b"evil data");
-    assert_eq!(
-        code(decrypt(&mut exact, &acme, &[("tenant", "acme"), ("doc", "1")]).await),
-        Code::PermissionDenied
-    );
-
-    // Retire: a stranger may not; the retiring principal may; then the grant is dead.
-    let mut stranger = as_sa(other, "stranger").await;
-    let refused =
-        stranger.retire_grant(RetireGrantRequest { grant: format!("{ns}/subset") }).await.unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied);
+    // Retire: the retiring principal may; then the grant is dead.
     owner
         .retire_grant(RetireGrantRequest { grant: grant_id.clone() })
         .await
@@ -293,12 +257,6 @@ async fn grants_to_another_namespace_with_constraints_expiry_retire_and_revoke()
         code(decrypt(&mut reader, &acme, &[("tenant", "acme"), ("doc", "1")]).await),
         Code::PermissionDenied
     );
-    // The grantee may retire its own grant.
-    exact
-        .retire_grant(RetireGrantRequest { grant: format!("{ns}/equals") })
-        .await
-        .expect("retire by the grantee");
-    grant_state(ns, "equals", GrantState::Retired).await;
 
     // Revoke: deleting the grant stops it within moments.
     let revoked = as_sa(other, "revoked").await;
@@ -352,36 +310,16 @@ async fn bad_requests_get_precise_errors() {
     let key = format!("{ns}/k");
     let e = encrypt(&mut app, &key, b"payload", &[("purpose", "test")]).await.unwrap();
 
-    // Wrong or missing encryption context, tampered and truncated blobs: decryption failed.
-    for context in [&[("purpose", "other")][..], &[][..], &[("purpose", "test"), ("extra", "1")][..]] {
-        let err = decrypt(&mut app, &e.ciphertext_blob, context).await.unwrap_err();
-        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "decryption failed"), "{context:?}");
-    }
-    let mut tampered = e.ciphertext_blob.clone();
-    *tampered.last_mut().unwrap() ^= 1;
-    assert_eq!(
-        decrypt(&mut app, &tampered, &[("purpose", "test")]).await.unwrap_err().message(),
-        "decryption failed"
-    );
-    let short = &e.ciphertext_blob[..30];
-    assert!(decrypt(&mut app, short, &[]).await.unwrap_err().message().contains("too short"));
-    assert!(decrypt(&mut app, &[], &[]).await.unwrap_err().message().contains("empty"));
-    let mut foreign = e.ciphertext_blob.clone();
-    foreign[1..17].copy_from_slice(&[7u8; 16]);
-    assert_eq!(code(decrypt(&mut app, &foreign, &[]).await), Code::NotFound);
+    // A wrong encryption context: decryption failed.
+    let context = [("purpose", "other")];
+    let err = decrypt(&mut app, &e.ciphertext_blob, &context).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "decryption failed"), "{context:?}");
 
-    // Sizes.
+    // Sizes: the service, not the transport's message limit, refuses 4097 bytes of plaintext.
     let big = encrypt(&mut app, &key, &[0u8; 4097], &[]).await.unwrap_err();
     assert_eq!(big.code(), Code::InvalidArgument);
     assert!(big.message().contains("at most 4096"), "{}", big.message());
     encrypt(&mut app, &key, &[0u8; 4096], &[]).await.expect("4 KiB is allowed");
-    assert_eq!(code(encrypt(&mut app, &key, b"", &[]).await), Code::InvalidArgument);
-    for n in [0u32, 1025] {
-        assert_eq!(
-            code(app.generate_random(GenerateRandomRequest { number_of_bytes: n }).await),
-            Code::InvalidArgument
-        );
-    }
     assert_eq!(
         app.generate_random(GenerateRandomRequest { number_of_bytes: 64 })
             .await
@@ -391,14 +329,6 @@ async fn bad_requests_get_precise_errors() {
             .len(),
         64
     );
-    let gdk = GenerateDataKeyRequest {
-        key: key.clone(),
-        encryption_context: HashMap::new(),
-        number_of_bytes: 2000,
-    };
-    assert_eq!(code(app.generate_data_key(gdk).await), Code::InvalidArgument);
-    assert_eq!(code(encrypt(&mut app, &format!("{ns}/missing"), b"x", &[]).await), Code::NotFound);
-    assert_eq!(code(encrypt(&mut app, "", b"x", &[]).await), Code::InvalidArgument);
 
     // A disabled key refuses with FAILED_PRECONDITION.
     let off = format!("{ns}/switch");

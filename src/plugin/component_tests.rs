@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +12,6 @@ use tonic::transport::Channel;
 use super::format::{KEY_ANNOTATION, MAX_CIPHERTEXT_LEN, MAX_KEY_ID_LEN, is_fqdn};
 use super::service::KmsPlugin;
 use super::socket::PluginSocket;
-use crate::audit::AuditLog;
 use crate::crypto::{KeyMaterial, RootKey};
 use crate::domain::{KeyInfo, KeySnapshot, KeyState};
 use crate::keyring::WatchKeyring;
@@ -20,6 +19,7 @@ use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementServiceServer;
 use crate::proto::kmsv2::{DecryptRequest, EncryptRequest, StatusRequest};
+use crate::testing::AuditSink;
 
 const KEY_ID: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
 
@@ -36,25 +36,11 @@ fn snapshot(state: KeyState, versions: u32) -> Arc<KeySnapshot> {
     })
 }
 
-/// Collects audit lines in memory.
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 struct Harness {
     _dir: tempfile::TempDir,
     socket: PathBuf,
     keys: watch::Sender<Option<Arc<KeySnapshot>>>,
-    audit: Sink,
+    audit: AuditSink,
     root: RootKey,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -65,9 +51,9 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("kms.sock");
         let (tx, rx) = watch::channel(initial);
-        let audit = Sink::default();
+        let audit = AuditSink::default();
         let root = RootKey::from_material(KeyMaterial::generate().unwrap());
-        let log = Arc::new(AuditLog::to_writer(Box::new(audit.clone()), &root));
+        let log = audit.log(&root);
         let mut registry = prometheus_client::registry::Registry::default();
         let plugin = KmsPlugin::new(WatchKeyring(rx), log, OperationMetrics::register(&mut registry));
         let (listener, guard) = PluginSocket::bind(&socket).await.unwrap().into_parts();
@@ -92,8 +78,7 @@ impl Harness {
     }
 
     fn audit_lines(&self) -> Vec<serde_json::Value> {
-        let bytes = self.audit.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        self.audit.lines()
     }
 
     async fn stop(self) {
@@ -139,7 +124,7 @@ async fn status_encrypt_decrypt_as_kube_apiserver_uses_them() {
     assert_eq!(lines[1]["operation"], "Decrypt");
     assert_eq!(lines[1]["keyVersion"], 1);
     assert!(lines[1]["principal"].as_str().unwrap().starts_with("unix:uid="));
-    let raw = String::from_utf8(h.audit.0.lock().unwrap().clone()).unwrap();
+    let raw = h.audit.text();
     assert!(crate::audit::verify(raw.as_bytes(), Some(&h.root)).is_ok());
     h.stop().await;
 }
@@ -404,7 +389,7 @@ async fn a_thousand_concurrent_calls() {
     let lines = h.audit_lines();
     assert_eq!(lines.len(), 2000);
     // The chain holds under concurrency.
-    let raw = String::from_utf8(h.audit.0.lock().unwrap().clone()).unwrap();
+    let raw = h.audit.text();
     assert_eq!(crate::audit::verify(raw.as_bytes(), Some(&h.root)).unwrap().lines, 2000);
     h.stop().await;
 }

@@ -322,3 +322,76 @@ impl KeyDirectory for Directory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::KeyMaterial;
+    use crate::domain::{KeyInfo, KeyIntent, KeyState, Origin, Policy};
+
+    fn key(enabled: bool) -> Key {
+        let intent =
+            KeyIntent { origin: Origin::Kubekms, enabled, deletion_scheduled: false, deleting: false };
+        Key {
+            // What a watch delivers: nothing known of the material yet.
+            info: KeyInfo {
+                namespace: "apps".into(),
+                name: "k".into(),
+                key_id: "uid-1".into(),
+                state: KeyState::Creating,
+                current_version: None,
+            },
+            intent,
+            description: String::new(),
+            origin: Origin::Kubekms,
+            versions: Vec::new(),
+            created: None,
+            next_rotation: None,
+            deletion: None,
+            automatic_rotation: true,
+            rotation_period_days: 365,
+            policy: Policy { delegate_to_rbac: true, statements: Vec::new() },
+        }
+    }
+
+    fn material(versions: &[u32], promised: bool) -> WrappedMaterial {
+        WrappedMaterial {
+            key_id: "uid-1".into(),
+            root_key_fingerprint: "rk".into(),
+            destroyed: false,
+            deletion_time: promised.then_some(jiff::Timestamp::UNIX_EPOCH),
+            versions: versions.iter().map(|v| (*v, String::new())).collect(),
+            revision: None,
+        }
+    }
+
+    fn state(d: &Directory) -> (KeyState, Option<u32>) {
+        let k = d.resolve("apps/k").unwrap();
+        (k.info.state, k.info.current_version)
+    }
+
+    #[test]
+    fn a_key_is_derived_anew_whenever_it_or_its_material_changes() {
+        let d = Directory::new(Arc::new(RootKey::from_material(KeyMaterial::generate().unwrap())));
+        // The key arrives before its material, then the material: either order works.
+        d.apply(key(true));
+        assert_eq!(state(&d), (KeyState::Creating, None));
+        d.apply(material(&[1], false));
+        assert_eq!(state(&d), (KeyState::Enabled, Some(1)));
+        d.apply(material(&[1, 2], false));
+        assert_eq!(state(&d), (KeyState::Enabled, Some(2)));
+        assert_eq!(d.resolve("uid-1").unwrap().versions, [1, 2], "and by keyId");
+        // The spec disables the key: refused at once, whatever else is known.
+        d.apply(key(false));
+        assert_eq!(state(&d), (KeyState::Disabled, Some(2)));
+        // A promised deletion in the material refuses the key even with its spec enabled.
+        d.apply(key(true));
+        d.apply(material(&[1, 2], true));
+        assert_eq!(state(&d).0, KeyState::PendingDeletion);
+        // A fresh list re-derives every key.
+        Feed::<WrappedMaterial>::replace_all(&d, vec![material(&[1, 2, 3], false)]);
+        assert_eq!(state(&d), (KeyState::Enabled, Some(3)));
+        Feed::<WrappedMaterial>::delete(&d, &material(&[], false));
+        assert_eq!(state(&d), (KeyState::Creating, None));
+    }
+}

@@ -4,6 +4,8 @@
 pub mod auth;
 pub mod authz;
 pub mod blob;
+#[cfg(test)]
+mod component_tests;
 pub mod directory;
 pub mod k8s;
 pub mod service;
