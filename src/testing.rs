@@ -1,11 +1,41 @@
-//! What the component tests of the plugin and of the key API share: an audit log kept in
-//! memory, which can be made to fail so that a test sees a call fail closed.
+//! What the tests of the plugin, the key API and the controller share: an audit log kept
+//! in memory, which can be made to fail so that a test sees a call fail closed, and an
+//! Enabled key as the key API's directory holds it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::audit::AuditLog;
 use crate::crypto::RootKey;
+use crate::domain::{Key, KeyInfo, KeyIntent, KeyState, Origin, Policy};
+
+/// An Enabled key at version 1, created by kubekms, with `policy`.
+pub fn enabled_key(namespace: &str, name: &str, key_id: &str, policy: Policy) -> Key {
+    Key {
+        info: KeyInfo {
+            namespace: namespace.into(),
+            name: name.into(),
+            key_id: key_id.into(),
+            state: KeyState::Enabled,
+            current_version: Some(1),
+        },
+        intent: KeyIntent {
+            origin: Origin::Kubekms,
+            enabled: true,
+            deletion_scheduled: false,
+            deleting: false,
+        },
+        description: String::new(),
+        origin: Origin::Kubekms,
+        versions: vec![1],
+        created: None,
+        next_rotation: None,
+        deletion: None,
+        automatic_rotation: true,
+        rotation_period_days: 365,
+        policy,
+    }
+}
 
 /// Where an in-memory audit log writes; clones share the lines and the failure switch.
 #[derive(Clone, Default)]

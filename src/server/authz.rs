@@ -118,9 +118,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::domain::{
-        Effect, GrantState, KeyInfo, KeyIntent, KeyState, Origin, Policy, Principal, Statement,
-    };
+    use crate::domain::{Effect, GrantState, Policy, Principal, Statement};
 
     /// Allows what `allow` names as (username, verb), counts the reviews; fails for "broken".
     struct Scripted {
@@ -140,30 +138,7 @@ mod tests {
     }
 
     fn key(delegate: bool, statements: Vec<Statement>) -> Key {
-        Key {
-            info: KeyInfo {
-                namespace: "apps".into(),
-                name: "k".into(),
-                key_id: "uid-1".into(),
-                state: KeyState::Enabled,
-                current_version: Some(1),
-            },
-            intent: KeyIntent {
-                origin: Origin::Kubekms,
-                enabled: true,
-                deletion_scheduled: false,
-                deleting: false,
-            },
-            description: String::new(),
-            origin: Origin::Kubekms,
-            versions: vec![1],
-            created: None,
-            next_rotation: None,
-            deletion: None,
-            automatic_rotation: true,
-            rotation_period_days: 365,
-            policy: Policy { delegate_to_rbac: delegate, statements },
-        }
+        crate::testing::enabled_key("apps", "k", "uid-1", Policy { delegate_to_rbac: delegate, statements })
     }
 
     fn user(name: &str) -> Identity {

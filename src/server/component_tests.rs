@@ -29,8 +29,8 @@ use super::directory::Directory;
 use super::service::{GrantRetirer, KeyApi, MAX_RANDOM_BYTES};
 use crate::crypto::{KeyMaterial, RootKey, WrapContext};
 use crate::domain::{
-    Constraints, Effect, Grant, GrantState, Identity, Key, KeyInfo, KeyIntent, KeyOperation as Op, KeyState,
-    Origin, Policy, Principal, Statement, WrappedMaterial, service_account_username,
+    Constraints, Effect, Grant, GrantState, Identity, Key, KeyOperation as Op, KeyState, Origin, Policy,
+    Principal, Statement, WrappedMaterial, service_account_username,
 };
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_client::KeyServiceClient;
@@ -222,30 +222,7 @@ fn web_only() -> Policy {
 
 /// An Enabled key at version 1.
 fn key(namespace: &str, name: &str, key_id: &str, policy: Policy) -> Key {
-    Key {
-        info: KeyInfo {
-            namespace: namespace.into(),
-            name: name.into(),
-            key_id: key_id.into(),
-            state: KeyState::Enabled,
-            current_version: Some(1),
-        },
-        intent: KeyIntent {
-            origin: Origin::Kubekms,
-            enabled: true,
-            deletion_scheduled: false,
-            deleting: false,
-        },
-        description: String::new(),
-        origin: Origin::Kubekms,
-        versions: vec![1],
-        created: None,
-        next_rotation: None,
-        deletion: None,
-        automatic_rotation: true,
-        rotation_period_days: 365,
-        policy,
-    }
+    crate::testing::enabled_key(namespace, name, key_id, policy)
 }
 
 /// An Active grant on apps/k, resolved to its current keyId.
