@@ -17,9 +17,9 @@ use super::lifecycle::Calendar;
 use super::metrics::ControllerMetrics;
 use super::{Context, Error, PluginAccess};
 use crate::api::{KeyState, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus};
-use crate::audit::AuditLog;
 use crate::crypto::{KeyMaterial, RootKey};
 use crate::keyring::Owner;
+use crate::testing::AuditSink;
 
 /// One call the shell made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,12 +145,16 @@ fn key(spec: serde_json::Value) -> KmsKey {
 /// A context whose days last a microsecond, so a deletion window passes between two
 /// reconciles.
 fn context(cluster: Arc<Recording>, plugin_key: bool) -> Arc<Context> {
+    audited_context(cluster, plugin_key, &AuditSink::default())
+}
+
+fn audited_context(cluster: Arc<Recording>, plugin_key: bool, audit: &AuditSink) -> Arc<Context> {
     let mut registry = Registry::default();
     let keys = Arc::new(RwLock::new(reflector::store::<KmsKey>().0));
     let root = RootKey::from_material(KeyMaterial::generate().unwrap());
     Arc::new(Context {
         cluster,
-        audit: Arc::new(AuditLog::to_writer(Box::new(std::io::sink()), &root)),
+        audit: audit.log(&root),
         root: Arc::new(root),
         material_cache: reflector::store::<KmsKeyMaterial>().0,
         calendar: Calendar { day: SignedDuration::from_micros(1) },
@@ -291,4 +295,59 @@ async fn a_failed_material_write_writes_no_status() {
     let calls = cluster.take();
     assert_eq!(writes(&calls), [Call::AddFinalizer], "no status, no plugin role without material");
     assert_eq!(events(&calls), [Call::Event("ReconcileFailed".into())]);
+}
+
+#[tokio::test]
+async fn every_transition_is_audited_before_status_reports_it() {
+    let cluster = Arc::new(Recording::default());
+    let audit = AuditSink::default();
+    let ctx = audited_context(cluster.clone(), false, &audit);
+    let mut created = key(serde_json::json!({}));
+    created.metadata.managed_fields =
+        Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+            manager: Some("kubectl-client-side-apply".into()),
+            operation: Some("Update".into()),
+            time: Some(Time(Timestamp::UNIX_EPOCH)),
+            ..Default::default()
+        }]);
+    reconcile(Arc::new(created.clone()), ctx.clone()).await.unwrap();
+    let lines = audit.lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(
+        (
+            &line["component"],
+            &line["operation"],
+            &line["principal"],
+            &line["key"],
+            &line["keyVersion"],
+            &line["result"]
+        ),
+        (
+            &"controller".into(),
+            &"KeyCreated".into(),
+            &"manager:kubectl-client-side-apply".into(),
+            &"apps/k".into(),
+            &1.into(),
+            &"OK".into()
+        )
+    );
+    cluster.take();
+
+    // An audit log that cannot be written: the transition is not reported, and the retry
+    // audits it.
+    audit.fail(true);
+    let mut disable = after(created, &cluster, true);
+    disable.spec.enabled = false;
+    disable.metadata.generation = Some(2);
+    let err = reconcile(Arc::new(disable.clone()), ctx.clone()).await.unwrap_err();
+    assert_eq!(err.category(), "audit");
+    assert!(
+        !writes(&cluster.take()).iter().any(|c| matches!(c, Call::PatchStatus(_))),
+        "no status without its audit line"
+    );
+    audit.fail(false);
+    reconcile(Arc::new(disable), ctx).await.unwrap();
+    assert_eq!(writes(&cluster.take()), [Call::PatchStatus(Some(KeyState::Disabled))]);
+    assert_eq!(audit.lines().last().unwrap()["operation"], "KeyDisabled");
 }
