@@ -29,6 +29,10 @@ from controlplane.procs import Failure, Process, log, stop_named, stop_recorded,
 STOP_ORDER = ("server", "controller", "kube-apiserver", "plugin", "etcd")
 
 
+# The kube-apiserver audit policy the README recommends for clusters that run kubekms.
+AUDIT_POLICY = ROOT / "examples" / "kube-apiserver-audit-policy.yaml"
+
+
 def run_dir() -> Path:
     return Path(os.environ.get("KUBEKMS_RUN_DIR", ROOT / "e2e" / ".run"))
 
@@ -59,8 +63,12 @@ class Local:
             return
         log(f"starting kube-apiserver on {self.cp.server}")
         # Ready apart from the KMS provider: on a first start the key it needs does not
-        # exist yet, because the CRDs and the controller come after the API server.
+        # exist yet, because the CRDs and the controller come after the API server. Every
+        # write to kubekms's objects is audited with the policy the README gives.
         self.cp.start_apiserver(self.encryption_config, "--encryption-provider-config-automatic-reload=true",
+                                "--audit-policy-file", AUDIT_POLICY,
+                                "--audit-log-path", self.cp.run_dir / "kube-apiserver-audit.log",
+                                "--audit-log-format=json", "--audit-log-maxsize=100",
                                 readyz="/readyz?exclude=kms-providers")
 
     def controller(self) -> None:

@@ -184,13 +184,17 @@ class ControlPlane:
     def start_controller(self, name: str, kubeconfig: Path, selector: str,
                          plugin_key: tuple[str, str] | None = None) -> Process:
         """`kubekms controller` for the KmsKeys that match `selector`, leader-elected as in
-        the chart's Deployment. With `plugin_key` it lets the plugin read that key's
-        material, as the chart's controller does."""
+        the chart's Deployment, its audit trail in NAME/audit.log of the run directory. With
+        `plugin_key` it lets the plugin read that key's material, as the chart's controller
+        does."""
         plugin_args = ["--plugin-key", "/".join(plugin_key), "--plugin-material-role", "kubekms-plugin"] \
             if plugin_key else []
         metrics = f"127.0.0.1:{self.ports.controller_metrics}"
+        audit_log = self.run_dir / name / "audit.log"
+        audit_log.parent.mkdir(parents=True, exist_ok=True)
         return self.start(name, [
             self.kubekms, "controller", "--kubeconfig", kubeconfig, "--root-key-file", self.root_key,
+            "--audit-log", audit_log,
             "--metrics-addr", metrics, "--leader-election-namespace", KUBEKMS_NAMESPACE,
             "--selector", selector, *plugin_args,
         ], lambda: http_ok(f"http://{metrics}/readyz"), f"{name}'s /readyz")
