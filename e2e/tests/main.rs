@@ -8,8 +8,10 @@
 
 mod support;
 
+mod audit;
 mod chart;
 mod crds;
 mod keyapi;
 mod lifecycle;
 mod plugin;
+mod redteam;
