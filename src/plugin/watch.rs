@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{self, CachedKey};
 use crate::api::{KmsKey, KmsKeyMaterial};
 use crate::crypto::{KeyMaterial, RootKey};
-use crate::domain::{KeyInfo, KeySnapshot, KeyState, WrappedMaterial};
+use crate::domain::{KeyInfo, KeyIntent, KeySnapshot, KeyState, WrappedMaterial};
 use crate::keyring::snapshot;
 
 /// What the watch needs.
@@ -191,10 +191,14 @@ impl KeyWatch {
 /// Fails closed without the material: when the key's spec disables it or asks for its
 /// deletion, the snapshot served says so at once, even while its material cannot be read.
 fn refuse_if_spec_refuses(key: &KmsKey, tx: &watch::Sender<Option<Arc<KeySnapshot>>>) {
-    let (refused, _) = key.intent().state(None);
-    if !matches!(refused, KeyState::Disabled | KeyState::PendingDeletion) {
-        return;
-    }
+    let intent = key.intent();
+    let refused = match intent {
+        KeyIntent { deletion_scheduled: true, .. } | KeyIntent { deleting: true, .. } => {
+            KeyState::PendingDeletion
+        }
+        KeyIntent { enabled: false, .. } => KeyState::Disabled,
+        _ => return,
+    };
     tx.send_if_modified(|current| match current {
         Some(snap) if snap.info.state == KeyState::Enabled => {
             let info = KeyInfo { state: refused, ..snap.info.clone() };
@@ -230,5 +234,53 @@ impl<F: std::future::Future> ReadyNow for F {
     /// Whether the future is already complete (without waiting).
     fn now_or_never_ready(self) -> bool {
         futures::FutureExt::now_or_never(self).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::KeyMaterial;
+
+    fn served(state: KeyState) -> Option<Arc<KeySnapshot>> {
+        let info = KeyInfo {
+            namespace: "kube-system".into(),
+            name: "cluster".into(),
+            key_id: "uid-1".into(),
+            state,
+            current_version: Some(1),
+        };
+        Some(Arc::new(KeySnapshot {
+            info,
+            versions: [(1, Arc::new(KeyMaterial::generate().unwrap()))].into(),
+        }))
+    }
+
+    fn key(spec: serde_json::Value) -> KmsKey {
+        KmsKey::new("cluster", serde_json::from_value(spec).unwrap())
+    }
+
+    fn state(tx: &watch::Sender<Option<Arc<KeySnapshot>>>) -> Option<KeyState> {
+        tx.borrow().as_ref().map(|s| s.info.state)
+    }
+
+    #[test]
+    fn a_key_its_spec_refuses_is_refused_without_its_material() {
+        for (spec, refused) in [
+            (serde_json::json!({"enabled": false}), KeyState::Disabled),
+            (serde_json::json!({"deletion": {"scheduled": true}}), KeyState::PendingDeletion),
+        ] {
+            let (tx, _rx) = watch::channel(served(KeyState::Enabled));
+            refuse_if_spec_refuses(&key(spec), &tx);
+            assert_eq!(state(&tx), Some(refused));
+        }
+        // A spec that still allows the key leaves the last good snapshot alone.
+        let (tx, _rx) = watch::channel(served(KeyState::Enabled));
+        refuse_if_spec_refuses(&key(serde_json::json!({})), &tx);
+        assert_eq!(state(&tx), Some(KeyState::Enabled));
+        // And nothing is made up when nothing is served.
+        let (tx, _rx) = watch::channel(None);
+        refuse_if_spec_refuses(&key(serde_json::json!({"enabled": false})), &tx);
+        assert_eq!(state(&tx), None);
     }
 }
