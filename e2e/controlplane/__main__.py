@@ -1,5 +1,6 @@
 """`make up` and `make down`: the local control plane of the end-to-end tests and the demo.
-etcd and kube-apiserver with RBAC, a service-account issuer and an admin kubeconfig; the
+etcd and kube-apiserver with RBAC, a service-account issuer and an admin kubeconfig;
+kube-controller-manager (service accounts, namespaces, garbage collection); the
 CRDs, kubekms's RBAC and deletion protection (from the Helm chart); a root key; and the
 kubekms controller, KMS v2 plugin and key API server, each as its ServiceAccount. State in
 e2e/.run (KUBEKMS_RUN_DIR), ports from KUBEKMS_*_PORT; writes e2e/.run/env. e2e/up.sh and
@@ -26,7 +27,7 @@ from controlplane.procs import Failure, Process, log, stop_named, stop_recorded,
 
 # `make down` stops these first, in this order (clients before what they depend on; the
 # plugin after kube-apiserver, which calls it), then anything else recorded.
-STOP_ORDER = ("server", "controller", "kube-apiserver", "plugin", "etcd")
+STOP_ORDER = ("server", "controller", "kube-controller-manager", "kube-apiserver", "plugin", "etcd")
 
 
 # The kube-apiserver audit policy the README recommends for clusters that run kubekms.
@@ -47,7 +48,8 @@ class Local:
             apiserver=port("KUBEKMS_APISERVER_PORT", 36443),
             controller_metrics=port("KUBEKMS_CONTROLLER_METRICS_PORT", 38080),
             plugin_metrics=port("KUBEKMS_PLUGIN_METRICS_PORT", 38081),
-            server=port("KUBEKMS_SERVER_PORT", 38443), server_metrics=port("KUBEKMS_SERVER_METRICS_PORT", 38082))
+            server=port("KUBEKMS_SERVER_PORT", 38443), server_metrics=port("KUBEKMS_SERVER_METRICS_PORT", 38082),
+            controller_manager=port("KUBEKMS_CONTROLLER_MANAGER_PORT", 30257))
         self.cp = ControlPlane("kubekms-e2e", run_dir(), ports, kubekms)
         self.socket = socket_path(self.cp.run_dir, "kms.sock")
         self.encryption_config = self.cp.run_dir / "encryption-config.yaml"
@@ -70,6 +72,12 @@ class Local:
                                 "--audit-log-path", self.cp.run_dir / "kube-apiserver-audit.log",
                                 "--audit-log-format=json", "--audit-log-maxsize=100",
                                 readyz="/readyz?exclude=kms-providers")
+
+    def kube_controller_manager(self) -> None:
+        if self.cp.process("kube-controller-manager").alive():
+            return
+        log(f"starting kube-controller-manager (health on https://127.0.0.1:{self.cp.ports.controller_manager})")
+        self.cp.start_controller_manager()
 
     def controller(self) -> None:
         if self._runs_current_build("controller"):
@@ -133,6 +141,7 @@ class Local:
         if (cp.run_dir / "plugin" / "key-cache-v1").is_file() and (cp.run_dir / "kubekms-plugin.kubeconfig").is_file():
             self.plugin()
         self.kube_apiserver()
+        self.kube_controller_manager()
         cp.install_kubekms("templates/deletion-protection.yaml")
         self.controller()
         self.server()
@@ -178,7 +187,8 @@ export PATH='{TOOLS}':"$PATH"
 
     def components(self) -> dict:
         """What `e2e/up.sh NAME...` can start, by name."""
-        return {"etcd": self.etcd, "kube-apiserver": self.kube_apiserver, "controller": self.controller,
+        return {"etcd": self.etcd, "kube-apiserver": self.kube_apiserver,
+                "kube-controller-manager": self.kube_controller_manager, "controller": self.controller,
                 "plugin": self.plugin, "server": self.server}
 
 

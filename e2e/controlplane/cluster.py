@@ -46,6 +46,8 @@ class Ports:
     plugin_metrics: int
     server: int
     server_metrics: int
+    # kube-controller-manager's secure port (health checks only); 0 where none runs.
+    controller_manager: int = 0
 
 
 def socket_path(run_dir: Path, name: str) -> Path:
@@ -57,6 +59,26 @@ def socket_path(run_dir: Path, name: str) -> Path:
     short = Path(os.environ.get("TMPDIR", "/tmp")) / f"kubekms-{sha256(str(run_dir).encode()).hexdigest()[:12]}"
     short.mkdir(mode=0o700, exist_ok=True)
     return short / name
+
+
+# The kube-controller-manager controllers `make up` runs.
+CONTROLLER_MANAGER_CONTROLLERS = ",".join([
+    "serviceaccount-controller", "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
+    "namespace-controller", "garbage-collector-controller",
+])
+
+
+def https_ok(url: str) -> bool:
+    """Whether an HTTPS GET of url answers 200, whatever certificate serves it (a
+    component's self-signed health endpoint on 127.0.0.1)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 def http_ok(url: str) -> bool:
@@ -180,6 +202,25 @@ class ControlPlane:
             "--shutdown-watch-termination-grace-period=2s",
             "--profiling=false", "--v=1", *flags,
         ], lambda: self.api_get(readyz)[0] == 200, f"kube-apiserver {readyz}", timeout=180, interval=0.05)
+
+    def start_controller_manager(self) -> Process:
+        """kube-controller-manager with the controllers the tests need: ServiceAccounts and
+        their tokens, the root CA ConfigMap, namespaces (so that a deleted namespace goes
+        away) and the garbage collector; leader election off. Returns once /healthz is ok."""
+        pki = self.pki
+        kubeconfig = self.run_dir / "kube-controller-manager.kubeconfig"
+        self.write_kubeconfig(kubeconfig, "system:kube-controller-manager",
+                              {"client-certificate": str(pki / "kube-controller-manager.crt"),
+                               "client-key": str(pki / "kube-controller-manager.key")})
+        port = self.ports.controller_manager
+        return self.start("kube-controller-manager", [
+            TOOLS / "kube-controller-manager", "--kubeconfig", kubeconfig,
+            "--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig,
+            "--bind-address", "127.0.0.1", "--secure-port", port, "--cert-dir", self.run_dir / "controller-manager-certs",
+            "--leader-elect=false", "--controllers", CONTROLLER_MANAGER_CONTROLLERS,
+            "--root-ca-file", pki / "ca.crt", "--service-account-private-key-file", pki / "sa.key",
+            "--profiling=false", "--v=1",
+        ], lambda: https_ok(f"https://127.0.0.1:{port}/healthz"), "kube-controller-manager /healthz", timeout=120)
 
     def start_controller(self, name: str, kubeconfig: Path, selector: str,
                          plugin_key: tuple[str, str] | None = None) -> Process:

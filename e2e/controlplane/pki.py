@@ -25,6 +25,8 @@ def certificates(cluster: str) -> dict[str, tuple[str, list[str]]]:
             *SERVING, "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
                       "DNS:kubernetes.default.svc"]),
         "admin": (f"/O=system:masters/CN={cluster}-admin", CLIENT),
+        # The user the API server's bootstrap RBAC gives kube-controller-manager its rights.
+        "kube-controller-manager": ("/CN=system:kube-controller-manager", CLIENT),
         # The kubekms key API, also under the name of the chart's Service.
         "server": ("/CN=kubekms-server", [
             *SERVING, "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubekms-server.kubekms-system.svc"]),

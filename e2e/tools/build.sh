@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the real control plane used by the end-to-end tests — etcd, etcdctl,
-# kube-apiserver and helm — from the Go module proxy, into a cache outside the
-# clone. Each tool lands in a directory keyed by its version and by a hash of
-# its wrapper module, so a warm run rebuilds nothing and a pin change rebuilds
-# only what changed.
+# kube-apiserver, kube-controller-manager and helm — from the Go module proxy, into a
+# cache outside the clone. Each tool lands in a directory keyed by its version and by a
+# hash of what decides its binary (its wrapper module, package, flags and the Go
+# version), so a warm run rebuilds nothing, and a pin change or a new tool rebuilds only
+# what changed.
 #
 # Usage: e2e/tools/build.sh [BIN_DIR]
 #   BIN_DIR (default e2e/.bin) receives symlinks to the cached binaries.
@@ -29,15 +30,16 @@ module_version() {
 # build NAME WRAPPER_DIR PACKAGE VERSION [LDFLAGS]
 build() {
   local name="$1" wrapper="$here/$2" pkg="$3" version="$4" ldflags="${5:-}"
+  local flags=(-mod=readonly -trimpath -ldflags "-s -w $ldflags")
   local key
-  key="$(cat "$wrapper/go.mod" "$wrapper/go.sum" "$here/build.sh" | sha256sum | cut -c1-12)"
+  key="$( (cat "$wrapper/go.mod" "$wrapper/go.sum"; printf '%s\n' "$pkg" "${flags[*]}" "$(go env GOVERSION)" CGO_ENABLED=0) \
+    | sha256sum | cut -c1-12)"
   local dir="$cache/$name-$version-$key"
   if [[ ! -x "$dir/$name" ]]; then
     echo "building $name $version (cold build; cached in $dir)" >&2
     local tmp
     tmp="$(mktemp -d "$cache/.$name.XXXXXX")"
-    (cd "$wrapper" && CGO_ENABLED=0 go build -mod=readonly -trimpath \
-      -ldflags "-s -w $ldflags" -o "$tmp/$name" "$pkg")
+    (cd "$wrapper" && CGO_ENABLED=0 go build "${flags[@]}" -o "$tmp/$name" "$pkg")
     rm -rf "$dir"
     mv "$tmp" "$dir"
   fi
@@ -53,6 +55,7 @@ check_pin() {
   fi
 }
 check_pin kube-apiserver k8s.io/kubernetes "$KUBE_VERSION"
+check_pin kube-controller-manager k8s.io/kubernetes "$KUBE_VERSION"
 check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
 
@@ -71,3 +74,5 @@ build etcdctl etcd go.etcd.io/etcd/etcdctl/v3 "$ETCD_VERSION"
 build helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" \
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build kube-apiserver kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$KUBE_VERSION" "$kube_ldflags"
+build kube-controller-manager kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager \
+  "$KUBE_VERSION" "$kube_ldflags"
