@@ -4,8 +4,11 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use crate::support::{Run, TestNamespace, can_i, kubeconfig_path, kubectl, kubectl_ok, kubekms_bin, run_dir};
+use crate::support::{
+    Run, TestNamespace, can_i, eventually, kubeconfig_path, kubectl, kubectl_ok, kubekms_bin, run_dir,
+};
 
 fn helm(args: &[&str]) -> Run {
     let helm = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.bin/helm");
@@ -351,9 +354,12 @@ async fn static_pod_manifest_is_valid() {
         .unwrap();
     assert!(out.status.success());
     let pod = String::from_utf8(out.stdout).unwrap();
-    // Without kube-controller-manager nobody creates kube-system's default ServiceAccount,
-    // which admission looks up for any pod that is not a kubelet mirror pod.
-    let _ = kubectl(&["create", "serviceaccount", "default", "-n", "kube-system"], None);
+    // Admission looks up kube-system's default ServiceAccount for any pod that is not a
+    // kubelet mirror pod; kube-controller-manager creates it.
+    eventually(Duration::from_secs(60), "kube-system's default ServiceAccount", || async {
+        kubectl(&["get", "serviceaccount", "default", "-n", "kube-system"], None).ok.then_some(())
+    })
+    .await;
     let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&pod));
     assert!(dry.ok, "the API server refused the static pod:\n{}", dry.stderr);
     let bad = Command::new(kubekms_bin())

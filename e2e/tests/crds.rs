@@ -6,7 +6,7 @@ use kube::Api;
 use kubekms::api::{KeyState, KmsGrant, KmsKey};
 use serde_json::json;
 
-use crate::support::{TestNamespace, client, kubectl, kubectl_ok};
+use crate::support::{TestNamespace, client, eventually, kubectl, kubectl_ok};
 
 #[tokio::test]
 async fn the_api_server_reports_its_real_version() {
@@ -298,4 +298,23 @@ async fn bad_grants_are_rejected_naming_the_field() {
         &grant_with(&format!("{grantee}  operations: [Encrypt, Decrypt]")),
         &["spec", "a grant's terms cannot change"],
     );
+}
+
+/// kube-controller-manager runs beside the API server: a deleted namespace goes away, and
+/// a new one gets its default ServiceAccount.
+#[tokio::test]
+async fn namespaces_are_deleted_and_get_service_accounts() {
+    let name = format!("kcm-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    kubectl_ok(&["create", "namespace", &name], None);
+    eventually(std::time::Duration::from_secs(60), "the namespace's default ServiceAccount", || async {
+        kubectl(&["get", "serviceaccount", "default", "-n", &name], None).ok.then_some(())
+    })
+    .await;
+    kubectl_ok(&["create", "configmap", "doomed", "-n", &name], None);
+    kubectl_ok(&["delete", "namespace", &name, "--wait=false"], None);
+    eventually(std::time::Duration::from_secs(60), "the deleted namespace to be gone", || async {
+        let get = kubectl(&["get", "namespace", &name], None);
+        (!get.ok && get.stderr.contains("NotFound")).then_some(())
+    })
+    .await;
 }
