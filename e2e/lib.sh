@@ -10,7 +10,8 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # require_tools: fails at once, naming what is missing, when a prerequisite of the
-# control plane and its tests is not on PATH (etcd, kube-apiserver and helm are built here).
+# control plane and its tests is not on PATH (etcd, kube-apiserver, kube-controller-manager
+# and helm are built here).
 require_tools() {
   local tool missing=()
   for tool in cargo go kubectl python3 openssl curl sha256sum; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Starts a local control plane for kubekms on 127.0.0.1: etcd and kube-apiserver (built
-# from the Go module proxy by e2e/tools/build.sh), with RBAC, a service-account issuer
-# and an admin kubeconfig; installs the CRDs, kubekms's RBAC and deletion protection (from
+# Starts a local control plane for kubekms on 127.0.0.1: etcd, kube-apiserver and
+# kube-controller-manager (built from the Go module proxy by e2e/tools/build.sh), with
+# RBAC, a service-account issuer and an admin kubeconfig; installs the CRDs, kubekms's RBAC and deletion protection (from
 # the Helm chart), creates a root key and runs the kubekms controller, plugin and key API
 # server as their ServiceAccounts. Writes e2e/.run/env, which exports KUBECONFIG,
 # ETCDCTL_ENDPOINTS and PATH for the tools.
