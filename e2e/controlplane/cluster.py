@@ -218,6 +218,9 @@ class ControlPlane:
             "--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig,
             "--bind-address", "127.0.0.1", "--secure-port", port, "--cert-dir", self.run_dir / "controller-manager-certs",
             "--leader-elect=false", "--controllers", CONTROLLER_MANAGER_CONTROLLERS,
+            # Each controller as its own ServiceAccount, with the bootstrap RBAC role that names
+            # it (system:kube-controller-manager itself may do little); no front proxy here.
+            "--use-service-account-credentials=true", "--authentication-skip-lookup=true",
             "--root-ca-file", pki / "ca.crt", "--service-account-private-key-file", pki / "sa.key",
             "--profiling=false", "--v=1",
         ], lambda: https_ok(f"https://127.0.0.1:{port}/healthz"), "kube-controller-manager /healthz", timeout=120)

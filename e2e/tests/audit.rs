@@ -62,11 +62,12 @@ async fn a_disable_is_found_in_the_api_server_and_controller_audit_logs() {
                 && e["objectRef"]["namespace"] == ns
                 && e["objectRef"]["name"] == "k"
                 && e["stage"] == "ResponseComplete"
-                && e["user"]["username"] == "jane"
+                && e["impersonatedUser"]["username"] == "jane"
         });
         found.into_iter().next()
     })
     .await;
+    // (`kubectl --as`: the admin impersonates jane; a real jane's request names her as `user`.)
     assert_eq!(asked["requestObject"]["spec"]["enabled"], false, "the request body is recorded: {asked}");
     assert_eq!(asked["responseStatus"]["code"], 200);
 
