@@ -79,7 +79,18 @@ async fn a_disable_is_found_in_the_api_server_and_controller_audit_logs() {
     .await;
     assert_eq!(done["component"], "controller");
     assert_eq!(done["result"], "OK");
-    assert_eq!(done["principal"], "manager:kubectl-patch", "the field manager that asked: {done}");
+    // The field manager that wrote the change, as the key's managedFields name it.
+    let managed = kubectl_ok(&["get", "kmskey", "k", "-n", ns, "--show-managed-fields", "-o", "json"], None);
+    let managed: serde_json::Value = serde_json::from_str(&managed).unwrap();
+    let writer = managed["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("subresource").is_none() && !e["manager"].as_str().unwrap().starts_with("kubekms-"))
+        .max_by_key(|e| e["time"].as_str().unwrap().to_owned())
+        .map(|e| e["manager"].as_str().unwrap().to_owned())
+        .unwrap();
+    assert_eq!(done["principal"], format!("manager:{writer}").as_str(), "the field manager that asked: {done}");
     let verify = std::process::Command::new(kubekms_bin())
         .args(["audit", "verify"])
         .arg(run_dir().join("controller/audit.log"))
