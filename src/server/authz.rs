@@ -9,7 +9,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 
 use super::BackendError;
-use crate::domain::{Grant, Identity, Key, KeyOperation, Verdict};
+use crate::domain::{Denial, Grant, Identity, Key, KeyOperation, Verdict};
 
 /// Asks Kubernetes RBAC whether `who` may use `verb` on the kmskeys object.
 #[tonic::async_trait]
@@ -26,8 +26,8 @@ pub trait RbacChecker: Send + Sync + 'static {
 /// Why a call is not authorized.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthzError {
-    #[error("{who} is denied {} on key {key} by the key policy{}", op.as_str(), statement(.sid))]
-    DeniedByPolicy { who: String, op: KeyOperation, key: String, sid: Option<String> },
+    #[error("{who} is denied {} on key {key} by the key policy{}", op.as_str(), statement(.sid, *.op, *.denied))]
+    DeniedByPolicy { who: String, op: KeyOperation, key: String, sid: Option<String>, denied: KeyOperation },
     #[error(
         "{who} may not {} with key {key}: no key policy statement, grant{} allows it",
         op.as_str(),
@@ -38,8 +38,16 @@ pub enum AuthzError {
     Rbac(#[source] BackendError),
 }
 
-fn statement(sid: &Option<String>) -> String {
-    sid.as_ref().map(|s| format!(" (statement {s:?})")).unwrap_or_default()
+/// Which statement denied the call, and — when it names another operation — which one.
+fn statement(sid: &Option<String>, op: KeyOperation, denied: KeyOperation) -> String {
+    match (sid, op == denied) {
+        (Some(s), true) => format!(" (statement {s:?})"),
+        (None, true) => String::new(),
+        (Some(s), false) => {
+            format!(" (statement {s:?} denies {}, which {} implies)", denied.as_str(), op.as_str())
+        }
+        (None, false) => format!(" (a statement denies {}, which {} implies)", denied.as_str(), op.as_str()),
+    }
 }
 
 /// What allowed a call.
@@ -73,8 +81,8 @@ impl<R: RbacChecker> Authorizer<R> {
         Authorizer { rbac }
     }
 
-    /// Key policy (an explicit Deny wins), then the key's `grants`, then RBAC when the
-    /// policy delegates to it.
+    /// Key policy (an explicit Deny wins, and a Deny of an operation `op` implies refuses
+    /// `op` too), then the key's `grants`, then RBAC when the policy delegates to it.
     pub async fn authorize(
         &self,
         who: &Identity,
@@ -84,17 +92,17 @@ impl<R: RbacChecker> Authorizer<R> {
         grants: &[Arc<Grant>],
         now: Timestamp,
     ) -> Result<Allowed, AuthzError> {
-        match key.policy.verdict(who, op) {
-            Verdict::Deny(sid) => {
-                return Err(AuthzError::DeniedByPolicy {
-                    who: who.username.clone(),
-                    op,
-                    key: key.info.display(),
-                    sid,
-                });
-            }
-            Verdict::Allow(sid) => return Ok(Allowed::Policy(sid)),
-            Verdict::NoMatch => {}
+        if let Some(Denial { sid, denied }) = key.policy.denial(who, op) {
+            return Err(AuthzError::DeniedByPolicy {
+                who: who.username.clone(),
+                op,
+                key: key.info.display(),
+                sid,
+                denied,
+            });
+        }
+        if let Verdict::Allow(sid) = key.policy.verdict(who, op) {
+            return Ok(Allowed::Policy(sid));
         }
         if let Some(grant) = grants.iter().find(|g| g.allows(&key.info.key_id, who, op, context, now)) {
             return Ok(Allowed::Grant(grant.grant_id.clone()));
@@ -223,6 +231,37 @@ mod tests {
             r#"mallory is denied Decrypt on key apps/k by the key policy (statement "no-mallory")"#
         );
         assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), 0, "RBAC is not asked once a Deny matched");
+    }
+
+    #[tokio::test]
+    async fn a_deny_of_decrypt_refuses_re_encrypt_out_of_the_key_and_says_why() {
+        let authz = Authorizer::new(Scripted {
+            allow: vec![("mallory", "reencryptfrom")],
+            asked: AtomicUsize::new(0),
+        });
+        let deny = Statement {
+            sid: Some("no-mallory".into()),
+            effect: Effect::Deny,
+            principals: vec![Principal::User("mallory".into())],
+            operations: vec![KeyOperation::Decrypt],
+        };
+        let k = key(true, vec![deny]);
+        let err = authz
+            .authorize(
+                &user("mallory"),
+                &k,
+                KeyOperation::ReEncryptFrom,
+                &BTreeMap::new(),
+                &[],
+                Timestamp::UNIX_EPOCH,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"mallory is denied ReEncryptFrom on key apps/k by the key policy (statement "no-mallory" denies Decrypt, which ReEncryptFrom implies)"#
+        );
+        assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -297,6 +297,18 @@ fn not_allowed_by_policy(who: &str, op: &str, key: &str) -> String {
     format!("{who} may not {op} with key {key}: no key policy statement, grant allows it")
 }
 
+/// What a caller refused by the Deny statement `sid` of `denied` is told.
+fn denied_by_policy(namespace: &str, name: &str, op: &str, key: &str, sid: &str, denied: &str) -> String {
+    let who = user(namespace, name);
+    if op == denied {
+        format!("{who} is denied {op} on key {key} by the key policy (statement {sid:?})")
+    } else {
+        format!(
+            "{who} is denied {op} on key {key} by the key policy (statement {sid:?} denies {denied}, which {op} implies)"
+        )
+    }
+}
+
 /// What delegating keys answer a caller nothing allows.
 fn not_allowed(who: &str, op: &str, key: &str) -> String {
     format!("{who} may not {op} with key {key}: no key policy statement, grant or RBAC rule allows it")
@@ -977,27 +989,21 @@ async fn a_key_without_a_usable_current_version_refuses_to_encrypt() {
 }
 
 #[tokio::test]
-async fn re_encrypt_is_authorized_by_its_own_operations_not_by_decrypt() {
-    // The attacker, a ServiceAccount of another tenant, is denied Decrypt on apps/src by
-    // policy but allowed ReEncryptFrom, and controls partner/mine.
+async fn a_deny_of_decrypt_cannot_be_sidestepped_by_re_encrypting_into_a_key_of_ones_own() {
+    // The attack of issue 12: the attacker may use apps/src through RBAC (every verb), a
+    // policy statement denies it Decrypt, and it controls partner/mine.
     let h = Harness::start().await;
     let attacker = sa("partner", "attacker");
-    let src = policy_only(vec![
+    let src = delegating(vec![
         allow("owner", sa("apps", "owner"), &[Op::Encrypt]),
         allow("reader", sa("apps", "reader"), &[Op::Decrypt]),
         deny("no-decrypt", attacker.clone(), &[Op::Decrypt]),
-        allow("migrate", attacker.clone(), &[Op::ReEncryptFrom]),
     ]);
     h.add_key(key("apps", "src", K, src), 1);
-    h.add_key(
-        key(
-            "partner",
-            "mine",
-            MINE,
-            policy_only(vec![allow("self", attacker, &[Op::ReEncryptTo, Op::Decrypt])]),
-        ),
-        1,
-    );
+    for op in Op::ALL {
+        h.rbac.allow(&user("partner", "attacker"), op.rbac_verb(), "apps", "src");
+    }
+    h.add_key(key("partner", "mine", MINE, policy_only(vec![allow("self", attacker, &Op::ALL)])), 1);
     let context = [("tenant", "apps")];
     let blob = h
         .encrypt(&token("apps", "owner"), "apps/src", b"tenant secret", &context)
@@ -1009,45 +1015,94 @@ async fn re_encrypt_is_authorized_by_its_own_operations_not_by_decrypt() {
     refused(
         h.decrypt(&mallory, &blob, &context, "").await,
         Code::PermissionDenied,
-        r#"system:serviceaccount:partner:attacker is denied Decrypt on key apps/src by the key policy (statement "no-decrypt")"#,
+        &denied_by_policy("partner", "attacker", "Decrypt", "apps/src", "no-decrypt", "Decrypt"),
     );
-    // PINNED, the current model (a later issue changes it): ReEncrypt checks ReEncryptFrom on
-    // the source and ReEncryptTo on the destination, never Decrypt, so the plaintext that the
-    // Deny refuses moves to a key the attacker controls, and decrypts there.
-    let moved =
-        h.re_encrypt(&mallory, re_encrypt_request(&blob, &context, "", "partner/mine", &[])).await.unwrap();
-    assert_eq!(
-        moved.source_key,
-        Some(KeyVersionRef { key: "apps/src".into(), key_id: K.into(), version: 1 })
-    );
-    assert_eq!(
-        moved.key,
-        Some(KeyVersionRef { key: "partner/mine".into(), key_id: MINE.into(), version: 1 })
-    );
-    assert_eq!(
-        h.decrypt(&mallory, &moved.ciphertext_blob, &[], "").await.unwrap().plaintext,
-        b"tenant secret"
-    );
-    let line = &h.audit.lines()[2];
+    // ReEncrypt out of the key is Decrypt into a key of one's own: the Deny refuses it too,
+    // to any destination, before RBAC is asked.
+    for destination in ["partner/mine", "apps/src"] {
+        refused(
+            h.re_encrypt(&mallory, re_encrypt_request(&blob, &context, "", destination, &[])).await,
+            Code::PermissionDenied,
+            &denied_by_policy("partner", "attacker", "ReEncryptFrom", "apps/src", "no-decrypt", "Decrypt"),
+        );
+    }
+    assert!(h.rbac.asked().is_empty(), "a Deny answers before RBAC");
+    let line = h.audit.lines().pop().unwrap();
     assert_eq!(line["operation"], "ReEncrypt");
-    assert_eq!(line["principal"], user("partner", "attacker"));
-    assert_eq!((line["sourceKey"].as_str(), line["sourceKeyVersion"].as_u64()), (Some("apps/src"), Some(1)));
-    assert_eq!((line["key"].as_str(), line["keyVersion"].as_u64()), (Some("partner/mine"), Some(1)));
-    assert_eq!(line["result"], "OK");
+    assert_eq!((line["sourceKey"].as_str(), line["sourceKeyVersion"].as_u64()), (None, None));
+    assert_eq!((line["key"].as_str(), line["keyVersion"].as_u64()), (Some("apps/src"), Some(1)));
+    assert_eq!(line["result"], "PermissionDenied");
 
-    // Decrypt does not imply ReEncryptFrom …
+    // An Allow is not widened: Decrypt does not allow ReEncryptFrom …
     refused(
         h.re_encrypt(&token("apps", "reader"), re_encrypt_request(&blob, &context, "", "partner/mine", &[]))
             .await,
         Code::PermissionDenied,
-        &not_allowed_by_policy(&user("apps", "reader"), "ReEncryptFrom", "apps/src"),
+        &not_allowed(&user("apps", "reader"), "ReEncryptFrom", "apps/src"),
     );
-    // … and ReEncryptFrom does not imply ReEncryptTo.
+    // … nor ReEncryptFrom ReEncryptTo.
+    h.change_key("apps", "src", |k| {
+        k.policy.statements.push(allow("migrate", sa("apps", "reader"), &[Op::ReEncryptFrom]));
+    });
     refused(
-        h.re_encrypt(&mallory, re_encrypt_request(&blob, &context, "", "apps/src", &[])).await,
+        h.re_encrypt(&token("apps", "reader"), re_encrypt_request(&blob, &context, "", "apps/src", &[]))
+            .await,
         Code::PermissionDenied,
-        &not_allowed_by_policy(&user("partner", "attacker"), "ReEncryptTo", "apps/src"),
+        &not_allowed(&user("apps", "reader"), "ReEncryptTo", "apps/src"),
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_deny_refuses_every_operation_that_implies_it_through_the_service() {
+    // The intruder may do everything with apps/k but what one Deny statement names, and
+    // everything with partner/mine, a key it controls.
+    let h = Harness::start().await;
+    let intruder = sa("apps", "intruder");
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    h.add_key(key("partner", "mine", MINE, policy_only(vec![allow("self", intruder.clone(), &Op::ALL)])), 1);
+    let it = token("apps", "intruder");
+    let k_blob = h.encrypt(&token("apps", "web"), "apps/k", b"theirs", &[]).await.unwrap().ciphertext_blob;
+    let mine_blob = h.encrypt(&it, "partner/mine", b"mine", &[]).await.unwrap().ciphertext_blob;
+
+    for (denied, refusals) in crate::domain::DENY_TABLE {
+        h.change_key("apps", "k", |k| {
+            k.policy = policy_only(vec![
+                allow("web", sa("apps", "web"), &Op::ALL),
+                allow("intruder", intruder.clone(), &Op::ALL),
+                deny("no", intruder.clone(), &[*denied]),
+            ]);
+        });
+        for op in Op::ALL {
+            let outcome = match op {
+                Op::Encrypt => h.encrypt(&it, "apps/k", b"x", &[]).await.map(drop),
+                Op::Decrypt => h.decrypt(&it, &k_blob, &[], "").await.map(drop),
+                Op::GenerateDataKey => h.data_key(&it, "apps/k", &[], 0).await.map(drop),
+                Op::GenerateDataKeyWithoutPlaintext => h.data_key_only(&it, "apps/k", &[], 0).await.map(drop),
+                Op::ReEncryptFrom => h
+                    .re_encrypt(&it, re_encrypt_request(&k_blob, &[], "", "partner/mine", &[]))
+                    .await
+                    .map(drop),
+                Op::ReEncryptTo => {
+                    h.re_encrypt(&it, re_encrypt_request(&mine_blob, &[], "", "apps/k", &[])).await.map(drop)
+                }
+                Op::DescribeKey => h.describe(&it, "apps/k").await.map(drop),
+            };
+            if refusals.contains(&op) {
+                let err = outcome.expect_err(&format!("a Deny of {denied:?} refuses {op:?}"));
+                let reason =
+                    denied_by_policy("apps", "intruder", op.as_str(), "apps/k", "no", denied.as_str());
+                assert_eq!(
+                    (err.code(), err.message()),
+                    (Code::PermissionDenied, reason.as_str()),
+                    "{denied:?}"
+                );
+            } else {
+                outcome.unwrap_or_else(|e| panic!("a Deny of {denied:?} refused {op:?}: {e:?}"));
+            }
+        }
+    }
+    assert!(h.rbac.asked().is_empty());
     h.stop().await;
 }
 
