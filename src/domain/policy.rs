@@ -32,11 +32,17 @@ pub enum KeyOperation {
     ReEncryptTo,
     /// Read the key's metadata.
     DescribeKey,
+    /// Retire a grant of this key. In a grant whose grantee is a Group, it lets the group's
+    /// members retire the grant (for every member); without it they cannot. A ServiceAccount
+    /// or User grantee may retire its own grant without it, and the retiring principal
+    /// always may. In a key policy, an Allow lets its principals retire any grant of the
+    /// key and a Deny refuses them even their own; the RBAC verb is `retiregrant`.
+    RetireGrant,
 }
 
 impl KeyOperation {
     /// Every operation, in a fixed order.
-    pub const ALL: [KeyOperation; 7] = [
+    pub const ALL: [KeyOperation; 8] = [
         KeyOperation::Encrypt,
         KeyOperation::Decrypt,
         KeyOperation::GenerateDataKey,
@@ -44,6 +50,7 @@ impl KeyOperation {
         KeyOperation::ReEncryptFrom,
         KeyOperation::ReEncryptTo,
         KeyOperation::DescribeKey,
+        KeyOperation::RetireGrant,
     ];
 
     /// The operation's name on the wire and in audit records.
@@ -56,6 +63,7 @@ impl KeyOperation {
             KeyOperation::ReEncryptFrom => "ReEncryptFrom",
             KeyOperation::ReEncryptTo => "ReEncryptTo",
             KeyOperation::DescribeKey => "DescribeKey",
+            KeyOperation::RetireGrant => "RetireGrant",
         }
     }
 
@@ -89,6 +97,7 @@ impl KeyOperation {
             GenerateDataKey => &[GenerateDataKey, GenerateDataKeyWithoutPlaintext],
             GenerateDataKeyWithoutPlaintext => &[GenerateDataKeyWithoutPlaintext, GenerateDataKey],
             DescribeKey => &[DescribeKey],
+            RetireGrant => &[RetireGrant],
         }
     }
 
@@ -103,6 +112,7 @@ impl KeyOperation {
             KeyOperation::ReEncryptFrom => "reencryptfrom",
             KeyOperation::ReEncryptTo => "reencryptto",
             KeyOperation::DescribeKey => "describekey",
+            KeyOperation::RetireGrant => "retiregrant",
         }
     }
 }
@@ -193,6 +203,7 @@ pub(crate) const DENY_TABLE: &[(KeyOperation, &[KeyOperation])] = {
         (ReEncryptFrom, &[ReEncryptFrom, Decrypt]),
         (ReEncryptTo, &[ReEncryptTo, Encrypt]),
         (DescribeKey, &[DescribeKey]),
+        (RetireGrant, &[RetireGrant]),
     ]
 };
 

@@ -92,6 +92,42 @@ impl<R: RbacChecker> Authorizer<R> {
         grants: &[Arc<Grant>],
         now: Timestamp,
     ) -> Result<Allowed, AuthzError> {
+        let granted = || {
+            let grant = grants.iter().find(|g| g.allows(&key.info.key_id, who, op, context, now))?;
+            Some(grant.grant_id.clone())
+        };
+        self.decide(who, key, op, granted).await
+    }
+
+    /// Whether `who` may retire `grant`, a grant of `key` (`None` when the key is gone),
+    /// decided as any operation is: the key policy for `RetireGrant` (a Deny wins), then the
+    /// grant itself ([`Grant::may_retire`]), then the RBAC verb `retiregrant`.
+    pub async fn authorize_retire(
+        &self,
+        who: &Identity,
+        key: Option<&Key>,
+        grant: &Grant,
+    ) -> Result<Allowed, AuthzError> {
+        let granted = || grant.may_retire(who).then(|| grant.grant_id.clone());
+        match key {
+            Some(key) => self.decide(who, key, KeyOperation::RetireGrant, granted).await,
+            None => granted().map(Allowed::Grant).ok_or_else(|| AuthzError::NotAllowed {
+                who: who.username.clone(),
+                op: KeyOperation::RetireGrant,
+                key: format!("{}/{}", grant.namespace, grant.key_name),
+                rbac: false,
+            }),
+        }
+    }
+
+    /// Policy, then `granted` (the id of a grant that allows the call), then RBAC.
+    async fn decide(
+        &self,
+        who: &Identity,
+        key: &Key,
+        op: KeyOperation,
+        granted: impl FnOnce() -> Option<String>,
+    ) -> Result<Allowed, AuthzError> {
         if let Some(Denial { sid, denied }) = key.policy.denial(who, op) {
             return Err(AuthzError::DeniedByPolicy {
                 who: who.username.clone(),
@@ -104,8 +140,8 @@ impl<R: RbacChecker> Authorizer<R> {
         if let Verdict::Allow(sid) = key.policy.verdict(who, op) {
             return Ok(Allowed::Policy(sid));
         }
-        if let Some(grant) = grants.iter().find(|g| g.allows(&key.info.key_id, who, op, context, now)) {
-            return Ok(Allowed::Grant(grant.grant_id.clone()));
+        if let Some(grant_id) = granted() {
+            return Ok(Allowed::Grant(grant_id));
         }
         let delegate = key.policy.delegate_to_rbac;
         if delegate

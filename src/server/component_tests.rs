@@ -857,7 +857,7 @@ async fn grants_are_retired_by_their_grantee_or_retiring_principal_only() {
     refused(
         h.retire(&token("partner", "stranger"), "apps/a").await,
         Code::PermissionDenied,
-        "system:serviceaccount:partner:stranger is neither the grantee nor the retiring principal of grant apps/a",
+        &not_allowed(&user("partner", "stranger"), "RetireGrant", "apps/k"),
     );
     assert!(h.retirer.retired().is_empty());
     // The grantee, by grantId; the retiring principal, by namespace/name.
@@ -885,7 +885,60 @@ async fn grants_are_retired_by_their_grantee_or_retiring_principal_only() {
     assert_eq!(retired(1), (Some("grant-a"), Some("apps/k"), Some("OK")));
     assert_eq!(retired(2), (Some("grant-b"), Some("apps/k"), Some("OK")));
     assert_eq!(lines[2]["principal"], user("apps", "owner"));
-    assert!(h.rbac.asked().is_empty(), "retiring is the grant's own right, not RBAC's");
+    // The grant's own rule answers first; RBAC only for the stranger, whom it did not allow.
+    assert_eq!(h.rbac.asked(), vec![question(&user("partner", "stranger"), "retiregrant", "apps", "k")]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_decide_as_for_any_operation() {
+    let h = Harness::start().await;
+    let apps = Principal::Group("system:serviceaccounts:apps".into());
+    h.add_key(
+        key(
+            "apps",
+            "k",
+            K,
+            delegating(vec![
+                allow("admin", sa("apps", "owner"), &[Op::RetireGrant]),
+                deny("no-retiring", sa("apps", "intruder"), &[Op::RetireGrant]),
+            ]),
+        ),
+        1,
+    );
+    h.directory.grants.apply(grant("group", "grant-group", apps.clone(), &[Op::Decrypt]));
+    h.directory.grants.apply(grant("retirable", "grant-retirable", apps, &[Op::Decrypt, Op::RetireGrant]));
+    h.directory.grants.apply(grant("intruders", "grant-intruders", sa("apps", "intruder"), &[Op::Decrypt]));
+    h.directory.grants.apply(grant("readers", "grant-readers", sa("partner", "reader"), &[Op::Decrypt]));
+    let web = token("apps", "web");
+
+    // One member of the group may not retire the grant for every member …
+    refused(
+        h.retire(&web, "apps/group").await,
+        Code::PermissionDenied,
+        &not_allowed(&user("apps", "web"), "RetireGrant", "apps/k"),
+    );
+    // … unless the grant lists RetireGrant.
+    assert_eq!(h.retire(&web, "apps/retirable").await.unwrap(), "grant-retirable");
+    // A key policy Allow lets a key administrator retire any grant of the key …
+    assert_eq!(h.retire(&token("apps", "owner"), "apps/group").await.unwrap(), "grant-group");
+    // … and a Deny refuses even a grantee its own grant.
+    refused(
+        h.retire(&token("apps", "intruder"), "apps/intruders").await,
+        Code::PermissionDenied,
+        &denied_by_policy("apps", "intruder", "RetireGrant", "apps/k", "no-retiring", "RetireGrant"),
+    );
+    // RBAC's verb retiregrant on the key, when the policy delegates.
+    h.rbac.allow(&user("apps", "writer"), "retiregrant", "apps", "k");
+    assert_eq!(h.retire(&token("apps", "writer"), "apps/readers").await.unwrap(), "grant-readers");
+    assert_eq!(
+        h.retirer.retired(),
+        vec![
+            ("grant-retirable".to_owned(), user("apps", "web")),
+            ("grant-group".to_owned(), user("apps", "owner")),
+            ("grant-readers".to_owned(), user("apps", "writer")),
+        ]
+    );
     h.stop().await;
 }
 
@@ -1064,6 +1117,7 @@ async fn a_deny_refuses_every_operation_that_implies_it_through_the_service() {
     let it = token("apps", "intruder");
     let k_blob = h.encrypt(&token("apps", "web"), "apps/k", b"theirs", &[]).await.unwrap().ciphertext_blob;
     let mine_blob = h.encrypt(&it, "partner/mine", b"mine", &[]).await.unwrap().ciphertext_blob;
+    h.directory.grants.apply(grant("for-intruder", "grant-1", sa("partner", "reader"), &[Op::Decrypt]));
 
     for (denied, refusals) in crate::domain::DENY_TABLE {
         h.change_key("apps", "k", |k| {
@@ -1087,6 +1141,7 @@ async fn a_deny_refuses_every_operation_that_implies_it_through_the_service() {
                     h.re_encrypt(&it, re_encrypt_request(&mine_blob, &[], "", "apps/k", &[])).await.map(drop)
                 }
                 Op::DescribeKey => h.describe(&it, "apps/k").await.map(drop),
+                Op::RetireGrant => h.retire(&it, "apps/for-intruder").await.map(drop),
             };
             if refusals.contains(&op) {
                 let err = outcome.expect_err(&format!("a Deny of {denied:?} refuses {op:?}"));

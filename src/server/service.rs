@@ -65,8 +65,6 @@ pub enum ApiError {
     GrantNotFound(String),
     #[error(transparent)]
     Authz(#[from] AuthzError),
-    #[error("{who} is neither the grantee nor the retiring principal of grant {grant}")]
-    NotRetirer { who: String, grant: String },
     #[error("key {key} is {state}; it refuses cryptographic operations until it is Enabled")]
     KeyNotEnabled { key: String, state: &'static str },
     #[error("key {0} has no usable current version yet")]
@@ -109,7 +107,7 @@ impl CallError for ApiError {
             ApiError::Authz(AuthzError::Rbac(_)) => {
                 Status::unavailable("cannot check Kubernetes RBAC right now")
             }
-            ApiError::Authz(_) | ApiError::NotRetirer { .. } => Status::permission_denied(self.to_string()),
+            ApiError::Authz(_) => Status::permission_denied(self.to_string()),
             ApiError::KeyNotEnabled { .. } | ApiError::NoCurrentVersion(_) | ApiError::InvalidKeyId(_) => {
                 Status::failed_precondition(self.to_string())
             }
@@ -560,9 +558,7 @@ where
                 self.keys.grant(&req.grant).ok_or_else(|| ApiError::GrantNotFound(req.grant.clone()))?;
             trail.grant_id = Some(grant.grant_id.clone());
             trail.key = self.keys.resolve(&format!("{}/{}", grant.namespace, grant.key_name));
-            if !grant.may_retire(who) {
-                return Err(ApiError::NotRetirer { who: who.username.clone(), grant: grant.display() });
-            }
+            self.authz.authorize_retire(who, trail.key.as_deref(), &grant).await?;
             if grant.retired_by.is_none() {
                 self.retirer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
             }
