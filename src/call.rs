@@ -16,6 +16,11 @@ use crate::telemetry::error_chain;
 pub trait CallError: std::error::Error {
     /// The status the caller gets. Internal details stay in the log.
     fn status(&self) -> Status;
+    /// Why the call failed, as its audit line says: the caller's message unless the caller
+    /// may not be told more (a refusal that hides whether a key exists says why here).
+    fn reason(&self) -> String {
+        self.status().message().to_owned()
+    }
     /// Whether the failure is kubekms's (a backend, the audit log, randomness), not the
     /// caller's.
     fn is_internal(&self) -> bool;
@@ -43,7 +48,9 @@ impl CallPipeline {
         mut event: AuditEvent,
         outcome: Result<T, E>,
     ) -> Result<T, Status> {
+        let mut reason = None;
         let reply = outcome.map_err(|e| {
+            reason = Some(e.reason());
             if e.is_internal() {
                 tracing::error!(
                     error = %error_chain(&e),
@@ -57,7 +64,7 @@ impl CallPipeline {
         });
         event.component = self.component;
         event.result = reply.as_ref().err().map_or("OK", |s| code_name(s.code()));
-        event.reason = reply.as_ref().err().map(|s| s.message().to_owned());
+        event.reason = reason;
         let audited = self.audit.record(&event);
         let (result, reply) = match (reply, audited) {
             (Ok(_), Err(e)) => {

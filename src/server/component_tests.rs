@@ -309,6 +309,28 @@ fn denied_by_policy(namespace: &str, name: &str, op: &str, key: &str, sid: &str,
     }
 }
 
+/// What a caller refused the key (or grant) `name` for `op` is told, whether it exists or not.
+fn refusal(name: &str, op: &str) -> String {
+    match op {
+        "RetireGrant" => format!("grant {name:?} does not exist or you may not retire it"),
+        op => format!("key {name:?} does not exist or you may not use it for {op}"),
+    }
+}
+
+/// Asserts that a call was refused the key (or grant) `name` for `op` with the answer that
+/// tells nothing — the same for a key that does not exist — and that its audit line (the
+/// last one) says why: `cause`.
+#[track_caller]
+fn forbidden<T: std::fmt::Debug>(h: &Harness, result: Result<T, Status>, name: &str, op: &str, cause: &str) {
+    refused(result, Code::PermissionDenied, &refusal(name, op));
+    let line = h.audit.lines().pop().unwrap();
+    assert_eq!(
+        (line["result"].as_str(), line["reason"].as_str()),
+        (Some("PermissionDenied"), Some(cause)),
+        "{line}"
+    );
+}
+
 /// What delegating keys answer a caller nothing allows.
 fn not_allowed(who: &str, op: &str, key: &str) -> String {
     format!("{who} may not {op} with key {key}: no key policy statement, grant or RBAC rule allows it")
@@ -578,9 +600,11 @@ async fn an_explicit_deny_wins_over_an_allow_statement_a_grant_and_rbac() {
 
     // The Allow statement lets the intruder encrypt; the Deny is for Decrypt only.
     let blob = h.encrypt(&intruder, "apps/k", b"secret", &[]).await.unwrap().ciphertext_blob;
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&intruder, &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         r#"system:serviceaccount:apps:intruder is denied Decrypt on key apps/k by the key policy (statement "no-intruder")"#,
     );
     assert_eq!(h.decrypt(&token("apps", "web"), &blob, &[], "").await.unwrap().plaintext, b"secret");
@@ -610,20 +634,26 @@ async fn a_policy_only_key_is_used_by_its_allow_statements_alone() {
     assert_eq!(e.key.unwrap().version, 1);
     assert_eq!(h.decrypt(&web, &e.ciphertext_blob, &[], "").await.unwrap().plaintext, b"for web");
     // RBAC would allow "other", but the key does not delegate to it.
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&token("apps", "other"), "apps/a", b"x", &[]).await,
-        Code::PermissionDenied,
+        "apps/a",
+        "Encrypt",
         "system:serviceaccount:apps:other may not Encrypt with key apps/a: no key policy statement, grant allows it",
     );
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("apps", "other"), &e.ciphertext_blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed_by_policy(&other, "Decrypt", "apps/a"),
     );
     // A statement allows only the operations it names.
-    refused(
+    forbidden(
+        &h,
         h.data_key(&web, "apps/a", &[], 0).await,
-        Code::PermissionDenied,
+        "apps/a",
+        "GenerateDataKey",
         &not_allowed_by_policy(&user("apps", "web"), "GenerateDataKey", "apps/a"),
     );
     assert!(h.rbac.asked().is_empty(), "a policy that does not delegate never asks RBAC");
@@ -648,29 +678,39 @@ async fn rbac_is_asked_only_when_the_policy_delegates_and_nothing_else_allowed()
     assert_eq!(h.rbac.asked().len(), 2);
 
     // Each operation is its own verb.
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&writer, &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed(&writer_name, "Decrypt", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.data_key(&writer, "apps/k", &[], 0).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "GenerateDataKey",
         &not_allowed(&writer_name, "GenerateDataKey", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.data_key_only(&writer, "apps/k", &[], 0).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "GenerateDataKeyWithoutPlaintext",
         &not_allowed(&writer_name, "GenerateDataKeyWithoutPlaintext", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.re_encrypt(&writer, re_encrypt_request(&blob, &[], "", "apps/k", &[])).await,
-        Code::PermissionDenied,
+        K,
+        "ReEncryptFrom",
         &not_allowed(&writer_name, "ReEncryptFrom", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.describe(&writer, "apps/k").await,
-        Code::PermissionDenied,
+        "apps/k",
+        "DescribeKey",
         &not_allowed(&writer_name, "DescribeKey", "apps/k"),
     );
     let verbs: Vec<String> = h.rbac.asked()[2..].iter().map(|q| q.1.clone()).collect();
@@ -678,9 +718,11 @@ async fn rbac_is_asked_only_when_the_policy_delegates_and_nothing_else_allowed()
         verbs,
         ["decrypt", "generatedatakey", "generatedatakeywithoutplaintext", "reencryptfrom", "describekey"]
     );
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&token("apps", "other"), "apps/k", b"x", &[]).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "Encrypt",
         "system:serviceaccount:apps:other may not Encrypt with key apps/k: no key policy statement, grant or RBAC rule allows it",
     );
 
@@ -719,20 +761,26 @@ async fn an_active_grant_allows_its_grantee_its_operations_and_nothing_more() {
     assert_eq!(h.audit.lines().pop().unwrap()["grantId"], "grant-1");
     assert!(h.rbac.asked().is_empty(), "a grant answers without RBAC");
 
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&reader, "apps/k", b"x", &[]).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "Encrypt",
         &not_allowed(&user("partner", "reader"), "Encrypt", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("partner", "stranger"), &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed(&user("partner", "stranger"), "Decrypt", "apps/k"),
     );
     // The same name in the key's own namespace is another ServiceAccount.
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("apps", "reader"), &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed(&user("apps", "reader"), "Decrypt", "apps/k"),
     );
     assert_eq!(
@@ -773,27 +821,21 @@ async fn grant_constraints_are_checked_against_the_encryption_context() {
     // encryptionContextSubset: the pairs must be there; more may be.
     assert_eq!(h.decrypt(&reader, &acme, &acme_context, "").await.unwrap().plaintext, b"acme data");
     assert_eq!(h.audit.lines().pop().unwrap()["grantId"], "grant-subset");
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&reader, &evil, &[("tenant", "evil")], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &denied("reader"),
     );
     // Authorization comes before decryption: a missing context is refused by the grant.
-    refused(h.decrypt(&reader, &acme, &[], "").await, Code::PermissionDenied, &denied("reader"));
+    forbidden(&h, h.decrypt(&reader, &acme, &[], "").await, K, "Decrypt", &denied("reader"));
 
     // encryptionContextEquals: exactly these pairs.
     assert_eq!(h.decrypt(&stranger, &evil, &[("tenant", "evil")], "").await.unwrap().plaintext, b"evil data");
     assert_eq!(h.audit.lines().pop().unwrap()["grantId"], "grant-equals");
-    refused(
-        h.decrypt(&stranger, &more, &more_context, "").await,
-        Code::PermissionDenied,
-        &denied("stranger"),
-    );
-    refused(
-        h.decrypt(&stranger, &acme, &acme_context, "").await,
-        Code::PermissionDenied,
-        &denied("stranger"),
-    );
+    forbidden(&h, h.decrypt(&stranger, &more, &more_context, "").await, K, "Decrypt", &denied("stranger"));
+    forbidden(&h, h.decrypt(&stranger, &acme, &acme_context, "").await, K, "Decrypt", &denied("stranger"));
     h.stop().await;
 }
 
@@ -829,9 +871,11 @@ async fn grants_not_active_for_this_very_key_give_nothing() {
         let err = h.decrypt(&reader, &blob, &[], "").await.unwrap_err();
         assert_eq!(
             (err.code(), err.message()),
-            (Code::PermissionDenied, not_allowed(&user("partner", "reader"), "Decrypt", "apps/k").as_str()),
+            (Code::PermissionDenied, refusal(K, "Decrypt").as_str()),
             "{why}"
         );
+        let reason = h.audit.lines().pop().unwrap()["reason"].clone();
+        assert_eq!(reason, not_allowed(&user("partner", "reader"), "Decrypt", "apps/k"), "{why}");
     }
     // The same grant, Active and not yet expired, allows: each refusal above was its state's.
     h.directory.grants.replace_all(vec![Grant { expires_at: Some(future), ..live }]);
@@ -854,9 +898,11 @@ async fn grants_are_retired_by_their_grantee_or_retiring_principal_only() {
         .apply(Grant { retired_by: Some(user("apps", "owner")), ..retirable("done", "grant-done") });
     let (reader, owner) = (token("partner", "reader"), token("apps", "owner"));
 
-    refused(
+    forbidden(
+        &h,
         h.retire(&token("partner", "stranger"), "apps/a").await,
-        Code::PermissionDenied,
+        "apps/a",
+        "RetireGrant",
         &not_allowed(&user("partner", "stranger"), "RetireGrant", "apps/k"),
     );
     assert!(h.retirer.retired().is_empty());
@@ -869,7 +915,13 @@ async fn grants_are_retired_by_their_grantee_or_retiring_principal_only() {
     assert_eq!(h.retire(&reader, "apps/done").await.unwrap(), "grant-done");
     assert_eq!(h.retirer.retired().len(), 2);
 
-    refused(h.retire(&reader, "apps/nope").await, Code::NotFound, r#"grant "apps/nope" not found"#);
+    forbidden(
+        &h,
+        h.retire(&reader, "apps/nope").await,
+        "apps/nope",
+        "RetireGrant",
+        r#"grant "apps/nope" not found"#,
+    );
     refused(
         h.retire(&reader, "").await,
         Code::InvalidArgument,
@@ -913,9 +965,11 @@ async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_deci
     let web = token("apps", "web");
 
     // One member of the group may not retire the grant for every member …
-    refused(
+    forbidden(
+        &h,
         h.retire(&web, "apps/group").await,
-        Code::PermissionDenied,
+        "apps/group",
+        "RetireGrant",
         &not_allowed(&user("apps", "web"), "RetireGrant", "apps/k"),
     );
     // … unless the grant lists RetireGrant.
@@ -923,9 +977,11 @@ async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_deci
     // A key policy Allow lets a key administrator retire any grant of the key …
     assert_eq!(h.retire(&token("apps", "owner"), "apps/group").await.unwrap(), "grant-group");
     // … and a Deny refuses even a grantee its own grant.
-    refused(
+    forbidden(
+        &h,
         h.retire(&token("apps", "intruder"), "apps/intruders").await,
-        Code::PermissionDenied,
+        "apps/intruders",
+        "RetireGrant",
         &denied_by_policy("apps", "intruder", "RetireGrant", "apps/k", "no-retiring", "RetireGrant"),
     );
     // RBAC's verb retiregrant on the key, when the policy delegates.
@@ -981,9 +1037,11 @@ async fn keys_that_are_not_enabled_refuse_every_cryptographic_operation() {
         // DescribeKey still answers an authorized caller, and shows the state.
         assert_eq!(h.describe(&web, "apps/k").await.unwrap().state, state.as_str());
         // Authorization comes first: a caller with no right learns nothing of the state.
-        refused(
+        forbidden(
+            &h,
             h.encrypt(&token("apps", "intruder"), "apps/k", b"x", &[]).await,
-            Code::PermissionDenied,
+            "apps/k",
+            "Encrypt",
             &not_allowed_by_policy(&user("apps", "intruder"), "Encrypt", "apps/k"),
         );
     }
@@ -1065,42 +1123,51 @@ async fn a_deny_of_decrypt_cannot_be_sidestepped_by_re_encrypting_into_a_key_of_
         .ciphertext_blob;
     let mallory = token("partner", "attacker");
 
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&mallory, &blob, &context, "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &denied_by_policy("partner", "attacker", "Decrypt", "apps/src", "no-decrypt", "Decrypt"),
     );
     // ReEncrypt out of the key is Decrypt into a key of one's own: the Deny refuses it too,
     // to any destination, before RBAC is asked.
     for destination in ["partner/mine", "apps/src"] {
-        refused(
+        forbidden(
+            &h,
             h.re_encrypt(&mallory, re_encrypt_request(&blob, &context, "", destination, &[])).await,
-            Code::PermissionDenied,
+            K,
+            "ReEncryptFrom",
             &denied_by_policy("partner", "attacker", "ReEncryptFrom", "apps/src", "no-decrypt", "Decrypt"),
         );
     }
     assert!(h.rbac.asked().is_empty(), "a Deny answers before RBAC");
     let line = h.audit.lines().pop().unwrap();
     assert_eq!(line["operation"], "ReEncrypt");
-    assert_eq!((line["sourceKey"].as_str(), line["sourceKeyVersion"].as_u64()), (None, None));
-    assert_eq!((line["key"].as_str(), line["keyVersion"].as_u64()), (Some("apps/src"), Some(1)));
+    // The line names the source it was refused, and no destination: none was looked at.
+    assert_eq!((line["sourceKey"].as_str(), line["sourceKeyVersion"].as_u64()), (Some("apps/src"), Some(1)));
+    assert_eq!((line["key"].as_str(), line["keyVersion"].as_u64()), (None, None));
     assert_eq!(line["result"], "PermissionDenied");
 
     // An Allow is not widened: Decrypt does not allow ReEncryptFrom …
-    refused(
+    forbidden(
+        &h,
         h.re_encrypt(&token("apps", "reader"), re_encrypt_request(&blob, &context, "", "partner/mine", &[]))
             .await,
-        Code::PermissionDenied,
+        K,
+        "ReEncryptFrom",
         &not_allowed(&user("apps", "reader"), "ReEncryptFrom", "apps/src"),
     );
     // … nor ReEncryptFrom ReEncryptTo.
     h.change_key("apps", "src", |k| {
         k.policy.statements.push(allow("migrate", sa("apps", "reader"), &[Op::ReEncryptFrom]));
     });
-    refused(
+    forbidden(
+        &h,
         h.re_encrypt(&token("apps", "reader"), re_encrypt_request(&blob, &context, "", "apps/src", &[]))
             .await,
-        Code::PermissionDenied,
+        "apps/src",
+        "ReEncryptTo",
         &not_allowed(&user("apps", "reader"), "ReEncryptTo", "apps/src"),
     );
     h.stop().await;
@@ -1144,14 +1211,14 @@ async fn a_deny_refuses_every_operation_that_implies_it_through_the_service() {
                 Op::RetireGrant => h.retire(&it, "apps/for-intruder").await.map(drop),
             };
             if refusals.contains(&op) {
-                let err = outcome.expect_err(&format!("a Deny of {denied:?} refuses {op:?}"));
+                let name = match op {
+                    Op::Decrypt | Op::ReEncryptFrom => K,
+                    Op::RetireGrant => "apps/for-intruder",
+                    _ => "apps/k",
+                };
                 let reason =
                     denied_by_policy("apps", "intruder", op.as_str(), "apps/k", "no", denied.as_str());
-                assert_eq!(
-                    (err.code(), err.message()),
-                    (Code::PermissionDenied, reason.as_str()),
-                    "{denied:?}"
-                );
+                forbidden(&h, outcome, name, op.as_str(), &reason);
             } else {
                 outcome.unwrap_or_else(|e| panic!("a Deny of {denied:?} refused {op:?}: {e:?}"));
             }
@@ -1223,17 +1290,24 @@ async fn bad_requests_are_refused_with_precise_errors() {
     refused(h.describe(&web, "").await, bad, "key is required (namespace/name or keyId)");
     refused(h.encrypt(&web, &"a".repeat(321), b"x", &[]).await, bad, "key name is too long");
     let longest = "a".repeat(320);
-    refused(
+    // A key that does not exist is refused as one the caller may not use (no oracle); the
+    // audit line says which it was.
+    forbidden(
+        &h,
         h.encrypt(&web, &longest, b"x", &[]).await,
-        Code::NotFound,
+        &longest,
+        "Encrypt",
         &format!("key {longest:?} not found"),
     );
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&web, "apps/missing", b"x", &[]).await,
-        Code::NotFound,
+        "apps/missing",
+        "Encrypt",
         r#"key "apps/missing" not found"#,
     );
-    refused(h.data_key(&web, EARLIER, &[], 0).await, Code::NotFound, &format!("key {EARLIER:?} not found"));
+    let earlier = format!("key {EARLIER:?} not found");
+    forbidden(&h, h.data_key(&web, EARLIER, &[], 0).await, EARLIER, "GenerateDataKey", &earlier);
     h.stop().await;
 }
 
@@ -1301,10 +1375,13 @@ async fn bad_ciphertexts_are_refused_precisely_and_without_an_oracle() {
     }
 
     // The header names the key and the version.
-    refused(
+    let unknown = "07070707-0707-0707-0707-070707070707";
+    forbidden(
+        &h,
         h.decrypt(&web, &changed(|b| b[1..17].copy_from_slice(&[7; 16])), &purpose, "").await,
-        Code::NotFound,
-        "the key that made this ciphertext (07070707-0707-0707-0707-070707070707) does not exist",
+        unknown,
+        "Decrypt",
+        &format!("key {unknown:?} not found"),
     );
     refused(
         h.decrypt(&web, &changed(|b| b[17..21].copy_from_slice(&9u32.to_be_bytes())), &purpose, "").await,
@@ -1318,10 +1395,11 @@ async fn bad_ciphertexts_are_refused_precisely_and_without_an_oracle() {
         Code::InvalidArgument,
         "the ciphertext is under key apps/k, not apps/other",
     );
+    // The key given is compared, not looked up: whether another key exists is not told.
     refused(
         h.decrypt(&web, &good, &purpose, "apps/missing").await,
-        Code::NotFound,
-        r#"key "apps/missing" not found"#,
+        Code::InvalidArgument,
+        "the ciphertext is under key apps/k, not apps/missing",
     );
     assert_eq!(h.decrypt(&web, &good, &purpose, "apps/k").await.unwrap().plaintext, b"payload");
     assert_eq!(h.decrypt(&web, &good, &purpose, K).await.unwrap().plaintext, b"payload");
@@ -1331,9 +1409,11 @@ async fn bad_ciphertexts_are_refused_precisely_and_without_an_oracle() {
         "the ciphertext is under key apps/k, not apps/other",
     );
     // Only a caller authorized on the ciphertext's key learns which key that is.
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("apps", "intruder"), &good, &purpose, "apps/other").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed_by_policy(&user("apps", "intruder"), "Decrypt", "apps/k"),
     );
     h.stop().await;
@@ -1545,7 +1625,7 @@ async fn every_call_writes_exactly_one_audit_line_and_no_secret() {
             "encryptionContextKeys": ["moved"], "result": "OK"}),
         json!({"operation": "Decrypt", "principal": web_user, "key": k.0, "keyId": k.1, "keyVersion": 1,
             "encryptionContextKeys": ["tenant"], "result": "InvalidArgument", "reason": "decryption failed"}),
-        json!({"operation": "Encrypt", "principal": web_user, "result": "NotFound",
+        json!({"operation": "Encrypt", "principal": web_user, "result": "PermissionDenied",
             "reason": r#"key "apps/missing" not found"#}),
         json!({"operation": "GenerateRandom", "principal": web_user, "result": "OK"}),
         json!({"operation": "DescribeKey", "principal": web_user, "key": k.0, "keyId": k.1, "result": "OK"}),
@@ -1601,7 +1681,7 @@ async fn a_call_that_cannot_be_audited_fails_closed() {
     refused(
         h.decrypt(&token("apps", "intruder"), &blob, &[], "").await,
         Code::PermissionDenied,
-        &not_allowed_by_policy(&user("apps", "intruder"), "Decrypt", "apps/k"),
+        &refusal(K, "Decrypt"),
     );
     assert_eq!(h.audit.lines().len(), 1, "nothing was written while the log failed");
     let metrics = h.metrics();
@@ -1640,7 +1720,7 @@ async fn every_call_is_counted_per_key_operation_and_result() {
         counted("apps/spare", "Encrypt", "OK", 1),
         counted("apps/k", "Decrypt", "PermissionDenied", 1),
         // A key that does not exist, or a caller who is nobody, is counted under no key.
-        counted("", "Encrypt", "NotFound", 1),
+        counted("", "Encrypt", "PermissionDenied", 1),
         counted("", "Encrypt", "Unauthenticated", 1),
         counted("", "GenerateRandom", "OK", 1),
         r#"kubekms_operation_duration_seconds_count{component="server",operation="Encrypt"} 5"#.to_owned(),
@@ -1653,5 +1733,103 @@ async fn every_call_is_counted_per_key_operation_and_result() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(total, 7, "every call counted once:\n{text}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_without_rights_learns_nothing_of_a_key_or_grant_in_any_rpc() {
+    // The stranger may use partner/mine and nothing of apps/k; each call is made while
+    // apps/k and its grant exist and again once they are gone: the answers are the same.
+    let h = Harness::start().await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    h.add_key(
+        key("partner", "mine", MINE, policy_only(vec![allow("self", sa("partner", "stranger"), &Op::ALL)])),
+        1,
+    );
+    h.directory.grants.apply(grant("g", "grant-1", sa("partner", "reader"), &[Op::Decrypt]));
+    let web = token("apps", "web");
+    let k_blob = h.encrypt(&web, "apps/k", b"theirs", &[]).await.unwrap().ciphertext_blob;
+    let stranger = token("partner", "stranger");
+    let mine_blob = h.encrypt(&stranger, "partner/mine", b"mine", &[]).await.unwrap().ciphertext_blob;
+
+    let answers = async |h: &Harness| {
+        let status = |r: Result<(), Status>| {
+            let s = r.unwrap_err();
+            (s.code(), s.message().to_owned())
+        };
+        vec![
+            status(h.encrypt(&stranger, "apps/k", b"x", &[]).await.map(drop)),
+            status(h.encrypt(&stranger, K, b"x", &[]).await.map(drop)),
+            status(h.decrypt(&stranger, &k_blob, &[], "").await.map(drop)),
+            status(h.decrypt(&stranger, &k_blob, &[], "partner/mine").await.map(drop)),
+            status(h.data_key(&stranger, "apps/k", &[], 0).await.map(drop)),
+            status(h.data_key_only(&stranger, "apps/k", &[], 0).await.map(drop)),
+            status(
+                h.re_encrypt(&stranger, re_encrypt_request(&k_blob, &[], "", "partner/mine", &[]))
+                    .await
+                    .map(drop),
+            ),
+            status(
+                h.re_encrypt(&stranger, re_encrypt_request(&mine_blob, &[], "", "apps/k", &[]))
+                    .await
+                    .map(drop),
+            ),
+            status(h.describe(&stranger, "apps/k").await.map(drop)),
+            status(h.retire(&stranger, "apps/g").await.map(drop)),
+            status(h.retire(&stranger, "grant-1").await.map(drop)),
+        ]
+    };
+    let while_there = answers(&h).await;
+    h.directory.keys.delete("apps", "k");
+    h.directory.grants.delete("apps", "g");
+    let once_gone = answers(&h).await;
+    assert_eq!(while_there, once_gone);
+    let denied = |name: &str, op: &str| (Code::PermissionDenied, refusal(name, op));
+    assert_eq!(
+        while_there,
+        vec![
+            denied("apps/k", "Encrypt"),
+            denied(K, "Encrypt"),
+            denied(K, "Decrypt"),
+            denied(K, "Decrypt"),
+            denied("apps/k", "GenerateDataKey"),
+            denied("apps/k", "GenerateDataKeyWithoutPlaintext"),
+            denied(K, "ReEncryptFrom"),
+            denied("apps/k", "ReEncryptTo"),
+            denied("apps/k", "DescribeKey"),
+            denied("apps/g", "RetireGrant"),
+            denied("grant-1", "RetireGrant"),
+        ]
+    );
+    // Nothing in the answers names the key: "apps/k" only where the caller wrote it.
+    for (_, message) in &while_there {
+        assert!(!message.contains("apps/k") || message.starts_with(r#"key "apps/k""#), "{message}");
+    }
+    // The audit lines tell the operator which was which.
+    let lines = h.audit.lines();
+    let reasons: Vec<&str> = lines[2..].iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons[0], not_allowed_by_policy(&user("partner", "stranger"), "Encrypt", "apps/k"));
+    assert_eq!(reasons[11], r#"key "apps/k" not found"#);
+    assert_eq!(reasons[20], r#"grant "apps/g" not found"#);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_authorized_caller_still_gets_precise_errors() {
+    let h = Harness::start().await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let blob = h.encrypt(&web, "apps/k", b"x", &[]).await.unwrap().ciphertext_blob;
+    h.change_key("apps", "k", |k| k.info.state = KeyState::Disabled);
+    refused(
+        h.decrypt(&web, &blob, &[], "").await,
+        Code::FailedPrecondition,
+        "key apps/k is Disabled; it refuses cryptographic operations until it is Enabled",
+    );
+    refused(
+        h.decrypt(&web, &blob, &[], "apps/other").await,
+        Code::InvalidArgument,
+        "the ciphertext is under key apps/k, not apps/other",
+    );
     h.stop().await;
 }
