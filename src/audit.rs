@@ -52,6 +52,9 @@ pub struct AuditEvent {
     pub source_key_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_key_version: Option<u32>,
+    /// For ReEncrypt: the keys of the source encryption context (never the values).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_encryption_context_keys: Vec<String>,
     /// The grant that allowed the call, if one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
@@ -194,7 +197,9 @@ fn bounded(event: &AuditEvent) -> AuditEvent {
     e.request_id = cut(&e.request_id, 128);
     e.principal = cut(&e.principal, 512);
     e.reason = e.reason.as_deref().map(|r| cut(r, 512));
-    e.encryption_context_keys = e.encryption_context_keys.iter().take(64).map(|k| cut(k, 128)).collect();
+    for keys in [&mut e.encryption_context_keys, &mut e.source_encryption_context_keys] {
+        *keys = keys.iter().take(64).map(|k| cut(k, 128)).collect();
+    }
     for field in [&mut e.key, &mut e.key_id, &mut e.source_key, &mut e.source_key_id, &mut e.grant_id] {
         *field = field.as_deref().map(|v| cut(v, 320));
     }

@@ -1,6 +1,7 @@
 //! The one call pipeline of the plugin and the key API: every call's outcome is mapped to
 //! the wire, audited, metered and logged here, and a call whose audit line cannot be
-//! written fails closed — the caller gets `unavailable`, never a result nobody recorded.
+//! written fails closed — the caller gets `unavailable`, never an answer nobody recorded
+//! (a refusal included: a caller probing while the log is down learns nothing either).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,7 +68,8 @@ impl CallPipeline {
         event.reason = reason;
         let audited = self.audit.record(&event);
         let (result, reply) = match (reply, audited) {
-            (Ok(_), Err(e)) => {
+            (reply, Ok(())) => (event.result, reply),
+            (_, Err(e)) => {
                 tracing::error!(
                     error = %error_chain(&e),
                     component = self.component,
@@ -77,7 +79,6 @@ impl CallPipeline {
                 );
                 ("Unavailable", Err(Status::unavailable("the audit log cannot be written")))
             }
-            (reply, _) => (event.result, reply),
         };
         let key = event.key.unwrap_or_default();
         self.metrics.observe(self.component, key, event.operation, result, started.elapsed().as_secs_f64());

@@ -1144,8 +1144,10 @@ async fn a_deny_of_decrypt_cannot_be_sidestepped_by_re_encrypting_into_a_key_of_
     assert!(h.rbac.asked().is_empty(), "a Deny answers before RBAC");
     let line = h.audit.lines().pop().unwrap();
     assert_eq!(line["operation"], "ReEncrypt");
-    // The line names the source it was refused, and no destination: none was looked at.
+    // The line names the source it was refused (and its context's keys), and no destination:
+    // none was looked at.
     assert_eq!((line["sourceKey"].as_str(), line["sourceKeyVersion"].as_u64()), (Some("apps/src"), Some(1)));
+    assert_eq!(line["sourceEncryptionContextKeys"], json!(["tenant"]));
     assert_eq!((line["key"].as_str(), line["keyVersion"].as_u64()), (None, None));
     assert_eq!(line["result"], "PermissionDenied");
 
@@ -1604,6 +1606,7 @@ async fn every_call_writes_exactly_one_audit_line_and_no_secret() {
     h.encrypt(&web, "apps/missing", secret, &[]).await.unwrap_err();
     let random = h.random(&web, 16).await.unwrap().plaintext;
     h.describe(&web, "apps/k").await.unwrap();
+    h.data_key(&web, "apps/k", &context, MAX_RANDOM_BYTES + 1).await.unwrap_err();
 
     let lines = h.audit.lines();
     let (web_user, intruder_user) = (user("apps", "web"), user("apps", "intruder"));
@@ -1622,13 +1625,15 @@ async fn every_call_writes_exactly_one_audit_line_and_no_secret() {
             "keyVersion": 1, "encryptionContextKeys": ["tenant"], "result": "OK"}),
         json!({"operation": "ReEncrypt", "principal": web_user, "key": spare.0, "keyId": spare.1,
             "keyVersion": 1, "sourceKey": k.0, "sourceKeyId": k.1, "sourceKeyVersion": 1,
-            "encryptionContextKeys": ["moved"], "result": "OK"}),
+            "sourceEncryptionContextKeys": ["tenant"], "encryptionContextKeys": ["moved"], "result": "OK"}),
         json!({"operation": "Decrypt", "principal": web_user, "key": k.0, "keyId": k.1, "keyVersion": 1,
             "encryptionContextKeys": ["tenant"], "result": "InvalidArgument", "reason": "decryption failed"}),
         json!({"operation": "Encrypt", "principal": web_user, "result": "PermissionDenied",
             "reason": r#"key "apps/missing" not found"#}),
         json!({"operation": "GenerateRandom", "principal": web_user, "result": "OK"}),
         json!({"operation": "DescribeKey", "principal": web_user, "key": k.0, "keyId": k.1, "result": "OK"}),
+        json!({"operation": "GenerateDataKey", "principal": web_user, "encryptionContextKeys": ["tenant"],
+            "result": "InvalidArgument", "reason": "number_of_bytes is 1025; the most is 1024"}),
     ];
     assert_eq!(lines.len(), expected.len(), "one line per call");
     for (i, (line, want)) in lines.iter().zip(expected).enumerate() {
@@ -1652,7 +1657,7 @@ async fn every_call_writes_exactly_one_audit_line_and_no_secret() {
     for f in &forbidden {
         assert!(!text.contains(f.as_str()), "the audit log holds {f:?}");
     }
-    assert_eq!(crate::audit::verify(text.as_bytes(), Some(&h.root)).unwrap().lines, 10);
+    assert_eq!(crate::audit::verify(text.as_bytes(), Some(&h.root)).unwrap().lines, 11);
     h.stop().await;
 }
 
@@ -1677,15 +1682,13 @@ async fn a_call_that_cannot_be_audited_fails_closed() {
     );
     refused(h.random(&web, 8).await, Code::Unavailable, closed);
     refused(h.describe(&web, "apps/k").await, Code::Unavailable, closed);
-    // A call refused anyway keeps its own status (and goes unrecorded).
-    refused(
-        h.decrypt(&token("apps", "intruder"), &blob, &[], "").await,
-        Code::PermissionDenied,
-        &refusal(K, "Decrypt"),
-    );
+    // A call refused anyway fails closed too: nobody learns anything that is not recorded.
+    refused(h.decrypt(&token("apps", "intruder"), &blob, &[], "").await, Code::Unavailable, closed);
+    refused(h.encrypt(&web, "apps/missing", b"x", &[]).await, Code::Unavailable, closed);
+    refused(h.encrypt("not-a-token", "apps/k", b"x", &[]).await, Code::Unavailable, closed);
     assert_eq!(h.audit.lines().len(), 1, "nothing was written while the log failed");
     let metrics = h.metrics();
-    let unavailable = r#"kubekms_operations_total{component="server",key="apps/k",operation="Decrypt",result="Unavailable"} 1"#;
+    let unavailable = r#"kubekms_operations_total{component="server",key="apps/k",operation="Decrypt",result="Unavailable"} 2"#;
     assert!(metrics.lines().any(|l| l == unavailable), "missing {unavailable} in\n{metrics}");
 
     // Once the log can be written again, so can calls, and the chain has no gap.

@@ -184,6 +184,7 @@ struct Trail {
     source: Option<(Arc<Key>, u32)>,
     grant_id: Option<String>,
     context_keys: Vec<String>,
+    source_context_keys: Vec<String>,
 }
 
 /// The key API.
@@ -271,6 +272,7 @@ where
             source_key_version: trail.source.as_ref().map(|(_, v)| *v),
             grant_id: trail.grant_id,
             encryption_context_keys: trail.context_keys,
+            source_encryption_context_keys: trail.source_context_keys,
             ..Default::default()
         };
         let mut response = self.calls.finish(started, event, outcome).map(Response::new)?;
@@ -420,6 +422,7 @@ where
         op: KeyOperation,
         trail: &mut Trail,
     ) -> Result<(SecretBytes, Vec<u8>, Option<KeyVersionRef>), ApiError> {
+        Self::check_context(context, trail)?;
         let n = match bytes {
             0 => 32,
             requested if requested > MAX_RANDOM_BYTES => {
@@ -427,7 +430,6 @@ where
             }
             n => n,
         };
-        Self::check_context(context, trail)?;
         let key = self.authorized_key(who, key, op, context, trail).await?;
         Self::usable(&key)?;
         let (version, material) = self.current(&key)?;
@@ -514,6 +516,7 @@ where
         self.call("ReEncrypt", request, async |who, req, trail| {
             let source_context = context_map(&req.source_encryption_context);
             let context = context_map(&req.destination_encryption_context);
+            trail.source_context_keys = source_context.keys().cloned().collect();
             blob::check_context(&source_context)?;
             Self::check_context(&context, trail)?;
             // Both sides are authorized before anything is decrypted.
