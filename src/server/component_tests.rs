@@ -4,8 +4,9 @@
 //! allow/deny matrix, grants, key states, bad input, and the audit line and meter of every
 //! call are proved here in seconds; the end-to-end tests keep what needs the control plane.
 //!
-//! The server is plain HTTP/2 on 127.0.0.1 (the real one adds TLS, which the end-to-end
-//! tests cover) and stops deterministically: `Harness::stop` cancels it and waits.
+//! The server is [`super::serve`], the production construction with its limits, over plain
+//! HTTP/2 on 127.0.0.1 (the real one adds TLS, which the end-to-end tests cover), and stops
+//! deterministically: `Harness::stop` cancels it and waits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +35,6 @@ use crate::domain::{
 };
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_client::KeyServiceClient;
-use crate::proto::keyapi::key_service_server::KeyServiceServer;
 use crate::proto::keyapi::*;
 use crate::testing::AuditSink;
 
@@ -382,16 +382,7 @@ impl Harness {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
-        let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(KeyServiceServer::new(api))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    shutdown,
-                )
-                .await
-                .unwrap();
-        });
+        let server = tokio::spawn(async move { super::serve(api, None, listener, shutdown).await.unwrap() });
         let client = KeyServiceClient::connect(format!("http://{addr}")).await.unwrap();
         Harness { directory, root, rbac, retirer, audit, registry, client, stop, server }
     }
@@ -1834,5 +1825,18 @@ async fn an_authorized_caller_still_gets_precise_errors() {
         Code::InvalidArgument,
         "the ciphertext is under key apps/k, not apps/other",
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_transport_refuses_a_request_larger_than_the_limit_before_the_service_sees_it() {
+    let h = Harness::start().await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let huge = ctx(&[("padding", &"p".repeat(super::MAX_REQUEST_BYTES))]);
+    let request = EncryptRequest { key: "apps/k".into(), plaintext: b"x".to_vec(), encryption_context: huge };
+    let err = h.client.clone().encrypt(authed(&web, request)).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(h.audit.lines().is_empty(), "the service never saw it");
     h.stop().await;
 }

@@ -153,24 +153,47 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         .await
         .map_err(|source| RunError::Listen { addr: config.listen, source })?;
     health.set_ready(true);
-    let served = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(RunError::Serve)?
-        .timeout(Duration::from_secs(30))
-        .concurrency_limit_per_connection(256)
-        // Requests are small (4 KiB of plaintext, 8 KiB of context): refuse anything larger
-        // before it is decoded.
-        .add_service(KeyServiceServer::new(api).max_decoding_message_size(64 * 1024))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        )
-        .await;
+    let served = serve(api, Some(tls), listener, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
     served.map_err(RunError::Serve)
+}
+
+/// The most bytes of a request the server decodes. Requests are small (4 KiB of plaintext,
+/// 8 KiB of context): anything larger is refused before it is decoded.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long one call may take before the transport ends it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many calls one connection may have in flight.
+const CALLS_PER_CONNECTION: usize = 256;
+
+/// Serves `api` on `listener` until `shutdown`, with the transport's limits (request size,
+/// call timeout, calls per connection) — the one construction of the server, which the
+/// component tests serve too. Without `tls` (tests), plain HTTP/2.
+pub async fn serve<T, R, D, G>(
+    api: service::KeyApi<T, R, D, G>,
+    tls: Option<ServerTlsConfig>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    T: auth::TokenReviewer,
+    R: authz::RbacChecker,
+    D: directory::KeyDirectory,
+    G: service::GrantRetirer,
+{
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .timeout(CALL_TIMEOUT)
+        .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
+        .add_service(KeyServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
 }
 
 #[cfg(test)]
