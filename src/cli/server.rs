@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use jiff::SignedDuration;
 
-use kubekms::server::Config;
+use kubekms::server::{Config, auth, authz};
 
 use super::args::{KubeArgs, RootKeyArgs};
 
@@ -31,10 +31,25 @@ pub struct Args {
     /// How long a TokenReview result is reused (never past the token's expiry).
     #[arg(long, value_name = "DURATION", default_value = "60s")]
     token_cache_ttl: SignedDuration,
+    /// How many valid tokens' TokenReview results are kept; the least recently used makes
+    /// room.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    token_cache_size: usize,
+    /// How many rejected tokens are remembered (10 s each), apart from valid ones, so that a
+    /// flood of junk tokens cannot push a valid one out.
+    #[arg(long, value_name = "N", default_value_t = 1_000)]
+    rejected_token_cache_size: usize,
     /// How long a SubjectAccessReview result is reused, and so how long an RBAC change takes
     /// to apply.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     rbac_cache_ttl: SignedDuration,
+    /// How many "allowed" SubjectAccessReview results are kept; the least recently used
+    /// makes room.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    rbac_cache_size: usize,
+    /// How many "denied" SubjectAccessReview results are kept, apart from allowed ones.
+    #[arg(long, value_name = "N", default_value_t = 1_000)]
+    rbac_denied_cache_size: usize,
     /// The audit log: one JSON line per call ("-" for standard output).
     #[arg(long, value_name = "FILE", default_value = "-")]
     audit_log: PathBuf,
@@ -51,11 +66,18 @@ impl Args {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             root_key_file: self.root_key.root_key_file,
-            audiences: self.audiences,
-            token_cache_ttl: Config::cache_ttl("token", self.token_cache_ttl)
-                .context("invalid --token-cache-ttl")?,
-            rbac_cache_ttl: Config::cache_ttl("RBAC", self.rbac_cache_ttl)
-                .context("invalid --rbac-cache-ttl")?,
+            auth: auth::Settings {
+                audiences: self.audiences,
+                cache_ttl: Config::cache_ttl("token", self.token_cache_ttl)
+                    .context("invalid --token-cache-ttl")?,
+                cache_size: self.token_cache_size,
+                rejected_cache_size: self.rejected_token_cache_size,
+            },
+            rbac_cache: authz::CacheSettings {
+                ttl: Config::cache_ttl("RBAC", self.rbac_cache_ttl).context("invalid --rbac-cache-ttl")?,
+                size: self.rbac_cache_size,
+                denied_size: self.rbac_denied_cache_size,
+            },
             audit_log: self.audit_log,
             metrics_addr: self.metrics_addr,
         };

@@ -1,8 +1,8 @@
 //! Authentication: a ServiceAccount (or any Kubernetes) bearer token, checked with a
 //! TokenReview for the server's audience. Results are cached by the token's SHA-256 for a
-//! bounded time, and never beyond the token's own expiry.
+//! bounded time, and never beyond the token's own expiry, in a bounded cache where rejected
+//! tokens have a smaller bound of their own ([`Answers`]).
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use super::BackendError;
+use super::cache::{Answers, Cached};
 use crate::domain::Identity;
 
 /// Why a caller is not authenticated.
@@ -39,31 +40,52 @@ fn jwt_expiry(token: &str) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("exp")?.as_i64()
 }
 
-struct Cached {
-    /// Who the token is, or `None` for a token the API server rejected.
-    identity: Option<Identity>,
-    /// Unix seconds after which the entry is not used.
-    until: i64,
-}
-
 /// How long a rejected token is remembered, so that retrying it does not turn into a
 /// TokenReview per call.
 const REJECTED_TTL: i64 = 10;
+
+/// How tokens are reviewed and their results kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Token audiences accepted (a token must be issued for one of them).
+    pub audiences: Vec<String>,
+    /// How long a TokenReview result is reused (never past the token's expiry).
+    pub cache_ttl: Duration,
+    /// How many valid tokens' identities are kept; the least recently used makes room.
+    pub cache_size: usize,
+    /// How many rejected tokens are remembered, apart from valid ones (so that junk tokens
+    /// cannot push a valid one out), each for ten seconds.
+    pub rejected_cache_size: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            audiences: vec!["kubekms".into()],
+            cache_ttl: Duration::from_secs(60),
+            cache_size: 10_000,
+            rejected_cache_size: 1_000,
+        }
+    }
+}
 
 /// Authenticates bearer tokens, with a bounded cache.
 pub struct Authenticator<R> {
     reviewer: R,
     audiences: Vec<String>,
     ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    /// By the token's SHA-256, until Unix seconds.
+    cache: Mutex<Answers<[u8; 32], Identity, i64>>,
 }
 
-/// The most cached tokens; the cache is emptied of expired entries, then cleared, beyond it.
-const MAX_CACHED: usize = 10_000;
-
 impl<R: TokenReviewer> Authenticator<R> {
-    pub fn new(reviewer: R, audiences: Vec<String>, ttl: Duration) -> Self {
-        Authenticator { reviewer, audiences, ttl, cache: Mutex::new(HashMap::new()) }
+    pub fn new(reviewer: R, settings: Settings) -> Self {
+        Authenticator {
+            reviewer,
+            audiences: settings.audiences,
+            ttl: settings.cache_ttl,
+            cache: Mutex::new(Answers::new(settings.cache_size, settings.rejected_cache_size)),
+        }
     }
 
     /// The audiences tokens must be issued for.
@@ -84,10 +106,11 @@ impl<R: TokenReviewer> Authenticator<R> {
     /// Who `token` belongs to.
     pub async fn authenticate(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Ok(cache) = self.cache.lock()
-            && let Some(c) = cache.get(&hash).filter(|c| now < c.until)
-        {
-            return c.identity.clone().ok_or_else(|| AuthError::Rejected(self.audiences.join(",")));
+        let cached = self.cache.lock().ok().and_then(|mut cache| cache.get(&hash, now));
+        match cached {
+            Some(Cached::Yes(identity)) => return Ok(identity),
+            Some(Cached::No) => return Err(AuthError::Rejected(self.audiences.join(","))),
+            None => {}
         }
         let expiry = jwt_expiry(token);
         if expiry.is_some_and(|exp| exp <= now) {
@@ -100,13 +123,8 @@ impl<R: TokenReviewer> Authenticator<R> {
             None => now.saturating_add(REJECTED_TTL),
         };
         if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= MAX_CACHED {
-                cache.retain(|_, c| now < c.until);
-                if cache.len() >= MAX_CACHED {
-                    cache.clear();
-                }
-            }
-            cache.insert(hash, Cached { identity: reviewed.clone(), until });
+            let answer = reviewed.clone().map_or(Cached::No, Cached::Yes);
+            cache.insert(hash, answer, until);
         }
         reviewed.ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))
     }
@@ -137,11 +155,7 @@ mod tests {
 
     #[tokio::test]
     async fn results_are_cached_for_a_bounded_time_and_never_past_expiry() {
-        let auth = Authenticator::new(
-            Counting(AtomicUsize::new(0)),
-            vec!["kubekms".into()],
-            Duration::from_secs(60),
-        );
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), Settings::default());
         let token = jwt(1_000_030);
         auth.authenticate(&token, 1_000_000).await.unwrap();
         auth.authenticate(&token, 1_000_010).await.unwrap();
@@ -159,11 +173,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejected_tokens_are_remembered_briefly() {
-        let auth = Authenticator::new(
-            Counting(AtomicUsize::new(0)),
-            vec!["kubekms".into()],
-            Duration::from_secs(60),
-        );
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), Settings::default());
         for t in 0..5 {
             assert!(matches!(auth.authenticate("bad", 100 + t).await, Err(AuthError::Rejected(_))));
         }
@@ -173,15 +183,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flood_of_rejected_tokens_never_pushes_out_a_valid_one() {
+        let settings = Settings { cache_size: 2, rejected_cache_size: 4, ..Settings::default() };
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings);
+        let valid = jwt(9_000_000);
+        auth.authenticate(&valid, 100).await.unwrap();
+        for junk in 0..1000 {
+            assert!(auth.authenticate(&format!("junk-{junk}"), 101).await.is_err());
+        }
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001);
+        assert_eq!(auth.cache.lock().unwrap().len(), (1, 4), "junk stays within its own bound");
+        auth.authenticate(&valid, 102).await.unwrap();
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001, "the valid token is still cached");
+    }
+
+    #[tokio::test]
     async fn bad_tokens_and_headers_are_refused() {
-        let auth = Authenticator::new(
-            Counting(AtomicUsize::new(0)),
-            vec!["kubekms".into()],
-            Duration::from_secs(60),
-        );
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), Settings::default());
         assert!(matches!(auth.authenticate("bad", 0).await, Err(AuthError::Rejected(_))));
-        let other_audience =
-            Authenticator::new(Counting(AtomicUsize::new(0)), vec!["other".into()], Duration::from_secs(60));
+        let other = Settings { audiences: vec!["other".into()], ..Settings::default() };
+        let other_audience = Authenticator::new(Counting(AtomicUsize::new(0)), other);
         assert!(matches!(other_audience.authenticate("good", 0).await, Err(AuthError::Rejected(_))));
         assert!(matches!(Authenticator::<Counting>::bearer(None), Err(AuthError::Missing)));
         assert!(matches!(Authenticator::<Counting>::bearer(Some("Basic abc")), Err(AuthError::Malformed)));

@@ -4,11 +4,14 @@
 //! [`Authorizer`] decides for every API the server speaks.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jiff::Timestamp;
+use tokio::time::Instant;
 
 use super::BackendError;
+use super::cache::{Answers, Cached};
 use crate::domain::{Denial, Grant, Identity, Key, KeyOperation, Verdict};
 
 /// Asks Kubernetes RBAC whether `who` may use `verb` on the kmskeys object.
@@ -21,6 +24,82 @@ pub trait RbacChecker: Send + Sync + 'static {
         namespace: &str,
         name: &str,
     ) -> Result<bool, BackendError>;
+}
+
+/// How long and how many RBAC answers are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// How long an answer is reused, and so how long an RBAC change takes to apply.
+    pub ttl: Duration,
+    /// How many "allowed" answers are kept; the least recently used makes room.
+    pub size: usize,
+    /// How many "denied" answers are kept, apart from the allowed ones (so that questions
+    /// about keys a caller may not use cannot push out the answers others are served from).
+    pub denied_size: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings { ttl: Duration::from_secs(10), size: 10_000, denied_size: 1_000 }
+    }
+}
+
+/// What one RBAC question is: who (username, uid, groups, extra), verb, namespace, name.
+type Question = (String, String, Vec<String>, BTreeMap<String, Vec<String>>, String, String, String);
+
+/// An [`RbacChecker`] whose answers are kept for a short time, in a bounded cache.
+pub struct CachedRbac<R> {
+    inner: R,
+    ttl: Duration,
+    cache: Mutex<Answers<Question, (), Instant>>,
+}
+
+impl<R> CachedRbac<R> {
+    pub fn new(inner: R, settings: &CacheSettings) -> Self {
+        CachedRbac {
+            inner,
+            ttl: settings.ttl,
+            cache: Mutex::new(Answers::new(settings.size, settings.denied_size)),
+        }
+    }
+
+    /// The checker asked when no answer is cached.
+    pub fn inner(&self) -> &R {
+        &self.inner
+    }
+}
+
+#[tonic::async_trait]
+impl<R: RbacChecker> RbacChecker for CachedRbac<R> {
+    async fn allowed(
+        &self,
+        who: &Identity,
+        verb: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, BackendError> {
+        let question: Question = (
+            who.username.clone(),
+            who.uid.clone(),
+            who.groups.clone(),
+            who.extra.clone(),
+            verb.to_owned(),
+            namespace.to_owned(),
+            name.to_owned(),
+        );
+        let now = Instant::now();
+        match self.cache.lock().ok().and_then(|mut cache| cache.get(&question, now)) {
+            Some(Cached::Yes(())) => return Ok(true),
+            Some(Cached::No) => return Ok(false),
+            None => {}
+        }
+        let allowed = self.inner.allowed(who, verb, namespace, name).await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            let answer = if allowed { Cached::Yes(()) } else { Cached::No };
+            cache.insert(question, answer, now + self.ttl);
+        }
+        Ok(allowed)
+    }
 }
 
 /// Why a call is not authorized.
@@ -298,6 +377,32 @@ mod tests {
             r#"mallory is denied ReEncryptFrom on key apps/k by the key policy (statement "no-mallory" denies Decrypt, which ReEncryptFrom implies)"#
         );
         assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rbac_answers_are_kept_for_their_lifetime_and_denials_apart() {
+        let scripted = Scripted { allow: vec![("alice", "decrypt")], asked: AtomicUsize::new(0) };
+        let settings = CacheSettings { ttl: Duration::from_secs(10), size: 2, denied_size: 3 };
+        let rbac = CachedRbac::new(scripted, &settings);
+        let asked = || rbac.inner().asked.load(Ordering::SeqCst);
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert_eq!(asked(), 1, "answered from the cache");
+        // A flood of denied questions stays within its own bound.
+        for i in 0..100 {
+            assert!(!rbac.allowed(&user("mallory"), "decrypt", "apps", &format!("k{i}")).await.unwrap());
+        }
+        assert_eq!(rbac.cache.lock().unwrap().len(), (1, 3));
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert_eq!(asked(), 101, "alice's answer survived the flood");
+        // Past its lifetime an answer is asked for again.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert_eq!(asked(), 102);
+        // Errors are not cached.
+        assert!(rbac.allowed(&user("broken"), "decrypt", "apps", "k").await.is_err());
+        assert!(rbac.allowed(&user("broken"), "decrypt", "apps", "k").await.is_err());
+        assert_eq!(asked(), 104);
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@
 //! deterministically: `Harness::stop` cancels it and waits.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +23,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::BackendError;
-use super::auth::{Authenticator, TokenReviewer};
-use super::authz::RbacChecker;
+use super::auth::{Authenticator, Settings, TokenReviewer};
+use super::authz::{CacheSettings, CachedRbac, RbacChecker};
 use super::blob::{MAX_BLOB_LEN, MAX_CONTEXT_BYTES, MAX_CONTEXT_PAIRS, MAX_PLAINTEXT_LEN};
 use super::directory::Directory;
 use super::service::{GrantRetirer, KeyApi, MAX_RANDOM_BYTES};
@@ -70,11 +70,12 @@ fn user(namespace: &str, name: &str) -> String {
     service_account_username(namespace, name)
 }
 
-/// The scripted TokenReview: a token → identity table, for audience "kubekms" only.
-struct Reviewer(HashMap<String, Identity>);
+/// The scripted TokenReview: a token → identity table, for audience "kubekms" only; it
+/// counts the reviews it is asked for.
+struct Reviewer(HashMap<String, Identity>, Arc<AtomicUsize>);
 
 impl Reviewer {
-    fn new() -> Reviewer {
+    fn new(reviews: Arc<AtomicUsize>) -> Reviewer {
         Reviewer(
             CALLERS
                 .iter()
@@ -88,6 +89,7 @@ impl Reviewer {
                     (token(ns, name), identity)
                 })
                 .collect(),
+            reviews,
         )
     }
 }
@@ -95,6 +97,7 @@ impl Reviewer {
 #[tonic::async_trait]
 impl TokenReviewer for Reviewer {
     async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, BackendError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
         if token == BROKEN {
             return Err(BackendError::new(std::io::Error::other(
                 "dial tcp 10.96.0.1:443: connection refused",
@@ -352,7 +355,25 @@ fn re_encrypt_request(
     }
 }
 
+/// How a [`Harness`] sets up the server; by default as production does, but that RBAC
+/// answers are not cached (so that the tests see every question).
+struct Setup {
+    auth: Settings,
+    rbac_cache: CacheSettings,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            auth: Settings::default(),
+            rbac_cache: CacheSettings { ttl: Duration::ZERO, ..CacheSettings::default() },
+        }
+    }
+}
+
 struct Harness {
+    /// How many TokenReviews the server asked for.
+    reviews: Arc<AtomicUsize>,
     directory: Arc<Directory>,
     root: Arc<RootKey>,
     rbac: Rbac,
@@ -366,13 +387,18 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::start_with(Setup::default()).await
+    }
+
+    async fn start_with(setup: Setup) -> Harness {
         let root = Arc::new(RootKey::from_material(KeyMaterial::generate().unwrap()));
         let directory = Arc::new(Directory::new(root.clone()));
         let (rbac, retirer, audit) = (Rbac::default(), Retirer::default(), AuditSink::default());
+        let reviews = Arc::new(AtomicUsize::new(0));
         let mut registry = Registry::default();
         let api = KeyApi::new(
-            Authenticator::new(Reviewer::new(), vec!["kubekms".into()], Duration::from_secs(60)),
-            rbac.clone(),
+            Authenticator::new(Reviewer::new(reviews.clone()), setup.auth),
+            CachedRbac::new(rbac.clone(), &setup.rbac_cache),
             directory.clone(),
             retirer.clone(),
             audit.log(&root),
@@ -384,7 +410,7 @@ impl Harness {
         let shutdown = stop.clone().cancelled_owned();
         let server = tokio::spawn(async move { super::serve(api, None, listener, shutdown).await.unwrap() });
         let client = KeyServiceClient::connect(format!("http://{addr}")).await.unwrap();
-        Harness { directory, root, rbac, retirer, audit, registry, client, stop, server }
+        Harness { reviews, directory, root, rbac, retirer, audit, registry, client, stop, server }
     }
 
     /// Adds a key holding `versions` versions of fresh material, wrapped by `root` as the
@@ -1838,5 +1864,44 @@ async fn the_transport_refuses_a_request_larger_than_the_limit_before_the_servic
     let err = h.client.clone().encrypt(authed(&web, request)).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(h.audit.lines().is_empty(), "the service never saw it");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_junk_pushes_out_no_valid_callers_cached_token_or_rbac_answer() {
+    let setup = Setup {
+        auth: Settings { rejected_cache_size: 8, ..Settings::default() },
+        rbac_cache: CacheSettings { ttl: Duration::from_secs(3600), size: 100, denied_size: 8 },
+    };
+    let h = Harness::start_with(setup).await;
+    h.add_key(key("apps", "k", K, delegating(Vec::new())), 1);
+    h.rbac.allow(&user("apps", "writer"), "encrypt", "apps", "k");
+    let writer = token("apps", "writer");
+    h.encrypt(&writer, "apps/k", b"x", &[]).await.unwrap();
+    assert_eq!((h.reviews.load(Ordering::SeqCst), h.rbac.asked().len()), (1, 1));
+
+    // 50 junk tokens (each reviewed once, and rejected), and 50 questions about keys the
+    // other ServiceAccount may not use.
+    for i in 0..50 {
+        refused(
+            h.encrypt(&format!("junk-{i}"), "apps/k", b"x", &[]).await,
+            Code::Unauthenticated,
+            r#"invalid or expired token, or a token not meant for audience "kubekms""#,
+        );
+    }
+    let other = token("apps", "other");
+    for i in 0..50 {
+        h.add_key(
+            key("apps", &format!("k{i}"), &uuid::Uuid::new_v4().to_string(), delegating(Vec::new())),
+            1,
+        );
+        h.encrypt(&other, &format!("apps/k{i}"), b"x", &[]).await.unwrap_err();
+    }
+    assert_eq!(h.reviews.load(Ordering::SeqCst), 52, "the junk, the writer, the other");
+    assert_eq!(h.rbac.asked().len(), 51);
+
+    // The writer is still served from both caches.
+    h.encrypt(&writer, "apps/k", b"x", &[]).await.unwrap();
+    assert_eq!((h.reviews.load(Ordering::SeqCst), h.rbac.asked().len()), (52, 51));
     h.stop().await;
 }

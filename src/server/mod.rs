@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod authz;
 pub mod blob;
+pub mod cache;
 #[cfg(test)]
 mod component_tests;
 pub mod directory;
@@ -34,12 +35,10 @@ pub struct Config {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub root_key_file: PathBuf,
-    /// Token audiences accepted (a token must be issued for one of them).
-    pub audiences: Vec<String>,
-    /// How long a TokenReview result is reused (never past the token's expiry).
-    pub token_cache_ttl: Duration,
-    /// How long a SubjectAccessReview result is reused.
-    pub rbac_cache_ttl: Duration,
+    /// Audiences, and how TokenReview results are kept.
+    pub auth: auth::Settings,
+    /// How SubjectAccessReview results are kept.
+    pub rbac_cache: authz::CacheSettings,
     pub audit_log: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -52,8 +51,8 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// A cache lifetime (`token_cache_ttl`, `rbac_cache_ttl`) from a signed duration, as a
-    /// command line gives it: a result cannot be reused for a negative time.
+    /// A cache lifetime (of TokenReview or SubjectAccessReview results) from a signed
+    /// duration, as a command line gives it: a result cannot be reused for a negative time.
     pub fn cache_ttl(cache: &'static str, ttl: SignedDuration) -> Result<Duration, ConfigError> {
         Duration::try_from(ttl).map_err(|_| ConfigError::NegativeTtl { cache, ttl })
     }
@@ -138,12 +137,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         }
     });
     let api = service::KeyApi::new(
-        auth::Authenticator::new(
-            k8s::KubeTokenReviewer(client.clone()),
-            config.audiences.clone(),
-            config.token_cache_ttl,
-        ),
-        k8s::SarChecker::new(client.clone(), config.rbac_cache_ttl),
+        auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone()),
+        authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
         directory,
         k8s::KubeGrantRetirer(client),
         audit,
