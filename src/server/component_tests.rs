@@ -372,6 +372,8 @@ impl Default for Setup {
 }
 
 struct Harness {
+    /// Where the server listens.
+    addr: std::net::SocketAddr,
     /// How many TokenReviews the server asked for.
     reviews: Arc<AtomicUsize>,
     directory: Arc<Directory>,
@@ -410,7 +412,7 @@ impl Harness {
         let shutdown = stop.clone().cancelled_owned();
         let server = tokio::spawn(async move { super::serve(api, None, listener, shutdown).await.unwrap() });
         let client = KeyServiceClient::connect(format!("http://{addr}")).await.unwrap();
-        Harness { reviews, directory, root, rbac, retirer, audit, registry, client, stop, server }
+        Harness { addr, reviews, directory, root, rbac, retirer, audit, registry, client, stop, server }
     }
 
     /// Adds a key holding `versions` versions of fresh material, wrapped by `root` as the
@@ -437,6 +439,19 @@ impl Harness {
 
     fn add_key(&self, key: Key, versions: u32) {
         self.add_key_wrapped_by(&self.root, key, versions);
+    }
+
+    /// A client whose connection comes from `source` (another loopback address), as another
+    /// pod would.
+    async fn client_from(&self, source: &str) -> KeyServiceClient<Channel> {
+        let (addr, source): (_, std::net::IpAddr) = (self.addr, source.parse().unwrap());
+        let connect = tower::service_fn(move |_: http::Uri| async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::new(source, 0))?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(socket.connect(addr).await?))
+        });
+        let endpoint = tonic::transport::Endpoint::from_static("http://kubekms.test");
+        KeyServiceClient::new(endpoint.connect_with_connector(connect).await.unwrap())
     }
 
     /// Changes a key as its watch would report the change.
@@ -1870,7 +1885,11 @@ async fn the_transport_refuses_a_request_larger_than_the_limit_before_the_servic
 #[tokio::test]
 async fn a_flood_of_junk_pushes_out_no_valid_callers_cached_token_or_rbac_answer() {
     let setup = Setup {
-        auth: Settings { rejected_cache_size: 8, ..Settings::default() },
+        auth: Settings {
+            rejected_cache_size: 8,
+            reviews_per_client: "1000/1h".parse().unwrap(),
+            ..Settings::default()
+        },
         rbac_cache: CacheSettings { ttl: Duration::from_secs(3600), size: 100, denied_size: 8 },
     };
     let h = Harness::start_with(setup).await;
@@ -1903,5 +1922,81 @@ async fn a_flood_of_junk_pushes_out_no_valid_callers_cached_token_or_rbac_answer
     // The writer is still served from both caches.
     h.encrypt(&writer, "apps/k", b"x", &[]).await.unwrap();
     assert_eq!((h.reviews.load(Ordering::SeqCst), h.rbac.asked().len()), (52, 51));
+    h.stop().await;
+}
+
+/// Asserts that a call was refused for too many new tokens, with a retry hint of at most
+/// `most` seconds (a little less once time has passed; never zero), the same in the message,
+/// `retry-after` and `grpc-retry-pushback-ms`.
+#[track_caller]
+fn throttled<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, most: u64) {
+    let status = result.unwrap_err();
+    let hint = |name| status.metadata().get(name).map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    let seconds = hint("retry-after").expect("a retry-after hint");
+    assert!((1..=most).contains(&seconds), "{seconds}");
+    assert_eq!(hint("grpc-retry-pushback-ms"), Some(seconds * 1000));
+    let message = match code {
+        Code::ResourceExhausted => format!("too many new tokens from this client; retry in {seconds} s"),
+        _ => format!("the key API is reviewing too many new tokens; retry in {seconds} s"),
+    };
+    assert_eq!((status.code(), status.message()), (code, message.as_str()));
+}
+
+#[tokio::test]
+async fn a_flood_of_invalid_tokens_costs_a_bounded_number_of_reviews_and_valid_callers_go_on() {
+    let setup = Setup {
+        auth: Settings {
+            reviews_per_client: "5/1h".parse().unwrap(),
+            reviews: "8/1h".parse().unwrap(),
+            ..Settings::default()
+        },
+        ..Setup::default()
+    };
+    let h = Harness::start_with(setup).await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let reviews = || h.reviews.load(Ordering::SeqCst);
+    h.encrypt(&web, "apps/k", b"x", &[]).await.unwrap();
+
+    // 100 invalid tokens from one client (127.0.0.1): its burst of 5 reviews (the valid
+    // token had one), then RESOURCE_EXHAUSTED with a retry hint (one review every 720 s);
+    // the valid caller, cached, is served throughout.
+    let (mut rejected, mut exhausted) = (0, 0);
+    for i in 0..100 {
+        match h.encrypt(&format!("junk-{i}"), "apps/k", b"x", &[]).await {
+            Err(s) if s.code() == Code::Unauthenticated => rejected += 1,
+            other => {
+                throttled(other, Code::ResourceExhausted, 720);
+                exhausted += 1;
+            }
+        }
+        if i % 10 == 0 {
+            h.encrypt(&web, "apps/k", b"during", &[]).await.unwrap();
+        }
+    }
+    assert_eq!((rejected, exhausted, reviews()), (4, 96, 5));
+    h.encrypt(&web, "apps/k", b"after", &[]).await.unwrap();
+    assert_eq!(reviews(), 5, "the valid caller never needed another review");
+    // A new token from the flooding client waits its turn too, valid or not.
+    throttled(h.encrypt(&token("apps", "owner"), "apps/k", b"x", &[]).await, Code::ResourceExhausted, 720);
+
+    // Another client is counted apart, until everyone's limit (8) is reached.
+    let mut elsewhere = h.client_from("127.0.0.2").await;
+    let request =
+        || EncryptRequest { key: "apps/k".into(), plaintext: b"x".to_vec(), encryption_context: ctx(&[]) };
+    elsewhere.encrypt(authed(&web, request())).await.unwrap();
+    assert_eq!(reviews(), 5, "a cached token is cached for every client");
+    for i in 0..3 {
+        let err = elsewhere.encrypt(authed(&format!("other-junk-{i}"), request())).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    assert_eq!(reviews(), 8);
+    throttled(elsewhere.encrypt(authed("other-junk-3", request())).await, Code::Unavailable, 450);
+    assert_eq!(reviews(), 8, "kube-apiserver saw 8 reviews for 106 new tokens");
+
+    // Every call is audited, the throttled ones too.
+    let lines = h.audit.lines();
+    let count = |result: &str| lines.iter().filter(|l| l["result"] == result).count();
+    assert_eq!((count("ResourceExhausted"), count("Unavailable"), count("Unauthenticated")), (97, 1, 7));
     h.stop().await;
 }

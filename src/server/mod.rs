@@ -9,6 +9,7 @@ pub mod cache;
 mod component_tests;
 pub mod directory;
 pub mod k8s;
+pub mod limit;
 pub mod service;
 
 use std::net::SocketAddr;

@@ -3,8 +3,9 @@
 //! pipeline, which audits, meters and maps it to the wire.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tonic::metadata::MetadataMap;
@@ -15,6 +16,7 @@ use super::auth::{AuthError, Authenticator, TokenReviewer};
 use super::authz::{Authorizer, AuthzError, RbacChecker};
 use super::blob::{self, BlobError};
 use super::directory::KeyDirectory;
+use super::limit::{Throttled, whole_seconds};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::call::{CallError, CallPipeline};
 use crate::crypto::{KeyMaterial, SealError, SecretBytes};
@@ -92,6 +94,12 @@ impl CallError for ApiError {
             ApiError::Auth(AuthError::Backend(_)) => {
                 Status::unavailable("cannot authenticate callers right now")
             }
+            ApiError::Auth(AuthError::Throttled(t @ Throttled::Client { .. })) => {
+                with_retry_hint(Status::resource_exhausted(t.to_string()), t.retry_after())
+            }
+            ApiError::Auth(AuthError::Throttled(t @ Throttled::Everyone { .. })) => {
+                with_retry_hint(Status::unavailable(t.to_string()), t.retry_after())
+            }
             ApiError::Auth(e) => Status::unauthenticated(e.to_string()),
             ApiError::KeyRequired
             | ApiError::KeyNameTooLong
@@ -168,6 +176,20 @@ impl ApiError {
             cause => ApiError::GrantRefused { name: name.to_owned(), cause },
         }
     }
+}
+
+/// `status` with when to retry: `retry-after` (whole seconds, as in HTTP) and gRPC's
+/// `grpc-retry-pushback-ms`, which gRPC clients with a retry policy honour.
+fn with_retry_hint(mut status: Status, retry_after: Duration) -> Status {
+    let seconds = whole_seconds(retry_after);
+    let meta = status.metadata_mut();
+    if let Ok(v) = seconds.to_string().parse() {
+        meta.insert("retry-after", v);
+    }
+    if let Ok(v) = seconds.saturating_mul(1000).to_string().parse() {
+        meta.insert("grpc-retry-pushback-ms", v);
+    }
+    status
 }
 
 /// Marks a grant Retired (the server's only write).
@@ -249,10 +271,12 @@ where
         let started = Instant::now();
         let id = request_id(request.metadata());
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // Without a peer address (not over TCP), every such caller counts as one client.
+        let client = request.remote_addr().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let mut trail = Trail::default();
         let (principal, outcome) = match Authenticator::<T>::bearer(header.as_deref()) {
             Err(e) => (String::new(), Err(ApiError::from(e))),
-            Ok(token) => match self.auth.authenticate(token, Timestamp::now().as_second()).await {
+            Ok(token) => match self.auth.authenticate(token, Timestamp::now().as_second(), client).await {
                 Err(e) => (String::new(), Err(ApiError::from(e))),
                 Ok(who) => {
                     let out = body(&who, request.into_inner(), &mut trail).await;
