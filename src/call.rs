@@ -42,8 +42,8 @@ impl CallPipeline {
 
     /// Finishes a call that started at `started`: fills in `event`'s component, result and
     /// reason from `outcome`, writes the audit line, counts the call under `event.key`, and
-    /// returns what the caller gets.
-    pub fn finish<T, E: CallError>(
+    /// returns what the caller gets. Waits for the audit line within the log's limits.
+    pub async fn finish<T, E: CallError>(
         &self,
         started: Instant,
         mut event: AuditEvent,
@@ -66,7 +66,7 @@ impl CallPipeline {
         event.component = self.component;
         event.result = reply.as_ref().err().map_or("OK", |s| code_name(s.code()));
         event.reason = reason;
-        let audited = self.audit.record(&event);
+        let audited = self.audit.append(&event).await;
         let (result, reply) = match (reply, audited) {
             (reply, Ok(())) => (event.result, reply),
             (_, Err(e)) => {

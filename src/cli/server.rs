@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use jiff::SignedDuration;
 
+use kubekms::audit::AuditLimits;
 use kubekms::server::limit::Rate;
 use kubekms::server::{Config, auth, authz};
 
@@ -63,6 +64,15 @@ pub struct Args {
     /// The audit log: one JSON line per call ("-" for standard output).
     #[arg(long, value_name = "FILE", default_value = "-")]
     audit_log: PathBuf,
+    /// How long a call waits for its audit line to be written; past it the call fails
+    /// closed (UNAVAILABLE "the audit log cannot be written") instead of waiting on a slow or
+    /// stalled sink.
+    #[arg(long, value_name = "DURATION", default_value = "2s")]
+    audit_timeout: SignedDuration,
+    /// How many audit lines may wait to be written; a call finding them all taken fails
+    /// closed at once.
+    #[arg(long, value_name = "N", default_value_t = AuditLimits::default().queue)]
+    audit_queue: usize,
     /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -91,6 +101,10 @@ impl Args {
                 denied_size: self.rbac_denied_cache_size,
             },
             audit_log: self.audit_log,
+            audit: AuditLimits {
+                timeout: Config::audit_timeout(self.audit_timeout).context("invalid --audit-timeout")?,
+                queue: self.audit_queue,
+            },
             metrics_addr: self.metrics_addr,
         };
         let client = self.kube.client().await?;

@@ -28,6 +28,7 @@ use super::authz::{CacheSettings, CachedRbac, RbacChecker};
 use super::blob::{MAX_BLOB_LEN, MAX_CONTEXT_BYTES, MAX_CONTEXT_PAIRS, MAX_PLAINTEXT_LEN};
 use super::directory::Directory;
 use super::service::{GrantRetirer, KeyApi, MAX_RANDOM_BYTES};
+use crate::audit::AuditLimits;
 use crate::crypto::{KeyMaterial, RootKey, WrapContext};
 use crate::domain::{
     Constraints, Effect, Grant, GrantState, Identity, Key, KeyInfo, KeyIntent, KeyOperation as Op, KeyState,
@@ -360,6 +361,7 @@ fn re_encrypt_request(
 struct Setup {
     auth: Settings,
     rbac_cache: CacheSettings,
+    audit: AuditLimits,
 }
 
 impl Default for Setup {
@@ -367,6 +369,7 @@ impl Default for Setup {
         Setup {
             auth: Settings::default(),
             rbac_cache: CacheSettings { ttl: Duration::ZERO, ..CacheSettings::default() },
+            audit: AuditLimits::default(),
         }
     }
 }
@@ -403,7 +406,7 @@ impl Harness {
             CachedRbac::new(rbac.clone(), &setup.rbac_cache),
             directory.clone(),
             retirer.clone(),
-            audit.log(&root),
+            audit.log_with(&root, setup.audit),
             OperationMetrics::register(&mut registry),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1891,6 +1894,7 @@ async fn a_flood_of_junk_pushes_out_no_valid_callers_cached_token_or_rbac_answer
             ..Settings::default()
         },
         rbac_cache: CacheSettings { ttl: Duration::from_secs(3600), size: 100, denied_size: 8 },
+        ..Setup::default()
     };
     let h = Harness::start_with(setup).await;
     h.add_key(key("apps", "k", K, delegating(Vec::new())), 1);
@@ -1999,4 +2003,87 @@ async fn a_flood_of_invalid_tokens_costs_a_bounded_number_of_reviews_and_valid_c
     let count = |result: &str| lines.iter().filter(|l| l["result"] == result).count();
     assert_eq!((count("ResourceExhausted"), count("Unavailable"), count("Unauthenticated")), (97, 1, 7));
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_audit_sink_fails_callers_closed_within_the_timeout() {
+    let audit = AuditLimits { timeout: Duration::from_millis(200), queue: 16 };
+    let h = Harness::start_with(Setup { audit, ..Setup::default() }).await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let blob = h.encrypt(&web, "apps/k", b"before", &[]).await.unwrap().ciphertext_blob;
+
+    h.audit.stall(true);
+    let bound = Duration::from_secs(30);
+    let closed = "the audit log cannot be written";
+    let decrypt = tokio::time::timeout(bound, h.decrypt(&web, &blob, &[], "")).await;
+    refused(decrypt.expect("returned before the bound"), Code::Unavailable, closed);
+    // Many at once: each returns, none with a result.
+    let calls = (0..20).map(|_| h.random(&web, 8));
+    let answers = tokio::time::timeout(bound, futures::future::join_all(calls)).await.expect("returned");
+    for answer in answers {
+        refused(answer, Code::Unavailable, closed);
+    }
+    let metrics = h.metrics();
+    let unavailable = r#"kubekms_operations_total{component="server",key="",operation="GenerateRandom",result="Unavailable"} 20"#;
+    assert!(metrics.lines().any(|l| l == unavailable), "missing {unavailable} in\n{metrics}");
+
+    // Once the sink moves again (and the writer has passed over the lines whose callers
+    // gave up), so do calls; the chain has no gap. At most the line that was being written
+    // when the sink stalled landed, for a caller told Unavailable.
+    h.audit.stall(false);
+    let recovered = async {
+        loop {
+            match h.decrypt(&web, &blob, &[], "").await {
+                Err(s) if s.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => return other,
+            }
+        }
+    };
+    let recovered = tokio::time::timeout(bound, recovered).await.expect("calls go on once the sink does");
+    assert_eq!(recovered.unwrap().plaintext, b"before");
+    let text = h.audit.text();
+    let lines = crate::audit::verify(text.as_bytes(), Some(&h.root)).unwrap().lines;
+    let random_lines = text.matches(r#""operation":"GenerateRandom""#).count();
+    assert!((2..=3).contains(&lines) && random_lines <= 1, "{lines} lines:\n{text}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn no_more_calls_wait_on_a_stalled_audit_sink_than_its_queue_holds() {
+    // Callers would wait an hour: only the bound on waiting lines lets the rest go.
+    let audit = AuditLimits { timeout: Duration::from_secs(3600), queue: 2 };
+    let h = Arc::new(Harness::start_with(Setup { audit, ..Setup::default() }).await);
+    let web = token("apps", "web");
+    h.audit.stall(true);
+    let mut calls = tokio::task::JoinSet::new();
+    let call = |calls: &mut tokio::task::JoinSet<_>| {
+        let (h, web) = (h.clone(), web.clone());
+        calls.spawn(async move { h.random(&web, 8).await });
+    };
+    call(&mut calls);
+    h.audit.wait_until_held().await;
+    // The writer is held in the first call's line: of ten more calls, two wait in the queue
+    // and eight are refused at once.
+    for _ in 0..10 {
+        call(&mut calls);
+    }
+    for _ in 0..8 {
+        let answer = tokio::time::timeout(Duration::from_secs(30), calls.join_next()).await;
+        refused(
+            answer.expect("returned before the bound").unwrap().unwrap(),
+            Code::Unavailable,
+            "the audit log cannot be written",
+        );
+    }
+    assert!(calls.try_join_next().is_none(), "three calls still wait");
+    assert_eq!(calls.len(), 3);
+    h.audit.stall(false);
+    while let Some(answer) = calls.join_next().await {
+        assert_eq!(answer.unwrap().unwrap().plaintext.len(), 8);
+    }
+    assert_eq!(h.audit.lines().len(), 3);
+    Arc::into_inner(h).unwrap().stop().await;
 }

@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLimits, AuditLog};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyServiceServer;
@@ -41,6 +41,8 @@ pub struct Config {
     /// How SubjectAccessReview results are kept.
     pub rbac_cache: authz::CacheSettings,
     pub audit_log: PathBuf,
+    /// How long a call waits for its audit line, and how many lines may wait.
+    pub audit: AuditLimits,
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -49,6 +51,8 @@ pub struct Config {
 pub enum ConfigError {
     #[error("the {cache} cache lifetime must not be negative")]
     NegativeTtl { cache: &'static str, ttl: SignedDuration },
+    #[error("the audit timeout must be positive")]
+    AuditTimeout(SignedDuration),
 }
 
 impl Config {
@@ -56,6 +60,11 @@ impl Config {
     /// duration, as a command line gives it: a result cannot be reused for a negative time.
     pub fn cache_ttl(cache: &'static str, ttl: SignedDuration) -> Result<Duration, ConfigError> {
         Duration::try_from(ttl).map_err(|_| ConfigError::NegativeTtl { cache, ttl })
+    }
+
+    /// How long a call waits for its audit line, from a signed duration: more than zero.
+    pub fn audit_timeout(timeout: SignedDuration) -> Result<Duration, ConfigError> {
+        Duration::try_from(timeout).ok().filter(|t| !t.is_zero()).ok_or(ConfigError::AuditTimeout(timeout))
     }
 }
 
@@ -99,7 +108,8 @@ impl BackendError {
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
     let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
     tracing::info!(root_key = root.fingerprint(), listen = %config.listen, "starting the key API server");
-    let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
+    let audit =
+        Arc::new(AuditLog::open_with(&config.audit_log, &root, config.audit).map_err(RunError::Audit)?);
     let read = |what, path: &PathBuf| {
         std::fs::read(path).map_err(|source| RunError::Tls { what, path: path.clone(), source })
     };
@@ -204,5 +214,13 @@ mod tests {
         let err = Config::cache_ttl("RBAC", ttl).unwrap_err();
         assert_eq!(err, ConfigError::NegativeTtl { cache: "RBAC", ttl });
         assert_eq!(err.to_string(), "the RBAC cache lifetime must not be negative");
+    }
+
+    #[test]
+    fn the_audit_timeout_is_positive() {
+        assert_eq!(Config::audit_timeout(SignedDuration::from_secs(2)), Ok(Duration::from_secs(2)));
+        for bad in [SignedDuration::ZERO, SignedDuration::from_secs(-1)] {
+            assert_eq!(Config::audit_timeout(bad), Err(ConfigError::AuditTimeout(bad)));
+        }
     }
 }

@@ -299,7 +299,7 @@ where
             source_encryption_context_keys: trail.source_context_keys,
             ..Default::default()
         };
-        let mut response = self.calls.finish(started, event, outcome).map(Response::new)?;
+        let mut response = self.calls.finish(started, event, outcome).await.map(Response::new)?;
         if let Ok(v) = id.parse() {
             response.metadata_mut().insert("x-request-id", v);
         }
