@@ -289,6 +289,16 @@ mod tests {
         }
     }
 
+    /// The statement "no-mallory": a Deny of Decrypt to the user mallory.
+    fn no_decrypt_for_mallory() -> Statement {
+        Statement {
+            sid: Some("no-mallory".into()),
+            effect: Effect::Deny,
+            principals: vec![Principal::User("mallory".into())],
+            operations: vec![KeyOperation::Decrypt],
+        }
+    }
+
     fn user(name: &str) -> Identity {
         Identity { username: name.into(), ..Default::default() }
     }
@@ -333,13 +343,7 @@ mod tests {
     async fn a_deny_wins_over_grants_and_rbac() {
         let authz =
             Authorizer::new(Scripted { allow: vec![("mallory", "decrypt")], asked: AtomicUsize::new(0) });
-        let deny = Statement {
-            sid: Some("no-mallory".into()),
-            effect: Effect::Deny,
-            principals: vec![Principal::User("mallory".into())],
-            operations: vec![KeyOperation::Decrypt],
-        };
-        let k = key(true, vec![deny]);
+        let k = key(true, vec![no_decrypt_for_mallory()]);
         let err = decide(&authz, &k, "mallory", &[grant_to("mallory")]).await.unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -354,13 +358,7 @@ mod tests {
             allow: vec![("mallory", "reencryptfrom")],
             asked: AtomicUsize::new(0),
         });
-        let deny = Statement {
-            sid: Some("no-mallory".into()),
-            effect: Effect::Deny,
-            principals: vec![Principal::User("mallory".into())],
-            operations: vec![KeyOperation::Decrypt],
-        };
-        let k = key(true, vec![deny]);
+        let k = key(true, vec![no_decrypt_for_mallory()]);
         let err = authz
             .authorize(
                 &user("mallory"),
