@@ -405,6 +405,7 @@ where
             .keys
             .resolve(&header.key_id)
             .ok_or_else(|| ApiError::key_refused(&header.key_id, op, Refusal::NotFound))?;
+        // ReEncrypt's audit line names the ciphertext's key as its source.
         match op {
             KeyOperation::ReEncryptFrom => trail.source = Some((key.clone(), header.version)),
             _ => (trail.key, trail.version) = (Some(key.clone()), Some(header.version)),
