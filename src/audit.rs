@@ -7,12 +7,20 @@
 //! of the last line or of the whole file by someone who could recompute plain hashes.
 //! A line never holds plaintext, key material, data keys or tokens: only names, ids,
 //! encryption-context keys (not values) and results.
+//!
+//! One thread writes the lines, fed by a bounded queue, so that a slow or stalled sink
+//! never stalls the callers: a caller waits for its line at most [`AuditLimits::timeout`],
+//! a caller finding the queue full does not wait at all, and either way the caller fails
+//! closed. A line still waiting when its caller gave up is not written; one the sink was
+//! already writing may land after its caller was told the log could not be written (the log
+//! may then record a call whose caller got no answer — never the reverse).
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
 use prometheus_client::metrics::gauge::Gauge;
@@ -52,6 +60,9 @@ pub struct AuditEvent {
     pub source_key_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_key_version: Option<u32>,
+    /// For ReEncrypt: the keys of the source encryption context (never the values).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_encryption_context_keys: Vec<String>,
     /// The grant that allowed the call, if one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
@@ -87,8 +98,28 @@ pub enum AuditError {
     Write(#[source] std::io::Error),
     #[error("failed to encode an audit line")]
     Encode(#[source] serde_json::Error),
-    #[error("the audit log lock is poisoned")]
-    Poisoned,
+    #[error("the audit queue is full: {0} lines wait to be written")]
+    Busy(usize),
+    #[error("the audit line was not written within {0:?}")]
+    TimedOut(Duration),
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+/// How long callers wait for their audit lines, and how many lines may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditLimits {
+    /// How long a caller waits for its line before it fails closed.
+    pub timeout: Duration,
+    /// How many lines may wait to be written; a caller finding them all taken fails closed
+    /// at once (with 0, a line is taken only when the writer is idle).
+    pub queue: usize,
+}
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        AuditLimits { timeout: Duration::from_secs(2), queue: 1024 }
+    }
 }
 
 struct Writer {
@@ -97,10 +128,34 @@ struct Writer {
     seq: u64,
 }
 
+/// One line to write: the event's fields (serialized by the caller), until when its caller
+/// waits, and where the outcome goes.
+struct Job {
+    fields: String,
+    deadline: Instant,
+    reply: Reply,
+}
+
+enum Reply {
+    Blocking(mpsc::SyncSender<Result<(), AuditError>>),
+    Async(tokio::sync::oneshot::Sender<Result<(), AuditError>>),
+}
+
+impl Reply {
+    /// Tells the caller, if it still waits.
+    fn send(self, outcome: Result<(), AuditError>) {
+        let _ = match self {
+            Reply::Blocking(tx) => tx.try_send(outcome).map_err(drop),
+            Reply::Async(tx) => tx.send(outcome).map_err(drop),
+        };
+    }
+}
+
 /// An append-only audit log.
 pub struct AuditLog {
-    writer: Mutex<Writer>,
-    mac_key: KeyMaterial,
+    /// To the writer thread, which ends when the log is dropped.
+    jobs: mpsc::SyncSender<Job>,
+    limits: AuditLimits,
     /// The sequence number of the last line written, for `/metrics`: a monitoring system that
     /// records it can later tell `audit verify --expect-seq` where the log must reach, which
     /// the chain alone cannot show for lines cut from the end.
@@ -194,7 +249,9 @@ fn bounded(event: &AuditEvent) -> AuditEvent {
     e.request_id = cut(&e.request_id, 128);
     e.principal = cut(&e.principal, 512);
     e.reason = e.reason.as_deref().map(|r| cut(r, 512));
-    e.encryption_context_keys = e.encryption_context_keys.iter().take(64).map(|k| cut(k, 128)).collect();
+    for keys in [&mut e.encryption_context_keys, &mut e.source_encryption_context_keys] {
+        *keys = keys.iter().take(64).map(|k| cut(k, 128)).collect();
+    }
     for field in [&mut e.key, &mut e.key_id, &mut e.source_key, &mut e.source_key_id, &mut e.grant_id] {
         *field = field.as_deref().map(|v| cut(v, 320));
     }
@@ -205,11 +262,17 @@ impl AuditLog {
     /// Appends to `path` ("-" for standard output), continuing the chain of what the file
     /// already holds. The file is created with mode 0600.
     pub fn open(path: &Path, root: &RootKey) -> Result<AuditLog, AuditError> {
+        AuditLog::open_with(path, root, AuditLimits::default())
+    }
+
+    /// [`AuditLog::open`], with callers waiting within `limits`.
+    pub fn open_with(path: &Path, root: &RootKey, limits: AuditLimits) -> Result<AuditLog, AuditError> {
         let mac_key = root.derive(MAC_PURPOSE);
         if path == Path::new("-") {
             return Ok(AuditLog::new(
                 Writer { out: Box::new(std::io::stdout()), prev: GENESIS.into(), seq: 0 },
                 mac_key,
+                limits,
             ));
         }
         let last = last_line(path).map_err(|e| AuditError::Open(path.to_owned(), e))?;
@@ -228,14 +291,31 @@ impl AuditLog {
             // (the cut line stays visible to `kubekms audit verify`).
             file.write_all(b"\n").map_err(|e| AuditError::Open(path.to_owned(), e))?;
         }
-        Ok(AuditLog::new(Writer { out: Box::new(file), prev, seq }, mac_key))
+        Ok(AuditLog::new(Writer { out: Box::new(file), prev, seq }, mac_key, limits))
     }
 
-    /// The log around a writer, its gauge starting where the writer's chain stands.
-    fn new(writer: Writer, mac_key: KeyMaterial) -> AuditLog {
+    /// The log around a writer, on a thread of its own, its gauge starting where the
+    /// writer's chain stands. Should the thread fail to start, every line fails (closed).
+    fn new(mut writer: Writer, mac_key: KeyMaterial, limits: AuditLimits) -> AuditLog {
         let sequence = Gauge::default();
         set_sequence(&sequence, writer.seq);
-        AuditLog { writer: Mutex::new(writer), mac_key, sequence }
+        let (jobs, queue) = mpsc::sync_channel::<Job>(limits.queue);
+        let gauge = sequence.clone();
+        let started = std::thread::Builder::new().name("kubekms-audit".into()).spawn(move || {
+            // Ends when the log, the only sender, is dropped.
+            for job in queue {
+                let outcome = if Instant::now() >= job.deadline {
+                    Err(AuditError::TimedOut(limits.timeout))
+                } else {
+                    writer.append(&job.fields, &mac_key, &gauge)
+                };
+                job.reply.send(outcome);
+            }
+        });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "failed to start the audit writer; every audited call will fail");
+        }
+        AuditLog { jobs, limits, sequence }
     }
 
     /// `kubekms_audit_sequence`: the sequence number of the last line written.
@@ -249,19 +329,57 @@ impl AuditLog {
 
     /// An audit log written to any sink (tests).
     pub fn to_writer(out: Box<dyn Write + Send>, root: &RootKey) -> AuditLog {
-        AuditLog::new(Writer { out, prev: GENESIS.into(), seq: 0 }, root.derive(MAC_PURPOSE))
+        AuditLog::to_writer_with(out, root, AuditLimits::default())
     }
 
-    /// Writes one line. Callers fail the operation when this fails (fail closed).
+    /// [`AuditLog::to_writer`], with callers waiting within `limits`.
+    pub fn to_writer_with(out: Box<dyn Write + Send>, root: &RootKey, limits: AuditLimits) -> AuditLog {
+        AuditLog::new(Writer { out, prev: GENESIS.into(), seq: 0 }, root.derive(MAC_PURPOSE), limits)
+    }
+
+    /// Writes one line, blocking the calling thread until it is written or the timeout
+    /// passes. Callers fail the operation when this fails (fail closed). An async caller
+    /// uses [`AuditLog::append`].
     pub fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        // Everything that does not depend on the chain is done before taking the lock, so
-        // concurrent callers queue only for the sequence number, the MAC, the hash and the
-        // write. The line is what `Line` serializes to: time, seq, the event's fields, prev.
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(event, Reply::Blocking(tx))?;
+        rx.recv_timeout(self.limits.timeout).unwrap_or_else(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => Err(AuditError::TimedOut(self.limits.timeout)),
+            mpsc::RecvTimeoutError::Disconnected => Err(AuditError::Stopped),
+        })
+    }
+
+    /// Writes one line, waiting for it without holding a thread, at most the timeout.
+    pub async fn append(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(event, Reply::Async(tx))?;
+        match tokio::time::timeout(self.limits.timeout, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(AuditError::Stopped),
+            Err(_) => Err(AuditError::TimedOut(self.limits.timeout)),
+        }
+    }
+
+    /// Queues a line for the writer, or fails at once when the queue is full.
+    fn submit(&self, event: &AuditEvent, reply: Reply) -> Result<(), AuditError> {
+        // Everything that does not depend on the chain is done by the caller, so that the
+        // writer does only the sequence number, the MAC, the hash and the write.
         let event = serde_json::to_string(&bounded(event)).map_err(AuditError::Encode)?;
-        let fields = event.strip_prefix('{').and_then(|e| e.strip_suffix('}')).unwrap_or_default();
+        let fields = event.strip_prefix('{').and_then(|e| e.strip_suffix('}')).unwrap_or_default().to_owned();
+        let deadline = Instant::now() + self.limits.timeout;
+        self.jobs.try_send(Job { fields, deadline, reply }).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => AuditError::Busy(self.limits.queue),
+            mpsc::TrySendError::Disconnected(_) => AuditError::Stopped,
+        })
+    }
+}
+
+impl Writer {
+    /// Appends the line of an event's `fields`: what `Line` serializes to (time, seq, the
+    /// fields, prev), then its MAC. On failure the chain stays where it was.
+    fn append(&mut self, fields: &str, mac_key: &KeyMaterial, sequence: &Gauge) -> Result<(), AuditError> {
         let time = jiff::Timestamp::now().to_string();
-        let mut w = self.writer.lock().map_err(|_| AuditError::Poisoned)?;
-        let seq = w.seq + 1;
+        let seq = self.seq + 1;
         let mut line = String::with_capacity(fields.len() + 256);
         line.push_str("{\"time\":\"");
         line.push_str(&time);
@@ -270,18 +388,18 @@ impl AuditLog {
         line.push(',');
         line.push_str(fields);
         line.push_str(",\"prev\":\"");
-        line.push_str(&w.prev);
+        line.push_str(&self.prev);
         line.push_str("\"}");
-        let mac = mac_hex(&self.mac_key, line.as_bytes());
+        let mac = mac_hex(mac_key, line.as_bytes());
         line.pop(); // the closing brace
         line.push_str(",\"mac\":\"");
         line.push_str(&mac);
         line.push_str("\"}\n");
-        w.out.write_all(line.as_bytes()).and_then(|()| w.out.flush()).map_err(AuditError::Write)?;
+        self.out.write_all(line.as_bytes()).and_then(|()| self.out.flush()).map_err(AuditError::Write)?;
         line.pop(); // the newline: the chain hashes the line itself
-        w.prev = sha256_hex(line.as_bytes());
-        w.seq = seq;
-        set_sequence(&self.sequence, seq);
+        self.prev = sha256_hex(line.as_bytes());
+        self.seq = seq;
+        set_sequence(sequence, seq);
         Ok(())
     }
 }
@@ -355,6 +473,8 @@ pub fn verify_file(path: &Path, root: Option<&RootKey>) -> Result<Verified, Veri
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     fn root() -> RootKey {
@@ -460,6 +580,63 @@ mod tests {
             "the unwritten line left no gap"
         );
         assert!(!String::from_utf8_lossy(&text).contains("req-2"));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_sink_fails_its_callers_within_the_timeout_and_the_chain_goes_on() {
+        let sink = crate::testing::AuditSink::default();
+        let limits = AuditLimits { timeout: Duration::from_millis(100), queue: 8 };
+        let log = sink.log_with(&root(), limits);
+        log.append(&event(1)).await.unwrap();
+        sink.stall(true);
+        let bound = Duration::from_secs(30);
+        let stalled =
+            tokio::time::timeout(bound, log.append(&event(2))).await.expect("returned before the bound");
+        assert!(matches!(stalled, Err(AuditError::TimedOut(t)) if t == limits.timeout), "{stalled:?}");
+        // The blocking form, for callers outside a request, gives up the same way.
+        let blocking = {
+            let log = log.clone();
+            tokio::task::spawn_blocking(move || log.record(&event(3)))
+        };
+        let blocking =
+            tokio::time::timeout(bound, blocking).await.expect("returned before the bound").unwrap();
+        assert!(matches!(blocking, Err(AuditError::TimedOut(_))), "{blocking:?}");
+        sink.stall(false);
+        log.append(&event(4)).await.unwrap();
+        // The chain goes on. Of the lines whose callers gave up, at most the one being
+        // written when the sink stalled landed; one still waiting past its deadline is not
+        // written.
+        let text = sink.text();
+        let lines = verify(text.as_bytes(), Some(&root())).unwrap().lines;
+        assert!((2..=3).contains(&lines) && text.contains("req-1") && text.contains("req-4"), "{text}");
+        assert!(!(text.contains("req-2") && text.contains("req-3")), "{text}");
+    }
+
+    #[tokio::test]
+    async fn callers_past_the_queue_fail_at_once() {
+        let sink = crate::testing::AuditSink::default();
+        let log = sink.log_with(&root(), AuditLimits { timeout: Duration::from_secs(3600), queue: 2 });
+        sink.stall(true);
+        let held = tokio::spawn({
+            let log = log.clone();
+            async move { log.append(&event(1)).await }
+        });
+        sink.wait_until_held().await;
+        // The writer is held in line 1: two lines may wait, the rest are refused at once.
+        let events: Vec<AuditEvent> = (2..12).map(event).collect();
+        let mut calls: Vec<_> = events.iter().map(|e| Box::pin(log.append(e))).collect();
+        let first_polls: Vec<_> = calls.iter_mut().map(futures::FutureExt::now_or_never).collect();
+        let refused = first_polls.iter().filter(|p| matches!(p, Some(Err(AuditError::Busy(2))))).count();
+        let waiting = first_polls.iter().filter(|p| p.is_none()).count();
+        assert_eq!((refused, waiting), (8, 2));
+        sink.stall(false);
+        held.await.unwrap().unwrap();
+        for (call, first) in calls.iter_mut().zip(first_polls) {
+            if first.is_none() {
+                call.await.unwrap();
+            }
+        }
+        assert_eq!(verify(sink.text().as_bytes(), Some(&root())).unwrap().lines, 3);
     }
 
     #[test]

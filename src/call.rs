@@ -1,6 +1,7 @@
 //! The one call pipeline of the plugin and the key API: every call's outcome is mapped to
 //! the wire, audited, metered and logged here, and a call whose audit line cannot be
-//! written fails closed — the caller gets `unavailable`, never a result nobody recorded.
+//! written fails closed — the caller gets `unavailable`, never an answer nobody recorded
+//! (a refusal included: a caller probing while the log is down learns nothing either).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +17,11 @@ use crate::telemetry::error_chain;
 pub trait CallError: std::error::Error {
     /// The status the caller gets. Internal details stay in the log.
     fn status(&self) -> Status;
+    /// Why the call failed, as its audit line says: the caller's message unless the caller
+    /// may not be told more (a refusal that hides whether a key exists says why here).
+    fn reason(&self) -> String {
+        self.status().message().to_owned()
+    }
     /// Whether the failure is kubekms's (a backend, the audit log, randomness), not the
     /// caller's.
     fn is_internal(&self) -> bool;
@@ -36,14 +42,16 @@ impl CallPipeline {
 
     /// Finishes a call that started at `started`: fills in `event`'s component, result and
     /// reason from `outcome`, writes the audit line, counts the call under `event.key`, and
-    /// returns what the caller gets.
-    pub fn finish<T, E: CallError>(
+    /// returns what the caller gets. Waits for the audit line within the log's limits.
+    pub async fn finish<T, E: CallError>(
         &self,
         started: Instant,
         mut event: AuditEvent,
         outcome: Result<T, E>,
     ) -> Result<T, Status> {
+        let mut reason = None;
         let reply = outcome.map_err(|e| {
+            reason = Some(e.reason());
             if e.is_internal() {
                 tracing::error!(
                     error = %error_chain(&e),
@@ -57,10 +65,11 @@ impl CallPipeline {
         });
         event.component = self.component;
         event.result = reply.as_ref().err().map_or("OK", |s| code_name(s.code()));
-        event.reason = reply.as_ref().err().map(|s| s.message().to_owned());
-        let audited = self.audit.record(&event);
+        event.reason = reason;
+        let audited = self.audit.append(&event).await;
         let (result, reply) = match (reply, audited) {
-            (Ok(_), Err(e)) => {
+            (reply, Ok(())) => (event.result, reply),
+            (_, Err(e)) => {
                 tracing::error!(
                     error = %error_chain(&e),
                     component = self.component,
@@ -70,7 +79,6 @@ impl CallPipeline {
                 );
                 ("Unavailable", Err(Status::unavailable("the audit log cannot be written")))
             }
-            (reply, _) => (event.result, reply),
         };
         let key = event.key.unwrap_or_default();
         self.metrics.observe(self.component, key, event.operation, result, started.elapsed().as_secs_f64());

@@ -1,11 +1,11 @@
 //! What the tests of the plugin, the key API and the controller share: an audit log kept
-//! in memory, which can be made to fail so that a test sees a call fail closed, and an
-//! Enabled key as the key API's directory holds it.
+//! in memory, which can be made to fail, or to stall, so that a test sees a call fail
+//! closed, and an Enabled key as the key API's directory holds it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLimits, AuditLog};
 use crate::crypto::RootKey;
 use crate::domain::{Key, KeyInfo, KeyIntent, KeyState, Origin, Policy};
 
@@ -37,17 +37,53 @@ pub fn enabled_key(namespace: &str, name: &str, key_id: &str, policy: Policy) ->
     }
 }
 
-/// Where an in-memory audit log writes; clones share the lines and the failure switch.
+/// Where an in-memory audit log writes; clones share the lines and the switches.
 #[derive(Clone, Default)]
 pub struct AuditSink {
     bytes: Arc<Mutex<Vec<u8>>>,
     failing: Arc<AtomicBool>,
+    stall: Arc<Stall>,
+}
+
+/// Holds writes while `stalled`, as a hung disk or a full pipe does.
+#[derive(Default)]
+struct Stall {
+    stalled: Mutex<bool>,
+    released: Condvar,
+    /// How many writes are held now.
+    held: AtomicUsize,
 }
 
 impl AuditSink {
     /// An audit log, MACed under `root`, that writes here.
     pub fn log(&self, root: &RootKey) -> Arc<AuditLog> {
-        Arc::new(AuditLog::to_writer(Box::new(self.clone()), root))
+        self.log_with(root, AuditLimits::default())
+    }
+
+    /// The same, its callers waiting within `limits`.
+    pub fn log_with(&self, root: &RootKey, limits: AuditLimits) -> Arc<AuditLog> {
+        Arc::new(AuditLog::to_writer_with(Box::new(self.clone()), root, limits))
+    }
+
+    /// Makes every write block until called with `false`.
+    pub fn stall(&self, stalled: bool) {
+        *self.stall.stalled.lock().unwrap() = stalled;
+        self.stall.released.notify_all();
+    }
+
+    /// How many writes are blocked in [`AuditSink::stall`] now.
+    pub fn held(&self) -> usize {
+        self.stall.held.load(Ordering::SeqCst)
+    }
+
+    /// Waits (within a generous bound) until a write is blocked in [`AuditSink::stall`].
+    pub async fn wait_until_held(&self) {
+        let held = async {
+            while self.held() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), held).await.expect("a write to be held");
     }
 
     /// Makes every write fail (as a full disk does) until called with `false`.
@@ -68,6 +104,13 @@ impl AuditSink {
 
 impl std::io::Write for AuditSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut stalled = self.stall.stalled.lock().unwrap();
+        while *stalled {
+            self.stall.held.fetch_add(1, Ordering::SeqCst);
+            stalled = self.stall.released.wait(stalled).unwrap();
+            self.stall.held.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(stalled);
         if self.failing.load(Ordering::SeqCst) {
             return Err(std::io::Error::other("disk full"));
         }

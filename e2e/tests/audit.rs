@@ -90,7 +90,11 @@ async fn a_disable_is_found_in_the_api_server_and_controller_audit_logs() {
         .max_by_key(|e| e["time"].as_str().unwrap().to_owned())
         .map(|e| e["manager"].as_str().unwrap().to_owned())
         .unwrap();
-    assert_eq!(done["principal"], format!("manager:{writer}").as_str(), "the field manager that asked: {done}");
+    assert_eq!(
+        done["principal"],
+        format!("manager:{writer}").as_str(),
+        "the field manager that asked: {done}"
+    );
     let verify = std::process::Command::new(kubekms_bin())
         .args(["audit", "verify"])
         .arg(run_dir().join("controller/audit.log"))

@@ -147,8 +147,21 @@ async fn key_policy_allow_and_explicit_deny() {
     let b = format!("{ns}/b");
     let e = encrypt(&mut intruder, &b, b"secret", &[]).await.expect("RBAC allows Encrypt");
     let denied = decrypt(&mut intruder, &e.ciphertext_blob, &[]).await.unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
-    assert!(denied.message().contains("no-intruder"), "{}", denied.message());
+    // The caller is told what a caller of a key that does not exist is told; the audit line
+    // names the statement.
+    let key_id = e.key.as_ref().unwrap().key_id.clone();
+    assert_eq!(
+        (denied.code(), denied.message()),
+        (
+            Code::PermissionDenied,
+            format!("key {key_id:?} does not exist or you may not use it for Decrypt").as_str()
+        )
+    );
+    let audit = std::fs::read_to_string(run_dir().join("server/audit.log")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains(r#""result":"PermissionDenied""#) && l.contains("no-intruder")),
+        "no audit line names the statement"
+    );
     assert_eq!(decrypt(&mut other, &e.ciphertext_blob, &[]).await.unwrap().plaintext, b"secret");
 
     // DescribeKey shows metadata, never material.

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use jiff::SignedDuration;
 
-use kubekms::server::Config;
+use kubekms::audit::AuditLimits;
+use kubekms::server::limit::Rate;
+use kubekms::server::{Config, auth, authz};
 
 use super::args::{KubeArgs, RootKeyArgs};
 
@@ -31,13 +33,46 @@ pub struct Args {
     /// How long a TokenReview result is reused (never past the token's expiry).
     #[arg(long, value_name = "DURATION", default_value = "60s")]
     token_cache_ttl: SignedDuration,
+    /// How many valid tokens' TokenReview results are kept; the least recently used makes
+    /// room.
+    #[arg(long, value_name = "N", default_value_t = auth::Settings::default().cache_size)]
+    token_cache_size: usize,
+    /// How many rejected tokens are remembered (10 s each), apart from valid ones, so that a
+    /// flood of junk tokens cannot push a valid one out.
+    #[arg(long, value_name = "N", default_value_t = auth::Settings::default().rejected_cache_size)]
+    rejected_token_cache_size: usize,
+    /// How many tokens without a cached answer one client (IP address; IPv6 by /64) may have
+    /// reviewed, as REVIEWS/DURATION (in bursts of up to REVIEWS). Past it the client gets
+    /// RESOURCE_EXHAUSTED with `retry-after` and `grpc-retry-pushback-ms`.
+    #[arg(long, value_name = "RATE", default_value_t = auth::Settings::default().reviews_per_client)]
+    token_reviews_per_client: Rate,
+    /// How many tokens without a cached answer all clients together may have reviewed, as
+    /// REVIEWS/DURATION. Past it callers get UNAVAILABLE with the same retry hint.
+    #[arg(long, value_name = "RATE", default_value_t = auth::Settings::default().reviews)]
+    token_reviews: Rate,
     /// How long a SubjectAccessReview result is reused, and so how long an RBAC change takes
     /// to apply.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     rbac_cache_ttl: SignedDuration,
+    /// How many "allowed" SubjectAccessReview results are kept; the least recently used
+    /// makes room.
+    #[arg(long, value_name = "N", default_value_t = authz::CacheSettings::default().size)]
+    rbac_cache_size: usize,
+    /// How many "denied" SubjectAccessReview results are kept, apart from allowed ones.
+    #[arg(long, value_name = "N", default_value_t = authz::CacheSettings::default().denied_size)]
+    rbac_denied_cache_size: usize,
     /// The audit log: one JSON line per call ("-" for standard output).
     #[arg(long, value_name = "FILE", default_value = "-")]
     audit_log: PathBuf,
+    /// How long a call waits for its audit line to be written; past it the call fails
+    /// closed (UNAVAILABLE "the audit log cannot be written") instead of waiting on a slow or
+    /// stalled sink.
+    #[arg(long, value_name = "DURATION", default_value = "2s")]
+    audit_timeout: SignedDuration,
+    /// How many audit lines may wait to be written; a call finding them all taken fails
+    /// closed at once.
+    #[arg(long, value_name = "N", default_value_t = AuditLimits::default().queue)]
+    audit_queue: usize,
     /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -51,12 +86,25 @@ impl Args {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             root_key_file: self.root_key.root_key_file,
-            audiences: self.audiences,
-            token_cache_ttl: Config::cache_ttl("token", self.token_cache_ttl)
-                .context("invalid --token-cache-ttl")?,
-            rbac_cache_ttl: Config::cache_ttl("RBAC", self.rbac_cache_ttl)
-                .context("invalid --rbac-cache-ttl")?,
+            auth: auth::Settings {
+                audiences: self.audiences,
+                cache_ttl: Config::cache_ttl("token", self.token_cache_ttl)
+                    .context("invalid --token-cache-ttl")?,
+                cache_size: self.token_cache_size,
+                rejected_cache_size: self.rejected_token_cache_size,
+                reviews_per_client: self.token_reviews_per_client,
+                reviews: self.token_reviews,
+            },
+            rbac_cache: authz::CacheSettings {
+                ttl: Config::cache_ttl("RBAC", self.rbac_cache_ttl).context("invalid --rbac-cache-ttl")?,
+                size: self.rbac_cache_size,
+                denied_size: self.rbac_denied_cache_size,
+            },
             audit_log: self.audit_log,
+            audit: AuditLimits {
+                timeout: Config::audit_timeout(self.audit_timeout).context("invalid --audit-timeout")?,
+                queue: self.audit_queue,
+            },
             metrics_addr: self.metrics_addr,
         };
         let client = self.kube.client().await?;

@@ -79,9 +79,16 @@ impl Grant {
             && self.constraints.as_ref().is_none_or(|c| c.allows(context))
     }
 
-    /// Whether `who` may retire the grant: its grantee or its retiring principal.
+    /// Whether the grant itself lets `who` retire it: its retiring principal may; so may its
+    /// grantee — but a Group grantee's members only when the grant lists `RetireGrant`, as
+    /// one member would retire it for all of them.
     pub fn may_retire(&self, who: &Identity) -> bool {
-        self.grantee.matches(who) || self.retiring_principal.as_ref().is_some_and(|p| p.matches(who))
+        let grantee = match self.grantee {
+            Principal::Group(_) => self.operations.contains(&KeyOperation::RetireGrant),
+            Principal::ServiceAccount { .. } | Principal::User(_) => true,
+        };
+        (grantee && self.grantee.matches(who))
+            || self.retiring_principal.as_ref().is_some_and(|p| p.matches(who))
     }
 }
 
@@ -191,5 +198,22 @@ mod tests {
         assert!(g.may_retire(&sa("batch", "nightly")));
         assert!(g.may_retire(&Identity { username: "ops".into(), ..Default::default() }));
         assert!(!g.may_retire(&sa("batch", "other")));
+    }
+
+    #[test]
+    fn a_group_grantee_retires_only_a_grant_that_lists_retire_grant() {
+        let member = Identity { username: "jane".into(), groups: vec!["ops".into()], ..Default::default() };
+        let group = Grant { grantee: Principal::Group("ops".into()), ..grant(None, None, None) };
+        assert!(!group.may_retire(&member), "one member would retire it for every member");
+        let retirable =
+            Grant { operations: vec![KeyOperation::Decrypt, KeyOperation::RetireGrant], ..group.clone() };
+        assert!(retirable.may_retire(&member));
+        assert!(
+            !retirable.may_retire(&Identity { username: "jane".into(), ..Default::default() }),
+            "not a member"
+        );
+        // The retiring principal may, whatever the grant lists; so may a Group named as one.
+        let by_group = Grant { retiring_principal: Some(Principal::Group("ops".into())), ..group };
+        assert!(by_group.may_retire(&member));
     }
 }

@@ -13,6 +13,8 @@ mod snapshot;
 pub use grant::{Constraints, Grant, GrantState};
 pub use key::{Key, KeyInfo, KeyIntent, KeyState, Origin};
 pub use name::{NamespacedName, NamespacedNameError};
-pub use policy::{Effect, KeyOperation, Policy, Statement, Verdict};
+#[cfg(test)]
+pub(crate) use policy::DENY_TABLE;
+pub use policy::{Denial, Effect, KeyOperation, Policy, Statement, Verdict};
 pub use principal::{Identity, Principal, service_account_username};
 pub use snapshot::{KeySnapshot, WrappedMaterial};

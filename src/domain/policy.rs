@@ -32,11 +32,17 @@ pub enum KeyOperation {
     ReEncryptTo,
     /// Read the key's metadata.
     DescribeKey,
+    /// Retire a grant of this key. In a grant whose grantee is a Group, it lets the group's
+    /// members retire the grant (for every member); without it they cannot. A ServiceAccount
+    /// or User grantee may retire its own grant without it, and the retiring principal
+    /// always may. In a key policy, an Allow lets its principals retire any grant of the
+    /// key and a Deny refuses them even their own; the RBAC verb is `retiregrant`.
+    RetireGrant,
 }
 
 impl KeyOperation {
     /// Every operation, in a fixed order.
-    pub const ALL: [KeyOperation; 7] = [
+    pub const ALL: [KeyOperation; 8] = [
         KeyOperation::Encrypt,
         KeyOperation::Decrypt,
         KeyOperation::GenerateDataKey,
@@ -44,6 +50,7 @@ impl KeyOperation {
         KeyOperation::ReEncryptFrom,
         KeyOperation::ReEncryptTo,
         KeyOperation::DescribeKey,
+        KeyOperation::RetireGrant,
     ];
 
     /// The operation's name on the wire and in audit records.
@@ -56,6 +63,41 @@ impl KeyOperation {
             KeyOperation::ReEncryptFrom => "ReEncryptFrom",
             KeyOperation::ReEncryptTo => "ReEncryptTo",
             KeyOperation::DescribeKey => "DescribeKey",
+            KeyOperation::RetireGrant => "RetireGrant",
+        }
+    }
+
+    /// The operations whose `Deny` also refuses this one (itself included): those whose
+    /// result a caller allowed this operation could obtain with it — alone, with
+    /// GenerateRandom, or with what it may do on keys it controls. A Deny of X refuses
+    /// every operation that implies X, so no other operation hands the denied plaintext to
+    /// the caller or to a key the caller controls (invariant 11):
+    ///
+    /// - Decrypt and ReEncryptFrom imply each other: ReEncrypt out of the key into a key the
+    ///   caller controls, then Decrypt there, is Decrypt; Decrypt, then Encrypt under another
+    ///   key, is ReEncrypt out of it.
+    /// - Encrypt and ReEncryptTo imply each other: Encrypt under a key the caller controls,
+    ///   then ReEncrypt into this one, is Encrypt; decrypting the source elsewhere, then
+    ///   Encrypt, is ReEncrypt into it.
+    /// - Every operation that makes a ciphertext under the key implies GenerateDataKey and
+    ///   GenerateDataKeyWithoutPlaintext: GenerateRandom, then Encrypt (or ReEncryptTo of a
+    ///   data key made under the caller's own key), is GenerateDataKey; and
+    ///   GenerateDataKeyWithoutPlaintext, then Decrypt of its blob, is GenerateDataKey too.
+    ///   GenerateDataKey does not imply Encrypt (the caller does not choose the plaintext),
+    ///   nor Decrypt (the data key is new: no ciphertext made before opens with it).
+    /// - DescribeKey and RetireGrant imply nothing else, and nothing else implies them: the
+    ///   key name, keyId and version an operation answers with are its own result.
+    pub fn implies(self) -> &'static [KeyOperation] {
+        use KeyOperation::*;
+        match self {
+            Decrypt => &[Decrypt, ReEncryptFrom],
+            ReEncryptFrom => &[ReEncryptFrom, Decrypt],
+            Encrypt => &[Encrypt, ReEncryptTo, GenerateDataKey, GenerateDataKeyWithoutPlaintext],
+            ReEncryptTo => &[ReEncryptTo, Encrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext],
+            GenerateDataKey => &[GenerateDataKey, GenerateDataKeyWithoutPlaintext],
+            GenerateDataKeyWithoutPlaintext => &[GenerateDataKeyWithoutPlaintext, GenerateDataKey],
+            DescribeKey => &[DescribeKey],
+            RetireGrant => &[RetireGrant],
         }
     }
 
@@ -70,12 +112,15 @@ impl KeyOperation {
             KeyOperation::ReEncryptFrom => "reencryptfrom",
             KeyOperation::ReEncryptTo => "reencryptto",
             KeyOperation::DescribeKey => "describekey",
+            KeyOperation::RetireGrant => "retiregrant",
         }
     }
 }
 
-/// A key policy. An explicit Deny always wins; otherwise a statement that allows the call
-/// decides, and without one grants and (when the policy delegates) RBAC may allow it.
+/// A key policy. An explicit Deny always wins — a Deny of an operation refuses every
+/// operation that implies it ([`KeyOperation::implies`]); otherwise a statement that allows
+/// the call (naming the operation itself) decides, and without one grants and (when the
+/// policy delegates) RBAC may allow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// Whether Kubernetes RBAC may allow what no statement does.
@@ -103,23 +148,64 @@ pub enum Verdict {
     NoMatch,
 }
 
+/// The Deny statement that refuses a call, and the operation it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub sid: Option<String>,
+    /// The operation the statement denies: the call's own, or one the call implies.
+    pub denied: KeyOperation,
+}
+
 impl Policy {
     /// Evaluates the statements for `who` doing `op`.
     pub fn verdict(&self, who: &Identity, op: KeyOperation) -> Verdict {
-        let applicable = || {
-            self.statements
-                .iter()
-                .filter(|s| s.operations.contains(&op) && s.principals.iter().any(|p| p.matches(who)))
-        };
-        if let Some(s) = applicable().find(|s| s.effect == Effect::Deny) {
-            return Verdict::Deny(s.sid.clone());
+        if let Some(denial) = self.denial(who, op) {
+            return Verdict::Deny(denial.sid);
         }
-        match applicable().find(|s| s.effect == Effect::Allow) {
+        let allows = |s: &&Statement| {
+            s.effect == Effect::Allow
+                && s.operations.contains(&op)
+                && s.principals.iter().any(|p| p.matches(who))
+        };
+        match self.statements.iter().find(allows) {
             Some(s) => Verdict::Allow(s.sid.clone()),
             None => Verdict::NoMatch,
         }
     }
+
+    /// The first Deny statement for `who` that names `op` or an operation `op` implies
+    /// (`op` itself preferred, so that the reason reads plainly when it can).
+    pub fn denial(&self, who: &Identity, op: KeyOperation) -> Option<Denial> {
+        let denies = |s: &&Statement| s.effect == Effect::Deny && s.principals.iter().any(|p| p.matches(who));
+        op.implies().iter().find_map(|denied| {
+            self.statements
+                .iter()
+                .filter(denies)
+                .find(|s| s.operations.contains(denied))
+                .map(|s| Denial { sid: s.sid.clone(), denied: *denied })
+        })
+    }
 }
+
+/// The README's deny table, written out row by row: a Deny of the first operation refuses
+/// exactly the others. The domain and the component tests check the rule against it.
+#[cfg(test)]
+pub(crate) const DENY_TABLE: &[(KeyOperation, &[KeyOperation])] = {
+    use KeyOperation::*;
+    &[
+        (Encrypt, &[Encrypt, ReEncryptTo]),
+        (Decrypt, &[Decrypt, ReEncryptFrom]),
+        (GenerateDataKey, &[GenerateDataKey, GenerateDataKeyWithoutPlaintext, Encrypt, ReEncryptTo]),
+        (
+            GenerateDataKeyWithoutPlaintext,
+            &[GenerateDataKeyWithoutPlaintext, GenerateDataKey, Encrypt, ReEncryptTo],
+        ),
+        (ReEncryptFrom, &[ReEncryptFrom, Decrypt]),
+        (ReEncryptTo, &[ReEncryptTo, Encrypt]),
+        (DescribeKey, &[DescribeKey]),
+        (RetireGrant, &[RetireGrant]),
+    ]
+};
 
 #[cfg(test)]
 mod tests {
@@ -167,5 +253,81 @@ mod tests {
         );
         assert_eq!(policy.verdict(&sa("other", "web"), KeyOperation::Encrypt), Verdict::NoMatch);
         assert_eq!(policy.verdict(&sa("apps", "web"), KeyOperation::GenerateDataKey), Verdict::NoMatch);
+    }
+
+    #[test]
+    fn a_deny_refuses_every_operation_that_implies_it_and_nothing_else() {
+        assert_eq!(DENY_TABLE.len(), KeyOperation::ALL.len(), "a row for every operation");
+        let intruder = Principal::ServiceAccount { namespace: "apps".into(), name: "intruder".into() };
+        for (denied, refused) in DENY_TABLE {
+            let policy = Policy {
+                delegate_to_rbac: false,
+                statements: vec![
+                    statement(Effect::Allow, intruder.clone(), &KeyOperation::ALL),
+                    Statement {
+                        sid: Some("no".into()),
+                        ..statement(Effect::Deny, intruder.clone(), &[*denied])
+                    },
+                ],
+            };
+            for op in KeyOperation::ALL {
+                let verdict = policy.verdict(&sa("apps", "intruder"), op);
+                if refused.contains(&op) {
+                    assert_eq!(verdict, Verdict::Deny(Some("no".into())), "Deny {denied:?} refuses {op:?}");
+                    let denial = policy.denial(&sa("apps", "intruder"), op).unwrap();
+                    assert_eq!(denial, Denial { sid: Some("no".into()), denied: *denied });
+                } else {
+                    assert_eq!(
+                        verdict,
+                        Verdict::Allow(Some("Allow".into())),
+                        "Deny {denied:?} leaves {op:?}"
+                    );
+                }
+                // The Deny is the intruder's alone.
+                assert_eq!(policy.verdict(&sa("apps", "web"), op), Verdict::NoMatch, "{denied:?} {op:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_allow_allows_only_the_operation_it_names() {
+        let web = Principal::ServiceAccount { namespace: "apps".into(), name: "web".into() };
+        let policy = Policy {
+            delegate_to_rbac: false,
+            statements: vec![statement(Effect::Allow, web, &[KeyOperation::Decrypt])],
+        };
+        assert_eq!(
+            policy.verdict(&sa("apps", "web"), KeyOperation::Decrypt),
+            Verdict::Allow(Some("Allow".into()))
+        );
+        assert_eq!(policy.verdict(&sa("apps", "web"), KeyOperation::ReEncryptFrom), Verdict::NoMatch);
+    }
+
+    #[test]
+    fn the_deny_of_the_call_itself_is_named_first() {
+        let intruder = Principal::ServiceAccount { namespace: "apps".into(), name: "intruder".into() };
+        let policy = Policy {
+            delegate_to_rbac: false,
+            statements: vec![
+                Statement {
+                    sid: Some("no-decrypt".into()),
+                    ..statement(Effect::Deny, intruder.clone(), &[KeyOperation::Decrypt])
+                },
+                Statement {
+                    sid: Some("no-migration".into()),
+                    ..statement(Effect::Deny, intruder, &[KeyOperation::ReEncryptFrom])
+                },
+            ],
+        };
+        let who = sa("apps", "intruder");
+        assert_eq!(
+            policy.denial(&who, KeyOperation::ReEncryptFrom),
+            Some(Denial { sid: Some("no-migration".into()), denied: KeyOperation::ReEncryptFrom })
+        );
+        assert_eq!(
+            policy.denial(&who, KeyOperation::Decrypt),
+            Some(Denial { sid: Some("no-decrypt".into()), denied: KeyOperation::Decrypt })
+        );
+        assert_eq!(policy.denial(&who, KeyOperation::Encrypt), None);
     }
 }

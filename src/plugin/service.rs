@@ -166,7 +166,7 @@ impl<K: Keyring> KmsPlugin<K> {
 
     /// Audits, meters and maps the outcome of one operation. A failed call is recorded
     /// against the key the plugin serves, without a version.
-    fn finish<T>(
+    async fn finish<T>(
         &self,
         operation: &'static str,
         principal: String,
@@ -187,7 +187,7 @@ impl<K: Keyring> KmsPlugin<K> {
             key_version: version,
             ..Default::default()
         };
-        self.calls.finish(started, event, outcome.map(|(value, _, _)| value))
+        self.calls.finish(started, event, outcome.map(|(value, _, _)| value)).await
     }
 
     /// Whether a real wrap and unwrap through the current version works (cached).
@@ -271,7 +271,7 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
         let outcome = self.encrypt_inner(&req);
         // The DEK seed is key material: wipe the request's copy.
         zeroize::Zeroize::zeroize(&mut req.plaintext);
-        self.finish("Encrypt", who, &req.uid, started, outcome).map(Response::new)
+        self.finish("Encrypt", who, &req.uid, started, outcome).await.map(Response::new)
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
@@ -279,6 +279,6 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
         let who = principal(&request);
         let req = request.into_inner();
         let outcome = self.decrypt_inner(&req);
-        self.finish("Decrypt", who, &req.uid, started, outcome).map(Response::new)
+        self.finish("Decrypt", who, &req.uid, started, outcome).await.map(Response::new)
     }
 }

@@ -1,15 +1,21 @@
 //! Authentication: a ServiceAccount (or any Kubernetes) bearer token, checked with a
 //! TokenReview for the server's audience. Results are cached by the token's SHA-256 for a
-//! bounded time, and never beyond the token's own expiry.
+//! bounded time, and never beyond the token's own expiry, in a bounded cache where rejected
+//! tokens have a smaller bound of their own ([`Answers`]). Tokens without a cached answer
+//! are reviewed within limits per client and for everyone ([`ReviewLimiter`]), and once
+//! however many calls bring the same one at the same time.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use super::BackendError;
+use super::cache::{Answers, Cached};
+use super::limit::{Rate, ReviewLimiter, Throttled};
 use crate::domain::Identity;
 
 /// Why a caller is not authenticated.
@@ -23,6 +29,8 @@ pub enum AuthError {
     Rejected(String),
     #[error("failed to review the token with the API server")]
     Backend(#[source] BackendError),
+    #[error(transparent)]
+    Throttled(Throttled),
 }
 
 /// Asks whether a token is valid for one of `audiences`; `None` when it is not.
@@ -39,31 +47,110 @@ fn jwt_expiry(token: &str) -> Option<i64> {
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("exp")?.as_i64()
 }
 
-struct Cached {
-    /// Who the token is, or `None` for a token the API server rejected.
-    identity: Option<Identity>,
-    /// Unix seconds after which the entry is not used.
-    until: i64,
-}
-
 /// How long a rejected token is remembered, so that retrying it does not turn into a
 /// TokenReview per call.
 const REJECTED_TTL: i64 = 10;
+
+/// How tokens are reviewed and their results kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Token audiences accepted (a token must be issued for one of them).
+    pub audiences: Vec<String>,
+    /// How long a TokenReview result is reused (never past the token's expiry).
+    pub cache_ttl: Duration,
+    /// How many valid tokens' identities are kept; the least recently used makes room.
+    pub cache_size: usize,
+    /// How many rejected tokens are remembered, apart from valid ones (so that junk tokens
+    /// cannot push a valid one out), each for ten seconds.
+    pub rejected_cache_size: usize,
+    /// How many tokens without a cached answer one client (IP address, or IPv6 /64) may have
+    /// reviewed.
+    pub reviews_per_client: Rate,
+    /// How many tokens without a cached answer everyone together may have reviewed.
+    pub reviews: Rate,
+}
+
+/// 60 new tokens a minute per client, in bursts of up to 60.
+const REVIEWS_PER_CLIENT: Rate = Rate::const_new(60, Duration::from_secs(60));
+/// 500 new tokens in ten seconds for everyone (50 a second), in bursts of up to 500.
+const REVIEWS: Rate = Rate::const_new(500, Duration::from_secs(10));
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            audiences: vec!["kubekms".into()],
+            cache_ttl: Duration::from_secs(60),
+            cache_size: 10_000,
+            rejected_cache_size: 1_000,
+            reviews_per_client: REVIEWS_PER_CLIENT,
+            reviews: REVIEWS,
+        }
+    }
+}
 
 /// Authenticates bearer tokens, with a bounded cache.
 pub struct Authenticator<R> {
     reviewer: R,
     audiences: Vec<String>,
     ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    /// By the token's SHA-256, until Unix seconds.
+    cache: Mutex<Answers<[u8; 32], Identity, i64>>,
+    limiter: ReviewLimiter,
+    flights: Flights,
 }
 
-/// The most cached tokens; the cache is emptied of expired entries, then cleared, beyond it.
-const MAX_CACHED: usize = 10_000;
+/// The reviews in flight, by the token's SHA-256: a call bringing a token that is being
+/// reviewed waits for that review, then finds its answer cached.
+#[derive(Default)]
+struct Flights(Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>);
+
+/// A review in flight; dropping it lets the next caller of the same token on.
+struct Flight<'a> {
+    flights: &'a Flights,
+    hash: [u8; 32],
+    guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Beyond this many entries, joining a flight first forgets those nobody holds (left by a
+/// call that was cancelled while waiting).
+const FLIGHTS_SWEPT_BEYOND: usize = 1024;
+
+impl Flights {
+    async fn join(&self, hash: [u8; 32]) -> Flight<'_> {
+        let lock = match self.0.lock() {
+            Ok(mut flights) => {
+                if flights.len() > FLIGHTS_SWEPT_BEYOND {
+                    flights.retain(|_, lock| Arc::strong_count(lock) > 1);
+                }
+                flights.entry(hash).or_default().clone()
+            }
+            Err(_) => Arc::default(),
+        };
+        Flight { flights: self, hash, guard: lock.lock_owned().await }
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut flights) = self.flights.0.lock() {
+            // The map's reference and this flight's: nobody else waits.
+            if Arc::strong_count(tokio::sync::OwnedMutexGuard::mutex(&self.guard)) == 2 {
+                flights.remove(&self.hash);
+            }
+        }
+    }
+}
 
 impl<R: TokenReviewer> Authenticator<R> {
-    pub fn new(reviewer: R, audiences: Vec<String>, ttl: Duration) -> Self {
-        Authenticator { reviewer, audiences, ttl, cache: Mutex::new(HashMap::new()) }
+    pub fn new(reviewer: R, settings: Settings) -> Self {
+        Authenticator {
+            reviewer,
+            audiences: settings.audiences,
+            ttl: settings.cache_ttl,
+            cache: Mutex::new(Answers::new(settings.cache_size, settings.rejected_cache_size)),
+            limiter: ReviewLimiter::new(settings.reviews_per_client, settings.reviews),
+            flights: Flights::default(),
+        }
     }
 
     /// The audiences tokens must be issued for.
@@ -82,17 +169,22 @@ impl<R: TokenReviewer> Authenticator<R> {
     }
 
     /// Who `token` belongs to.
-    pub async fn authenticate(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
+    /// Who `token`, sent by `client` at `now` (Unix seconds), belongs to.
+    pub async fn authenticate(&self, token: &str, now: i64, client: IpAddr) -> Result<Identity, AuthError> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Ok(cache) = self.cache.lock()
-            && let Some(c) = cache.get(&hash).filter(|c| now < c.until)
-        {
-            return c.identity.clone().ok_or_else(|| AuthError::Rejected(self.audiences.join(",")));
+        if let Some(answer) = self.cached(&hash, now) {
+            return answer;
         }
         let expiry = jwt_expiry(token);
         if expiry.is_some_and(|exp| exp <= now) {
             return Err(AuthError::Rejected(self.audiences.join(",")));
         }
+        let _flight = self.flights.join(hash).await;
+        // Reviewed while this call waited for the review in flight?
+        if let Some(answer) = self.cached(&hash, now) {
+            return answer;
+        }
+        self.limiter.acquire(client, tokio::time::Instant::now()).map_err(AuthError::Throttled)?;
         let reviewed = self.reviewer.review(token, &self.audiences).await.map_err(AuthError::Backend)?;
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         let until = match &reviewed {
@@ -100,15 +192,18 @@ impl<R: TokenReviewer> Authenticator<R> {
             None => now.saturating_add(REJECTED_TTL),
         };
         if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= MAX_CACHED {
-                cache.retain(|_, c| now < c.until);
-                if cache.len() >= MAX_CACHED {
-                    cache.clear();
-                }
-            }
-            cache.insert(hash, Cached { identity: reviewed.clone(), until });
+            let answer = reviewed.clone().map_or(Cached::No, Cached::Yes);
+            cache.insert(hash, answer, until);
         }
         reviewed.ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))
+    }
+
+    /// The cached answer for a token, if there is one.
+    fn cached(&self, hash: &[u8; 32], now: i64) -> Option<Result<Identity, AuthError>> {
+        match self.cache.lock().ok()?.get(hash, now)? {
+            Cached::Yes(identity) => Some(Ok(identity)),
+            Cached::No => Some(Err(AuthError::Rejected(self.audiences.join(",")))),
+        }
     }
 }
 
@@ -130,6 +225,14 @@ mod tests {
         }
     }
 
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    impl<R: TokenReviewer> Authenticator<R> {
+        async fn authenticate_at(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
+            self.authenticate(token, now, CLIENT).await
+        }
+    }
+
     fn jwt(exp: i64) -> String {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!("good.{}.sig", b64.encode(format!(r#"{{"exp":{exp}}}"#)))
@@ -137,52 +240,133 @@ mod tests {
 
     #[tokio::test]
     async fn results_are_cached_for_a_bounded_time_and_never_past_expiry() {
-        let auth = Authenticator::new(
-            Counting(AtomicUsize::new(0)),
-            vec!["kubekms".into()],
-            Duration::from_secs(60),
-        );
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), Settings::default());
         let token = jwt(1_000_030);
-        auth.authenticate(&token, 1_000_000).await.unwrap();
-        auth.authenticate(&token, 1_000_010).await.unwrap();
+        auth.authenticate_at(&token, 1_000_000).await.unwrap();
+        auth.authenticate_at(&token, 1_000_010).await.unwrap();
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1, "cached");
         // The token expires at 1_000_030: the cache does not outlive it.
-        assert!(matches!(auth.authenticate(&token, 1_000_031).await, Err(AuthError::Rejected(_))));
+        assert!(matches!(auth.authenticate_at(&token, 1_000_031).await, Err(AuthError::Rejected(_))));
 
         let long = jwt(9_000_000);
-        auth.authenticate(&long, 1_000_000).await.unwrap();
-        auth.authenticate(&long, 1_000_059).await.unwrap();
+        auth.authenticate_at(&long, 1_000_000).await.unwrap();
+        auth.authenticate_at(&long, 1_000_059).await.unwrap();
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 2);
-        auth.authenticate(&long, 1_000_061).await.unwrap();
+        auth.authenticate_at(&long, 1_000_061).await.unwrap();
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 3, "re-reviewed after the cache TTL");
     }
 
     #[tokio::test]
     async fn rejected_tokens_are_remembered_briefly() {
-        let auth = Authenticator::new(
-            Counting(AtomicUsize::new(0)),
-            vec!["kubekms".into()],
-            Duration::from_secs(60),
-        );
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), Settings::default());
         for t in 0..5 {
-            assert!(matches!(auth.authenticate("bad", 100 + t).await, Err(AuthError::Rejected(_))));
+            assert!(matches!(auth.authenticate_at("bad", 100 + t).await, Err(AuthError::Rejected(_))));
         }
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1);
-        assert!(auth.authenticate("bad", 100 + REJECTED_TTL).await.is_err());
+        assert!(auth.authenticate_at("bad", 100 + REJECTED_TTL).await.is_err());
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
-    async fn bad_tokens_and_headers_are_refused() {
-        let auth = Authenticator::new(
-            Counting(AtomicUsize::new(0)),
-            vec!["kubekms".into()],
-            Duration::from_secs(60),
+    async fn a_flood_of_rejected_tokens_never_pushes_out_a_valid_one() {
+        let unlimited: Rate = "10000/1h".parse().unwrap();
+        let settings = Settings {
+            cache_size: 2,
+            rejected_cache_size: 4,
+            reviews_per_client: unlimited,
+            reviews: unlimited,
+            ..Settings::default()
+        };
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings);
+        let valid = jwt(9_000_000);
+        auth.authenticate_at(&valid, 100).await.unwrap();
+        for junk in 0..1000 {
+            assert!(auth.authenticate_at(&format!("junk-{junk}"), 101).await.is_err());
+        }
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001);
+        assert_eq!(auth.cache.lock().unwrap().len(), (1, 4), "junk stays within its own bound");
+        auth.authenticate_at(&valid, 102).await.unwrap();
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001, "the valid token is still cached");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_new_tokens_costs_a_bounded_number_of_reviews() {
+        let settings = Settings {
+            reviews_per_client: "5/1m".parse().unwrap(),
+            reviews: "8/1m".parse().unwrap(),
+            ..Settings::default()
+        };
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings);
+        let reviews = || auth.reviewer.0.load(Ordering::SeqCst);
+        let valid = jwt(9_000_000);
+        auth.authenticate_at(&valid, 100).await.unwrap();
+        let mut throttled = 0;
+        for junk in 0..100 {
+            match auth.authenticate_at(&format!("junk-{junk}"), 100).await {
+                Err(AuthError::Rejected(_)) => {}
+                Err(AuthError::Throttled(Throttled::Client { retry_after })) => {
+                    assert_eq!(retry_after, Duration::from_secs(12));
+                    throttled += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((reviews(), throttled), (5, 96), "the client's burst of 5, its valid token one of them");
+        // The valid token is served from the cache all along.
+        auth.authenticate_at(&valid, 100).await.unwrap();
+        // Other clients go on, until everyone's limit.
+        let other = |n: u8| IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, n));
+        for n in 1..=3 {
+            assert!(matches!(
+                auth.authenticate(&format!("junk-{n}-a"), 100, other(n)).await,
+                Err(AuthError::Rejected(_))
+            ));
+        }
+        let err = auth.authenticate("junk-4-a", 100, other(4)).await.unwrap_err();
+        assert!(matches!(err, AuthError::Throttled(Throttled::Everyone { .. })), "{err:?}");
+        assert_eq!(reviews(), 8);
+        // Twelve seconds on, the client may have one more reviewed.
+        tokio::time::advance(Duration::from_secs(12)).await;
+        assert!(matches!(auth.authenticate_at("junk-again", 112).await, Err(AuthError::Rejected(_))));
+        assert_eq!(reviews(), 9);
+    }
+
+    /// Like [`Counting`], but each review takes a second.
+    struct Slow(AtomicUsize);
+
+    #[tonic::async_trait]
+    impl TokenReviewer for Slow {
+        async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, BackendError> {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Counting(AtomicUsize::new(0)).review(token, audiences).await.inspect(|_| {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_calls_with_one_new_token_share_one_review() {
+        let auth = Authenticator::new(Slow(AtomicUsize::new(0)), Settings::default());
+        let token = jwt(9_000_000);
+        let calls = (0..64).map(|_| auth.authenticate_at(&token, 100));
+        let answers = futures::future::join_all(calls).await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1, "64 callers, one review, within the limit");
+        let junk = (0..64).map(|_| auth.authenticate_at("junk", 100));
+        assert!(
+            futures::future::join_all(junk).await.iter().all(|a| matches!(a, Err(AuthError::Rejected(_))))
         );
-        assert!(matches!(auth.authenticate("bad", 0).await, Err(AuthError::Rejected(_))));
-        let other_audience =
-            Authenticator::new(Counting(AtomicUsize::new(0)), vec!["other".into()], Duration::from_secs(60));
-        assert!(matches!(other_audience.authenticate("good", 0).await, Err(AuthError::Rejected(_))));
+        assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 2);
+        assert!(auth.flights.0.lock().unwrap().is_empty(), "no flight is left behind");
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_and_headers_are_refused() {
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), Settings::default());
+        assert!(matches!(auth.authenticate_at("bad", 0).await, Err(AuthError::Rejected(_))));
+        let other = Settings { audiences: vec!["other".into()], ..Settings::default() };
+        let other_audience = Authenticator::new(Counting(AtomicUsize::new(0)), other);
+        assert!(matches!(other_audience.authenticate_at("good", 0).await, Err(AuthError::Rejected(_))));
         assert!(matches!(Authenticator::<Counting>::bearer(None), Err(AuthError::Missing)));
         assert!(matches!(Authenticator::<Counting>::bearer(Some("Basic abc")), Err(AuthError::Malformed)));
         assert!(matches!(Authenticator::<Counting>::bearer(Some("Bearer ")), Err(AuthError::Malformed)));

@@ -4,12 +4,15 @@
 //! [`Authorizer`] decides for every API the server speaks.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jiff::Timestamp;
+use tokio::time::Instant;
 
 use super::BackendError;
-use crate::domain::{Grant, Identity, Key, KeyOperation, Verdict};
+use super::cache::{Answers, Cached};
+use crate::domain::{Denial, Grant, Identity, Key, KeyOperation, Verdict};
 
 /// Asks Kubernetes RBAC whether `who` may use `verb` on the kmskeys object.
 #[tonic::async_trait]
@@ -23,11 +26,87 @@ pub trait RbacChecker: Send + Sync + 'static {
     ) -> Result<bool, BackendError>;
 }
 
+/// How long and how many RBAC answers are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// How long an answer is reused, and so how long an RBAC change takes to apply.
+    pub ttl: Duration,
+    /// How many "allowed" answers are kept; the least recently used makes room.
+    pub size: usize,
+    /// How many "denied" answers are kept, apart from the allowed ones (so that questions
+    /// about keys a caller may not use cannot push out the answers others are served from).
+    pub denied_size: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings { ttl: Duration::from_secs(10), size: 10_000, denied_size: 1_000 }
+    }
+}
+
+/// What one RBAC question is: who (username, uid, groups, extra), verb, namespace, name.
+type Question = (String, String, Vec<String>, BTreeMap<String, Vec<String>>, String, String, String);
+
+/// An [`RbacChecker`] whose answers are kept for a short time, in a bounded cache.
+pub struct CachedRbac<R> {
+    inner: R,
+    ttl: Duration,
+    cache: Mutex<Answers<Question, (), Instant>>,
+}
+
+impl<R> CachedRbac<R> {
+    pub fn new(inner: R, settings: &CacheSettings) -> Self {
+        CachedRbac {
+            inner,
+            ttl: settings.ttl,
+            cache: Mutex::new(Answers::new(settings.size, settings.denied_size)),
+        }
+    }
+
+    /// The checker asked when no answer is cached.
+    pub fn inner(&self) -> &R {
+        &self.inner
+    }
+}
+
+#[tonic::async_trait]
+impl<R: RbacChecker> RbacChecker for CachedRbac<R> {
+    async fn allowed(
+        &self,
+        who: &Identity,
+        verb: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, BackendError> {
+        let question: Question = (
+            who.username.clone(),
+            who.uid.clone(),
+            who.groups.clone(),
+            who.extra.clone(),
+            verb.to_owned(),
+            namespace.to_owned(),
+            name.to_owned(),
+        );
+        let now = Instant::now();
+        match self.cache.lock().ok().and_then(|mut cache| cache.get(&question, now)) {
+            Some(Cached::Yes(())) => return Ok(true),
+            Some(Cached::No) => return Ok(false),
+            None => {}
+        }
+        let allowed = self.inner.allowed(who, verb, namespace, name).await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            let answer = if allowed { Cached::Yes(()) } else { Cached::No };
+            cache.insert(question, answer, now + self.ttl);
+        }
+        Ok(allowed)
+    }
+}
+
 /// Why a call is not authorized.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthzError {
-    #[error("{who} is denied {} on key {key} by the key policy{}", op.as_str(), statement(.sid))]
-    DeniedByPolicy { who: String, op: KeyOperation, key: String, sid: Option<String> },
+    #[error("{who} is denied {} on key {key} by the key policy{}", op.as_str(), statement(.sid, *.op, *.denied))]
+    DeniedByPolicy { who: String, op: KeyOperation, key: String, sid: Option<String>, denied: KeyOperation },
     #[error(
         "{who} may not {} with key {key}: no key policy statement, grant{} allows it",
         op.as_str(),
@@ -38,8 +117,16 @@ pub enum AuthzError {
     Rbac(#[source] BackendError),
 }
 
-fn statement(sid: &Option<String>) -> String {
-    sid.as_ref().map(|s| format!(" (statement {s:?})")).unwrap_or_default()
+/// Which statement denied the call, and — when it names another operation — which one.
+fn statement(sid: &Option<String>, op: KeyOperation, denied: KeyOperation) -> String {
+    match (sid, op == denied) {
+        (Some(s), true) => format!(" (statement {s:?})"),
+        (None, true) => String::new(),
+        (Some(s), false) => {
+            format!(" (statement {s:?} denies {}, which {} implies)", denied.as_str(), op.as_str())
+        }
+        (None, false) => format!(" (a statement denies {}, which {} implies)", denied.as_str(), op.as_str()),
+    }
 }
 
 /// What allowed a call.
@@ -73,8 +160,8 @@ impl<R: RbacChecker> Authorizer<R> {
         Authorizer { rbac }
     }
 
-    /// Key policy (an explicit Deny wins), then the key's `grants`, then RBAC when the
-    /// policy delegates to it.
+    /// Key policy (an explicit Deny wins, and a Deny of an operation `op` implies refuses
+    /// `op` too), then the key's `grants`, then RBAC when the policy delegates to it.
     pub async fn authorize(
         &self,
         who: &Identity,
@@ -84,20 +171,56 @@ impl<R: RbacChecker> Authorizer<R> {
         grants: &[Arc<Grant>],
         now: Timestamp,
     ) -> Result<Allowed, AuthzError> {
-        match key.policy.verdict(who, op) {
-            Verdict::Deny(sid) => {
-                return Err(AuthzError::DeniedByPolicy {
-                    who: who.username.clone(),
-                    op,
-                    key: key.info.display(),
-                    sid,
-                });
-            }
-            Verdict::Allow(sid) => return Ok(Allowed::Policy(sid)),
-            Verdict::NoMatch => {}
+        let granted = || {
+            let grant = grants.iter().find(|g| g.allows(&key.info.key_id, who, op, context, now))?;
+            Some(grant.grant_id.clone())
+        };
+        self.decide(who, key, op, granted).await
+    }
+
+    /// Whether `who` may retire `grant`, a grant of `key` (`None` when the key is gone),
+    /// decided as any operation is: the key policy for `RetireGrant` (a Deny wins), then the
+    /// grant itself ([`Grant::may_retire`]), then the RBAC verb `retiregrant`.
+    pub async fn authorize_retire(
+        &self,
+        who: &Identity,
+        key: Option<&Key>,
+        grant: &Grant,
+    ) -> Result<Allowed, AuthzError> {
+        let granted = || grant.may_retire(who).then(|| grant.grant_id.clone());
+        match key {
+            Some(key) => self.decide(who, key, KeyOperation::RetireGrant, granted).await,
+            None => granted().map(Allowed::Grant).ok_or_else(|| AuthzError::NotAllowed {
+                who: who.username.clone(),
+                op: KeyOperation::RetireGrant,
+                key: format!("{}/{}", grant.namespace, grant.key_name),
+                rbac: false,
+            }),
         }
-        if let Some(grant) = grants.iter().find(|g| g.allows(&key.info.key_id, who, op, context, now)) {
-            return Ok(Allowed::Grant(grant.grant_id.clone()));
+    }
+
+    /// Policy, then `granted` (the id of a grant that allows the call), then RBAC.
+    async fn decide(
+        &self,
+        who: &Identity,
+        key: &Key,
+        op: KeyOperation,
+        granted: impl FnOnce() -> Option<String>,
+    ) -> Result<Allowed, AuthzError> {
+        if let Some(Denial { sid, denied }) = key.policy.denial(who, op) {
+            return Err(AuthzError::DeniedByPolicy {
+                who: who.username.clone(),
+                op,
+                key: key.info.display(),
+                sid,
+                denied,
+            });
+        }
+        if let Verdict::Allow(sid) = key.policy.verdict(who, op) {
+            return Ok(Allowed::Policy(sid));
+        }
+        if let Some(grant_id) = granted() {
+            return Ok(Allowed::Grant(grant_id));
         }
         let delegate = key.policy.delegate_to_rbac;
         if delegate
@@ -139,6 +262,16 @@ mod tests {
 
     fn key(delegate: bool, statements: Vec<Statement>) -> Key {
         crate::testing::enabled_key("apps", "k", "uid-1", Policy { delegate_to_rbac: delegate, statements })
+    }
+
+    /// The statement "no-mallory": a Deny of Decrypt to the user mallory.
+    fn no_decrypt_for_mallory() -> Statement {
+        Statement {
+            sid: Some("no-mallory".into()),
+            effect: Effect::Deny,
+            principals: vec![Principal::User("mallory".into())],
+            operations: vec![KeyOperation::Decrypt],
+        }
     }
 
     fn user(name: &str) -> Identity {
@@ -185,19 +318,64 @@ mod tests {
     async fn a_deny_wins_over_grants_and_rbac() {
         let authz =
             Authorizer::new(Scripted { allow: vec![("mallory", "decrypt")], asked: AtomicUsize::new(0) });
-        let deny = Statement {
-            sid: Some("no-mallory".into()),
-            effect: Effect::Deny,
-            principals: vec![Principal::User("mallory".into())],
-            operations: vec![KeyOperation::Decrypt],
-        };
-        let k = key(true, vec![deny]);
+        let k = key(true, vec![no_decrypt_for_mallory()]);
         let err = decide(&authz, &k, "mallory", &[grant_to("mallory")]).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             r#"mallory is denied Decrypt on key apps/k by the key policy (statement "no-mallory")"#
         );
         assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), 0, "RBAC is not asked once a Deny matched");
+    }
+
+    #[tokio::test]
+    async fn a_deny_of_decrypt_refuses_re_encrypt_out_of_the_key_and_says_why() {
+        let authz = Authorizer::new(Scripted {
+            allow: vec![("mallory", "reencryptfrom")],
+            asked: AtomicUsize::new(0),
+        });
+        let k = key(true, vec![no_decrypt_for_mallory()]);
+        let err = authz
+            .authorize(
+                &user("mallory"),
+                &k,
+                KeyOperation::ReEncryptFrom,
+                &BTreeMap::new(),
+                &[],
+                Timestamp::UNIX_EPOCH,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"mallory is denied ReEncryptFrom on key apps/k by the key policy (statement "no-mallory" denies Decrypt, which ReEncryptFrom implies)"#
+        );
+        assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rbac_answers_are_kept_for_their_lifetime_and_denials_apart() {
+        let scripted = Scripted { allow: vec![("alice", "decrypt")], asked: AtomicUsize::new(0) };
+        let settings = CacheSettings { ttl: Duration::from_secs(10), size: 2, denied_size: 3 };
+        let rbac = CachedRbac::new(scripted, &settings);
+        let asked = || rbac.inner().asked.load(Ordering::SeqCst);
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert_eq!(asked(), 1, "answered from the cache");
+        // A flood of denied questions stays within its own bound.
+        for i in 0..100 {
+            assert!(!rbac.allowed(&user("mallory"), "decrypt", "apps", &format!("k{i}")).await.unwrap());
+        }
+        assert_eq!(rbac.cache.lock().unwrap().len(), (1, 3));
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert_eq!(asked(), 101, "alice's answer survived the flood");
+        // Past its lifetime an answer is asked for again.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
+        assert_eq!(asked(), 102);
+        // Errors are not cached.
+        assert!(rbac.allowed(&user("broken"), "decrypt", "apps", "k").await.is_err());
+        assert!(rbac.allowed(&user("broken"), "decrypt", "apps", "k").await.is_err());
+        assert_eq!(asked(), 104);
     }
 
     #[tokio::test]

@@ -4,11 +4,12 @@
 //! allow/deny matrix, grants, key states, bad input, and the audit line and meter of every
 //! call are proved here in seconds; the end-to-end tests keep what needs the control plane.
 //!
-//! The server is plain HTTP/2 on 127.0.0.1 (the real one adds TLS, which the end-to-end
-//! tests cover) and stops deterministically: `Harness::stop` cancels it and waits.
+//! The server is [`super::serve`], the production construction with its limits, over plain
+//! HTTP/2 on 127.0.0.1 (the real one adds TLS, which the end-to-end tests cover), and stops
+//! deterministically: `Harness::stop` cancels it and waits.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,11 +23,12 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::BackendError;
-use super::auth::{Authenticator, TokenReviewer};
-use super::authz::RbacChecker;
+use super::auth::{Authenticator, Settings, TokenReviewer};
+use super::authz::{CacheSettings, CachedRbac, RbacChecker};
 use super::blob::{MAX_BLOB_LEN, MAX_CONTEXT_BYTES, MAX_CONTEXT_PAIRS, MAX_PLAINTEXT_LEN};
 use super::directory::Directory;
 use super::service::{GrantRetirer, KeyApi, MAX_RANDOM_BYTES};
+use crate::audit::AuditLimits;
 use crate::crypto::{KeyMaterial, RootKey, WrapContext};
 use crate::domain::{
     Constraints, Effect, Grant, GrantState, Identity, Key, KeyOperation as Op, KeyState, Origin, Policy,
@@ -34,7 +36,6 @@ use crate::domain::{
 };
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_client::KeyServiceClient;
-use crate::proto::keyapi::key_service_server::KeyServiceServer;
 use crate::proto::keyapi::*;
 use crate::testing::AuditSink;
 
@@ -70,11 +71,12 @@ fn user(namespace: &str, name: &str) -> String {
     service_account_username(namespace, name)
 }
 
-/// The scripted TokenReview: a token → identity table, for audience "kubekms" only.
-struct Reviewer(HashMap<String, Identity>);
+/// The scripted TokenReview: a token → identity table, for audience "kubekms" only; it
+/// counts the reviews it is asked for.
+struct Reviewer(HashMap<String, Identity>, Arc<AtomicUsize>);
 
 impl Reviewer {
-    fn new() -> Reviewer {
+    fn new(reviews: Arc<AtomicUsize>) -> Reviewer {
         Reviewer(
             CALLERS
                 .iter()
@@ -88,6 +90,7 @@ impl Reviewer {
                     (token(ns, name), identity)
                 })
                 .collect(),
+            reviews,
         )
     }
 }
@@ -95,6 +98,7 @@ impl Reviewer {
 #[tonic::async_trait]
 impl TokenReviewer for Reviewer {
     async fn review(&self, token: &str, audiences: &[String]) -> Result<Option<Identity>, BackendError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
         if token == BROKEN {
             return Err(BackendError::new(std::io::Error::other(
                 "dial tcp 10.96.0.1:443: connection refused",
@@ -274,6 +278,40 @@ fn not_allowed_by_policy(who: &str, op: &str, key: &str) -> String {
     format!("{who} may not {op} with key {key}: no key policy statement, grant allows it")
 }
 
+/// What a caller refused by the Deny statement `sid` of `denied` is told.
+fn denied_by_policy(namespace: &str, name: &str, op: &str, key: &str, sid: &str, denied: &str) -> String {
+    let who = user(namespace, name);
+    if op == denied {
+        format!("{who} is denied {op} on key {key} by the key policy (statement {sid:?})")
+    } else {
+        format!(
+            "{who} is denied {op} on key {key} by the key policy (statement {sid:?} denies {denied}, which {op} implies)"
+        )
+    }
+}
+
+/// What a caller refused the key (or grant) `name` for `op` is told, whether it exists or not.
+fn refusal(name: &str, op: &str) -> String {
+    match op {
+        "RetireGrant" => format!("grant {name:?} does not exist or you may not retire it"),
+        op => format!("key {name:?} does not exist or you may not use it for {op}"),
+    }
+}
+
+/// Asserts that a call was refused the key (or grant) `name` for `op` with the answer that
+/// tells nothing — the same for a key that does not exist — and that its audit line (the
+/// last one) says why: `cause`.
+#[track_caller]
+fn forbidden<T: std::fmt::Debug>(h: &Harness, result: Result<T, Status>, name: &str, op: &str, cause: &str) {
+    refused(result, Code::PermissionDenied, &refusal(name, op));
+    let line = h.audit.lines().pop().unwrap();
+    assert_eq!(
+        (line["result"].as_str(), line["reason"].as_str()),
+        (Some("PermissionDenied"), Some(cause)),
+        "{line}"
+    );
+}
+
 /// What delegating keys answer a caller nothing allows.
 fn not_allowed(who: &str, op: &str, key: &str) -> String {
     format!("{who} may not {op} with key {key}: no key policy statement, grant or RBAC rule allows it")
@@ -295,7 +333,29 @@ fn re_encrypt_request(
     }
 }
 
+/// How a [`Harness`] sets up the server; by default as production does, but that RBAC
+/// answers are not cached (so that the tests see every question).
+struct Setup {
+    auth: Settings,
+    rbac_cache: CacheSettings,
+    audit: AuditLimits,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            auth: Settings::default(),
+            rbac_cache: CacheSettings { ttl: Duration::ZERO, ..CacheSettings::default() },
+            audit: AuditLimits::default(),
+        }
+    }
+}
+
 struct Harness {
+    /// Where the server listens.
+    addr: std::net::SocketAddr,
+    /// How many TokenReviews the server asked for.
+    reviews: Arc<AtomicUsize>,
     directory: Arc<Directory>,
     root: Arc<RootKey>,
     rbac: Rbac,
@@ -309,34 +369,30 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::start_with(Setup::default()).await
+    }
+
+    async fn start_with(setup: Setup) -> Harness {
         let root = Arc::new(RootKey::from_material(KeyMaterial::generate().unwrap()));
         let directory = Arc::new(Directory::new(root.clone()));
         let (rbac, retirer, audit) = (Rbac::default(), Retirer::default(), AuditSink::default());
+        let reviews = Arc::new(AtomicUsize::new(0));
         let mut registry = Registry::default();
         let api = KeyApi::new(
-            Authenticator::new(Reviewer::new(), vec!["kubekms".into()], Duration::from_secs(60)),
-            rbac.clone(),
+            Authenticator::new(Reviewer::new(reviews.clone()), setup.auth),
+            CachedRbac::new(rbac.clone(), &setup.rbac_cache),
             directory.clone(),
             retirer.clone(),
-            audit.log(&root),
+            audit.log_with(&root, setup.audit),
             OperationMetrics::register(&mut registry),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
-        let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(KeyServiceServer::new(api))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    shutdown,
-                )
-                .await
-                .unwrap();
-        });
+        let server = tokio::spawn(async move { super::serve(api, None, listener, shutdown).await.unwrap() });
         let client = KeyServiceClient::connect(format!("http://{addr}")).await.unwrap();
-        Harness { directory, root, rbac, retirer, audit, registry, client, stop, server }
+        Harness { addr, reviews, directory, root, rbac, retirer, audit, registry, client, stop, server }
     }
 
     /// Adds a key holding `versions` versions of fresh material, wrapped by `root` as the
@@ -363,6 +419,19 @@ impl Harness {
 
     fn add_key(&self, key: Key, versions: u32) {
         self.add_key_wrapped_by(&self.root, key, versions);
+    }
+
+    /// A client whose connection comes from `source` (another loopback address), as another
+    /// pod would.
+    async fn client_from(&self, source: &str) -> KeyServiceClient<Channel> {
+        let (addr, source): (_, std::net::IpAddr) = (self.addr, source.parse().unwrap());
+        let connect = tower::service_fn(move |_: http::Uri| async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::new(source, 0))?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(socket.connect(addr).await?))
+        });
+        let endpoint = tonic::transport::Endpoint::from_static("http://kubekms.test");
+        KeyServiceClient::new(endpoint.connect_with_connector(connect).await.unwrap())
     }
 
     /// Changes a key as its watch would report the change.
@@ -543,9 +612,11 @@ async fn an_explicit_deny_wins_over_an_allow_statement_a_grant_and_rbac() {
 
     // The Allow statement lets the intruder encrypt; the Deny is for Decrypt only.
     let blob = h.encrypt(&intruder, "apps/k", b"secret", &[]).await.unwrap().ciphertext_blob;
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&intruder, &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         r#"system:serviceaccount:apps:intruder is denied Decrypt on key apps/k by the key policy (statement "no-intruder")"#,
     );
     assert_eq!(h.decrypt(&token("apps", "web"), &blob, &[], "").await.unwrap().plaintext, b"secret");
@@ -575,20 +646,26 @@ async fn a_policy_only_key_is_used_by_its_allow_statements_alone() {
     assert_eq!(e.key.unwrap().version, 1);
     assert_eq!(h.decrypt(&web, &e.ciphertext_blob, &[], "").await.unwrap().plaintext, b"for web");
     // RBAC would allow "other", but the key does not delegate to it.
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&token("apps", "other"), "apps/a", b"x", &[]).await,
-        Code::PermissionDenied,
+        "apps/a",
+        "Encrypt",
         "system:serviceaccount:apps:other may not Encrypt with key apps/a: no key policy statement, grant allows it",
     );
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("apps", "other"), &e.ciphertext_blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed_by_policy(&other, "Decrypt", "apps/a"),
     );
     // A statement allows only the operations it names.
-    refused(
+    forbidden(
+        &h,
         h.data_key(&web, "apps/a", &[], 0).await,
-        Code::PermissionDenied,
+        "apps/a",
+        "GenerateDataKey",
         &not_allowed_by_policy(&user("apps", "web"), "GenerateDataKey", "apps/a"),
     );
     assert!(h.rbac.asked().is_empty(), "a policy that does not delegate never asks RBAC");
@@ -613,29 +690,39 @@ async fn rbac_is_asked_only_when_the_policy_delegates_and_nothing_else_allowed()
     assert_eq!(h.rbac.asked().len(), 2);
 
     // Each operation is its own verb.
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&writer, &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed(&writer_name, "Decrypt", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.data_key(&writer, "apps/k", &[], 0).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "GenerateDataKey",
         &not_allowed(&writer_name, "GenerateDataKey", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.data_key_only(&writer, "apps/k", &[], 0).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "GenerateDataKeyWithoutPlaintext",
         &not_allowed(&writer_name, "GenerateDataKeyWithoutPlaintext", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.re_encrypt(&writer, re_encrypt_request(&blob, &[], "", "apps/k", &[])).await,
-        Code::PermissionDenied,
+        K,
+        "ReEncryptFrom",
         &not_allowed(&writer_name, "ReEncryptFrom", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.describe(&writer, "apps/k").await,
-        Code::PermissionDenied,
+        "apps/k",
+        "DescribeKey",
         &not_allowed(&writer_name, "DescribeKey", "apps/k"),
     );
     let verbs: Vec<String> = h.rbac.asked()[2..].iter().map(|q| q.1.clone()).collect();
@@ -643,9 +730,11 @@ async fn rbac_is_asked_only_when_the_policy_delegates_and_nothing_else_allowed()
         verbs,
         ["decrypt", "generatedatakey", "generatedatakeywithoutplaintext", "reencryptfrom", "describekey"]
     );
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&token("apps", "other"), "apps/k", b"x", &[]).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "Encrypt",
         "system:serviceaccount:apps:other may not Encrypt with key apps/k: no key policy statement, grant or RBAC rule allows it",
     );
 
@@ -684,20 +773,26 @@ async fn an_active_grant_allows_its_grantee_its_operations_and_nothing_more() {
     assert_eq!(h.audit.lines().pop().unwrap()["grantId"], "grant-1");
     assert!(h.rbac.asked().is_empty(), "a grant answers without RBAC");
 
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&reader, "apps/k", b"x", &[]).await,
-        Code::PermissionDenied,
+        "apps/k",
+        "Encrypt",
         &not_allowed(&user("partner", "reader"), "Encrypt", "apps/k"),
     );
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("partner", "stranger"), &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed(&user("partner", "stranger"), "Decrypt", "apps/k"),
     );
     // The same name in the key's own namespace is another ServiceAccount.
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("apps", "reader"), &blob, &[], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed(&user("apps", "reader"), "Decrypt", "apps/k"),
     );
     assert_eq!(
@@ -738,27 +833,21 @@ async fn grant_constraints_are_checked_against_the_encryption_context() {
     // encryptionContextSubset: the pairs must be there; more may be.
     assert_eq!(h.decrypt(&reader, &acme, &acme_context, "").await.unwrap().plaintext, b"acme data");
     assert_eq!(h.audit.lines().pop().unwrap()["grantId"], "grant-subset");
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&reader, &evil, &[("tenant", "evil")], "").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &denied("reader"),
     );
     // Authorization comes before decryption: a missing context is refused by the grant.
-    refused(h.decrypt(&reader, &acme, &[], "").await, Code::PermissionDenied, &denied("reader"));
+    forbidden(&h, h.decrypt(&reader, &acme, &[], "").await, K, "Decrypt", &denied("reader"));
 
     // encryptionContextEquals: exactly these pairs.
     assert_eq!(h.decrypt(&stranger, &evil, &[("tenant", "evil")], "").await.unwrap().plaintext, b"evil data");
     assert_eq!(h.audit.lines().pop().unwrap()["grantId"], "grant-equals");
-    refused(
-        h.decrypt(&stranger, &more, &more_context, "").await,
-        Code::PermissionDenied,
-        &denied("stranger"),
-    );
-    refused(
-        h.decrypt(&stranger, &acme, &acme_context, "").await,
-        Code::PermissionDenied,
-        &denied("stranger"),
-    );
+    forbidden(&h, h.decrypt(&stranger, &more, &more_context, "").await, K, "Decrypt", &denied("stranger"));
+    forbidden(&h, h.decrypt(&stranger, &acme, &acme_context, "").await, K, "Decrypt", &denied("stranger"));
     h.stop().await;
 }
 
@@ -794,9 +883,11 @@ async fn grants_not_active_for_this_very_key_give_nothing() {
         let err = h.decrypt(&reader, &blob, &[], "").await.unwrap_err();
         assert_eq!(
             (err.code(), err.message()),
-            (Code::PermissionDenied, not_allowed(&user("partner", "reader"), "Decrypt", "apps/k").as_str()),
+            (Code::PermissionDenied, refusal(K, "Decrypt").as_str()),
             "{why}"
         );
+        let reason = h.audit.lines().pop().unwrap()["reason"].clone();
+        assert_eq!(reason, not_allowed(&user("partner", "reader"), "Decrypt", "apps/k"), "{why}");
     }
     // The same grant, Active and not yet expired, allows: each refusal above was its state's.
     h.directory.grants.replace_all(vec![Grant { expires_at: Some(future), ..live }]);
@@ -819,10 +910,12 @@ async fn grants_are_retired_by_their_grantee_or_retiring_principal_only() {
         .apply(Grant { retired_by: Some(user("apps", "owner")), ..retirable("done", "grant-done") });
     let (reader, owner) = (token("partner", "reader"), token("apps", "owner"));
 
-    refused(
+    forbidden(
+        &h,
         h.retire(&token("partner", "stranger"), "apps/a").await,
-        Code::PermissionDenied,
-        "system:serviceaccount:partner:stranger is neither the grantee nor the retiring principal of grant apps/a",
+        "apps/a",
+        "RetireGrant",
+        &not_allowed(&user("partner", "stranger"), "RetireGrant", "apps/k"),
     );
     assert!(h.retirer.retired().is_empty());
     // The grantee, by grantId; the retiring principal, by namespace/name.
@@ -834,7 +927,13 @@ async fn grants_are_retired_by_their_grantee_or_retiring_principal_only() {
     assert_eq!(h.retire(&reader, "apps/done").await.unwrap(), "grant-done");
     assert_eq!(h.retirer.retired().len(), 2);
 
-    refused(h.retire(&reader, "apps/nope").await, Code::NotFound, r#"grant "apps/nope" not found"#);
+    forbidden(
+        &h,
+        h.retire(&reader, "apps/nope").await,
+        "apps/nope",
+        "RetireGrant",
+        r#"grant "apps/nope" not found"#,
+    );
     refused(
         h.retire(&reader, "").await,
         Code::InvalidArgument,
@@ -850,7 +949,64 @@ async fn grants_are_retired_by_their_grantee_or_retiring_principal_only() {
     assert_eq!(retired(1), (Some("grant-a"), Some("apps/k"), Some("OK")));
     assert_eq!(retired(2), (Some("grant-b"), Some("apps/k"), Some("OK")));
     assert_eq!(lines[2]["principal"], user("apps", "owner"));
-    assert!(h.rbac.asked().is_empty(), "retiring is the grant's own right, not RBAC's");
+    // The grant's own rule answers first; RBAC only for the stranger, whom it did not allow.
+    assert_eq!(h.rbac.asked(), vec![question(&user("partner", "stranger"), "retiregrant", "apps", "k")]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_decide_as_for_any_operation() {
+    let h = Harness::start().await;
+    let apps = Principal::Group("system:serviceaccounts:apps".into());
+    h.add_key(
+        key(
+            "apps",
+            "k",
+            K,
+            delegating(vec![
+                allow("admin", sa("apps", "owner"), &[Op::RetireGrant]),
+                deny("no-retiring", sa("apps", "intruder"), &[Op::RetireGrant]),
+            ]),
+        ),
+        1,
+    );
+    h.directory.grants.apply(grant("group", "grant-group", apps.clone(), &[Op::Decrypt]));
+    h.directory.grants.apply(grant("retirable", "grant-retirable", apps, &[Op::Decrypt, Op::RetireGrant]));
+    h.directory.grants.apply(grant("intruders", "grant-intruders", sa("apps", "intruder"), &[Op::Decrypt]));
+    h.directory.grants.apply(grant("readers", "grant-readers", sa("partner", "reader"), &[Op::Decrypt]));
+    let web = token("apps", "web");
+
+    // One member of the group may not retire the grant for every member …
+    forbidden(
+        &h,
+        h.retire(&web, "apps/group").await,
+        "apps/group",
+        "RetireGrant",
+        &not_allowed(&user("apps", "web"), "RetireGrant", "apps/k"),
+    );
+    // … unless the grant lists RetireGrant.
+    assert_eq!(h.retire(&web, "apps/retirable").await.unwrap(), "grant-retirable");
+    // A key policy Allow lets a key administrator retire any grant of the key …
+    assert_eq!(h.retire(&token("apps", "owner"), "apps/group").await.unwrap(), "grant-group");
+    // … and a Deny refuses even a grantee its own grant.
+    forbidden(
+        &h,
+        h.retire(&token("apps", "intruder"), "apps/intruders").await,
+        "apps/intruders",
+        "RetireGrant",
+        &denied_by_policy("apps", "intruder", "RetireGrant", "apps/k", "no-retiring", "RetireGrant"),
+    );
+    // RBAC's verb retiregrant on the key, when the policy delegates.
+    h.rbac.allow(&user("apps", "writer"), "retiregrant", "apps", "k");
+    assert_eq!(h.retire(&token("apps", "writer"), "apps/readers").await.unwrap(), "grant-readers");
+    assert_eq!(
+        h.retirer.retired(),
+        vec![
+            ("grant-retirable".to_owned(), user("apps", "web")),
+            ("grant-group".to_owned(), user("apps", "owner")),
+            ("grant-readers".to_owned(), user("apps", "writer")),
+        ]
+    );
     h.stop().await;
 }
 
@@ -893,9 +1049,11 @@ async fn keys_that_are_not_enabled_refuse_every_cryptographic_operation() {
         // DescribeKey still answers an authorized caller, and shows the state.
         assert_eq!(h.describe(&web, "apps/k").await.unwrap().state, state.as_str());
         // Authorization comes first: a caller with no right learns nothing of the state.
-        refused(
+        forbidden(
+            &h,
             h.encrypt(&token("apps", "intruder"), "apps/k", b"x", &[]).await,
-            Code::PermissionDenied,
+            "apps/k",
+            "Encrypt",
             &not_allowed_by_policy(&user("apps", "intruder"), "Encrypt", "apps/k"),
         );
     }
@@ -954,27 +1112,21 @@ async fn a_key_without_a_usable_current_version_refuses_to_encrypt() {
 }
 
 #[tokio::test]
-async fn re_encrypt_is_authorized_by_its_own_operations_not_by_decrypt() {
-    // The attacker, a ServiceAccount of another tenant, is denied Decrypt on apps/src by
-    // policy but allowed ReEncryptFrom, and controls partner/mine.
+async fn a_deny_of_decrypt_cannot_be_sidestepped_by_re_encrypting_into_a_key_of_ones_own() {
+    // The attack of issue 12: the attacker may use apps/src through RBAC (every verb), a
+    // policy statement denies it Decrypt, and it controls partner/mine.
     let h = Harness::start().await;
     let attacker = sa("partner", "attacker");
-    let src = policy_only(vec![
+    let src = delegating(vec![
         allow("owner", sa("apps", "owner"), &[Op::Encrypt]),
         allow("reader", sa("apps", "reader"), &[Op::Decrypt]),
         deny("no-decrypt", attacker.clone(), &[Op::Decrypt]),
-        allow("migrate", attacker.clone(), &[Op::ReEncryptFrom]),
     ]);
     h.add_key(key("apps", "src", K, src), 1);
-    h.add_key(
-        key(
-            "partner",
-            "mine",
-            MINE,
-            policy_only(vec![allow("self", attacker, &[Op::ReEncryptTo, Op::Decrypt])]),
-        ),
-        1,
-    );
+    for op in Op::ALL {
+        h.rbac.allow(&user("partner", "attacker"), op.rbac_verb(), "apps", "src");
+    }
+    h.add_key(key("partner", "mine", MINE, policy_only(vec![allow("self", attacker, &Op::ALL)])), 1);
     let context = [("tenant", "apps")];
     let blob = h
         .encrypt(&token("apps", "owner"), "apps/src", b"tenant secret", &context)
@@ -983,48 +1135,110 @@ async fn re_encrypt_is_authorized_by_its_own_operations_not_by_decrypt() {
         .ciphertext_blob;
     let mallory = token("partner", "attacker");
 
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&mallory, &blob, &context, "").await,
-        Code::PermissionDenied,
-        r#"system:serviceaccount:partner:attacker is denied Decrypt on key apps/src by the key policy (statement "no-decrypt")"#,
+        K,
+        "Decrypt",
+        &denied_by_policy("partner", "attacker", "Decrypt", "apps/src", "no-decrypt", "Decrypt"),
     );
-    // PINNED, the current model (a later issue changes it): ReEncrypt checks ReEncryptFrom on
-    // the source and ReEncryptTo on the destination, never Decrypt, so the plaintext that the
-    // Deny refuses moves to a key the attacker controls, and decrypts there.
-    let moved =
-        h.re_encrypt(&mallory, re_encrypt_request(&blob, &context, "", "partner/mine", &[])).await.unwrap();
-    assert_eq!(
-        moved.source_key,
-        Some(KeyVersionRef { key: "apps/src".into(), key_id: K.into(), version: 1 })
-    );
-    assert_eq!(
-        moved.key,
-        Some(KeyVersionRef { key: "partner/mine".into(), key_id: MINE.into(), version: 1 })
-    );
-    assert_eq!(
-        h.decrypt(&mallory, &moved.ciphertext_blob, &[], "").await.unwrap().plaintext,
-        b"tenant secret"
-    );
-    let line = &h.audit.lines()[2];
+    // ReEncrypt out of the key is Decrypt into a key of one's own: the Deny refuses it too,
+    // to any destination, before RBAC is asked.
+    for destination in ["partner/mine", "apps/src"] {
+        forbidden(
+            &h,
+            h.re_encrypt(&mallory, re_encrypt_request(&blob, &context, "", destination, &[])).await,
+            K,
+            "ReEncryptFrom",
+            &denied_by_policy("partner", "attacker", "ReEncryptFrom", "apps/src", "no-decrypt", "Decrypt"),
+        );
+    }
+    assert!(h.rbac.asked().is_empty(), "a Deny answers before RBAC");
+    let line = h.audit.lines().pop().unwrap();
     assert_eq!(line["operation"], "ReEncrypt");
-    assert_eq!(line["principal"], user("partner", "attacker"));
+    // The line names the source it was refused (and its context's keys), and no destination:
+    // none was looked at.
     assert_eq!((line["sourceKey"].as_str(), line["sourceKeyVersion"].as_u64()), (Some("apps/src"), Some(1)));
-    assert_eq!((line["key"].as_str(), line["keyVersion"].as_u64()), (Some("partner/mine"), Some(1)));
-    assert_eq!(line["result"], "OK");
+    assert_eq!(line["sourceEncryptionContextKeys"], json!(["tenant"]));
+    assert_eq!((line["key"].as_str(), line["keyVersion"].as_u64()), (None, None));
+    assert_eq!(line["result"], "PermissionDenied");
 
-    // Decrypt does not imply ReEncryptFrom …
-    refused(
+    // An Allow is not widened: Decrypt does not allow ReEncryptFrom …
+    forbidden(
+        &h,
         h.re_encrypt(&token("apps", "reader"), re_encrypt_request(&blob, &context, "", "partner/mine", &[]))
             .await,
-        Code::PermissionDenied,
-        &not_allowed_by_policy(&user("apps", "reader"), "ReEncryptFrom", "apps/src"),
+        K,
+        "ReEncryptFrom",
+        &not_allowed(&user("apps", "reader"), "ReEncryptFrom", "apps/src"),
     );
-    // … and ReEncryptFrom does not imply ReEncryptTo.
-    refused(
-        h.re_encrypt(&mallory, re_encrypt_request(&blob, &context, "", "apps/src", &[])).await,
-        Code::PermissionDenied,
-        &not_allowed_by_policy(&user("partner", "attacker"), "ReEncryptTo", "apps/src"),
+    // … nor ReEncryptFrom ReEncryptTo.
+    h.change_key("apps", "src", |k| {
+        k.policy.statements.push(allow("migrate", sa("apps", "reader"), &[Op::ReEncryptFrom]));
+    });
+    forbidden(
+        &h,
+        h.re_encrypt(&token("apps", "reader"), re_encrypt_request(&blob, &context, "", "apps/src", &[]))
+            .await,
+        "apps/src",
+        "ReEncryptTo",
+        &not_allowed(&user("apps", "reader"), "ReEncryptTo", "apps/src"),
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_deny_refuses_every_operation_that_implies_it_through_the_service() {
+    // The intruder may do everything with apps/k but what one Deny statement names, and
+    // everything with partner/mine, a key it controls.
+    let h = Harness::start().await;
+    let intruder = sa("apps", "intruder");
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    h.add_key(key("partner", "mine", MINE, policy_only(vec![allow("self", intruder.clone(), &Op::ALL)])), 1);
+    let it = token("apps", "intruder");
+    let k_blob = h.encrypt(&token("apps", "web"), "apps/k", b"theirs", &[]).await.unwrap().ciphertext_blob;
+    let mine_blob = h.encrypt(&it, "partner/mine", b"mine", &[]).await.unwrap().ciphertext_blob;
+    h.directory.grants.apply(grant("for-intruder", "grant-1", sa("partner", "reader"), &[Op::Decrypt]));
+
+    for (denied, refusals) in crate::domain::DENY_TABLE {
+        h.change_key("apps", "k", |k| {
+            k.policy = policy_only(vec![
+                allow("web", sa("apps", "web"), &Op::ALL),
+                allow("intruder", intruder.clone(), &Op::ALL),
+                deny("no", intruder.clone(), &[*denied]),
+            ]);
+        });
+        for op in Op::ALL {
+            let outcome = match op {
+                Op::Encrypt => h.encrypt(&it, "apps/k", b"x", &[]).await.map(drop),
+                Op::Decrypt => h.decrypt(&it, &k_blob, &[], "").await.map(drop),
+                Op::GenerateDataKey => h.data_key(&it, "apps/k", &[], 0).await.map(drop),
+                Op::GenerateDataKeyWithoutPlaintext => h.data_key_only(&it, "apps/k", &[], 0).await.map(drop),
+                Op::ReEncryptFrom => h
+                    .re_encrypt(&it, re_encrypt_request(&k_blob, &[], "", "partner/mine", &[]))
+                    .await
+                    .map(drop),
+                Op::ReEncryptTo => {
+                    h.re_encrypt(&it, re_encrypt_request(&mine_blob, &[], "", "apps/k", &[])).await.map(drop)
+                }
+                Op::DescribeKey => h.describe(&it, "apps/k").await.map(drop),
+                Op::RetireGrant => h.retire(&it, "apps/for-intruder").await.map(drop),
+            };
+            if refusals.contains(&op) {
+                let name = match op {
+                    Op::Decrypt | Op::ReEncryptFrom => K,
+                    Op::RetireGrant => "apps/for-intruder",
+                    _ => "apps/k",
+                };
+                let reason =
+                    denied_by_policy("apps", "intruder", op.as_str(), "apps/k", "no", denied.as_str());
+                forbidden(&h, outcome, name, op.as_str(), &reason);
+            } else {
+                outcome.unwrap_or_else(|e| panic!("a Deny of {denied:?} refused {op:?}: {e:?}"));
+            }
+        }
+    }
+    assert!(h.rbac.asked().is_empty());
     h.stop().await;
 }
 
@@ -1090,17 +1304,24 @@ async fn bad_requests_are_refused_with_precise_errors() {
     refused(h.describe(&web, "").await, bad, "key is required (namespace/name or keyId)");
     refused(h.encrypt(&web, &"a".repeat(321), b"x", &[]).await, bad, "key name is too long");
     let longest = "a".repeat(320);
-    refused(
+    // A key that does not exist is refused as one the caller may not use (no oracle); the
+    // audit line says which it was.
+    forbidden(
+        &h,
         h.encrypt(&web, &longest, b"x", &[]).await,
-        Code::NotFound,
+        &longest,
+        "Encrypt",
         &format!("key {longest:?} not found"),
     );
-    refused(
+    forbidden(
+        &h,
         h.encrypt(&web, "apps/missing", b"x", &[]).await,
-        Code::NotFound,
+        "apps/missing",
+        "Encrypt",
         r#"key "apps/missing" not found"#,
     );
-    refused(h.data_key(&web, EARLIER, &[], 0).await, Code::NotFound, &format!("key {EARLIER:?} not found"));
+    let earlier = format!("key {EARLIER:?} not found");
+    forbidden(&h, h.data_key(&web, EARLIER, &[], 0).await, EARLIER, "GenerateDataKey", &earlier);
     h.stop().await;
 }
 
@@ -1168,10 +1389,13 @@ async fn bad_ciphertexts_are_refused_precisely_and_without_an_oracle() {
     }
 
     // The header names the key and the version.
-    refused(
+    let unknown = "07070707-0707-0707-0707-070707070707";
+    forbidden(
+        &h,
         h.decrypt(&web, &changed(|b| b[1..17].copy_from_slice(&[7; 16])), &purpose, "").await,
-        Code::NotFound,
-        "the key that made this ciphertext (07070707-0707-0707-0707-070707070707) does not exist",
+        unknown,
+        "Decrypt",
+        &format!("key {unknown:?} not found"),
     );
     refused(
         h.decrypt(&web, &changed(|b| b[17..21].copy_from_slice(&9u32.to_be_bytes())), &purpose, "").await,
@@ -1185,10 +1409,11 @@ async fn bad_ciphertexts_are_refused_precisely_and_without_an_oracle() {
         Code::InvalidArgument,
         "the ciphertext is under key apps/k, not apps/other",
     );
+    // The key given is compared, not looked up: whether another key exists is not told.
     refused(
         h.decrypt(&web, &good, &purpose, "apps/missing").await,
-        Code::NotFound,
-        r#"key "apps/missing" not found"#,
+        Code::InvalidArgument,
+        "the ciphertext is under key apps/k, not apps/missing",
     );
     assert_eq!(h.decrypt(&web, &good, &purpose, "apps/k").await.unwrap().plaintext, b"payload");
     assert_eq!(h.decrypt(&web, &good, &purpose, K).await.unwrap().plaintext, b"payload");
@@ -1198,9 +1423,11 @@ async fn bad_ciphertexts_are_refused_precisely_and_without_an_oracle() {
         "the ciphertext is under key apps/k, not apps/other",
     );
     // Only a caller authorized on the ciphertext's key learns which key that is.
-    refused(
+    forbidden(
+        &h,
         h.decrypt(&token("apps", "intruder"), &good, &purpose, "apps/other").await,
-        Code::PermissionDenied,
+        K,
+        "Decrypt",
         &not_allowed_by_policy(&user("apps", "intruder"), "Decrypt", "apps/k"),
     );
     h.stop().await;
@@ -1391,6 +1618,7 @@ async fn every_call_writes_exactly_one_audit_line_and_no_secret() {
     h.encrypt(&web, "apps/missing", secret, &[]).await.unwrap_err();
     let random = h.random(&web, 16).await.unwrap().plaintext;
     h.describe(&web, "apps/k").await.unwrap();
+    h.data_key(&web, "apps/k", &context, MAX_RANDOM_BYTES + 1).await.unwrap_err();
 
     let lines = h.audit.lines();
     let (web_user, intruder_user) = (user("apps", "web"), user("apps", "intruder"));
@@ -1409,13 +1637,15 @@ async fn every_call_writes_exactly_one_audit_line_and_no_secret() {
             "keyVersion": 1, "encryptionContextKeys": ["tenant"], "result": "OK"}),
         json!({"operation": "ReEncrypt", "principal": web_user, "key": spare.0, "keyId": spare.1,
             "keyVersion": 1, "sourceKey": k.0, "sourceKeyId": k.1, "sourceKeyVersion": 1,
-            "encryptionContextKeys": ["moved"], "result": "OK"}),
+            "sourceEncryptionContextKeys": ["tenant"], "encryptionContextKeys": ["moved"], "result": "OK"}),
         json!({"operation": "Decrypt", "principal": web_user, "key": k.0, "keyId": k.1, "keyVersion": 1,
             "encryptionContextKeys": ["tenant"], "result": "InvalidArgument", "reason": "decryption failed"}),
-        json!({"operation": "Encrypt", "principal": web_user, "result": "NotFound",
+        json!({"operation": "Encrypt", "principal": web_user, "result": "PermissionDenied",
             "reason": r#"key "apps/missing" not found"#}),
         json!({"operation": "GenerateRandom", "principal": web_user, "result": "OK"}),
         json!({"operation": "DescribeKey", "principal": web_user, "key": k.0, "keyId": k.1, "result": "OK"}),
+        json!({"operation": "GenerateDataKey", "principal": web_user, "encryptionContextKeys": ["tenant"],
+            "result": "InvalidArgument", "reason": "number_of_bytes is 1025; the most is 1024"}),
     ];
     assert_eq!(lines.len(), expected.len(), "one line per call");
     for (i, (line, want)) in lines.iter().zip(expected).enumerate() {
@@ -1439,7 +1669,7 @@ async fn every_call_writes_exactly_one_audit_line_and_no_secret() {
     for f in &forbidden {
         assert!(!text.contains(f.as_str()), "the audit log holds {f:?}");
     }
-    assert_eq!(crate::audit::verify(text.as_bytes(), Some(&h.root)).unwrap().lines, 10);
+    assert_eq!(crate::audit::verify(text.as_bytes(), Some(&h.root)).unwrap().lines, 11);
     h.stop().await;
 }
 
@@ -1464,15 +1694,13 @@ async fn a_call_that_cannot_be_audited_fails_closed() {
     );
     refused(h.random(&web, 8).await, Code::Unavailable, closed);
     refused(h.describe(&web, "apps/k").await, Code::Unavailable, closed);
-    // A call refused anyway keeps its own status (and goes unrecorded).
-    refused(
-        h.decrypt(&token("apps", "intruder"), &blob, &[], "").await,
-        Code::PermissionDenied,
-        &not_allowed_by_policy(&user("apps", "intruder"), "Decrypt", "apps/k"),
-    );
+    // A call refused anyway fails closed too: nobody learns anything that is not recorded.
+    refused(h.decrypt(&token("apps", "intruder"), &blob, &[], "").await, Code::Unavailable, closed);
+    refused(h.encrypt(&web, "apps/missing", b"x", &[]).await, Code::Unavailable, closed);
+    refused(h.encrypt("not-a-token", "apps/k", b"x", &[]).await, Code::Unavailable, closed);
     assert_eq!(h.audit.lines().len(), 1, "nothing was written while the log failed");
     let metrics = h.metrics();
-    let unavailable = r#"kubekms_operations_total{component="server",key="apps/k",operation="Decrypt",result="Unavailable"} 1"#;
+    let unavailable = r#"kubekms_operations_total{component="server",key="apps/k",operation="Decrypt",result="Unavailable"} 2"#;
     assert!(metrics.lines().any(|l| l == unavailable), "missing {unavailable} in\n{metrics}");
 
     // Once the log can be written again, so can calls, and the chain has no gap.
@@ -1507,7 +1735,7 @@ async fn every_call_is_counted_per_key_operation_and_result() {
         counted("apps/spare", "Encrypt", "OK", 1),
         counted("apps/k", "Decrypt", "PermissionDenied", 1),
         // A key that does not exist, or a caller who is nobody, is counted under no key.
-        counted("", "Encrypt", "NotFound", 1),
+        counted("", "Encrypt", "PermissionDenied", 1),
         counted("", "Encrypt", "Unauthenticated", 1),
         counted("", "GenerateRandom", "OK", 1),
         r#"kubekms_operation_duration_seconds_count{component="server",operation="Encrypt"} 5"#.to_owned(),
@@ -1521,4 +1749,318 @@ async fn every_call_is_counted_per_key_operation_and_result() {
         .sum();
     assert_eq!(total, 7, "every call counted once:\n{text}");
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_without_rights_learns_nothing_of_a_key_or_grant_in_any_rpc() {
+    // The stranger may use partner/mine and nothing of apps/k; each call is made while
+    // apps/k and its grant exist and again once they are gone: the answers are the same.
+    let h = Harness::start().await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    h.add_key(
+        key("partner", "mine", MINE, policy_only(vec![allow("self", sa("partner", "stranger"), &Op::ALL)])),
+        1,
+    );
+    h.directory.grants.apply(grant("g", "grant-1", sa("partner", "reader"), &[Op::Decrypt]));
+    let web = token("apps", "web");
+    let k_blob = h.encrypt(&web, "apps/k", b"theirs", &[]).await.unwrap().ciphertext_blob;
+    let stranger = token("partner", "stranger");
+    let mine_blob = h.encrypt(&stranger, "partner/mine", b"mine", &[]).await.unwrap().ciphertext_blob;
+
+    let answers = async |h: &Harness| {
+        let status = |r: Result<(), Status>| {
+            let s = r.unwrap_err();
+            (s.code(), s.message().to_owned())
+        };
+        vec![
+            status(h.encrypt(&stranger, "apps/k", b"x", &[]).await.map(drop)),
+            status(h.encrypt(&stranger, K, b"x", &[]).await.map(drop)),
+            status(h.decrypt(&stranger, &k_blob, &[], "").await.map(drop)),
+            status(h.decrypt(&stranger, &k_blob, &[], "partner/mine").await.map(drop)),
+            status(h.data_key(&stranger, "apps/k", &[], 0).await.map(drop)),
+            status(h.data_key_only(&stranger, "apps/k", &[], 0).await.map(drop)),
+            status(
+                h.re_encrypt(&stranger, re_encrypt_request(&k_blob, &[], "", "partner/mine", &[]))
+                    .await
+                    .map(drop),
+            ),
+            status(
+                h.re_encrypt(&stranger, re_encrypt_request(&mine_blob, &[], "", "apps/k", &[]))
+                    .await
+                    .map(drop),
+            ),
+            status(h.describe(&stranger, "apps/k").await.map(drop)),
+            status(h.retire(&stranger, "apps/g").await.map(drop)),
+            status(h.retire(&stranger, "grant-1").await.map(drop)),
+        ]
+    };
+    let while_there = answers(&h).await;
+    h.directory.keys.delete("apps", "k");
+    h.directory.grants.delete("apps", "g");
+    let once_gone = answers(&h).await;
+    assert_eq!(while_there, once_gone);
+    let denied = |name: &str, op: &str| (Code::PermissionDenied, refusal(name, op));
+    assert_eq!(
+        while_there,
+        vec![
+            denied("apps/k", "Encrypt"),
+            denied(K, "Encrypt"),
+            denied(K, "Decrypt"),
+            denied(K, "Decrypt"),
+            denied("apps/k", "GenerateDataKey"),
+            denied("apps/k", "GenerateDataKeyWithoutPlaintext"),
+            denied(K, "ReEncryptFrom"),
+            denied("apps/k", "ReEncryptTo"),
+            denied("apps/k", "DescribeKey"),
+            denied("apps/g", "RetireGrant"),
+            denied("grant-1", "RetireGrant"),
+        ]
+    );
+    // Nothing in the answers names the key: "apps/k" only where the caller wrote it.
+    for (_, message) in &while_there {
+        assert!(!message.contains("apps/k") || message.starts_with(r#"key "apps/k""#), "{message}");
+    }
+    // The audit lines tell the operator which was which.
+    let lines = h.audit.lines();
+    let reasons: Vec<&str> = lines[2..].iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons[0], not_allowed_by_policy(&user("partner", "stranger"), "Encrypt", "apps/k"));
+    assert_eq!(reasons[11], r#"key "apps/k" not found"#);
+    assert_eq!(reasons[20], r#"grant "apps/g" not found"#);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_authorized_caller_still_gets_precise_errors() {
+    let h = Harness::start().await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let blob = h.encrypt(&web, "apps/k", b"x", &[]).await.unwrap().ciphertext_blob;
+    h.change_key("apps", "k", |k| k.info.state = KeyState::Disabled);
+    refused(
+        h.decrypt(&web, &blob, &[], "").await,
+        Code::FailedPrecondition,
+        "key apps/k is Disabled; it refuses cryptographic operations until it is Enabled",
+    );
+    refused(
+        h.decrypt(&web, &blob, &[], "apps/other").await,
+        Code::InvalidArgument,
+        "the ciphertext is under key apps/k, not apps/other",
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_transport_refuses_a_request_larger_than_the_limit_before_the_service_sees_it() {
+    let h = Harness::start().await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let huge = ctx(&[("padding", &"p".repeat(super::MAX_REQUEST_BYTES))]);
+    let request = EncryptRequest { key: "apps/k".into(), plaintext: b"x".to_vec(), encryption_context: huge };
+    let err = h.client.clone().encrypt(authed(&web, request)).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(h.audit.lines().is_empty(), "the service never saw it");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_junk_pushes_out_no_valid_callers_cached_token_or_rbac_answer() {
+    let setup = Setup {
+        auth: Settings {
+            rejected_cache_size: 8,
+            reviews_per_client: "1000/1h".parse().unwrap(),
+            ..Settings::default()
+        },
+        rbac_cache: CacheSettings { ttl: Duration::from_secs(3600), size: 100, denied_size: 8 },
+        ..Setup::default()
+    };
+    let h = Harness::start_with(setup).await;
+    h.add_key(key("apps", "k", K, delegating(Vec::new())), 1);
+    h.rbac.allow(&user("apps", "writer"), "encrypt", "apps", "k");
+    let writer = token("apps", "writer");
+    h.encrypt(&writer, "apps/k", b"x", &[]).await.unwrap();
+    assert_eq!((h.reviews.load(Ordering::SeqCst), h.rbac.asked().len()), (1, 1));
+
+    // 50 junk tokens (each reviewed once, and rejected), and 50 questions about keys the
+    // other ServiceAccount may not use.
+    for i in 0..50 {
+        refused(
+            h.encrypt(&format!("junk-{i}"), "apps/k", b"x", &[]).await,
+            Code::Unauthenticated,
+            r#"invalid or expired token, or a token not meant for audience "kubekms""#,
+        );
+    }
+    let other = token("apps", "other");
+    for i in 0..50 {
+        h.add_key(
+            key("apps", &format!("k{i}"), &uuid::Uuid::new_v4().to_string(), delegating(Vec::new())),
+            1,
+        );
+        h.encrypt(&other, &format!("apps/k{i}"), b"x", &[]).await.unwrap_err();
+    }
+    assert_eq!(h.reviews.load(Ordering::SeqCst), 52, "the junk, the writer, the other");
+    assert_eq!(h.rbac.asked().len(), 51);
+
+    // The writer is still served from both caches.
+    h.encrypt(&writer, "apps/k", b"x", &[]).await.unwrap();
+    assert_eq!((h.reviews.load(Ordering::SeqCst), h.rbac.asked().len()), (52, 51));
+    h.stop().await;
+}
+
+/// Asserts that a call was refused for too many new tokens, with a retry hint of at most
+/// `most` seconds (a little less once time has passed; never zero), the same in the message,
+/// `retry-after` and `grpc-retry-pushback-ms`.
+#[track_caller]
+fn throttled<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, most: u64) {
+    let status = result.unwrap_err();
+    let hint = |name| status.metadata().get(name).map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    let seconds = hint("retry-after").expect("a retry-after hint");
+    assert!((1..=most).contains(&seconds), "{seconds}");
+    assert_eq!(hint("grpc-retry-pushback-ms"), Some(seconds * 1000));
+    let message = match code {
+        Code::ResourceExhausted => format!("too many new tokens from this client; retry in {seconds} s"),
+        _ => format!("the key API is reviewing too many new tokens; retry in {seconds} s"),
+    };
+    assert_eq!((status.code(), status.message()), (code, message.as_str()));
+}
+
+#[tokio::test]
+async fn a_flood_of_invalid_tokens_costs_a_bounded_number_of_reviews_and_valid_callers_go_on() {
+    let setup = Setup {
+        auth: Settings {
+            reviews_per_client: "5/1h".parse().unwrap(),
+            reviews: "8/1h".parse().unwrap(),
+            ..Settings::default()
+        },
+        ..Setup::default()
+    };
+    let h = Harness::start_with(setup).await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let reviews = || h.reviews.load(Ordering::SeqCst);
+    h.encrypt(&web, "apps/k", b"x", &[]).await.unwrap();
+
+    // 100 invalid tokens from one client (127.0.0.1): its burst of 5 reviews (the valid
+    // token had one), then RESOURCE_EXHAUSTED with a retry hint (one review every 720 s);
+    // the valid caller, cached, is served throughout.
+    let (mut rejected, mut exhausted) = (0, 0);
+    for i in 0..100 {
+        match h.encrypt(&format!("junk-{i}"), "apps/k", b"x", &[]).await {
+            Err(s) if s.code() == Code::Unauthenticated => rejected += 1,
+            other => {
+                throttled(other, Code::ResourceExhausted, 720);
+                exhausted += 1;
+            }
+        }
+        if i % 10 == 0 {
+            h.encrypt(&web, "apps/k", b"during", &[]).await.unwrap();
+        }
+    }
+    assert_eq!((rejected, exhausted, reviews()), (4, 96, 5));
+    h.encrypt(&web, "apps/k", b"after", &[]).await.unwrap();
+    assert_eq!(reviews(), 5, "the valid caller never needed another review");
+    // A new token from the flooding client waits its turn too, valid or not.
+    throttled(h.encrypt(&token("apps", "owner"), "apps/k", b"x", &[]).await, Code::ResourceExhausted, 720);
+
+    // Another client is counted apart, until everyone's limit (8) is reached.
+    let mut elsewhere = h.client_from("127.0.0.2").await;
+    let request =
+        || EncryptRequest { key: "apps/k".into(), plaintext: b"x".to_vec(), encryption_context: ctx(&[]) };
+    elsewhere.encrypt(authed(&web, request())).await.unwrap();
+    assert_eq!(reviews(), 5, "a cached token is cached for every client");
+    for i in 0..3 {
+        let err = elsewhere.encrypt(authed(&format!("other-junk-{i}"), request())).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    assert_eq!(reviews(), 8);
+    throttled(elsewhere.encrypt(authed("other-junk-3", request())).await, Code::Unavailable, 450);
+    assert_eq!(reviews(), 8, "kube-apiserver saw 8 reviews for 106 new tokens");
+
+    // Every call is audited, the throttled ones too.
+    let lines = h.audit.lines();
+    let count = |result: &str| lines.iter().filter(|l| l["result"] == result).count();
+    assert_eq!((count("ResourceExhausted"), count("Unavailable"), count("Unauthenticated")), (97, 1, 7));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_audit_sink_fails_callers_closed_within_the_timeout() {
+    let audit = AuditLimits { timeout: Duration::from_millis(200), queue: 16 };
+    let h = Harness::start_with(Setup { audit, ..Setup::default() }).await;
+    h.add_key(key("apps", "k", K, web_only()), 1);
+    let web = token("apps", "web");
+    let blob = h.encrypt(&web, "apps/k", b"before", &[]).await.unwrap().ciphertext_blob;
+
+    h.audit.stall(true);
+    let bound = Duration::from_secs(30);
+    let closed = "the audit log cannot be written";
+    let decrypt = tokio::time::timeout(bound, h.decrypt(&web, &blob, &[], "")).await;
+    refused(decrypt.expect("returned before the bound"), Code::Unavailable, closed);
+    // Many at once: each returns, none with a result.
+    let calls = (0..20).map(|_| h.random(&web, 8));
+    let answers = tokio::time::timeout(bound, futures::future::join_all(calls)).await.expect("returned");
+    for answer in answers {
+        refused(answer, Code::Unavailable, closed);
+    }
+    let metrics = h.metrics();
+    let unavailable = r#"kubekms_operations_total{component="server",key="",operation="GenerateRandom",result="Unavailable"} 20"#;
+    assert!(metrics.lines().any(|l| l == unavailable), "missing {unavailable} in\n{metrics}");
+
+    // Once the sink moves again (and the writer has passed over the lines whose callers
+    // gave up), so do calls; the chain has no gap. At most the line that was being written
+    // when the sink stalled landed, for a caller told Unavailable.
+    h.audit.stall(false);
+    let recovered = async {
+        loop {
+            match h.decrypt(&web, &blob, &[], "").await {
+                Err(s) if s.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => return other,
+            }
+        }
+    };
+    let recovered = tokio::time::timeout(bound, recovered).await.expect("calls go on once the sink does");
+    assert_eq!(recovered.unwrap().plaintext, b"before");
+    let text = h.audit.text();
+    let lines = crate::audit::verify(text.as_bytes(), Some(&h.root)).unwrap().lines;
+    let random_lines = text.matches(r#""operation":"GenerateRandom""#).count();
+    assert!((2..=3).contains(&lines) && random_lines <= 1, "{lines} lines:\n{text}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn no_more_calls_wait_on_a_stalled_audit_sink_than_its_queue_holds() {
+    // Callers would wait an hour: only the bound on waiting lines lets the rest go.
+    let audit = AuditLimits { timeout: Duration::from_secs(3600), queue: 2 };
+    let h = Arc::new(Harness::start_with(Setup { audit, ..Setup::default() }).await);
+    let web = token("apps", "web");
+    h.audit.stall(true);
+    let mut calls = tokio::task::JoinSet::new();
+    let call = |calls: &mut tokio::task::JoinSet<_>| {
+        let (h, web) = (h.clone(), web.clone());
+        calls.spawn(async move { h.random(&web, 8).await });
+    };
+    call(&mut calls);
+    h.audit.wait_until_held().await;
+    // The writer is held in the first call's line: of ten more calls, two wait in the queue
+    // and eight are refused at once.
+    for _ in 0..10 {
+        call(&mut calls);
+    }
+    for _ in 0..8 {
+        let answer = tokio::time::timeout(Duration::from_secs(30), calls.join_next()).await;
+        refused(
+            answer.expect("returned before the bound").unwrap().unwrap(),
+            Code::Unavailable,
+            "the audit log cannot be written",
+        );
+    }
+    assert!(calls.try_join_next().is_none(), "three calls still wait");
+    assert_eq!(calls.len(), 3);
+    h.audit.stall(false);
+    while let Some(answer) = calls.join_next().await {
+        assert_eq!(answer.unwrap().unwrap().plaintext.len(), 8);
+    }
+    assert_eq!(h.audit.lines().len(), 3);
+    Arc::into_inner(h).unwrap().stop().await;
 }

@@ -2,9 +2,7 @@
 //! retirement write, and the watches that keep the [`Directory`] current. Everything the
 //! service decides with arrives here as domain types.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -55,23 +53,12 @@ impl TokenReviewer for KubeTokenReviewer {
     }
 }
 
-type SarKey = (String, String, Vec<String>, BTreeMap<String, Vec<String>>, String, String, String);
-
-/// SubjectAccessReviews, with answers cached for a short, bounded time.
-pub struct SarChecker {
-    client: Client,
-    ttl: Duration,
-    cache: Mutex<HashMap<SarKey, (bool, Instant)>>,
-}
-
-impl SarChecker {
-    pub fn new(client: Client, ttl: Duration) -> Self {
-        SarChecker { client, ttl, cache: Mutex::new(HashMap::new()) }
-    }
-}
+/// SubjectAccessReviews on the API server (cached by [`super::authz::CachedRbac`] in the
+/// wiring).
+pub struct KubeSar(pub Client);
 
 #[tonic::async_trait]
-impl RbacChecker for SarChecker {
+impl RbacChecker for KubeSar {
     async fn allowed(
         &self,
         who: &Identity,
@@ -79,20 +66,6 @@ impl RbacChecker for SarChecker {
         namespace: &str,
         name: &str,
     ) -> Result<bool, BackendError> {
-        let key: SarKey = (
-            who.username.clone(),
-            who.uid.clone(),
-            who.groups.clone(),
-            who.extra.clone(),
-            verb.to_owned(),
-            namespace.to_owned(),
-            name.to_owned(),
-        );
-        if let Ok(cache) = self.cache.lock()
-            && let Some((allowed, _)) = cache.get(&key).filter(|(_, at)| at.elapsed() < self.ttl)
-        {
-            return Ok(*allowed);
-        }
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(who.username.clone()),
@@ -112,16 +85,9 @@ impl RbacChecker for SarChecker {
             },
             ..Default::default()
         };
-        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let api: Api<SubjectAccessReview> = Api::all(self.0.clone());
         let result = api.create(&PostParams::default(), &review).await.map_err(BackendError::new)?;
-        let allowed = result.status.is_some_and(|s| s.allowed && s.denied != Some(true));
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() > 10_000 {
-                cache.clear();
-            }
-            cache.insert(key, (allowed, Instant::now()));
-        }
-        Ok(allowed)
+        Ok(result.status.is_some_and(|s| s.allowed && s.denied != Some(true)))
     }
 }
 

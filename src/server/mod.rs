@@ -4,10 +4,12 @@
 pub mod auth;
 pub mod authz;
 pub mod blob;
+pub mod cache;
 #[cfg(test)]
 mod component_tests;
 pub mod directory;
 pub mod k8s;
+pub mod limit;
 pub mod service;
 
 use std::net::SocketAddr;
@@ -21,7 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLimits, AuditLog};
 use crate::crypto::{RootKey, RootKeyError};
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyServiceServer;
@@ -34,13 +36,13 @@ pub struct Config {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub root_key_file: PathBuf,
-    /// Token audiences accepted (a token must be issued for one of them).
-    pub audiences: Vec<String>,
-    /// How long a TokenReview result is reused (never past the token's expiry).
-    pub token_cache_ttl: Duration,
-    /// How long a SubjectAccessReview result is reused.
-    pub rbac_cache_ttl: Duration,
+    /// Audiences, and how TokenReview results are kept.
+    pub auth: auth::Settings,
+    /// How SubjectAccessReview results are kept.
+    pub rbac_cache: authz::CacheSettings,
     pub audit_log: PathBuf,
+    /// How long a call waits for its audit line, and how many lines may wait.
+    pub audit: AuditLimits,
     pub metrics_addr: Option<SocketAddr>,
 }
 
@@ -49,13 +51,20 @@ pub struct Config {
 pub enum ConfigError {
     #[error("the {cache} cache lifetime must not be negative")]
     NegativeTtl { cache: &'static str, ttl: SignedDuration },
+    #[error("the audit timeout must be positive")]
+    AuditTimeout(SignedDuration),
 }
 
 impl Config {
-    /// A cache lifetime (`token_cache_ttl`, `rbac_cache_ttl`) from a signed duration, as a
-    /// command line gives it: a result cannot be reused for a negative time.
+    /// A cache lifetime (of TokenReview or SubjectAccessReview results) from a signed
+    /// duration, as a command line gives it: a result cannot be reused for a negative time.
     pub fn cache_ttl(cache: &'static str, ttl: SignedDuration) -> Result<Duration, ConfigError> {
         Duration::try_from(ttl).map_err(|_| ConfigError::NegativeTtl { cache, ttl })
+    }
+
+    /// How long a call waits for its audit line, from a signed duration: more than zero.
+    pub fn audit_timeout(timeout: SignedDuration) -> Result<Duration, ConfigError> {
+        Duration::try_from(timeout).ok().filter(|t| !t.is_zero()).ok_or(ConfigError::AuditTimeout(timeout))
     }
 }
 
@@ -99,7 +108,8 @@ impl BackendError {
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
     let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
     tracing::info!(root_key = root.fingerprint(), listen = %config.listen, "starting the key API server");
-    let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
+    let audit =
+        Arc::new(AuditLog::open_with(&config.audit_log, &root, config.audit).map_err(RunError::Audit)?);
     let read = |what, path: &PathBuf| {
         std::fs::read(path).map_err(|source| RunError::Tls { what, path: path.clone(), source })
     };
@@ -138,12 +148,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         }
     });
     let api = service::KeyApi::new(
-        auth::Authenticator::new(
-            k8s::KubeTokenReviewer(client.clone()),
-            config.audiences.clone(),
-            config.token_cache_ttl,
-        ),
-        k8s::SarChecker::new(client.clone(), config.rbac_cache_ttl),
+        auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone()),
+        authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
         directory,
         k8s::KubeGrantRetirer(client),
         audit,
@@ -153,24 +159,47 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         .await
         .map_err(|source| RunError::Listen { addr: config.listen, source })?;
     health.set_ready(true);
-    let served = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(RunError::Serve)?
-        .timeout(Duration::from_secs(30))
-        .concurrency_limit_per_connection(256)
-        // Requests are small (4 KiB of plaintext, 8 KiB of context): refuse anything larger
-        // before it is decoded.
-        .add_service(KeyServiceServer::new(api).max_decoding_message_size(64 * 1024))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        )
-        .await;
+    let served = serve(api, Some(tls), listener, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
     served.map_err(RunError::Serve)
+}
+
+/// The most bytes of a request the server decodes. Requests are small (4 KiB of plaintext,
+/// 8 KiB of context): anything larger is refused before it is decoded.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long one call may take before the transport ends it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many calls one connection may have in flight.
+const CALLS_PER_CONNECTION: usize = 256;
+
+/// Serves `api` on `listener` until `shutdown`, with the transport's limits (request size,
+/// call timeout, calls per connection) — the one construction of the server, which the
+/// component tests serve too. Without `tls` (tests), plain HTTP/2.
+pub async fn serve<T, R, D, G>(
+    api: service::KeyApi<T, R, D, G>,
+    tls: Option<ServerTlsConfig>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    T: auth::TokenReviewer,
+    R: authz::RbacChecker,
+    D: directory::KeyDirectory,
+    G: service::GrantRetirer,
+{
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .timeout(CALL_TIMEOUT)
+        .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
+        .add_service(KeyServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
 }
 
 #[cfg(test)]
@@ -185,5 +214,13 @@ mod tests {
         let err = Config::cache_ttl("RBAC", ttl).unwrap_err();
         assert_eq!(err, ConfigError::NegativeTtl { cache: "RBAC", ttl });
         assert_eq!(err.to_string(), "the RBAC cache lifetime must not be negative");
+    }
+
+    #[test]
+    fn the_audit_timeout_is_positive() {
+        assert_eq!(Config::audit_timeout(SignedDuration::from_secs(2)), Ok(Duration::from_secs(2)));
+        for bad in [SignedDuration::ZERO, SignedDuration::from_secs(-1)] {
+            assert_eq!(Config::audit_timeout(bad), Err(ConfigError::AuditTimeout(bad)));
+        }
     }
 }

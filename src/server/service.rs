@@ -3,8 +3,9 @@
 //! pipeline, which audits, meters and maps it to the wire.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tonic::metadata::MetadataMap;
@@ -15,6 +16,7 @@ use super::auth::{AuthError, Authenticator, TokenReviewer};
 use super::authz::{Authorizer, AuthzError, RbacChecker};
 use super::blob::{self, BlobError};
 use super::directory::KeyDirectory;
+use super::limit::{Throttled, whole_seconds};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::call::{CallError, CallPipeline};
 use crate::crypto::{KeyMaterial, SealError, SecretBytes};
@@ -55,18 +57,18 @@ pub enum ApiError {
     GrantRequired,
     #[error(transparent)]
     Blob(#[from] BlobError),
-    #[error("key {0:?} not found")]
-    KeyNotFound(String),
-    #[error("the key that made this ciphertext ({0}) does not exist")]
-    CiphertextKeyNotFound(String),
+    /// The caller named a key (or sent a ciphertext naming one) that does not exist or that
+    /// it may not use for `op`: it is told the same either way, so that it learns neither
+    /// whether the key exists nor its name; the cause goes to the audit line.
+    #[error("key {name:?} does not exist or you may not use it for {}", op.as_str())]
+    KeyRefused { name: String, op: KeyOperation, cause: Refusal },
+    /// The same for a grant the caller would retire.
+    #[error("grant {name:?} does not exist or you may not retire it")]
+    GrantRefused { name: String, cause: Refusal },
     #[error("key {key} does not hold version {version}")]
     VersionNotHeld { key: String, version: u32 },
-    #[error("grant {0:?} not found")]
-    GrantNotFound(String),
-    #[error(transparent)]
-    Authz(#[from] AuthzError),
-    #[error("{who} is neither the grantee nor the retiring principal of grant {grant}")]
-    NotRetirer { who: String, grant: String },
+    #[error("failed to authorize the call with Kubernetes RBAC")]
+    Rbac(#[source] BackendError),
     #[error("key {key} is {state}; it refuses cryptographic operations until it is Enabled")]
     KeyNotEnabled { key: String, state: &'static str },
     #[error("key {0} has no usable current version yet")]
@@ -92,6 +94,12 @@ impl CallError for ApiError {
             ApiError::Auth(AuthError::Backend(_)) => {
                 Status::unavailable("cannot authenticate callers right now")
             }
+            ApiError::Auth(AuthError::Throttled(t @ Throttled::Client { .. })) => {
+                with_retry_hint(Status::resource_exhausted(t.to_string()), t.retry_after())
+            }
+            ApiError::Auth(AuthError::Throttled(t @ Throttled::Everyone { .. })) => {
+                with_retry_hint(Status::unavailable(t.to_string()), t.retry_after())
+            }
             ApiError::Auth(e) => Status::unauthenticated(e.to_string()),
             ApiError::KeyRequired
             | ApiError::KeyNameTooLong
@@ -102,14 +110,11 @@ impl CallError for ApiError {
             | ApiError::WrongKey { .. }
             | ApiError::GrantRequired
             | ApiError::Blob(_) => Status::invalid_argument(self.to_string()),
-            ApiError::KeyNotFound(_)
-            | ApiError::CiphertextKeyNotFound(_)
-            | ApiError::VersionNotHeld { .. }
-            | ApiError::GrantNotFound(_) => Status::not_found(self.to_string()),
-            ApiError::Authz(AuthzError::Rbac(_)) => {
-                Status::unavailable("cannot check Kubernetes RBAC right now")
+            ApiError::VersionNotHeld { .. } => Status::not_found(self.to_string()),
+            ApiError::Rbac(_) => Status::unavailable("cannot check Kubernetes RBAC right now"),
+            ApiError::KeyRefused { .. } | ApiError::GrantRefused { .. } => {
+                Status::permission_denied(self.to_string())
             }
-            ApiError::Authz(_) | ApiError::NotRetirer { .. } => Status::permission_denied(self.to_string()),
             ApiError::KeyNotEnabled { .. } | ApiError::NoCurrentVersion(_) | ApiError::InvalidKeyId(_) => {
                 Status::failed_precondition(self.to_string())
             }
@@ -121,17 +126,70 @@ impl CallError for ApiError {
         }
     }
 
+    /// What the audit line says: for a refusal, why — which the caller is not told.
+    fn reason(&self) -> String {
+        match self {
+            ApiError::KeyRefused { name, cause: Refusal::NotFound, .. } => format!("key {name:?} not found"),
+            ApiError::GrantRefused { name, cause: Refusal::NotFound } => format!("grant {name:?} not found"),
+            ApiError::KeyRefused { cause: Refusal::Authz(e), .. }
+            | ApiError::GrantRefused { cause: Refusal::Authz(e), .. } => e.to_string(),
+            other => other.status().message().to_owned(),
+        }
+    }
+
     fn is_internal(&self) -> bool {
         matches!(
             self,
             ApiError::Auth(AuthError::Backend(_))
-                | ApiError::Authz(AuthzError::Rbac(_))
+                | ApiError::Rbac(_)
                 | ApiError::Material(_)
                 | ApiError::Seal(_)
                 | ApiError::Random
                 | ApiError::GrantWrite(_)
         )
     }
+}
+
+/// Why a caller was refused a key or a grant: for the audit line, never for the caller.
+#[derive(Debug)]
+pub enum Refusal {
+    /// There is no such key or grant.
+    NotFound,
+    /// There is, and the caller may not use it so.
+    Authz(AuthzError),
+}
+
+impl ApiError {
+    /// Refuses the key `name` for `op` with the answer that tells nothing, keeping why. An
+    /// RBAC outage is no refusal: it stays `unavailable`.
+    fn key_refused(name: &str, op: KeyOperation, cause: Refusal) -> ApiError {
+        match cause {
+            Refusal::Authz(AuthzError::Rbac(e)) => ApiError::Rbac(e),
+            cause => ApiError::KeyRefused { name: name.to_owned(), op, cause },
+        }
+    }
+
+    /// The same for the grant `name`.
+    fn grant_refused(name: &str, cause: Refusal) -> ApiError {
+        match cause {
+            Refusal::Authz(AuthzError::Rbac(e)) => ApiError::Rbac(e),
+            cause => ApiError::GrantRefused { name: name.to_owned(), cause },
+        }
+    }
+}
+
+/// `status` with when to retry: `retry-after` (whole seconds, as in HTTP) and gRPC's
+/// `grpc-retry-pushback-ms`, which gRPC clients with a retry policy honour.
+fn with_retry_hint(mut status: Status, retry_after: Duration) -> Status {
+    let seconds = whole_seconds(retry_after);
+    let meta = status.metadata_mut();
+    if let Ok(v) = seconds.to_string().parse() {
+        meta.insert("retry-after", v);
+    }
+    if let Ok(v) = seconds.saturating_mul(1000).to_string().parse() {
+        meta.insert("grpc-retry-pushback-ms", v);
+    }
+    status
 }
 
 /// Marks a grant Retired (the server's only write).
@@ -148,6 +206,7 @@ struct Trail {
     source: Option<(Arc<Key>, u32)>,
     grant_id: Option<String>,
     context_keys: Vec<String>,
+    source_context_keys: Vec<String>,
 }
 
 /// The key API.
@@ -212,10 +271,12 @@ where
         let started = Instant::now();
         let id = request_id(request.metadata());
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // Without a peer address (not over TCP), every such caller counts as one client.
+        let client = request.remote_addr().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let mut trail = Trail::default();
         let (principal, outcome) = match Authenticator::<T>::bearer(header.as_deref()) {
             Err(e) => (String::new(), Err(ApiError::from(e))),
-            Ok(token) => match self.auth.authenticate(token, Timestamp::now().as_second()).await {
+            Ok(token) => match self.auth.authenticate(token, Timestamp::now().as_second(), client).await {
                 Err(e) => (String::new(), Err(ApiError::from(e))),
                 Ok(who) => {
                     let out = body(&who, request.into_inner(), &mut trail).await;
@@ -235,37 +296,58 @@ where
             source_key_version: trail.source.as_ref().map(|(_, v)| *v),
             grant_id: trail.grant_id,
             encryption_context_keys: trail.context_keys,
+            source_encryption_context_keys: trail.source_context_keys,
             ..Default::default()
         };
-        let mut response = self.calls.finish(started, event, outcome).map(Response::new)?;
+        let mut response = self.calls.finish(started, event, outcome).await.map(Response::new)?;
         if let Ok(v) = id.parse() {
             response.metadata_mut().insert("x-request-id", v);
         }
         Ok(response)
     }
 
-    fn resolve(&self, name: &str) -> Result<Arc<Key>, ApiError> {
+    /// The key the caller names for `op`, once the caller is authorized for it.
+    async fn authorized_key(
+        &self,
+        who: &Identity,
+        name: &str,
+        op: KeyOperation,
+        context: &BTreeMap<String, String>,
+        trail: &mut Trail,
+    ) -> Result<Arc<Key>, ApiError> {
         if name.is_empty() {
             return Err(ApiError::KeyRequired);
         }
         if name.len() > MAX_KEY_NAME_LEN {
             return Err(ApiError::KeyNameTooLong);
         }
-        self.keys.resolve(name).ok_or_else(|| ApiError::KeyNotFound(name.to_owned()))
+        let key =
+            self.keys.resolve(name).ok_or_else(|| ApiError::key_refused(name, op, Refusal::NotFound))?;
+        trail.key = Some(key.clone());
+        self.authorize(who, &key, name, op, context, trail).await?;
+        Ok(key)
     }
 
-    /// Authorizes `op` on `key`, recording the grant that allowed it.
+    /// Authorizes `op` on `key` (named `name` by the caller), recording the grant that
+    /// allowed it.
     async fn authorize(
         &self,
         who: &Identity,
         key: &Key,
+        name: &str,
         op: KeyOperation,
         context: &BTreeMap<String, String>,
         trail: &mut Trail,
     ) -> Result<(), ApiError> {
         let grants = self.keys.grants(&key.info.namespace, &key.info.name);
-        let allowed = self.authz.authorize(who, key, op, context, &grants, Timestamp::now()).await?;
-        trail.grant_id = allowed.grant_id();
+        let allowed = self
+            .authz
+            .authorize(who, key, op, context, &grants, Timestamp::now())
+            .await
+            .map_err(|e| ApiError::key_refused(name, op, Refusal::Authz(e)))?;
+        if let Some(grant_id) = allowed.grant_id() {
+            trail.grant_id = Some(grant_id);
+        }
         Ok(())
     }
 
@@ -305,8 +387,11 @@ where
         Ok(())
     }
 
-    /// Opens a blob after authorizing `op` on the key it names.
-    async fn open(
+    /// The key a ciphertext names, once the caller is authorized for `op` on it; the
+    /// ciphertext's header names the key (by keyId) and the version. A key the caller gives
+    /// with the ciphertext must be that key; it is compared, not looked up, so that naming
+    /// another key tells nothing of it.
+    async fn ciphertext_key(
         &self,
         who: &Identity,
         ciphertext: &[u8],
@@ -314,37 +399,43 @@ where
         expected_key: &str,
         op: KeyOperation,
         trail: &mut Trail,
-    ) -> Result<(Arc<Key>, u32, SecretBytes), ApiError> {
+    ) -> Result<(Arc<Key>, u32), ApiError> {
         let header = blob::parse_header(ciphertext)?;
         let key = self
             .keys
             .resolve(&header.key_id)
-            .ok_or_else(|| ApiError::CiphertextKeyNotFound(header.key_id.clone()))?;
-        trail.version = Some(header.version);
-        trail.key = Some(key.clone());
-        self.authorize(who, &key, op, context, trail).await?;
-        // Only an authorized caller learns which key a ciphertext is under.
-        if !expected_key.is_empty() {
-            let expected = self.resolve(expected_key)?;
-            if expected.info.key_id != key.info.key_id {
-                return Err(ApiError::WrongKey {
-                    actual: key.info.display(),
-                    expected: expected_key.to_owned(),
-                });
-            }
+            .ok_or_else(|| ApiError::key_refused(&header.key_id, op, Refusal::NotFound))?;
+        // ReEncrypt's audit line names the ciphertext's key as its source.
+        match op {
+            KeyOperation::ReEncryptFrom => trail.source = Some((key.clone(), header.version)),
+            _ => (trail.key, trail.version) = (Some(key.clone()), Some(header.version)),
         }
-        Self::usable(&key)?;
-        let versions = self.keys.material(&key).map_err(ApiError::Material)?;
+        self.authorize(who, &key, &header.key_id, op, context, trail).await?;
+        if !expected_key.is_empty() && expected_key != key.info.display() && expected_key != key.info.key_id {
+            return Err(ApiError::WrongKey { actual: key.info.display(), expected: expected_key.to_owned() });
+        }
+        Ok((key, header.version))
+    }
+
+    /// Opens a ciphertext under `version` of `key`, which must be usable.
+    fn open(
+        &self,
+        key: &Key,
+        version: u32,
+        context: &BTreeMap<String, String>,
+        ciphertext: &[u8],
+    ) -> Result<SecretBytes, ApiError> {
+        Self::usable(key)?;
+        let versions = self.keys.material(key).map_err(ApiError::Material)?;
         let material = versions
             .versions
-            .get(&header.version)
+            .get(&version)
             .cloned()
-            .ok_or_else(|| ApiError::VersionNotHeld { key: key.info.display(), version: header.version })?;
-        let plaintext = blob::open_blob(&material, context, ciphertext).map_err(|e| match e {
+            .ok_or_else(|| ApiError::VersionNotHeld { key: key.info.display(), version })?;
+        blob::open_blob(&material, context, ciphertext).map_err(|e| match e {
             SealError::Open => ApiError::DecryptionFailed,
             other => ApiError::Seal(other),
-        })?;
-        Ok((key, header.version, plaintext))
+        })
     }
 
     async fn generate(
@@ -356,6 +447,7 @@ where
         op: KeyOperation,
         trail: &mut Trail,
     ) -> Result<(SecretBytes, Vec<u8>, Option<KeyVersionRef>), ApiError> {
+        Self::check_context(context, trail)?;
         let n = match bytes {
             0 => 32,
             requested if requested > MAX_RANDOM_BYTES => {
@@ -363,10 +455,7 @@ where
             }
             n => n,
         };
-        Self::check_context(context, trail)?;
-        let key = self.resolve(key)?;
-        trail.key = Some(key.clone());
-        self.authorize(who, &key, op, context, trail).await?;
+        let key = self.authorized_key(who, key, op, context, trail).await?;
         Self::usable(&key)?;
         let (version, material) = self.current(&key)?;
         trail.version = Some(version);
@@ -420,9 +509,7 @@ where
                 }
                 _ => {}
             }
-            let key = self.resolve(&req.key)?;
-            trail.key = Some(key.clone());
-            self.authorize(who, &key, KeyOperation::Encrypt, &context, trail).await?;
+            let key = self.authorized_key(who, &req.key, KeyOperation::Encrypt, &context, trail).await?;
             Self::usable(&key)?;
             let (version, material) = self.current(&key)?;
             trail.version = Some(version);
@@ -438,9 +525,10 @@ where
         self.call("Decrypt", request, async |who, req, trail| {
             let context = context_map(&req.encryption_context);
             Self::check_context(&context, trail)?;
-            let (key, version, plaintext) = self
-                .open(who, &req.ciphertext_blob, &context, &req.key, KeyOperation::Decrypt, trail)
+            let (key, version) = self
+                .ciphertext_key(who, &req.ciphertext_blob, &context, &req.key, KeyOperation::Decrypt, trail)
                 .await?;
+            let plaintext = self.open(&key, version, &context, &req.ciphertext_blob)?;
             Ok(DecryptResponse { plaintext: plaintext.expose().to_vec(), key: version_ref(&key, version) })
         })
         .await
@@ -453,10 +541,12 @@ where
         self.call("ReEncrypt", request, async |who, req, trail| {
             let source_context = context_map(&req.source_encryption_context);
             let context = context_map(&req.destination_encryption_context);
+            trail.source_context_keys = source_context.keys().cloned().collect();
             blob::check_context(&source_context)?;
             Self::check_context(&context, trail)?;
-            let (source, source_version, plaintext) = self
-                .open(
+            // Both sides are authorized before anything is decrypted.
+            let (source, source_version) = self
+                .ciphertext_key(
                     who,
                     &req.ciphertext_blob,
                     &source_context,
@@ -465,12 +555,10 @@ where
                     trail,
                 )
                 .await?;
-            trail.source = Some((source.clone(), source_version));
-            trail.key = None;
-            trail.version = None;
-            let key = self.resolve(&req.destination_key)?;
-            trail.key = Some(key.clone());
-            self.authorize(who, &key, KeyOperation::ReEncryptTo, &context, trail).await?;
+            let key = self
+                .authorized_key(who, &req.destination_key, KeyOperation::ReEncryptTo, &context, trail)
+                .await?;
+            let plaintext = self.open(&source, source_version, &source_context, &req.ciphertext_blob)?;
             Self::usable(&key)?;
             let (version, material) = self.current(&key)?;
             trail.version = Some(version);
@@ -540,9 +628,9 @@ where
         request: Request<DescribeKeyRequest>,
     ) -> Result<Response<DescribeKeyResponse>, Status> {
         self.call("DescribeKey", request, async |who, req, trail| {
-            let key = self.resolve(&req.key)?;
-            trail.key = Some(key.clone());
-            self.authorize(who, &key, KeyOperation::DescribeKey, &BTreeMap::new(), trail).await?;
+            let key = self
+                .authorized_key(who, &req.key, KeyOperation::DescribeKey, &BTreeMap::new(), trail)
+                .await?;
             Ok(DescribeKeyResponse { metadata: Some(describe(&key)) })
         })
         .await
@@ -556,13 +644,16 @@ where
             if req.grant.is_empty() {
                 return Err(ApiError::GrantRequired);
             }
-            let grant =
-                self.keys.grant(&req.grant).ok_or_else(|| ApiError::GrantNotFound(req.grant.clone()))?;
+            let grant = self
+                .keys
+                .grant(&req.grant)
+                .ok_or_else(|| ApiError::grant_refused(&req.grant, Refusal::NotFound))?;
             trail.grant_id = Some(grant.grant_id.clone());
             trail.key = self.keys.resolve(&format!("{}/{}", grant.namespace, grant.key_name));
-            if !grant.may_retire(who) {
-                return Err(ApiError::NotRetirer { who: who.username.clone(), grant: grant.display() });
-            }
+            self.authz
+                .authorize_retire(who, trail.key.as_deref(), &grant)
+                .await
+                .map_err(|e| ApiError::grant_refused(&req.grant, Refusal::Authz(e)))?;
             if grant.retired_by.is_none() {
                 self.retirer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
             }
