@@ -26,7 +26,7 @@ use super::auth::{Authenticator, TokenReviewer};
 use super::authz::RbacChecker;
 use super::blob::{MAX_BLOB_LEN, MAX_CONTEXT_BYTES, MAX_CONTEXT_PAIRS, MAX_PLAINTEXT_LEN};
 use super::directory::Directory;
-use super::service::{GrantRetirer, KeyApi, MAX_RANDOM_BYTES};
+use super::service::{GrantWriter, KeyApi, MAX_RANDOM_BYTES};
 use crate::crypto::{KeyMaterial, RootKey, WrapContext};
 use crate::domain::{
     Constraints, Effect, Grant, GrantState, Identity, Key, KeyOperation as Op, KeyState, Origin, Policy,
@@ -179,7 +179,7 @@ impl Retirer {
 }
 
 #[tonic::async_trait]
-impl GrantRetirer for Retirer {
+impl GrantWriter for Retirer {
     async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError> {
         if self.0.failing.load(Ordering::SeqCst) {
             return Err(BackendError::new(std::io::Error::other("the object has been modified")));

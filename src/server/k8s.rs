@@ -19,7 +19,7 @@ use super::BackendError;
 use super::auth::TokenReviewer;
 use super::authz::RbacChecker;
 use super::directory::{Directory, Feed};
-use super::service::GrantRetirer;
+use super::service::GrantWriter;
 use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::domain::{Grant, Identity, Key, WrappedMaterial};
 
@@ -126,10 +126,10 @@ impl RbacChecker for SarChecker {
 }
 
 /// Retires grants through the API server (status subresource, field manager `kubekms-server`).
-pub struct KubeGrantRetirer(pub Client);
+pub struct KubeGrantWriter(pub Client);
 
 #[tonic::async_trait]
-impl GrantRetirer for KubeGrantRetirer {
+impl GrantWriter for KubeGrantWriter {
     async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError> {
         let api: Api<KmsGrant> = Api::namespaced(self.0.clone(), &grant.namespace);
         // retiredBy is the server's field and final; the controller, which owns state,

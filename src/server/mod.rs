@@ -145,7 +145,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         ),
         k8s::SarChecker::new(client.clone(), config.rbac_cache_ttl),
         directory,
-        k8s::KubeGrantRetirer(client),
+        k8s::KubeGrantWriter(client),
         audit,
         metrics,
     );

@@ -136,7 +136,7 @@ impl CallError for ApiError {
 
 /// Marks a grant Retired (the server's only write).
 #[tonic::async_trait]
-pub trait GrantRetirer: Send + Sync + 'static {
+pub trait GrantWriter: Send + Sync + 'static {
     async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError>;
 }
 
@@ -155,7 +155,7 @@ pub struct KeyApi<T, R, D, G> {
     auth: Authenticator<T>,
     authz: Authorizer<R>,
     keys: D,
-    retirer: G,
+    grant_writer: G,
     calls: CallPipeline,
 }
 
@@ -180,13 +180,13 @@ where
     T: TokenReviewer,
     R: RbacChecker,
     D: KeyDirectory,
-    G: GrantRetirer,
+    G: GrantWriter,
 {
     pub fn new(
         auth: Authenticator<T>,
         rbac: R,
         keys: D,
-        retirer: G,
+        grant_writer: G,
         audit: Arc<AuditLog>,
         metrics: OperationMetrics,
     ) -> Self {
@@ -194,7 +194,7 @@ where
             auth,
             authz: Authorizer::new(rbac),
             keys,
-            retirer,
+            grant_writer,
             calls: CallPipeline::new("server", audit, metrics),
         }
     }
@@ -407,7 +407,7 @@ where
     T: TokenReviewer,
     R: RbacChecker,
     D: KeyDirectory,
-    G: GrantRetirer,
+    G: GrantWriter,
 {
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         self.call("Encrypt", request, async |who, req, trail| {
@@ -564,7 +564,7 @@ where
                 return Err(ApiError::NotRetirer { who: who.username.clone(), grant: grant.display() });
             }
             if grant.retired_by.is_none() {
-                self.retirer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
+                self.grant_writer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
             }
             Ok(RetireGrantResponse { grant_id: grant.grant_id.clone() })
         })
