@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -93,28 +92,9 @@ impl RbacChecker for SarChecker {
         {
             return Ok(*allowed);
         }
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(who.username.clone()),
-                uid: (!who.uid.is_empty()).then(|| who.uid.clone()),
-                groups: Some(who.groups.clone()),
-                extra: (!who.extra.is_empty()).then(|| who.extra.clone()),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(crate::api::GROUP.to_owned()),
-                    version: Some(crate::api::VERSION.to_owned()),
-                    resource: Some("kmskeys".to_owned()),
-                    namespace: Some(namespace.to_owned()),
-                    name: Some(name.to_owned()),
-                    verb: Some(verb.to_owned()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
-        let result = api.create(&PostParams::default(), &review).await.map_err(BackendError::new)?;
-        let allowed = result.status.is_some_and(|s| s.allowed && s.denied != Some(true));
+        let allowed = crate::kubeclient::review_key_access(&self.client, who, verb, namespace, name)
+            .await
+            .map_err(BackendError::new)?;
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() > 10_000 {
                 cache.clear();
