@@ -1,8 +1,10 @@
 //! The CRD objects converted into domain types, once, where they are watched: the data
 //! paths never look at a CRD object.
 
-use super::{GrantConstraints, KeyPolicy, KmsGrant, KmsKey, KmsKeyMaterial};
-use crate::domain::{self, Constraints, Grant, Key, KeyInfo, KeyIntent, Policy, Statement, WrappedMaterial};
+use super::{GrantConstraints, GrantCreator, KeyPolicy, KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::domain::{
+    self, Constraints, Creator, Grant, Identity, Key, KeyInfo, KeyIntent, Policy, Statement, WrappedMaterial,
+};
 
 impl KmsKey {
     /// What the spec asks for, and whether the key is being deleted.
@@ -80,6 +82,19 @@ impl GrantConstraints {
     }
 }
 
+impl From<&GrantCreator> for Creator {
+    fn from(c: &GrantCreator) -> Self {
+        Creator {
+            identity: Identity {
+                username: c.username.clone(),
+                groups: c.groups.clone(),
+                ..Default::default()
+            },
+            parent_grant: c.parent_grant.clone(),
+        }
+    }
+}
+
 impl From<&KmsGrant> for Grant {
     fn from(grant: &KmsGrant) -> Self {
         let status = grant.status.as_ref();
@@ -97,6 +112,7 @@ impl From<&KmsGrant> for Grant {
             operations: grant.spec.operations.clone(),
             constraints: grant.spec.constraints.as_ref().and_then(GrantConstraints::to_domain),
             retiring_principal: grant.spec.retiring_principal.as_ref().map(domain::Principal::from),
+            creator: grant.spec.creator.as_ref().map(Creator::from),
         }
     }
 }
@@ -191,8 +207,14 @@ mod tests {
                 }),
                 expires_at: Some(Time("2026-06-01T00:00:00Z".parse().unwrap())),
                 retiring_principal: None,
+                creator: Some(GrantCreator {
+                    username: "jane".into(),
+                    groups: vec!["ops".into()],
+                    parent_grant: Some("parent-1".into()),
+                }),
             },
         );
+        grant.metadata.namespace = Some("apps".into());
         grant.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
         grant.status = Some(KmsGrantStatus {
             state: Some(GrantState::Active),
@@ -204,5 +226,11 @@ mod tests {
         assert!(g.deleting);
         assert_eq!((g.state, g.key_id.as_deref()), (Some(GrantState::Active), Some("uid-1")));
         assert_eq!(g.expires_at, Some("2026-06-01T00:00:00Z".parse().unwrap()));
+        let creator = g.creator.clone().unwrap();
+        assert_eq!(
+            (creator.identity.username.as_str(), creator.identity.groups.as_slice()),
+            ("jane", &["ops".to_owned()][..])
+        );
+        assert_eq!(creator.parent_grant.as_deref(), Some("parent-1"));
     }
 }

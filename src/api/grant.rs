@@ -59,6 +59,32 @@ pub struct KmsGrantSpec {
     /// Who besides the grantee may retire the grant through the key API's RetireGrant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retiring_principal: Option<Principal>,
+
+    /// Who created the grant. Written by admission from the request's user (the key API's
+    /// CreateGrant writes its caller); leave it out. A grant gives something only while its
+    /// creator has the right to grant on the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<GrantCreator>,
+}
+
+/// Who created a grant, as the API server authenticated them.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantCreator {
+    /// The creator's user name.
+    #[schemars(length(min = 1, max = 1024))]
+    pub username: String,
+
+    /// The creator's groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub groups: Vec<String>,
+
+    /// The id of the grant whose CreateGrant gave the creator the right to make this grant,
+    /// when the key API made it on the strength of that grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub parent_grant: Option<String>,
 }
 
 /// A reference to a KmsKey in the same namespace.

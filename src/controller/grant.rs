@@ -178,6 +178,7 @@ mod tests {
                 constraints: None,
                 expires_at: expires.map(|e| Time(t(e))),
                 retiring_principal: None,
+                creator: None,
             },
         );
         g.metadata.uid = Some("grant-uid".into());

@@ -13,7 +13,9 @@ pub enum Effect {
     Deny,
 }
 
-/// A cryptographic operation of the key API that policies and grants control.
+/// An operation of the key API that policies and grants control: the cryptographic ones,
+/// DescribeKey, and CreateGrant — the right to grant, a policy operation that no
+/// cryptographic call checks.
 #[derive(
     Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
 )]
@@ -32,11 +34,15 @@ pub enum KeyOperation {
     ReEncryptTo,
     /// Read the key's metadata.
     DescribeKey,
+    /// Create a KmsGrant on the key (the right to grant). Not a cryptographic operation:
+    /// it decides who may give the others, and a grant that gives it lets its grantee
+    /// create grants within that grant only.
+    CreateGrant,
 }
 
 impl KeyOperation {
     /// Every operation, in a fixed order.
-    pub const ALL: [KeyOperation; 7] = [
+    pub const ALL: [KeyOperation; 8] = [
         KeyOperation::Encrypt,
         KeyOperation::Decrypt,
         KeyOperation::GenerateDataKey,
@@ -44,6 +50,7 @@ impl KeyOperation {
         KeyOperation::ReEncryptFrom,
         KeyOperation::ReEncryptTo,
         KeyOperation::DescribeKey,
+        KeyOperation::CreateGrant,
     ];
 
     /// The operation's name on the wire and in audit records.
@@ -56,6 +63,7 @@ impl KeyOperation {
             KeyOperation::ReEncryptFrom => "ReEncryptFrom",
             KeyOperation::ReEncryptTo => "ReEncryptTo",
             KeyOperation::DescribeKey => "DescribeKey",
+            KeyOperation::CreateGrant => "CreateGrant",
         }
     }
 
@@ -70,7 +78,13 @@ impl KeyOperation {
             KeyOperation::ReEncryptFrom => "reencryptfrom",
             KeyOperation::ReEncryptTo => "reencryptto",
             KeyOperation::DescribeKey => "describekey",
+            KeyOperation::CreateGrant => "creategrant",
         }
+    }
+
+    /// The operation its wire name names, if any.
+    pub fn from_name(name: &str) -> Option<KeyOperation> {
+        KeyOperation::ALL.into_iter().find(|op| op.as_str() == name)
     }
 }
 
@@ -140,6 +154,18 @@ mod tests {
             principals: vec![principal],
             operations: ops.to_vec(),
         }
+    }
+
+    #[test]
+    fn every_operation_has_a_wire_name_and_a_verb() {
+        for op in KeyOperation::ALL {
+            assert_eq!(KeyOperation::from_name(op.as_str()), Some(op));
+            assert_eq!(op.rbac_verb(), op.as_str().to_ascii_lowercase(), "{op:?}");
+            let wire = serde_json::to_value(op).unwrap();
+            assert_eq!(wire, op.as_str(), "serde and as_str agree");
+        }
+        assert_eq!(KeyOperation::CreateGrant.rbac_verb(), "creategrant");
+        assert_eq!(KeyOperation::from_name("creategrant"), None, "wire names are case-sensitive");
     }
 
     #[test]

@@ -160,6 +160,7 @@ mod tests {
             operations: vec![KeyOperation::Decrypt],
             constraints: None,
             retiring_principal: None,
+            creator: None,
         })
     }
 

@@ -241,6 +241,7 @@ fn grant(name: &str, grant_id: &str, grantee: Principal, operations: &[Op]) -> G
         operations: operations.to_vec(),
         constraints: None,
         retiring_principal: None,
+        creator: None,
     }
 }
 
