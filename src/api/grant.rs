@@ -29,6 +29,7 @@ pub use crate::domain::GrantState;
     printcolumn(name = "Grantee", type_ = "string", json_path = ".status.grantee"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Creator", type_ = "string", json_path = ".status.creator", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -137,6 +138,10 @@ pub struct KmsGrantStatus {
     /// When and by whom the grant was retired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_by: Option<String>,
+
+    /// The user name of the grant's creator, written out for `kubectl get -o wide`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<String>,
 
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
