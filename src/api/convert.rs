@@ -1,7 +1,10 @@
 //! The CRD objects converted into domain types, once, where they are watched: the data
 //! paths never look at a CRD object.
 
-use super::{GrantConstraints, GrantCreator, KeyPolicy, KmsGrant, KmsKey, KmsKeyMaterial};
+use super::{
+    GrantConstraints, GrantCreator, KeyPolicy, KeyReference, KmsGrant, KmsGrantSpec, KmsKey, KmsKeyMaterial,
+    Principal, PrincipalKind,
+};
 use crate::domain::{
     self, Constraints, Creator, Grant, Identity, Key, KeyInfo, KeyIntent, Policy, Statement, WrappedMaterial,
 };
@@ -82,6 +85,32 @@ impl GrantConstraints {
     }
 }
 
+impl From<&Constraints> for GrantConstraints {
+    fn from(c: &Constraints) -> Self {
+        let (equals, subset) = match c {
+            Constraints::Equals(pairs) => (Some(pairs.clone()), None),
+            Constraints::Subset(pairs) => (None, Some(pairs.clone())),
+        };
+        GrantConstraints { encryption_context_equals: equals, encryption_context_subset: subset }
+    }
+}
+
+impl From<&domain::Principal> for Principal {
+    fn from(p: &domain::Principal) -> Self {
+        match p {
+            domain::Principal::ServiceAccount { namespace, name } => {
+                Principal::service_account(namespace, name)
+            }
+            domain::Principal::User(name) => {
+                Principal { kind: PrincipalKind::User, name: name.clone(), namespace: None }
+            }
+            domain::Principal::Group(name) => {
+                Principal { kind: PrincipalKind::Group, name: name.clone(), namespace: None }
+            }
+        }
+    }
+}
+
 impl From<&GrantCreator> for Creator {
     fn from(c: &GrantCreator) -> Self {
         Creator {
@@ -92,6 +121,33 @@ impl From<&GrantCreator> for Creator {
             },
             parent_grant: c.parent_grant.clone(),
         }
+    }
+}
+
+/// The grant the key API's CreateGrant creates: a domain grant's terms and creator, with
+/// its name or, when it has none, a generated one.
+impl From<&Grant> for KmsGrant {
+    fn from(g: &Grant) -> Self {
+        let spec = KmsGrantSpec {
+            key_ref: KeyReference { name: g.key_name.clone() },
+            grantee: Principal::from(&g.grantee),
+            operations: g.operations.clone(),
+            constraints: g.constraints.as_ref().map(GrantConstraints::from),
+            expires_at: g.expires_at.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            retiring_principal: g.retiring_principal.as_ref().map(Principal::from),
+            creator: g.creator.as_ref().map(|c| GrantCreator {
+                username: c.identity.username.clone(),
+                groups: c.identity.groups.clone(),
+                parent_grant: c.parent_grant.clone(),
+            }),
+        };
+        let mut grant = KmsGrant::new(&g.name, spec);
+        grant.metadata.namespace = Some(g.namespace.clone());
+        if g.name.is_empty() {
+            grant.metadata.name = None;
+            grant.metadata.generate_name = Some("grant-".to_owned());
+        }
+        grant
     }
 }
 
@@ -232,5 +288,19 @@ mod tests {
             ("jane", &["ops".to_owned()][..])
         );
         assert_eq!(creator.parent_grant.as_deref(), Some("parent-1"));
+
+        // And back, as the key API creates a grant: the same terms, and a generated name
+        // when the grant has none.
+        let again = KmsGrant::from(&g);
+        assert_eq!(serde_json::to_value(&again.spec).unwrap(), serde_json::to_value(&grant.spec).unwrap());
+        assert_eq!(
+            (again.metadata.name.as_deref(), again.metadata.namespace.as_deref()),
+            (Some("g"), Some("apps"))
+        );
+        let unnamed = KmsGrant::from(&Grant { name: String::new(), ..g });
+        assert_eq!(
+            (unnamed.metadata.name, unnamed.metadata.generate_name.as_deref()),
+            (None, Some("grant-"))
+        );
     }
 }

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +18,7 @@ use super::BackendError;
 use super::auth::TokenReviewer;
 use super::authz::RbacChecker;
 use super::directory::{Directory, Feed};
-use super::service::GrantWriter;
+use super::service::{CreateGrantError, GrantWriter};
 use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::domain::{Grant, Identity, Key, WrappedMaterial};
 
@@ -105,7 +105,8 @@ impl RbacChecker for SarChecker {
     }
 }
 
-/// Retires grants through the API server (status subresource, field manager `kubekms-server`).
+/// Writes grants through the API server, as field manager `kubekms-server`: retirements on
+/// the status subresource, and the grants CreateGrant creates.
 pub struct KubeGrantWriter(pub Client);
 
 #[tonic::async_trait]
@@ -127,6 +128,19 @@ impl GrantWriter for KubeGrantWriter {
         .await
         .map(|_| ())
         .map_err(BackendError::new)
+    }
+
+    async fn create(&self, grant: &Grant) -> Result<(String, String), CreateGrantError> {
+        let api: Api<KmsGrant> = Api::namespaced(self.0.clone(), &grant.namespace);
+        let params = PostParams { field_manager: Some("kubekms-server".to_owned()), ..Default::default() };
+        match api.create(&params, &KmsGrant::from(grant)).await {
+            Ok(created) => Ok((created.uid().unwrap_or_default(), created.name_any())),
+            Err(kube::Error::Api(status)) if status.code == 409 => Err(CreateGrantError::Exists),
+            Err(kube::Error::Api(status)) if status.code == 422 => {
+                Err(CreateGrantError::Invalid(status.message))
+            }
+            Err(e) => Err(CreateGrantError::Backend(BackendError::new(e))),
+        }
     }
 }
 

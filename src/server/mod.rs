@@ -7,6 +7,7 @@ pub mod blob;
 #[cfg(test)]
 mod component_tests;
 pub mod directory;
+pub mod grant_request;
 pub mod k8s;
 pub mod service;
 

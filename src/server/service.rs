@@ -15,10 +15,11 @@ use super::auth::{AuthError, Authenticator, TokenReviewer};
 use super::authz::{Authorizer, AuthzError, RbacChecker};
 use super::blob::{self, BlobError};
 use super::directory::KeyDirectory;
+use super::grant_request::{GrantRequestError, requested_grant};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::call::{CallError, CallPipeline};
 use crate::crypto::{KeyMaterial, SealError, SecretBytes};
-use crate::domain::{Grant, Identity, Key, KeyOperation, KeyState, Origin};
+use crate::domain::{Creator, Grant, GrantAuthority, Identity, Key, KeyOperation, KeyState, Origin};
 use crate::keyring::MaterialError;
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyService;
@@ -83,6 +84,14 @@ pub enum ApiError {
     Random,
     #[error("failed to update the grant")]
     GrantWrite(#[source] BackendError),
+    #[error(transparent)]
+    GrantRequest(#[from] GrantRequestError),
+    #[error("grant {0} already exists")]
+    GrantExists(String),
+    #[error("the API server refused the grant: {0}")]
+    GrantRefused(String),
+    #[error("failed to create the grant")]
+    GrantCreate(#[source] BackendError),
 }
 
 impl CallError for ApiError {
@@ -101,7 +110,10 @@ impl CallError for ApiError {
             | ApiError::RandomBytesOutOfRange { .. }
             | ApiError::WrongKey { .. }
             | ApiError::GrantRequired
+            | ApiError::GrantRequest(_)
+            | ApiError::GrantRefused(_)
             | ApiError::Blob(_) => Status::invalid_argument(self.to_string()),
+            ApiError::GrantExists(_) => Status::already_exists(self.to_string()),
             ApiError::KeyNotFound(_)
             | ApiError::CiphertextKeyNotFound(_)
             | ApiError::VersionNotHeld { .. }
@@ -118,6 +130,7 @@ impl CallError for ApiError {
                 Status::internal(self.to_string())
             }
             ApiError::GrantWrite(_) => Status::unavailable("failed to update the grant"),
+            ApiError::GrantCreate(_) => Status::unavailable("failed to create the grant"),
         }
     }
 
@@ -130,14 +143,30 @@ impl CallError for ApiError {
                 | ApiError::Seal(_)
                 | ApiError::Random
                 | ApiError::GrantWrite(_)
+                | ApiError::GrantCreate(_)
         )
     }
 }
 
-/// Marks a grant Retired (the server's only write).
+/// The key API's writes of grants: a retirement, and the grants CreateGrant makes.
 #[tonic::async_trait]
 pub trait GrantWriter: Send + Sync + 'static {
+    /// Marks a grant Retired by `by`.
     async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError>;
+    /// Creates `grant` — its namespace, name (generated when empty), terms and creator —
+    /// and returns its id and name.
+    async fn create(&self, grant: &Grant) -> Result<(String, String), CreateGrantError>;
+}
+
+/// Why the API server did not create a grant.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateGrantError {
+    #[error("a grant of that name already exists")]
+    Exists,
+    #[error("the API server refused the grant as invalid: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// What an audit line records of a call, filled in as the call proceeds.
@@ -147,6 +176,7 @@ struct Trail {
     version: Option<u32>,
     source: Option<(Arc<Key>, u32)>,
     grant_id: Option<String>,
+    created_grant_id: Option<String>,
     context_keys: Vec<String>,
 }
 
@@ -234,6 +264,7 @@ where
             source_key_id: trail.source.as_ref().map(|(k, _)| k.info.key_id.clone()),
             source_key_version: trail.source.as_ref().map(|(_, v)| *v),
             grant_id: trail.grant_id,
+            created_grant_id: trail.created_grant_id,
             encryption_context_keys: trail.context_keys,
             ..Default::default()
         };
@@ -567,6 +598,43 @@ where
                 self.grant_writer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
             }
             Ok(RetireGrantResponse { grant_id: grant.grant_id.clone() })
+        })
+        .await
+    }
+
+    async fn create_grant(
+        &self,
+        request: Request<CreateGrantRequest>,
+    ) -> Result<Response<CreateGrantResponse>, Status> {
+        self.call("CreateGrant", request, async |who, req, trail| {
+            let key = self.resolve(&req.key)?;
+            trail.key = Some(key.clone());
+            let mut grant = requested_grant(&req, &key)?;
+            let grants = self.keys.grants(&key.info.namespace, &key.info.name);
+            let authority = self.authz.authorize_grant(who, &key, &grant, &grants, Timestamp::now()).await?;
+            // The grant that gave the right to grant is recorded with the creator: the
+            // controller checks the new grant against that grant only.
+            let parent_grant = match authority {
+                GrantAuthority::Grant(id) => Some(id),
+                GrantAuthority::Policy(_) | GrantAuthority::Rbac => None,
+            };
+            trail.grant_id = parent_grant.clone();
+            let identity =
+                Identity { username: who.username.clone(), groups: who.groups.clone(), ..Default::default() };
+            grant.creator = Some(Creator { identity, parent_grant });
+            let (grant_id, name) = self.grant_writer.create(&grant).await.map_err(|e| match e {
+                CreateGrantError::Exists if grant.name.is_empty() => {
+                    // A generated name that was taken: worth another try.
+                    ApiError::GrantCreate(BackendError::new(std::io::Error::other(
+                        "a generated grant name was taken",
+                    )))
+                }
+                CreateGrantError::Exists => ApiError::GrantExists(grant.display()),
+                CreateGrantError::Invalid(reason) => ApiError::GrantRefused(reason),
+                CreateGrantError::Backend(e) => ApiError::GrantCreate(e),
+            })?;
+            trail.created_grant_id = Some(grant_id.clone());
+            Ok(CreateGrantResponse { grant_id, grant: format!("{}/{name}", key.info.namespace) })
         })
         .await
     }
