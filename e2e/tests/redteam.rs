@@ -736,3 +736,60 @@ async fn a_grant_gives_the_right_to_grant_only_within_itself() {
     })
     .await;
 }
+
+/// Deletes cluster-scoped objects of one test when it ends.
+struct ClusterObjects(Vec<String>);
+
+impl Drop for ClusterObjects {
+    fn drop(&mut self) {
+        for object in &self.0 {
+            let _ = kubectl(&["delete", object, "--ignore-not-found"], None);
+        }
+    }
+}
+
+#[tokio::test]
+async fn only_the_controller_writes_key_material() {
+    let ns = TestNamespace::new("rt-material");
+    let ns = ns.name.as_str();
+    enabled_key(ns, "k", "  description: its material is the controller's\n").await;
+    let uid = kubectl_ok(&["get", "kmskey", "k", "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    // What a GitOps tool or a wildcard ClusterRole holds: every write of kmskeymaterials.
+    let who = user(ns, "gitops");
+    let _ = kubectl(&["create", "serviceaccount", "gitops", "-n", ns], None);
+    let name = format!("rt-material-{ns}");
+    let rbac = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {name}}}\n\
+         rules:\n- {{apiGroups: [kms.kubekms.io], resources: [kmskeymaterials], verbs: [get, create, update, patch, delete]}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {name}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {name}}}\n\
+         subjects:\n- {{kind: ServiceAccount, name: gitops, namespace: {ns}}}\n"
+    );
+    let _cleanup = ClusterObjects(vec![format!("clusterrolebinding/{name}"), format!("clusterrole/{name}")]);
+    kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
+    eventually(WAIT, "RBAC to let gitops patch material", || async {
+        can_i("default", &who, "patch", "kmskeymaterials").then_some(())
+    })
+    .await;
+    let refused = |run: Run, what: &str| {
+        assert!(!run.ok, "gitops could {what}: {}", run.stdout);
+        assert!(
+            run.stderr.contains("only the kubekms controller writes key material"),
+            "{what}: {}",
+            run.stderr
+        );
+    };
+    let patch = |json: &str| {
+        kubectl_as(ns, "gitops", &["patch", "kmskeymaterial", &uid, "--type", "merge", "-p", json], None)
+    };
+    refused(patch(r#"{"metadata":{"labels":{"owned-by":"gitops"}}}"#), "label the material");
+    refused(patch(r#"{"spec":{"deletionTime":"2000-01-01T00:00:00Z"}}"#), "promise an early deletion");
+    let forged = format!(
+        "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKeyMaterial\nmetadata: {{name: forged-{ns}}}\n\
+         spec:\n  origin: KUBEKMS\n  rootKeyFingerprint: rk1-forged\n  owner: {{namespace: {ns}, name: other, uid: forged-{ns}}}\n"
+    );
+    refused(kubectl_as(ns, "gitops", &["create", "-f", "-"], Some(&forged)), "create material");
+    let stored = kubectl_ok(&["get", "kmskeymaterial", &uid, "-o", "json"], None);
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert!(stored["metadata"]["labels"]["owned-by"].is_null() && stored["spec"]["deletionTime"].is_null());
+}
