@@ -66,6 +66,9 @@ pub struct AuditEvent {
     /// The grant that allowed the call, if one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
+    /// For CreateGrant: the grant the call created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_grant_id: Option<String>,
     /// The keys of the encryption context (never the values).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub encryption_context_keys: Vec<String>,
@@ -252,7 +255,14 @@ fn bounded(event: &AuditEvent) -> AuditEvent {
     for keys in [&mut e.encryption_context_keys, &mut e.source_encryption_context_keys] {
         *keys = keys.iter().take(64).map(|k| cut(k, 128)).collect();
     }
-    for field in [&mut e.key, &mut e.key_id, &mut e.source_key, &mut e.source_key_id, &mut e.grant_id] {
+    for field in [
+        &mut e.key,
+        &mut e.key_id,
+        &mut e.source_key,
+        &mut e.source_key_id,
+        &mut e.grant_id,
+        &mut e.created_grant_id,
+    ] {
         *field = field.as_deref().map(|v| cut(v, 320));
     }
     e

@@ -16,6 +16,7 @@ const KUBE_FREE: &[&str] = &[
     "src/server/auth.rs",
     "src/server/authz.rs",
     "src/server/directory.rs",
+    "src/server/grant_request.rs",
     "src/server/blob.rs",
     "src/keyring/snapshot.rs",
 ];

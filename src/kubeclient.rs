@@ -1,9 +1,14 @@
-//! Building a Kubernetes client the same way in every subcommand.
+//! Building a Kubernetes client the same way in every subcommand, and the API server calls
+//! that more than one component makes.
 
 use std::path::Path;
 
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use kube::api::PostParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::{Api, Client, Config};
+
+use crate::domain::Identity;
 
 /// Why no client could be built.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,40 @@ pub fn last_writer<K: kube::Resource>(object: &K, ours: &[&str]) -> Option<Strin
         .filter(|e| e.manager.as_deref().is_some_and(|m| !ours.contains(&m)))
         .max_by_key(|e| e.time.as_ref().map(|t| t.0))
         .and_then(|e| e.manager.clone())
+}
+
+/// Whether RBAC allows `who` the verb `verb` on the KmsKey `namespace/name`: a
+/// SubjectAccessReview for the user, uid, groups and extra the API server authenticated,
+/// for every component that asks RBAC about a kmskeys verb.
+pub async fn review_key_access(
+    client: &Client,
+    who: &Identity,
+    verb: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, kube::Error> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(who.username.clone()),
+            uid: (!who.uid.is_empty()).then(|| who.uid.clone()),
+            groups: Some(who.groups.clone()),
+            extra: (!who.extra.is_empty()).then(|| who.extra.clone()),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(crate::api::GROUP.to_owned()),
+                version: Some(crate::api::VERSION.to_owned()),
+                resource: Some("kmskeys".to_owned()),
+                namespace: Some(namespace.to_owned()),
+                name: Some(name.to_owned()),
+                verb: Some(verb.to_owned()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let result = api.create(&PostParams::default(), &review).await?;
+    Ok(result.status.is_some_and(|s| s.allowed && s.denied != Some(true)))
 }
 
 #[cfg(test)]

@@ -142,7 +142,7 @@ class Local:
             self.plugin()
         self.kube_apiserver()
         self.kube_controller_manager()
-        cp.install_kubekms("templates/deletion-protection.yaml")
+        cp.install_kubekms("templates/deletion-protection.yaml", "templates/write-protection.yaml")
         self.controller()
         self.server()
         self.cluster_key()

@@ -130,6 +130,33 @@ async fn lint_and_server_side_dry_run_with_default_and_other_values() {
     );
     let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&defaults.stdout));
     assert!(dry.ok, "the API server refused the default rendering:\n{}", dry.stderr);
+    // The guards against deleting key material outlive the release; nothing else does.
+    let kept: Vec<String> = rendered
+        .iter()
+        .filter(|d| d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep")
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap_or_default(),
+                d["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    let mut expected: Vec<String> =
+        ["kmskey-deletion", "kmskeymaterial-protection", "kmskeymaterials-crd-deletion"]
+            .iter()
+            .flat_map(|p| {
+                [
+                    format!("ValidatingAdmissionPolicy/dry-{p}"),
+                    format!("ValidatingAdmissionPolicyBinding/dry-{p}"),
+                ]
+            })
+            .collect();
+    expected.push("KmsKey/cluster-secrets".to_owned());
+    let mut kept_sorted = kept.clone();
+    kept_sorted.sort();
+    expected.sort();
+    assert_eq!(kept_sorted, expected, "what helm uninstall keeps");
 
     kubectl_ok(
         &["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/tests/fixtures/servicemonitor-crd.yaml")],
@@ -235,6 +262,9 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         None,
     );
     let key = format!("plugin.key={ns}/cluster-secrets");
+    // The release's admission policies apply to the whole cluster: they trust the control
+    // plane's own controller and server too, which keep serving the other tests.
+    let kept = KeptPolicies(release.clone());
     let install = helm(&[
         "install",
         &release,
@@ -245,6 +275,10 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         "server.tls.secretName=kubekms-tls",
         "--set",
         &key,
+        "--set",
+        "trustedIdentities.controllers[0]=system:serviceaccount:kubekms-system:kubekms-controller",
+        "--set",
+        "trustedIdentities.servers[0]=system:serviceaccount:kubekms-system:kubekms-server",
     ]);
     assert!(install.ok, "helm install:\n{}{}", install.stdout, install.stderr);
     assert!(
@@ -294,6 +328,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&controller, "patch", "kmsgrants:status", "default", true),
         (&controller, "create", "leases", ns, true),
         (&controller, "create", "tokenreviews", ns, false),
+        (&controller, "create", "subjectaccessreviews", ns, true),
         (&controller, "patch", &format!("clusterroles/{release}-plugin"), ns, true),
         (&controller, "patch", "clusterroles/cluster-admin", ns, false),
         (&controller, "create", "clusterroles", ns, false),
@@ -311,6 +346,9 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&server, "create", "subjectaccessreviews", ns, true),
         (&server, "list", "kmsgrants", "default", true),
         (&server, "patch", "kmsgrants:status", "default", true),
+        (&server, "create", "kmsgrants", "default", true),
+        (&server, "delete", "kmsgrants", "default", false),
+        (&server, "patch", "kmsgrants", "default", false),
         (&server, "create", "kmskeymaterials", ns, false),
         (&server, "update", "kmskeys", ns, false),
         (&server, "patch", "kmskeys:status", ns, false),
@@ -339,11 +377,63 @@ async fn install_upgrade_uninstall_and_least_privilege() {
     let history = helm(&["history", &release, "-n", ns]);
     assert!(history.stdout.contains("deployed") && history.stdout.lines().count() >= 3, "{}", history.stdout);
 
-    // Uninstall removes the workloads but keeps the key (and so its material).
+    // Uninstall removes the workloads but keeps the key (and so its material) and the
+    // policies that guard its deletion: material stays undeletable without the chart.
     let uninstall = helm(&["uninstall", &release, "-n", ns]);
     assert!(uninstall.ok, "{}", uninstall.stderr);
     assert!(!kubectl(&["get", "deployment", &format!("{release}-controller"), "-n", ns], None).ok);
     kubectl_ok(&["get", "kmskey", "cluster-secrets", "-n", ns], None);
+    for policy in kept.names() {
+        for kind in ["validatingadmissionpolicy", "validatingadmissionpolicybinding"] {
+            let run = kubectl(&["get", kind, &policy, "-o", "jsonpath={.metadata.name}"], None);
+            assert!(run.ok, "helm uninstall removed {kind} {policy}:\n{}", run.stderr);
+        }
+    }
+    for gone in [format!("{release}-kmsgrant-creation"), format!("{release}-status-writers")] {
+        assert!(
+            !kubectl(&["get", "validatingadmissionpolicy", &gone], None).ok,
+            "{gone} outlived the release"
+        );
+    }
+    let uid =
+        kubectl_ok(&["get", "kmskey", "cluster-secrets", "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
+    let run = kubectl(&["delete", "kmskeymaterial", &uid, "--dry-run=server"], None);
+    assert!(
+        !run.ok && run.stderr.contains("destroyed only after its deletion waiting period"),
+        "{}",
+        run.stderr
+    );
+    let run = kubectl(&["delete", "crd", "kmskeymaterials.kms.kubekms.io", "--dry-run=server"], None);
+    assert!(!run.ok && run.stderr.contains("kms.kubekms.io/confirm-deletion"), "{}", run.stderr);
+}
+
+/// The admission policies a release leaves behind on uninstall, deleted when the test ends:
+/// they guard the whole cluster, and each test release would add another set.
+struct KeptPolicies(String);
+
+impl KeptPolicies {
+    fn names(&self) -> Vec<String> {
+        ["kmskey-deletion", "kmskeymaterial-protection", "kmskeymaterials-crd-deletion"]
+            .iter()
+            .map(|p| format!("{}-{p}", self.0))
+            .collect()
+    }
+}
+
+impl Drop for KeptPolicies {
+    fn drop(&mut self) {
+        for name in self.names() {
+            let _ = kubectl(
+                &[
+                    "delete",
+                    "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                    &name,
+                    "--ignore-not-found",
+                ],
+                None,
+            );
+        }
+    }
 }
 
 #[tokio::test]

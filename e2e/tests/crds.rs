@@ -1,10 +1,11 @@
 //! The CRDs as a user meets them: installed, explained, accepting good objects and
 //! rejecting bad ones at admission with a message that names the field.
 
+use std::time::Duration;
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kubekms::api::{KeyState, KmsGrant, KmsKey};
-use serde_json::json;
 
 use crate::support::{TestNamespace, client, eventually, kubectl, kubectl_ok};
 
@@ -143,11 +144,13 @@ async fn valid_key_and_grant_are_accepted_and_read_back_with_defaults() {
     assert_eq!(grant.spec.key_ref.name, "orders");
     assert_eq!(grant.spec.grantee.namespace.as_deref(), Some("batch"));
 
-    // The status subresource is writable on its own, and printer columns show it.
-    let status = json!({"status": {"state": KeyState::Enabled, "currentVersion": 1}});
-    keys.patch_status("orders", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(status))
-        .await
-        .expect("patch status");
+    // The status subresource is the controller's (an admission policy refuses anyone
+    // else, tested in redteam.rs), and printer columns show it.
+    eventually(Duration::from_secs(30), "the controller to report the key Enabled", || async {
+        let key = keys.get("orders").await.ok()?;
+        (key.status?.state == Some(KeyState::Enabled)).then_some(())
+    })
+    .await;
     let table = kubectl_ok(&["get", "kmskeys", "-n", &ns.name], None);
     let header = table.lines().next().unwrap_or_default();
     for column in ["NAME", "STATE", "VERSION", "NEXT ROTATION", "AGE"] {
@@ -159,6 +162,8 @@ async fn valid_key_and_grant_are_accepted_and_read_back_with_defaults() {
     for column in ["KEY", "GRANTEE", "STATE", "EXPIRES"] {
         assert!(header.contains(column), "missing column {column}: {header}");
     }
+    let wide = kubectl_ok(&["get", "kmsg", "-n", &ns.name, "-o", "wide"], None);
+    assert!(wide.lines().next().unwrap_or_default().contains("CREATOR"), "{wide}");
 }
 
 /// Applies `manifest` in `ns` and asserts the API server refuses it with a message that

@@ -19,15 +19,15 @@ use crate::support::{
     TestNamespace, client, env_var, eventually, kubectl, kubectl_ok, kubekms_bin, patch_key, run_dir,
 };
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
-fn token(ns: &str, sa: &str, audience: &str) -> String {
+pub(crate) fn token(ns: &str, sa: &str, audience: &str) -> String {
     kubectl_ok(&["create", "token", sa, "-n", ns, "--audience", audience, "--duration", "10m"], None)
         .trim()
         .to_owned()
 }
 
-async fn connect_with(token: &str) -> Client {
+pub(crate) async fn connect_with(token: &str) -> Client {
     let ca = PathBuf::from(env_var("KUBEKMS_CA"));
     let source = TokenSource::Literal(zeroize::Zeroizing::new(token.to_owned()));
     kubekms::client::connect(&env_var("KUBEKMS_ADDR"), Some(&ca), &source)
@@ -36,16 +36,16 @@ async fn connect_with(token: &str) -> Client {
 }
 
 /// A client authenticated as ServiceAccount `ns/sa` (created if needed).
-async fn as_sa(ns: &str, sa: &str) -> Client {
+pub(crate) async fn as_sa(ns: &str, sa: &str) -> Client {
     let _ = kubectl(&["create", "serviceaccount", sa, "-n", ns], None);
     connect_with(&token(ns, sa, "kubekms")).await
 }
 
-fn apply(ns: &str, manifest: &str) {
+pub(crate) fn apply(ns: &str, manifest: &str) {
     kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(manifest));
 }
 
-async fn enabled_key(ns: &str, name: &str, spec: &str) -> KmsKey {
+pub(crate) async fn enabled_key(ns: &str, name: &str, spec: &str) -> KmsKey {
     apply(
         ns,
         &format!(
@@ -62,7 +62,7 @@ async fn enabled_key(ns: &str, name: &str, spec: &str) -> KmsKey {
     .await
 }
 
-fn bind_key_user(ns: &str, sa_ns: &str, sa: &str) {
+pub(crate) fn bind_key_user(ns: &str, sa_ns: &str, sa: &str) {
     kubectl_ok(
         &[
             "create",
@@ -77,11 +77,11 @@ fn bind_key_user(ns: &str, sa_ns: &str, sa: &str) {
     );
 }
 
-fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+pub(crate) fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
-async fn encrypt(
+pub(crate) async fn encrypt(
     c: &mut Client,
     key: &str,
     plaintext: &[u8],
@@ -96,7 +96,7 @@ async fn encrypt(
     .map(tonic::Response::into_inner)
 }
 
-async fn decrypt(
+pub(crate) async fn decrypt(
     c: &mut Client,
     blob: &[u8],
     context: &[(&str, &str)],
@@ -110,7 +110,7 @@ async fn decrypt(
     .map(tonic::Response::into_inner)
 }
 
-fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+pub(crate) fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(s) => s.code(),
@@ -202,7 +202,7 @@ async fn rbac_delegation_by_verb() {
     encrypt(&mut writer, &key_id, b"by id", &[]).await.unwrap();
 }
 
-async fn grant_state(ns: &str, name: &str, want: GrantState) -> KmsGrant {
+pub(crate) async fn grant_state(ns: &str, name: &str, want: GrantState) -> KmsGrant {
     let grants: Api<KmsGrant> = Api::namespaced(client().await, ns);
     eventually(WAIT, &format!("grant {name} to be {want:?}"), || async {
         grants.get(name).await.ok().filter(|g| g.status.as_ref().and_then(|s| s.state) == Some(want))

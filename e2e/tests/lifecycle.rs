@@ -622,12 +622,14 @@ spec:
 "#
     );
     kubectl_ok(&["apply", "-f", "-"], Some(&manifests));
-    // Wait until the policy is in force: a dry-run of such a material is refused.
+    // Wait until the policy is in force: a dry-run of such a material, as the controller
+    // (anyone else's is refused by the chart's material guard anyway), is refused.
     let probe = format!(
         "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKeyMaterial\nmetadata:\n  name: probe-{ns}\nspec:\n  origin: KUBEKMS\n  rootKeyFingerprint: probe\n  owner: {{namespace: {ns}, name: probe, uid: probe}}\n"
     );
     eventually(WAIT, "the admission policy in force", || async {
-        let run = kubectl(&["create", "--dry-run=server", "-f", "-"], Some(&probe));
+        let controller = "--as=system:serviceaccount:kubekms-system:kubekms-controller";
+        let run = kubectl(&["create", controller, "--dry-run=server", "-f", "-"], Some(&probe));
         (!run.ok && run.stderr.contains("refuses key material")).then_some(())
     })
     .await;

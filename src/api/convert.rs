@@ -1,8 +1,13 @@
 //! The CRD objects converted into domain types, once, where they are watched: the data
 //! paths never look at a CRD object.
 
-use super::{GrantConstraints, KeyPolicy, KmsGrant, KmsKey, KmsKeyMaterial};
-use crate::domain::{self, Constraints, Grant, Key, KeyInfo, KeyIntent, Policy, Statement, WrappedMaterial};
+use super::{
+    GrantConstraints, GrantCreator, KeyPolicy, KeyReference, KmsGrant, KmsGrantSpec, KmsKey, KmsKeyMaterial,
+    Principal, PrincipalKind,
+};
+use crate::domain::{
+    self, Constraints, Creator, Grant, Identity, Key, KeyInfo, KeyIntent, Policy, Statement, WrappedMaterial,
+};
 
 impl KmsKey {
     /// What the spec asks for, and whether the key is being deleted.
@@ -80,6 +85,72 @@ impl GrantConstraints {
     }
 }
 
+impl From<&Constraints> for GrantConstraints {
+    fn from(c: &Constraints) -> Self {
+        let (equals, subset) = match c {
+            Constraints::Equals(pairs) => (Some(pairs.clone()), None),
+            Constraints::Subset(pairs) => (None, Some(pairs.clone())),
+        };
+        GrantConstraints { encryption_context_equals: equals, encryption_context_subset: subset }
+    }
+}
+
+impl From<&domain::Principal> for Principal {
+    fn from(p: &domain::Principal) -> Self {
+        match p {
+            domain::Principal::ServiceAccount { namespace, name } => {
+                Principal::service_account(namespace, name)
+            }
+            domain::Principal::User(name) => {
+                Principal { kind: PrincipalKind::User, name: name.clone(), namespace: None }
+            }
+            domain::Principal::Group(name) => {
+                Principal { kind: PrincipalKind::Group, name: name.clone(), namespace: None }
+            }
+        }
+    }
+}
+
+impl From<&GrantCreator> for Creator {
+    fn from(c: &GrantCreator) -> Self {
+        Creator {
+            identity: Identity {
+                username: c.username.clone(),
+                groups: c.groups.clone(),
+                ..Default::default()
+            },
+            parent_grant: c.parent_grant.clone(),
+        }
+    }
+}
+
+/// The grant the key API's CreateGrant creates: a domain grant's terms and creator, with
+/// its name or, when it has none, a generated one.
+impl From<&Grant> for KmsGrant {
+    fn from(g: &Grant) -> Self {
+        let spec = KmsGrantSpec {
+            key_ref: KeyReference { name: g.key_name.clone() },
+            grantee: Principal::from(&g.grantee),
+            operations: g.operations.clone(),
+            constraints: g.constraints.as_ref().map(GrantConstraints::from),
+            expires_at: g.expires_at.map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            retiring_principal: g.retiring_principal.as_ref().map(Principal::from),
+            creator: g.creator.as_ref().map(|c| GrantCreator {
+                username: c.identity.username.clone(),
+                groups: c.identity.groups.clone(),
+                parent_grant: c.parent_grant.clone(),
+            }),
+        };
+        let mut grant = KmsGrant::new(&g.name, spec);
+        grant.metadata.namespace = Some(g.namespace.clone());
+        if g.name.is_empty() {
+            grant.metadata.name = None;
+            grant.metadata.generate_name = Some("grant-".to_owned());
+        }
+        grant
+    }
+}
+
 impl From<&KmsGrant> for Grant {
     fn from(grant: &KmsGrant) -> Self {
         let status = grant.status.as_ref();
@@ -97,6 +168,7 @@ impl From<&KmsGrant> for Grant {
             operations: grant.spec.operations.clone(),
             constraints: grant.spec.constraints.as_ref().and_then(GrantConstraints::to_domain),
             retiring_principal: grant.spec.retiring_principal.as_ref().map(domain::Principal::from),
+            creator: grant.spec.creator.as_ref().map(Creator::from),
         }
     }
 }
@@ -191,8 +263,14 @@ mod tests {
                 }),
                 expires_at: Some(Time("2026-06-01T00:00:00Z".parse().unwrap())),
                 retiring_principal: None,
+                creator: Some(GrantCreator {
+                    username: "jane".into(),
+                    groups: vec!["ops".into()],
+                    parent_grant: Some("parent-1".into()),
+                }),
             },
         );
+        grant.metadata.namespace = Some("apps".into());
         grant.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
         grant.status = Some(KmsGrantStatus {
             state: Some(GrantState::Active),
@@ -204,5 +282,25 @@ mod tests {
         assert!(g.deleting);
         assert_eq!((g.state, g.key_id.as_deref()), (Some(GrantState::Active), Some("uid-1")));
         assert_eq!(g.expires_at, Some("2026-06-01T00:00:00Z".parse().unwrap()));
+        let creator = g.creator.clone().unwrap();
+        assert_eq!(
+            (creator.identity.username.as_str(), creator.identity.groups.as_slice()),
+            ("jane", &["ops".to_owned()][..])
+        );
+        assert_eq!(creator.parent_grant.as_deref(), Some("parent-1"));
+
+        // And back, as the key API creates a grant: the same terms, and a generated name
+        // when the grant has none.
+        let again = KmsGrant::from(&g);
+        assert_eq!(serde_json::to_value(&again.spec).unwrap(), serde_json::to_value(&grant.spec).unwrap());
+        assert_eq!(
+            (again.metadata.name.as_deref(), again.metadata.namespace.as_deref()),
+            (Some("g"), Some("apps"))
+        );
+        let unnamed = KmsGrant::from(&Grant { name: String::new(), ..g });
+        assert_eq!(
+            (unnamed.metadata.name, unnamed.metadata.generate_name.as_deref()),
+            (None, Some("grant-"))
+        );
     }
 }

@@ -29,6 +29,7 @@ pub use crate::domain::GrantState;
     printcolumn(name = "Grantee", type_ = "string", json_path = ".status.grantee"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Creator", type_ = "string", json_path = ".status.creator", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -59,6 +60,32 @@ pub struct KmsGrantSpec {
     /// Who besides the grantee may retire the grant through the key API's RetireGrant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retiring_principal: Option<Principal>,
+
+    /// Who created the grant. Written by admission from the request's user (the key API's
+    /// CreateGrant writes its caller); leave it out. A grant gives something only while its
+    /// creator has the right to grant on the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<GrantCreator>,
+}
+
+/// Who created a grant, as the API server authenticated them.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantCreator {
+    /// The creator's user name.
+    #[schemars(length(min = 1, max = 1024))]
+    pub username: String,
+
+    /// The creator's groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub groups: Vec<String>,
+
+    /// The id of the grant whose CreateGrant gave the creator the right to make this grant,
+    /// when the key API made it on the strength of that grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub parent_grant: Option<String>,
 }
 
 /// A reference to a KmsKey in the same namespace.
@@ -111,6 +138,10 @@ pub struct KmsGrantStatus {
     /// When and by whom the grant was retired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_by: Option<String>,
+
+    /// The user name of the grant's creator, written out for `kubectl get -o wide`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<String>,
 
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -18,7 +18,9 @@ mod material;
 mod principal;
 
 pub use crds::{all_crds, crds_yaml};
-pub use grant::{GrantConstraints, GrantState, KeyReference, KmsGrant, KmsGrantSpec, KmsGrantStatus};
+pub use grant::{
+    GrantConstraints, GrantCreator, GrantState, KeyReference, KmsGrant, KmsGrantSpec, KmsGrantStatus,
+};
 pub use key::{
     Deletion, Effect, KeyOperation, KeyPolicy, KeySpec, KeyState, KeyUsage, KeyVersionState,
     KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, Origin, PolicyStatement, Rotation,

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::Error;
 use crate::api::{KmsGrant, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus};
+use crate::domain::Identity;
 use crate::keyring::{MaterialStore, Owner};
 
 /// The field manager of every status write.
@@ -63,6 +64,15 @@ pub trait Cluster: Send + Sync + 'static {
         name: &str,
         status: &KmsGrantStatus,
     ) -> Result<(), Error>;
+    /// Whether RBAC allows `who` (a grant's creator) `verb` on the KmsKey `namespace/key`
+    /// (a SubjectAccessReview).
+    async fn rbac_allows(
+        &self,
+        who: &Identity,
+        verb: &str,
+        namespace: &str,
+        key: &str,
+    ) -> Result<bool, Error>;
     /// Keeps the ClusterRole `role` to one rule: reading the material object `key_id`.
     async fn apply_plugin_role(&self, role: &str, key_id: &str) -> Result<(), Error>;
     /// The API server's clock.
@@ -181,6 +191,18 @@ impl Cluster for KubeCluster {
             .await
             .map(|_| ())
             .map_err(Error::PatchStatus)
+    }
+
+    async fn rbac_allows(
+        &self,
+        who: &Identity,
+        verb: &str,
+        namespace: &str,
+        key: &str,
+    ) -> Result<bool, Error> {
+        crate::kubeclient::review_key_access(&self.client, who, verb, namespace, key)
+            .await
+            .map_err(Error::AccessReview)
     }
 
     async fn apply_plugin_role(&self, role: &str, key_id: &str) -> Result<(), Error> {

@@ -1,6 +1,7 @@
-//! Reconciling KmsGrants: Active only while the key exists and is Enabled, Invalid (with a
-//! reason) otherwise, Expired at expiresAt, Retired once the key API recorded a retirement.
-//! Deleting a grant revokes it; there is nothing to clean up.
+//! Reconciling KmsGrants: Active only while the key exists and is Enabled and the grant's
+//! creator has the right to grant on it, Invalid (with a reason) otherwise, Expired at
+//! expiresAt, Retired once the key API recorded a retirement. Deleting a grant revokes it;
+//! there is nothing to clean up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +17,20 @@ use super::metrics::{ErrorLabels, KindLabels, ResultLabels};
 use super::{Context, Error};
 use crate::api::{GrantState, KeyState, KmsGrant, KmsGrantStatus, KmsKey};
 use crate::audit::AuditEvent;
+use crate::domain::{self, GrantAuthority, GrantRefusal, KeyOperation, Policy, right_to_grant};
 
-/// What the grant's status should be at `now`, and when to look again.
-pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrantStatus, Option<Duration>) {
+/// What the controller found about the grant's creator: where their right to grant on the
+/// key comes from, or why they have none.
+pub type CreatorCheck = Result<GrantAuthority, GrantRefusal>;
+
+/// What the grant's status should be at `now`, and when to look again. `creator` is the
+/// check of the creator's right to grant on `key` (`None`: not checked, which gives nothing).
+pub fn plan(
+    grant: &KmsGrant,
+    key: Option<&KmsKey>,
+    creator: Option<&CreatorCheck>,
+    now: Timestamp,
+) -> (KmsGrantStatus, Option<Duration>) {
     let prev = grant.status.clone().unwrap_or_default();
     let generation = grant.metadata.generation.unwrap_or(0);
     let expires = grant.spec.expires_at.as_ref().map(|t| t.0);
@@ -52,11 +64,28 @@ pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrant
                 prev.key_id.clone().unwrap_or_default()
             ),
         )
+    } else if let Some(refusal) = refusal(creator) {
+        (
+            GrantState::Invalid,
+            "CreatorNotAuthorized",
+            format!(
+                "the grant gives nothing: its creator may not grant on KmsKey {:?}: {refusal}. Have someone with the right to grant (the RBAC verb creategrant on the key, or a key policy statement that allows CreateGrant) create it",
+                grant.spec.key_ref.name
+            ),
+        )
     } else if key_state != Some(KeyState::Enabled) {
         let state = key_state.map_or("not ready", KeyState::as_str);
         (GrantState::Invalid, "KeyNotEnabled", format!("KmsKey {:?} is {state}", grant.spec.key_ref.name))
     } else {
-        (GrantState::Active, "Active", format!("{} may {}", grant.spec.grantee, operations(grant)))
+        let granted_by = match (grant.spec.creator.as_ref(), creator) {
+            (Some(c), Some(Ok(authority))) => format!(" (granted by {}, {authority})", c.username),
+            _ => String::new(),
+        };
+        (
+            GrantState::Active,
+            "Active",
+            format!("{} may {}{granted_by}", grant.spec.grantee, operations(grant)),
+        )
     };
     let ready = if state == GrantState::Active { "True" } else { "False" };
     let status = KmsGrantStatus {
@@ -65,6 +94,7 @@ pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrant
         grantee: Some(grant.spec.grantee.to_string()),
         key_id,
         retired_by: prev.retired_by.clone(),
+        creator: grant.spec.creator.as_ref().map(|c| c.username.clone()),
         observed_generation: Some(generation),
         conditions: vec![condition(&prev.conditions, READY, ready, reason, message, generation, now)],
     };
@@ -77,14 +107,60 @@ pub fn plan(grant: &KmsGrant, key: Option<&KmsKey>, now: Timestamp) -> (KmsGrant
     (status, requeue)
 }
 
+/// Why the creator check gives the grant nothing, if it does.
+fn refusal(creator: Option<&CreatorCheck>) -> Option<String> {
+    match creator {
+        Some(Ok(_)) => None,
+        Some(Err(refusal)) => Some(refusal.to_string()),
+        None => Some("its right to grant was not checked".to_owned()),
+    }
+}
+
 fn operations(grant: &KmsGrant) -> String {
     grant.spec.operations.iter().map(|o| o.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// Context of the grant controller: the shared context and the key cache.
+/// Context of the grant controller: the shared context, the key cache and the grant cache.
 pub struct GrantContext {
     pub inner: Arc<Context>,
     pub keys: Store<KmsKey>,
+    pub grants: Store<KmsGrant>,
+}
+
+/// Whether the grant's creator may create it on `key` now: the key policy, the grant it
+/// was created within (the only one considered, so that grants never hold each other up),
+/// then RBAC — the same decision the key API's CreateGrant makes.
+async fn check_creator(
+    ctx: &GrantContext,
+    grant: &KmsGrant,
+    key: &KmsKey,
+    now: Timestamp,
+) -> Result<CreatorCheck, Error> {
+    let child = domain::Grant::from(grant);
+    let Some(creator) = child.creator.as_ref() else {
+        return Ok(Err(GrantRefusal::NoCreator));
+    };
+    let namespace = key.namespace().unwrap_or_default();
+    let parents: Vec<Arc<domain::Grant>> = match creator.parent_grant.as_deref() {
+        Some(id) => ctx
+            .grants
+            .state()
+            .into_iter()
+            .filter(|g| {
+                g.namespace().as_deref() == Some(namespace.as_str()) && g.uid().as_deref() == Some(id)
+            })
+            .map(|g| Arc::new(domain::Grant::from(g.as_ref())))
+            .collect(),
+        None => Vec::new(),
+    };
+    let (cluster, key_name) = (ctx.inner.cluster.clone(), key.name_any());
+    let rbac = async || {
+        let verb = KeyOperation::CreateGrant.rbac_verb();
+        cluster.rbac_allows(&creator.identity, verb, &namespace, &key_name).await
+    };
+    let policy = Policy::from(&key.spec.policy);
+    let key_id = key.uid().unwrap_or_default();
+    right_to_grant(&policy, &creator.identity, &child, &parents, &key_id, now, rbac).await
 }
 
 pub async fn reconcile(grant: Arc<KmsGrant>, ctx: Arc<GrantContext>) -> Result<Action, Error> {
@@ -113,7 +189,12 @@ async fn reconcile_grant(grant: &KmsGrant, ctx: &GrantContext) -> Result<Action,
     }
     let ns = grant.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let key = ctx.keys.get(&ObjectRef::new(&grant.spec.key_ref.name).within(&ns));
-    let (next, requeue) = plan(grant, key.as_deref(), Timestamp::now());
+    let now = Timestamp::now();
+    let creator = match key.as_deref() {
+        Some(key) => Some(check_creator(ctx, grant, key, now).await?),
+        None => None,
+    };
+    let (next, requeue) = plan(grant, key.as_deref(), creator.as_ref(), now);
     let prev = grant.status.clone().unwrap_or_default();
     if next == prev {
         return Ok(requeue.map_or(Action::requeue(Duration::from_secs(3600)), Action::requeue));
@@ -162,7 +243,12 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::api::{KeyOperation, KeyReference, KmsGrantSpec, KmsKeySpec, KmsKeyStatus, Principal};
+    use crate::api::{
+        GrantCreator, KeyOperation, KeyReference, KmsGrantSpec, KmsKeySpec, KmsKeyStatus, Principal,
+    };
+
+    /// The creator check of a creator who may grant (through RBAC).
+    const MAY: Option<&CreatorCheck> = Some(&Ok(GrantAuthority::Rbac));
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -178,6 +264,11 @@ mod tests {
                 constraints: None,
                 expires_at: expires.map(|e| Time(t(e))),
                 retiring_principal: None,
+                creator: Some(GrantCreator {
+                    username: "jane".into(),
+                    groups: vec!["system:authenticated".into()],
+                    parent_grant: None,
+                }),
             },
         );
         g.metadata.uid = Some("grant-uid".into());
@@ -197,27 +288,27 @@ mod tests {
     #[test]
     fn active_only_while_the_key_is_enabled() {
         let now = t("2026-01-01T00:00:00Z");
-        let (s, requeue) = plan(&grant(None), Some(&key(KeyState::Enabled)), now);
+        let (s, requeue) = plan(&grant(None), Some(&key(KeyState::Enabled)), MAY, now);
         assert_eq!(s.state, Some(GrantState::Active));
         assert_eq!(s.grant_id.as_deref(), Some("grant-uid"));
         assert_eq!(s.key_id.as_deref(), Some("key-uid"));
         assert_eq!(s.grantee.as_deref(), Some("ServiceAccount:batch/nightly"));
         assert_eq!(requeue, None);
-        let (s, _) = plan(&grant(None), Some(&key(KeyState::Disabled)), now);
+        let (s, _) = plan(&grant(None), Some(&key(KeyState::Disabled)), MAY, now);
         assert_eq!(s.state, Some(GrantState::Invalid));
         assert_eq!(s.conditions[0].reason, "KeyNotEnabled");
         assert!(s.conditions[0].message.contains("Disabled"));
-        let (s, _) = plan(&grant(None), None, now);
+        let (s, _) = plan(&grant(None), None, MAY, now);
         assert_eq!((s.state, s.conditions[0].reason.as_str()), (Some(GrantState::Invalid), "KeyNotFound"));
     }
 
     #[test]
     fn expires_at_its_time_and_retires_for_good() {
         let g = grant(Some("2026-01-01T01:00:00Z"));
-        let (s, requeue) = plan(&g, Some(&key(KeyState::Enabled)), t("2026-01-01T00:00:00Z"));
+        let (s, requeue) = plan(&g, Some(&key(KeyState::Enabled)), MAY, t("2026-01-01T00:00:00Z"));
         assert_eq!(s.state, Some(GrantState::Active));
         assert_eq!(requeue, Some(Duration::from_secs(3600)));
-        let (s, requeue) = plan(&g, Some(&key(KeyState::Enabled)), t("2026-01-01T01:00:00Z"));
+        let (s, requeue) = plan(&g, Some(&key(KeyState::Enabled)), MAY, t("2026-01-01T01:00:00Z"));
         assert_eq!(s.state, Some(GrantState::Expired));
         assert_eq!(requeue, None);
 
@@ -226,7 +317,7 @@ mod tests {
             retired_by: Some("system:serviceaccount:batch:nightly".into()),
             ..Default::default()
         });
-        let (s, _) = plan(&retired, Some(&key(KeyState::Enabled)), t("2026-01-01T00:00:00Z"));
+        let (s, _) = plan(&retired, Some(&key(KeyState::Enabled)), MAY, t("2026-01-01T00:00:00Z"));
         assert_eq!(s.state, Some(GrantState::Retired));
         assert_eq!(s.retired_by.as_deref(), Some("system:serviceaccount:batch:nightly"));
     }
@@ -235,22 +326,87 @@ mod tests {
     fn a_grant_does_not_carry_over_to_a_new_key_of_the_same_name() {
         let now = t("2026-01-01T00:00:00Z");
         let mut g = grant(None);
-        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), now);
+        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), MAY, now);
         g.status = Some(s);
         let mut newer = key(KeyState::Enabled);
         newer.metadata.uid = Some("another-uid".into());
-        let (s, _) = plan(&g, Some(&newer), now);
+        let (s, _) = plan(&g, Some(&newer), MAY, now);
         assert_eq!((s.state, s.conditions[0].reason.as_str()), (Some(GrantState::Invalid), "KeyReplaced"));
         assert_eq!(s.key_id.as_deref(), Some("key-uid"), "the grant keeps naming its own key");
+    }
+
+    #[test]
+    fn a_creator_without_the_right_to_grant_gives_nothing() {
+        let now = t("2026-01-01T00:00:00Z");
+        let refused: CreatorCheck =
+            Err(GrantRefusal::NoRight { who: "jane".into(), rbac: true, outgrown: None });
+        let (s, requeue) = plan(&grant(None), Some(&key(KeyState::Enabled)), Some(&refused), now);
+        assert_eq!(
+            (s.state, s.conditions[0].reason.as_str()),
+            (Some(GrantState::Invalid), "CreatorNotAuthorized")
+        );
+        assert_eq!(s.conditions[0].status, "False");
+        let message = &s.conditions[0].message;
+        assert!(
+            message.starts_with(
+                r#"the grant gives nothing: its creator may not grant on KmsKey "k": jane has no right"#
+            ),
+            "{message}"
+        );
+        assert!(message.contains("creategrant"), "{message}");
+        assert_eq!(s.creator.as_deref(), Some("jane"), "the creator is recorded whatever the verdict");
+        assert_eq!(requeue, None);
+        // A creator the policy denies, an unrecorded creator, or no check at all: the same.
+        let denied: CreatorCheck = Err(GrantRefusal::Denied {
+            who: "jane".into(),
+            op: KeyOperation::CreateGrant,
+            sid: Some("no".into()),
+        });
+        let unrecorded: CreatorCheck = Err(GrantRefusal::NoCreator);
+        for check in [Some(&denied), Some(&unrecorded), None] {
+            let (s, _) = plan(&grant(None), Some(&key(KeyState::Enabled)), check, now);
+            assert_eq!(s.conditions[0].reason, "CreatorNotAuthorized", "{check:?}");
+        }
+        // The creator is checked before the key's state, after whether the key exists at all.
+        let (s, _) = plan(&grant(None), Some(&key(KeyState::Disabled)), Some(&refused), now);
+        assert_eq!(s.conditions[0].reason, "CreatorNotAuthorized");
+        let (s, _) = plan(&grant(None), None, None, now);
+        assert_eq!(s.conditions[0].reason, "KeyNotFound");
+        // An Active grant says who granted it, and with what right.
+        let within: CreatorCheck = Ok(GrantAuthority::Grant("parent-uid".into()));
+        let (s, _) = plan(&grant(None), Some(&key(KeyState::Enabled)), Some(&within), now);
+        assert_eq!(s.state, Some(GrantState::Active));
+        assert_eq!(
+            s.conditions[0].message,
+            "ServiceAccount:batch/nightly may Decrypt, DescribeKey (granted by jane, within grant parent-uid)"
+        );
+    }
+
+    #[test]
+    fn a_grant_the_creator_lost_the_right_to_goes_invalid_and_back() {
+        let now = t("2026-01-01T00:00:00Z");
+        let mut g = grant(None);
+        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), MAY, now);
+        g.status = Some(s);
+        let lost: CreatorCheck =
+            Err(GrantRefusal::NoRight { who: "jane".into(), rbac: true, outgrown: None });
+        let later = now + jiff::SignedDuration::from_secs(60);
+        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), Some(&lost), later);
+        assert_eq!(s.state, Some(GrantState::Invalid));
+        assert_eq!(s.conditions[0].last_transition_time, Time(later));
+        g.status = Some(s);
+        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), MAY, later);
+        assert_eq!(s.state, Some(GrantState::Active), "the right back, the grant back");
     }
 
     #[test]
     fn an_unchanged_grant_plans_the_same_status() {
         let now = t("2026-01-01T00:00:00Z");
         let mut g = grant(None);
-        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), now);
+        let (s, _) = plan(&g, Some(&key(KeyState::Enabled)), MAY, now);
         g.status = Some(s.clone());
-        let (again, _) = plan(&g, Some(&key(KeyState::Enabled)), now + jiff::SignedDuration::from_hours(5));
+        let (again, _) =
+            plan(&g, Some(&key(KeyState::Enabled)), MAY, now + jiff::SignedDuration::from_hours(5));
         assert_eq!(again, s, "no spin");
     }
 }

@@ -55,6 +55,8 @@ pub enum Error {
     PluginAccess(String, #[source] kube::Error),
     #[error("failed to write the audit log")]
     Audit(#[source] crate::audit::AuditError),
+    #[error("failed to ask RBAC whether a grant's creator may grant (SubjectAccessReview)")]
+    AccessReview(#[source] kube::Error),
 }
 
 impl Error {
@@ -70,6 +72,7 @@ impl Error {
             Error::Unsettled => "unsettled",
             Error::PluginAccess(..) => "plugin_access",
             Error::Audit(_) => "audit",
+            Error::AccessReview(_) => "access_review",
         }
     }
 
@@ -360,8 +363,10 @@ async fn run_controllers(
             futures::future::ready(())
         });
 
-    // Grants: woken by their own changes (including the key API's retirement, a status
-    // write) and by any change of the key they name.
+    // Grants: woken by their own changes (including the key API's retirement, and a status
+    // the controller did not write, which it overwrites), by any change of the key they
+    // name, and by any change of the grant they were created within (a grant is Active
+    // only while that grant lets its creator grant).
     let (grant_reader, grant_writer) = reflector::store::<KmsGrant>();
     let (grant_keys_reader, grant_keys_writer) = reflector::store::<KmsKey>();
     let grants = watcher(Api::<KmsGrant>::all(client.clone()), key_config.clone())
@@ -370,25 +375,31 @@ async fn run_controllers(
         .reflect(grant_writer)
         .applied_objects()
         .predicate_filter(grant_trigger, Default::default());
-    let grant_keys = watcher(Api::<KmsKey>::all(client.clone()), key_config)
+    let grant_keys = watcher(Api::<KmsKey>::all(client.clone()), key_config.clone())
         .default_backoff()
         .modify(crate::kubeclient::drop_managed_fields)
         .reflect(grant_keys_writer)
         .touched_objects();
-    let grant_index = grant_reader.clone();
-    let grant_ctx = Arc::new(grant::GrantContext { inner: ctx, keys: grant_keys_reader });
+    let parents =
+        watcher(Api::<KmsGrant>::all(client.clone()), key_config).default_backoff().touched_objects();
+    let (by_key, by_parent) = (grant_reader.clone(), grant_reader.clone());
+    let grant_ctx =
+        Arc::new(grant::GrantContext { inner: ctx, keys: grant_keys_reader, grants: grant_reader.clone() });
     let grant_controller = Controller::for_stream(grants, grant_reader)
         .watches_stream(grant_keys, move |key: KmsKey| {
             let (ns, name) =
                 (key.metadata.namespace.unwrap_or_default(), key.metadata.name.unwrap_or_default());
-            grant_index
-                .state()
-                .into_iter()
-                .filter(|g| {
-                    g.metadata.namespace.as_deref() == Some(ns.as_str()) && g.spec.key_ref.name == name
-                })
-                .map(|g| ObjectRef::from_obj(g.as_ref()))
-                .collect::<Vec<_>>()
+            grants_where(&by_key, |g| {
+                g.metadata.namespace.as_deref() == Some(ns.as_str()) && g.spec.key_ref.name == name
+            })
+        })
+        .watches_stream(parents, move |parent: KmsGrant| {
+            let (ns, uid) = (parent.metadata.namespace, parent.metadata.uid);
+            grants_where(&by_parent, |g| {
+                g.metadata.namespace == ns
+                    && uid.is_some()
+                    && g.spec.creator.as_ref().and_then(|c| c.parent_grant.as_ref()) == uid.as_ref()
+            })
         })
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(grant::reconcile, grant::error_policy, grant_ctx)
@@ -402,13 +413,22 @@ async fn run_controllers(
     tracing::info!("controllers stopped");
 }
 
-/// Hashes what should wake the controller for a KmsGrant: spec changes and the key API's
-/// retirement — not the controller's own writes of the other status fields.
+/// The grants in `store` that `keep` keeps, as references to reconcile.
+fn grants_where(store: &Store<KmsGrant>, keep: impl Fn(&KmsGrant) -> bool) -> Vec<ObjectRef<KmsGrant>> {
+    store.state().into_iter().filter(|g| keep(g)).map(|g| ObjectRef::from_obj(g.as_ref())).collect()
+}
+
+/// Hashes what should wake the controller for a KmsGrant: spec changes, the key API's
+/// retirement, and the status fields the key API decides with — so that a status someone
+/// else wrote is overwritten at once (the controller's own writes wake it once more, to no
+/// effect) — but not the conditions' wording.
 fn grant_trigger(grant: &KmsGrant) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     grant.meta().generation.hash(&mut h);
-    grant.status.as_ref().and_then(|s| s.retired_by.as_ref()).hash(&mut h);
+    if let Some(s) = grant.status.as_ref() {
+        (&s.retired_by, &s.state, &s.key_id, &s.grant_id, &s.creator).hash(&mut h);
+    }
     Some(h.finish())
 }
 

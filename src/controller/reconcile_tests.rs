@@ -118,6 +118,15 @@ impl Cluster for Recording {
     async fn patch_grant_status(&self, _: &str, _: &str, _: &KmsGrantStatus) -> Result<(), Error> {
         Ok(())
     }
+    async fn rbac_allows(
+        &self,
+        _: &crate::domain::Identity,
+        _: &str,
+        _: &str,
+        _: &str,
+    ) -> Result<bool, Error> {
+        Ok(false)
+    }
     async fn apply_plugin_role(&self, role: &str, key_id: &str) -> Result<(), Error> {
         self.record(Call::PluginRole { role: role.into(), key_id: key_id.into() });
         Ok(())

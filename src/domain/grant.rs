@@ -30,6 +30,20 @@ pub struct Grant {
     pub operations: Vec<KeyOperation>,
     pub constraints: Option<Constraints>,
     pub retiring_principal: Option<Principal>,
+    /// Who created the grant, as admission or the key API recorded it; `None` for a grant
+    /// that no admission policy saw, which gives nothing.
+    pub creator: Option<Creator>,
+}
+
+/// Who created a grant, and the grant whose CreateGrant they used, if that was their right
+/// to grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creator {
+    /// The creator as the API server authenticated them: user name and groups.
+    pub identity: Identity,
+    /// The id of the grant that gave the creator the right to grant, when the key API
+    /// created this grant on the strength of it.
+    pub parent_grant: Option<String>,
 }
 
 /// An encryption-context constraint on a grant.
@@ -49,6 +63,23 @@ impl Constraints {
             Constraints::Subset(subset) => subset.iter().all(|(k, v)| context.get(k) == Some(v)),
         }
     }
+
+    /// Whether `child` (`None`: no constraint) allows no encryption context that `parent`
+    /// does not: a grant made within another is at least as strict.
+    pub fn within(child: Option<&Constraints>, parent: Option<&Constraints>) -> bool {
+        let holds_all = |map: &BTreeMap<String, String>, pairs: &BTreeMap<String, String>| {
+            pairs.iter().all(|(k, v)| map.get(k) == Some(v))
+        };
+        match (parent, child) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(Constraints::Equals(p)), Some(Constraints::Equals(c))) => p == c,
+            (Some(Constraints::Equals(_)), Some(Constraints::Subset(_))) => false,
+            (Some(Constraints::Subset(p)), Some(Constraints::Subset(c) | Constraints::Equals(c))) => {
+                holds_all(c, p)
+            }
+        }
+    }
 }
 
 impl Grant {
@@ -57,10 +88,21 @@ impl Grant {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Whether the grant lets `who` do `op` on the key `key_id` with `context` at `now`: the
-    /// controller marked it Active for this very key (not an earlier key of the same name),
-    /// it has not expired (checked here too, not only by the controller), and its
-    /// constraint holds.
+    /// Whether the grant is in force for the key `key_id` at `now`: the controller marked it
+    /// Active for this very key (not an earlier key of the same name), it is neither retired
+    /// nor being deleted, and it has not expired (checked here too, not only by the
+    /// controller).
+    pub fn in_force(&self, key_id: &str, now: Timestamp) -> bool {
+        self.state == Some(GrantState::Active)
+            && self.key_id.as_deref() == Some(key_id)
+            && self.retired_by.is_none()
+            && !self.deleting
+            && self.expires_at.is_none_or(|t| now < t)
+    }
+
+    /// Whether the grant lets `who` do `op` on the key `key_id` with `context` at `now`: it
+    /// is in force, gives `op` to `who`, and its constraint holds. Never for CreateGrant,
+    /// which a grant gives only within itself ([`Grant::covers`]).
     pub fn allows(
         &self,
         key_id: &str,
@@ -69,14 +111,25 @@ impl Grant {
         context: &BTreeMap<String, String>,
         now: Timestamp,
     ) -> bool {
-        self.state == Some(GrantState::Active)
-            && self.key_id.as_deref() == Some(key_id)
-            && self.retired_by.is_none()
-            && !self.deleting
-            && self.expires_at.is_none_or(|t| now < t)
+        op != KeyOperation::CreateGrant
+            && self.in_force(key_id, now)
             && self.operations.contains(&op)
             && self.grantee.matches(who)
             && self.constraints.as_ref().is_none_or(|c| c.allows(context))
+    }
+
+    /// Whether this grant lets `who` create `child` on the key `key_id` at `now`: it is in
+    /// force, it gives `who` CreateGrant, and `child` gives nothing it does not — no other
+    /// operation (so CreateGrant onward only because this grant gives it), a constraint at
+    /// least as strict, and an expiry no later.
+    pub fn covers(&self, key_id: &str, who: &Identity, child: &Grant, now: Timestamp) -> bool {
+        self.grant_id != child.grant_id
+            && self.in_force(key_id, now)
+            && self.grantee.matches(who)
+            && self.operations.contains(&KeyOperation::CreateGrant)
+            && child.operations.iter().all(|op| self.operations.contains(op))
+            && Constraints::within(child.constraints.as_ref(), self.constraints.as_ref())
+            && self.expires_at.is_none_or(|end| child.expires_at.is_some_and(|t| t <= end))
     }
 
     /// Whether the grant itself lets `who` retire it: its retiring principal may; so may its
@@ -134,6 +187,7 @@ mod tests {
             operations: vec![KeyOperation::Decrypt],
             constraints,
             retiring_principal: None,
+            creator: None,
         }
     }
 
@@ -190,6 +244,78 @@ mod tests {
         // A grant made for an earlier key of the same name does not carry over.
         let other_key = "7ece15cd-0195-4985-aff9-395763ad0a3b";
         assert!(!active.allows(other_key, &who, KeyOperation::Decrypt, &ctx(&[]), now));
+    }
+
+    #[test]
+    fn a_constraint_within_another_is_at_least_as_strict() {
+        let subset = |pairs: &[(&str, &str)]| Some(Constraints::Subset(ctx(pairs)));
+        let equals = |pairs: &[(&str, &str)]| Some(Constraints::Equals(ctx(pairs)));
+        let within = |child: &Option<Constraints>, parent: &Option<Constraints>| {
+            Constraints::within(child.as_ref(), parent.as_ref())
+        };
+        let acme = subset(&[("tenant", "acme")]);
+        assert!(within(&None, &None));
+        assert!(within(&acme, &None), "anything is within no constraint");
+        assert!(!within(&None, &acme), "no constraint is looser than any");
+        assert!(within(&subset(&[("tenant", "acme"), ("app", "web")]), &acme));
+        assert!(within(&equals(&[("tenant", "acme"), ("app", "web")]), &acme));
+        assert!(!within(&subset(&[("app", "web")]), &acme));
+        assert!(!within(&subset(&[("tenant", "evil")]), &acme));
+        let exact = equals(&[("tenant", "acme")]);
+        assert!(within(&exact, &exact));
+        assert!(!within(&equals(&[("tenant", "acme"), ("app", "web")]), &exact));
+        assert!(!within(&acme, &exact), "a subset allows more pairs than an exact match");
+    }
+
+    #[test]
+    fn a_grant_covers_only_grants_within_itself() {
+        let now: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+        let bob = sa("batch", "nightly");
+        let parent = Grant {
+            operations: vec![KeyOperation::Decrypt, KeyOperation::CreateGrant],
+            constraints: Some(Constraints::Subset(ctx(&[("tenant", "acme")]))),
+            expires_at: Some("2027-01-01T00:00:00Z".parse().unwrap()),
+            ..grant(None, None, Some(GrantState::Active))
+        };
+        let child = Grant {
+            grant_id: String::new(),
+            grantee: Principal::User("carol".into()),
+            operations: vec![KeyOperation::Decrypt],
+            constraints: Some(Constraints::Equals(ctx(&[("tenant", "acme"), ("doc", "1")]))),
+            expires_at: Some("2026-12-01T00:00:00Z".parse().unwrap()),
+            ..grant(None, None, None)
+        };
+        assert!(parent.covers(KEY, &bob, &child, now));
+        let onward =
+            Grant { operations: vec![KeyOperation::Decrypt, KeyOperation::CreateGrant], ..child.clone() };
+        assert!(parent.covers(KEY, &bob, &onward, now), "CreateGrant onward, since the parent gives it");
+        let wider = Grant { operations: vec![KeyOperation::Encrypt], ..child.clone() };
+        assert!(!parent.covers(KEY, &bob, &wider, now), "an operation the parent does not give");
+        let looser = Grant { constraints: None, ..child.clone() };
+        assert!(!parent.covers(KEY, &bob, &looser, now), "a looser constraint");
+        let longer = Grant { expires_at: None, ..child.clone() };
+        assert!(!parent.covers(KEY, &bob, &longer, now), "outlives the parent");
+        assert!(!parent.covers(KEY, &sa("batch", "other"), &child, now), "only the parent's grantee");
+        let no_right = Grant { operations: vec![KeyOperation::Decrypt], ..parent.clone() };
+        assert!(
+            !no_right.covers(KEY, &bob, &child, now),
+            "a parent without CreateGrant gives no right to grant"
+        );
+        assert!(
+            !no_right.covers(KEY, &bob, &onward, now),
+            "a grant cannot give CreateGrant onward unless its creator may"
+        );
+        let invalid = Grant { state: Some(GrantState::Invalid), ..parent.clone() };
+        assert!(!invalid.covers(KEY, &bob, &child, now), "a parent that is not Active covers nothing");
+        let later: Timestamp = "2027-01-01T00:00:00Z".parse().unwrap();
+        assert!(!parent.covers(KEY, &bob, &child, later), "an expired parent covers nothing");
+        assert!(!parent.covers("7ece15cd-0195-4985-aff9-395763ad0a3b", &bob, &child, now), "another key");
+        let itself = Grant { grant_id: parent.grant_id.clone(), ..onward };
+        assert!(!parent.covers(KEY, &bob, &itself, now), "a grant is not its own parent");
+        assert!(
+            !parent.allows(KEY, &bob, KeyOperation::CreateGrant, &ctx(&[("tenant", "acme")]), now),
+            "CreateGrant is never a call a grant allows"
+        );
     }
 
     #[test]

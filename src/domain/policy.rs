@@ -13,7 +13,9 @@ pub enum Effect {
     Deny,
 }
 
-/// A cryptographic operation of the key API that policies and grants control.
+/// An operation of the key API that policies and grants control: the cryptographic ones,
+/// DescribeKey, and CreateGrant — the right to grant, a policy operation that no
+/// cryptographic call checks.
 #[derive(
     Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
 )]
@@ -38,11 +40,15 @@ pub enum KeyOperation {
     /// always may. In a key policy, an Allow lets its principals retire any grant of the
     /// key and a Deny refuses them even their own; the RBAC verb is `retiregrant`.
     RetireGrant,
+    /// Create a KmsGrant on the key (the right to grant). Not a cryptographic operation:
+    /// it decides who may give the others, and a grant that gives it lets its grantee
+    /// create grants within that grant only.
+    CreateGrant,
 }
 
 impl KeyOperation {
     /// Every operation, in a fixed order.
-    pub const ALL: [KeyOperation; 8] = [
+    pub const ALL: [KeyOperation; 9] = [
         KeyOperation::Encrypt,
         KeyOperation::Decrypt,
         KeyOperation::GenerateDataKey,
@@ -51,6 +57,7 @@ impl KeyOperation {
         KeyOperation::ReEncryptTo,
         KeyOperation::DescribeKey,
         KeyOperation::RetireGrant,
+        KeyOperation::CreateGrant,
     ];
 
     /// The operation's name on the wire and in audit records.
@@ -64,6 +71,7 @@ impl KeyOperation {
             KeyOperation::ReEncryptTo => "ReEncryptTo",
             KeyOperation::DescribeKey => "DescribeKey",
             KeyOperation::RetireGrant => "RetireGrant",
+            KeyOperation::CreateGrant => "CreateGrant",
         }
     }
 
@@ -98,6 +106,7 @@ impl KeyOperation {
             GenerateDataKeyWithoutPlaintext => &[GenerateDataKeyWithoutPlaintext, GenerateDataKey],
             DescribeKey => &[DescribeKey],
             RetireGrant => &[RetireGrant],
+            CreateGrant => &[CreateGrant],
         }
     }
 
@@ -113,7 +122,13 @@ impl KeyOperation {
             KeyOperation::ReEncryptTo => "reencryptto",
             KeyOperation::DescribeKey => "describekey",
             KeyOperation::RetireGrant => "retiregrant",
+            KeyOperation::CreateGrant => "creategrant",
         }
+    }
+
+    /// The operation its wire name names, if any.
+    pub fn from_name(name: &str) -> Option<KeyOperation> {
+        KeyOperation::ALL.into_iter().find(|op| op.as_str() == name)
     }
 }
 
@@ -204,6 +219,7 @@ pub(crate) const DENY_TABLE: &[(KeyOperation, &[KeyOperation])] = {
         (ReEncryptTo, &[ReEncryptTo, Encrypt]),
         (DescribeKey, &[DescribeKey]),
         (RetireGrant, &[RetireGrant]),
+        (CreateGrant, &[CreateGrant]),
     ]
 };
 
@@ -226,6 +242,18 @@ mod tests {
             principals: vec![principal],
             operations: ops.to_vec(),
         }
+    }
+
+    #[test]
+    fn every_operation_has_a_wire_name_and_a_verb() {
+        for op in KeyOperation::ALL {
+            assert_eq!(KeyOperation::from_name(op.as_str()), Some(op));
+            assert_eq!(op.rbac_verb(), op.as_str().to_ascii_lowercase(), "{op:?}");
+            let wire = serde_json::to_value(op).unwrap();
+            assert_eq!(wire, op.as_str(), "serde and as_str agree");
+        }
+        assert_eq!(KeyOperation::CreateGrant.rbac_verb(), "creategrant");
+        assert_eq!(KeyOperation::from_name("creategrant"), None, "wire names are case-sensitive");
     }
 
     #[test]

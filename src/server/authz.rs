@@ -12,7 +12,9 @@ use tokio::time::Instant;
 
 use super::BackendError;
 use super::cache::{Answers, Cached};
-use crate::domain::{Denial, Grant, Identity, Key, KeyOperation, Verdict};
+use crate::domain::{
+    Denial, Grant, GrantAuthority, GrantRefusal, Identity, Key, KeyOperation, Verdict, right_to_grant,
+};
 
 /// Asks Kubernetes RBAC whether `who` may use `verb` on the kmskeys object.
 #[tonic::async_trait]
@@ -113,6 +115,8 @@ pub enum AuthzError {
         if *.rbac { " or RBAC rule" } else { "" }
     )]
     NotAllowed { who: String, op: KeyOperation, key: String, rbac: bool },
+    #[error("{who} may not create this grant on key {key}: {refusal}")]
+    MayNotGrant { who: String, key: String, refusal: GrantRefusal },
     #[error("failed to authorize the call with Kubernetes RBAC")]
     Rbac(#[source] BackendError),
 }
@@ -234,6 +238,31 @@ impl<R: RbacChecker> Authorizer<R> {
         }
         Err(AuthzError::NotAllowed { who: who.username.clone(), op, key: key.info.display(), rbac: delegate })
     }
+
+    /// Whether `who` may create `grant` on `key` (CreateGrant): in the same order, the key
+    /// policy (a Deny of CreateGrant or of an operation the grant gives wins), then one of
+    /// the key's `grants` that gives `who` CreateGrant and covers the new grant, then RBAC
+    /// (the verb creategrant) when the policy delegates to it.
+    pub async fn authorize_grant(
+        &self,
+        who: &Identity,
+        key: &Key,
+        grant: &Grant,
+        grants: &[Arc<Grant>],
+        now: Timestamp,
+    ) -> Result<GrantAuthority, AuthzError> {
+        let (namespace, name) = (&key.info.namespace, &key.info.name);
+        let rbac =
+            async || self.rbac.allowed(who, KeyOperation::CreateGrant.rbac_verb(), namespace, name).await;
+        right_to_grant(&key.policy, who, grant, grants, &key.info.key_id, now, rbac)
+            .await
+            .map_err(AuthzError::Rbac)?
+            .map_err(|refusal| AuthzError::MayNotGrant {
+                who: who.username.clone(),
+                key: key.info.display(),
+                refusal,
+            })
+    }
 }
 
 #[cfg(test)]
@@ -293,6 +322,7 @@ mod tests {
             operations: vec![KeyOperation::Decrypt],
             constraints: None,
             retiring_principal: None,
+            creator: None,
         })
     }
 
@@ -405,6 +435,78 @@ mod tests {
         );
 
         let err = decide(&authz, &delegating, "broken", &[]).await.unwrap_err();
+        assert!(matches!(err, AuthzError::Rbac(_)));
+    }
+
+    /// A grant of Decrypt to carol, as CreateGrant asks for it.
+    fn new_grant() -> Grant {
+        Grant {
+            grant_id: String::new(),
+            state: None,
+            grantee: Principal::User("carol".into()),
+            ..(*grant_to("carol")).clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn creategrant_goes_policy_then_grants_then_rbac_and_a_deny_wins() {
+        let authz =
+            Authorizer::new(Scripted { allow: vec![("alice", "creategrant")], asked: AtomicUsize::new(0) });
+        let now = Timestamp::UNIX_EPOCH;
+        let decide = async |key: &Key, who: &str, grants: &[Arc<Grant>]| {
+            authz.authorize_grant(&user(who), key, &new_grant(), grants, now).await
+        };
+        let delegating = key(true, Vec::new());
+        assert_eq!(decide(&delegating, "alice", &[]).await.unwrap(), GrantAuthority::Rbac);
+        let err = decide(&delegating, "carol", &[]).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("carol may not create this grant on key apps/k: carol has no right to grant"),
+            "{err}"
+        );
+        assert!(matches!(err, AuthzError::MayNotGrant { .. }));
+
+        // A grant that gives bob Decrypt and CreateGrant lets him give Decrypt, before RBAC.
+        let asked = authz.rbac.asked.load(Ordering::SeqCst);
+        let mut parent = (*grant_to("bob")).clone();
+        parent.operations.push(KeyOperation::CreateGrant);
+        let parents = [Arc::new(parent)];
+        assert_eq!(
+            decide(&delegating, "bob", &parents).await.unwrap(),
+            GrantAuthority::Grant("grant-1".into())
+        );
+        assert_eq!(authz.rbac.asked.load(Ordering::SeqCst), asked, "the grant decided");
+
+        // A policy Allow of CreateGrant decides on a key that does not delegate; a Deny
+        // wins over RBAC creategrant.
+        let bob = Principal::User("bob".into());
+        let allow = Statement {
+            sid: Some("grantors".into()),
+            effect: Effect::Allow,
+            principals: vec![bob.clone()],
+            operations: vec![KeyOperation::CreateGrant],
+        };
+        let policy_only = key(false, vec![allow]);
+        assert_eq!(
+            decide(&policy_only, "bob", &[]).await.unwrap(),
+            GrantAuthority::Policy(Some("grantors".into()))
+        );
+        assert!(
+            decide(&policy_only, "alice", &[]).await.is_err(),
+            "RBAC does not count on a policy-only key"
+        );
+        let deny = Statement {
+            sid: Some("no-alice".into()),
+            effect: Effect::Deny,
+            principals: vec![Principal::User("alice".into())],
+            operations: vec![KeyOperation::CreateGrant],
+        };
+        let err = decide(&key(true, vec![deny]), "alice", &[]).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"alice may not create this grant on key apps/k: the key policy denies alice CreateGrant (statement "no-alice")"#
+        );
+        let err = decide(&delegating, "broken", &[]).await.unwrap_err();
         assert!(matches!(err, AuthzError::Rbac(_)));
     }
 }

@@ -1,6 +1,6 @@
 //! The key API over a real socket with a real gRPC client, as workloads use it: the
 //! [`KeyApi`] over an in-memory [`Directory`] of keys, grants and root-wrapped material,
-//! with a scripted TokenReview, a scripted RBAC and a recording grant retirer. The
+//! with a scripted TokenReview, a scripted RBAC and a recording grant writer. The
 //! allow/deny matrix, grants, key states, bad input, and the audit line and meter of every
 //! call are proved here in seconds; the end-to-end tests keep what needs the control plane.
 //!
@@ -27,7 +27,7 @@ use super::auth::{Authenticator, Settings, TokenReviewer};
 use super::authz::{CacheSettings, CachedRbac, RbacChecker};
 use super::blob::{MAX_BLOB_LEN, MAX_CONTEXT_BYTES, MAX_CONTEXT_PAIRS, MAX_PLAINTEXT_LEN};
 use super::directory::Directory;
-use super::service::{GrantRetirer, KeyApi, MAX_RANDOM_BYTES};
+use super::service::{CreateGrantError, GrantWriter, KeyApi, MAX_RANDOM_BYTES};
 use crate::audit::AuditLimits;
 use crate::crypto::{KeyMaterial, RootKey, WrapContext};
 use crate::domain::{
@@ -162,14 +162,18 @@ impl RbacChecker for Rbac {
     }
 }
 
-/// Records each retirement as (grantId, by); fails while told to.
+/// Records each retirement as (grantId, by) and each grant created (ids `created-N`, a
+/// generated name `grant-N`); fails while told to, or answers a create as told.
 #[derive(Clone, Default)]
 struct Retirer(Arc<RetirerState>);
 
 #[derive(Default)]
 struct RetirerState {
     retired: Mutex<Vec<(String, String)>>,
+    created: Mutex<Vec<Grant>>,
     failing: AtomicBool,
+    /// What the next create answers instead of creating.
+    refuse_create: Mutex<Option<CreateGrantError>>,
 }
 
 impl Retirer {
@@ -177,19 +181,38 @@ impl Retirer {
         self.0.retired.lock().unwrap().clone()
     }
 
+    fn created(&self) -> Vec<Grant> {
+        self.0.created.lock().unwrap().clone()
+    }
+
     fn fail(&self, failing: bool) {
         self.0.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn refuse_next_create(&self, error: CreateGrantError) {
+        *self.0.refuse_create.lock().unwrap() = Some(error);
     }
 }
 
 #[tonic::async_trait]
-impl GrantRetirer for Retirer {
+impl GrantWriter for Retirer {
     async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError> {
         if self.0.failing.load(Ordering::SeqCst) {
             return Err(BackendError::new(std::io::Error::other("the object has been modified")));
         }
         self.0.retired.lock().unwrap().push((grant.grant_id.clone(), by.to_owned()));
         Ok(())
+    }
+
+    async fn create(&self, grant: &Grant) -> Result<(String, String), CreateGrantError> {
+        if let Some(error) = self.0.refuse_create.lock().unwrap().take() {
+            return Err(error);
+        }
+        let mut created = self.0.created.lock().unwrap();
+        created.push(grant.clone());
+        let n = created.len();
+        let name = if grant.name.is_empty() { format!("grant-{n}") } else { grant.name.clone() };
+        Ok((format!("created-{n}"), name))
     }
 }
 
@@ -245,6 +268,7 @@ fn grant(name: &str, grant_id: &str, grantee: Principal, operations: &[Op]) -> G
         operations: operations.to_vec(),
         constraints: None,
         retiring_principal: None,
+        creator: None,
     }
 }
 
@@ -527,6 +551,30 @@ impl Harness {
     async fn retire(&self, token: &str, grant: &str) -> Result<String, Status> {
         let request = RetireGrantRequest { grant: grant.into() };
         Ok(self.client.clone().retire_grant(authed(token, request)).await?.into_inner().grant_id)
+    }
+
+    /// CreateGrant of `operations` on `key` to partner/reader, named `name` (empty: a
+    /// generated name); returns (grantId, grant).
+    async fn create_grant(
+        &self,
+        token: &str,
+        key: &str,
+        name: &str,
+        operations: &[&str],
+    ) -> Result<(String, String), Status> {
+        let request = CreateGrantRequest {
+            key: key.into(),
+            name: name.into(),
+            grantee: Some(crate::proto::keyapi::Principal {
+                kind: "ServiceAccount".into(),
+                name: "reader".into(),
+                namespace: "partner".into(),
+            }),
+            operations: operations.iter().map(|o| (*o).to_owned()).collect(),
+            ..Default::default()
+        };
+        let created = self.client.clone().create_grant(authed(token, request)).await?.into_inner();
+        Ok((created.grant_id, created.grant))
     }
 
     async fn stop(self) {
@@ -1011,6 +1059,147 @@ async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_deci
 }
 
 #[tokio::test]
+async fn creategrant_takes_the_right_to_grant_and_records_the_caller() {
+    let h = Harness::start().await;
+    // apps/k delegates to RBAC but denies intruder CreateGrant; apps/p is policy-only and
+    // lets owner grant.
+    let no_grants = deny("no-grants", sa("apps", "intruder"), &[Op::CreateGrant]);
+    h.add_key(key("apps", "k", K, delegating(vec![no_grants])), 1);
+    h.add_key(
+        key(
+            "apps",
+            "p",
+            SPARE,
+            policy_only(vec![allow("grantors", sa("apps", "owner"), &[Op::CreateGrant])]),
+        ),
+        1,
+    );
+    h.rbac.allow(&user("apps", "writer"), "creategrant", "apps", "k");
+    h.rbac.allow(&user("apps", "intruder"), "creategrant", "apps", "k");
+    let (writer, owner, intruder) =
+        (token("apps", "writer"), token("apps", "owner"), token("apps", "intruder"));
+
+    // By RBAC, and by the key policy: the caller is the creator, never the server.
+    assert_eq!(
+        h.create_grant(&writer, "apps/k", "", &["Decrypt"]).await.unwrap(),
+        ("created-1".into(), "apps/grant-1".into())
+    );
+    assert_eq!(
+        h.create_grant(&owner, "apps/p", "", &["Decrypt", "DescribeKey"]).await.unwrap().0,
+        "created-2"
+    );
+    let created = h.retirer.created();
+    let creator = created[0].creator.clone().unwrap();
+    assert_eq!(creator.identity.username, user("apps", "writer"));
+    assert_eq!(creator.identity.groups, ["system:serviceaccounts", "system:serviceaccounts:apps"]);
+    assert_eq!(creator.parent_grant, None);
+    assert_eq!((created[0].namespace.as_str(), created[0].key_name.as_str()), ("apps", "k"));
+    assert_eq!(created[0].grantee, sa("partner", "reader"));
+    assert_eq!(created[1].operations, [Op::Decrypt, Op::DescribeKey]);
+    assert_eq!(created[1].creator.as_ref().unwrap().identity.username, user("apps", "owner"));
+    let asked: Vec<Question> = h.rbac.asked();
+    assert_eq!(
+        asked,
+        [question(&user("apps", "writer"), "creategrant", "apps", "k")],
+        "the policy decided for p"
+    );
+
+    // A Deny of CreateGrant wins over RBAC; without any right, nothing.
+    // The caller is told only that it may not; the audit line says why.
+    forbidden(
+        &h,
+        h.create_grant(&intruder, "apps/k", "", &["Decrypt"]).await,
+        "apps/k",
+        "CreateGrant",
+        r#"system:serviceaccount:apps:intruder may not create this grant on key apps/k: the key policy denies system:serviceaccount:apps:intruder CreateGrant (statement "no-grants")"#,
+    );
+    assert_eq!(h.rbac.asked().len(), 1, "RBAC is not asked once a Deny matched");
+    forbidden(
+        &h,
+        h.create_grant(&writer, "apps/p", "", &["Decrypt"]).await,
+        "apps/p",
+        "CreateGrant",
+        "system:serviceaccount:apps:writer may not create this grant on key apps/p: system:serviceaccount:apps:writer has no right to grant on the key: no key policy statement allows it CreateGrant, no grant gives it CreateGrant, and the key policy does not delegate to RBAC",
+    );
+    assert_eq!(h.retirer.created().len(), 2, "nothing else was created");
+
+    // A grant that gives CreateGrant lets its grantee grant within it, and records it.
+    let parent = grant("parent", "grant-parent", sa("apps", "reader"), &[Op::Decrypt, Op::CreateGrant]);
+    h.directory.grants.apply(parent);
+    let reader = token("apps", "reader");
+    assert_eq!(h.create_grant(&reader, "apps/k", "", &["Decrypt"]).await.unwrap().0, "created-3");
+    let creator = h.retirer.created()[2].creator.clone().unwrap();
+    assert_eq!(creator.parent_grant.as_deref(), Some("grant-parent"));
+    let wider = h.create_grant(&reader, "apps/k", "", &["Encrypt"]).await.unwrap_err();
+    assert_eq!(wider.code(), Code::PermissionDenied);
+    let reason = h.audit.lines().pop().unwrap()["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("grant grant-parent gives it CreateGrant, but this grant gives more"),
+        "{reason}"
+    );
+
+    // Bad terms, unknown keys and the API server's refusals, each precisely.
+    refused(
+        h.create_grant(&writer, "apps/k", "", &["decrypt"]).await,
+        Code::InvalidArgument,
+        r#"operations: "decrypt" is not an operation (Encrypt, Decrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext, ReEncryptFrom, ReEncryptTo, DescribeKey, CreateGrant)"#,
+    );
+    forbidden(
+        &h,
+        h.create_grant(&writer, "apps/nope", "", &["Decrypt"]).await,
+        "apps/nope",
+        "CreateGrant",
+        r#"key "apps/nope" not found"#,
+    );
+    h.retirer.refuse_next_create(CreateGrantError::Exists);
+    refused(
+        h.create_grant(&writer, "apps/k", "taken", &["Decrypt"]).await,
+        Code::AlreadyExists,
+        "grant apps/taken already exists",
+    );
+    h.retirer.refuse_next_create(CreateGrantError::Exists);
+    refused(
+        h.create_grant(&writer, "apps/k", "", &["Decrypt"]).await,
+        Code::Unavailable,
+        "failed to create the grant",
+    );
+    h.retirer.refuse_next_create(CreateGrantError::Invalid("spec.expiresAt: Invalid value".into()));
+    refused(
+        h.create_grant(&writer, "apps/k", "", &["Decrypt"]).await,
+        Code::InvalidArgument,
+        "the API server refused the grant: spec.expiresAt: Invalid value",
+    );
+    h.retirer
+        .refuse_next_create(CreateGrantError::Backend(BackendError::new(std::io::Error::other("etcd down"))));
+    refused(
+        h.create_grant(&writer, "apps/k", "", &["Decrypt"]).await,
+        Code::Unavailable,
+        "failed to create the grant",
+    );
+
+    // Every call is audited: the parent grant that allowed it, the grant it created.
+    let lines = h.audit.lines();
+    let line = |i: usize| {
+        let l = &lines[i];
+        (
+            l["operation"].as_str(),
+            l["key"].as_str(),
+            l["result"].as_str(),
+            l["createdGrantId"].as_str(),
+            l["grantId"].as_str(),
+        )
+    };
+    assert_eq!(line(0), (Some("CreateGrant"), Some("apps/k"), Some("OK"), Some("created-1"), None));
+    assert_eq!(line(2), (Some("CreateGrant"), Some("apps/k"), Some("PermissionDenied"), None, None));
+    assert_eq!(
+        line(4),
+        (Some("CreateGrant"), Some("apps/k"), Some("OK"), Some("created-3"), Some("grant-parent"))
+    );
+    assert_eq!(lines[0]["principal"], user("apps", "writer"));
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn keys_that_are_not_enabled_refuse_every_cryptographic_operation() {
     let h = Harness::start().await;
     h.add_key(key("apps", "k", K, web_only()), 1);
@@ -1223,6 +1412,12 @@ async fn a_deny_refuses_every_operation_that_implies_it_through_the_service() {
                 }
                 Op::DescribeKey => h.describe(&it, "apps/k").await.map(drop),
                 Op::RetireGrant => h.retire(&it, "apps/for-intruder").await.map(drop),
+                // A grant that gives what the row denies is refused too (right_to_grant):
+                // give something else, so that only a Deny of CreateGrant refuses it.
+                Op::CreateGrant => {
+                    let gives = if *denied == Op::DescribeKey { "Encrypt" } else { "DescribeKey" };
+                    h.create_grant(&it, "apps/k", "", &[gives]).await.map(drop)
+                }
             };
             if refusals.contains(&op) {
                 let name = match op {
@@ -1230,8 +1425,14 @@ async fn a_deny_refuses_every_operation_that_implies_it_through_the_service() {
                     Op::RetireGrant => "apps/for-intruder",
                     _ => "apps/k",
                 };
-                let reason =
-                    denied_by_policy("apps", "intruder", op.as_str(), "apps/k", "no", denied.as_str());
+                let reason = match op {
+                    // CreateGrant's refusal says what the new grant may not give.
+                    Op::CreateGrant => format!(
+                        r#"system:serviceaccount:apps:intruder may not create this grant on key apps/k: the key policy denies system:serviceaccount:apps:intruder {} (statement "no")"#,
+                        denied.as_str()
+                    ),
+                    _ => denied_by_policy("apps", "intruder", op.as_str(), "apps/k", "no", denied.as_str()),
+                };
                 forbidden(&h, outcome, name, op.as_str(), &reason);
             } else {
                 outcome.unwrap_or_else(|e| panic!("a Deny of {denied:?} refused {op:?}: {e:?}"));

@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +16,7 @@ use super::BackendError;
 use super::auth::TokenReviewer;
 use super::authz::RbacChecker;
 use super::directory::{Directory, Feed};
-use super::service::GrantRetirer;
+use super::service::{CreateGrantError, GrantWriter};
 use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::domain::{Grant, Identity, Key, WrappedMaterial};
 
@@ -66,36 +65,18 @@ impl RbacChecker for KubeSar {
         namespace: &str,
         name: &str,
     ) -> Result<bool, BackendError> {
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(who.username.clone()),
-                uid: (!who.uid.is_empty()).then(|| who.uid.clone()),
-                groups: Some(who.groups.clone()),
-                extra: (!who.extra.is_empty()).then(|| who.extra.clone()),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(crate::api::GROUP.to_owned()),
-                    version: Some(crate::api::VERSION.to_owned()),
-                    resource: Some("kmskeys".to_owned()),
-                    namespace: Some(namespace.to_owned()),
-                    name: Some(name.to_owned()),
-                    verb: Some(verb.to_owned()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let api: Api<SubjectAccessReview> = Api::all(self.0.clone());
-        let result = api.create(&PostParams::default(), &review).await.map_err(BackendError::new)?;
-        Ok(result.status.is_some_and(|s| s.allowed && s.denied != Some(true)))
+        crate::kubeclient::review_key_access(&self.0, who, verb, namespace, name)
+            .await
+            .map_err(BackendError::new)
     }
 }
 
-/// Retires grants through the API server (status subresource, field manager `kubekms-server`).
-pub struct KubeGrantRetirer(pub Client);
+/// Writes grants through the API server, as field manager `kubekms-server`: retirements on
+/// the status subresource, and the grants CreateGrant creates.
+pub struct KubeGrantWriter(pub Client);
 
 #[tonic::async_trait]
-impl GrantRetirer for KubeGrantRetirer {
+impl GrantWriter for KubeGrantWriter {
     async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError> {
         let api: Api<KmsGrant> = Api::namespaced(self.0.clone(), &grant.namespace);
         // retiredBy is the server's field and final; the controller, which owns state,
@@ -113,6 +94,19 @@ impl GrantRetirer for KubeGrantRetirer {
         .await
         .map(|_| ())
         .map_err(BackendError::new)
+    }
+
+    async fn create(&self, grant: &Grant) -> Result<(String, String), CreateGrantError> {
+        let api: Api<KmsGrant> = Api::namespaced(self.0.clone(), &grant.namespace);
+        let params = PostParams { field_manager: Some("kubekms-server".to_owned()), ..Default::default() };
+        match api.create(&params, &KmsGrant::from(grant)).await {
+            Ok(created) => Ok((created.uid().unwrap_or_default(), created.name_any())),
+            Err(kube::Error::Api(status)) if status.code == 409 => Err(CreateGrantError::Exists),
+            Err(kube::Error::Api(status)) if status.code == 422 => {
+                Err(CreateGrantError::Invalid(status.message))
+            }
+            Err(e) => Err(CreateGrantError::Backend(BackendError::new(e))),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cache;
 #[cfg(test)]
 mod component_tests;
 pub mod directory;
+pub mod grant_request;
 pub mod k8s;
 pub mod limit;
 pub mod service;
@@ -151,7 +152,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone()),
         authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
         directory,
-        k8s::KubeGrantRetirer(client),
+        k8s::KubeGrantWriter(client),
         audit,
         metrics,
     );
@@ -188,7 +189,7 @@ where
     T: auth::TokenReviewer,
     R: authz::RbacChecker,
     D: directory::KeyDirectory,
-    G: service::GrantRetirer,
+    G: service::GrantWriter,
 {
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {

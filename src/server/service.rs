@@ -16,11 +16,12 @@ use super::auth::{AuthError, Authenticator, TokenReviewer};
 use super::authz::{Authorizer, AuthzError, RbacChecker};
 use super::blob::{self, BlobError};
 use super::directory::KeyDirectory;
+use super::grant_request::{GrantRequestError, requested_grant};
 use super::limit::{Throttled, whole_seconds};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::call::{CallError, CallPipeline};
 use crate::crypto::{KeyMaterial, SealError, SecretBytes};
-use crate::domain::{Grant, Identity, Key, KeyOperation, KeyState, Origin};
+use crate::domain::{Creator, Grant, GrantAuthority, Identity, Key, KeyOperation, KeyState, Origin};
 use crate::keyring::MaterialError;
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyService;
@@ -85,6 +86,14 @@ pub enum ApiError {
     Random,
     #[error("failed to update the grant")]
     GrantWrite(#[source] BackendError),
+    #[error(transparent)]
+    GrantRequest(#[from] GrantRequestError),
+    #[error("grant {0} already exists")]
+    GrantExists(String),
+    #[error("the API server refused the grant: {0}")]
+    GrantRejected(String),
+    #[error("failed to create the grant")]
+    GrantCreate(#[source] BackendError),
 }
 
 impl CallError for ApiError {
@@ -109,7 +118,10 @@ impl CallError for ApiError {
             | ApiError::RandomBytesOutOfRange { .. }
             | ApiError::WrongKey { .. }
             | ApiError::GrantRequired
+            | ApiError::GrantRequest(_)
+            | ApiError::GrantRejected(_)
             | ApiError::Blob(_) => Status::invalid_argument(self.to_string()),
+            ApiError::GrantExists(_) => Status::already_exists(self.to_string()),
             ApiError::VersionNotHeld { .. } => Status::not_found(self.to_string()),
             ApiError::Rbac(_) => Status::unavailable("cannot check Kubernetes RBAC right now"),
             ApiError::KeyRefused { .. } | ApiError::GrantRefused { .. } => {
@@ -123,6 +135,7 @@ impl CallError for ApiError {
                 Status::internal(self.to_string())
             }
             ApiError::GrantWrite(_) => Status::unavailable("failed to update the grant"),
+            ApiError::GrantCreate(_) => Status::unavailable("failed to create the grant"),
         }
     }
 
@@ -146,6 +159,7 @@ impl CallError for ApiError {
                 | ApiError::Seal(_)
                 | ApiError::Random
                 | ApiError::GrantWrite(_)
+                | ApiError::GrantCreate(_)
         )
     }
 }
@@ -156,24 +170,28 @@ pub enum Refusal {
     /// There is no such key or grant.
     NotFound,
     /// There is, and the caller may not use it so.
-    Authz(AuthzError),
+    Authz(Box<AuthzError>),
 }
 
 impl ApiError {
     /// Refuses the key `name` for `op` with the answer that tells nothing, keeping why. An
     /// RBAC outage is no refusal: it stays `unavailable`.
     fn key_refused(name: &str, op: KeyOperation, cause: Refusal) -> ApiError {
-        match cause {
-            Refusal::Authz(AuthzError::Rbac(e)) => ApiError::Rbac(e),
-            cause => ApiError::KeyRefused { name: name.to_owned(), op, cause },
-        }
+        Self::refused(cause, |cause| ApiError::KeyRefused { name: name.to_owned(), op, cause })
     }
 
     /// The same for the grant `name`.
     fn grant_refused(name: &str, cause: Refusal) -> ApiError {
+        Self::refused(cause, |cause| ApiError::GrantRefused { name: name.to_owned(), cause })
+    }
+
+    fn refused(cause: Refusal, refusal: impl FnOnce(Refusal) -> ApiError) -> ApiError {
         match cause {
-            Refusal::Authz(AuthzError::Rbac(e)) => ApiError::Rbac(e),
-            cause => ApiError::GrantRefused { name: name.to_owned(), cause },
+            Refusal::Authz(e) => match *e {
+                AuthzError::Rbac(e) => ApiError::Rbac(e),
+                other => refusal(Refusal::Authz(Box::new(other))),
+            },
+            Refusal::NotFound => refusal(Refusal::NotFound),
         }
     }
 }
@@ -192,10 +210,25 @@ fn with_retry_hint(mut status: Status, retry_after: Duration) -> Status {
     status
 }
 
-/// Marks a grant Retired (the server's only write).
+/// The key API's writes of grants: a retirement, and the grants CreateGrant makes.
 #[tonic::async_trait]
-pub trait GrantRetirer: Send + Sync + 'static {
+pub trait GrantWriter: Send + Sync + 'static {
+    /// Marks a grant Retired by `by`.
     async fn retire(&self, grant: &Grant, by: &str) -> Result<(), BackendError>;
+    /// Creates `grant` — its namespace, name (generated when empty), terms and creator —
+    /// and returns its id and name.
+    async fn create(&self, grant: &Grant) -> Result<(String, String), CreateGrantError>;
+}
+
+/// Why the API server did not create a grant.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateGrantError {
+    #[error("a grant of that name already exists")]
+    Exists,
+    #[error("the API server refused the grant as invalid: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// What an audit line records of a call, filled in as the call proceeds.
@@ -205,6 +238,7 @@ struct Trail {
     version: Option<u32>,
     source: Option<(Arc<Key>, u32)>,
     grant_id: Option<String>,
+    created_grant_id: Option<String>,
     context_keys: Vec<String>,
     source_context_keys: Vec<String>,
 }
@@ -214,7 +248,7 @@ pub struct KeyApi<T, R, D, G> {
     auth: Authenticator<T>,
     authz: Authorizer<R>,
     keys: D,
-    retirer: G,
+    grant_writer: G,
     calls: CallPipeline,
 }
 
@@ -239,13 +273,13 @@ where
     T: TokenReviewer,
     R: RbacChecker,
     D: KeyDirectory,
-    G: GrantRetirer,
+    G: GrantWriter,
 {
     pub fn new(
         auth: Authenticator<T>,
         rbac: R,
         keys: D,
-        retirer: G,
+        grant_writer: G,
         audit: Arc<AuditLog>,
         metrics: OperationMetrics,
     ) -> Self {
@@ -253,7 +287,7 @@ where
             auth,
             authz: Authorizer::new(rbac),
             keys,
-            retirer,
+            grant_writer,
             calls: CallPipeline::new("server", audit, metrics),
         }
     }
@@ -295,6 +329,7 @@ where
             source_key_id: trail.source.as_ref().map(|(k, _)| k.info.key_id.clone()),
             source_key_version: trail.source.as_ref().map(|(_, v)| *v),
             grant_id: trail.grant_id,
+            created_grant_id: trail.created_grant_id,
             encryption_context_keys: trail.context_keys,
             source_encryption_context_keys: trail.source_context_keys,
             ..Default::default()
@@ -344,7 +379,7 @@ where
             .authz
             .authorize(who, key, op, context, &grants, Timestamp::now())
             .await
-            .map_err(|e| ApiError::key_refused(name, op, Refusal::Authz(e)))?;
+            .map_err(|e| ApiError::key_refused(name, op, Refusal::Authz(Box::new(e))))?;
         if let Some(grant_id) = allowed.grant_id() {
             trail.grant_id = Some(grant_id);
         }
@@ -496,7 +531,7 @@ where
     T: TokenReviewer,
     R: RbacChecker,
     D: KeyDirectory,
-    G: GrantRetirer,
+    G: GrantWriter,
 {
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         self.call("Encrypt", request, async |who, req, trail| {
@@ -653,11 +688,70 @@ where
             self.authz
                 .authorize_retire(who, trail.key.as_deref(), &grant)
                 .await
-                .map_err(|e| ApiError::grant_refused(&req.grant, Refusal::Authz(e)))?;
+                .map_err(|e| ApiError::grant_refused(&req.grant, Refusal::Authz(Box::new(e))))?;
             if grant.retired_by.is_none() {
-                self.retirer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
+                self.grant_writer.retire(&grant, &who.username).await.map_err(ApiError::GrantWrite)?;
             }
             Ok(RetireGrantResponse { grant_id: grant.grant_id.clone() })
+        })
+        .await
+    }
+
+    async fn create_grant(
+        &self,
+        request: Request<CreateGrantRequest>,
+    ) -> Result<Response<CreateGrantResponse>, Status> {
+        self.call("CreateGrant", request, async |who, req, trail| {
+            let op = KeyOperation::CreateGrant;
+            if req.key.is_empty() {
+                return Err(ApiError::KeyRequired);
+            }
+            if req.key.len() > MAX_KEY_NAME_LEN {
+                return Err(ApiError::KeyNameTooLong);
+            }
+            let key = self
+                .keys
+                .resolve(&req.key)
+                .ok_or_else(|| ApiError::key_refused(&req.key, op, Refusal::NotFound))?;
+            trail.key = Some(key.clone());
+            let grants = self.keys.grants(&key.info.namespace, &key.info.name);
+            let mut grant = match requested_grant(&req, &key) {
+                Ok(grant) => grant,
+                // Only a caller with some right to grant on the key learns what is wrong with
+                // its request (and so that the key exists).
+                Err(e) => {
+                    self.authorize(who, &key, &req.key, op, &BTreeMap::new(), trail).await?;
+                    return Err(e.into());
+                }
+            };
+            let authority = self
+                .authz
+                .authorize_grant(who, &key, &grant, &grants, Timestamp::now())
+                .await
+                .map_err(|e| ApiError::key_refused(&req.key, op, Refusal::Authz(Box::new(e))))?;
+            // The grant that gave the right to grant is recorded with the creator: the
+            // controller checks the new grant against that grant only.
+            let parent_grant = match authority {
+                GrantAuthority::Grant(id) => Some(id),
+                GrantAuthority::Policy(_) | GrantAuthority::Rbac => None,
+            };
+            trail.grant_id = parent_grant.clone();
+            let identity =
+                Identity { username: who.username.clone(), groups: who.groups.clone(), ..Default::default() };
+            grant.creator = Some(Creator { identity, parent_grant });
+            let (grant_id, name) = self.grant_writer.create(&grant).await.map_err(|e| match e {
+                CreateGrantError::Exists if grant.name.is_empty() => {
+                    // A generated name that was taken: worth another try.
+                    ApiError::GrantCreate(BackendError::new(std::io::Error::other(
+                        "a generated grant name was taken",
+                    )))
+                }
+                CreateGrantError::Exists => ApiError::GrantExists(grant.display()),
+                CreateGrantError::Invalid(reason) => ApiError::GrantRejected(reason),
+                CreateGrantError::Backend(e) => ApiError::GrantCreate(e),
+            })?;
+            trail.created_grant_id = Some(grant_id.clone());
+            Ok(CreateGrantResponse { grant_id, grant: format!("{}/{name}", key.info.namespace) })
         })
         .await
     }

@@ -19,6 +19,30 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ .Release.Name }}-controller
 {{- end }}
 
+{{/* The key API server's ServiceAccount name. */}}
+{{- define "kubekms.server.serviceAccount" -}}
+{{ .Release.Name }}-server
+{{- end }}
+
+{{/* A CEL list literal of strings: include with a list. values.schema.json keeps quotes,
+backslashes and spaces out of the trusted user names. */}}
+{{- define "kubekms.celList" -}}
+[{{ range $i, $s := . }}{{ if $i }}, {{ end }}'{{ $s }}'{{ end }}]
+{{- end }}
+
+{{/* The user names of kubekms controllers, as a CEL list: this release's and the
+trusted ones of other releases. */}}
+{{- define "kubekms.controllers" -}}
+{{- $self := printf "system:serviceaccount:%s:%s" .Release.Namespace (include "kubekms.controller.serviceAccount" .) -}}
+{{ include "kubekms.celList" (prepend .Values.trustedIdentities.controllers $self) }}
+{{- end }}
+
+{{/* The user names of kubekms key API servers, as a CEL list. */}}
+{{- define "kubekms.servers" -}}
+{{- $self := printf "system:serviceaccount:%s:%s" .Release.Namespace (include "kubekms.server.serviceAccount" .) -}}
+{{ include "kubekms.celList" (prepend .Values.trustedIdentities.servers $self) }}
+{{- end }}
+
 {{/* The image reference. */}}
 {{- define "kubekms.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
