@@ -525,7 +525,7 @@ async fn a_policy_deny_wins_over_rbac_creategrant() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
-    assert!(refused.message().contains("no-grants-by-grantor"), "{}", refused.message());
+    refused_for_create_grant(&refused, "no-grants-by-grantor");
     assert!(!kubectl(&["get", "kmsgrant", "via-api", "-n", ns], None).ok, "nothing was created");
 }
 
@@ -678,7 +678,7 @@ async fn a_policy_grantor_grants_through_the_key_api() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
-    assert!(refused.message().contains("has no right to grant"), "{}", refused.message());
+    refused_for_create_grant(&refused, "has no right to grant");
     let bad =
         grantor.create_grant(create_grant_request(&key, "", ns, "reader", &["decrypt"])).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
@@ -721,7 +721,7 @@ async fn a_grant_gives_the_right_to_grant_only_within_itself() {
     let wider =
         bob.create_grant(create_grant_request(&key, "wider", ns, "carol", &["Encrypt"])).await.unwrap_err();
     assert_eq!(wider.code(), Code::PermissionDenied);
-    assert!(wider.message().contains("gives more than that grant"), "{}", wider.message());
+    refused_for_create_grant(&wider, "gives more than that grant");
     // carol's grant does not give CreateGrant, so she cannot grant onward.
     let onward =
         carol.create_grant(create_grant_request(&key, "dave", ns, "dave", &["Decrypt"])).await.unwrap_err();
@@ -792,4 +792,18 @@ async fn only_the_controller_writes_key_material() {
     let stored = kubectl_ok(&["get", "kmskeymaterial", &uid, "-o", "json"], None);
     let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
     assert!(stored["metadata"]["labels"]["owned-by"].is_null() && stored["spec"]["deletionTime"].is_null());
+}
+
+/// The key API tells a caller refused CreateGrant only that it may not (no oracle); why is
+/// in its audit log, whose newest CreateGrant refusal must say `why`.
+fn refused_for_create_grant(status: &tonic::Status, why: &str) {
+    assert!(status.message().contains("you may not use it for CreateGrant"), "{}", status.message());
+    let log = std::fs::read_to_string(crate::support::run_dir().join("server").join("audit.log")).unwrap();
+    let reason = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["operation"] == "CreateGrant" && l["result"] == "PermissionDenied")
+        .filter_map(|l| l["reason"].as_str().map(str::to_owned))
+        .any(|r| r.contains(why));
+    assert!(reason, "no CreateGrant refusal in the key API's audit log says {why:?}");
 }
