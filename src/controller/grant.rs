@@ -360,6 +360,7 @@ mod tests {
         let denied: CreatorCheck = Err(GrantRefusal::Denied {
             who: "jane".into(),
             op: KeyOperation::CreateGrant,
+            denied: KeyOperation::CreateGrant,
             sid: Some("no".into()),
         });
         let unrecorded: CreatorCheck = Err(GrantRefusal::NoCreator);

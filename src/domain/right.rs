@@ -16,7 +16,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 
 use super::grant::Grant;
-use super::policy::{KeyOperation, Policy, Verdict};
+use super::policy::{Denial, KeyOperation, Policy, Verdict};
 use super::principal::Identity;
 
 /// Where a creator's right to grant came from.
@@ -48,8 +48,15 @@ pub enum GrantRefusal {
         "the grant records no creator: it was made past kubekms's admission policies, which record who creates a grant"
     )]
     NoCreator,
-    #[error("the key policy denies {who} {}{}", op.as_str(), statement(.sid))]
-    Denied { who: String, op: KeyOperation, sid: Option<String> },
+    #[error("the key policy denies {who} {}{}{}", denied.as_str(), statement(.sid), implied(*.op, *.denied))]
+    Denied {
+        who: String,
+        /// What was refused: CreateGrant, or an operation the grant would give.
+        op: KeyOperation,
+        /// What the Deny statement names: `op`, or an operation `op` implies.
+        denied: KeyOperation,
+        sid: Option<String>,
+    },
     #[error("{who} has no right to grant on the key: {}", no_right(*.rbac, .outgrown))]
     NoRight {
         who: String,
@@ -58,6 +65,10 @@ pub enum GrantRefusal {
         /// A grant that gives the creator CreateGrant but that the new grant outgrows.
         outgrown: Option<String>,
     },
+}
+
+fn implied(op: KeyOperation, denied: KeyOperation) -> String {
+    if op == denied { String::new() } else { format!(", which {} implies", op.as_str()) }
 }
 
 fn statement(sid: &Option<String>) -> String {
@@ -96,8 +107,8 @@ pub async fn right_to_grant<E>(
     let who = || creator.username.clone();
     let given = std::iter::once(KeyOperation::CreateGrant).chain(grant.operations.iter().copied());
     for op in given {
-        if let Verdict::Deny(sid) = policy.verdict(creator, op) {
-            return Ok(Err(GrantRefusal::Denied { who: who(), op, sid }));
+        if let Some(Denial { sid, denied }) = policy.denial(creator, op) {
+            return Ok(Err(GrantRefusal::Denied { who: who(), op, denied, sid }));
         }
     }
     if let Verdict::Allow(sid) = policy.verdict(creator, KeyOperation::CreateGrant) {
@@ -234,6 +245,7 @@ mod tests {
             Err(GrantRefusal::Denied {
                 who: "jane".into(),
                 op: KeyOperation::CreateGrant,
+                denied: KeyOperation::CreateGrant,
                 sid: Some("Deny".into())
             })
         );
@@ -248,6 +260,13 @@ mod tests {
         assert_eq!(
             decide(&no_decrypt, "jane", &[KeyOperation::Encrypt], &[], true).await.0,
             Ok(GrantAuthority::Rbac)
+        );
+        // Nor an operation that implies the denied one (ReEncryptFrom is Decrypt elsewhere),
+        // and the reason names what the statement denies.
+        let (refused, _) = decide(&no_decrypt, "jane", &[KeyOperation::ReEncryptFrom], &[], true).await;
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            r#"the key policy denies jane Decrypt (statement "Deny"), which ReEncryptFrom implies"#
         );
     }
 

@@ -1142,7 +1142,7 @@ async fn creategrant_takes_the_right_to_grant_and_records_the_caller() {
     refused(
         h.create_grant(&writer, "apps/k", "", &["decrypt"]).await,
         Code::InvalidArgument,
-        r#"operations: "decrypt" is not an operation (Encrypt, Decrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext, ReEncryptFrom, ReEncryptTo, DescribeKey, CreateGrant)"#,
+        r#"operations: "decrypt" is not an operation (Encrypt, Decrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext, ReEncryptFrom, ReEncryptTo, DescribeKey, RetireGrant, CreateGrant)"#,
     );
     forbidden(
         &h,

@@ -31,9 +31,7 @@ pub enum GrantRequestError {
     PrincipalNotNamespaced { field: &'static str },
     #[error("operations: at least one is required")]
     NoOperations,
-    #[error(
-        "operations: {0:?} is not an operation (Encrypt, Decrypt, GenerateDataKey, GenerateDataKeyWithoutPlaintext, ReEncryptFrom, ReEncryptTo, DescribeKey, CreateGrant)"
-    )]
+    #[error("operations: {0:?} is not an operation ({all})", all = every_operation())]
     UnknownOperation(String),
     #[error("operations: {0} is listed twice")]
     DuplicateOperation(&'static str),
@@ -43,6 +41,11 @@ pub enum GrantRequestError {
     ConstraintTooLarge(&'static str),
     #[error("expires_at {0:?} is not an RFC 3339 time")]
     ExpiresAt(String),
+}
+
+/// Every operation's wire name, as the refusal of an unknown one lists them.
+fn every_operation() -> String {
+    KeyOperation::ALL.map(KeyOperation::as_str).join(", ")
 }
 
 fn valid_name(name: &str) -> bool {
