@@ -177,18 +177,13 @@ pub trait Feed<D> {
 
 impl Feed<Key> for Directory {
     fn apply(&self, key: Key) {
-        let material = self.materials.get("", &key.info.key_id);
-        self.keys.apply(key.with_material(material.as_deref()));
+        self.keys.apply(self.derived(key));
     }
     fn delete(&self, key: &Key) {
         self.keys.delete(&key.info.namespace, &key.info.name);
     }
     fn replace_all(&self, all: Vec<Key>) {
-        let with_material = |k: Key| {
-            let material = self.materials.get("", &k.info.key_id);
-            k.with_material(material.as_deref())
-        };
-        self.keys.replace_all(all.into_iter().map(with_material).collect());
+        self.keys.replace_all(all.into_iter().map(|k| self.derived(k)).collect());
     }
 }
 
@@ -228,9 +223,14 @@ impl Directory {
     /// Derives the key `key_id` anew from its current material.
     fn rederive(&self, key_id: &str) {
         if let Some(key) = self.keys.by_id(key_id) {
-            let material = self.materials.get("", key_id);
-            self.keys.apply((*key).clone().with_material(material.as_deref()));
+            self.keys.apply(self.derived((*key).clone()));
         }
+    }
+
+    /// `key` with its state and versions derived from its material as the directory has it.
+    fn derived(&self, key: Key) -> Key {
+        let material = self.materials.get("", &key.info.key_id);
+        key.with_material(material.as_deref())
     }
 
     pub fn new(root: Arc<RootKey>) -> Self {
