@@ -12,11 +12,17 @@ use crate::domain::{
 impl KmsKey {
     /// What the spec asks for, and whether the key is being deleted.
     pub fn intent(&self) -> KeyIntent {
+        let versions = |keep: fn(&super::VersionRequest) -> bool| {
+            self.spec.versions.iter().filter(|r| keep(r)).map(|r| r.version).collect()
+        };
         KeyIntent {
             origin: self.spec.origin,
             enabled: self.spec.enabled,
             deletion_scheduled: self.spec.deletion.scheduled,
+            deletion_forced: self.spec.deletion.force,
             deleting: self.metadata.deletion_timestamp.is_some(),
+            disabled_versions: versions(|r| !r.enabled),
+            destroy_versions: versions(|r| r.destruction.scheduled),
         }
     }
 
@@ -41,6 +47,7 @@ impl From<&KmsKey> for Key {
                 key_id: key.metadata.uid.clone().unwrap_or_default(),
                 state,
                 current_version,
+                refused_versions: Default::default(),
             },
             intent,
             description: key.spec.description.clone(),
@@ -181,7 +188,16 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
             destroyed: m.spec.destroyed_at.is_some(),
             deletion_time: m.spec.deletion_time.as_ref().map(|t| t.0),
             versions: m.spec.versions.iter().map(|v| (v.version, v.wrapped.clone())).collect(),
+            destroyed_versions: m.spec.destroyed_versions.iter().map(|d| d.version).collect(),
+            version_deletions: m
+                .spec
+                .version_deletions
+                .iter()
+                .map(|d| (d.version, d.deletion_time.0))
+                .collect(),
+            deletion_refused: m.spec.deletion_refused.is_some(),
             revision: m.metadata.resource_version.clone(),
+            ..Default::default()
         }
     }
 }
@@ -220,6 +236,7 @@ mod tests {
             deletion_time: None,
             versions: vec![(1, String::new()), (2, String::new())],
             revision: None,
+            ..Default::default()
         };
         // A status that claims another state and version is not believed.
         key.status = Some(KmsKeyStatus {

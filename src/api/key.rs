@@ -78,6 +78,36 @@ pub struct KmsKeySpec {
     /// The key policy: who may use the key for what, beyond Kubernetes RBAC.
     #[serde(default)]
     pub policy: KeyPolicy,
+
+    /// Requests about single versions: disable one (decryption under it is refused, and
+    /// can be allowed again) or schedule its destruction, with the same waiting period and
+    /// cancellation as a whole key. The current version cannot be the one; a refused
+    /// request is reported in the TransitionRefused condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_VERSION_REQUESTS))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
+    pub versions: Vec<VersionRequest>,
+}
+
+/// The most single-version requests a key's spec may hold.
+pub const MAX_VERSION_REQUESTS: usize = 100;
+
+/// A request about one key version.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionRequest {
+    /// The version the request is about.
+    #[schemars(range(min = 1))]
+    pub version: u32,
+
+    /// Set to false to refuse decryption under this version until it is set back to true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Scheduling and cancelling the destruction of this version's material. The version
+    /// refuses decryption from the moment destruction is requested.
+    #[serde(default)]
+    pub destruction: Deletion,
 }
 
 fn default_true() -> bool {
@@ -145,15 +175,24 @@ impl Default for Rotation {
     "!(self.scheduled && oldSelf.scheduled) || self.pendingWindowDays == oldSelf.pendingWindowDays"
 ).message("pendingWindowDays cannot change while deletion is scheduled: cancel the deletion and schedule it again"))]
 pub struct Deletion {
-    /// Set to true to schedule deletion of the key material; set back to false (together
-    /// with spec.enabled: false) to cancel it before status.deletionTime.
+    /// Set to true to schedule the destruction of the material; set back to false to
+    /// cancel it before the deletion time status reports (for a whole key, together with
+    /// spec.enabled: false).
     #[serde(default)]
     pub scheduled: bool,
 
     /// Days to wait between scheduling deletion and destroying the material, from 7 to 30.
+    /// Every use attempted while the deletion is pending starts the wait anew.
     #[serde(default = "default_pending_window")]
     #[schemars(range(min = 7, max = 30))]
     pub pending_window_days: u8,
+
+    /// Schedule the deletion even though something still needs the material: data that
+    /// kube-apiserver stores under it, or a decryption within the last pendingWindowDays
+    /// days. Without it such a request is refused (TransitionRefused, reason
+    /// DeletionRefused) and the key stays usable. Recorded in the audit trail.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// The default waiting period before key material is destroyed.
@@ -165,7 +204,7 @@ fn default_pending_window() -> u8 {
 
 impl Default for Deletion {
     fn default() -> Self {
-        Self { scheduled: false, pending_window_days: DEFAULT_PENDING_WINDOW_DAYS }
+        Self { scheduled: false, pending_window_days: DEFAULT_PENDING_WINDOW_DAYS, force: false }
     }
 }
 
@@ -261,10 +300,51 @@ pub struct KmsKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_enabled: Option<bool>,
 
-    /// Ready, and conditions explaining refused transitions.
+    /// The re-encryption of kube-apiserver's stored data after the last rotation, for a
+    /// key the KMS plugin serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_migration: Option<StorageMigrationStatus>,
+
+    /// Ready, StorageMigrated, UsedWhilePendingDeletion, and conditions explaining
+    /// refused transitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// The storage migration that moves kube-apiserver's stored data to a new version.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageMigrationStatus {
+    /// The version the stored data moves to.
+    pub version: u32,
+    /// Where the migration is.
+    pub phase: StorageMigrationPhase,
+    /// How many times it was started (a failed attempt is retried).
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the current attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<Time>,
+    /// When it succeeded or last failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Time>,
+    /// What it is waiting for, or why it failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// The phase of a storage migration.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum StorageMigrationPhase {
+    /// Waiting until every kube-apiserver encrypts under the new version.
+    Waiting,
+    /// StorageVersionMigrations are rewriting the stored objects.
+    Running,
+    /// Every stored object listed was rewritten under the new version.
+    Succeeded,
+    /// The last attempt failed; it is retried.
+    Failed,
 }
 
 /// One key version, as status reports it (never the material).
@@ -275,8 +355,19 @@ pub struct KeyVersionStatus {
     pub version: u32,
     /// When the version was created.
     pub created: Time,
-    /// Whether the version's material still exists.
+    /// Whether the version's material still exists, and whether it decrypts.
     pub state: KeyVersionState,
+    /// When the version's material will be destroyed, while its destruction is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_time: Option<Time>,
+    /// The start of the last period (a day) in which the version decrypted something, as
+    /// the plugin and the key API reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decrypt: Option<Time>,
+    /// For a key the KMS plugin serves: whether data kube-apiserver stores may still be
+    /// encrypted under this version (false once a storage migration moved it all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by_stored_data: Option<bool>,
 }
 
 /// The state of one key version.
@@ -284,6 +375,11 @@ pub struct KeyVersionStatus {
 pub enum KeyVersionState {
     /// The material exists: the version decrypts, and encrypts if it is current.
     Enabled,
+    /// spec.versions disables it: it refuses decryption until enabled again.
+    Disabled,
+    /// Its destruction is scheduled: it refuses decryption, and its material is destroyed
+    /// at deletionTime unless the destruction is cancelled.
+    PendingDestruction,
     /// The material has been destroyed.
     Destroyed,
 }

@@ -38,14 +38,23 @@ pub const MAX_VERSIONS: usize = 1000;
     "!has(oldSelf.destroyedAt) || (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && size(self.versions) == 0)"
 ).message("destroyed material stays destroyed"))]
 #[x_kube(validation = Rule::new(
-    "has(self.destroyedAt) || oldSelf.versions.all(o, self.versions.exists(v, v.version == o.version))"
-).message("key versions are never removed before the material is destroyed"))]
+    "has(self.destroyedAt) || oldSelf.versions.all(o, self.versions.exists(v, v.version == o.version) || (has(self.destroyedVersions) && self.destroyedVersions.exists(d, d.version == o.version)))"
+).message("a key version is removed only when it is recorded as destroyed"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.destroyedVersions) || (has(self.destroyedVersions) && oldSelf.destroyedVersions.all(o, self.destroyedVersions.exists(d, d == o)))"
+).message("a destroyed version stays destroyed"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.destroyedVersions) || self.destroyedVersions.all(d, !self.versions.exists(v, v.version == d.version))"
+).message("a destroyed version has no material"))]
 #[x_kube(validation = Rule::new(
     "has(self.destroyedAt) || self.rootKeyFingerprint == oldSelf.rootKeyFingerprint"
 ).message("rootKeyFingerprint is immutable"))]
 #[x_kube(validation = Rule::new(
-    "!has(oldSelf.deletionTime) || !has(self.deletionTime) || self.deletionTime == oldSelf.deletionTime"
-).message("a promised deletion time never moves: cancel the deletion, then schedule it again"))]
+    "!has(oldSelf.deletionTime) || !has(self.deletionTime) || timestamp(self.deletionTime) >= timestamp(oldSelf.deletionTime)"
+).message("a promised deletion time never moves earlier: cancel the deletion, then schedule it again"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.versionDeletions) || !has(self.versionDeletions) || oldSelf.versionDeletions.all(o, !self.versionDeletions.exists(n, n.version == o.version) || self.versionDeletions.exists(n, n.version == o.version && timestamp(n.deletionTime) >= timestamp(o.deletionTime)))"
+).message("a promised version destruction time never moves earlier: cancel it, then schedule it again"))]
 pub struct KmsKeyMaterialSpec {
     /// The KmsKey this material belongs to.
     pub owner: KeyOwner,
@@ -73,6 +82,76 @@ pub struct KmsKeyMaterialSpec {
     /// When the material was destroyed. Set once, with versions emptied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed_at: Option<Time>,
+
+    /// When single versions will be destroyed: fixed by the controller when it first sees
+    /// a version's destruction requested, removed when that is cancelled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_VERSIONS))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
+    pub version_deletions: Vec<VersionDeletion>,
+
+    /// Versions destroyed one by one (their material removed from versions). A version
+    /// number is never used again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_VERSIONS))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
+    pub destroyed_versions: Vec<DestroyedVersion>,
+
+    /// For a key the KMS plugin serves: what kube-apiserver's stored data still needs, as
+    /// the controller's last finished storage migration established it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageRecord>,
+
+    /// The controller refused the deletion the KmsKey asks for (without force), because
+    /// something still needs the key: the key stays usable while the spec asks for the
+    /// same. Removed when the spec no longer asks for deletion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_refused: Option<DeletionRefusal>,
+}
+
+/// The promised destruction of one version.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionDeletion {
+    #[schemars(range(min = 1))]
+    pub version: u32,
+    /// When the version's material will be destroyed.
+    pub deletion_time: Time,
+}
+
+/// One version destroyed before the key.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DestroyedVersion {
+    #[schemars(range(min = 1))]
+    pub version: u32,
+    /// When its material was destroyed.
+    pub destroyed_at: Time,
+}
+
+/// What kube-apiserver's stored data needs of a key, after a storage migration.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageRecord {
+    /// Every stored object is encrypted under this version or a later one.
+    #[schemars(range(min = 1))]
+    pub oldest_version_in_use: u32,
+    /// When the migration that established it finished.
+    pub migrated_at: Time,
+    /// The resources it rewrote (`secrets`, `configmaps`, `<resource>.<group>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
+}
+
+/// Why the controller refused a deletion.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletionRefusal {
+    /// When it was refused.
+    pub at: Time,
+    /// What still needs the key.
+    #[schemars(length(max = 1024))]
+    pub message: String,
 }
 
 /// The KmsKey a KmsKeyMaterial belongs to.

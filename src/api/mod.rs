@@ -16,6 +16,8 @@ mod key;
 #[allow(clippy::duplicated_attributes)]
 mod material;
 mod principal;
+#[allow(clippy::duplicated_attributes)]
+mod usage;
 
 pub use crds::{all_crds, crds_yaml};
 pub use grant::{
@@ -23,12 +25,15 @@ pub use grant::{
 };
 pub use key::{
     Deletion, Effect, KeyOperation, KeyPolicy, KeySpec, KeyState, KeyUsage, KeyVersionState,
-    KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, Origin, PolicyStatement, Rotation,
+    KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, MAX_VERSION_REQUESTS, Origin, PolicyStatement,
+    Rotation, StorageMigrationPhase, StorageMigrationStatus, VersionRequest,
 };
 pub use material::{
-    KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS, MaterialVersion, VersionTrigger,
+    DeletionRefusal, DestroyedVersion, KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS,
+    MaterialVersion, StorageRecord, VersionDeletion, VersionTrigger,
 };
 pub use principal::{Principal, PrincipalKind};
+pub use usage::{KmsKeyUsage, KmsKeyUsageSpec, MAX_REPORTERS, ReporterKind, UsageReporter, VersionUse};
 
 /// The API group of every kubekms resource.
 pub const GROUP: &str = "kms.kubekms.io";

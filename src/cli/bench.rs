@@ -110,6 +110,7 @@ pub async fn start_local_plugin(dir: &Path, stop: CancellationToken) -> Result<P
             key_id: uuid::Uuid::new_v4().to_string(),
             state: KeyState::Enabled,
             current_version: Some(1),
+            refused_versions: Default::default(),
         },
         versions: [(1, Arc::new(KeyMaterial::generate().map_err(BenchError::Random)?))].into(),
     };

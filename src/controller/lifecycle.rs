@@ -170,6 +170,9 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             version: v.version,
             created: Time(v.created),
             state: KeyVersionState::Enabled,
+            deletion_time: None,
+            last_decrypt: None,
+            used_by_stored_data: None,
         })
         .collect();
     next.current_version = versions.last().map(|v| v.version);

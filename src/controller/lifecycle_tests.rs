@@ -26,6 +26,7 @@ fn spec() -> KmsKeySpec {
         rotation: Rotation::default(),
         deletion: Deletion::default(),
         policy: KeyPolicy::default(),
+        versions: Vec::new(),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Keys as the data paths and the controller decide with them.
 
+use std::collections::BTreeMap;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +19,31 @@ pub struct KeyInfo {
     pub state: KeyState,
     /// The version new encryptions use.
     pub current_version: Option<u32>,
+    /// Versions that refuse to decrypt while the key is Enabled, and why (never the
+    /// current version).
+    pub refused_versions: BTreeMap<u32, VersionRefusal>,
+}
+
+/// Why one version of an Enabled key refuses to decrypt.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionRefusal {
+    /// The spec disables it.
+    Disabled,
+    /// Its destruction is requested or scheduled.
+    PendingDestruction,
+    /// Its material was destroyed.
+    Destroyed,
+}
+
+impl VersionRefusal {
+    /// The name status uses for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionRefusal::Disabled => "Disabled",
+            VersionRefusal::PendingDestruction => "PendingDestruction",
+            VersionRefusal::Destroyed => "Destroyed",
+        }
+    }
 }
 
 impl KeyInfo {
@@ -28,15 +55,21 @@ impl KeyInfo {
 
 /// What a key's spec asks for, and whether it is being deleted: with the key's material,
 /// all that decides whether it may be used. Status is never asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KeyIntent {
     pub origin: Origin,
     /// `spec.enabled`.
     pub enabled: bool,
     /// `spec.deletion.scheduled`.
     pub deletion_scheduled: bool,
+    /// `spec.deletion.force`: the deletion is wanted even though something needs the key.
+    pub deletion_forced: bool,
     /// The KmsKey is being deleted (metadata.deletionTimestamp).
     pub deleting: bool,
+    /// Versions `spec.versions` disables.
+    pub disabled_versions: Vec<u32>,
+    /// Versions whose destruction `spec.versions` requests.
+    pub destroy_versions: Vec<u32>,
 }
 
 impl KeyIntent {
@@ -49,9 +82,13 @@ impl KeyIntent {
         let material =
             material.filter(|m| m.destroyed || !m.versions.is_empty() || m.deletion_time.is_some());
         let current = material.and_then(|m| m.versions.iter().map(|(v, _)| *v).max());
+        // A deletion the controller refused (something still needs the key) leaves the key
+        // usable while the spec asks for the same, without force.
+        let refused = material.is_some_and(|m| m.deletion_refused && m.deletion_time.is_none())
+            && !self.deletion_forced;
         let state = match material {
             Some(m) if m.destroyed => KeyState::Destroyed,
-            _ if self.deletion_scheduled || self.deleting => KeyState::PendingDeletion,
+            _ if (self.deletion_scheduled || self.deleting) && !refused => KeyState::PendingDeletion,
             Some(m) if m.deletion_time.is_some() => KeyState::PendingDeletion,
             _ if current.is_none() => match self.origin {
                 Origin::Kubekms => KeyState::Creating,
@@ -61,6 +98,29 @@ impl KeyIntent {
             _ => KeyState::Enabled,
         };
         (state, current)
+    }
+
+    /// The versions other than `current` that refuse to decrypt: destroyed ones (as the
+    /// material records them), those whose destruction the spec requests or the material
+    /// promises (refused at once), and those the spec disables.
+    pub fn refused_versions(
+        &self,
+        material: Option<&WrappedMaterial>,
+        current: Option<u32>,
+    ) -> BTreeMap<u32, VersionRefusal> {
+        let mut out = BTreeMap::new();
+        let not_current = |v: &u32| Some(*v) != current;
+        for v in self.disabled_versions.iter().filter(|v| not_current(v)) {
+            out.insert(*v, VersionRefusal::Disabled);
+        }
+        let promised = material.into_iter().flat_map(|m| m.version_deletions.iter().map(|(v, _)| v));
+        for v in self.destroy_versions.iter().chain(promised).filter(|v| not_current(v)) {
+            out.insert(*v, VersionRefusal::PendingDestruction);
+        }
+        for v in material.into_iter().flat_map(|m| m.destroyed_versions.iter()) {
+            out.insert(*v, VersionRefusal::Destroyed);
+        }
+        out
     }
 }
 
@@ -72,6 +132,7 @@ impl Key {
         let (state, current) = self.intent.state(own);
         self.info.state = state;
         self.info.current_version = current;
+        self.info.refused_versions = self.intent.refused_versions(own, current);
         self.versions = own.map(|m| m.versions.iter().map(|(v, _)| *v).collect()).unwrap_or_default();
         self.deletion = own.and_then(|m| m.deletion_time);
         self
@@ -159,7 +220,7 @@ mod tests {
     use super::*;
 
     fn intent(origin: Origin, enabled: bool, scheduled: bool, deleting: bool) -> KeyIntent {
-        KeyIntent { origin, enabled, deletion_scheduled: scheduled, deleting }
+        KeyIntent { origin, enabled, deletion_scheduled: scheduled, deleting, ..Default::default() }
     }
 
     fn material(versions: &[u32], promised: bool, destroyed: bool) -> WrappedMaterial {
@@ -169,8 +230,49 @@ mod tests {
             destroyed,
             deletion_time: promised.then_some(Timestamp::UNIX_EPOCH),
             versions: versions.iter().map(|v| (*v, String::new())).collect(),
-            revision: None,
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_refused_deletion_leaves_the_key_usable_until_forced() {
+        let mut wanted = intent(Origin::Kubekms, true, true, false);
+        let refused = WrappedMaterial { deletion_refused: true, ..material(&[1], false, false) };
+        assert_eq!(wanted.state(Some(&refused)).0, KeyState::Enabled);
+        wanted.deleting = true;
+        assert_eq!(wanted.state(Some(&refused)).0, KeyState::Enabled);
+        wanted.deletion_forced = true;
+        assert_eq!(wanted.state(Some(&refused)).0, KeyState::PendingDeletion);
+        // Once promised, a refusal left behind changes nothing.
+        let promised = WrappedMaterial { deletion_refused: true, ..material(&[1], true, false) };
+        assert_eq!(
+            intent(Origin::Kubekms, true, true, false).state(Some(&promised)).0,
+            KeyState::PendingDeletion
+        );
+    }
+
+    #[test]
+    fn single_versions_refuse_by_spec_promise_or_destruction_but_never_the_current_one() {
+        let wanted = KeyIntent {
+            disabled_versions: vec![1, 4],
+            destroy_versions: vec![2, 4],
+            ..intent(Origin::Kubekms, true, false, false)
+        };
+        let stored = WrappedMaterial {
+            version_deletions: vec![(3, Timestamp::UNIX_EPOCH)],
+            destroyed_versions: vec![5],
+            ..material(&[1, 2, 3, 4, 6], false, false)
+        };
+        let refused = wanted.refused_versions(Some(&stored), Some(4));
+        assert_eq!(
+            refused.into_iter().collect::<Vec<_>>(),
+            [
+                (1, VersionRefusal::Disabled),
+                (2, VersionRefusal::PendingDestruction),
+                (3, VersionRefusal::PendingDestruction),
+                (5, VersionRefusal::Destroyed),
+            ]
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod right;
 mod snapshot;
 
 pub use grant::{Constraints, Creator, Grant, GrantState};
-pub use key::{Key, KeyInfo, KeyIntent, KeyState, Origin};
+pub use key::{Key, KeyInfo, KeyIntent, KeyState, Origin, VersionRefusal};
 pub use name::{NamespacedName, NamespacedNameError};
 #[cfg(test)]
 pub(crate) use policy::DENY_TABLE;

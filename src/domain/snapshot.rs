@@ -39,7 +39,7 @@ impl KeySnapshot {
 
 /// A key's versions as stored (in a `KmsKeyMaterial`, or in the plugin's cache): each
 /// version's material wrapped by the root key, base64-encoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WrappedMaterial {
     /// The keyId of the key the material belongs to.
     pub key_id: String,
@@ -50,6 +50,12 @@ pub struct WrappedMaterial {
     pub deletion_time: Option<Timestamp>,
     /// (version, base64 of the wrapped bytes), oldest first.
     pub versions: Vec<(u32, String)>,
+    /// Versions destroyed one by one.
+    pub destroyed_versions: Vec<u32>,
+    /// (version, when it will be destroyed), as the controller promised it.
+    pub version_deletions: Vec<(u32, Timestamp)>,
+    /// The controller refused the deletion the spec asks for (without force).
+    pub deletion_refused: bool,
     /// Changes whenever the stored object does (its resourceVersion), when known.
     pub revision: Option<String>,
 }

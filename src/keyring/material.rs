@@ -148,6 +148,10 @@ pub fn new_material(
             versions,
             deletion_time: None,
             destroyed_at: destroyed.map(Time),
+            version_deletions: Vec::new(),
+            destroyed_versions: Vec::new(),
+            storage: None,
+            deletion_refused: None,
         },
     })
 }
@@ -266,6 +270,10 @@ mod tests {
                 versions: vec![version],
                 deletion_time: None,
                 destroyed_at: None,
+                version_deletions: Vec::new(),
+                destroyed_versions: Vec::new(),
+                storage: None,
+                deletion_refused: None,
             },
         }
     }

@@ -71,6 +71,7 @@ mod tests {
             key_id: key_id.into(),
             state: KeyState::Enabled,
             current_version: Some(2),
+            refused_versions: Default::default(),
         }
     }
 
@@ -87,6 +88,7 @@ mod tests {
             deletion_time: None,
             versions,
             revision: None,
+            ..Default::default()
         }
     }
 

@@ -8,6 +8,7 @@
 //! current version) is refused. It is replaced atomically: written to a temporary file,
 //! synced, renamed over the old one, and the directory synced.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use sha2::Sha256;
 use crate::api::KeyState;
 use crate::api::MAX_VERSIONS;
 use crate::crypto::{KeyMaterial, RootKey};
-use crate::domain::{KeyInfo, WrappedMaterial};
+use crate::domain::{KeyInfo, VersionRefusal, WrappedMaterial};
 
 const HEADER: &str = "kubekms-plugin-cache v1";
 const MAC_PURPOSE: &[u8] = b"kubekms/v1 plugin-cache mac";
@@ -36,6 +37,9 @@ pub struct CachedKey {
     pub key_id: String,
     pub state: KeyState,
     pub current_version: Option<u32>,
+    /// Versions that refuse to decrypt, and why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused_versions: BTreeMap<u32, VersionRefusal>,
     pub root_key_fingerprint: String,
     pub versions: Vec<CachedVersion>,
 }
@@ -59,6 +63,7 @@ impl CachedKey {
             key_id: info.key_id.clone(),
             state: info.state,
             current_version: info.current_version,
+            refused_versions: info.refused_versions.clone(),
             root_key_fingerprint,
             versions,
         }
@@ -72,6 +77,7 @@ impl CachedKey {
             key_id: self.key_id.clone(),
             state: self.state,
             current_version: self.current_version,
+            refused_versions: self.refused_versions.clone(),
         }
     }
 
@@ -83,7 +89,7 @@ impl CachedKey {
             destroyed: false,
             deletion_time: None,
             versions: self.versions.iter().map(|v| (v.version, v.wrapped.clone())).collect(),
-            revision: None,
+            ..Default::default()
         }
     }
 }
@@ -222,6 +228,7 @@ mod tests {
             key_id: "6ece15cd-0195-4985-aff9-395763ad0a3b".into(),
             state: KeyState::Enabled,
             current_version: Some(2),
+            refused_versions: Default::default(),
             root_key_fingerprint: "rk1-0011223344556677".into(),
             versions: vec![
                 CachedVersion { version: 1, wrapped: "AQID".into() },

@@ -31,6 +31,7 @@ fn snapshot(state: KeyState, versions: u32) -> Arc<KeySnapshot> {
             key_id: KEY_ID.into(),
             state,
             current_version: Some(versions),
+            refused_versions: Default::default(),
         },
         versions: (1..=versions).map(|v| (v, Arc::new(KeyMaterial::generate().unwrap()))).collect(),
     })
@@ -392,4 +393,32 @@ async fn a_thousand_concurrent_calls() {
     let raw = h.audit.text();
     assert_eq!(crate::audit::verify(raw.as_bytes(), Some(&h.root)).unwrap().lines, 2000);
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_version_refuses_to_decrypt_while_the_others_serve() {
+    use crate::domain::VersionRefusal;
+    for refusal in [VersionRefusal::Disabled, VersionRefusal::PendingDestruction, VersionRefusal::Destroyed] {
+        let one = snapshot(KeyState::Enabled, 1);
+        let h = Harness::start(Some(one.clone())).await;
+        let mut c = h.client().await;
+        let old = c.encrypt(enc(b"seed-1", "a")).await.unwrap().into_inner();
+        // Version 2 becomes current, version 1 is refused.
+        let mut two = (*snapshot(KeyState::Enabled, 2)).clone();
+        two.versions.insert(1, one.versions[&1].clone());
+        two.info.refused_versions.insert(1, refusal);
+        h.keys.send_replace(Some(Arc::new(two)));
+        let new = c.encrypt(enc(b"seed-2", "b")).await.unwrap().into_inner();
+        assert_ne!(new.key_id, old.key_id);
+        let back = c.decrypt(dec(new.ciphertext, new.key_id, new.annotations)).await.unwrap().into_inner();
+        assert_eq!(back.plaintext, b"seed-2");
+        let err = c.decrypt(dec(old.ciphertext, old.key_id, old.annotations)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(
+            err.message().contains(&format!("version 1 of key kube-system/cluster is {}", refusal.as_str())),
+            "{}",
+            err.message()
+        );
+        h.stop().await;
+    }
 }

@@ -89,6 +89,7 @@ proptest! {
             key_id: KEY_ID.into(),
             state: KeyState::Enabled,
             current_version: Some(current),
+            refused_versions: Default::default(),
             root_key_fingerprint: "rk1-0000000000000000".into(),
             versions: (1..=current).map(|v| CachedVersion { version: v, wrapped: format!("AA{v}=") }).collect(),
         };

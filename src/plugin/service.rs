@@ -44,6 +44,8 @@ pub enum PluginError {
     UnknownKeyId(String),
     #[error("key {key} is {state}; it refuses every operation until it is Enabled")]
     NotEnabled { key: String, state: &'static str },
+    #[error("version {version} of key {key} is {state}; it refuses to decrypt")]
+    VersionNotEnabled { key: String, version: u32, state: &'static str },
     #[error(
         "the key is not available yet: waiting for the KmsKey and its material (API server unreachable and no cache)"
     )]
@@ -69,7 +71,9 @@ impl CallError for PluginError {
             | PluginError::MalformedKeyId(_)
             | PluginError::Format(_) => Status::invalid_argument(self.to_string()),
             PluginError::UnknownKeyId(_) => Status::not_found(self.to_string()),
-            PluginError::NotEnabled { .. } => Status::failed_precondition(self.to_string()),
+            PluginError::NotEnabled { .. } | PluginError::VersionNotEnabled { .. } => {
+                Status::failed_precondition(self.to_string())
+            }
             PluginError::NoKey | PluginError::NoCurrentVersion => Status::unavailable(self.to_string()),
             PluginError::DecryptionFailed => Status::invalid_argument("decryption failed"),
             PluginError::Seal(_) => Status::internal("failed to encrypt"),
@@ -153,6 +157,13 @@ impl<K: Keyring> KmsPlugin<K> {
         let key = self.usable()?;
         if id.key_id != key.info.key_id {
             return Err(PluginError::UnknownKeyId(req.key_id.clone()));
+        }
+        if let Some(refusal) = key.info.refused_versions.get(&id.version) {
+            return Err(PluginError::VersionNotEnabled {
+                key: key.display(),
+                version: id.version,
+                state: refusal.as_str(),
+            });
         }
         let material =
             key.versions.get(&id.version).ok_or_else(|| PluginError::UnknownKeyId(req.key_id.clone()))?;

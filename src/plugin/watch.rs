@@ -249,6 +249,7 @@ mod tests {
             key_id: "uid-1".into(),
             state,
             current_version: Some(1),
+            refused_versions: Default::default(),
         };
         Some(Arc::new(KeySnapshot {
             info,

@@ -437,6 +437,7 @@ impl Harness {
             deletion_time: None,
             versions: wrapped,
             revision: Some(uuid::Uuid::new_v4().to_string()),
+            ..Default::default()
         });
         self.directory.keys.apply(key);
     }

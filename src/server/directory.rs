@@ -330,8 +330,7 @@ mod tests {
     use crate::domain::{KeyInfo, KeyIntent, KeyState, Origin, Policy};
 
     fn key(enabled: bool) -> Key {
-        let intent =
-            KeyIntent { origin: Origin::Kubekms, enabled, deletion_scheduled: false, deleting: false };
+        let intent = KeyIntent { origin: Origin::Kubekms, enabled, ..Default::default() };
         Key {
             // What a watch delivers: nothing known of the material yet.
             info: KeyInfo {
@@ -340,6 +339,7 @@ mod tests {
                 key_id: "uid-1".into(),
                 state: KeyState::Creating,
                 current_version: None,
+                refused_versions: Default::default(),
             },
             intent,
             description: String::new(),
@@ -362,6 +362,7 @@ mod tests {
             deletion_time: promised.then_some(jiff::Timestamp::UNIX_EPOCH),
             versions: versions.iter().map(|v| (*v, String::new())).collect(),
             revision: None,
+            ..Default::default()
         }
     }
 

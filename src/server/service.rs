@@ -68,6 +68,8 @@ pub enum ApiError {
     GrantRefused { name: String, cause: Refusal },
     #[error("key {key} does not hold version {version}")]
     VersionNotHeld { key: String, version: u32 },
+    #[error("version {version} of key {key} is {state}; it refuses to decrypt")]
+    VersionNotEnabled { key: String, version: u32, state: &'static str },
     #[error("failed to authorize the call with Kubernetes RBAC")]
     Rbac(#[source] BackendError),
     #[error("key {key} is {state}; it refuses cryptographic operations until it is Enabled")]
@@ -127,9 +129,10 @@ impl CallError for ApiError {
             ApiError::KeyRefused { .. } | ApiError::GrantRefused { .. } => {
                 Status::permission_denied(self.to_string())
             }
-            ApiError::KeyNotEnabled { .. } | ApiError::NoCurrentVersion(_) | ApiError::InvalidKeyId(_) => {
-                Status::failed_precondition(self.to_string())
-            }
+            ApiError::KeyNotEnabled { .. }
+            | ApiError::VersionNotEnabled { .. }
+            | ApiError::NoCurrentVersion(_)
+            | ApiError::InvalidKeyId(_) => Status::failed_precondition(self.to_string()),
             ApiError::DecryptionFailed => Status::invalid_argument("decryption failed"),
             ApiError::Material(_) | ApiError::Seal(_) | ApiError::Random => {
                 Status::internal(self.to_string())
@@ -461,6 +464,13 @@ where
         ciphertext: &[u8],
     ) -> Result<SecretBytes, ApiError> {
         Self::usable(key)?;
+        if let Some(refusal) = key.info.refused_versions.get(&version) {
+            return Err(ApiError::VersionNotEnabled {
+                key: key.info.display(),
+                version,
+                state: refusal.as_str(),
+            });
+        }
         let versions = self.keys.material(key).map_err(ApiError::Material)?;
         let material = versions
             .versions
