@@ -3,10 +3,11 @@
 
 use super::{
     GrantConstraints, GrantCreator, KeyPolicy, KeyReference, KmsGrant, KmsGrantSpec, KmsKey, KmsKeyMaterial,
-    Principal, PrincipalKind,
+    KmsKeyUsage, Principal, PrincipalKind,
 };
 use crate::domain::{
-    self, Constraints, Creator, Grant, Identity, Key, KeyInfo, KeyIntent, Policy, Statement, WrappedMaterial,
+    self, Constraints, Creator, Grant, Identity, Key, KeyInfo, KeyIntent, Policy, ReporterUse, Statement,
+    Usage, WrappedMaterial,
 };
 
 impl KmsKey {
@@ -180,6 +181,41 @@ impl From<&KmsGrant> for Grant {
     }
 }
 
+impl From<&KmsKeyUsage> for Usage {
+    fn from(u: &KmsKeyUsage) -> Self {
+        let time = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| t.as_ref().map(|t| t.0);
+        Usage {
+            reporters: u
+                .spec
+                .reporters
+                .iter()
+                .map(|r| ReporterUse {
+                    name: r.name.clone(),
+                    kind: match r.kind {
+                        super::ReporterKind::StoragePlugin => domain::ReporterKind::StoragePlugin,
+                        super::ReporterKind::KeyApi => domain::ReporterKind::KeyApi,
+                    },
+                    granularity: jiff::SignedDuration::from_secs(i64::from(r.granularity_seconds.max(1))),
+                    versions: r
+                        .versions
+                        .iter()
+                        .map(|v| {
+                            (
+                                v.version,
+                                domain::VersionUse {
+                                    last_encrypt: time(&v.last_encrypt),
+                                    last_decrypt: time(&v.last_decrypt),
+                                    last_refused: time(&v.last_refused),
+                                },
+                            )
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
 impl From<&KmsKeyMaterial> for WrappedMaterial {
     fn from(m: &KmsKeyMaterial) -> Self {
         WrappedMaterial {
@@ -187,13 +223,19 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
             root_key_fingerprint: m.spec.root_key_fingerprint.clone(),
             destroyed: m.spec.destroyed_at.is_some(),
             deletion_time: m.spec.deletion_time.as_ref().map(|t| t.0),
-            versions: m.spec.versions.iter().map(|v| (v.version, v.wrapped.clone())).collect(),
-            destroyed_versions: m.spec.destroyed_versions.iter().map(|d| d.version).collect(),
+            versions: m.spec.versions.iter().filter_map(|v| Some((v.version, v.wrapped.clone()?))).collect(),
+            destroyed_versions: m
+                .spec
+                .versions
+                .iter()
+                .filter(|v| v.destroyed_at.is_some())
+                .map(|v| v.version)
+                .collect(),
             version_deletions: m
                 .spec
-                .version_deletions
+                .versions
                 .iter()
-                .map(|d| (d.version, d.deletion_time.0))
+                .filter_map(|v| Some((v.version, v.deletion_time.as_ref()?.0)))
                 .collect(),
             deletion_refused: m.spec.deletion_refused.is_some(),
             revision: m.metadata.resource_version.clone(),

@@ -38,23 +38,14 @@ pub const MAX_VERSIONS: usize = 1000;
     "!has(oldSelf.destroyedAt) || (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && size(self.versions) == 0)"
 ).message("destroyed material stays destroyed"))]
 #[x_kube(validation = Rule::new(
-    "has(self.destroyedAt) || oldSelf.versions.all(o, self.versions.exists(v, v.version == o.version) || (has(self.destroyedVersions) && self.destroyedVersions.exists(d, d.version == o.version)))"
-).message("a key version is removed only when it is recorded as destroyed"))]
-#[x_kube(validation = Rule::new(
-    "!has(oldSelf.destroyedVersions) || (has(self.destroyedVersions) && oldSelf.destroyedVersions.all(o, self.destroyedVersions.exists(d, d == o)))"
-).message("a destroyed version stays destroyed"))]
-#[x_kube(validation = Rule::new(
-    "!has(self.destroyedVersions) || self.destroyedVersions.all(d, !self.versions.exists(v, v.version == d.version))"
-).message("a destroyed version has no material"))]
+    "has(self.destroyedAt) || oldSelf.versions.all(o, self.versions.exists(v, v.version == o.version))"
+).message("key versions are never removed before the material is destroyed (a destroyed version stays listed, without its material)"))]
 #[x_kube(validation = Rule::new(
     "has(self.destroyedAt) || self.rootKeyFingerprint == oldSelf.rootKeyFingerprint"
 ).message("rootKeyFingerprint is immutable"))]
 #[x_kube(validation = Rule::new(
     "!has(oldSelf.deletionTime) || !has(self.deletionTime) || timestamp(self.deletionTime) >= timestamp(oldSelf.deletionTime)"
 ).message("a promised deletion time never moves earlier: cancel the deletion, then schedule it again"))]
-#[x_kube(validation = Rule::new(
-    "!has(oldSelf.versionDeletions) || !has(self.versionDeletions) || oldSelf.versionDeletions.all(o, !self.versionDeletions.exists(n, n.version == o.version) || self.versionDeletions.exists(n, n.version == o.version && timestamp(n.deletionTime) >= timestamp(o.deletionTime)))"
-).message("a promised version destruction time never moves earlier: cancel it, then schedule it again"))]
 pub struct KmsKeyMaterialSpec {
     /// The KmsKey this material belongs to.
     pub owner: KeyOwner,
@@ -83,20 +74,6 @@ pub struct KmsKeyMaterialSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed_at: Option<Time>,
 
-    /// When single versions will be destroyed: fixed by the controller when it first sees
-    /// a version's destruction requested, removed when that is cancelled.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_VERSIONS))]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
-    pub version_deletions: Vec<VersionDeletion>,
-
-    /// Versions destroyed one by one (their material removed from versions). A version
-    /// number is never used again.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_VERSIONS))]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["version".into()]))]
-    pub destroyed_versions: Vec<DestroyedVersion>,
-
     /// For a key the KMS plugin serves: what kube-apiserver's stored data still needs, as
     /// the controller's last finished storage migration established it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,26 +84,6 @@ pub struct KmsKeyMaterialSpec {
     /// same. Removed when the spec no longer asks for deletion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_refused: Option<DeletionRefusal>,
-}
-
-/// The promised destruction of one version.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct VersionDeletion {
-    #[schemars(range(min = 1))]
-    pub version: u32,
-    /// When the version's material will be destroyed.
-    pub deletion_time: Time,
-}
-
-/// One version destroyed before the key.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DestroyedVersion {
-    #[schemars(range(min = 1))]
-    pub version: u32,
-    /// When its material was destroyed.
-    pub destroyed_at: Time,
 }
 
 /// What kube-apiserver's stored data needs of a key, after a storage migration.
@@ -172,7 +129,18 @@ pub struct KeyOwner {
 /// One key version's wrapped material.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self == oldSelf").message("an existing key version never changes"))]
+#[x_kube(validation = Rule::new(
+    "self.version == oldSelf.version && self.created == oldSelf.created && self.trigger == oldSelf.trigger && has(self.request) == has(oldSelf.request) && (!has(self.request) || self.request == oldSelf.request)"
+).message("an existing key version never changes"))]
+#[x_kube(validation = Rule::new(
+    "has(oldSelf.destroyedAt) ? (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && !has(self.wrapped)) : (has(self.destroyedAt) ? !has(self.wrapped) : (has(self.wrapped) && self.wrapped == oldSelf.wrapped))"
+).message("a version's material never changes, and once destroyed stays destroyed"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.deletionTime) || !has(self.deletionTime) || timestamp(self.deletionTime) >= timestamp(oldSelf.deletionTime)"
+).message("a promised version destruction time never moves earlier: cancel it, then schedule it again"))]
+#[x_kube(validation = Rule::new("has(self.wrapped) != has(self.destroyedAt)").message(
+    "a version has either its wrapped material or destroyedAt"
+))]
 pub struct MaterialVersion {
     /// The version number, counting from 1.
     #[schemars(range(min = 1))]
@@ -187,8 +155,19 @@ pub struct MaterialVersion {
     pub request: Option<String>,
     /// The version's 256-bit material wrapped by the root key (base64 of the kubekms
     /// wrapped-material format: format byte, nonce, AES-256-GCM ciphertext and tag).
+    /// Absent once the version is destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub wrapped: String,
+    pub wrapped: Option<String>,
+    /// When the version's material will be destroyed: fixed by the controller when it
+    /// first sees the version's destruction requested, removed when that is cancelled;
+    /// it only ever moves later (a use attempted meanwhile postpones it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_time: Option<Time>,
+    /// When the version's material was destroyed (before the key's). Its number is never
+    /// used again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<Time>,
 }
 
 /// What created a key version.

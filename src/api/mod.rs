@@ -29,8 +29,8 @@ pub use key::{
     Rotation, StorageMigrationPhase, StorageMigrationStatus, VersionRequest,
 };
 pub use material::{
-    DeletionRefusal, DestroyedVersion, KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS,
-    MaterialVersion, StorageRecord, VersionDeletion, VersionTrigger,
+    DeletionRefusal, KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS, MaterialVersion,
+    StorageRecord, VersionTrigger,
 };
 pub use principal::{Principal, PrincipalKind};
 pub use usage::{KmsKeyUsage, KmsKeyUsageSpec, MAX_REPORTERS, ReporterKind, UsageReporter, VersionUse};

@@ -10,7 +10,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::Error;
-use crate::api::{KmsGrant, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus};
+use crate::api::{KmsGrant, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus, KmsKeyUsage};
 use crate::domain::Identity;
 use crate::keyring::{MaterialStore, Owner};
 
@@ -33,6 +33,8 @@ pub trait Cluster: Send + Sync + 'static {
     ) -> Result<(), Error>;
     /// The material object of the key `key_id`, read from the API server.
     async fn material(&self, key_id: &str) -> Result<Option<KmsKeyMaterial>, Error>;
+    /// The usage record of the key `key_id` (none before anything reported a use).
+    async fn usage(&self, key_id: &str) -> Result<Option<KmsKeyUsage>, Error>;
     /// Creates `owner`'s material object (or returns the one a previous attempt made).
     async fn create_material(&self, owner: &Owner, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error>;
     /// Replaces a material object, failing with a conflict if it changed meanwhile.
@@ -124,6 +126,10 @@ impl Cluster for KubeCluster {
 
     async fn material(&self, key_id: &str) -> Result<Option<KmsKeyMaterial>, Error> {
         Ok(self.materials.get(key_id).await?)
+    }
+
+    async fn usage(&self, key_id: &str) -> Result<Option<KmsKeyUsage>, Error> {
+        Api::<KmsKeyUsage>::all(self.client.clone()).get_opt(key_id).await.map_err(Error::ReadUsage)
     }
 
     async fn create_material(&self, owner: &Owner, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {

@@ -57,6 +57,8 @@ pub enum Error {
     Audit(#[source] crate::audit::AuditError),
     #[error("failed to ask RBAC whether a grant's creator may grant (SubjectAccessReview)")]
     AccessReview(#[source] kube::Error),
+    #[error("failed to read the key's usage record (KmsKeyUsage)")]
+    ReadUsage(#[source] kube::Error),
 }
 
 impl Error {
@@ -73,6 +75,7 @@ impl Error {
             Error::PluginAccess(..) => "plugin_access",
             Error::Audit(_) => "audit",
             Error::AccessReview(_) => "access_review",
+            Error::ReadUsage(_) => "read_usage",
         }
     }
 

@@ -79,6 +79,10 @@ impl Cluster for Recording {
         self.record(if present { Call::AddFinalizer } else { Call::RemoveFinalizer });
         Ok(())
     }
+    async fn usage(&self, _: &str) -> Result<Option<crate::api::KmsKeyUsage>, Error> {
+        Ok(None)
+    }
+
     async fn material(&self, _: &str) -> Result<Option<KmsKeyMaterial>, Error> {
         Ok(self.material.lock().unwrap().clone())
     }

@@ -10,6 +10,7 @@ mod policy;
 mod principal;
 mod right;
 mod snapshot;
+mod usage;
 
 pub use grant::{Constraints, Creator, Grant, GrantState};
 pub use key::{Key, KeyInfo, KeyIntent, KeyState, Origin, VersionRefusal};
@@ -20,3 +21,4 @@ pub use policy::{Denial, Effect, KeyOperation, Policy, Statement, Verdict};
 pub use principal::{Identity, Principal, service_account_username};
 pub use right::{GrantAuthority, GrantRefusal, right_to_grant};
 pub use snapshot::{KeySnapshot, WrappedMaterial};
+pub use usage::{ReporterKind, ReporterUse, Usage, UseKind, VersionUse};

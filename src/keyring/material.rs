@@ -55,6 +55,8 @@ pub enum MaterialError {
     },
     #[error("KmsKeyMaterial {name} version {version} is not valid base64")]
     Encoding { name: String, version: u32 },
+    #[error("KmsKeyMaterial {name} version {version} was destroyed")]
+    VersionDestroyed { name: String, version: u32 },
     #[error("KmsKeyMaterial {name} is wrapped by root key {found}, but this root key is {expected}")]
     RootKeyMismatch { name: String, found: String, expected: String },
     #[error("KmsKeyMaterial {name} has {versions} versions, the most a key can hold")]
@@ -73,6 +75,7 @@ impl MaterialError {
             MaterialError::Random(_) => "random",
             MaterialError::Wrap(_) => "wrap",
             MaterialError::Unwrap { .. } | MaterialError::Encoding { .. } => "unwrap",
+            MaterialError::VersionDestroyed { .. } => "version_destroyed",
             MaterialError::RootKeyMismatch { .. } => "root_key_mismatch",
             MaterialError::Full { .. } => "material_full",
         }
@@ -109,7 +112,15 @@ fn wrap_version(
     now: Timestamp,
 ) -> Result<MaterialVersion, MaterialError> {
     let wrapped = root.wrap(material, WrapContext { key_id, version }).map_err(MaterialError::Wrap)?;
-    Ok(MaterialVersion { version, created: Time(now), trigger, request, wrapped: B64.encode(wrapped) })
+    Ok(MaterialVersion {
+        version,
+        created: Time(now),
+        trigger,
+        request,
+        wrapped: Some(B64.encode(wrapped)),
+        deletion_time: None,
+        destroyed_at: None,
+    })
 }
 
 /// The material object of `owner`, with `first` as version 1 when given (generated or
@@ -148,8 +159,6 @@ pub fn new_material(
             versions,
             deletion_time: None,
             destroyed_at: destroyed.map(Time),
-            version_deletions: Vec::new(),
-            destroyed_versions: Vec::new(),
             storage: None,
             deletion_refused: None,
         },
@@ -246,8 +255,11 @@ pub fn unwrap_version(
 ) -> Result<KeyMaterial, MaterialError> {
     let name = material.metadata.name.clone().unwrap_or_default();
     check_root(material, root)?;
+    let Some(encoded) = version.wrapped.as_deref() else {
+        return Err(MaterialError::VersionDestroyed { name, version: version.version });
+    };
     let wrapped = B64
-        .decode(&version.wrapped)
+        .decode(encoded)
         .map_err(|_| MaterialError::Encoding { name: name.clone(), version: version.version })?;
     root.unwrap(&wrapped, WrapContext { key_id: &material.spec.owner.uid, version: version.version })
         .map_err(|source| MaterialError::Unwrap { name, version: version.version, source })
@@ -270,8 +282,6 @@ mod tests {
                 versions: vec![version],
                 deletion_time: None,
                 destroyed_at: None,
-                version_deletions: Vec::new(),
-                destroyed_versions: Vec::new(),
                 storage: None,
                 deletion_refused: None,
             },
@@ -299,7 +309,7 @@ mod tests {
         m.spec.owner.uid = "uid-1".into();
         let renumbered = MaterialVersion { version: 2, ..v.clone() };
         assert!(matches!(unwrap_version(&root, &m, &renumbered), Err(MaterialError::Unwrap { .. })));
-        let garbled = MaterialVersion { wrapped: "%%%".into(), ..v };
+        let garbled = MaterialVersion { wrapped: Some("%%%".into()), ..v };
         assert!(matches!(unwrap_version(&root, &m, &garbled), Err(MaterialError::Encoding { .. })));
     }
 }
