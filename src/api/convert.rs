@@ -13,17 +13,13 @@ use crate::domain::{
 impl KmsKey {
     /// What the spec asks for, and whether the key is being deleted.
     pub fn intent(&self) -> KeyIntent {
-        let versions = |keep: fn(&super::VersionRequest) -> bool| {
-            self.spec.versions.iter().filter(|r| keep(r)).map(|r| r.version).collect()
-        };
         KeyIntent {
             origin: self.spec.origin,
             enabled: self.spec.enabled,
             deletion_scheduled: self.spec.deletion.scheduled,
             deletion_forced: self.spec.deletion.force,
             deleting: self.metadata.deletion_timestamp.is_some(),
-            disabled_versions: versions(|r| !r.enabled),
-            destroy_versions: versions(|r| r.destruction.scheduled),
+            disabled_versions: self.spec.versions.iter().filter(|r| !r.enabled).map(|r| r.version).collect(),
         }
     }
 
@@ -239,7 +235,6 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
                 .collect(),
             deletion_refused: m.spec.deletion_refused.is_some(),
             revision: m.metadata.resource_version.clone(),
-            ..Default::default()
         }
     }
 }

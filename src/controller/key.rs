@@ -75,9 +75,13 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
     let mut now = Timestamp::now();
     let mut clock_checked = false;
     let generation = key.meta().generation.unwrap_or(0);
+    // Read once per reconcile: what was used decides refusals and postponements, and is
+    // read fresh when a deletion is asked for or falls due (both reconcile).
+    let usage = cluster.usage(&owner.uid).await?.map(|u| crate::domain::Usage::from(&u));
     for _ in 0..5 {
         let view = material_view(material.as_ref(), ctx.root.fingerprint());
-        let promised_deletion = material.as_ref().and_then(|m| m.spec.deletion_time.as_ref()).map(|t| t.0);
+        let spec = material.as_ref().map(|m| &m.spec);
+        let promised_deletion = spec.and_then(|s| s.deletion_time.as_ref()).map(|t| t.0);
         let observed = Observed {
             spec: &key.spec,
             generation,
@@ -85,13 +89,21 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
             status: &status,
             material: &view,
             promised_deletion,
+            deletion_refused: spec.and_then(|s| s.deletion_refused.as_ref()).map(|r| r.message.as_str()),
+            storage_oldest: spec.and_then(|s| s.storage.as_ref()).map(|s| s.oldest_version_in_use),
+            usage: usage.as_ref(),
         };
         match lifecycle::plan(&observed, now, ctx.calendar) {
             Plan::Act(action) => {
                 // Promising a deletion time: measure the waiting period from the later of
                 // this controller's clock and the API server's, so a controller whose clock
                 // is behind cannot promise an early destruction.
-                if matches!(action, MaterialAction::ScheduleDeletion { .. }) && !clock_checked {
+                let promises = matches!(
+                    action,
+                    MaterialAction::ScheduleDeletion { .. }
+                        | MaterialAction::ScheduleVersionDestruction { .. }
+                );
+                if promises && !clock_checked {
                     clock_checked = true;
                     let server_now = cluster.server_time().await?;
                     if server_now > now {
@@ -99,9 +111,15 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                         continue;
                     }
                 }
-                if action == MaterialAction::Destroy
-                    && let Some(wait) = api_server_not_yet_due(ctx, promised_deletion).await?
-                {
+                let due = match &action {
+                    MaterialAction::Destroy => promised_deletion,
+                    MaterialAction::DestroyVersion { version } => spec
+                        .and_then(|s| s.versions.iter().find(|v| v.version == *version))
+                        .and_then(|v| v.deletion_time.as_ref())
+                        .map(|t| t.0),
+                    _ => None,
+                };
+                if let Some(wait) = api_server_not_yet_due(ctx, due).await? {
                     return Ok(Action::requeue(wait));
                 }
                 match apply(ctx, key, &owner, material.as_ref(), &action, now).await {
@@ -111,9 +129,9 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 }
             }
             Plan::Settle { status: next, requeue_after } => {
-                let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..next };
+                let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..*next };
                 let mut resource_version = key.resource_version();
-                if next != status {
+                if next != lifecycle::owned(&status) {
                     // Audited before status reports it: a transition that cannot be audited
                     // is not reported, and is audited again by the retry.
                     let transitions = lifecycle::transitions(&status, &next);
@@ -256,6 +274,8 @@ pub fn material_view(material: Option<&KmsKeyMaterial>, root_fingerprint: &str) 
                         created: v.created.0,
                         trigger: v.trigger,
                         request: v.request.clone(),
+                        deletion_time: v.deletion_time.as_ref().map(|t| t.0),
+                        destroyed: v.destroyed_at.as_ref().map(|t| t.0),
                     })
                     .collect(),
                 root_key_matches: m.spec.root_key_fingerprint == root_fingerprint,
@@ -313,17 +333,59 @@ async fn apply(
             );
             rotated
         }
-        (MaterialAction::ScheduleDeletion { at }, Some(current)) => {
+        (MaterialAction::ScheduleDeletion { at, forced }, Some(current)) => {
+            audit_forced(ctx, key, owner, None, forced.as_deref())?;
+            let postponed = current.spec.deletion_time.is_some();
             let scheduled =
                 cluster.replace_material(&keyring::with_deletion_time(current, Some(*at))).await?;
-            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, deletion_time = %at, "promised the deletion time");
+            if postponed {
+                ctx.metrics.material_changes.get_or_create(&label("postpone_deletion")).inc();
+                tracing::warn!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, deletion_time = %at, "the key was asked for while pending deletion; postponed its destruction");
+            } else {
+                tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, deletion_time = %at, forced = forced.is_some(), "promised the deletion time");
+            }
             scheduled
         }
-        (MaterialAction::ScheduleDeletion { at }, None) => {
+        (MaterialAction::ScheduleDeletion { at, forced }, None) => {
             // A key without material yet (EXTERNAL, not imported): the promise needs an
             // object to live in, without versions.
+            audit_forced(ctx, key, owner, None, forced.as_deref())?;
             let empty = keyring::new_material(owner, key.spec.origin, &ctx.root, None, None, now)?;
             cluster.create_material(owner, &keyring::with_deletion_time(&empty, Some(*at))).await?
+        }
+        (MaterialAction::RefuseDeletion { message }, Some(current)) => {
+            tracing::warn!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, %message, "refused the deletion");
+            cluster
+                .replace_material(&keyring::with_deletion_refused(current, Some((message.clone(), now))))
+                .await?
+        }
+        (MaterialAction::ClearDeletionRefusal, Some(current)) => {
+            cluster.replace_material(&keyring::with_deletion_refused(current, None)).await?
+        }
+        (MaterialAction::ScheduleVersionDestruction { version, at, forced }, Some(current)) => {
+            audit_forced(ctx, key, owner, Some(*version), forced.as_deref())?;
+            let postponed =
+                current.spec.versions.iter().any(|v| v.version == *version && v.deletion_time.is_some());
+            let object =
+                keyring::with_version_deletion(current, *version, Some(*at)).ok_or(Error::Unsettled)?;
+            let scheduled = cluster.replace_material(&object).await?;
+            let what =
+                if postponed { "postpone_version_destruction" } else { "schedule_version_destruction" };
+            ctx.metrics.material_changes.get_or_create(&label(what)).inc();
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, version, deletion_time = %at, postponed, "promised a version's destruction");
+            scheduled
+        }
+        (MaterialAction::CancelVersionDestruction { version }, Some(current)) => {
+            let object = keyring::with_version_deletion(current, *version, None).ok_or(Error::Unsettled)?;
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, version, "cancelled a version's destruction");
+            cluster.replace_material(&object).await?
+        }
+        (MaterialAction::DestroyVersion { version }, Some(current)) => {
+            let object = keyring::with_version_destroyed(current, *version, now).ok_or(Error::Unsettled)?;
+            let destroyed = cluster.replace_material(&object).await?;
+            ctx.metrics.material_changes.get_or_create(&label("destroy_version")).inc();
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, version, "destroyed a version's material");
+            destroyed
         }
         (MaterialAction::CancelDeletion, Some(current)) => {
             let cancelled = cluster.replace_material(&keyring::with_deletion_time(current, None)).await?;
@@ -342,7 +404,16 @@ async fn apply(
             let object = keyring::new_material(owner, key.spec.origin, &ctx.root, None, Some(now), now)?;
             cluster.create_material(owner, &object).await?
         }
-        (MaterialAction::Rotate { .. } | MaterialAction::CancelDeletion, None) => {
+        (
+            MaterialAction::Rotate { .. }
+            | MaterialAction::CancelDeletion
+            | MaterialAction::RefuseDeletion { .. }
+            | MaterialAction::ClearDeletionRefusal
+            | MaterialAction::ScheduleVersionDestruction { .. }
+            | MaterialAction::CancelVersionDestruction { .. }
+            | MaterialAction::DestroyVersion { .. },
+            None,
+        ) => {
             return Err(Error::Unsettled);
         }
     };
@@ -400,6 +471,35 @@ fn audit(
         ctx.audit.record(&event).map_err(Error::Audit)?;
     }
     Ok(())
+}
+
+/// Audits a deletion or version destruction scheduled with `force` over what still
+/// needed it, before the promise is written (a promise that cannot be audited is not made).
+fn audit_forced(
+    ctx: &Context,
+    key: &KmsKey,
+    owner: &Owner,
+    version: Option<u32>,
+    forced: Option<&str>,
+) -> Result<(), Error> {
+    let Some(need) = forced else { return Ok(()) };
+    let event = AuditEvent {
+        component: "controller",
+        request_id: uuid::Uuid::new_v4().to_string(),
+        principal: requester(key),
+        operation: if version.is_some() {
+            "ScheduleVersionDestructionForced"
+        } else {
+            "ScheduleDeletionForced"
+        },
+        key: Some(format!("{}/{}", owner.namespace, owner.name)),
+        key_id: Some(owner.uid.clone()),
+        key_version: version,
+        result: "OK",
+        reason: Some(format!("force: true overrode: {need}")),
+        ..Default::default()
+    };
+    ctx.audit.record(&event).map_err(Error::Audit)
 }
 
 /// Who asked for what the controller now does: the last field manager of the object's

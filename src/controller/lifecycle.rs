@@ -20,6 +20,7 @@ use crate::api::{
     KeyState, KeyVersionState, KeyVersionStatus, KmsKeySpec, KmsKeyStatus, MAX_VERSIONS, Origin,
     VersionTrigger,
 };
+use crate::domain::{ReporterKind, Usage, UseKind};
 
 /// Bounds of the deletion window and the rotation period, as the CRD schema sets them.
 const MIN_WINDOW_DAYS: u8 = 7;
@@ -31,6 +32,9 @@ const MAX_PERIOD_DAYS: u16 = 2560;
 pub const READY: &str = "Ready";
 /// The condition that reports a transition the controller refused.
 pub const TRANSITION_REFUSED: &str = "TransitionRefused";
+/// The condition that reports a use attempted while the key was pending deletion (or a
+/// version pending destruction), which postponed the destruction.
+pub const USED_WHILE_PENDING: &str = "UsedWhilePendingDeletion";
 
 /// One version as the material records it (never the material itself).
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +43,10 @@ pub struct VersionInfo {
     pub created: Timestamp,
     pub trigger: VersionTrigger,
     pub request: Option<String>,
+    /// When the version will be destroyed, as the material promises it.
+    pub deletion_time: Option<Timestamp>,
+    /// When the version was destroyed (alone, before the key).
+    pub destroyed: Option<Timestamp>,
 }
 
 /// What the key's `KmsKeyMaterial` says.
@@ -64,6 +72,14 @@ pub struct Observed<'a> {
     /// The deletion time the material object records (promised when the controller first
     /// saw the deletion requested).
     pub promised_deletion: Option<Timestamp>,
+    /// Why the controller refused the deletion the spec asks for, as the material records
+    /// it (the key stays usable while the spec asks for the same without force).
+    pub deletion_refused: Option<&'a str>,
+    /// For a key the KMS plugin serves: the oldest version stored data may still use, as
+    /// the last finished storage migration recorded it in the material.
+    pub storage_oldest: Option<u32>,
+    /// When the key's versions were last used (none before anything reported a use).
+    pub usage: Option<&'a Usage>,
 }
 
 /// The one material change a reconcile makes.
@@ -75,8 +91,20 @@ pub enum MaterialAction {
     /// Add a version.
     Rotate { trigger: VersionTrigger, request: Option<String> },
     /// Record in the material object (creating one without versions if there is none)
-    /// that the material will be destroyed at `at`.
-    ScheduleDeletion { at: Timestamp },
+    /// that the material will be destroyed at `at` (a later time than one already
+    /// promised postpones it). `forced` names what still needed the key, when
+    /// spec.deletion.force overrode it: the shell audits that.
+    ScheduleDeletion { at: Timestamp, forced: Option<String> },
+    /// Record that the deletion the spec asks for is refused, and why.
+    RefuseDeletion { message: String },
+    /// Remove a refusal the spec no longer asks for.
+    ClearDeletionRefusal,
+    /// Promise (or postpone) the destruction of one version.
+    ScheduleVersionDestruction { version: u32, at: Timestamp, forced: Option<String> },
+    /// Remove a version's promised destruction.
+    CancelVersionDestruction { version: u32 },
+    /// Destroy one version's material.
+    DestroyVersion { version: u32 },
     /// Remove the promised deletion time: the deletion was cancelled.
     CancelDeletion,
     /// Destroy every version (or record a destroyed key that never had material).
@@ -89,7 +117,7 @@ pub enum Plan {
     /// Change the material, then plan again with the result.
     Act(MaterialAction),
     /// Write this status (if it differs) and look again after `requeue_after`.
-    Settle { status: KmsKeyStatus, requeue_after: Option<SignedDuration> },
+    Settle { status: Box<KmsKeyStatus>, requeue_after: Option<SignedDuration> },
 }
 
 /// How long a "day" of rotation periods and deletion windows lasts. One real day,
@@ -145,7 +173,8 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
         last_on_demand_request: prev.last_on_demand_request.clone(),
         ..Default::default()
     };
-    let mut refused: Option<(&'static str, String)> = None;
+    let mut refused: Vec<(&'static str, String)> = Vec::new();
+    let mut used_while_pending: Option<String> = None;
     let mut requeue: Option<Timestamp> = None;
 
     // What the spec asks for, besides the state: an on-demand rotation not yet handled.
@@ -164,18 +193,10 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
     {
         next.last_on_demand_request = Some(request.clone());
     }
-    next.versions = versions
-        .iter()
-        .map(|v| KeyVersionStatus {
-            version: v.version,
-            created: Time(v.created),
-            state: KeyVersionState::Enabled,
-            deletion_time: None,
-            last_decrypt: None,
-            used_by_stored_data: None,
-        })
-        .collect();
-    next.current_version = versions.last().map(|v| v.version);
+    let current = versions.iter().rev().find(|v| v.destroyed.is_none()).map(|v| v.version);
+    let storage_key = o.storage_oldest.is_some() || o.usage.is_some_and(Usage::is_storage_key);
+    next.versions = versions.iter().map(|v| version_status(o, v, current, storage_key)).collect();
+    next.current_version = current;
     next.last_rotation_time = versions.iter().skip(1).last().map(|v| Time(v.created));
 
     let deletion_requested = o.spec.deletion.scheduled || o.deleting;
@@ -188,34 +209,69 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
     if !destroyed && !deletion_requested && o.promised_deletion.is_some() {
         return Plan::Act(MaterialAction::CancelDeletion);
     }
+    if !deletion_requested && o.deletion_refused.is_some() {
+        return Plan::Act(MaterialAction::ClearDeletionRefusal);
+    }
+    // A refused deletion leaves the key as it was, while the spec asks for the same
+    // without force.
+    let refusal =
+        o.deletion_refused.filter(|_| o.promised_deletion.is_none() && !o.spec.deletion.force && !destroyed);
+    let pending = deletion_requested && refusal.is_none();
+    if let Some(message) = refusal {
+        refused.push(("DeletionRefused", message.to_owned()));
+    }
+    let window = o.spec.deletion.pending_window_days.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS);
     let state = match o.material {
         _ if destroyed => {
             // Destroyed is final; keep the version history, marked destroyed.
             next.versions = prev
                 .versions
                 .iter()
-                .map(|v| KeyVersionStatus { state: KeyVersionState::Destroyed, ..v.clone() })
+                .map(|v| KeyVersionStatus {
+                    state: KeyVersionState::Destroyed,
+                    deletion_time: None,
+                    used_by_stored_data: v.used_by_stored_data.map(|_| false),
+                    ..v.clone()
+                })
                 .collect();
             next.current_version = prev.current_version;
             next.last_rotation_time = prev.last_rotation_time.clone();
             next.deletion_time = o.promised_deletion.map(Time).or_else(|| prev.deletion_time.clone());
             KeyState::Destroyed
         }
-        _ if deletion_requested => {
+        _ if pending => {
             let Some(deletion_time) = o.promised_deletion else {
                 // The schema bounds the window to 7–30 days; clamp anyway, in case the CRD
                 // installed is older than this controller.
-                let window = o.spec.deletion.pending_window_days.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS);
+                let need = still_needed(o, now, cal.days(u32::from(window)), storage_key);
+                if let Some(need) = &need
+                    && !o.spec.deletion.force
+                {
+                    return Plan::Act(MaterialAction::RefuseDeletion { message: refusal_message(need) });
+                }
                 let at = ceil_second(add(now, cal.days(u32::from(window))));
-                return Plan::Act(MaterialAction::ScheduleDeletion { at });
+                return Plan::Act(MaterialAction::ScheduleDeletion { at, forced: need });
             };
+            // Every use attempted meanwhile starts the waiting period anew.
+            if let Some(used) = o.usage.and_then(|u| u.last_use_of_any(UseKind::Refused)) {
+                let later = ceil_second(add(used, cal.days(u32::from(window))));
+                if later > deletion_time {
+                    return Plan::Act(MaterialAction::ScheduleDeletion { at: later, forced: None });
+                }
+                if add(used, cal.days(u32::from(window))) >= deletion_time {
+                    used_while_pending = Some(format!(
+                        "the key was asked for while pending deletion (last by {used}); its destruction \
+                         waits until it has gone unused for {window} days, now until {deletion_time}"
+                    ));
+                }
+            }
             if now >= deletion_time {
                 return Plan::Act(MaterialAction::Destroy);
             }
             next.deletion_time = Some(Time(deletion_time));
             requeue = Some(deletion_time);
             if o.spec.enabled && prev.observed_enabled == Some(false) {
-                refused = Some((
+                refused.push((
                     "EnableRefused",
                     "the key is pending deletion and cannot be enabled; cancel the deletion first \
                      (spec.deletion.scheduled: false, with spec.enabled: false), then enable it"
@@ -228,7 +284,7 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             // The material existed and is gone without being destroyed by kubekms: never
             // paper over that with new material.
             return Plan::Settle {
-                status: with_conditions(
+                status: Box::new(with_conditions(
                     KmsKeyStatus { state: prev.state, ..prev.clone() },
                     prev,
                     o.generation,
@@ -240,8 +296,9 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
                          kubekms will not replace it with new material"
                             .to_owned(),
                     ),
+                    Vec::new(),
                     None,
-                ),
+                )),
                 requeue_after: None,
             };
         }
@@ -258,6 +315,18 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
         Material::Present { .. } | Material::Destroyed { .. } => KeyState::Disabled,
     };
     next.state = Some(state);
+
+    // Single versions: only while the key itself is neither pending deletion nor destroyed.
+    if matches!(state, KeyState::Enabled | KeyState::Disabled) {
+        match plan_versions(o, versions, current, storage_key, now, cal) {
+            VersionPlan::Act(action) => return Plan::Act(action),
+            VersionPlan::Settle { refusals, wake, used } => {
+                refused.extend(refusals);
+                requeue = min_time(requeue, wake);
+                used_while_pending = used_while_pending.or(used);
+            }
+        }
+    }
 
     // Rotation: on demand first, then on schedule; only an Enabled key of our own making
     // rotates.
@@ -287,7 +356,8 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             }
             Err(why) => {
                 next.last_on_demand_request = Some(request.clone());
-                refused = Some(("RotationRefused", format!("on-demand rotation {request:?} refused: {why}")));
+                refused
+                    .insert(0, ("RotationRefused", format!("on-demand rotation {request:?} refused: {why}")));
             }
         }
     }
@@ -302,26 +372,25 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             return Plan::Act(MaterialAction::Rotate { trigger: VersionTrigger::Scheduled, request: None });
         }
         next.next_rotation_time = Some(Time(due));
-        requeue = Some(requeue.map_or(due, |r| r.min(due)));
+        requeue = min_time(requeue, Some(due));
     }
 
-    // A refusal stays reported while the spec still asks for the refused thing.
-    if refused.is_none()
-        && let Some(c) = find(&prev.conditions, TRANSITION_REFUSED)
-    {
+    // A refused rotation or enable stays reported while the spec still asks for it (the
+    // rotation is not retried; the enable was refused when spec.enabled turned true); the
+    // other refusals are decided anew each time.
+    if let Some(c) = find(&prev.conditions, TRANSITION_REFUSED) {
+        let first = c.message.split(ALSO).next().unwrap_or_default().to_owned();
         let still = match c.reason.as_str() {
-            "EnableRefused" => state == KeyState::PendingDeletion && o.spec.enabled,
             "RotationRefused" => {
                 o.spec.rotation.on_demand_request.is_some()
                     && o.spec.rotation.on_demand_request == prev.last_on_demand_request
             }
+            "EnableRefused" => state == KeyState::PendingDeletion && o.spec.enabled,
             _ => false,
         };
-        if still {
-            refused = Some((
-                if c.reason == "EnableRefused" { "EnableRefused" } else { "RotationRefused" },
-                c.message.clone(),
-            ));
+        let reason = if c.reason == "EnableRefused" { "EnableRefused" } else { "RotationRefused" };
+        if still && !refused.iter().any(|(r, _)| *r == reason) {
+            refused.insert(0, (reason, first));
         }
     }
 
@@ -350,9 +419,219 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
         KeyState::Destroyed => ("False", "Destroyed", "the key material has been destroyed".to_owned()),
         KeyState::Creating => ("False", "Creating", "creating version 1".to_owned()),
     };
-    let status = with_conditions(next, prev, o.generation, now, ready, refused);
+    let status = with_conditions(next, prev, o.generation, now, ready, refused, used_while_pending);
     let requeue_after = requeue.map(|t| t.duration_since(now).max(SignedDuration::from_secs(1)));
-    Plan::Settle { status, requeue_after }
+    Plan::Settle { status: Box::new(status), requeue_after }
+}
+
+fn min_time(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// One version as status reports it.
+fn version_status(
+    o: &Observed<'_>,
+    v: &VersionInfo,
+    current: Option<u32>,
+    storage_key: bool,
+) -> KeyVersionStatus {
+    let disabled = o.spec.versions.iter().any(|r| r.version == v.version && !r.enabled);
+    let state = if v.destroyed.is_some() {
+        KeyVersionState::Destroyed
+    } else if v.deletion_time.is_some() {
+        KeyVersionState::PendingDestruction
+    } else if disabled && Some(v.version) != current {
+        KeyVersionState::Disabled
+    } else {
+        KeyVersionState::Enabled
+    };
+    let last_decrypt = o
+        .usage
+        .and_then(|u| u.reporters.iter().filter_map(|r| r.versions.get(&v.version)?.last_decrypt).max());
+    KeyVersionStatus {
+        version: v.version,
+        created: Time(v.created),
+        state,
+        deletion_time: v.deletion_time.map(Time),
+        last_decrypt: last_decrypt.map(Time),
+        used_by_stored_data: storage_key
+            .then(|| v.destroyed.is_none() && o.storage_oldest.is_none_or(|oldest| v.version >= oldest)),
+    }
+}
+
+/// What still needs a key whose deletion is asked for, if anything: data kube-apiserver
+/// stores under it, or a decryption within the waiting period's length.
+fn still_needed(
+    o: &Observed<'_>,
+    now: Timestamp,
+    window: SignedDuration,
+    storage_key: bool,
+) -> Option<String> {
+    if storage_key {
+        return Some(
+            "kube-apiserver stores data under this key (a KMS plugin serves it): every object it \
+             encrypted would become unreadable"
+                .to_owned(),
+        );
+    }
+    let all = [ReporterKind::StoragePlugin, ReporterKind::KeyApi];
+    let last = o.usage.and_then(|u| {
+        u.reporters
+            .iter()
+            .flat_map(|r| r.versions.keys())
+            .filter_map(|v| u.last_use(*v, UseKind::Decrypt, &all))
+            .max()
+    })?;
+    (last.saturating_add(window).unwrap_or(Timestamp::MAX) > now).then(|| {
+        format!("the key decrypted data within the last {} (until {last} at the latest)", window_days_text(o))
+    })
+}
+
+fn window_days_text(o: &Observed<'_>) -> String {
+    format!("{} days", o.spec.deletion.pending_window_days.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS))
+}
+
+fn refusal_message(need: &str) -> String {
+    format!(
+        "deletion refused: {need}. Make sure nothing needs the key any more, or set \
+         spec.deletion.force: true to schedule the deletion anyway (recorded in the audit trail)"
+    )
+}
+
+/// What the single-version requests call for.
+enum VersionPlan {
+    Act(MaterialAction),
+    Settle { refusals: Vec<(&'static str, String)>, wake: Option<Timestamp>, used: Option<String> },
+}
+
+/// Carries out `spec.versions`: promises, postpones, cancels and performs the destruction
+/// of single versions, and explains the requests it refuses. A request to destroy a
+/// version that something still needs waits (refused, and reported) until nothing does —
+/// for a key kube-apiserver stores data under, until a storage migration has moved that
+/// data off the version — unless it says `force`.
+fn plan_versions(
+    o: &Observed<'_>,
+    versions: &[VersionInfo],
+    current: Option<u32>,
+    storage_key: bool,
+    now: Timestamp,
+    cal: Calendar,
+) -> VersionPlan {
+    let mut refusals = Vec::new();
+    let mut wake = None;
+    let mut used = None;
+    let all = [ReporterKind::StoragePlugin, ReporterKind::KeyApi];
+    for v in versions.iter().filter(|v| v.destroyed.is_none()) {
+        let request = o.spec.versions.iter().find(|r| r.version == v.version);
+        let wanted = request.is_some_and(|r| r.destruction.scheduled);
+        let window = request.map_or(MIN_WINDOW_DAYS, |r| r.destruction.pending_window_days);
+        let window = cal.days(u32::from(window.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS)));
+        match (wanted, v.deletion_time) {
+            (false, Some(_)) => {
+                return VersionPlan::Act(MaterialAction::CancelVersionDestruction { version: v.version });
+            }
+            (false, None) => {}
+            (true, None) => {
+                if Some(v.version) == current {
+                    continue; // refused below, with the other requests about the current version
+                }
+                let force = request.is_some_and(|r| r.destruction.force);
+                let need = version_needed(o, v.version, storage_key, now, window);
+                match need {
+                    Some(need) if !force => {
+                        refusals.push((
+                            "VersionDestructionRefused",
+                            format!(
+                                "destruction of version {} waits: {need}; it is carried out once nothing \
+                                 needs the version (or set force: true in its spec.versions entry)",
+                                v.version
+                            ),
+                        ));
+                    }
+                    forced => {
+                        let at = ceil_second(add(now, window));
+                        return VersionPlan::Act(MaterialAction::ScheduleVersionDestruction {
+                            version: v.version,
+                            at,
+                            forced,
+                        });
+                    }
+                }
+            }
+            (true, Some(deletion_time)) => {
+                if let Some(last) = o.usage.and_then(|u| u.last_use(v.version, UseKind::Refused, &all)) {
+                    let later = ceil_second(add(last, window));
+                    if later > deletion_time {
+                        return VersionPlan::Act(MaterialAction::ScheduleVersionDestruction {
+                            version: v.version,
+                            at: later,
+                            forced: None,
+                        });
+                    }
+                    if add(last, window) >= deletion_time {
+                        used = Some(format!(
+                            "version {} was asked for while pending destruction (last by {last}); its \
+                             destruction waits until {deletion_time}",
+                            v.version
+                        ));
+                    }
+                }
+                if now >= deletion_time {
+                    return VersionPlan::Act(MaterialAction::DestroyVersion { version: v.version });
+                }
+                wake = min_time(wake, Some(deletion_time));
+            }
+        }
+    }
+    for r in &o.spec.versions {
+        let known = versions.iter().any(|v| v.version == r.version);
+        let asks = !r.enabled || r.destruction.scheduled;
+        if !known && asks {
+            refusals.push((
+                "VersionRequestRefused",
+                format!("spec.versions names version {}, which the key does not have", r.version),
+            ));
+        } else if Some(r.version) == current && asks {
+            refusals.push((
+                "VersionRequestRefused",
+                format!(
+                    "version {} is the current version: it cannot be disabled or destroyed; rotate the key \
+                     first, and the request takes effect once another version is current",
+                    r.version
+                ),
+            ));
+        }
+    }
+    VersionPlan::Settle { refusals, wake, used }
+}
+
+/// What still needs one version, if anything.
+fn version_needed(
+    o: &Observed<'_>,
+    version: u32,
+    storage_key: bool,
+    now: Timestamp,
+    window: SignedDuration,
+) -> Option<String> {
+    if storage_key && o.storage_oldest.is_none_or(|oldest| version >= oldest) {
+        return Some(format!(
+            "data kube-apiserver stores may still be encrypted under version {version} until a storage \
+             migration has moved it to a later version (see status.storageMigration)"
+        ));
+    }
+    // For a key the plugin serves, a finished migration answers for the stored data; only
+    // workloads' own decryptions count then.
+    let from: &[ReporterKind] = if storage_key {
+        &[ReporterKind::KeyApi]
+    } else {
+        &[ReporterKind::KeyApi, ReporterKind::StoragePlugin]
+    };
+    let last = o.usage.and_then(|u| u.last_use(version, UseKind::Decrypt, from))?;
+    (last.saturating_add(window).unwrap_or(Timestamp::MAX) > now)
+        .then(|| format!("it decrypted data within its waiting period's length (until {last} at the latest)"))
 }
 
 fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
@@ -389,10 +668,12 @@ fn with_conditions(
     generation: i64,
     now: Timestamp,
     ready: (&str, &str, String),
-    refused: Option<(&str, String)>,
+    refused: Vec<(&str, String)>,
+    used_while_pending: Option<String>,
 ) -> KmsKeyStatus {
     let mut conditions = vec![condition(&prev.conditions, READY, ready.0, ready.1, ready.2, generation, now)];
-    if let Some((reason, message)) = refused {
+    if let Some((reason, _)) = refused.first() {
+        let message = refused.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join(ALSO);
         conditions.push(condition(
             &prev.conditions,
             TRANSITION_REFUSED,
@@ -403,8 +684,34 @@ fn with_conditions(
             now,
         ));
     }
+    if let Some(message) = used_while_pending {
+        conditions.push(condition(
+            &prev.conditions,
+            USED_WHILE_PENDING,
+            "True",
+            "UsedWhilePending",
+            message,
+            generation,
+            now,
+        ));
+    }
     next.conditions = conditions;
     next
+}
+
+/// Between the refusals one TransitionRefused condition reports.
+const ALSO: &str = " | also: ";
+
+/// The conditions this planner writes; others (StorageMigrated) belong to other writers.
+const OWN_CONDITIONS: [&str; 3] = [READY, TRANSITION_REFUSED, USED_WHILE_PENDING];
+
+/// `status` without what other writers own (the storage migration's field and condition):
+/// what a planned status is compared with, so that their writes cause no write of ours.
+pub fn owned(status: &KmsKeyStatus) -> KmsKeyStatus {
+    let mut own = status.clone();
+    own.storage_migration = None;
+    own.conditions.retain(|c| OWN_CONDITIONS.contains(&c.type_.as_str()));
+    own
 }
 
 /// An Event the controller publishes for a status change.
@@ -468,12 +775,76 @@ pub fn transitions(prev: &KmsKeyStatus, next: &KmsKeyStatus) -> Vec<Transition> 
     if let Some((reason, message)) = refusal(next)
         && refusal(prev).as_ref() != Some(&(reason.clone(), message.clone()))
     {
+        let (reason, action) = match reason.as_str() {
+            "EnableRefused" => ("EnableRefused", "Enable"),
+            "DeletionRefused" => ("DeletionRefused", "ScheduleDeletion"),
+            "VersionDestructionRefused" => ("VersionDestructionRefused", "ScheduleVersionDestruction"),
+            "VersionRequestRefused" => ("VersionRequestRefused", "ChangeVersion"),
+            _ => ("RotationRefused", "Rotate"),
+        };
+        out.push(Transition { warning: true, reason, action, note: message });
+    }
+    if prev.state == Some(KeyState::PendingDeletion)
+        && next.state == Some(KeyState::PendingDeletion)
+        && let (Some(a), Some(b)) = (&prev.deletion_time, &next.deletion_time)
+        && b.0 > a.0
+    {
         out.push(Transition {
             warning: true,
-            reason: if reason == "EnableRefused" { "EnableRefused" } else { "RotationRefused" },
-            action: if reason == "EnableRefused" { "Enable" } else { "Rotate" },
-            note: message,
+            reason: "KeyUsedWhilePendingDeletion",
+            action: "PostponeDeletion",
+            note: format!("the key was asked for while pending deletion; its destruction moved to {}", b.0),
         });
+    }
+    if next.state != Some(KeyState::Destroyed) {
+        out.extend(version_transitions(prev, next));
+    }
+    out
+}
+
+/// The Events single versions' changes deserve.
+fn version_transitions(prev: &KmsKeyStatus, next: &KmsKeyStatus) -> Vec<Transition> {
+    use KeyVersionState::{Destroyed, Disabled, Enabled, PendingDestruction};
+    let mut out = Vec::new();
+    for n in &next.versions {
+        let Some(p) = prev.versions.iter().find(|p| p.version == n.version) else { continue };
+        let v = n.version;
+        let when = || n.deletion_time.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+        let (warning, reason, action, note) = match (p.state, n.state) {
+            (PendingDestruction, PendingDestruction) => match (&p.deletion_time, &n.deletion_time) {
+                (Some(a), Some(b)) if b.0 > a.0 => (
+                    true,
+                    "VersionUsedWhilePendingDestruction",
+                    "PostponeVersionDestruction",
+                    format!(
+                        "version {v} was asked for while pending destruction; its destruction moved to {}",
+                        b.0
+                    ),
+                ),
+                _ => continue,
+            },
+            (a, b) if a == b => continue,
+            (_, PendingDestruction) => (
+                false,
+                "VersionDestructionScheduled",
+                "ScheduleVersionDestruction",
+                format!("version {v} will be destroyed at {}", when()),
+            ),
+            (_, Destroyed) => {
+                (false, "VersionDestroyed", "DestroyVersion", format!("version {v} has been destroyed"))
+            }
+            (PendingDestruction, s) => (
+                false,
+                "VersionDestructionCancelled",
+                "CancelVersionDestruction",
+                format!("the destruction of version {v} was cancelled; it is {s:?}"),
+            ),
+            (_, Disabled) => {
+                (false, "VersionDisabled", "DisableVersion", format!("version {v} refuses to decrypt"))
+            }
+            (_, Enabled) => (false, "VersionEnabled", "EnableVersion", format!("version {v} decrypts again")),
+        };
+        out.push(Transition { warning, reason, action, note });
     }
     out
 }

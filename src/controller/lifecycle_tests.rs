@@ -5,6 +5,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::*;
 use crate::api::{Deletion, KeyPolicy, KeySpec, KeyUsage, Rotation};
+use crate::domain::{ReporterKind, Usage};
 
 const DAY: SignedDuration = SignedDuration::from_hours(24);
 
@@ -30,6 +31,13 @@ fn spec() -> KmsKeySpec {
     }
 }
 
+fn version_mut(m: &mut Material, n: u32) -> &mut VersionInfo {
+    match m {
+        Material::Present { versions, .. } => versions.iter_mut().find(|v| v.version == n).unwrap(),
+        other => panic!("no version {n} in {other:?}"),
+    }
+}
+
 /// A key and its material, reconciled the way the controller does: plan, apply the
 /// material action, plan again, keep the status.
 struct Sim {
@@ -40,6 +48,10 @@ struct Sim {
     material: Material,
     /// The deletion time the material object records.
     promised_deletion: Option<Timestamp>,
+    /// The refusal the material object records.
+    deletion_refused: Option<String>,
+    storage_oldest: Option<u32>,
+    usage: Option<Usage>,
     now: Timestamp,
     events: Vec<&'static str>,
     actions: Vec<MaterialAction>,
@@ -54,6 +66,9 @@ impl Sim {
             status: KmsKeyStatus { key_id: Some("k-1".into()), ..Default::default() },
             material: Material::Absent,
             promised_deletion: None,
+            deletion_refused: None,
+            storage_oldest: None,
+            usage: None,
             now: t0(),
             events: vec![],
             actions: vec![],
@@ -73,6 +88,9 @@ impl Sim {
             status: &self.status,
             material: &self.material,
             promised_deletion: self.promised_deletion,
+            deletion_refused: self.deletion_refused.as_deref(),
+            storage_oldest: self.storage_oldest,
+            usage: self.usage.as_ref(),
         };
         plan(&o, self.now, Calendar { day: DAY })
     }
@@ -81,8 +99,25 @@ impl Sim {
         let version = |versions: &[VersionInfo]| versions.len() as u32 + 1;
         self.actions.push(action.clone());
         match action {
-            MaterialAction::ScheduleDeletion { at } => return self.promised_deletion = Some(*at),
+            MaterialAction::ScheduleDeletion { at, .. } => {
+                self.deletion_refused = None;
+                return self.promised_deletion = Some(*at);
+            }
             MaterialAction::CancelDeletion => return self.promised_deletion = None,
+            MaterialAction::RefuseDeletion { message } => {
+                return self.deletion_refused = Some(message.clone());
+            }
+            MaterialAction::ClearDeletionRefusal => return self.deletion_refused = None,
+            MaterialAction::ScheduleVersionDestruction { version: n, at, .. } => {
+                return version_mut(&mut self.material, *n).deletion_time = Some(*at);
+            }
+            MaterialAction::CancelVersionDestruction { version: n } => {
+                return version_mut(&mut self.material, *n).deletion_time = None;
+            }
+            MaterialAction::DestroyVersion { version: n } => {
+                let now = self.now;
+                return version_mut(&mut self.material, *n).destroyed = Some(now);
+            }
             _ => {}
         }
         self.material = match (&self.material, action) {
@@ -92,6 +127,8 @@ impl Sim {
                     created: self.now,
                     trigger: VersionTrigger::Created,
                     request: request.clone(),
+                    deletion_time: None,
+                    destroyed: None,
                 }],
                 root_key_matches: true,
             },
@@ -105,6 +142,8 @@ impl Sim {
                     created: self.now,
                     trigger: *trigger,
                     request: request.clone(),
+                    deletion_time: None,
+                    destroyed: None,
                 });
                 Material::Present { versions, root_key_matches: *root_key_matches }
             }
@@ -122,7 +161,7 @@ impl Sim {
                     for t in transitions(&self.status, &status) {
                         self.events.push(t.reason);
                     }
-                    self.status = status;
+                    self.status = *status;
                     return requeue_after;
                 }
             }
@@ -382,7 +421,7 @@ fn a_destroyed_key_whose_tombstone_is_gone_stays_destroyed() {
         k.actions,
         [
             MaterialAction::Create { request: None },
-            MaterialAction::ScheduleDeletion { at },
+            MaterialAction::ScheduleDeletion { at, forced: None },
             MaterialAction::Destroy
         ],
         "no new material, no second destruction"
@@ -481,6 +520,8 @@ fn external_keys_wait_for_import_and_never_rotate() {
             created: k.now,
             trigger: VersionTrigger::Imported,
             request: None,
+            deletion_time: None,
+            destroyed: None,
         }],
         root_key_matches: true,
     };
@@ -596,7 +637,14 @@ fn the_version_limit_is_reported() {
     let mut k = Sim::new();
     k.reconcile();
     let versions = (1..=MAX_VERSIONS as u32)
-        .map(|v| VersionInfo { version: v, created: k.now, trigger: VersionTrigger::OnDemand, request: None })
+        .map(|v| VersionInfo {
+            version: v,
+            created: k.now,
+            trigger: VersionTrigger::OnDemand,
+            request: None,
+            deletion_time: None,
+            destroyed: None,
+        })
         .collect();
     k.material = Material::Present { versions, root_key_matches: true };
     k.edit(|s| s.rotation.on_demand_request = Some("one too many".into()));
@@ -647,7 +695,7 @@ fn the_deletion_time_is_promised_once_and_cancelled_in_the_material() {
     k.reconcile();
     k.edit(|s| s.deletion.scheduled = true);
     k.reconcile();
-    assert_eq!(k.actions[1], MaterialAction::ScheduleDeletion { at: t0() + days(30) });
+    assert_eq!(k.actions[1], MaterialAction::ScheduleDeletion { at: t0() + days(30), forced: None });
     // Later reconciles keep the promise (no second write, however often they run).
     k.now += days(2);
     k.reconcile();
@@ -674,9 +722,222 @@ fn a_key_without_material_keeps_its_promise_in_an_empty_object() {
     assert_eq!(k.state(), KeyState::PendingImport);
     k.edit(|s| s.deletion.scheduled = true);
     k.reconcile();
-    assert_eq!(k.actions, [MaterialAction::ScheduleDeletion { at: t0() + days(30) }]);
+    assert_eq!(k.actions, [MaterialAction::ScheduleDeletion { at: t0() + days(30), forced: None }]);
     assert_eq!(k.state(), KeyState::PendingDeletion);
     k.now += days(30);
     k.reconcile();
     assert_eq!(k.state(), KeyState::Destroyed);
+}
+
+fn usage(kind: ReporterKind, version: u32, u: crate::domain::VersionUse) -> Usage {
+    Usage {
+        reporters: vec![crate::domain::ReporterUse {
+            name: "r".into(),
+            kind,
+            granularity: DAY,
+            versions: [(version, u)].into(),
+        }],
+    }
+}
+
+fn decrypted(at: Timestamp) -> crate::domain::VersionUse {
+    crate::domain::VersionUse { last_decrypt: Some(at), ..Default::default() }
+}
+
+fn refused_use(at: Timestamp) -> crate::domain::VersionUse {
+    crate::domain::VersionUse { last_refused: Some(at), ..Default::default() }
+}
+
+fn rotated(k: &mut Sim, request: &str) {
+    k.edit(|s| s.rotation.on_demand_request = Some(request.into()));
+    k.reconcile();
+}
+
+#[test]
+fn deleting_the_key_stored_data_needs_is_refused_until_forced() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.usage = Some(usage(ReporterKind::StoragePlugin, 1, decrypted(t0())));
+    k.take_events();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Enabled, "a refused deletion leaves the key usable");
+    assert_eq!(k.promised_deletion, None);
+    let refused = k.condition(TRANSITION_REFUSED).unwrap();
+    assert_eq!(refused.reason, "DeletionRefused");
+    assert!(refused.message.contains("kube-apiserver stores data under this key"), "{}", refused.message);
+    assert!(refused.message.contains("spec.deletion.force: true"), "says what to do: {}", refused.message);
+    assert_eq!(k.take_events(), ["DeletionRefused"]);
+    // Refused for good: a later reconcile neither retries nor reports it again.
+    k.now += days(60);
+    k.reconcile();
+    assert_eq!(k.promised_deletion, None);
+    assert!(k.take_events().is_empty());
+
+    k.edit(|s| s.deletion.force = true);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    assert_eq!(k.deletion_refused, None, "the promise ends the refusal");
+    let forced = k.actions.iter().find_map(|a| match a {
+        MaterialAction::ScheduleDeletion { forced, .. } => forced.clone(),
+        _ => None,
+    });
+    assert!(forced.unwrap().contains("kube-apiserver stores data"), "the override is named, for the audit");
+}
+
+#[test]
+fn a_refusal_goes_when_the_spec_stops_asking() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.usage = Some(usage(ReporterKind::KeyApi, 1, decrypted(t0())));
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    assert!(k.deletion_refused.as_deref().unwrap().contains("decrypted data within the last 30 days"));
+    k.edit(|s| s.deletion.scheduled = false);
+    k.reconcile();
+    assert_eq!(k.deletion_refused, None);
+    assert!(k.condition(TRANSITION_REFUSED).is_none());
+    assert_eq!(k.state(), KeyState::Enabled);
+}
+
+#[test]
+fn an_application_key_unused_for_its_window_is_scheduled_without_force() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.usage = Some(usage(ReporterKind::KeyApi, 1, decrypted(t0())));
+    k.now = t0() + days(8);
+    k.edit(|s| {
+        s.deletion.scheduled = true;
+        s.deletion.pending_window_days = 7;
+    });
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion, "last decrypt ended more than 7 days ago");
+    assert_eq!(k.promised_deletion, Some(t0() + days(15)));
+}
+
+#[test]
+fn a_use_while_pending_deletion_postpones_the_destruction() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| {
+        s.deletion.scheduled = true;
+        s.deletion.pending_window_days = 7;
+    });
+    k.reconcile();
+    assert_eq!(k.promised_deletion, Some(t0() + days(7)));
+    k.take_events();
+    // Refused on day 5 (recorded as the day's period, so up to day 6).
+    k.now = t0() + days(5);
+    k.usage = Some(usage(ReporterKind::KeyApi, 1, refused_use(t0() + days(5))));
+    k.reconcile();
+    assert_eq!(k.promised_deletion, Some(t0() + days(13)), "the window starts again after the last use");
+    assert_eq!(k.take_events(), ["KeyUsedWhilePendingDeletion"]);
+    let used = k.condition(USED_WHILE_PENDING).unwrap();
+    assert_eq!(used.status, "True");
+    k.now = t0() + days(7);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion, "not destroyed at the end of the first window");
+    k.now = t0() + days(13);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+}
+
+#[test]
+fn a_version_of_the_cluster_key_is_destroyed_only_after_a_migration_moved_its_data() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.usage = Some(usage(ReporterKind::StoragePlugin, 1, decrypted(t0())));
+    rotated(&mut k, "r1");
+    assert_eq!(k.status.versions[0].used_by_stored_data, Some(true));
+    k.take_events();
+    k.edit(|s| {
+        s.versions = vec![crate::api::VersionRequest {
+            version: 1,
+            enabled: true,
+            destruction: Deletion { scheduled: true, pending_window_days: 7, force: false },
+        }]
+    });
+    k.reconcile();
+    let refused = k.condition(TRANSITION_REFUSED).unwrap();
+    assert_eq!(refused.reason, "VersionDestructionRefused");
+    assert!(refused.message.contains("storage migration"), "{}", refused.message);
+    assert_eq!(k.status.versions[0].state, KeyVersionState::Enabled, "still decrypts the stored data");
+    assert_eq!(k.take_events(), ["VersionDestructionRefused"]);
+
+    // The migration finished: version 2 holds everything stored.
+    k.storage_oldest = Some(2);
+    k.reconcile();
+    assert_eq!(k.status.versions[0].used_by_stored_data, Some(false));
+    assert_eq!(k.status.versions[0].state, KeyVersionState::PendingDestruction);
+    assert_eq!(k.status.versions[0].deletion_time, Some(Time(k.now + days(7))));
+    assert!(k.condition(TRANSITION_REFUSED).is_none());
+    assert_eq!(k.take_events(), ["VersionDestructionScheduled"]);
+    k.now += days(7);
+    k.reconcile();
+    assert_eq!(k.status.versions[0].state, KeyVersionState::Destroyed);
+    assert_eq!(k.status.versions[1].state, KeyVersionState::Enabled);
+    assert_eq!(k.state(), KeyState::Enabled);
+    assert_eq!(k.status.current_version, Some(2));
+    assert_eq!(k.take_events(), ["VersionDestroyed"]);
+    // A destroyed version's number is never used again.
+    rotated(&mut k, "r2");
+    assert_eq!(k.status.current_version, Some(3));
+}
+
+#[test]
+fn the_current_version_is_neither_disabled_nor_destroyed() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.take_events();
+    k.edit(|s| {
+        s.versions = vec![crate::api::VersionRequest {
+            version: 1,
+            enabled: false,
+            destruction: Deletion { scheduled: true, pending_window_days: 7, force: true },
+        }]
+    });
+    k.reconcile();
+    assert_eq!(k.status.versions[0].state, KeyVersionState::Enabled);
+    let refused = k.condition(TRANSITION_REFUSED).unwrap();
+    assert!(refused.message.contains("version 1 is the current version"), "{}", refused.message);
+    assert!(k.actions.iter().all(|a| !matches!(a, MaterialAction::ScheduleVersionDestruction { .. })));
+    // Unknown versions are named too.
+    k.edit(|s| s.versions[0].version = 9);
+    k.reconcile();
+    assert!(
+        k.condition(TRANSITION_REFUSED).unwrap().message.contains("version 9, which the key does not have")
+    );
+}
+
+#[test]
+fn a_version_is_disabled_and_enabled_again_and_its_destruction_cancelled() {
+    let mut k = Sim::new();
+    k.reconcile();
+    rotated(&mut k, "r1");
+    k.take_events();
+    let request = |enabled, scheduled| crate::api::VersionRequest {
+        version: 1,
+        enabled,
+        destruction: Deletion { scheduled, pending_window_days: 7, force: false },
+    };
+    k.edit(|s| s.versions = vec![request(false, false)]);
+    k.reconcile();
+    assert_eq!(k.status.versions[0].state, KeyVersionState::Disabled);
+    assert_eq!(k.take_events(), ["VersionDisabled"]);
+    k.edit(|s| s.versions = vec![request(false, true)]);
+    k.reconcile();
+    assert_eq!(k.status.versions[0].state, KeyVersionState::PendingDestruction);
+    // Refused on day 3: the destruction moves.
+    k.now += days(3);
+    k.usage = Some(usage(ReporterKind::KeyApi, 1, refused_use(k.now)));
+    k.reconcile();
+    assert_eq!(k.status.versions[0].deletion_time, Some(Time(k.now + days(8))));
+    assert!(k.condition(USED_WHILE_PENDING).is_some());
+    k.edit(|s| s.versions = vec![request(true, false)]);
+    k.reconcile();
+    assert_eq!(k.status.versions[0].state, KeyVersionState::Enabled);
+    assert_eq!(
+        k.take_events(),
+        ["VersionDestructionScheduled", "VersionUsedWhilePendingDestruction", "VersionDestructionCancelled"]
+    );
 }

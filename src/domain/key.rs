@@ -68,8 +68,6 @@ pub struct KeyIntent {
     pub deleting: bool,
     /// Versions `spec.versions` disables.
     pub disabled_versions: Vec<u32>,
-    /// Versions whose destruction `spec.versions` requests.
-    pub destroy_versions: Vec<u32>,
 }
 
 impl KeyIntent {
@@ -101,8 +99,10 @@ impl KeyIntent {
     }
 
     /// The versions other than `current` that refuse to decrypt: destroyed ones (as the
-    /// material records them), those whose destruction the spec requests or the material
-    /// promises (refused at once), and those the spec disables.
+    /// material records them), those whose destruction the material promises, and those
+    /// the spec disables (at once). A destruction the spec requests takes effect when the
+    /// controller promises it — it may refuse, for data that still needs the version;
+    /// `enabled: false` beside it refuses the version at once.
     pub fn refused_versions(
         &self,
         material: Option<&WrappedMaterial>,
@@ -114,7 +114,7 @@ impl KeyIntent {
             out.insert(*v, VersionRefusal::Disabled);
         }
         let promised = material.into_iter().flat_map(|m| m.version_deletions.iter().map(|(v, _)| v));
-        for v in self.destroy_versions.iter().chain(promised).filter(|v| not_current(v)) {
+        for v in promised.filter(|v| not_current(v)) {
             out.insert(*v, VersionRefusal::PendingDestruction);
         }
         for v in material.into_iter().flat_map(|m| m.destroyed_versions.iter()) {
@@ -253,13 +253,14 @@ mod tests {
 
     #[test]
     fn single_versions_refuse_by_spec_promise_or_destruction_but_never_the_current_one() {
-        let wanted = KeyIntent {
-            disabled_versions: vec![1, 4],
-            destroy_versions: vec![2, 4],
-            ..intent(Origin::Kubekms, true, false, false)
-        };
+        let wanted =
+            KeyIntent { disabled_versions: vec![1, 4], ..intent(Origin::Kubekms, true, false, false) };
         let stored = WrappedMaterial {
-            version_deletions: vec![(3, Timestamp::UNIX_EPOCH)],
+            version_deletions: vec![
+                (2, Timestamp::UNIX_EPOCH),
+                (3, Timestamp::UNIX_EPOCH),
+                (4, Timestamp::UNIX_EPOCH),
+            ],
             destroyed_versions: vec![5],
             ..material(&[1, 2, 3, 4, 6], false, false)
         };

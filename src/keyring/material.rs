@@ -9,7 +9,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ObjectMeta;
 
 use crate::api::{
-    KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS, MaterialVersion, Origin, VersionTrigger,
+    DeletionRefusal, KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS, MaterialVersion, Origin,
+    VersionTrigger,
 };
 use crate::crypto::{KeyMaterial, RootKey, RootKeyError, WrapContext};
 
@@ -199,11 +200,53 @@ pub fn with_version(
     Ok(updated)
 }
 
-/// `current` with its deletion promised for `at`, or (with `None`) cancelled.
+/// `current` with its deletion promised for `at` (which also ends a refusal), or (with
+/// `None`) cancelled.
 pub fn with_deletion_time(current: &KmsKeyMaterial, at: Option<Timestamp>) -> KmsKeyMaterial {
     let mut updated = current.clone();
     updated.spec.deletion_time = at.map(Time);
+    if at.is_some() {
+        updated.spec.deletion_refused = None;
+    }
     updated
+}
+
+/// `current` recording that the deletion its key asks for is refused (`Some`), or no
+/// longer (`None`).
+pub fn with_deletion_refused(
+    current: &KmsKeyMaterial,
+    refusal: Option<(String, Timestamp)>,
+) -> KmsKeyMaterial {
+    let mut updated = current.clone();
+    updated.spec.deletion_refused = refusal.map(|(message, at)| DeletionRefusal { at: Time(at), message });
+    updated
+}
+
+/// `current` with the destruction of `version` promised for `at`, or (with `None`)
+/// cancelled. `None` when the material has no such version left to destroy.
+pub fn with_version_deletion(
+    current: &KmsKeyMaterial,
+    version: u32,
+    at: Option<Timestamp>,
+) -> Option<KmsKeyMaterial> {
+    let mut updated = current.clone();
+    let v = updated.spec.versions.iter_mut().find(|v| v.version == version && v.destroyed_at.is_none())?;
+    v.deletion_time = at.map(Time);
+    Some(updated)
+}
+
+/// `current` with `version`'s wrapped material removed and its destruction recorded.
+/// `None` when there is no such version left to destroy.
+pub fn with_version_destroyed(
+    current: &KmsKeyMaterial,
+    version: u32,
+    now: Timestamp,
+) -> Option<KmsKeyMaterial> {
+    let mut updated = current.clone();
+    let v = updated.spec.versions.iter_mut().find(|v| v.version == version && v.destroyed_at.is_none())?;
+    v.wrapped = None;
+    v.destroyed_at = Some(Time(now));
+    Some(updated)
 }
 
 /// `current` with every version destroyed: the wrapped bytes removed and the time of

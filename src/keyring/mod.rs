@@ -9,8 +9,8 @@ mod store;
 
 pub use import::{ImportError, check_importable, import, read_material};
 pub use material::{
-    MaterialError, Owner, destroyed, new_material, unwrap_version, with_deletion_time, with_rotation,
-    with_version,
+    MaterialError, Owner, destroyed, new_material, unwrap_version, with_deletion_refused, with_deletion_time,
+    with_rotation, with_version, with_version_deletion, with_version_destroyed,
 };
 pub use snapshot::snapshot;
 pub use store::MaterialStore;
