@@ -12,7 +12,9 @@ use kubekms::api::{KeyState, KeyVersionState, KmsKey, KmsKeyMaterial};
 use tonic::Code;
 
 use crate::keyapi::{as_sa, bind_key_user, decrypt, encrypt};
-use crate::support::{TEST_CONTROLLER_LABEL, TestController, TestNamespace, client, eventually, kubectl_ok, patch_key};
+use crate::support::{
+    TEST_CONTROLLER_LABEL, TestController, TestNamespace, client, eventually, kubectl_ok, patch_key,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -44,8 +46,10 @@ async fn key_for(ns: &str, label: &str, name: &str, spec: &str) -> kubekms::clie
             "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKey\nmetadata:\n  name: {name}\n  labels:\n    {TEST_CONTROLLER_LABEL}: {label}\nspec:\n{spec}"
         )),
     );
-    key_where(ns, name, "the key to be Enabled", |k| k.status.as_ref().and_then(|s| s.state) == Some(KeyState::Enabled))
-        .await;
+    key_where(ns, name, "the key to be Enabled", |k| {
+        k.status.as_ref().and_then(|s| s.state) == Some(KeyState::Enabled)
+    })
+    .await;
     let app = as_sa(ns, "app").await;
     bind_key_user(ns, ns, "app");
     app
@@ -78,14 +82,26 @@ async fn a_version_is_disabled_enabled_and_destroyed_alone() {
         decrypt(&mut app.clone(), &one, &[]).await.err().filter(|e| e.code() == Code::FailedPrecondition)
     })
     .await;
-    assert!(refused.message().contains(&format!("version 1 of key {key} is Disabled")), "{}", refused.message());
+    assert!(
+        refused.message().contains(&format!("version 1 of key {key} is Disabled")),
+        "{}",
+        refused.message()
+    );
     assert_eq!(decrypt(&mut app, &two, &[]).await.unwrap().plaintext, b"under version 2");
-    key_where(ns, "k", "status to show version 1 Disabled", |k| version_state(k, 1) == Some(KeyVersionState::Disabled))
-        .await;
+    key_where(ns, "k", "status to show version 1 Disabled", |k| {
+        version_state(k, 1) == Some(KeyVersionState::Disabled)
+    })
+    .await;
 
     // The current version is neither disabled nor destroyed: refused, and said why.
-    patch_key(ns, "k", r#"{"spec":{"versions":[{"version":1,"enabled":false},{"version":2,"enabled":false}]}}"#);
-    let k = key_where(ns, "k", "the refusal", |k| refusal(k).is_some_and(|(r, _)| r == "VersionRequestRefused")).await;
+    patch_key(
+        ns,
+        "k",
+        r#"{"spec":{"versions":[{"version":1,"enabled":false},{"version":2,"enabled":false}]}}"#,
+    );
+    let k =
+        key_where(ns, "k", "the refusal", |k| refusal(k).is_some_and(|(r, _)| r == "VersionRequestRefused"))
+            .await;
     assert!(refusal(&k).unwrap().1.contains("version 2 is the current version"), "{:?}", refusal(&k));
     assert_eq!(decrypt(&mut app, &two, &[]).await.unwrap().plaintext, b"under version 2");
 
@@ -98,13 +114,21 @@ async fn a_version_is_disabled_enabled_and_destroyed_alone() {
 
     // Its destruction, asked for right after a decryption: it waits until version 1 has
     // gone unused for its window, then is promised, refuses, and is destroyed.
-    patch_key(ns, "k", r#"{"spec":{"versions":[{"version":1,"destruction":{"scheduled":true,"pendingWindowDays":7}}]}}"#);
+    patch_key(
+        ns,
+        "k",
+        r#"{"spec":{"versions":[{"version":1,"destruction":{"scheduled":true,"pendingWindowDays":7}}]}}"#,
+    );
     let k = key_where(ns, "k", "the destruction to wait", |k| {
         refusal(k).is_some_and(|(r, _)| r == "VersionDestructionRefused")
     })
     .await;
     assert!(refusal(&k).unwrap().1.contains("decrypted data within its waiting period"), "{:?}", refusal(&k));
-    assert_eq!(decrypt(&mut app, &one, &[]).await.unwrap().plaintext, b"under version 1", "still usable while it waits");
+    assert_eq!(
+        decrypt(&mut app, &one, &[]).await.unwrap().plaintext,
+        b"under version 1",
+        "still usable while it waits"
+    );
     let k = key_where(ns, "k", "version 1 PendingDestruction", |k| {
         version_state(k, 1) == Some(KeyVersionState::PendingDestruction)
     })
@@ -113,7 +137,10 @@ async fn a_version_is_disabled_enabled_and_destroyed_alone() {
     let err = decrypt(&mut app, &one, &[]).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("PendingDestruction"), "{}", err.message());
-    let k = key_where(ns, "k", "version 1 Destroyed", |k| version_state(k, 1) == Some(KeyVersionState::Destroyed)).await;
+    let k = key_where(ns, "k", "version 1 Destroyed", |k| {
+        version_state(k, 1) == Some(KeyVersionState::Destroyed)
+    })
+    .await;
     assert!(jiff::Timestamp::now() >= promised, "destroyed before its promised time");
     assert_eq!(k.status.as_ref().unwrap().state, Some(KeyState::Enabled));
     let err = decrypt(&mut app, &one, &[]).await.unwrap_err();
@@ -151,15 +178,24 @@ async fn deleting_a_key_in_use_takes_force_and_use_while_pending_postpones_destr
     .await;
 
     patch_key(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
-    let k = key_where(ns, "k", "the deletion to be refused", |k| refusal(k).is_some_and(|(r, _)| r == "DeletionRefused")).await;
+    let k = key_where(ns, "k", "the deletion to be refused", |k| {
+        refusal(k).is_some_and(|(r, _)| r == "DeletionRefused")
+    })
+    .await;
     let (_, message) = refusal(&k).unwrap();
-    assert!(message.contains("decrypted data within the last 7 days") && message.contains("force: true"), "{message}");
+    assert!(
+        message.contains("decrypted data within the last 7 days") && message.contains("force: true"),
+        "{message}"
+    );
     assert_eq!(k.status.as_ref().unwrap().state, Some(KeyState::Enabled), "refused: the key stays usable");
     assert_eq!(decrypt(&mut app, &blob, &[]).await.unwrap().plaintext, b"still needed");
 
     // Forced: scheduled, and the override is in the controller's audit trail.
     patch_key(ns, "k", r#"{"spec":{"deletion":{"scheduled":true,"force":true}}}"#);
-    let k = key_where(ns, "k", "PendingDeletion", |k| k.status.as_ref().and_then(|s| s.state) == Some(KeyState::PendingDeletion)).await;
+    let k = key_where(ns, "k", "PendingDeletion", |k| {
+        k.status.as_ref().and_then(|s| s.state) == Some(KeyState::PendingDeletion)
+    })
+    .await;
     let first = k.status.unwrap().deletion_time.unwrap().0;
     let audit = std::fs::read_to_string(&controller.log).unwrap();
     assert!(
@@ -178,10 +214,16 @@ async fn deleting_a_key_in_use_takes_force_and_use_while_pending_postpones_destr
     let reasons = crate::support::event_reasons(ns, "k").await;
     assert!(reasons.iter().any(|r| r == "KeyUsedWhilePendingDeletion"), "{reasons:?}");
     // Past the first window it is still there...
-    tokio::time::sleep(first.duration_since(jiff::Timestamp::now()).unsigned_abs() + Duration::from_secs(1)).await;
+    tokio::time::sleep(first.duration_since(jiff::Timestamp::now()).unsigned_abs() + Duration::from_secs(1))
+        .await;
     let k = keys.get("k").await.unwrap();
-    assert_eq!(k.status.as_ref().unwrap().state, Some(KeyState::PendingDeletion), "not destroyed at the end of the first window");
+    assert_eq!(
+        k.status.as_ref().unwrap().state,
+        Some(KeyState::PendingDeletion),
+        "not destroyed at the end of the first window"
+    );
     // ...and destroyed once the window has passed again with no use.
-    key_where(ns, "k", "Destroyed", |k| k.status.as_ref().and_then(|s| s.state) == Some(KeyState::Destroyed)).await;
+    key_where(ns, "k", "Destroyed", |k| k.status.as_ref().and_then(|s| s.state) == Some(KeyState::Destroyed))
+        .await;
     drop(controller);
 }

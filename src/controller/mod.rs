@@ -23,7 +23,7 @@ use kube::{Api, Client, Resource};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial, KmsKeyUsage};
 use crate::audit::AuditLog;
 use crate::crypto::{RootKey, RootKeyError};
 use crate::keyring::MaterialError;
@@ -352,9 +352,16 @@ async fn run_controllers(
         .modify(crate::kubeclient::drop_managed_fields)
         .reflect(material_writer)
         .touched_objects();
+    // A use recorded (a refused one postpones a destruction at once, with its Event).
+    let usages = watcher(Api::<KmsKeyUsage>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
     let key_controller = Controller::for_stream(keys, stores.keys.0.clone())
         .watches_stream(materials, |m: KmsKeyMaterial| {
             Some(ObjectRef::<KmsKey>::new(&m.spec.owner.name).within(&m.spec.owner.namespace))
+        })
+        .watches_stream(usages, |u: KmsKeyUsage| {
+            Some(ObjectRef::<KmsKey>::new(&u.spec.owner.name).within(&u.spec.owner.namespace))
         })
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(key::reconcile, key::error_policy, ctx.clone())

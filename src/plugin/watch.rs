@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{self, CachedKey};
 use crate::api::{KmsKey, KmsKeyMaterial};
 use crate::crypto::{KeyMaterial, RootKey};
-use crate::domain::{KeyInfo, KeyIntent, KeySnapshot, KeyState, WrappedMaterial};
+use crate::domain::{KeyInfo, KeyIntent, KeySnapshot, KeyState, VersionRefusal, WrappedMaterial};
 use crate::keyring::snapshot;
 
 /// What the watch needs.
@@ -189,7 +189,8 @@ impl KeyWatch {
 }
 
 /// Fails closed without the material: when the key's spec disables it or asks for its
-/// deletion, the snapshot served says so at once, even while its material cannot be read.
+/// deletion, or disables a version, the snapshot served says so at once, even while its
+/// material cannot be read.
 fn refuse_if_spec_refuses(key: &KmsKey, tx: &watch::Sender<Option<Arc<KeySnapshot>>>) {
     let intent = key.intent();
     let refused = match intent {
@@ -197,7 +198,7 @@ fn refuse_if_spec_refuses(key: &KmsKey, tx: &watch::Sender<Option<Arc<KeySnapsho
             KeyState::PendingDeletion
         }
         KeyIntent { enabled: false, .. } => KeyState::Disabled,
-        _ => return,
+        _ => return refuse_disabled_versions(&intent, tx),
     };
     tx.send_if_modified(|current| match current {
         Some(snap) if snap.info.state == KeyState::Enabled => {
@@ -207,6 +208,23 @@ fn refuse_if_spec_refuses(key: &KmsKey, tx: &watch::Sender<Option<Arc<KeySnapsho
             true
         }
         _ => false,
+    });
+}
+
+/// The versions the spec disables (never the current one) refuse at once.
+fn refuse_disabled_versions(intent: &KeyIntent, tx: &watch::Sender<Option<Arc<KeySnapshot>>>) {
+    tx.send_if_modified(|current| {
+        let Some(snap) = current else { return false };
+        let mut info = snap.info.clone();
+        for v in intent.disabled_versions.iter().filter(|v| Some(**v) != info.current_version) {
+            info.refused_versions.entry(*v).or_insert(VersionRefusal::Disabled);
+        }
+        if info == snap.info {
+            return false;
+        }
+        tracing::warn!(key = %snap.display(), "the key's spec disables versions; refusing them now");
+        *current = Some(Arc::new(KeySnapshot { info, versions: snap.versions.clone() }));
+        true
     });
 }
 
@@ -279,6 +297,24 @@ mod tests {
         let (tx, _rx) = watch::channel(served(KeyState::Enabled));
         refuse_if_spec_refuses(&key(serde_json::json!({})), &tx);
         assert_eq!(state(&tx), Some(KeyState::Enabled));
+        // A version the spec disables is refused at once, never the current one.
+        let (tx, _rx) = watch::channel(served(KeyState::Enabled));
+        refuse_if_spec_refuses(
+            &key(serde_json::json!({"versions": [{"version": 1, "enabled": false}]})),
+            &tx,
+        );
+        assert!(tx.borrow().as_ref().unwrap().info.refused_versions.is_empty(), "version 1 is current");
+        let mut two = (*served(KeyState::Enabled).unwrap()).clone();
+        two.info.current_version = Some(2);
+        let (tx, _rx) = watch::channel(Some(Arc::new(two)));
+        refuse_if_spec_refuses(
+            &key(serde_json::json!({"versions": [{"version": 1, "enabled": false}]})),
+            &tx,
+        );
+        assert_eq!(
+            tx.borrow().as_ref().unwrap().info.refused_versions.get(&1),
+            Some(&VersionRefusal::Disabled)
+        );
         // And nothing is made up when nothing is served.
         let (tx, _rx) = watch::channel(None);
         refuse_if_spec_refuses(&key(serde_json::json!({"enabled": false})), &tx);
