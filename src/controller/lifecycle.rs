@@ -243,7 +243,10 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             let Some(deletion_time) = o.promised_deletion else {
                 // The schema bounds the window to 7–30 days; clamp anyway, in case the CRD
                 // installed is older than this controller.
-                let need = still_needed(o, now, cal.days(u32::from(window)), storage_key);
+                // (Without material there is nothing to protect.)
+                let need = matches!(o.material, Material::Present { .. })
+                    .then(|| still_needed(o, now, cal.days(u32::from(window)), storage_key))
+                    .flatten();
                 if let Some(need) = &need
                     && !o.spec.deletion.force
                 {
