@@ -15,3 +15,4 @@ mod keyapi;
 mod lifecycle;
 mod plugin;
 mod redteam;
+mod usage;
