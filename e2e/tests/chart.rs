@@ -332,6 +332,8 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&controller, "patch", &format!("clusterroles/{release}-plugin"), ns, true),
         (&controller, "patch", "clusterroles/cluster-admin", ns, false),
         (&controller, "create", "clusterroles", ns, false),
+        (&controller, "get", "kmskeyusages", ns, true),
+        (&controller, "delete", "kmskeyusages", ns, false),
         // The plugin's material role is empty until the controller names its key's material
         // (tested on the running control plane in plugin.rs).
         (&plugin, "get", "kmskeymaterials", ns, false),
@@ -342,6 +344,8 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&plugin, "list", "kmskeys", "default", false),
         (&plugin, "get", "secrets", ns, false),
         (&plugin, "update", "kmskeys", ns, false),
+        (&plugin, "patch", "kmskeyusages", ns, false),
+        (&plugin, "create", "kmskeyusages", ns, false),
         (&server, "create", "tokenreviews", ns, true),
         (&server, "create", "subjectaccessreviews", ns, true),
         (&server, "list", "kmsgrants", "default", true),
@@ -354,6 +358,9 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&server, "patch", "kmskeys:status", ns, false),
         (&server, "get", "secrets", ns, false),
         (&server, "encrypt", "kmskeys", ns, false),
+        (&server, "patch", "kmskeyusages", ns, true),
+        (&server, "create", "kmskeyusages", ns, true),
+        (&server, "delete", "kmskeyusages", ns, false),
     ] {
         assert_eq!(can_i(where_, who, verb, resource), allowed, "{who} {verb} {resource} in {where_}");
     }
@@ -389,7 +396,11 @@ async fn install_upgrade_uninstall_and_least_privilege() {
             assert!(run.ok, "helm uninstall removed {kind} {policy}:\n{}", run.stderr);
         }
     }
-    for gone in [format!("{release}-kmsgrant-creation"), format!("{release}-status-writers")] {
+    for gone in [
+        format!("{release}-kmsgrant-creation"),
+        format!("{release}-status-writers"),
+        format!("{release}-kmskeyusage-writers"),
+    ] {
         assert!(
             !kubectl(&["get", "validatingadmissionpolicy", &gone], None).ok,
             "{gone} outlived the release"

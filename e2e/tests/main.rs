@@ -15,4 +15,5 @@ mod keyapi;
 mod lifecycle;
 mod plugin;
 mod redteam;
+mod usage;
 mod versions;

@@ -21,12 +21,12 @@ use crate::support::{
 const PREFIX: &[u8] = b"k8s:enc:kms:v2:kubekms:";
 const CLUSTER_KEY: (&str, &str) = ("kube-system", "cluster-secrets");
 
-fn socket() -> PathBuf {
+pub(crate) fn socket() -> PathBuf {
     PathBuf::from(env_var("KMS_SOCKET"))
 }
 
 /// The stored envelope of a Secret, read straight from etcd.
-fn stored(namespace: &str, name: &str) -> EncryptedObject {
+pub(crate) fn stored(namespace: &str, name: &str) -> EncryptedObject {
     let raw = etcd_get(&format!("/registry/secrets/{namespace}/{name}"));
     assert!(
         raw.starts_with(PREFIX),
@@ -36,7 +36,7 @@ fn stored(namespace: &str, name: &str) -> EncryptedObject {
     EncryptedObject::decode(&raw[PREFIX.len()..]).expect("parse the stored EncryptedObject")
 }
 
-fn create_secret(ns: &str, name: &str, value: &str) -> Run {
+pub(crate) fn create_secret(ns: &str, name: &str, value: &str) -> Run {
     kubectl(&["create", "secret", "generic", name, "-n", ns, &format!("--from-literal=value={value}")], None)
 }
 
@@ -297,13 +297,21 @@ async fn the_plugin_reads_its_own_key_material_and_no_other() {
     assert!(!can("list", "kmskeymaterials"), "the plugin lists key material");
     assert!(!can("watch", "kmskeymaterials"), "the plugin watches key material");
     assert!(can("get", &format!("kmskeymaterials/{uid}")), "still its own");
+    // It reports the use of its own key only.
+    for verb in ["get", "create", "patch"] {
+        assert!(can(verb, &format!("kmskeyusages/{uid}")), "the plugin may not {verb} its key's usage");
+        assert!(
+            !can(verb, &format!("kmskeyusages/{other_uid}")),
+            "the plugin may {verb} another key's usage"
+        );
+    }
+    assert!(!can("delete", &format!("kmskeyusages/{uid}")), "the plugin deletes its key's usage");
+    assert!(!can("list", "kmskeyusages"), "the plugin lists usage");
 
-    // The role's only rule names the cluster key's material.
+    // The role's rules name the cluster key's material and usage record, one per purpose.
     let role = kubectl_ok(&["get", "clusterrole", "kubekms-plugin", "-o", "jsonpath={.rules}"], None);
     let rules: serde_json::Value = serde_json::from_str(&role).expect("rules");
-    assert_eq!(
-        rules,
-        serde_json::json!([{"apiGroups": ["kms.kubekms.io"], "resources": ["kmskeymaterials"],
-            "resourceNames": [uid], "verbs": ["get"]}])
-    );
+    assert_eq!(rules, kubekms::controller::cluster::plugin_role_rules(&uid));
+    assert_eq!(rules[0]["resources"], serde_json::json!(["kmskeymaterials"]));
+    assert_eq!(rules[0]["verbs"], serde_json::json!(["get"]));
 }

@@ -179,12 +179,12 @@ async fn a_forged_enabled_state_does_not_unlock_a_disabled_key() {
 /// that count on that check hold this for reading, that one for writing.
 static ADMISSION: RwLock<()> = RwLock::const_new(());
 
-fn user(ns: &str, sa: &str) -> String {
+pub(crate) fn user(ns: &str, sa: &str) -> String {
     format!("system:serviceaccount:{ns}:{sa}")
 }
 
 /// kubectl as the ServiceAccount `ns/sa` (the admin impersonates it).
-fn kubectl_as(ns: &str, sa: &str, args: &[&str], stdin: Option<&str>) -> Run {
+pub(crate) fn kubectl_as(ns: &str, sa: &str, args: &[&str], stdin: Option<&str>) -> Run {
     let who = format!("--as={}", user(ns, sa));
     let all: Vec<&str> = std::iter::once(who.as_str()).chain(args.iter().copied()).collect();
     kubectl(&all, stdin)
@@ -738,7 +738,7 @@ async fn a_grant_gives_the_right_to_grant_only_within_itself() {
 }
 
 /// Deletes cluster-scoped objects of one test when it ends.
-struct ClusterObjects(Vec<String>);
+pub(crate) struct ClusterObjects(pub(crate) Vec<String>);
 
 impl Drop for ClusterObjects {
     fn drop(&mut self) {

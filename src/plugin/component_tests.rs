@@ -19,7 +19,7 @@ use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementServiceServer;
 use crate::proto::kmsv2::{DecryptRequest, EncryptRequest, StatusRequest};
-use crate::testing::AuditSink;
+use crate::testing::{AuditSink, CapturedUses};
 
 const KEY_ID: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
 
@@ -42,6 +42,7 @@ struct Harness {
     socket: PathBuf,
     keys: watch::Sender<Option<Arc<KeySnapshot>>>,
     audit: AuditSink,
+    uses: CapturedUses,
     root: RootKey,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -56,7 +57,13 @@ impl Harness {
         let root = RootKey::from_material(KeyMaterial::generate().unwrap());
         let log = audit.log(&root);
         let mut registry = prometheus_client::registry::Registry::default();
-        let plugin = KmsPlugin::new(WatchKeyring(rx), log, OperationMetrics::register(&mut registry));
+        let uses = CapturedUses::default();
+        let plugin = KmsPlugin::new(
+            WatchKeyring(rx),
+            log,
+            OperationMetrics::register(&mut registry),
+            Arc::new(uses.clone()),
+        );
         let (listener, guard) = PluginSocket::bind(&socket).await.unwrap().into_parts();
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
@@ -71,7 +78,7 @@ impl Harness {
                 .unwrap();
             drop(guard);
         });
-        Harness { _dir: dir, socket, keys: tx, audit, root, stop, server }
+        Harness { _dir: dir, socket, keys: tx, audit, uses, root, stop, server }
     }
 
     async fn client(&self) -> KeyManagementServiceClient<Channel> {
@@ -421,4 +428,63 @@ async fn a_refused_version_refuses_to_decrypt_while_the_others_serve() {
         );
         h.stop().await;
     }
+}
+
+#[tokio::test]
+async fn every_use_is_recorded_with_its_version_and_refusals_that_postpone_destruction_too() {
+    use crate::domain::{UseKind, VersionRefusal};
+    let one = snapshot(KeyState::Enabled, 1);
+    let h = Harness::start(Some(one.clone())).await;
+    let mut c = h.client().await;
+    let v1 = c.encrypt(enc(b"seed-1", "a")).await.unwrap().into_inner();
+    c.decrypt(dec(v1.ciphertext.clone(), v1.key_id.clone(), v1.annotations.clone())).await.unwrap();
+    // Malformed input used nothing.
+    c.decrypt(dec(b"junk".to_vec(), v1.key_id.clone(), v1.annotations.clone())).await.unwrap_err();
+    assert_eq!(
+        h.uses.uses(),
+        [(KEY_ID.to_owned(), 1, UseKind::Encrypt), (KEY_ID.to_owned(), 1, UseKind::Decrypt)]
+    );
+
+    // Version 2 is current and version 1 pending destruction: decrypting under 1 is refused,
+    // and recorded as a refused use of version 1.
+    let mut two = (*snapshot(KeyState::Enabled, 2)).clone();
+    two.versions.insert(1, one.versions[&1].clone());
+    two.info.refused_versions.insert(1, VersionRefusal::PendingDestruction);
+    h.keys.send_replace(Some(Arc::new(two.clone())));
+    let v2 = c.encrypt(enc(b"seed-2", "b")).await.unwrap().into_inner();
+    c.decrypt(dec(v1.ciphertext.clone(), v1.key_id.clone(), v1.annotations.clone())).await.unwrap_err();
+    assert_eq!(
+        h.uses.uses()[2..],
+        [(KEY_ID.to_owned(), 2, UseKind::Encrypt), (KEY_ID.to_owned(), 1, UseKind::Refused)]
+    );
+
+    // Merely disabled, a version's refusal is no use that postpones anything.
+    let mut disabled = two.clone();
+    disabled.info.refused_versions.insert(1, VersionRefusal::Disabled);
+    h.keys.send_replace(Some(Arc::new(disabled)));
+    c.decrypt(dec(v1.ciphertext.clone(), v1.key_id.clone(), v1.annotations.clone())).await.unwrap_err();
+    assert_eq!(h.uses.uses().len(), 4);
+
+    // The key pending deletion: Encrypt is refused under the current version, Decrypt under
+    // the ciphertext's; a ciphertext of another key names no version of this one.
+    let mut pending = two.clone();
+    pending.info.state = KeyState::PendingDeletion;
+    h.keys.send_replace(Some(Arc::new(pending)));
+    c.encrypt(enc(b"seed-3", "c")).await.unwrap_err();
+    c.decrypt(dec(v2.ciphertext.clone(), v2.key_id.clone(), v2.annotations.clone())).await.unwrap_err();
+    let other = v2.key_id.replace(KEY_ID, "0b0e2b4e-7d0f-4e45-a8de-3c8c1b6f1a7e");
+    c.decrypt(dec(v2.ciphertext.clone(), other, v2.annotations.clone())).await.unwrap_err();
+    assert_eq!(
+        h.uses.uses()[4..],
+        [(KEY_ID.to_owned(), 2, UseKind::Refused), (KEY_ID.to_owned(), 2, UseKind::Refused)]
+    );
+
+    // Disabled (not pending deletion): refusals are not recorded.
+    let mut off = two;
+    off.info.state = KeyState::Disabled;
+    h.keys.send_replace(Some(Arc::new(off)));
+    c.encrypt(enc(b"seed-4", "d")).await.unwrap_err();
+    c.decrypt(dec(v2.ciphertext, v2.key_id, v2.annotations)).await.unwrap_err();
+    assert_eq!(h.uses.uses().len(), 6);
+    h.stop().await;
 }

@@ -37,7 +37,7 @@ use crate::domain::{
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_client::KeyServiceClient;
 use crate::proto::keyapi::*;
-use crate::testing::AuditSink;
+use crate::testing::{AuditSink, CapturedUses};
 
 /// The keyIds of the keys the tests make.
 const K: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
@@ -385,6 +385,7 @@ struct Harness {
     rbac: Rbac,
     retirer: Retirer,
     audit: AuditSink,
+    uses: CapturedUses,
     registry: Registry,
     client: KeyServiceClient<Channel>,
     stop: CancellationToken,
@@ -402,6 +403,7 @@ impl Harness {
         let (rbac, retirer, audit) = (Rbac::default(), Retirer::default(), AuditSink::default());
         let reviews = Arc::new(AtomicUsize::new(0));
         let mut registry = Registry::default();
+        let uses = CapturedUses::default();
         let api = KeyApi::new(
             Authenticator::new(Reviewer::new(reviews.clone()), setup.auth),
             CachedRbac::new(rbac.clone(), &setup.rbac_cache),
@@ -409,6 +411,7 @@ impl Harness {
             retirer.clone(),
             audit.log_with(&root, setup.audit),
             OperationMetrics::register(&mut registry),
+            Arc::new(uses.clone()),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -416,7 +419,7 @@ impl Harness {
         let shutdown = stop.clone().cancelled_owned();
         let server = tokio::spawn(async move { super::serve(api, None, listener, shutdown).await.unwrap() });
         let client = KeyServiceClient::connect(format!("http://{addr}")).await.unwrap();
-        Harness { addr, reviews, directory, root, rbac, retirer, audit, registry, client, stop, server }
+        Harness { addr, reviews, directory, root, rbac, retirer, audit, uses, registry, client, stop, server }
     }
 
     /// Adds a key holding `versions` versions of fresh material, wrapped by `root` as the
@@ -2265,4 +2268,91 @@ async fn no_more_calls_wait_on_a_stalled_audit_sink_than_its_queue_holds() {
     }
     assert_eq!(h.audit.lines().len(), 3);
     Arc::into_inner(h).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn every_authorized_use_is_recorded_with_its_version_and_an_unauthorized_one_is_not() {
+    use crate::domain::{UseKind, VersionRefusal};
+    let h = Harness::start().await;
+    h.add_key(key("apps", "k", K, web_only()), 2);
+    h.add_key(key("apps", "spare", SPARE, web_only()), 1);
+    let (web, intruder) = (token("apps", "web"), token("apps", "intruder"));
+    let uses = |from: usize| h.uses.uses()[from..].to_vec();
+    let at = |key: &str, version, kind| (key.to_owned(), version, kind);
+
+    // Version 1 is current: every encryption under it, every decryption of its blobs.
+    let v1 = h.encrypt(&web, "apps/k", b"one", &[]).await.unwrap().ciphertext_blob;
+    h.data_key(&web, "apps/k", &[], 0).await.unwrap();
+    h.data_key_only(&web, "apps/k", &[], 0).await.unwrap();
+    h.decrypt(&web, &v1, &[], "").await.unwrap();
+    // ReEncrypt decrypts under the blob's version and encrypts under the destination's.
+    h.re_encrypt(&web, re_encrypt_request(&v1, &[], "", "apps/spare", &[])).await.unwrap();
+    assert_eq!(
+        uses(0),
+        [
+            at(K, 1, UseKind::Encrypt),
+            at(K, 1, UseKind::Encrypt),
+            at(K, 1, UseKind::Encrypt),
+            at(K, 1, UseKind::Decrypt),
+            at(K, 1, UseKind::Decrypt),
+            at(SPARE, 1, UseKind::Encrypt),
+        ]
+    );
+    // A failed decryption (a tampered blob) used nothing; neither did DescribeKey.
+    let mut tampered = v1.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    h.decrypt(&web, &tampered, &[], "").await.unwrap_err();
+    h.describe(&web, "apps/k").await.unwrap();
+    assert_eq!(h.uses.uses().len(), 6);
+
+    // Version 2 current, version 1 pending destruction: decrypting under 1 is a refused use
+    // of 1, for the authorized caller only.
+    h.change_key("apps", "k", |k| {
+        k.info.current_version = Some(2);
+        k.info.refused_versions.insert(1, VersionRefusal::PendingDestruction);
+    });
+    refused(
+        h.decrypt(&web, &v1, &[], "").await,
+        Code::FailedPrecondition,
+        "version 1 of key apps/k is PendingDestruction; it refuses to decrypt",
+    );
+    h.re_encrypt(&web, re_encrypt_request(&v1, &[], "", "apps/spare", &[])).await.unwrap_err();
+    h.decrypt(&intruder, &v1, &[], "").await.unwrap_err();
+    assert_eq!(uses(6), [at(K, 1, UseKind::Refused), at(K, 1, UseKind::Refused)]);
+    // Only disabled, version 1's refusal postpones nothing.
+    h.change_key("apps", "k", |k| {
+        k.info.refused_versions.insert(1, VersionRefusal::Disabled);
+    });
+    h.decrypt(&web, &v1, &[], "").await.unwrap_err();
+    assert_eq!(h.uses.uses().len(), 8);
+
+    // The key pending deletion: a refused encryption under the current version, a refused
+    // decryption under the blob's; a ReEncrypt into it decrypted its source first. Nothing
+    // for a caller without the right, who must not be able to postpone a destruction.
+    let v2 = h.encrypt(&web, "apps/k", b"two", &[]).await.unwrap().ciphertext_blob;
+    let spare_blob = h.encrypt(&web, "apps/spare", b"spare", &[]).await.unwrap().ciphertext_blob;
+    let n = h.uses.uses().len();
+    h.change_key("apps", "k", |k| k.info.state = KeyState::PendingDeletion);
+    h.encrypt(&web, "apps/k", b"x", &[]).await.unwrap_err();
+    h.decrypt(&web, &v2, &[], "").await.unwrap_err();
+    h.data_key(&web, "apps/k", &[], 0).await.unwrap_err();
+    h.re_encrypt(&web, re_encrypt_request(&spare_blob, &[], "", "apps/k", &[])).await.unwrap_err();
+    h.encrypt(&intruder, "apps/k", b"x", &[]).await.unwrap_err();
+    h.decrypt(&intruder, &v2, &[], "").await.unwrap_err();
+    h.data_key_only(&intruder, "apps/k", &[], 0).await.unwrap_err();
+    assert_eq!(
+        uses(n),
+        [
+            at(K, 2, UseKind::Refused),
+            at(K, 2, UseKind::Refused),
+            at(K, 2, UseKind::Refused),
+            at(SPARE, 1, UseKind::Decrypt),
+            at(K, 2, UseKind::Refused),
+        ]
+    );
+    // Disabled, the key's refusals postpone nothing.
+    h.change_key("apps", "k", |k| k.info.state = KeyState::Disabled);
+    h.decrypt(&web, &v2, &[], "").await.unwrap_err();
+    assert_eq!(h.uses.uses().len(), n + 5);
+    h.stop().await;
 }
