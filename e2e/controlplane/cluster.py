@@ -50,6 +50,11 @@ class Ports:
     controller_manager: int = 0
 
 
+# The local control plane records key use per second rather than per day, so tests whose
+# controller runs with one-second days (deletion refused for a recent decryption, a use
+# while pending postponing destruction) see it at the same scale.
+USAGE_GRANULARITY = os.environ.get("KUBEKMS_USAGE_GRANULARITY_SECONDS", "1")
+
 def socket_path(run_dir: Path, name: str) -> Path:
     """run_dir/name, or, where that is longer than a unix socket path may be (107 bytes),
     a short private directory under $TMPDIR named after run_dir."""
@@ -250,6 +255,7 @@ class ControlPlane:
             self.kubekms, "plugin", "--kubeconfig", kubeconfig, "--key", "/".join(CLUSTER_KEY),
             "--socket", socket, "--root-key-file", self.root_key, "--state-dir", state_dir,
             "--metrics-addr", f"127.0.0.1:{self.ports.plugin_metrics}",
+            "--usage-granularity-seconds", USAGE_GRANULARITY,
         ], socket.is_socket, f"{name}'s socket")
 
     def start_server(self, name: str, kubeconfig: Path, audit_log: Path) -> Process:
@@ -260,6 +266,7 @@ class ControlPlane:
             "--tls-cert", self.pki / "server.crt", "--tls-key", self.pki / "server.key",
             "--root-key-file", self.root_key, "--audit-log", audit_log,
             "--metrics-addr", f"127.0.0.1:{self.ports.server_metrics}",
+            "--usage-granularity-seconds", USAGE_GRANULARITY,
         ], lambda: http_ok(f"http://127.0.0.1:{self.ports.server_metrics}/readyz"), f"{name}'s /readyz")
 
     # --- the API -------------------------------------------------------------------------
