@@ -23,3 +23,4 @@ pub mod server;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
+pub mod usage;

@@ -117,3 +117,20 @@ impl std::io::Write for AuditSink {
         Ok(())
     }
 }
+
+/// A usage recorder that keeps every use it is told of: `(key_id, version, kind)`.
+#[derive(Debug, Default, Clone)]
+pub struct CapturedUses(Arc<Mutex<Vec<(String, u32, crate::domain::UseKind)>>>);
+
+impl CapturedUses {
+    /// The uses recorded so far, in order.
+    pub fn uses(&self) -> Vec<(String, u32, crate::domain::UseKind)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl crate::usage::UseRecorder for CapturedUses {
+    fn record(&self, key: &KeyInfo, version: u32, kind: crate::domain::UseKind) {
+        self.0.lock().unwrap().push((key.key_id.clone(), version, kind));
+    }
+}

@@ -48,6 +48,42 @@ impl KubeArgs {
     }
 }
 
+/// How a plugin or key API server reports the use of key versions (`KmsKeyUsage`, which
+/// the controller reads before it lets a key or version be destroyed). Recording cannot be
+/// turned off.
+#[derive(Args)]
+pub struct UsageArgs {
+    /// This reporter's name in the KmsKeyUsage records it writes (one entry per reporter,
+    /// written by it alone); unique per plugin and per key API replica. Default:
+    /// plugin/<hostname> for the plugin, server/<$POD_NAME or hostname> for the server.
+    #[arg(long, value_name = "NAME")]
+    pub usage_reporter: Option<String>,
+    /// The length of a usage period in seconds: the records say in which period each
+    /// version was last used for encryption, decryption or a refused call, and are written
+    /// at most once per key, version and kind of use per period (periods start at multiples
+    /// of it since the Unix epoch).
+    #[arg(long, value_name = "SECONDS", default_value_t = kubekms::usage::DEFAULT_GRANULARITY)]
+    pub usage_granularity_seconds: std::num::NonZeroU32,
+}
+
+impl UsageArgs {
+    /// The usage configuration of a `component` (`plugin` or `server`); `pod_env` names an
+    /// environment variable that, when set, names the reporter instead of the hostname.
+    pub fn config(&self, component: &str, pod_env: Option<&str>) -> kubekms::usage::k8s::UsageConfig {
+        let reporter = self.usage_reporter.clone().unwrap_or_else(|| {
+            let host = pod_env
+                .and_then(|v| std::env::var(v).ok())
+                .filter(|v| !v.is_empty())
+                .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "unknown".to_owned());
+            format!("{component}/{host}")
+        });
+        kubekms::usage::k8s::UsageConfig { reporter, granularity: self.usage_granularity_seconds }
+    }
+}
+
 /// How a client reaches the key API, and with which token.
 #[derive(Args)]
 pub struct KeyApiArgs {

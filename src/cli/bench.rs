@@ -121,6 +121,8 @@ pub async fn start_local_plugin(dir: &Path, stop: CancellationToken) -> Result<P
         FixedKeyring(Some(Arc::new(key))),
         Arc::new(audit),
         OperationMetrics::register(&mut registry),
+        // Recorded as in production (the writer aside): its cost is part of each call's.
+        Arc::new(kubekms::usage::Recorder::new(kubekms::usage::DEFAULT_GRANULARITY)),
     );
     serve(dir, "kubekms.sock", plugin, stop).await
 }

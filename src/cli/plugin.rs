@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kubekms::domain::NamespacedName;
 
-use super::args::{KubeArgs, RootKeyArgs};
+use super::args::{KubeArgs, RootKeyArgs, UsageArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,6 +31,8 @@ pub struct Args {
     /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    usage: UsageArgs,
 }
 
 impl Args {
@@ -45,6 +47,7 @@ impl Args {
             audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
             state_dir: self.state_dir,
             metrics_addr: self.metrics_addr,
+            usage: self.usage.config("plugin", None),
         };
         let client = match self.kube.client().await {
             Ok(c) => Some(c),

@@ -10,7 +10,7 @@ use kubekms::audit::AuditLimits;
 use kubekms::server::limit::Rate;
 use kubekms::server::{Config, auth, authz};
 
-use super::args::{KubeArgs, RootKeyArgs};
+use super::args::{KubeArgs, RootKeyArgs, UsageArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -76,6 +76,8 @@ pub struct Args {
     /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    usage: UsageArgs,
 }
 
 impl Args {
@@ -106,6 +108,7 @@ impl Args {
                 queue: self.audit_queue,
             },
             metrics_addr: self.metrics_addr,
+            usage: self.usage.config("server", Some("POD_NAME")),
         };
         let client = self.kube.client().await?;
         kubekms::server::run(config, client, super::shutdown_on_signal()).await?;

@@ -84,7 +84,8 @@ pub trait Cluster: Send + Sync + 'static {
         namespace: &str,
         key: &str,
     ) -> Result<bool, Error>;
-    /// Keeps the ClusterRole `role` to one rule: reading the material object `key_id`.
+    /// Keeps the ClusterRole `role` to [`plugin_role_rules`]: reading the material object
+    /// `key_id`, and writing the plugin's entry of the usage record `key_id`.
     async fn apply_plugin_role(&self, role: &str, key_id: &str) -> Result<(), Error>;
     /// The API server's clock.
     async fn server_time(&self) -> Result<Timestamp, Error>;
@@ -105,6 +106,34 @@ pub trait Cluster: Send + Sync + 'static {
         migration: Option<&StorageMigrationStatus>,
         condition: &Condition,
     ) -> Result<(), Error>;
+}
+
+/// What the KMS plugin of the key `key_id` may do, one rule per purpose, each naming that
+/// key's objects (both named by the key's UID) and no other:
+/// - get its `KmsKeyMaterial`, to unwrap the key's versions;
+/// - get and server-side apply its `KmsKeyUsage`, to report which versions kube-apiserver
+///   uses (get reads back what the plugin reported before a restart). An apply that
+///   creates the record, before any reporter wrote it, takes `create` as well (the API
+///   server checks it with the object's name, so resourceNames holds). Admission lets only
+///   kubekms's identities write it.
+///
+/// The controller holds each of these rights itself (RBAC lets nobody grant more than it
+/// has).
+pub fn plugin_role_rules(key_id: &str) -> serde_json::Value {
+    json!([
+        {
+            "apiGroups": [crate::api::GROUP],
+            "resources": ["kmskeymaterials"],
+            "resourceNames": [key_id],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": [crate::api::GROUP],
+            "resources": ["kmskeyusages"],
+            "resourceNames": [key_id],
+            "verbs": ["get", "create", "patch"],
+        },
+    ])
 }
 
 /// The cluster through the API server.
@@ -240,12 +269,7 @@ impl Cluster for KubeCluster {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": {"name": role},
-            "rules": [{
-                "apiGroups": [crate::api::GROUP],
-                "resources": ["kmskeymaterials"],
-                "resourceNames": [key_id],
-                "verbs": ["get"],
-            }],
+            "rules": plugin_role_rules(key_id),
         });
         let api: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(self.client.clone());
         api.patch(role, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
@@ -323,5 +347,29 @@ impl Cluster for KubeCluster {
             .await
             .map(|_| ())
             .map_err(Error::PatchStatus)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugin_reads_the_material_and_reports_the_usage_of_its_key_only() {
+        let rules = plugin_role_rules("uid-1");
+        let rules = rules.as_array().unwrap();
+        assert_eq!(rules.len(), 2, "one rule per purpose");
+        for rule in rules {
+            assert_eq!(rule["resourceNames"], json!(["uid-1"]), "{rule}");
+            assert_eq!(rule["apiGroups"], json!(["kms.kubekms.io"]));
+        }
+        assert_eq!(
+            (&rules[0]["resources"], &rules[0]["verbs"]),
+            (&json!(["kmskeymaterials"]), &json!(["get"]))
+        );
+        assert_eq!(
+            (&rules[1]["resources"], &rules[1]["verbs"]),
+            (&json!(["kmskeyusages"]), &json!(["get", "create", "patch"]))
+        );
     }
 }

@@ -19,7 +19,7 @@ use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_client::KeyManagementServiceClient;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementServiceServer;
 use crate::proto::kmsv2::{DecryptRequest, EncryptRequest, StatusRequest};
-use crate::testing::AuditSink;
+use crate::testing::{AuditSink, CapturedUses};
 
 const KEY_ID: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
 
@@ -42,6 +42,7 @@ struct Harness {
     socket: PathBuf,
     keys: watch::Sender<Option<Arc<KeySnapshot>>>,
     audit: AuditSink,
+    uses: CapturedUses,
     root: RootKey,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -56,7 +57,13 @@ impl Harness {
         let root = RootKey::from_material(KeyMaterial::generate().unwrap());
         let log = audit.log(&root);
         let mut registry = prometheus_client::registry::Registry::default();
-        let plugin = KmsPlugin::new(WatchKeyring(rx), log, OperationMetrics::register(&mut registry));
+        let uses = CapturedUses::default();
+        let plugin = KmsPlugin::new(
+            WatchKeyring(rx),
+            log,
+            OperationMetrics::register(&mut registry),
+            Arc::new(uses.clone()),
+        );
         let (listener, guard) = PluginSocket::bind(&socket).await.unwrap().into_parts();
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
@@ -71,7 +78,7 @@ impl Harness {
                 .unwrap();
             drop(guard);
         });
-        Harness { _dir: dir, socket, keys: tx, audit, root, stop, server }
+        Harness { _dir: dir, socket, keys: tx, audit, uses, root, stop, server }
     }
 
     async fn client(&self) -> KeyManagementServiceClient<Channel> {

@@ -23,6 +23,7 @@ use crate::keyring::WatchKeyring;
 use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementServiceServer;
 use crate::telemetry::{self, Health};
+use crate::usage::k8s::UsageConfig;
 use service::KmsPlugin;
 use socket::{PluginSocket, SocketError};
 
@@ -38,6 +39,8 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// The /healthz, /readyz and /metrics endpoints, if wanted.
     pub metrics_addr: Option<SocketAddr>,
+    /// How it reports the use of the key's versions.
+    pub usage: UsageConfig,
 }
 
 /// Why the plugin stopped.
@@ -77,6 +80,14 @@ pub async fn run(
 
     let initial = watch::from_cache(&root, &config.state_dir, &config.namespace, &config.name);
     let (tx, rx) = tokio::sync::watch::channel::<Option<Arc<KeySnapshot>>>(initial);
+    let mut registry = Registry::default();
+    let (usage, usage_task) = crate::usage::k8s::start(
+        &config.usage,
+        crate::domain::ReporterKind::StoragePlugin,
+        client.clone(),
+        &mut registry,
+        shutdown.clone(),
+    );
     if let Some(client) = client {
         let key_watch = watch::KeyWatch {
             client,
@@ -90,7 +101,6 @@ pub async fn run(
         tracing::warn!("no API server configuration: serving from the cache only");
     }
 
-    let mut registry = Registry::default();
     let metrics = OperationMetrics::register(&mut registry);
     audit.register(&mut registry);
     let health = Health::new(i64::MAX);
@@ -106,7 +116,7 @@ pub async fn run(
     tracing::info!(socket = %socket.path().display(), "serving KMS v2");
     let (listener, guard) = socket.into_parts();
     health.set_ready(true);
-    let service = KmsPlugin::new(WatchKeyring(rx), audit, metrics);
+    let service = KmsPlugin::new(WatchKeyring(rx), audit, metrics, usage);
     let served = tonic::transport::Server::builder()
         // kube-apiserver's requests are small (a ciphertext of 1 KiB, annotations of 32 KiB).
         .add_service(KeyManagementServiceServer::new(service).max_decoding_message_size(64 * 1024))
@@ -115,6 +125,9 @@ pub async fn run(
     drop(guard);
     shutdown.cancel();
     if let Some(task) = server_task {
+        let _ = task.await;
+    }
+    if let Some(task) = usage_task {
         let _ = task.await;
     }
     tracing::info!("stopped; removed the socket");

@@ -11,13 +11,14 @@ use super::format::{self, FormatError, KeyVersionId};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::call::{CallError, CallPipeline};
 use crate::crypto::{KeyMaterial, SealError};
-use crate::domain::{KeySnapshot, KeyState};
+use crate::domain::{KeySnapshot, KeyState, UseKind, VersionRefusal};
 use crate::keyring::Keyring;
 use crate::metering::OperationMetrics;
 use crate::proto::kmsv2::key_management_service_server::KeyManagementService;
 use crate::proto::kmsv2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
+use crate::usage::UseRecorder;
 
 /// How long a health self-test result is reused by Status.
 const HEALTH_TTL: Duration = Duration::from_secs(30);
@@ -42,8 +43,10 @@ pub enum PluginError {
     Format(#[from] FormatError),
     #[error("key_id {0:?} names a key version this plugin does not hold")]
     UnknownKeyId(String),
+    /// `version`: the one the call would have used (the current one for Encrypt, the
+    /// ciphertext's for Decrypt), for the usage record.
     #[error("key {key} is {state}; it refuses every operation until it is Enabled")]
-    NotEnabled { key: String, state: &'static str },
+    NotEnabled { key: String, state: &'static str, version: Option<u32> },
     #[error("version {version} of key {key} is {state}; it refuses to decrypt")]
     VersionNotEnabled { key: String, version: u32, state: &'static str },
     #[error(
@@ -92,18 +95,36 @@ type HealthCheck = (Instant, String, Result<(), String>);
 pub struct KmsPlugin<K> {
     keyring: K,
     calls: CallPipeline,
+    usage: Arc<dyn UseRecorder>,
     health: Mutex<Option<HealthCheck>>,
 }
 
 impl<K: Keyring> KmsPlugin<K> {
-    pub fn new(keyring: K, audit: Arc<AuditLog>, metrics: OperationMetrics) -> Self {
-        KmsPlugin { keyring, calls: CallPipeline::new("plugin", audit, metrics), health: Mutex::new(None) }
+    /// The plugin, recording every use of a version in `usage`.
+    pub fn new(
+        keyring: K,
+        audit: Arc<AuditLog>,
+        metrics: OperationMetrics,
+        usage: Arc<dyn UseRecorder>,
+    ) -> Self {
+        KmsPlugin {
+            keyring,
+            calls: CallPipeline::new("plugin", audit, metrics),
+            usage,
+            health: Mutex::new(None),
+        }
     }
 
-    fn usable(&self) -> Result<Arc<KeySnapshot>, PluginError> {
+    /// The key, if its state lets it be used; `version` says which version a refused call
+    /// would have used.
+    fn usable(
+        &self,
+        version: impl FnOnce(&KeySnapshot) -> Option<u32>,
+    ) -> Result<Arc<KeySnapshot>, PluginError> {
         let key = self.keyring.snapshot().ok_or(PluginError::NoKey)?;
         if key.info.state != KeyState::Enabled {
-            return Err(PluginError::NotEnabled { key: key.display(), state: key.info.state.as_str() });
+            let (key, state, version) = (key.display(), key.info.state.as_str(), version(&key));
+            return Err(PluginError::NotEnabled { key, state, version });
         }
         Ok(key)
     }
@@ -122,7 +143,7 @@ impl<K: Keyring> KmsPlugin<K> {
             }
             _ => {}
         }
-        let key = self.usable()?;
+        let key = self.usable(|k| k.info.current_version)?;
         let (version, material) = key.current().ok_or(PluginError::NoCurrentVersion)?;
         let id = KeyVersionId::new(&key.info.key_id, version);
         let annotations = format::annotations_for(&key.display());
@@ -154,7 +175,7 @@ impl<K: Keyring> KmsPlugin<K> {
         let annotations: BTreeMap<String, Vec<u8>> = req.annotations.clone().into_iter().collect();
         format::check_annotations(&annotations)?;
         format::check_ciphertext(&req.ciphertext, &id)?;
-        let key = self.usable()?;
+        let key = self.usable(|k| (k.info.key_id == id.key_id).then_some(id.version))?;
         if id.key_id != key.info.key_id {
             return Err(PluginError::UnknownKeyId(req.key_id.clone()));
         }
@@ -175,11 +196,12 @@ impl<K: Keyring> KmsPlugin<K> {
         Ok((DecryptResponse { plaintext: plaintext.expose().to_vec() }, key.clone(), id.version))
     }
 
-    /// Audits, meters and maps the outcome of one operation. A failed call is recorded
-    /// against the key the plugin serves, without a version.
+    /// Records the use, audits, meters and maps the outcome of one operation. A failed
+    /// call is audited against the key the plugin serves, without a version.
     async fn finish<T>(
         &self,
         operation: &'static str,
+        kind: UseKind,
         principal: String,
         request_id: &str,
         started: Instant,
@@ -189,6 +211,9 @@ impl<K: Keyring> KmsPlugin<K> {
             Ok((_, key, v)) => (Some(key.clone()), Some(*v)),
             Err(_) => (self.keyring.snapshot(), None),
         };
+        if let (Some(key), Some((version, kind))) = (&key, used(kind, &outcome)) {
+            self.usage.record(&key.info, version, kind);
+        }
         let event = AuditEvent {
             request_id: request_id.to_owned(),
             principal,
@@ -215,6 +240,29 @@ impl<K: Keyring> KmsPlugin<K> {
             *cache = Some((Instant::now(), kms_key_id.to_owned(), result.clone()));
         }
         result
+    }
+}
+
+/// Which version a call used, and how: the one it served, or the one it was refused because
+/// the key is pending deletion or the version pending destruction (a use that postpones
+/// the destruction). Other failures used nothing.
+fn used<T>(
+    kind: UseKind,
+    outcome: &Result<(T, Arc<KeySnapshot>, u32), PluginError>,
+) -> Option<(u32, UseKind)> {
+    match outcome {
+        Ok((_, _, version)) => Some((*version, kind)),
+        Err(PluginError::NotEnabled { state, version: Some(version), .. })
+            if *state == KeyState::PendingDeletion.as_str() =>
+        {
+            Some((*version, UseKind::Refused))
+        }
+        Err(PluginError::VersionNotEnabled { state, version, .. })
+            if *state == VersionRefusal::PendingDestruction.as_str() =>
+        {
+            Some((*version, UseKind::Refused))
+        }
+        Err(_) => None,
     }
 }
 
@@ -282,7 +330,7 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
         let outcome = self.encrypt_inner(&req);
         // The DEK seed is key material: wipe the request's copy.
         zeroize::Zeroize::zeroize(&mut req.plaintext);
-        self.finish("Encrypt", who, &req.uid, started, outcome).await.map(Response::new)
+        self.finish("Encrypt", UseKind::Encrypt, who, &req.uid, started, outcome).await.map(Response::new)
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
@@ -290,6 +338,6 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
         let who = principal(&request);
         let req = request.into_inner();
         let outcome = self.decrypt_inner(&req);
-        self.finish("Decrypt", who, &req.uid, started, outcome).await.map(Response::new)
+        self.finish("Decrypt", UseKind::Decrypt, who, &req.uid, started, outcome).await.map(Response::new)
     }
 }

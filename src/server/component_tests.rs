@@ -37,7 +37,7 @@ use crate::domain::{
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_client::KeyServiceClient;
 use crate::proto::keyapi::*;
-use crate::testing::AuditSink;
+use crate::testing::{AuditSink, CapturedUses};
 
 /// The keyIds of the keys the tests make.
 const K: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
@@ -385,6 +385,7 @@ struct Harness {
     rbac: Rbac,
     retirer: Retirer,
     audit: AuditSink,
+    uses: CapturedUses,
     registry: Registry,
     client: KeyServiceClient<Channel>,
     stop: CancellationToken,
@@ -402,6 +403,7 @@ impl Harness {
         let (rbac, retirer, audit) = (Rbac::default(), Retirer::default(), AuditSink::default());
         let reviews = Arc::new(AtomicUsize::new(0));
         let mut registry = Registry::default();
+        let uses = CapturedUses::default();
         let api = KeyApi::new(
             Authenticator::new(Reviewer::new(reviews.clone()), setup.auth),
             CachedRbac::new(rbac.clone(), &setup.rbac_cache),
@@ -409,6 +411,7 @@ impl Harness {
             retirer.clone(),
             audit.log_with(&root, setup.audit),
             OperationMetrics::register(&mut registry),
+            Arc::new(uses.clone()),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -416,7 +419,7 @@ impl Harness {
         let shutdown = stop.clone().cancelled_owned();
         let server = tokio::spawn(async move { super::serve(api, None, listener, shutdown).await.unwrap() });
         let client = KeyServiceClient::connect(format!("http://{addr}")).await.unwrap();
-        Harness { addr, reviews, directory, root, rbac, retirer, audit, registry, client, stop, server }
+        Harness { addr, reviews, directory, root, rbac, retirer, audit, uses, registry, client, stop, server }
     }
 
     /// Adds a key holding `versions` versions of fresh material, wrapped by `root` as the

@@ -29,6 +29,7 @@ use crate::crypto::{RootKey, RootKeyError};
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyServiceServer;
 use crate::telemetry::{self, Health};
+use crate::usage::k8s::UsageConfig;
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct Config {
     /// How long a call waits for its audit line, and how many lines may wait.
     pub audit: AuditLimits,
     pub metrics_addr: Option<SocketAddr>,
+    /// How it reports the use of key versions.
+    pub usage: UsageConfig,
 }
 
 /// Why a configuration is refused.
@@ -122,6 +125,13 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let mut registry = Registry::default();
     let metrics = OperationMetrics::register(&mut registry);
     audit.register(&mut registry);
+    let (usage, usage_task) = crate::usage::k8s::start(
+        &config.usage,
+        crate::domain::ReporterKind::KeyApi,
+        Some(client.clone()),
+        &mut registry,
+        shutdown.clone(),
+    );
     let health = Health::new(i64::MAX);
     let metrics_task =
         telemetry::spawn_endpoints(config.metrics_addr, registry, health.clone(), shutdown.clone())
@@ -155,6 +165,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         k8s::KubeGrantWriter(client),
         audit,
         metrics,
+        usage,
     );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -163,6 +174,9 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let served = serve(api, Some(tls), listener, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    if let Some(task) = usage_task {
         let _ = task.await;
     }
     served.map_err(RunError::Serve)

@@ -21,11 +21,14 @@ use super::limit::{Throttled, whole_seconds};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::call::{CallError, CallPipeline};
 use crate::crypto::{KeyMaterial, SealError, SecretBytes};
-use crate::domain::{Creator, Grant, GrantAuthority, Identity, Key, KeyOperation, KeyState, Origin};
+use crate::domain::{
+    Creator, Grant, GrantAuthority, Identity, Key, KeyOperation, KeyState, Origin, UseKind, VersionRefusal,
+};
 use crate::keyring::MaterialError;
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyService;
 use crate::proto::keyapi::*;
+use crate::usage::UseRecorder;
 
 /// The most bytes GenerateDataKey and GenerateRandom return.
 pub const MAX_RANDOM_BYTES: u32 = 1024;
@@ -244,6 +247,41 @@ struct Trail {
     created_grant_id: Option<String>,
     context_keys: Vec<String>,
     source_context_keys: Vec<String>,
+    /// The versions the call went on to use, in order, once the caller was authorized for
+    /// each (see [`used`]).
+    uses: Vec<(Arc<Key>, u32, UseKind)>,
+}
+
+impl ApiError {
+    /// Whether this refuses a use that must postpone a destruction: of a key pending
+    /// deletion, or of a version pending destruction.
+    fn refuses_pending_destruction(&self) -> bool {
+        match self {
+            ApiError::KeyNotEnabled { state, .. } => *state == KeyState::PendingDeletion.as_str(),
+            ApiError::VersionNotEnabled { state, .. } => {
+                *state == VersionRefusal::PendingDestruction.as_str()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What a call used, once it is over. A call goes on to its next use only once the one
+/// before went through, so every use but the last went through; the last did if the call
+/// succeeded, and was refused (recorded as such) if the call ended in a refusal of a key
+/// pending deletion or a version pending destruction. A use is only ever noted after the
+/// caller was authorized for it, so a caller without the right cannot postpone anything.
+fn used<T>(
+    uses: Vec<(Arc<Key>, u32, UseKind)>,
+    outcome: &Result<T, ApiError>,
+) -> impl Iterator<Item = (Arc<Key>, u32, UseKind)> {
+    let n = uses.len();
+    uses.into_iter().enumerate().filter_map(move |(i, (key, version, kind))| match outcome {
+        _ if i + 1 < n => Some((key, version, kind)),
+        Ok(_) => Some((key, version, kind)),
+        Err(e) if e.refuses_pending_destruction() => Some((key, version, UseKind::Refused)),
+        Err(_) => None,
+    })
 }
 
 /// The key API.
@@ -253,6 +291,7 @@ pub struct KeyApi<T, R, D, G> {
     keys: D,
     grant_writer: G,
     calls: CallPipeline,
+    usage: Arc<dyn UseRecorder>,
 }
 
 fn request_id(meta: &MetadataMap) -> String {
@@ -285,6 +324,7 @@ where
         grant_writer: G,
         audit: Arc<AuditLog>,
         metrics: OperationMetrics,
+        usage: Arc<dyn UseRecorder>,
     ) -> Self {
         KeyApi {
             auth,
@@ -292,6 +332,7 @@ where
             keys,
             grant_writer,
             calls: CallPipeline::new("server", audit, metrics),
+            usage,
         }
     }
 
@@ -337,6 +378,9 @@ where
             source_encryption_context_keys: trail.source_context_keys,
             ..Default::default()
         };
+        for (key, version, kind) in used(trail.uses, &outcome) {
+            self.usage.record(&key.info, version, kind);
+        }
         let mut response = self.calls.finish(started, event, outcome).await.map(Response::new)?;
         if let Ok(v) = id.parse() {
             response.metadata_mut().insert("x-request-id", v);
@@ -389,8 +433,17 @@ where
         Ok(())
     }
 
-    /// The key's state must let it be used.
-    fn usable(key: &Key) -> Result<(), ApiError> {
+    /// The key's state must let it be used as `kind` of `version` (the current one when
+    /// none is given): the trail notes the use, which the caller is authorized for.
+    fn usable(
+        key: &Arc<Key>,
+        version: Option<u32>,
+        kind: UseKind,
+        trail: &mut Trail,
+    ) -> Result<(), ApiError> {
+        if let Some(version) = version.or(key.info.current_version) {
+            trail.uses.push((key.clone(), version, kind));
+        }
         if key.info.state != KeyState::Enabled {
             return Err(ApiError::KeyNotEnabled { key: key.info.display(), state: key.info.state.as_str() });
         }
@@ -458,12 +511,13 @@ where
     /// Opens a ciphertext under `version` of `key`, which must be usable.
     fn open(
         &self,
-        key: &Key,
+        key: &Arc<Key>,
         version: u32,
         context: &BTreeMap<String, String>,
         ciphertext: &[u8],
+        trail: &mut Trail,
     ) -> Result<SecretBytes, ApiError> {
-        Self::usable(key)?;
+        Self::usable(key, Some(version), UseKind::Decrypt, trail)?;
         if let Some(refusal) = key.info.refused_versions.get(&version) {
             return Err(ApiError::VersionNotEnabled {
                 key: key.info.display(),
@@ -501,7 +555,7 @@ where
             n => n,
         };
         let key = self.authorized_key(who, key, op, context, trail).await?;
-        Self::usable(&key)?;
+        Self::usable(&key, None, UseKind::Encrypt, trail)?;
         let (version, material) = self.current(&key)?;
         trail.version = Some(version);
         let mut data_key = vec![0u8; n as usize];
@@ -555,7 +609,7 @@ where
                 _ => {}
             }
             let key = self.authorized_key(who, &req.key, KeyOperation::Encrypt, &context, trail).await?;
-            Self::usable(&key)?;
+            Self::usable(&key, None, UseKind::Encrypt, trail)?;
             let (version, material) = self.current(&key)?;
             trail.version = Some(version);
             let mut plaintext = req.plaintext;
@@ -573,7 +627,7 @@ where
             let (key, version) = self
                 .ciphertext_key(who, &req.ciphertext_blob, &context, &req.key, KeyOperation::Decrypt, trail)
                 .await?;
-            let plaintext = self.open(&key, version, &context, &req.ciphertext_blob)?;
+            let plaintext = self.open(&key, version, &context, &req.ciphertext_blob, trail)?;
             Ok(DecryptResponse { plaintext: plaintext.expose().to_vec(), key: version_ref(&key, version) })
         })
         .await
@@ -603,8 +657,9 @@ where
             let key = self
                 .authorized_key(who, &req.destination_key, KeyOperation::ReEncryptTo, &context, trail)
                 .await?;
-            let plaintext = self.open(&source, source_version, &source_context, &req.ciphertext_blob)?;
-            Self::usable(&key)?;
+            let plaintext =
+                self.open(&source, source_version, &source_context, &req.ciphertext_blob, trail)?;
+            Self::usable(&key, None, UseKind::Encrypt, trail)?;
             let (version, material) = self.current(&key)?;
             trail.version = Some(version);
             let ciphertext_blob = Self::seal(&key, version, &material, &context, plaintext.expose())?;

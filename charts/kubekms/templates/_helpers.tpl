@@ -43,6 +43,12 @@ trusted ones of other releases. */}}
 {{ include "kubekms.celList" (prepend .Values.trustedIdentities.servers $self) }}
 {{- end }}
 
+{{/* The user names of kubekms KMS plugins, as a CEL list. */}}
+{{- define "kubekms.plugins" -}}
+{{- $self := printf "system:serviceaccount:%s:%s" .Release.Namespace (include "kubekms.plugin.serviceAccount" .) -}}
+{{ include "kubekms.celList" (prepend .Values.trustedIdentities.plugins $self) }}
+{{- end }}
+
 {{/* The image reference. */}}
 {{- define "kubekms.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
