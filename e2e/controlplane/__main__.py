@@ -1,8 +1,8 @@
 """`make up` and `make down`: the local control plane of the end-to-end tests and the demo.
 etcd and kube-apiserver with RBAC, a service-account issuer and an admin kubeconfig;
-kube-controller-manager (service accounts, namespaces, garbage collection); the
-CRDs, kubekms's RBAC and deletion protection (from the Helm chart); a root key; and the
-kubekms controller, KMS v2 plugin and key API server, each as its ServiceAccount. State in
+kube-controller-manager (service accounts, namespaces, garbage collection, storage version
+migration); the CRDs, kubekms's RBAC and deletion protection (from the Helm chart); a root
+key; and the kubekms controller, KMS v2 plugin and key API server, each as its ServiceAccount. State in
 e2e/.run (KUBEKMS_RUN_DIR), ports from KUBEKMS_*_PORT; writes e2e/.run/env. e2e/up.sh and
 e2e/down.sh run it (up.sh builds what it needs first):
 

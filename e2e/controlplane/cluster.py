@@ -66,10 +66,13 @@ def socket_path(run_dir: Path, name: str) -> Path:
     return short / name
 
 
-# The kube-controller-manager controllers `make up` runs.
+# The kube-controller-manager controllers `make up` runs. The storage version migrator
+# (StorageVersionMigration, GA in 1.37) rewrites every object of a resource, which is how
+# kubekms moves stored Secrets to a new key version after a rotation; it finds the objects
+# through the garbage collector's monitors, so it needs the garbage collector.
 CONTROLLER_MANAGER_CONTROLLERS = ",".join([
     "serviceaccount-controller", "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
-    "namespace-controller", "garbage-collector-controller",
+    "namespace-controller", "garbage-collector-controller", "storage-version-migrator-controller",
 ])
 
 
@@ -211,7 +214,7 @@ class ControlPlane:
     def start_controller_manager(self) -> Process:
         """kube-controller-manager with the controllers the tests need: ServiceAccounts and
         their tokens, the root CA ConfigMap, namespaces (so that a deleted namespace goes
-        away) and the garbage collector; leader election off. Returns once /healthz is ok."""
+        away), the garbage collector and the storage version migrator; leader election off. Returns once /healthz is ok."""
         pki = self.pki
         kubeconfig = self.run_dir / "kube-controller-manager.kubeconfig"
         self.write_kubeconfig(kubeconfig, "system:kube-controller-manager",

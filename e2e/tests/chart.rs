@@ -334,6 +334,13 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&controller, "create", "clusterroles", ns, false),
         (&controller, "get", "kmskeyusages", ns, true),
         (&controller, "delete", "kmskeyusages", ns, false),
+        // The storage migration: it asks kube-controller-manager to rewrite Secrets, and
+        // never reads them itself.
+        (&controller, "create", "storageversionmigrations", ns, true),
+        (&controller, "delete", "storageversionmigrations", ns, true),
+        (&controller, "watch", "storageversionmigrations", ns, true),
+        (&controller, "patch", "storageversionmigrations:status", ns, false),
+        (&controller, "watch", "secrets", "kube-system", false),
         // The plugin's material role is empty until the controller names its key's material
         // (tested on the running control plane in plugin.rs).
         (&plugin, "get", "kmskeymaterials", ns, false),

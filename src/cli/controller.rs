@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::ArgAction;
 use jiff::SignedDuration;
 
-use kubekms::controller::{self, leader::Timing, lifecycle::Calendar};
+use kubekms::controller::{self, leader::Timing, lifecycle::Calendar, migration_plan::Resource};
 use kubekms::domain::NamespacedName;
 
 use super::args::{KubeArgs, RootKeyArgs};
@@ -57,6 +57,13 @@ pub struct Args {
     /// known only once the key exists). The chart sets both.
     #[arg(long, value_name = "NAME", requires = "plugin_key")]
     plugin_material_role: Option<String>,
+    /// The resources kube-apiserver encrypts with a KMS plugin's key (its
+    /// EncryptionConfiguration), as `resource` or `resource.group`, comma-separated. After a
+    /// rotation of such a key, once kube-apiserver writes under the new version, the
+    /// controller creates a StorageVersionMigration for each, so that every stored object
+    /// moves to the new version. Empty turns this off.
+    #[arg(long, value_name = "RESOURCES", value_delimiter = ',', default_value = "secrets")]
+    storage_migration_resources: Vec<String>,
     /// TEST ONLY: how long one "day" of rotation periods and deletion windows lasts. Never
     /// set this in production: it shortens the waiting period before key material is
     /// destroyed. Refused unless the environment also says
@@ -82,6 +89,19 @@ fn check_test_clock(calendar: &Calendar, opt_in: Option<&str>) -> anyhow::Result
     )
 }
 
+/// The resources of --storage-migration-resources (an empty value, or none, turns the
+/// migration off), each named once.
+fn storage_migration_resources(names: &[String]) -> anyhow::Result<Vec<Resource>> {
+    let mut resources: Vec<Resource> = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        let resource: Resource = name.parse().context("invalid --storage-migration-resources")?;
+        if !resources.contains(&resource) {
+            resources.push(resource);
+        }
+    }
+    Ok(resources)
+}
+
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         self.kube.init_logging();
@@ -92,6 +112,7 @@ impl Args {
         }
         let timing = Timing::new(self.lease_duration, self.renew_deadline, self.retry_period)
             .context("invalid leader election timing")?;
+        let storage_migration_resources = storage_migration_resources(&self.storage_migration_resources)?;
         let config = controller::Config {
             root_key_file: self.root_key.root_key_file,
             audit_log: self.audit_log,
@@ -108,6 +129,7 @@ impl Args {
                 }
                 _ => None,
             },
+            storage_migration_resources,
         };
         let client = self.kube.client().await?;
         let shutdown = super::shutdown_on_signal();
@@ -130,6 +152,22 @@ mod tests {
         assert!(err.contains("KUBEKMS_UNSAFE_TEST_CLOCK=shorten-waiting-periods"), "{err}");
         assert!(check_test_clock(&short, Some("1")).is_err());
         assert!(check_test_clock(&short, Some(TEST_CLOCK_CONSENT)).is_ok());
+    }
+
+    #[test]
+    fn storage_migration_resources_are_parsed_and_deduplicated() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let parsed =
+            storage_migration_resources(&names(&["secrets", "widgets.example.com", "secrets", ""])).unwrap();
+        let shown: Vec<String> = parsed.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["secrets", "widgets.example.com"]);
+        assert_eq!(parsed[1].group, "example.com");
+        assert!(storage_migration_resources(&names(&[""])).unwrap().is_empty(), "empty turns it off");
+        let err = storage_migration_resources(&names(&["Secrets"])).unwrap_err();
+        assert!(format!("{err:#}").contains("is not a resource name"), "{err:#}");
+        let args =
+            ["controller", "--root-key-file", "/k", "--storage-migration-resources", "secrets,configmaps"];
+        assert!(parse(&args).is_ok());
     }
 
     #[test]

@@ -4,13 +4,17 @@
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::storagemigration::v1::StorageVersionMigration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, Recorder};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::Error;
-use crate::api::{KmsGrant, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus, KmsKeyUsage};
+use crate::api::{
+    KmsGrant, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus, KmsKeyUsage, StorageMigrationStatus,
+};
 use crate::domain::Identity;
 use crate::keyring::{MaterialStore, Owner};
 
@@ -18,6 +22,11 @@ use crate::keyring::{MaterialStore, Owner};
 pub const FIELD_MANAGER: &str = "kubekms-controller";
 /// The field manager of the condition that reports a key that cannot be created.
 pub const ERROR_FIELD_MANAGER: &str = "kubekms-controller-errors";
+/// The field manager of the storage migration's status (its own, so that it never takes
+/// over or drops what the key reconciler applies, nor the other way round).
+pub const MIGRATION_FIELD_MANAGER: &str = "kubekms-migration";
+/// The label every StorageVersionMigration kubekms creates carries.
+pub const MIGRATION_SELECTOR: &str = "app.kubernetes.io/managed-by=kubekms";
 
 /// What the reconcilers do to the cluster.
 #[tonic::async_trait]
@@ -82,6 +91,21 @@ pub trait Cluster: Send + Sync + 'static {
     async fn server_time(&self) -> Result<Timestamp, Error>;
     /// Publishes an Event about `object` (failures are logged, never fatal).
     async fn publish(&self, object: &ObjectReference, event: Event);
+    /// Every StorageVersionMigration kubekms created ([`MIGRATION_SELECTOR`]).
+    async fn migrations(&self) -> Result<Vec<StorageVersionMigration>, Error>;
+    /// Creates a StorageVersionMigration; one that exists already (by name) is left as is.
+    async fn create_migration(&self, migration: &StorageVersionMigration) -> Result<(), Error>;
+    /// Deletes a StorageVersionMigration (one that is gone already is fine).
+    async fn delete_migration(&self, name: &str) -> Result<(), Error>;
+    /// Writes the key's storage migration status and its StorageMigrated condition
+    /// (server-side apply under [`MIGRATION_FIELD_MANAGER`]).
+    async fn patch_migration_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        migration: Option<&StorageMigrationStatus>,
+        condition: &Condition,
+    ) -> Result<(), Error>;
 }
 
 /// What the KMS plugin of the key `key_id` may do, one rule per purpose, each naming that
@@ -274,6 +298,55 @@ impl Cluster for KubeCluster {
         if let Err(e) = self.recorder.publish(&event, object).await {
             tracing::warn!(error = %e, reason = %event.reason, "failed to publish an Event");
         }
+    }
+
+    async fn migrations(&self) -> Result<Vec<StorageVersionMigration>, Error> {
+        let api: Api<StorageVersionMigration> = Api::all(self.client.clone());
+        let list = api.list(&ListParams::default().labels(MIGRATION_SELECTOR)).await;
+        list.map(|l| l.items).map_err(Error::ListMigrations)
+    }
+
+    async fn create_migration(&self, migration: &StorageVersionMigration) -> Result<(), Error> {
+        let api: Api<StorageVersionMigration> = Api::all(self.client.clone());
+        match api
+            .create(
+                &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
+                migration,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(Error::CreateMigration(e)),
+        }
+    }
+
+    async fn delete_migration(&self, name: &str) -> Result<(), Error> {
+        let api: Api<StorageVersionMigration> = Api::all(self.client.clone());
+        match api.delete(name, &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(Error::DeleteMigration(e)),
+        }
+    }
+
+    async fn patch_migration_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        migration: Option<&StorageMigrationStatus>,
+        condition: &Condition,
+    ) -> Result<(), Error> {
+        let mut status = json!({"conditions": [condition]});
+        if let Some(m) = migration {
+            status["storageMigration"] = json!(m);
+        }
+        let body = json!({"apiVersion": "kms.kubekms.io/v1alpha1", "kind": "KmsKey", "status": status});
+        self.keys(namespace)
+            .patch_status(name, &PatchParams::apply(MIGRATION_FIELD_MANAGER).force(), &Patch::Apply(body))
+            .await
+            .map(|_| ())
+            .map_err(Error::PatchStatus)
     }
 }
 

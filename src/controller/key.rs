@@ -49,7 +49,7 @@ pub fn error_policy(_key: Arc<KmsKey>, error: &Error, _ctx: Arc<Context>) -> Act
     Action::requeue(if error.is_conflict() { Duration::from_secs(1) } else { Duration::from_secs(15) })
 }
 
-fn owner(key: &KmsKey) -> Result<Owner, Error> {
+pub(super) fn owner(key: &KmsKey) -> Result<Owner, Error> {
     Ok(Owner {
         namespace: key.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
         name: key.name_any(),

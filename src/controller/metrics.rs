@@ -1,5 +1,5 @@
 //! The controller's Prometheus metrics: reconciles, errors by category, keys by state,
-//! material changes, leadership.
+//! material changes, storage migrations, leadership.
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -38,6 +38,12 @@ pub struct ActionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    /// started, succeeded, failed.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -50,6 +56,11 @@ pub struct ControllerMetrics {
     pub reconcile_seconds: Family<KindLabels, Histogram>,
     pub material_changes: Family<ActionLabels, Counter>,
     pub leader: Gauge,
+    /// `kubekms_storage_migrations_total{result}`: storage migration attempts started, and
+    /// migrations that succeeded (recorded) or failed.
+    pub storage_migrations: Family<MigrationLabels, Counter>,
+    /// `kubekms_storage_migrations_running`: kubekms's StorageVersionMigrations not finished.
+    pub storage_migrations_running: Gauge,
 }
 
 fn duration_histogram() -> Histogram {
@@ -66,7 +77,22 @@ impl ControllerMetrics {
             reconcile_seconds: Family::new_with_constructor(duration_histogram),
             material_changes: Family::default(),
             leader: Gauge::default(),
+            storage_migrations: Family::default(),
+            storage_migrations_running: Gauge::default(),
         };
+        for result in ["started", "succeeded", "failed"] {
+            let _ = m.storage_migrations.get_or_create(&MigrationLabels { result });
+        }
+        registry.register(
+            "kubekms_storage_migrations",
+            "Storage migrations after a rotation: attempts started, and migrations that succeeded or failed",
+            m.storage_migrations.clone(),
+        );
+        registry.register(
+            "kubekms_storage_migrations_running",
+            "StorageVersionMigrations kubekms created that have not finished",
+            m.storage_migrations_running.clone(),
+        );
         let sub = registry.sub_registry_with_prefix("kubekms_controller");
         sub.register("reconciles", "Reconciles by kind and result", m.reconciles.clone());
         sub.register("reconcile_errors", "Failed reconciles by kind and error category", m.errors.clone());
@@ -83,6 +109,21 @@ impl ControllerMetrics {
         sub.register("leader", "1 while this replica is the leader", m.leader.clone());
         registry.register_collector(Box::new(KeysByState(keys)));
         m
+    }
+
+    /// Counts and times one reconcile of `kind`, and its error's category.
+    pub fn observe_reconcile<T>(
+        &self,
+        kind: &'static str,
+        started: std::time::Instant,
+        result: &Result<T, super::Error>,
+    ) {
+        self.reconcile_seconds.get_or_create(&KindLabels { kind }).observe(started.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.reconciles.get_or_create(&ResultLabels { kind, result: outcome }).inc();
+        if let Err(e) = result {
+            self.errors.get_or_create(&ErrorLabels { kind, category: e.category() }).inc();
+        }
     }
 }
 

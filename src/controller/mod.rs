@@ -1,5 +1,6 @@
 //! The controller: reconciles KmsKey objects (key versions, rotation, enable/disable,
-//! deletion) while it holds the leader Lease.
+//! deletion), KmsGrants, and the storage migration after a rotation, while it holds the
+//! leader Lease.
 
 pub mod cluster;
 pub mod grant;
@@ -7,6 +8,8 @@ pub mod key;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod migration;
+pub mod migration_plan;
 
 #[cfg(test)]
 mod reconcile_tests;
@@ -59,6 +62,12 @@ pub enum Error {
     AccessReview(#[source] kube::Error),
     #[error("failed to read the key's usage record (KmsKeyUsage)")]
     ReadUsage(#[source] kube::Error),
+    #[error("failed to list the StorageVersionMigrations")]
+    ListMigrations(#[source] kube::Error),
+    #[error("failed to create a StorageVersionMigration")]
+    CreateMigration(#[source] kube::Error),
+    #[error("failed to delete a StorageVersionMigration")]
+    DeleteMigration(#[source] kube::Error),
 }
 
 impl Error {
@@ -76,6 +85,7 @@ impl Error {
             Error::Audit(_) => "audit",
             Error::AccessReview(_) => "access_review",
             Error::ReadUsage(_) => "read_usage",
+            Error::ListMigrations(_) | Error::CreateMigration(_) | Error::DeleteMigration(_) => "migration",
         }
     }
 
@@ -123,6 +133,9 @@ pub struct Config {
     /// The KMS plugin's key and the ClusterRole through which the plugin reads that key's
     /// material, and no other key's.
     pub plugin_access: Option<PluginAccess>,
+    /// What kube-apiserver encrypts with a KMS plugin's key, rewritten after each rotation
+    /// by StorageVersionMigrations; none turns the storage migration off.
+    pub storage_migration_resources: Vec<migration_plan::Resource>,
 }
 
 /// The KMS plugin reads the material of one key, named by that key's UID, which is known
@@ -298,15 +311,29 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
         plugin_access: shared.config.plugin_access.clone(),
     });
     let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
-    run_controllers(
+    let migration = (!shared.config.storage_migration_resources.is_empty()).then(|| {
+        migration::MigrationContext::new(
+            ctx.clone(),
+            shared.config.storage_migration_resources.clone(),
+            migration_plan::Backoff::default(),
+        )
+    });
+    let controllers = run_controllers(
         shared.client.clone(),
         ctx,
         stores,
         shared.config.selector.clone(),
         shared.health.clone(),
-        stop,
-    )
-    .await;
+        stop.clone(),
+    );
+    match migration {
+        Some(migration) => {
+            let migration =
+                run_migration(shared.client.clone(), migration, shared.config.selector.clone(), stop);
+            tokio::join!(controllers, migration);
+        }
+        None => controllers.await,
+    }
 }
 
 struct Stores {
@@ -421,6 +448,57 @@ async fn run_controllers(
         });
     tokio::join!(key_controller, grant_controller);
     tracing::info!("controllers stopped");
+}
+
+/// The storage migration reconciler, one key at a time: woken by a key's spec, its material
+/// (a rotation, the storage record), its usage (kube-apiserver encrypting under a new
+/// version) and its StorageVersionMigrations (their progress).
+async fn run_migration(
+    client: Client,
+    ctx: migration::MigrationContext,
+    selector: Option<String>,
+    stop: CancellationToken,
+) {
+    use k8s_openapi::api::storagemigration::v1::StorageVersionMigration;
+    let (reader, writer) = reflector::store::<KmsKey>();
+    let mut key_config = watcher::Config::default();
+    if let Some(selector) = &selector {
+        key_config = key_config.labels(selector);
+    }
+    let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config)
+        .default_backoff()
+        .modify(crate::kubeclient::slim_managed_fields)
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(key_trigger, Default::default());
+    let owner_of =
+        |owner: &crate::api::KeyOwner| Some(ObjectRef::<KmsKey>::new(&owner.name).within(&owner.namespace));
+    let materials = watcher(Api::<KmsKeyMaterial>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let usages = watcher(Api::<KmsKeyUsage>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let migrations = watcher(
+        Api::<StorageVersionMigration>::all(client.clone()),
+        watcher::Config::default().labels(cluster::MIGRATION_SELECTOR),
+    )
+    .default_backoff()
+    .touched_objects();
+    Controller::for_stream(keys, reader)
+        .with_config(kube::runtime::controller::Config::default().concurrency(1))
+        .watches_stream(materials, move |m: KmsKeyMaterial| owner_of(&m.spec.owner))
+        .watches_stream(usages, move |u: KmsKeyUsage| owner_of(&u.spec.owner))
+        .watches_stream(migrations, |m: StorageVersionMigration| migration::migration_key(&m))
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(migration::reconcile, migration::error_policy, Arc::new(ctx))
+        .for_each(|result| {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "storage migration controller event");
+            }
+            futures::future::ready(())
+        })
+        .await;
 }
 
 /// The grants in `store` that `keep` keeps, as references to reconcile.
