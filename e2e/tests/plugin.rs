@@ -36,6 +36,16 @@ pub(crate) fn stored(namespace: &str, name: &str) -> EncryptedObject {
     EncryptedObject::decode(&raw[PREFIX.len()..]).expect("parse the stored EncryptedObject")
 }
 
+/// What kube-apiserver asks the plugin to read `object`: to decrypt its DEK seed.
+pub(crate) fn decrypt_request(object: &EncryptedObject) -> DecryptRequest {
+    DecryptRequest {
+        ciphertext: object.encrypted_dek_source.clone(),
+        uid: "e2e".into(),
+        key_id: object.key_id.clone(),
+        annotations: object.annotations.clone().into_iter().collect::<HashMap<_, _>>(),
+    }
+}
+
 pub(crate) fn create_secret(ns: &str, name: &str, value: &str) -> Run {
     kubectl(&["create", "secret", "generic", name, "-n", ns, &format!("--from-literal=value={value}")], None)
 }
@@ -224,17 +234,9 @@ async fn disruptive_rotation_restarts_and_disable() {
     assert_eq!(id, new_id);
     let mut c = kubekms::plugin::client::connect(&socket()).await.unwrap();
     for (version, object) in [("new", &fresh_object), ("old", &old_object)] {
-        let seed = c
-            .decrypt(DecryptRequest {
-                ciphertext: object.encrypted_dek_source.clone(),
-                uid: "e2e".into(),
-                key_id: object.key_id.clone(),
-                annotations: object.annotations.clone().into_iter().collect::<HashMap<_, _>>(),
-            })
-            .await
-            .unwrap_or_else(|e| {
-                panic!("decrypt the {version} version from the cache while the API server is down: {e}")
-            });
+        let seed = c.decrypt(decrypt_request(object)).await.unwrap_or_else(|e| {
+            panic!("decrypt the {version} version from the cache while the API server is down: {e}")
+        });
         assert_eq!(seed.into_inner().plaintext.len(), 32);
     }
     control_plane("up.sh", &["kube-apiserver"]);

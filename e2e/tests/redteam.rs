@@ -737,6 +737,29 @@ async fn a_grant_gives_the_right_to_grant_only_within_itself() {
     .await;
 }
 
+/// Gives ServiceAccount `ns/sa` (created if needed) every write of the cluster-scoped
+/// `resource`, as a GitOps tool or a wildcard ClusterRole holds it, through a ClusterRole
+/// and binding that go when the returned guard drops; returns once RBAC allows a patch.
+pub(crate) async fn every_write_of(ns: &str, sa: &str, resource: &str) -> ClusterObjects {
+    let _ = kubectl(&["create", "serviceaccount", sa, "-n", ns], None);
+    let name = format!("rt-{resource}-{ns}");
+    let rbac = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {name}}}\n\
+         rules:\n- {{apiGroups: [kms.kubekms.io], resources: [{resource}], verbs: [get, create, update, patch, delete]}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {name}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {name}}}\n\
+         subjects:\n- {{kind: ServiceAccount, name: {sa}, namespace: {ns}}}\n"
+    );
+    let cleanup = ClusterObjects(vec![format!("clusterrolebinding/{name}"), format!("clusterrole/{name}")]);
+    kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
+    let who = user(ns, sa);
+    eventually(WAIT, &format!("RBAC to let {sa} patch {resource}"), || async {
+        can_i("default", &who, "patch", resource).then_some(())
+    })
+    .await;
+    cleanup
+}
+
 /// Deletes cluster-scoped objects of one test when it ends.
 pub(crate) struct ClusterObjects(pub(crate) Vec<String>);
 
@@ -755,22 +778,7 @@ async fn only_the_controller_writes_key_material() {
     enabled_key(ns, "k", "  description: its material is the controller's\n").await;
     let uid = kubectl_ok(&["get", "kmskey", "k", "-n", ns, "-o", "jsonpath={.metadata.uid}"], None);
     // What a GitOps tool or a wildcard ClusterRole holds: every write of kmskeymaterials.
-    let who = user(ns, "gitops");
-    let _ = kubectl(&["create", "serviceaccount", "gitops", "-n", ns], None);
-    let name = format!("rt-material-{ns}");
-    let rbac = format!(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {name}}}\n\
-         rules:\n- {{apiGroups: [kms.kubekms.io], resources: [kmskeymaterials], verbs: [get, create, update, patch, delete]}}\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {name}}}\n\
-         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {name}}}\n\
-         subjects:\n- {{kind: ServiceAccount, name: gitops, namespace: {ns}}}\n"
-    );
-    let _cleanup = ClusterObjects(vec![format!("clusterrolebinding/{name}"), format!("clusterrole/{name}")]);
-    kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
-    eventually(WAIT, "RBAC to let gitops patch material", || async {
-        can_i("default", &who, "patch", "kmskeymaterials").then_some(())
-    })
-    .await;
+    let _cleanup = every_write_of(ns, "gitops", "kmskeymaterials").await;
     let refused = |run: Run, what: &str| {
         assert!(!run.ok, "gitops could {what}: {}", run.stdout);
         assert!(

@@ -3,15 +3,13 @@
 //! seconds of a use; and nobody but kubekms's identities may write one — a namespace admin
 //! has no RBAC for it, and even an identity RBAC lets write it is refused by admission.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use kubekms::proto::kmsv2::DecryptRequest;
 use serde_json::Value;
 
 use crate::keyapi::{as_sa, bind_key_user, decrypt, enabled_key, encrypt};
-use crate::plugin::{create_secret, socket, stored};
-use crate::redteam::{ClusterObjects, kubectl_as, user};
+use crate::plugin::{create_secret, decrypt_request, socket, stored};
+use crate::redteam::{ClusterObjects, every_write_of, kubectl_as, user};
 use crate::support::{Run, TestNamespace, can_i, eventually, kubectl, kubectl_ok};
 
 /// How soon a use shows in the record: the writer writes a second after the first use of a
@@ -69,15 +67,7 @@ async fn the_plugin_and_the_key_api_report_each_version_they_use() {
     let (uid, version) = object.key_id.strip_prefix("kubekms:").and_then(|r| r.rsplit_once(':')).unwrap();
     let version: u32 = version.parse().unwrap();
     let mut plugin = kubekms::plugin::client::connect(&socket()).await.unwrap();
-    plugin
-        .decrypt(DecryptRequest {
-            ciphertext: object.encrypted_dek_source.clone(),
-            uid: "e2e-usage".into(),
-            key_id: object.key_id.clone(),
-            annotations: object.annotations.clone().into_iter().collect::<HashMap<_, _>>(),
-        })
-        .await
-        .unwrap();
+    plugin.decrypt(decrypt_request(&object)).await.unwrap();
     let record = reported(uid, "StoragePlugin", version, &["lastEncrypt", "lastDecrypt"]).await;
     assert_eq!(record["spec"]["owner"]["name"], "cluster-secrets");
     let plugin_entry =
@@ -151,22 +141,7 @@ async fn only_kubekms_writes_usage_records() {
 
     // What a GitOps tool or a wildcard ClusterRole holds: every write of kmskeyusages. The
     // admission policy refuses each.
-    let _ = kubectl(&["create", "serviceaccount", "gitops", "-n", ns], None);
-    let name = format!("rt-usage-{ns}");
-    let rbac = format!(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {name}}}\n\
-         rules:\n- {{apiGroups: [kms.kubekms.io], resources: [kmskeyusages], verbs: [get, create, update, patch, delete]}}\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {name}}}\n\
-         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {name}}}\n\
-         subjects:\n- {{kind: ServiceAccount, name: gitops, namespace: {ns}}}\n"
-    );
-    let _rbac = ClusterObjects(vec![format!("clusterrolebinding/{name}"), format!("clusterrole/{name}")]);
-    kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
-    let gitops = user(ns, "gitops");
-    eventually(Duration::from_secs(30), "RBAC to let gitops patch usage", || async {
-        can_i("default", &gitops, "patch", "kmskeyusages").then_some(())
-    })
-    .await;
+    let _rbac = every_write_of(ns, "gitops", "kmskeyusages").await;
     let refused = |run: Run, what: &str| {
         assert!(!run.ok, "gitops could {what}: {}", run.stdout);
         assert!(

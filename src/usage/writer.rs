@@ -204,27 +204,34 @@ impl<S: UsageStore> Writer<S> {
         }
     }
 
-    /// Writes every marked key once; whether all of them were written.
+    /// Writes every marked key once; whether all of them were written. Failures are
+    /// counted one by one and logged once per flush (an outage fails them all alike).
     pub async fn flush(&self) -> bool {
-        let mut all = true;
+        let mut failed = 0usize;
+        let mut first = None;
         for pending in self.recorder.pending() {
             let uid = pending.owner.uid.clone();
             match self.write(pending).await {
                 Ok(()) => self.metrics.count("ok"),
                 Err(e) => {
-                    all = false;
+                    failed += 1;
                     self.metrics.count("error");
-                    tracing::warn!(
-                        error = %error_chain(&e),
-                        key_id = %uid,
-                        reporter = %self.reporter.name,
-                        "failed to write key usage; will retry"
-                    );
+                    first.get_or_insert((uid, e));
                 }
             }
         }
-        self.metrics.pending.set(i64::try_from(self.recorder.pending().len()).unwrap_or(i64::MAX));
-        all
+        let left = self.recorder.pending().len();
+        self.metrics.pending.set(i64::try_from(left).unwrap_or(i64::MAX));
+        if let Some((uid, e)) = first {
+            tracing::warn!(
+                error = %error_chain(&e),
+                key_id = %uid,
+                failed,
+                reporter = %self.reporter.name,
+                "failed to write key usage; will retry"
+            );
+        }
+        failed == 0
     }
 
     async fn write(&self, mut pending: Pending) -> Result<(), StoreError> {
