@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use kube::Api;
-use kubekms::api::{KeyState, KeyVersionState, KmsKey, KmsKeyMaterial};
+use kubekms::api::{KeyState, KeyVersionState, KmsKey, KmsKeyMaterial, KmsKeyUsage};
 use tonic::Code;
 
 use crate::keyapi::{as_sa, bind_key_user, decrypt, encrypt};
@@ -53,6 +53,21 @@ async fn key_for(ns: &str, label: &str, name: &str, spec: &str) -> kubekms::clie
     let app = as_sa(ns, "app").await;
     bind_key_user(ns, ns, "app");
     app
+}
+
+/// Waits until a reporter has recorded a decryption under `version` of the key `uid`.
+async fn decryption_recorded(uid: &str, version: u32) {
+    let usages: Api<KmsKeyUsage> = Api::all(client().await);
+    eventually(WAIT, "the decryption to be recorded", || async {
+        let usage = usages.get_opt(uid).await.ok()??;
+        usage
+            .spec
+            .reporters
+            .iter()
+            .any(|r| r.versions.iter().any(|v| v.version == version && v.last_decrypt.is_some()))
+            .then_some(())
+    })
+    .await;
 }
 
 fn label(prefix: &str) -> String {
@@ -111,6 +126,8 @@ async fn a_version_is_disabled_enabled_and_destroyed_alone() {
         decrypt(&mut app.clone(), &one, &[]).await.ok().filter(|r| r.plaintext == b"under version 1")
     })
     .await;
+    let uid = key_where(ns, "k", "the key", |_| true).await.metadata.uid.unwrap();
+    decryption_recorded(&uid, 1).await;
 
     // Its destruction, asked for right after a decryption: it waits until version 1 has
     // gone unused for its window, then is promised, refuses, and is destroyed.
@@ -171,11 +188,7 @@ async fn deleting_a_key_in_use_takes_force_and_use_while_pending_postpones_destr
     // The use must be on record before the request is made.
     let keys: Api<KmsKey> = Api::namespaced(client().await, ns);
     let uid = keys.get("k").await.unwrap().metadata.uid.unwrap();
-    eventually(WAIT, "the decryption to be recorded", || async {
-        let out = kubectl_ok(&["get", "kmskeyusage", &uid, "-o", "json"], None);
-        out.contains("lastDecrypt").then_some(())
-    })
-    .await;
+    decryption_recorded(&uid, 1).await;
 
     patch_key(ns, "k", r#"{"spec":{"deletion":{"scheduled":true}}}"#);
     let k = key_where(ns, "k", "the deletion to be refused", |k| {

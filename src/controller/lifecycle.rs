@@ -544,7 +544,10 @@ fn plan_versions(
                 let force = request.is_some_and(|r| r.destruction.force);
                 let need = version_needed(o, v.version, storage_key, now, window);
                 match need {
-                    Some(need) if !force => {
+                    Some((need, until)) if !force => {
+                        // Look again when the need ends (a migration's record wakes the
+                        // controller by itself).
+                        wake = min_time(wake, until);
                         refusals.push((
                             "VersionDestructionRefused",
                             format!(
@@ -555,6 +558,7 @@ fn plan_versions(
                         ));
                     }
                     forced => {
+                        let forced = forced.map(|(need, _)| need);
                         let at = ceil_second(add(now, window));
                         return VersionPlan::Act(MaterialAction::ScheduleVersionDestruction {
                             version: v.version,
@@ -611,19 +615,20 @@ fn plan_versions(
     VersionPlan::Settle { refusals, wake, used }
 }
 
-/// What still needs one version, if anything.
+/// What still needs one version, if anything, and until when (if that is known).
 fn version_needed(
     o: &Observed<'_>,
     version: u32,
     storage_key: bool,
     now: Timestamp,
     window: SignedDuration,
-) -> Option<String> {
+) -> Option<(String, Option<Timestamp>)> {
     if storage_key && o.storage_oldest.is_none_or(|oldest| version >= oldest) {
-        return Some(format!(
+        let need = format!(
             "data kube-apiserver stores may still be encrypted under version {version} until a storage \
              migration has moved it to a later version (see status.storageMigration)"
-        ));
+        );
+        return Some((need, None));
     }
     // For a key the plugin serves, a finished migration answers for the stored data; only
     // workloads' own decryptions count then.
@@ -633,8 +638,13 @@ fn version_needed(
         &[ReporterKind::KeyApi, ReporterKind::StoragePlugin]
     };
     let last = o.usage.and_then(|u| u.last_use(version, UseKind::Decrypt, from))?;
-    (last.saturating_add(window).unwrap_or(Timestamp::MAX) > now)
-        .then(|| format!("it decrypted data within its waiting period's length (until {last} at the latest)"))
+    let until = last.saturating_add(window).unwrap_or(Timestamp::MAX);
+    (until > now).then(|| {
+        (
+            format!("it decrypted data within its waiting period's length (until {last} at the latest)"),
+            Some(until),
+        )
+    })
 }
 
 fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {

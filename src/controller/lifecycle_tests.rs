@@ -941,3 +941,24 @@ fn a_version_is_disabled_and_enabled_again_and_its_destruction_cancelled() {
         ["VersionDestructionScheduled", "VersionUsedWhilePendingDestruction", "VersionDestructionCancelled"]
     );
 }
+
+#[test]
+fn a_waiting_version_destruction_is_looked_at_again_when_the_version_is_no_longer_needed() {
+    let mut k = Sim::new();
+    k.reconcile();
+    rotated(&mut k, "r1");
+    k.usage = Some(usage(ReporterKind::KeyApi, 1, decrypted(k.now)));
+    k.edit(|s| {
+        s.versions = vec![crate::api::VersionRequest {
+            version: 1,
+            enabled: true,
+            destruction: Deletion { scheduled: true, pending_window_days: 7, force: false },
+        }]
+    });
+    let requeue = k.reconcile();
+    assert_eq!(k.condition(TRANSITION_REFUSED).unwrap().reason, "VersionDestructionRefused");
+    assert_eq!(requeue, Some(days(8)), "the last decryption's day, then 7 days");
+    k.now += days(8);
+    k.reconcile();
+    assert_eq!(k.status.versions[0].state, KeyVersionState::PendingDestruction);
+}
