@@ -216,7 +216,9 @@ async fn deleting_a_key_in_use_takes_force_and_use_while_pending_postpones_destr
         "the forced deletion is audited"
     );
 
-    // Asked for while pending: refused, recorded, and the destruction moves.
+    // Asked for while pending (a few "days" into the window): refused, recorded, and the
+    // destruction moves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let err = decrypt(&mut app, &blob, &[]).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let k = key_where(ns, "k", "the destruction to be postponed", |k| {
