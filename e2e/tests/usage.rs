@@ -74,7 +74,8 @@ async fn the_plugin_and_the_key_api_report_each_version_they_use() {
         record["spec"]["reporters"].as_array().unwrap().iter().find(|r| r["kind"] == "StoragePlugin");
     let plugin_entry = plugin_entry.unwrap();
     assert!(plugin_entry["name"].as_str().unwrap().starts_with("plugin/"), "{plugin_entry}");
-    assert_eq!(plugin_entry["granularitySeconds"], 86_400);
+    // `make up` records use per second (KUBEKMS_USAGE_GRANULARITY_SECONDS); the default is a day.
+    assert_eq!(plugin_entry["granularitySeconds"], 1);
     // The plugin's entry is the plugin's: its own field manager owns it.
     let managers = kubectl_ok(&["get", "kmskeyusage", uid, "--show-managed-fields", "-o", "json"], None);
     assert!(managers.contains(&format!("kubekms-usage/{}", plugin_entry["name"].as_str().unwrap())));

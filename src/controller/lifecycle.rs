@@ -392,8 +392,9 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             _ => false,
         };
         let reason = if c.reason == "EnableRefused" { "EnableRefused" } else { "RotationRefused" };
+        // A fresh refusal is reported first; one kept from before after it.
         if still && !refused.iter().any(|(r, _)| *r == reason) {
-            refused.insert(0, (reason, first));
+            refused.push((reason, first));
         }
     }
 

@@ -962,3 +962,20 @@ fn a_waiting_version_destruction_is_looked_at_again_when_the_version_is_no_longe
     k.reconcile();
     assert_eq!(k.status.versions[0].state, KeyVersionState::PendingDestruction);
 }
+
+#[test]
+fn a_fresh_refusal_is_the_reason_and_a_kept_one_follows() {
+    let mut k = Sim::new();
+    k.reconcile();
+    k.edit(|s| s.enabled = false);
+    k.reconcile();
+    rotated(&mut k, "r");
+    assert_eq!(k.condition(TRANSITION_REFUSED).unwrap().reason, "RotationRefused");
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    k.edit(|s| s.enabled = true);
+    k.reconcile();
+    let refused = k.condition(TRANSITION_REFUSED).unwrap();
+    assert_eq!(refused.reason, "EnableRefused");
+    assert!(refused.message.contains(" | also: on-demand rotation \"r\" refused"), "{}", refused.message);
+}
