@@ -44,6 +44,8 @@ pub trait Cluster: Send + Sync + 'static {
     async fn material(&self, key_id: &str) -> Result<Option<KmsKeyMaterial>, Error>;
     /// The usage record of the key `key_id` (none before anything reported a use).
     async fn usage(&self, key_id: &str) -> Result<Option<KmsKeyUsage>, Error>;
+    /// Removes a destroyed key's usage record (gone already is fine).
+    async fn delete_usage(&self, key_id: &str) -> Result<(), Error>;
     /// Creates `owner`'s material object (or returns the one a previous attempt made).
     async fn create_material(&self, owner: &Owner, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error>;
     /// Replaces a material object, failing with a conflict if it changed meanwhile.
@@ -183,6 +185,14 @@ impl Cluster for KubeCluster {
 
     async fn usage(&self, key_id: &str) -> Result<Option<KmsKeyUsage>, Error> {
         Api::<KmsKeyUsage>::all(self.client.clone()).get_opt(key_id).await.map_err(Error::ReadUsage)
+    }
+
+    async fn delete_usage(&self, key_id: &str) -> Result<(), Error> {
+        match Api::<KmsKeyUsage>::all(self.client.clone()).delete(key_id, &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(Error::DeleteUsage(e)),
+        }
     }
 
     async fn create_material(&self, owner: &Owner, object: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {

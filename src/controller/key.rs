@@ -146,6 +146,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 if deleting && next.state == Some(KeyState::Destroyed) {
                     // Status says Destroyed before the tombstone goes, so a retry after a
                     // failure below still knows the key is destroyed.
+                    cluster.delete_usage(&owner.uid).await?;
                     cluster.delete_material(&owner.uid).await?;
                     cluster.set_finalizer(key, FINALIZER, resource_version, false).await?;
                     ctx.written.forget(&owner.uid);

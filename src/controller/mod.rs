@@ -62,6 +62,8 @@ pub enum Error {
     AccessReview(#[source] kube::Error),
     #[error("failed to read the key's usage record (KmsKeyUsage)")]
     ReadUsage(#[source] kube::Error),
+    #[error("failed to delete the destroyed key's usage record (KmsKeyUsage)")]
+    DeleteUsage(#[source] kube::Error),
     #[error("failed to list the StorageVersionMigrations")]
     ListMigrations(#[source] kube::Error),
     #[error("failed to create a StorageVersionMigration")]
@@ -85,6 +87,7 @@ impl Error {
             Error::Audit(_) => "audit",
             Error::AccessReview(_) => "access_review",
             Error::ReadUsage(_) => "read_usage",
+            Error::DeleteUsage(_) => "delete_usage",
             Error::ListMigrations(_) | Error::CreateMigration(_) | Error::DeleteMigration(_) => "migration",
         }
     }

@@ -29,6 +29,7 @@ enum Call {
     RemoveFinalizer,
     CreateMaterial { versions: usize },
     ReplaceMaterial { versions: usize, promised: bool, destroyed: bool },
+    DeleteUsage,
     DeleteMaterial,
     PatchStatus(Option<KeyState>),
     PluginRole { role: String, key_id: String },
@@ -82,6 +83,11 @@ impl Cluster for Recording {
     }
     async fn usage(&self, _: &str) -> Result<Option<crate::api::KmsKeyUsage>, Error> {
         Ok(None)
+    }
+
+    async fn delete_usage(&self, _: &str) -> Result<(), Error> {
+        self.record(Call::DeleteUsage);
+        Ok(())
     }
 
     async fn material(&self, _: &str) -> Result<Option<KmsKeyMaterial>, Error> {
@@ -312,6 +318,7 @@ async fn a_deleted_key_goes_material_then_status_then_tombstone_then_finalizer()
         [
             Call::ReplaceMaterial { versions: 0, promised: true, destroyed: true },
             Call::PatchStatus(Some(KeyState::Destroyed)),
+            Call::DeleteUsage,
             Call::DeleteMaterial,
             Call::RemoveFinalizer
         ]
