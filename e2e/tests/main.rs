@@ -13,5 +13,6 @@ mod chart;
 mod crds;
 mod keyapi;
 mod lifecycle;
+mod migration;
 mod plugin;
 mod redteam;
