@@ -13,6 +13,7 @@ mod chart;
 mod crds;
 mod keyapi;
 mod lifecycle;
+mod migration;
 mod plugin;
 mod redteam;
 mod usage;

@@ -18,8 +18,8 @@ use crate::support::{
     kubekms_bin, patch_key,
 };
 
-const PREFIX: &[u8] = b"k8s:enc:kms:v2:kubekms:";
-const CLUSTER_KEY: (&str, &str) = ("kube-system", "cluster-secrets");
+pub(crate) const PREFIX: &[u8] = b"k8s:enc:kms:v2:kubekms:";
+pub(crate) const CLUSTER_KEY: (&str, &str) = ("kube-system", "cluster-secrets");
 
 pub(crate) fn socket() -> PathBuf {
     PathBuf::from(env_var("KMS_SOCKET"))
@@ -50,24 +50,24 @@ pub(crate) fn create_secret(ns: &str, name: &str, value: &str) -> Run {
     kubectl(&["create", "secret", "generic", name, "-n", ns, &format!("--from-literal=value={value}")], None)
 }
 
-fn read_secret(ns: &str, name: &str) -> String {
+pub(crate) fn read_secret(ns: &str, name: &str) -> String {
     let b64 = kubectl_ok(&["get", "secret", name, "-n", ns, "-o", "jsonpath={.data.value}"], None);
     use base64::Engine;
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap()).unwrap()
 }
 
-async fn plugin_key_id() -> Option<String> {
+pub(crate) async fn plugin_key_id() -> Option<String> {
     let mut c = kubekms::plugin::client::connect(&socket()).await.ok()?;
     let status = c.status(StatusRequest {}).await.ok()?.into_inner();
     (status.healthz == "ok").then_some(status.key_id)
 }
 
-async fn cluster_key() -> KmsKey {
+pub(crate) async fn cluster_key() -> KmsKey {
     let keys: Api<KmsKey> = Api::namespaced(client().await, CLUSTER_KEY.0);
     keys.get(CLUSTER_KEY.1).await.expect("the cluster key")
 }
 
-fn patch_cluster_key(merge_patch: &str) {
+pub(crate) fn patch_cluster_key(merge_patch: &str) {
     patch_key(CLUSTER_KEY.0, CLUSTER_KEY.1, merge_patch);
 }
 
@@ -147,7 +147,7 @@ async fn wait_secret_write(ns: &str, prefix: &str, want_ok: bool, timeout: Durat
 
 /// Enables the cluster key (a failed run may have left it disabled) and waits until the
 /// plugin and kube-apiserver are healthy.
-async fn cluster_key_enabled() {
+pub(crate) async fn cluster_key_enabled() {
     patch_cluster_key(r#"{"spec":{"enabled":true}}"#);
     eventually(Duration::from_secs(30), "the cluster key to be Enabled", || async {
         (cluster_key().await.status?.state == Some(KeyState::Enabled)).then_some(())

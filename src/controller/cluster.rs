@@ -95,8 +95,12 @@ pub trait Cluster: Send + Sync + 'static {
     async fn publish(&self, object: &ObjectReference, event: Event);
     /// Every StorageVersionMigration kubekms created ([`MIGRATION_SELECTOR`]).
     async fn migrations(&self) -> Result<Vec<StorageVersionMigration>, Error>;
-    /// Creates a StorageVersionMigration; one that exists already (by name) is left as is.
-    async fn create_migration(&self, migration: &StorageVersionMigration) -> Result<(), Error>;
+    /// Creates a StorageVersionMigration and returns it as stored; one that exists already
+    /// (by name) is left as is and returned.
+    async fn create_migration(
+        &self,
+        migration: &StorageVersionMigration,
+    ) -> Result<StorageVersionMigration, Error>;
     /// Deletes a StorageVersionMigration (one that is gone already is fine).
     async fn delete_migration(&self, name: &str) -> Result<(), Error>;
     /// Writes the key's storage migration status and its StorageMigrated condition
@@ -316,17 +320,17 @@ impl Cluster for KubeCluster {
         list.map(|l| l.items).map_err(Error::ListMigrations)
     }
 
-    async fn create_migration(&self, migration: &StorageVersionMigration) -> Result<(), Error> {
+    async fn create_migration(
+        &self,
+        migration: &StorageVersionMigration,
+    ) -> Result<StorageVersionMigration, Error> {
         let api: Api<StorageVersionMigration> = Api::all(self.client.clone());
-        match api
-            .create(
-                &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
-                migration,
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        match api.create(&params, migration).await {
+            Ok(created) => Ok(created),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                api.get(&migration.name_any()).await.map_err(Error::CreateMigration)
+            }
             Err(e) => Err(Error::CreateMigration(e)),
         }
     }

@@ -20,8 +20,9 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource as _, ResourceExt};
 
+use super::cluster::MIGRATION_FIELD_MANAGER;
 use super::migration_plan::{
-    self, Backoff, Material, Migration, Observed, Phase, Plan, Record, Report, Resource,
+    self, Backoff, Material, Migration, Observed, Phase, Plan, Record, Report, Resource, Transition,
 };
 use super::{Context, Error};
 use crate::api::{KmsKey, KmsKeyMaterial, StorageMigrationStatus, StorageRecord};
@@ -92,6 +93,8 @@ async fn reconcile_key(key: &KmsKey, ctx: &MigrationContext) -> Result<Action, E
     let last = last_report(ctx, &owner.uid, &cached);
     let conditions = [last.condition.clone()];
     let generation = key.meta().generation.unwrap_or(0);
+    // Migrations recorded in this reconcile, announced once status is written.
+    let mut announced = Vec::new();
     for _ in 0..16 {
         let view = material_view(material.as_ref());
         let observed = Observed {
@@ -108,21 +111,19 @@ async fn reconcile_key(key: &KmsKey, ctx: &MigrationContext) -> Result<Action, E
         match migration_plan::plan(&observed, now, ctx.backoff) {
             Plan::Act(migration_plan::Action::Create { name, version, resource, attempt }) => {
                 let object = new_migration(key, &owner.uid, &name, version, &resource, attempt);
-                cluster.create_migration(&object).await?;
+                let created = cluster.create_migration(&object).await?;
                 tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), %name, version, %resource, attempt, "created a StorageVersionMigration");
-                mine.push(Migration {
-                    name,
-                    version,
-                    resource,
-                    attempt,
-                    phase: Phase::Pending,
-                    created: now,
-                    finished: None,
-                    message: String::new(),
-                });
+                // As stored (its creation time is the API server's); one that is not what
+                // kubekms writes stops this reconcile rather than being created again.
+                mine.retain(|m| m.name != name);
+                mine.push(parse(&created).ok_or(Error::Unsettled)?);
             }
             Plan::Act(migration_plan::Action::Record { version, migrated_at, resources }) => {
                 let Some(current) = material.as_ref() else { return Err(Error::Unsettled) };
+                // Audited before it is recorded: a success that cannot be audited is not
+                // recorded (and is audited again by the retry).
+                let success = migration_plan::recorded(version, &resources);
+                audit(ctx, &owner, &success)?;
                 let mut updated = current.clone();
                 updated.spec.storage = Some(StorageRecord {
                     oldest_version_in_use: version,
@@ -133,6 +134,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &MigrationContext) -> Result<Action, E
                     Ok(written) => {
                         tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), version, "recorded that stored data is encrypted under this version or later");
                         material = Some(written);
+                        announced.push(success);
                     }
                     Err(e) if e.is_conflict() => material = cluster.material(&owner.uid).await?,
                     Err(e) => return Err(e),
@@ -144,9 +146,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &MigrationContext) -> Result<Action, E
                 mine.retain(|m| m.name != name);
             }
             Plan::Settle { report, requeue_after } => {
-                if let Some(report) = report {
-                    settle(ctx, key, &owner, &cached, last, report).await?;
-                }
+                settle(ctx, key, &owner, &cached, last, report, announced).await?;
                 let wait = requeue_after.and_then(|d| Duration::try_from(d).ok());
                 return Ok(wait.map_or_else(Action::await_change, |d| Action::requeue(d.min(MAX_REQUEUE))));
             }
@@ -183,41 +183,36 @@ fn last_report(ctx: &MigrationContext, uid: &str, cached: &crate::api::KmsKeySta
     }
 }
 
-/// Writes the report if it differs from the last one: audited first, then written, then
-/// announced and counted.
+/// Writes the report if it differs from the last one (the transitions it shows audited
+/// first), then announces and counts those transitions and the successes recorded.
 async fn settle(
     ctx: &MigrationContext,
     key: &KmsKey,
     owner: &crate::keyring::Owner,
     cached: &crate::api::KmsKeyStatus,
     last: Report,
-    report: Report,
+    report: Option<Report>,
+    announced: Vec<Transition>,
 ) -> Result<(), Error> {
-    if last == report {
-        return Ok(());
-    }
-    let transitions = migration_plan::transitions(last.migration.as_ref(), report.migration.as_ref());
-    for t in &transitions {
-        let event = AuditEvent {
-            component: "controller",
-            request_id: uuid::Uuid::new_v4().to_string(),
-            principal: "kubekms-migration".to_owned(),
-            operation: t.reason,
-            key: Some(format!("{}/{}", owner.namespace, owner.name)),
-            key_id: Some(owner.uid.clone()),
-            key_version: Some(t.version),
-            result: if t.warning { "Failed" } else { "OK" },
-            reason: Some(t.note.clone()),
-            ..Default::default()
-        };
-        ctx.inner.audit.record(&event).map_err(Error::Audit)?;
-    }
     let cluster = ctx.inner.cluster.as_ref();
-    cluster
-        .patch_migration_status(&owner.namespace, &owner.name, report.migration.as_ref(), &report.condition)
-        .await?;
-    if let Ok(mut written) = ctx.written.lock() {
-        written.insert(owner.uid.clone(), (cached.storage_migration.clone(), report));
+    let mut transitions = announced;
+    if let Some(report) = report.filter(|r| *r != last) {
+        let shown = migration_plan::transitions(last.migration.as_ref(), report.migration.as_ref());
+        for t in &shown {
+            audit(ctx, owner, t)?;
+        }
+        cluster
+            .patch_migration_status(
+                &owner.namespace,
+                &owner.name,
+                report.migration.as_ref(),
+                &report.condition,
+            )
+            .await?;
+        if let Ok(mut written) = ctx.written.lock() {
+            written.insert(owner.uid.clone(), (cached.storage_migration.clone(), report));
+        }
+        transitions.extend(shown);
     }
     let reference = key.object_ref(&());
     for t in transitions {
@@ -236,6 +231,23 @@ async fn settle(
         cluster.publish(&reference, event).await;
     }
     Ok(())
+}
+
+/// One chained audit line for a migration transition.
+fn audit(ctx: &MigrationContext, owner: &crate::keyring::Owner, t: &Transition) -> Result<(), Error> {
+    let event = AuditEvent {
+        component: "controller",
+        request_id: uuid::Uuid::new_v4().to_string(),
+        principal: MIGRATION_FIELD_MANAGER.to_owned(),
+        operation: t.reason,
+        key: Some(format!("{}/{}", owner.namespace, owner.name)),
+        key_id: Some(owner.uid.clone()),
+        key_version: Some(t.version),
+        result: if t.warning { "Failed" } else { "OK" },
+        reason: Some(t.note.clone()),
+        ..Default::default()
+    };
+    ctx.inner.audit.record(&event).map_err(Error::Audit)
 }
 
 /// What the planner needs of the material object.

@@ -510,7 +510,9 @@ pub struct Transition {
     pub note: String,
 }
 
-/// The transitions from what status showed to what it shows now.
+/// The transitions from what status showed to what it shows now: a migration attempt
+/// started, or failed. Success is announced when it is recorded ([`recorded`]): status may
+/// move on to the next version's migration in the same reconcile.
 pub fn transitions(
     prev: Option<&StorageMigrationStatus>,
     next: Option<&StorageMigrationStatus>,
@@ -518,10 +520,10 @@ pub fn transitions(
     let Some(next) = next else { return Vec::new() };
     let same_attempt = prev.is_some_and(|p| p.version == next.version && p.attempts == next.attempts);
     let was = |phase| prev.is_some_and(|p| p.phase == phase) && same_attempt;
-    let t = |warning, reason, action, result, note: String| Transition {
+    let t = |warning, reason, result, note: String| Transition {
         warning,
         reason,
-        action,
+        action: "MigrateStorage",
         result,
         version: next.version,
         note,
@@ -530,21 +532,28 @@ pub fn transitions(
         StorageMigrationPhase::Running if !was(StorageMigrationPhase::Running) => vec![t(
             false,
             "StorageMigrationStarted",
-            "MigrateStorage",
             "started",
             format!("moving stored data to version {} (attempt {})", next.version, next.attempts),
         )],
-        StorageMigrationPhase::Succeeded
-            if !(prev.is_some_and(|p| {
-                p.phase == StorageMigrationPhase::Succeeded && p.version == next.version
-            })) =>
-        {
-            vec![t(false, "StorageMigrationSucceeded", "MigrateStorage", "succeeded", next.message.clone())]
-        }
         StorageMigrationPhase::Failed if !was(StorageMigrationPhase::Failed) => {
-            vec![t(true, "StorageMigrationFailed", "MigrateStorage", "failed", next.message.clone())]
+            vec![t(true, "StorageMigrationFailed", "failed", next.message.clone())]
         }
         _ => Vec::new(),
+    }
+}
+
+/// The announcement of a migration that succeeded, as its record is written.
+pub fn recorded(version: u32, resources: &[String]) -> Transition {
+    Transition {
+        warning: false,
+        reason: "StorageMigrationSucceeded",
+        action: "MigrateStorage",
+        result: "succeeded",
+        version,
+        note: format!(
+            "every stored object of {} is encrypted under version {version} or later",
+            resources.join(", ")
+        ),
     }
 }
 

@@ -12,6 +12,8 @@ pub mod migration;
 pub mod migration_plan;
 
 #[cfg(test)]
+mod migration_tests;
+#[cfg(test)]
 mod reconcile_tests;
 
 use std::net::SocketAddr;

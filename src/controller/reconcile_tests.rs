@@ -148,12 +148,12 @@ impl Cluster for Recording {
     async fn publish(&self, _: &ObjectReference, event: Event) {
         self.record(Call::Event(event.reason));
     }
-    // The storage migration's calls; its shell has tests of its own (migration_tests.rs).
+    // The storage migration's calls (its shell has tests of its own: migration_tests.rs).
     async fn migrations(&self) -> Result<Vec<StorageVersionMigration>, Error> {
         Ok(Vec::new())
     }
-    async fn create_migration(&self, _: &StorageVersionMigration) -> Result<(), Error> {
-        Ok(())
+    async fn create_migration(&self, m: &StorageVersionMigration) -> Result<StorageVersionMigration, Error> {
+        Ok(m.clone())
     }
     async fn delete_migration(&self, _: &str) -> Result<(), Error> {
         Ok(())
