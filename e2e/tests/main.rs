@@ -16,5 +16,6 @@ mod lifecycle;
 mod migration;
 mod plugin;
 mod redteam;
+mod story;
 mod usage;
 mod versions;

@@ -23,7 +23,7 @@ use crate::support::{
 };
 
 /// The version a stored key id (`kubekms:<keyId>:<version>`) names.
-fn version_of(key_id: &str) -> u32 {
+pub(crate) fn version_of(key_id: &str) -> u32 {
     key_id
         .rsplit(':')
         .next()
@@ -44,7 +44,7 @@ fn migrated_condition(key: &KmsKey) -> Option<(String, String)> {
 /// Waits until nothing is left to migrate (an earlier test may have rotated the key): new
 /// Secrets are written under the current version and status shows no migration under way.
 /// Returns the current version.
-async fn settled(ns: &str) -> u32 {
+pub(crate) async fn settled(ns: &str) -> u32 {
     let mut n = 0;
     eventually(Duration::from_secs(300), "the cluster key's storage migration to settle", || {
         n += 1;
@@ -65,12 +65,12 @@ async fn settled(ns: &str) -> u32 {
     .await
 }
 
-fn rotate() {
+pub(crate) fn rotate() {
     let request = format!("migrate-{}", uuid::Uuid::new_v4().simple());
     patch_cluster_key(&format!(r#"{{"spec":{{"rotation":{{"onDemandRequest":"{request}"}}}}}}"#));
 }
 
-async fn rotated_to(version: u32) {
+pub(crate) async fn rotated_to(version: u32) {
     eventually(Duration::from_secs(30), "the rotation", || async {
         (current_version(&cluster_key().await) >= version).then_some(())
     })
@@ -78,7 +78,12 @@ async fn rotated_to(version: u32) {
 }
 
 /// Waits until every named Secret is stored under `version`; returns how long it took.
-async fn all_stored_under(ns: &str, names: &[String], version: u32, timeout: Duration) -> Duration {
+pub(crate) async fn all_stored_under(
+    ns: &str,
+    names: &[String],
+    version: u32,
+    timeout: Duration,
+) -> Duration {
     let start = Instant::now();
     eventually(timeout, &format!("every Secret stored under version {version}"), || async {
         names.iter().all(|n| version_of(&stored(ns, n).key_id) == version).then_some(())

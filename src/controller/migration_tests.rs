@@ -93,6 +93,9 @@ impl Cluster for Fake {
     async fn usage(&self, _: &str) -> Result<Option<KmsKeyUsage>, Error> {
         Ok(self.usage.lock().unwrap().clone())
     }
+    async fn delete_usage(&self, _: &str) -> Result<(), Error> {
+        Err(not_here())
+    }
     async fn create_material(&self, _: &Owner, _: &KmsKeyMaterial) -> Result<KmsKeyMaterial, Error> {
         Err(not_here())
     }
