@@ -250,11 +250,19 @@ async fn immutable_key_fields_cannot_change_after_creation() {
         &key_with("  deletion: {scheduled: true, pendingWindowDays: 20}"),
         &["spec.deletion", "pendingWindowDays cannot change while deletion is scheduled"],
     );
-    // Cancelling a deletion must leave the key disabled, as in AWS KMS.
+    // Cancelling a deletion must leave the key disabled, as in AWS KMS — once the key is
+    // PendingDeletion (a deletion the controller refused, for a key still in use, is
+    // withdrawn without disabling the key).
+    let keys: Api<KmsKey> = Api::namespaced(client().await, ns);
+    eventually(Duration::from_secs(30), "the key to be PendingDeletion", || async {
+        let k = keys.get("bad").await.ok()?;
+        (k.status?.state == Some(KeyState::PendingDeletion)).then_some(())
+    })
+    .await;
     assert_rejected(
         ns,
         &key_with("  deletion: {scheduled: false, pendingWindowDays: 10}"),
-        &["spec", "cancelling a scheduled deletion leaves the key Disabled"],
+        &["cancelling a scheduled deletion leaves the key Disabled"],
     );
     kubectl_ok(
         &["apply", "-n", ns, "-f", "-"],

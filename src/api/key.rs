@@ -30,14 +30,14 @@ pub use crate::domain::{Effect, KeyOperation, KeyState, Origin};
         "!has(oldSelf.status) || !has(oldSelf.status.state) || oldSelf.status.state != 'PendingDeletion' || oldSelf.spec.deletion.scheduled || !self.spec.deletion.scheduled"
     ).message(
         "the cancellation of this key's deletion has not been processed yet: wait until status.state is no longer PendingDeletion, then schedule deletion again (with a new waiting period)"
+    ),
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.state) || oldSelf.status.state != 'PendingDeletion' || !oldSelf.spec.deletion.scheduled || self.spec.deletion.scheduled || !self.spec.enabled"
+    ).message(
+        "cancelling a scheduled deletion leaves the key Disabled: set spec.enabled to false in the same change, then set it to true when the key should be used again"
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(
-    "!(has(oldSelf.deletion) && oldSelf.deletion.scheduled) || (has(self.deletion) && self.deletion.scheduled) || !self.enabled"
-).message(
-    "cancelling a scheduled deletion leaves the key Disabled: set spec.enabled to false in the same change, then set it to true when the key should be used again"
-))]
 pub struct KmsKeySpec {
     /// What the key is for. Free text, shown by `kubectl describe`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
