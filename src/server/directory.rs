@@ -21,6 +21,11 @@ pub trait KeyDirectory: Send + Sync + 'static {
     fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<Grant>>;
     /// A grant by `namespace/name` or grantId.
     fn grant(&self, name: &str) -> Option<Arc<Grant>>;
+    /// Every key of one namespace (the AWS API's ListKeys); none unless the directory
+    /// can list.
+    fn keys_in(&self, _namespace: &str) -> Vec<Arc<Key>> {
+        Vec::new()
+    }
 }
 
 /// An object a [`Mirror`] holds: named by namespace (empty when cluster-scoped) and name,
@@ -297,6 +302,9 @@ impl<T: KeyDirectory> KeyDirectory for Arc<T> {
     fn grant(&self, name: &str) -> Option<Arc<Grant>> {
         self.as_ref().grant(name)
     }
+    fn keys_in(&self, namespace: &str) -> Vec<Arc<Key>> {
+        self.as_ref().keys_in(namespace)
+    }
 }
 
 impl KeyDirectory for Directory {
@@ -320,6 +328,10 @@ impl KeyDirectory for Directory {
             Some((ns, n)) => self.grants.get(ns, n),
             None => self.grants.by_id(name),
         }
+    }
+
+    fn keys_in(&self, namespace: &str) -> Vec<Arc<Key>> {
+        self.keys.filter(|k| k.info.namespace == namespace)
     }
 }
 
