@@ -48,6 +48,12 @@ class Ports:
     server_metrics: int
     # kube-controller-manager's secure port (health checks only); 0 where none runs.
     controller_manager: int = 0
+    # The key API server's AWS KMS API and STS port; 0 where it is not served.
+    aws: int = 0
+
+
+# The region the local control plane's AWS API serves (key ARNs carry it).
+AWS_REGION = "kubekms-local"
 
 
 # The local control plane records key use per second rather than per day, so tests whose
@@ -270,6 +276,7 @@ class ControlPlane:
             "--root-key-file", self.root_key, "--audit-log", audit_log,
             "--metrics-addr", f"127.0.0.1:{self.ports.server_metrics}",
             "--usage-granularity-seconds", USAGE_GRANULARITY,
+            *(["--aws-listen", f"127.0.0.1:{self.ports.aws}", "--aws-region", AWS_REGION] if self.ports.aws else []),
         ], lambda: http_ok(f"http://127.0.0.1:{self.ports.server_metrics}/readyz"), f"{name}'s /readyz")
 
     # --- the API -------------------------------------------------------------------------
