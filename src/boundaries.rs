@@ -22,6 +22,7 @@ const KUBE_FREE: &[&str] = &[
     "src/server/aws/sts.rs",
     "src/server/aws/protocol.rs",
     "src/server/aws/ops.rs",
+    "src/server/aws/admin.rs",
     "src/keyring/snapshot.rs",
     "src/usage/recorder.rs",
     "src/usage/writer.rs",

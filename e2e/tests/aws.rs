@@ -188,7 +188,7 @@ async fn boto3_with_a_service_account_token_uses_keys_like_the_grpc_api() {
 async fn list_keys_pages_through_the_namespace_for_those_rbac_lets_list() {
     let ns = TestNamespace::new("aws-list");
     let ns = ns.name.as_str();
-    let mut arns = vec![usable_key(ns, "k1", "lister").await, usable_key(ns, "k2", "lister").await];
+    let mut arns = [usable_key(ns, "k1", "lister").await, usable_key(ns, "k2", "lister").await];
     arns.sort();
     let pod = Pod::own(ns, "lister");
     let denied = pod.case(&["call", "list_keys", "{}"]);
@@ -396,4 +396,174 @@ async fn sts_gives_a_service_account_its_own_role_only() {
         "no audit line for the refused Encrypt"
     );
     assert!(audit.lines().any(|l| l.contains(&principal) && l.contains("AssumeRoleWithWebIdentity")));
+}
+
+/// One KMS call through boto3 as `pod`: the answer, or the error code.
+fn call(pod: &Pod, operation: &str, params: Value) -> Value {
+    pod.case(&["call", operation, &params.to_string()])
+}
+
+fn ok(answer: Value) -> Value {
+    assert_eq!(answer["code"], "OK", "{answer}");
+    answer["answer"].clone()
+}
+
+#[tokio::test]
+async fn management_operations_change_objects_as_the_callers_rbac_allows() {
+    let ns = TestNamespace::new("aws-admin");
+    let ns = ns.name.as_str();
+    let admin = Pod::own(ns, "admin");
+    let user = Pod::own(ns, "user");
+    let wait = crate::keyapi::WAIT;
+    // Without rights to create or patch keys: refused.
+    assert_eq!(call(&admin, "create_key", serde_json::json!({}))["code"], "AccessDeniedException");
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "admins",
+            "-n",
+            ns,
+            "--clusterrole=kubekms-key-admin",
+            &format!("--serviceaccount={ns}:admin"),
+        ],
+        None,
+    );
+    bind_key_user(ns, ns, "user");
+
+    // CreateKey makes a KmsKey; the controller makes it Enabled.
+    let created = crate::support::eventually(wait, "RBAC to let the admin create keys", || async {
+        let r = call(&admin, "create_key", serde_json::json!({"Description": "made over AWS", "Tags": [{"TagKey": "team", "TagValue": "shop"}]}));
+        (r["code"] == "OK").then_some(r)
+    })
+    .await;
+    let meta = &created["answer"]["KeyMetadata"];
+    let arn = meta["Arn"].as_str().unwrap().to_owned();
+    assert_eq!(meta["AWSAccountId"], ns, "{created}");
+    assert_eq!(meta["Description"], "made over AWS");
+    let key_id = meta["KeyId"].as_str().unwrap().to_owned();
+    let name = kubectl_ok(
+        &[
+            "get",
+            "kmskeys",
+            "-n",
+            ns,
+            "-o",
+            &format!("jsonpath={{.items[?(@.metadata.uid==\"{key_id}\")].metadata.name}}"),
+        ],
+        None,
+    );
+    assert!(name.starts_with("key-"), "{name}");
+    let encrypt = serde_json::json!({"KeyId": arn, "Plaintext": "aGk="});
+    crate::support::eventually(wait, "the new key to encrypt", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "OK").then_some(())
+    })
+    .await;
+
+    // The user may use the key, not change it.
+    assert_eq!(
+        call(&user, "disable_key", serde_json::json!({"KeyId": arn}))["code"],
+        "AccessDeniedException"
+    );
+
+    // Disable and enable: spec.enabled, as the key API then refuses and serves again.
+    ok(call(&admin, "disable_key", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "Encrypt to be refused as Disabled", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "DisabledException").then_some(())
+    })
+    .await;
+    ok(call(&admin, "enable_key", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "Encrypt to work again", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "OK").then_some(())
+    })
+    .await;
+
+    // Rotation: the period, and a rotation now.
+    ok(call(&admin, "enable_key_rotation", serde_json::json!({"KeyId": arn, "RotationPeriodInDays": 180})));
+    let period = kubectl_ok(
+        &["get", "kmskey", name.trim(), "-n", ns, "-o", "jsonpath={.spec.rotation.periodDays}"],
+        None,
+    );
+    assert_eq!(period.trim(), "180");
+    ok(call(&admin, "rotate_key_on_demand", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "version 2", || async {
+        let v = kubectl_ok(
+            &["get", "kmskey", name.trim(), "-n", ns, "-o", "jsonpath={.status.currentVersion}"],
+            None,
+        );
+        (v.trim() == "2").then_some(())
+    })
+    .await;
+    ok(call(&admin, "disable_key_rotation", serde_json::json!({"KeyId": arn})));
+    let status = ok(call(&admin, "get_key_rotation_status", serde_json::json!({"KeyId": arn})));
+    assert_eq!(status["KeyRotationEnabled"], false, "{status}");
+
+    // Tags are labels.
+    ok(call(
+        &admin,
+        "tag_resource",
+        serde_json::json!({"KeyId": arn, "Tags": [{"TagKey": "env", "TagValue": "e2e"}]}),
+    ));
+    ok(call(&admin, "untag_resource", serde_json::json!({"KeyId": arn, "TagKeys": ["team"]})));
+    let tags = ok(call(&admin, "list_resource_tags", serde_json::json!({"KeyId": arn})));
+    assert_eq!(tags["Tags"], serde_json::json!([{"TagKey": "env", "TagValue": "e2e"}]), "{tags}");
+    let bad = call(
+        &admin,
+        "tag_resource",
+        serde_json::json!({"KeyId": arn, "Tags": [{"TagKey": "not a label", "TagValue": "x"}]}),
+    );
+    assert_eq!(bad["code"], "TagException", "{bad}");
+    let policy =
+        ok(call(&admin, "get_key_policy", serde_json::json!({"KeyId": arn, "PolicyName": "default"})));
+    let policy: Value = serde_json::from_str(policy["Policy"].as_str().unwrap()).unwrap();
+    assert_eq!(policy["delegateToRBAC"], true, "{policy}");
+
+    // Grants: created, listed, revoked.
+    let grant = ok(call(
+        &admin,
+        "create_grant",
+        serde_json::json!({
+            "KeyId": arn, "GranteePrincipal": format!("arn:aws:iam::{ns}:role/batch"), "Operations": ["Decrypt"],
+        }),
+    ));
+    let grant_id = grant["GrantId"].as_str().unwrap().to_owned();
+    let listed = crate::support::eventually(wait, "the grant to be listed", || async {
+        let l = ok(call(&admin, "list_grants", serde_json::json!({"KeyId": arn})));
+        (l["Grants"].as_array().is_some_and(|g| !g.is_empty())).then_some(l)
+    })
+    .await;
+    assert_eq!(listed["Grants"][0]["GrantId"], grant_id.as_str(), "{listed}");
+    assert_eq!(listed["Grants"][0]["GranteePrincipal"], format!("arn:aws:iam::{ns}:role/batch"));
+    assert_eq!(listed["Grants"][0]["Operations"], serde_json::json!(["Decrypt"]));
+    ok(call(&admin, "revoke_grant", serde_json::json!({"KeyId": arn, "GrantId": grant_id})));
+    crate::support::eventually(wait, "the grant to be gone", || async {
+        let l = ok(call(&admin, "list_grants", serde_json::json!({"KeyId": arn})));
+        (l["Grants"].as_array().is_some_and(Vec::is_empty)).then_some(())
+    })
+    .await;
+
+    // Deletion: scheduled (refused at once), cancelled (the key stays disabled).
+    let scheduled = ok(call(
+        &admin,
+        "schedule_key_deletion",
+        serde_json::json!({"KeyId": arn, "PendingWindowInDays": 7}),
+    ));
+    assert_eq!(scheduled["KeyState"], "PendingDeletion", "{scheduled}");
+    assert_eq!(scheduled["PendingWindowInDays"], 7);
+    crate::support::eventually(wait, "Encrypt to be refused as pending deletion", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "KMSInvalidStateException").then_some(())
+    })
+    .await;
+    assert_eq!(
+        call(&admin, "enable_key", serde_json::json!({"KeyId": arn}))["code"],
+        "KMSInvalidStateException"
+    );
+    ok(call(&admin, "cancel_key_deletion", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "the key to be Disabled", || async {
+        let m = ok(call(&admin, "describe_key", serde_json::json!({"KeyId": arn})));
+        (m["KeyMetadata"]["KeyState"] == "Disabled").then_some(())
+    })
+    .await;
+    let aliases = ok(call(&admin, "list_aliases", serde_json::json!({})));
+    assert_eq!(aliases["Aliases"], serde_json::json!([]));
 }

@@ -190,11 +190,12 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         let front = Arc::new(aws::AwsApi::new(
             api.clone(),
             directory,
-            authz::CachedRbac::new(k8s::KubeSar(client), &config.rbac_cache),
+            authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
             sts_auth,
             aws::sts::SessionKeys::from_root(&root),
             settings,
             crate::call::CallPipeline::new("server", audit, metrics),
+            Some(Arc::new(aws::k8s::KubeKeyAdmin(client.clone()))),
         ));
         tokio::spawn(aws::serve(front, Some(aws_tls), aws_listener, shutdown.clone()));
     }

@@ -579,7 +579,7 @@ where
     }
 }
 
-fn describe(key: &Key) -> KeyMetadata {
+pub fn describe(key: &Key) -> KeyMetadata {
     let time = |t: Option<Timestamp>| t.map(|t| t.to_string()).unwrap_or_default();
     KeyMetadata {
         key: key.info.display(),

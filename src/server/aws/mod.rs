@@ -7,6 +7,8 @@
 //! [`sigv4`], [`sts`] and [`protocol`] are pure; this file is the HTTP shell: TLS, HTTP/1.1
 //! (hyper), bounded bodies, and the dispatch between KMS and STS.
 
+pub mod admin;
+pub mod k8s;
 pub mod ops;
 pub mod protocol;
 pub mod sigv4;
@@ -75,11 +77,13 @@ pub struct AwsApi<T, R, D, G> {
     sessions: SessionKeys,
     settings: Settings,
     calls: CallPipeline,
+    /// Where management operations change objects; none: they are refused.
+    admin: Option<Arc<dyn admin::KeyAdmin>>,
 }
 
 /// The operation name an audit line carries (static, so that metric labels stay bounded).
 fn audited_operation(op: &str) -> &'static str {
-    ops::OPERATIONS.iter().find(|o| **o == op).copied().unwrap_or("Unknown")
+    ops::OPERATIONS.iter().chain(admin::OPERATIONS).find(|o| **o == op).copied().unwrap_or("Unknown")
 }
 
 impl<T, R, D, G> AwsApi<T, R, D, G>
@@ -90,8 +94,10 @@ where
     G: GrantWriter,
 {
     /// `api`, its `keys` and an RBAC checker (for ListKeys), the authenticator of web
-    /// identity tokens, the session keys, and the pipeline that audits what only this
-    /// front end decides (a refused signature, ListKeys).
+    /// identity tokens, the session keys, the pipeline that audits what only this front
+    /// end decides (a refused signature, ListKeys, management operations), and where
+    /// management operations change objects.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         api: Arc<KeyApi<T, R, D, G>>,
         keys: D,
@@ -100,8 +106,9 @@ where
         sessions: SessionKeys,
         settings: Settings,
         calls: CallPipeline,
+        admin: Option<Arc<dyn admin::KeyAdmin>>,
     ) -> Self {
-        AwsApi { api, keys, rbac, sts_auth, sessions, settings, calls }
+        AwsApi { api, keys, rbac, sts_auth, sessions, settings, calls, admin }
     }
 
     /// Audits and meters a call this front end answers itself.

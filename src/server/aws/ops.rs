@@ -284,7 +284,7 @@ where
     /// The key API's name for a key an AWS request names. A key ARN must name the key's
     /// own account; otherwise the ARN itself is passed on, which names no key, so that the
     /// key API refuses it as it refuses every key the caller may not use.
-    fn key_name(&self, value: Option<&str>) -> Result<String, AwsFault> {
+    pub(super) fn key_name(&self, value: Option<&str>) -> Result<String, AwsFault> {
         let Some(value) = value else { return Ok(String::new()) };
         match KeyName::parse(value, &self.settings.region)? {
             KeyName::Name(name) => Ok(name),
@@ -296,7 +296,7 @@ where
         }
     }
 
-    fn required_key(&self, value: Option<&str>) -> Result<String, AwsFault> {
+    pub(super) fn required_key(&self, value: Option<&str>) -> Result<String, AwsFault> {
         match value {
             None => Err(AwsFault::validation(
                 "1 validation error detected: Value null at 'keyId' failed to satisfy constraint: Member must not be null",
@@ -509,10 +509,13 @@ where
                 let r: ListKeysIn = parse(body)?;
                 self.list_keys(who, request_id, r).await
             }
-            other => Err(AwsFault::client(
-                "UnknownOperationException",
-                format!("kubekms does not serve the KMS operation {other:?}"),
-            )),
+            other => match super::admin::OPERATIONS.iter().find(|o| **o == other) {
+                Some(op) => self.admin(op, who, request_id, body).await,
+                None => Err(AwsFault::client(
+                    "UnknownOperationException",
+                    format!("kubekms does not serve the KMS operation {other:?}"),
+                )),
+            },
         }
     }
 
@@ -529,7 +532,7 @@ where
     }
 
     /// AWS's `KeyMetadata` of a key the key API described.
-    fn key_metadata(&self, m: &pb::KeyMetadata) -> Value {
+    pub(super) fn key_metadata(&self, m: &pb::KeyMetadata) -> Value {
         let ns = namespace_of(&m.key);
         let mut out = json!({
             "AWSAccountId": ns,

@@ -1,0 +1,541 @@
+//! The AWS API's management operations, carried out as object changes the controller then
+//! reconciles — EnableKey patches `spec.enabled`, ScheduleKeyDeletion `spec.deletion`,
+//! TagResource the labels, CreateKey creates a KmsKey, RevokeGrant deletes a KmsGrant — and
+//! authorized as the caller's own Kubernetes rights on the object it changes: a
+//! SubjectAccessReview for what `kubectl` would need (`patch kmskeys`, `create kmskeys`,
+//! `get kmskeys`, `list kmsgrants`, `delete kmsgrants`). Each is audited through the call
+//! pipeline. The object store is a trait ([`KeyAdmin`]); its Kubernetes side is
+//! `aws/k8s.rs`.
+
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AwsApi;
+use super::ops::account;
+use super::protocol::{AwsFault, key_arn};
+use crate::audit::AuditEvent;
+use crate::domain::{Constraints, Identity, Key, KeyState, Origin, Principal};
+use crate::server::BackendError;
+use crate::server::auth::TokenReviewer;
+use crate::server::authz::RbacChecker;
+use crate::server::directory::KeyDirectory;
+use crate::server::service::{GrantWriter, describe};
+
+/// The management operations served.
+pub const OPERATIONS: &[&str] = &[
+    "CreateKey",
+    "EnableKey",
+    "DisableKey",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "EnableKeyRotation",
+    "DisableKeyRotation",
+    "RotateKeyOnDemand",
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
+    "GetKeyPolicy",
+    "ListGrants",
+    "RevokeGrant",
+    "ListAliases",
+];
+
+/// Why the object store refused a change.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("the object does not exist")]
+    NotFound,
+    #[error("the API server refused the change: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Where management operations change objects, and whom RBAC lets change them.
+#[tonic::async_trait]
+pub trait KeyAdmin: Send + Sync + 'static {
+    /// Whether RBAC allows `who` `verb` on `resource` (of kms.kubekms.io) `namespace/name`
+    /// (`name` empty: the collection).
+    async fn allowed(
+        &self,
+        who: &Identity,
+        verb: &str,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, BackendError>;
+    /// Merge-patches the KmsKey.
+    async fn patch_key(&self, namespace: &str, name: &str, patch: &Value) -> Result<(), AdminError>;
+    /// The KmsKey as JSON.
+    async fn get_key(&self, namespace: &str, name: &str) -> Result<Value, AdminError>;
+    /// Creates a KmsKey from JSON; returns its keyId (UID).
+    async fn create_key(&self, namespace: &str, key: &Value) -> Result<String, AdminError>;
+    /// Deletes a KmsGrant.
+    async fn delete_grant(&self, namespace: &str, name: &str) -> Result<(), AdminError>;
+}
+
+fn backend(_: BackendError) -> AwsFault {
+    AwsFault::new(503, "DependencyTimeoutException", "cannot reach the Kubernetes API server right now")
+}
+
+fn admin_fault(e: AdminError) -> AwsFault {
+    match e {
+        AdminError::NotFound => AwsFault::client("NotFoundException", "the object is gone"),
+        AdminError::Invalid(m) => AwsFault::validation(m),
+        AdminError::Backend(b) => backend(b),
+    }
+}
+
+fn invalid_state(key: &Key, wanted: &str) -> AwsFault {
+    AwsFault::client(
+        "KMSInvalidStateException",
+        format!("{} is {}; {wanted}", key_ref(key), key.info.state.as_str()),
+    )
+}
+
+fn key_ref(key: &Key) -> String {
+    key.info.display()
+}
+
+/// A principal as AWS names it: a ServiceAccount by its role ARN.
+fn aws_principal(p: &Principal) -> String {
+    match p {
+        Principal::ServiceAccount { namespace, name } => super::sts::RoleArn::of(namespace, name),
+        Principal::User(name) => name.clone(),
+        Principal::Group(name) => format!("group:{name}"),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct Tag {
+    tag_key: String,
+    tag_value: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct AdminIn {
+    key_id: Option<String>,
+    pending_window_in_days: Option<i64>,
+    rotation_period_in_days: Option<i64>,
+    tags: Vec<Tag>,
+    tag_keys: Vec<String>,
+    grant_id: Option<String>,
+    policy_name: Option<String>,
+    description: Option<String>,
+    key_usage: Option<String>,
+    key_spec: Option<String>,
+    customer_master_key_spec: Option<String>,
+    origin: Option<String>,
+    policy: Option<String>,
+    multi_region: Option<bool>,
+    custom_key_store_id: Option<String>,
+    limit: Option<i64>,
+    marker: Option<String>,
+}
+
+fn unsupported(what: &str) -> AwsFault {
+    AwsFault::client("UnsupportedOperationException", format!("kubekms does not serve {what}"))
+}
+
+fn labels(tags: &[Tag]) -> Value {
+    Value::Object(tags.iter().map(|t| (t.tag_key.clone(), json!(t.tag_value))).collect())
+}
+
+impl<T, R, D, G> AwsApi<T, R, D, G>
+where
+    T: TokenReviewer,
+    R: RbacChecker,
+    D: KeyDirectory + Clone,
+    G: GrantWriter,
+{
+    /// Runs the management operation `op` (one of [`OPERATIONS`]) for `who`, audited.
+    pub(super) async fn admin(
+        &self,
+        op: &'static str,
+        who: &Identity,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<Value, AwsFault> {
+        let started = Instant::now();
+        let mut event = AuditEvent {
+            request_id: request_id.to_owned(),
+            principal: who.username.clone(),
+            operation: op,
+            ..Default::default()
+        };
+        let outcome = self.admin_inner(op, who, body, &mut event).await;
+        self.finish(started, event, outcome).await
+    }
+
+    /// The key `value` names, once RBAC lets `who` `verb` it; a key that does not exist and
+    /// one the caller may not change get the same answer.
+    async fn admin_key(
+        &self,
+        who: &Identity,
+        value: Option<&str>,
+        verb: &str,
+        event: &mut AuditEvent,
+    ) -> Result<std::sync::Arc<Key>, AwsFault> {
+        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        let name = self.required_key(value)?;
+        let refused = || {
+            AwsFault::client(
+                "AccessDeniedException",
+                format!("key {:?} does not exist or you may not {verb} it", value.unwrap_or_default()),
+            )
+        };
+        let key = self.keys.resolve(&name).ok_or_else(refused)?;
+        event.key = Some(key.info.display());
+        event.key_id = Some(key.info.key_id.clone());
+        if !admin.allowed(who, verb, "kmskeys", &key.info.namespace, &key.info.name).await.map_err(backend)? {
+            return Err(refused());
+        }
+        Ok(key)
+    }
+
+    fn arn_of(&self, key: &Key) -> String {
+        key_arn(&self.settings.region, &key.info.namespace, &key.info.key_id)
+    }
+
+    async fn patch(&self, key: &Key, patch: Value) -> Result<(), AwsFault> {
+        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        admin.patch_key(&key.info.namespace, &key.info.name, &patch).await.map_err(admin_fault)
+    }
+
+    async fn admin_inner(
+        &self,
+        op: &'static str,
+        who: &Identity,
+        body: &[u8],
+        event: &mut AuditEvent,
+    ) -> Result<Value, AwsFault> {
+        let body = if body.is_empty() { b"{}".as_slice() } else { body };
+        let r: AdminIn = serde_json::from_slice(body).map_err(|e| {
+            AwsFault::client(
+                "SerializationException",
+                format!("failed to read the request body (line {} column {})", e.line(), e.column()),
+            )
+        })?;
+        let key_id = r.key_id.as_deref();
+        match op {
+            "EnableKey" | "DisableKey" => {
+                let key = self.admin_key(who, key_id, "patch", event).await?;
+                if matches!(key.info.state, KeyState::PendingDeletion | KeyState::Destroyed) {
+                    return Err(invalid_state(&key, "cancel its deletion first"));
+                }
+                self.patch(&key, json!({"spec": {"enabled": op == "EnableKey"}})).await?;
+                Ok(json!({}))
+            }
+            "ScheduleKeyDeletion" => {
+                let window = r.pending_window_in_days.unwrap_or(30);
+                if !(7..=30).contains(&window) {
+                    return Err(AwsFault::validation(format!(
+                        "1 validation error detected: Value '{window}' at 'pendingWindowInDays' failed to satisfy constraint: Member must have value between 7 and 30"
+                    )));
+                }
+                let key = self.admin_key(who, key_id, "patch", event).await?;
+                if key.intent.deletion_scheduled || key.info.state == KeyState::Destroyed {
+                    return Err(invalid_state(&key, "its deletion is scheduled already"));
+                }
+                self.patch(
+                    &key,
+                    json!({"spec": {"deletion": {"scheduled": true, "pendingWindowDays": window}}}),
+                )
+                .await?;
+                let deletion = jiff::Timestamp::now().as_second() + window * 86_400;
+                Ok(json!({
+                    "KeyId": self.arn_of(&key),
+                    "DeletionDate": deletion,
+                    "KeyState": "PendingDeletion",
+                    "PendingWindowInDays": window,
+                }))
+            }
+            "CancelKeyDeletion" => {
+                let key = self.admin_key(who, key_id, "patch", event).await?;
+                if !key.intent.deletion_scheduled {
+                    return Err(invalid_state(&key, "its deletion is not scheduled"));
+                }
+                // As in AWS KMS, a key whose deletion is cancelled stays disabled.
+                self.patch(&key, json!({"spec": {"enabled": false, "deletion": {"scheduled": false}}}))
+                    .await?;
+                Ok(json!({ "KeyId": self.arn_of(&key) }))
+            }
+            "EnableKeyRotation" | "DisableKeyRotation" => {
+                let period = r.rotation_period_in_days;
+                if let Some(p) = period.filter(|p| !(90..=2560).contains(p)) {
+                    return Err(AwsFault::validation(format!(
+                        "1 validation error detected: Value '{p}' at 'rotationPeriodInDays' failed to satisfy constraint: Member must have value between 90 and 2560"
+                    )));
+                }
+                let key = self.admin_key(who, key_id, "patch", event).await?;
+                if key.origin == Origin::External {
+                    return Err(unsupported("automatic rotation of a key with imported material"));
+                }
+                match key.info.state {
+                    KeyState::Disabled => {
+                        return Err(AwsFault::client(
+                            "DisabledException",
+                            format!("{} is Disabled", key_ref(&key)),
+                        ));
+                    }
+                    KeyState::PendingDeletion | KeyState::Destroyed => {
+                        return Err(invalid_state(&key, "its rotation cannot change"));
+                    }
+                    _ => {}
+                }
+                let mut rotation = json!({"automatic": op == "EnableKeyRotation"});
+                if let (Some(p), "EnableKeyRotation") = (period, op) {
+                    rotation["periodDays"] = json!(p);
+                }
+                self.patch(&key, json!({"spec": {"rotation": rotation}})).await?;
+                Ok(json!({}))
+            }
+            "RotateKeyOnDemand" => {
+                let key = self.admin_key(who, key_id, "patch", event).await?;
+                if key.origin == Origin::External {
+                    return Err(unsupported("on-demand rotation of a key with imported material"));
+                }
+                match key.info.state {
+                    KeyState::Enabled => {}
+                    KeyState::Disabled => {
+                        return Err(AwsFault::client(
+                            "DisabledException",
+                            format!("{} is Disabled", key_ref(&key)),
+                        ));
+                    }
+                    _ => return Err(invalid_state(&key, "only an Enabled key rotates")),
+                }
+                // Any value not used before requests one rotation.
+                let request = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S").to_string();
+                self.patch(&key, json!({"spec": {"rotation": {"onDemandRequest": request}}})).await?;
+                Ok(json!({ "KeyId": self.arn_of(&key) }))
+            }
+            "TagResource" | "UntagResource" => {
+                let key = self.admin_key(who, key_id, "patch", event).await?;
+                let patch = if op == "TagResource" {
+                    labels(&r.tags)
+                } else {
+                    Value::Object(r.tag_keys.iter().map(|k| (k.clone(), Value::Null)).collect())
+                };
+                self.patch(&key, json!({"metadata": {"labels": patch}})).await.map_err(|f| match f.code {
+                    "ValidationException" => AwsFault::client("TagException", f.message),
+                    _ => f,
+                })?;
+                Ok(json!({}))
+            }
+            "ListResourceTags" | "GetKeyPolicy" => {
+                let key = self.admin_key(who, key_id, "get", event).await?;
+                let admin =
+                    self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+                let object = admin.get_key(&key.info.namespace, &key.info.name).await.map_err(admin_fault)?;
+                if op == "GetKeyPolicy" {
+                    if r.policy_name.as_deref().is_some_and(|p| p != "default") {
+                        return Err(AwsFault::client(
+                            "NotFoundException",
+                            "the only key policy is \"default\"",
+                        ));
+                    }
+                    let policy = object["spec"].get("policy").cloned().unwrap_or(json!({}));
+                    return Ok(json!({ "Policy": policy.to_string(), "PolicyName": "default" }));
+                }
+                let tags: Vec<Value> = object["metadata"]["labels"]
+                    .as_object()
+                    .map(|m| m.iter().map(|(k, v)| json!({"TagKey": k, "TagValue": v})).collect())
+                    .unwrap_or_default();
+                Ok(json!({ "Tags": tags, "Truncated": false }))
+            }
+            "ListGrants" => self.list_grants(who, &r, event).await,
+            "RevokeGrant" => {
+                let grant_id =
+                    r.grant_id.as_deref().ok_or_else(|| AwsFault::validation("GrantId is required"))?;
+                let key = self.admin_key(who, key_id, "get", event).await?;
+                let admin =
+                    self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+                let grant = self
+                    .keys
+                    .grants(&key.info.namespace, &key.info.name)
+                    .into_iter()
+                    .find(|g| g.grant_id == grant_id)
+                    .ok_or_else(|| {
+                        AwsFault::client("NotFoundException", format!("no grant {grant_id} on this key"))
+                    })?;
+                event.grant_id = Some(grant.grant_id.clone());
+                if !admin
+                    .allowed(who, "delete", "kmsgrants", &grant.namespace, &grant.name)
+                    .await
+                    .map_err(backend)?
+                {
+                    return Err(AwsFault::client(
+                        "AccessDeniedException",
+                        format!(
+                            "{} may not delete kmsgrants {}/{}",
+                            who.username, grant.namespace, grant.name
+                        ),
+                    ));
+                }
+                admin.delete_grant(&grant.namespace, &grant.name).await.map_err(admin_fault)?;
+                Ok(json!({}))
+            }
+            "CreateKey" => self.create_key(who, r, event).await,
+            // Aliases are not served yet: there are none.
+            "ListAliases" => Ok(json!({ "Aliases": [], "Truncated": false })),
+            other => Err(AwsFault::client("UnknownOperationException", format!("unknown operation {other}"))),
+        }
+    }
+
+    async fn list_grants(
+        &self,
+        who: &Identity,
+        r: &AdminIn,
+        event: &mut AuditEvent,
+    ) -> Result<Value, AwsFault> {
+        let limit = match r.limit {
+            None => 50,
+            Some(n @ 1..=100) => n as usize,
+            Some(n) => return Err(AwsFault::validation(format!("Limit {n} is outside 1–100"))),
+        };
+        let key = self.admin_key(who, r.key_id.as_deref(), "get", event).await?;
+        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        if !admin.allowed(who, "list", "kmsgrants", &key.info.namespace, "").await.map_err(backend)? {
+            return Err(AwsFault::client(
+                "AccessDeniedException",
+                format!("{} may not list kmsgrants in {}", who.username, key.info.namespace),
+            ));
+        }
+        let mut grants = self.keys.grants(&key.info.namespace, &key.info.name);
+        grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
+        grants.retain(|g| r.grant_id.as_deref().is_none_or(|id| id == g.grant_id));
+        let start = r.marker.as_deref().map_or(0, |m| grants.partition_point(|g| g.grant_id.as_str() <= m));
+        let page: Vec<Value> = grants[start..]
+            .iter()
+            .take(limit)
+            .map(|g| {
+                let mut out = json!({
+                    "KeyId": self.arn_of(&key),
+                    "GrantId": g.grant_id,
+                    "Name": g.name,
+                    "GranteePrincipal": aws_principal(&g.grantee),
+                    "Operations": g.operations.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+                    "IssuingAccount": key.info.namespace,
+                });
+                if let Some(p) = &g.retiring_principal {
+                    out["RetiringPrincipal"] = json!(aws_principal(p));
+                }
+                match &g.constraints {
+                    Some(Constraints::Equals(m)) => {
+                        out["Constraints"] = json!({"EncryptionContextEquals": m})
+                    }
+                    Some(Constraints::Subset(m)) => {
+                        out["Constraints"] = json!({"EncryptionContextSubset": m})
+                    }
+                    None => {}
+                }
+                out
+            })
+            .collect();
+        let truncated = start + page.len() < grants.len();
+        let mut out = json!({ "Grants": page, "Truncated": truncated });
+        if truncated && let Some(last) = grants.get(start + limit - 1) {
+            out["NextMarker"] = json!(last.grant_id);
+        }
+        Ok(out)
+    }
+
+    async fn create_key(
+        &self,
+        who: &Identity,
+        r: AdminIn,
+        event: &mut AuditEvent,
+    ) -> Result<Value, AwsFault> {
+        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        if r.policy.is_some() {
+            return Err(unsupported(
+                "AWS key policies: CreateKey takes the default policy (delegate to RBAC); write spec.policy with kubectl",
+            ));
+        }
+        if r.multi_region == Some(true) {
+            return Err(unsupported("multi-Region keys"));
+        }
+        if r.custom_key_store_id.is_some() {
+            return Err(AwsFault::client(
+                "CustomKeyStoreNotFoundException",
+                "kubekms has no custom key stores",
+            ));
+        }
+        for spec in [r.key_spec.as_deref(), r.customer_master_key_spec.as_deref()].into_iter().flatten() {
+            if spec != "SYMMETRIC_DEFAULT" {
+                return Err(unsupported(&format!("KeySpec {spec} (only SYMMETRIC_DEFAULT)")));
+            }
+        }
+        if let Some(usage) = r.key_usage.as_deref().filter(|u| *u != "ENCRYPT_DECRYPT") {
+            return Err(unsupported(&format!("KeyUsage {usage} (only ENCRYPT_DECRYPT)")));
+        }
+        let origin = match r.origin.as_deref() {
+            None | Some("AWS_KMS") => "KUBEKMS",
+            Some("EXTERNAL") => "EXTERNAL",
+            Some(other) => return Err(unsupported(&format!("Origin {other}"))),
+        };
+        let ns = account(who).ok_or_else(|| {
+            AwsFault::client(
+                "AccessDeniedException",
+                "only ServiceAccounts have an account to create keys in",
+            )
+        })?;
+        if !admin.allowed(who, "create", "kmskeys", ns, "").await.map_err(backend)? {
+            return Err(AwsFault::client(
+                "AccessDeniedException",
+                format!("{} may not create kmskeys in namespace {ns}", who.username),
+            ));
+        }
+        let object = json!({
+            "apiVersion": "kms.kubekms.io/v1alpha1",
+            "kind": "KmsKey",
+            "metadata": {"generateName": "key-", "namespace": ns, "labels": labels(&r.tags)},
+            "spec": {"description": r.description.unwrap_or_default(), "origin": origin},
+        });
+        let key_id = admin.create_key(ns, &object).await.map_err(|e| match e {
+            AdminError::Invalid(m) => AwsFault::client("TagException", m),
+            other => admin_fault(other),
+        })?;
+        event.key_id = Some(key_id.clone());
+        // The controller makes version 1 within moments; answer with what the key API
+        // then sees (Creating, if it has not yet).
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let key = self.keys.resolve(&key_id);
+            match key {
+                Some(k) if k.info.state != KeyState::Creating || Instant::now() >= deadline => {
+                    event.key = Some(k.info.display());
+                    return Ok(json!({ "KeyMetadata": self.key_metadata(&describe(&k)) }));
+                }
+                None if Instant::now() >= deadline => {
+                    return Ok(json!({ "KeyMetadata": {
+                        "AWSAccountId": ns, "KeyId": key_id, "Arn": key_arn(&self.settings.region, ns, &key_id),
+                        "KeyState": "Creating", "Enabled": false, "KeyManager": "CUSTOMER",
+                        "KeySpec": "SYMMETRIC_DEFAULT", "KeyUsage": "ENCRYPT_DECRYPT",
+                    }}));
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_are_named_as_aws_names_them() {
+        let sa = Principal::ServiceAccount { namespace: "batch".into(), name: "nightly".into() };
+        assert_eq!(aws_principal(&sa), "arn:aws:iam::batch:role/nightly");
+        assert_eq!(aws_principal(&Principal::User("alice".into())), "alice");
+        assert_eq!(aws_principal(&Principal::Group("ops".into())), "group:ops");
+        let tags = [Tag { tag_key: "team".into(), tag_value: "shop".into() }];
+        assert_eq!(labels(&tags), json!({"team": "shop"}));
+    }
+}
