@@ -1,5 +1,6 @@
 //! The AWS KMS API with real AWS clients: boto3, the AWS CLI and the AWS Encryption SDK
-//! (installed pinned by e2e/tools/python-clients.sh), each configured only by the
+//! (installed pinned by e2e/tools/python-clients.sh) and the AWS SDK for Go v2 (a small
+//! client under e2e/awsclient/go, built by e2e/tools/go-client.sh), each configured only by the
 //! environment a pod would have — a ServiceAccount token file, the role ARN, the STS and
 //! KMS endpoints, the CA bundle and the region — so every call first goes through the STS
 //! endpoint with that token. And the attacker's view: wrong secret, tampered body, stale
@@ -26,6 +27,20 @@ fn python() -> &'static Path {
             .output()
             .expect("run e2e/tools/python-clients.sh");
         assert!(out.status.success(), "python-clients.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// The AWS SDK for Go v2 client, built (or found in the cache) once per run.
+fn go_client() -> &'static Path {
+    static CLIENT: OnceLock<PathBuf> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("e2e/tools/go-client.sh"))
+            .arg(root.join("e2e/.bin"))
+            .output()
+            .expect("run e2e/tools/go-client.sh");
+        assert!(out.status.success(), "go-client.sh failed: {}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
 }
@@ -182,6 +197,22 @@ async fn boto3_with_a_service_account_token_uses_keys_like_the_grpc_api() {
     let blob = b64().decode(out["ciphertext"].as_str().unwrap()).unwrap();
     let opened = decrypt(&mut grpc, &blob, &[("app", "e2e")]).await.unwrap();
     assert_eq!(opened.plaintext, b"hello from boto3");
+}
+
+#[tokio::test]
+async fn the_aws_sdk_for_go_v2_gets_credentials_from_sts_and_uses_a_key() {
+    let ns = TestNamespace::new("aws-go");
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "go", "app").await;
+    let out = Pod::own(ns, "app").command(go_client()).args(["roundtrip", &arn]).output().unwrap();
+    assert!(out.status.success(), "the Go client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out["encrypt_key_id"], arn.as_str(), "{out}");
+    assert_eq!(out["decrypt_plaintext"], "hello from Go");
+    assert_eq!(out["data_key_len"], 32);
+    assert_eq!(out["key_state"], "Enabled");
+    assert_eq!(out["creation_date_set"], true);
+    assert_eq!(out["wrong_context"], "InvalidCiphertextException");
 }
 
 #[tokio::test]
