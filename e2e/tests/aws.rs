@@ -548,6 +548,16 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
         ok(call(&admin, "get_key_policy", serde_json::json!({"KeyId": arn, "PolicyName": "default"})));
     let policy: Value = serde_json::from_str(policy["Policy"].as_str().unwrap()).unwrap();
     assert_eq!(policy["delegateToRBAC"], true, "{policy}");
+    let names = ok(call(&admin, "list_key_policies", serde_json::json!({"KeyId": arn})));
+    assert_eq!(names["PolicyNames"], serde_json::json!(["default"]));
+    ok(call(
+        &admin,
+        "update_key_description",
+        serde_json::json!({"KeyId": arn, "Description": "renamed over AWS"}),
+    ));
+    let description =
+        kubectl_ok(&["get", "kmskey", name.trim(), "-n", ns, "-o", "jsonpath={.spec.description}"], None);
+    assert_eq!(description.trim(), "renamed over AWS");
 
     // Grants: created, listed, revoked.
     let grant = ok(call(

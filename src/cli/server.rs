@@ -90,7 +90,8 @@ pub struct Args {
     /// (repeatable).
     #[arg(long = "sts-audience", value_name = "AUDIENCE", default_value = "kubekms")]
     sts_audiences: Vec<String>,
-    /// The longest session STS issues; a session never outlives the token it came from.
+    /// The longest session STS issues (15m to 12h); a session never outlives the token it
+    /// came from.
     #[arg(long, value_name = "DURATION", default_value = "1h")]
     sts_max_session: SignedDuration,
 }
@@ -128,7 +129,7 @@ impl Args {
                 None => None,
                 Some(listen) => Some(aws::Settings {
                     listen,
-                    region: self.aws_region,
+                    region: aws::region(self.aws_region).context("invalid --aws-region")?,
                     sts_audiences: self.sts_audiences,
                     max_session: aws::max_session(self.sts_max_session)
                         .context("invalid --sts-max-session")?,

@@ -37,6 +37,8 @@ pub const OPERATIONS: &[&str] = &[
     "UntagResource",
     "ListResourceTags",
     "GetKeyPolicy",
+    "ListKeyPolicies",
+    "UpdateKeyDescription",
     "ListGrants",
     "RevokeGrant",
     "ListAliases",
@@ -347,6 +349,22 @@ where
                     .map(|m| m.iter().map(|(k, v)| json!({"TagKey": k, "TagValue": v})).collect())
                     .unwrap_or_default();
                 Ok(json!({ "Tags": tags, "Truncated": false }))
+            }
+            "ListKeyPolicies" => {
+                self.admin_key(who, key_id, "get", event).await?;
+                Ok(json!({ "PolicyNames": ["default"], "Truncated": false }))
+            }
+            "UpdateKeyDescription" => {
+                let description = r
+                    .description
+                    .as_deref()
+                    .ok_or_else(|| AwsFault::validation("Description is required"))?;
+                if description.len() > 8192 {
+                    return Err(AwsFault::validation("Description is longer than 8192 characters"));
+                }
+                let key = self.admin_key(who, key_id, "patch", event).await?;
+                self.patch(&key, json!({"spec": {"description": description}})).await?;
+                Ok(json!({}))
             }
             "ListGrants" => self.list_grants(who, &r, event).await,
             "RevokeGrant" => {

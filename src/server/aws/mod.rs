@@ -61,6 +61,19 @@ pub fn max_session(d: jiff::SignedDuration) -> Result<Duration, SessionLengthErr
     Ok(Duration::from_secs(seconds.unsigned_abs()))
 }
 
+/// Why a region name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a region is 1 to 63 lowercase letters, digits and '-', starting with a letter or digit; not {0:?}")]
+pub struct RegionError(String);
+
+/// A region name, as it goes into credential scopes and ARNs.
+pub fn region(name: String) -> Result<String, RegionError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok { Ok(name) } else { Err(RegionError(name)) }
+}
+
 /// The most bytes of a request body read (a 4 KiB plaintext is 5.5 KiB of base64).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// How long a TLS handshake and a request's headers may take.
@@ -427,5 +440,29 @@ async fn connection<T, R, D, G, S>(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked() {
+        assert_eq!(region("kubekms-local".into()), Ok("kubekms-local".into()));
+        for bad in ["", "-a", "Us-East-1", "a:b", "a/b", &"a".repeat(64)] {
+            assert!(region(bad.to_owned()).is_err(), "{bad}");
+        }
+        assert_eq!(max_session(jiff::SignedDuration::from_hours(1)), Ok(Duration::from_secs(3600)));
+        for bad in [
+            jiff::SignedDuration::from_mins(14),
+            jiff::SignedDuration::from_hours(13),
+            jiff::SignedDuration::from_millis(900_500),
+        ] {
+            assert!(max_session(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(audited_operation("Encrypt"), "Encrypt");
+        assert_eq!(audited_operation("CreateKey"), "CreateKey");
+        assert_eq!(audited_operation("Nonsense"), "Unknown");
     }
 }
