@@ -319,7 +319,10 @@ class ControlPlane:
                         "--namespace", KUBEKMS_NAMESPACE, "--kube-version", version,
                         "--set", f"plugin.key={'/'.join(CLUSTER_KEY)}",
                         # Required by the chart's schema; only its Deployment (not rendered) uses it.
-                        "--set", "server.tls.secretName=unused", *show], "helm template"))
+                        "--set", "server.tls.secretName=unused",
+                        # The server serves the AWS API when it has a port for it.
+                        "--set", f"server.aws.enabled={'true' if self.ports.aws else 'false'}", *show],
+                       "helm template"))
 
     def ensure_key(self, namespace: str, name: str, description: str, labels: dict[str, str] | None = None) -> bool:
         """Creates the KmsKey unless it exists (an existing one is left as it is); returns
