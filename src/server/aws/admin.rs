@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AwsApi;
-use super::ops::account;
+use super::ops::{account, parse};
 use super::protocol::{AwsFault, key_arn};
 use crate::audit::AuditEvent;
 use crate::domain::{Constraints, Identity, Key, KeyState, Origin, Principal};
@@ -182,7 +182,7 @@ where
         verb: &str,
         event: &mut AuditEvent,
     ) -> Result<std::sync::Arc<Key>, AwsFault> {
-        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        let admin = self.store()?;
         let name = self.required_key(value)?;
         let refused = || {
             AwsFault::client(
@@ -199,12 +199,17 @@ where
         Ok(key)
     }
 
+    /// Where management operations change objects (this server may have none).
+    fn store(&self) -> Result<&dyn KeyAdmin, AwsFault> {
+        self.admin.as_deref().ok_or_else(|| unsupported("management operations on this server"))
+    }
+
     fn arn_of(&self, key: &Key) -> String {
         key_arn(&self.settings.region, &key.info.namespace, &key.info.key_id)
     }
 
     async fn patch(&self, key: &Key, patch: Value) -> Result<(), AwsFault> {
-        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        let admin = self.store()?;
         admin.patch_key(&key.info.namespace, &key.info.name, &patch).await.map_err(admin_fault)
     }
 
@@ -215,13 +220,7 @@ where
         body: &[u8],
         event: &mut AuditEvent,
     ) -> Result<Value, AwsFault> {
-        let body = if body.is_empty() { b"{}".as_slice() } else { body };
-        let r: AdminIn = serde_json::from_slice(body).map_err(|e| {
-            AwsFault::client(
-                "SerializationException",
-                format!("failed to read the request body (line {} column {})", e.line(), e.column()),
-            )
-        })?;
+        let r: AdminIn = parse(body)?;
         let key_id = r.key_id.as_deref();
         match op {
             "EnableKey" | "DisableKey" => {
@@ -331,8 +330,7 @@ where
             }
             "ListResourceTags" | "GetKeyPolicy" => {
                 let key = self.admin_key(who, key_id, "get", event).await?;
-                let admin =
-                    self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+                let admin = self.store()?;
                 let object = admin.get_key(&key.info.namespace, &key.info.name).await.map_err(admin_fault)?;
                 if op == "GetKeyPolicy" {
                     if r.policy_name.as_deref().is_some_and(|p| p != "default") {
@@ -371,8 +369,7 @@ where
                 let grant_id =
                     r.grant_id.as_deref().ok_or_else(|| AwsFault::validation("GrantId is required"))?;
                 let key = self.admin_key(who, key_id, "get", event).await?;
-                let admin =
-                    self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+                let admin = self.store()?;
                 let grant = self
                     .keys
                     .grants(&key.info.namespace, &key.info.name)
@@ -417,7 +414,7 @@ where
             Some(n) => return Err(AwsFault::validation(format!("Limit {n} is outside 1–100"))),
         };
         let key = self.admin_key(who, r.key_id.as_deref(), "get", event).await?;
-        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        let admin = self.store()?;
         if !admin.allowed(who, "list", "kmsgrants", &key.info.namespace, "").await.map_err(backend)? {
             return Err(AwsFault::client(
                 "AccessDeniedException",
@@ -469,7 +466,7 @@ where
         r: AdminIn,
         event: &mut AuditEvent,
     ) -> Result<Value, AwsFault> {
-        let admin = self.admin.as_ref().ok_or_else(|| unsupported("management operations on this server"))?;
+        let admin = self.store()?;
         if r.policy.is_some() {
             return Err(unsupported(
                 "AWS key policies: CreateKey takes the default policy (delegate to RBAC); write spec.policy with kubectl",

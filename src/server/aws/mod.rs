@@ -80,6 +80,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many connections the AWS port holds at once; beyond, new ones are closed at once.
+const MAX_CONNECTIONS: usize = 4096;
 
 /// The AWS front end of one key API.
 pub struct AwsApi<T, R, D, G> {
@@ -377,6 +379,7 @@ pub async fn serve<T, R, D, G>(
     G: GrantWriter,
 {
     let acceptor = tls.map(TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -389,10 +392,15 @@ pub async fn serve<T, R, D, G>(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "closing a connection: the AWS port holds {MAX_CONNECTIONS} already");
+            continue;
+        };
         let aws = aws.clone();
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match acceptor {
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

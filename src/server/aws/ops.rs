@@ -185,7 +185,7 @@ struct RetireGrantIn {
     common: Common,
 }
 
-fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, AwsFault> {
+pub(super) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, AwsFault> {
     let body = if body.is_empty() { b"{}".as_slice() } else { body };
     // The message names where, never what: a value could be secret.
     serde_json::from_slice(body).map_err(|e| {
@@ -667,6 +667,15 @@ mod tests {
         let who = Identity { username: "system:serviceaccount:shop:web".into(), ..Default::default() };
         assert_eq!(account(&who), Some("shop"));
         assert_eq!(account(&Identity { username: "alice".into(), ..Default::default() }), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bodies_are_refused_without_panicking(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = parse::<EncryptIn>(&body);
+            let _ = parse::<CreateGrantIn>(&body);
+            let _ = parse::<ListKeysIn>(&body);
+        }
     }
 
     #[test]

@@ -548,6 +548,22 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_authorization_headers_never_verify(value in "[ -~]{0,300}", date in "[0-9TZ]{0,20}") {
+            let (method, uri, mut headers) = example();
+            if let Ok(v) = http::HeaderValue::from_str(&value) {
+                headers.insert("authorization", v);
+            }
+            if let Ok(v) = http::HeaderValue::from_str(&date) {
+                headers.insert("x-amz-date", v);
+            }
+            if let Ok(auth) = Authorization::parse(&headers, "iam", "us-east-1", example_now()) {
+                proptest::prop_assert!(auth.verify(&method, &uri, &headers, b"", SECRET).is_err());
+            }
+        }
+    }
+
     #[test]
     fn canonical_forms_follow_the_specification() {
         assert_eq!(uri_encode(b"a b/c~d*e", false), "a%20b%2Fc~d%2Ae");

@@ -441,6 +441,13 @@ mod tests {
         assert_eq!(SessionError::Invalid.code(), "UnrecognizedClientException");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_session_tokens_never_open(token in "[A-Za-z0-9+/=]{0,400}", id in "[A-Z0-9]{0,24}") {
+            proptest::prop_assert!(keys().open(&token, &id, 0).is_err());
+        }
+    }
+
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
