@@ -140,7 +140,9 @@ def errors(arn: str, disabled_arn: str) -> dict:
         "wrong_key": code_of(lambda: k.decrypt(CiphertextBlob=blob, EncryptionContext=ctx, KeyId=disabled_arn)),
         "too_large": code_of(lambda: k.encrypt(KeyId=arn, Plaintext=b"x" * 4097)),
         "disabled": code_of(lambda: k.encrypt(KeyId=disabled_arn, Plaintext=b"x")),
+        # An alias nobody made is refused like any key; one kubekms cannot hold is not found.
         "alias": code_of(lambda: k.describe_key(KeyId="alias/nope")),
+        "malformed_alias": code_of(lambda: k.describe_key(KeyId="alias/aws/ebs")),
         "other_region": code_of(lambda: k.describe_key(KeyId=arn.replace(os.environ["AWS_REGION"], "us-east-1"))),
         "bad_key_spec": code_of(lambda: k.generate_data_key(KeyId=arn, NumberOfBytes=2000)),
     }

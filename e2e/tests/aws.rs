@@ -347,7 +347,8 @@ async fn bad_input_gets_aws_error_codes() {
     assert_eq!(code("wrong_key"), "IncorrectKeyException");
     assert_eq!(code("too_large"), "ValidationException");
     assert_eq!(code("disabled"), "DisabledException");
-    assert_eq!(code("alias"), "NotFoundException");
+    assert_eq!(code("alias"), "AccessDeniedException");
+    assert_eq!(code("malformed_alias"), "NotFoundException");
     assert_eq!(code("other_region"), "NotFoundException");
     assert_eq!(code("bad_key_spec"), "ValidationException");
     // Raw requests signed by botocore's own signer.
@@ -607,4 +608,103 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
     .await;
     let aliases = ok(call(&admin, "list_aliases", serde_json::json!({})));
     assert_eq!(aliases["Aliases"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn aliases_name_keys_in_both_apis_and_move() {
+    let ns = TestNamespace::new("aws-alias");
+    let ns = ns.name.as_str();
+    let first = usable_key(ns, "first", "app").await;
+    let second = usable_key(ns, "second", "app").await;
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "admins",
+            "-n",
+            ns,
+            "--clusterrole=kubekms-key-admin",
+            &format!("--serviceaccount={ns}:admin"),
+        ],
+        None,
+    );
+    let admin = Pod::own(ns, "admin");
+    let app = Pod::own(ns, "app");
+    let wait = crate::keyapi::WAIT;
+
+    // kubectl makes one; `kubectl get kmsaliases` shows its target.
+    crate::keyapi::apply(
+        ns,
+        "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsAlias\nmetadata:\n  name: by-kubectl\nspec:\n  targetKeyRef: {name: first}\n",
+    );
+    let listed = kubectl_ok(&["get", "kmsaliases", "-n", ns], None);
+    assert!(listed.lines().any(|l| l.starts_with("by-kubectl") && l.contains("first")), "{listed}");
+    // The schema refuses names AWS would not take and the reserved ones.
+    for bad in ["aws", "has.dot"] {
+        let manifest = format!(
+            "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsAlias\nmetadata:\n  name: {bad}\nspec:\n  targetKeyRef: {{name: first}}\n"
+        );
+        let run = crate::support::kubectl(&["apply", "-n", ns, "-f", "-"], Some(&manifest));
+        assert!(!run.ok, "{bad} was admitted");
+    }
+
+    // Usable wherever a key is named: alias/NAME, an alias ARN, and namespace/alias/NAME
+    // in the gRPC API.
+    let by_alias = serde_json::json!({"KeyId": "alias/by-kubectl", "Plaintext": "aGk="});
+    let out = crate::support::eventually(wait, "the alias to be known", || async {
+        let r = call(&app, "encrypt", by_alias.clone());
+        (r["code"] == "OK").then_some(r)
+    })
+    .await;
+    assert_eq!(out["answer"]["KeyId"], first.as_str(), "{out}");
+    let alias_arn = format!("arn:aws:kms:{}:{ns}:alias/by-kubectl", env_var("KUBEKMS_AWS_REGION"));
+    let described = ok(call(&app, "describe_key", serde_json::json!({"KeyId": alias_arn})));
+    assert_eq!(described["KeyMetadata"]["Arn"], first.as_str());
+    let mut grpc = as_sa(ns, "app").await;
+    let sealed = encrypt(&mut grpc, &format!("{ns}/alias/by-kubectl"), b"via alias", &[]).await.unwrap();
+    assert_eq!(sealed.key.unwrap().key, format!("{ns}/first"));
+
+    // CreateAlias, UpdateAlias (move), ListAliases, DeleteAlias over the AWS API; a key
+    // user may not.
+    assert_eq!(
+        call(&app, "create_alias", serde_json::json!({"AliasName": "alias/made", "TargetKeyId": first}))["code"],
+        "AccessDeniedException"
+    );
+    crate::support::eventually(wait, "RBAC to let the admin create aliases", || async {
+        let r = call(
+            &admin,
+            "create_alias",
+            serde_json::json!({"AliasName": "alias/made", "TargetKeyId": first}),
+        );
+        (r["code"] == "OK").then_some(())
+    })
+    .await;
+    let again =
+        call(&admin, "create_alias", serde_json::json!({"AliasName": "alias/made", "TargetKeyId": first}));
+    assert_eq!(again["code"], "AlreadyExistsException", "{again}");
+    ok(call(&admin, "update_alias", serde_json::json!({"AliasName": "alias/made", "TargetKeyId": second})));
+    let moved = crate::support::eventually(wait, "the alias to move", || async {
+        let r = call(&app, "encrypt", serde_json::json!({"KeyId": "alias/made", "Plaintext": "aGk="}));
+        (r["answer"]["KeyId"] == second.as_str()).then_some(r)
+    })
+    .await;
+    assert_eq!(moved["code"], "OK");
+    let aliases = ok(call(&admin, "list_aliases", serde_json::json!({})));
+    let names: Vec<&str> =
+        aliases["Aliases"].as_array().unwrap().iter().map(|a| a["AliasName"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alias/by-kubectl", "alias/made"], "{aliases}");
+    let second_id = second.rsplit('/').next().unwrap();
+    assert_eq!(aliases["Aliases"][1]["TargetKeyId"], second_id);
+    let of_first = ok(call(&admin, "list_aliases", serde_json::json!({"KeyId": first})));
+    assert_eq!(of_first["Aliases"].as_array().unwrap().len(), 1, "{of_first}");
+    ok(call(&admin, "delete_alias", serde_json::json!({"AliasName": "alias/made"})));
+    crate::support::eventually(wait, "the alias to be gone", || async {
+        let r = call(&app, "encrypt", serde_json::json!({"KeyId": "alias/made", "Plaintext": "aGk="}));
+        (r["code"] == "AccessDeniedException").then_some(())
+    })
+    .await;
+    assert_eq!(
+        call(&admin, "delete_alias", serde_json::json!({"AliasName": "alias/made"}))["code"],
+        "NotFoundException"
+    );
 }

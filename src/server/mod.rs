@@ -152,7 +152,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         () = shutdown.cancelled() => return Ok(()),
         () = k8s::watch_directory(&client, &directory, &shutdown) => {}
     }
-    tracing::info!("keys, material and grants are in sync; serving");
+    tracing::info!("keys, material, grants and aliases are in sync; serving");
     let sweeper = directory.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {

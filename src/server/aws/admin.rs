@@ -42,6 +42,9 @@ pub const OPERATIONS: &[&str] = &[
     "ListGrants",
     "RevokeGrant",
     "ListAliases",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
 ];
 
 /// Why the object store refused a change.
@@ -51,6 +54,8 @@ pub enum AdminError {
     NotFound,
     #[error("the API server refused the change: {0}")]
     Invalid(String),
+    #[error("the object exists already")]
+    Exists,
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -76,6 +81,17 @@ pub trait KeyAdmin: Send + Sync + 'static {
     async fn create_key(&self, namespace: &str, key: &Value) -> Result<String, AdminError>;
     /// Deletes a KmsGrant.
     async fn delete_grant(&self, namespace: &str, name: &str) -> Result<(), AdminError>;
+    /// Creates the KmsAlias `namespace/name` naming the key `target` (or, with `create`
+    /// false, points the existing one at it).
+    async fn put_alias(
+        &self,
+        namespace: &str,
+        name: &str,
+        target: &str,
+        create: bool,
+    ) -> Result<(), AdminError>;
+    /// Deletes a KmsAlias.
+    async fn delete_alias(&self, namespace: &str, name: &str) -> Result<(), AdminError>;
 }
 
 fn backend(_: BackendError) -> AwsFault {
@@ -86,6 +102,7 @@ fn admin_fault(e: AdminError) -> AwsFault {
     match e {
         AdminError::NotFound => AwsFault::client("NotFoundException", "the object is gone"),
         AdminError::Invalid(m) => AwsFault::validation(m),
+        AdminError::Exists => AwsFault::client("AlreadyExistsException", "the object exists already"),
         AdminError::Backend(b) => backend(b),
     }
 }
@@ -125,6 +142,8 @@ struct AdminIn {
     rotation_period_in_days: Option<i64>,
     tags: Vec<Tag>,
     tag_keys: Vec<String>,
+    alias_name: Option<String>,
+    target_key_id: Option<String>,
     grant_id: Option<String>,
     policy_name: Option<String>,
     description: Option<String>,
@@ -183,7 +202,7 @@ where
         event: &mut AuditEvent,
     ) -> Result<std::sync::Arc<Key>, AwsFault> {
         let admin = self.store()?;
-        let name = self.required_key(value)?;
+        let name = self.required_key(who, value)?;
         let refused = || {
             AwsFault::client(
                 "AccessDeniedException",
@@ -396,8 +415,8 @@ where
                 Ok(json!({}))
             }
             "CreateKey" => self.create_key(who, r, event).await,
-            // Aliases are not served yet: there are none.
-            "ListAliases" => Ok(json!({ "Aliases": [], "Truncated": false })),
+            "ListAliases" => self.list_aliases(who, &r, event).await,
+            "CreateAlias" | "UpdateAlias" | "DeleteAlias" => self.change_alias(op, who, &r, event).await,
             other => Err(AwsFault::client("UnknownOperationException", format!("unknown operation {other}"))),
         }
     }
@@ -456,6 +475,122 @@ where
         let mut out = json!({ "Grants": page, "Truncated": truncated });
         if truncated && let Some(last) = grants.get(start + limit - 1) {
             out["NextMarker"] = json!(last.grant_id);
+        }
+        Ok(out)
+    }
+
+    /// CreateAlias, UpdateAlias, DeleteAlias: the caller's RBAC on the kmsaliases object
+    /// (create, patch, delete), and for a target `get` on that key, which must be in the
+    /// alias's namespace.
+    async fn change_alias(
+        &self,
+        op: &str,
+        who: &Identity,
+        r: &AdminIn,
+        event: &mut AuditEvent,
+    ) -> Result<Value, AwsFault> {
+        let value = r.alias_name.as_deref().ok_or_else(|| AwsFault::validation("AliasName is required"))?;
+        let name = super::protocol::parse_alias_name(value).ok_or_else(|| {
+            AwsFault::validation(format!(
+                "AliasName {value:?} must be alias/ and 1–250 lowercase letters, digits and '-' (kubekms keeps aliases as KmsAlias objects)"
+            ))
+        })?;
+        if name == "aws" || name.starts_with("aws-") {
+            return Err(AwsFault::validation("alias names aws and aws-… are reserved"));
+        }
+        let ns = account(who).ok_or_else(|| {
+            AwsFault::client("AccessDeniedException", "only ServiceAccounts have an account for aliases")
+        })?;
+        let store = self.store()?;
+        let verb = match op {
+            "CreateAlias" => "create",
+            "UpdateAlias" => "patch",
+            _ => "delete",
+        };
+        if !store
+            .allowed(who, verb, "kmsaliases", ns, if verb == "create" { "" } else { name })
+            .await
+            .map_err(backend)?
+        {
+            return Err(AwsFault::client(
+                "AccessDeniedException",
+                format!("{} may not {verb} kmsaliases {ns}/{name}", who.username),
+            ));
+        }
+        let not_found = || AwsFault::client("NotFoundException", format!("Alias {value} is not found"));
+        if op == "DeleteAlias" {
+            store.delete_alias(ns, name).await.map_err(|e| match e {
+                AdminError::NotFound => not_found(),
+                other => admin_fault(other),
+            })?;
+            return Ok(json!({}));
+        }
+        let key = self.admin_key(who, r.target_key_id.as_deref(), "get", event).await?;
+        if key.info.namespace != ns {
+            return Err(AwsFault::validation(format!(
+                "an alias names a key of its own account: {} is not in {ns}",
+                self.arn_of(&key)
+            )));
+        }
+        store.put_alias(ns, name, &key.info.name, op == "CreateAlias").await.map_err(|e| match e {
+            AdminError::NotFound => not_found(),
+            AdminError::Exists => {
+                AwsFault::client("AlreadyExistsException", format!("Alias {value} already exists"))
+            }
+            other => admin_fault(other),
+        })?;
+        Ok(json!({}))
+    }
+
+    /// ListAliases: the aliases of the caller's namespace (RBAC `list kmsaliases`), or of
+    /// one key.
+    async fn list_aliases(
+        &self,
+        who: &Identity,
+        r: &AdminIn,
+        event: &mut AuditEvent,
+    ) -> Result<Value, AwsFault> {
+        let limit = match r.limit {
+            None => 50,
+            Some(n @ 1..=100) => n as usize,
+            Some(n) => return Err(AwsFault::validation(format!("Limit {n} is outside 1–100"))),
+        };
+        let ns = account(who).ok_or_else(|| {
+            AwsFault::client("AccessDeniedException", "only ServiceAccounts have an account for aliases")
+        })?;
+        let store = self.store()?;
+        if !store.allowed(who, "list", "kmsaliases", ns, "").await.map_err(backend)? {
+            return Err(AwsFault::client(
+                "AccessDeniedException",
+                format!("{} may not list kmsaliases in {ns}", who.username),
+            ));
+        }
+        let only = match r.key_id.as_deref() {
+            None => None,
+            Some(_) => Some(self.admin_key(who, r.key_id.as_deref(), "get", event).await?),
+        };
+        let mut aliases = self.keys.aliases_in(ns);
+        aliases.retain(|a| only.as_ref().is_none_or(|k| k.info.name == a.target_key));
+        aliases.sort_by(|a, b| a.name.cmp(&b.name));
+        let start = r.marker.as_deref().map_or(0, |m| aliases.partition_point(|a| a.name.as_str() <= m));
+        let page: Vec<Value> = aliases[start..]
+            .iter()
+            .take(limit)
+            .map(|a| {
+                let mut out = json!({
+                    "AliasName": format!("{}{}", crate::domain::ALIAS_PREFIX, a.name),
+                    "AliasArn": super::protocol::alias_arn(&self.settings.region, ns, &a.name),
+                });
+                if let Some(key) = self.keys.resolve(&format!("{ns}/{}", a.target_key)) {
+                    out["TargetKeyId"] = json!(key.info.key_id);
+                }
+                out
+            })
+            .collect();
+        let truncated = start + page.len() < aliases.len();
+        let mut out = json!({ "Aliases": page, "Truncated": truncated });
+        if truncated && let Some(last) = aliases.get(start + limit - 1) {
+            out["NextMarker"] = json!(last.name);
         }
         Ok(out)
     }

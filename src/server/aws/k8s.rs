@@ -6,7 +6,7 @@ use kube::{Client, ResourceExt};
 use serde_json::Value;
 
 use super::admin::{AdminError, KeyAdmin};
-use crate::api::{KmsGrant, KmsKey};
+use crate::api::{KmsAlias, KmsGrant, KmsKey};
 use crate::domain::Identity;
 use crate::server::BackendError;
 
@@ -18,6 +18,7 @@ const MANAGER: &str = "kubekms-server";
 fn refused(e: kube::Error) -> AdminError {
     match e {
         kube::Error::Api(status) if status.code == 404 => AdminError::NotFound,
+        kube::Error::Api(status) if status.code == 409 => AdminError::Exists,
         kube::Error::Api(status) if status.code == 422 || status.code == 400 => {
             AdminError::Invalid(status.message)
         }
@@ -63,6 +64,35 @@ impl KeyAdmin for KubeKeyAdmin {
 
     async fn delete_grant(&self, namespace: &str, name: &str) -> Result<(), AdminError> {
         let api: Api<KmsGrant> = Api::namespaced(self.0.clone(), namespace);
+        api.delete(name, &DeleteParams::default()).await.map(|_| ()).map_err(refused)
+    }
+    async fn put_alias(
+        &self,
+        namespace: &str,
+        name: &str,
+        target: &str,
+        create: bool,
+    ) -> Result<(), AdminError> {
+        let api: Api<KmsAlias> = Api::namespaced(self.0.clone(), namespace);
+        let spec = serde_json::json!({"targetKeyRef": {"name": target}});
+        if create {
+            let alias: KmsAlias = serde_json::from_value(serde_json::json!({
+                "apiVersion": "kms.kubekms.io/v1alpha1", "kind": "KmsAlias",
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec,
+            }))
+            .map_err(|e| AdminError::Invalid(e.to_string()))?;
+            let params = PostParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
+            return api.create(&params, &alias).await.map(|_| ()).map_err(refused);
+        }
+        let params = PatchParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
+        api.patch(name, &params, &Patch::Merge(serde_json::json!({"spec": spec})))
+            .await
+            .map(|_| ())
+            .map_err(refused)
+    }
+
+    async fn delete_alias(&self, namespace: &str, name: &str) -> Result<(), AdminError> {
+        let api: Api<KmsAlias> = Api::namespaced(self.0.clone(), namespace);
         api.delete(name, &DeleteParams::default()).await.map(|_| ()).map_err(refused)
     }
 }

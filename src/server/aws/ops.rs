@@ -284,10 +284,15 @@ where
     /// The key API's name for a key an AWS request names. A key ARN must name the key's
     /// own account; otherwise the ARN itself is passed on, which names no key, so that the
     /// key API refuses it as it refuses every key the caller may not use.
-    pub(super) fn key_name(&self, value: Option<&str>) -> Result<String, AwsFault> {
+    pub(super) fn key_name(&self, who: &Identity, value: Option<&str>) -> Result<String, AwsFault> {
         let Some(value) = value else { return Ok(String::new()) };
         match KeyName::parse(value, &self.settings.region)? {
             KeyName::Name(name) => Ok(name),
+            // An alias is the caller's own (its account's) unless an ARN names another.
+            KeyName::Alias { name, namespace } => {
+                let ns = namespace.as_deref().or(account(who)).unwrap_or_default();
+                Ok(format!("{ns}/{}{name}", crate::domain::ALIAS_PREFIX))
+            }
             KeyName::Id { key_id, namespace: None } => Ok(key_id),
             KeyName::Id { key_id, namespace: Some(ns) } => {
                 let matches = self.keys.resolve(&key_id).is_some_and(|k| k.info.namespace == ns);
@@ -296,12 +301,12 @@ where
         }
     }
 
-    pub(super) fn required_key(&self, value: Option<&str>) -> Result<String, AwsFault> {
+    pub(super) fn required_key(&self, who: &Identity, value: Option<&str>) -> Result<String, AwsFault> {
         match value {
             None => Err(AwsFault::validation(
                 "1 validation error detected: Value null at 'keyId' failed to satisfy constraint: Member must not be null",
             )),
-            Some(v) => self.key_name(Some(v)),
+            Some(v) => self.key_name(who, Some(v)),
         }
     }
 
@@ -348,7 +353,7 @@ where
                 r.common.check()?;
                 algorithm("EncryptionAlgorithm", r.encryption_algorithm.as_deref())?;
                 let req = pb::EncryptRequest {
-                    key: self.required_key(r.key_id.as_deref())?,
+                    key: self.required_key(who, r.key_id.as_deref())?,
                     plaintext: r.plaintext,
                     encryption_context: r.encryption_context,
                 };
@@ -366,7 +371,7 @@ where
                 let req = pb::DecryptRequest {
                     ciphertext_blob: r.ciphertext_blob,
                     encryption_context: r.encryption_context,
-                    key: self.key_name(r.key_id.as_deref())?,
+                    key: self.key_name(who, r.key_id.as_deref())?,
                 };
                 let out = self.grpc(who, request_id, req, async |q| api.decrypt(q).await).await?;
                 Ok(json!({
@@ -383,8 +388,8 @@ where
                 let req = pb::ReEncryptRequest {
                     ciphertext_blob: r.ciphertext_blob,
                     source_encryption_context: r.source_encryption_context,
-                    source_key: self.key_name(r.source_key_id.as_deref())?,
-                    destination_key: self.required_key(r.destination_key_id.as_deref())?,
+                    source_key: self.key_name(who, r.source_key_id.as_deref())?,
+                    destination_key: self.required_key(who, r.destination_key_id.as_deref())?,
                     destination_encryption_context: r.destination_encryption_context,
                 };
                 let out = self.grpc(who, request_id, req, async |q| api.re_encrypt(q).await).await?;
@@ -400,7 +405,7 @@ where
                 let r: DataKeyIn = parse(body)?;
                 r.common.check()?;
                 let req = pb::GenerateDataKeyRequest {
-                    key: self.required_key(r.key_id.as_deref())?,
+                    key: self.required_key(who, r.key_id.as_deref())?,
                     encryption_context: r.encryption_context,
                     number_of_bytes: data_key_bytes(r.key_spec.as_deref(), r.number_of_bytes)?,
                 };
@@ -415,7 +420,7 @@ where
                 let r: DataKeyIn = parse(body)?;
                 r.common.check()?;
                 let req = pb::GenerateDataKeyWithoutPlaintextRequest {
-                    key: self.required_key(r.key_id.as_deref())?,
+                    key: self.required_key(who, r.key_id.as_deref())?,
                     encryption_context: r.encryption_context,
                     number_of_bytes: data_key_bytes(r.key_spec.as_deref(), r.number_of_bytes)?,
                 };
@@ -470,7 +475,7 @@ where
                 })?;
                 let constraints = r.constraints.unwrap_or_default();
                 let req = pb::CreateGrantRequest {
-                    key: self.required_key(r.key_id.as_deref())?,
+                    key: self.required_key(who, r.key_id.as_deref())?,
                     name: r.name.unwrap_or_default(),
                     grantee: Some(principal(grantee)),
                     operations: r.operations,
@@ -525,7 +530,7 @@ where
         request_id: &str,
         key: Option<&str>,
     ) -> Result<pb::KeyMetadata, AwsFault> {
-        let req = pb::DescribeKeyRequest { key: self.required_key(key)? };
+        let req = pb::DescribeKeyRequest { key: self.required_key(who, key)? };
         let api = &*self.api;
         let out = self.grpc(who, request_id, req, async |q| api.describe_key(q).await).await?;
         out.metadata.ok_or_else(|| AwsFault::internal("the key API described no key"))

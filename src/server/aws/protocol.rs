@@ -158,6 +158,11 @@ impl Caller {
     }
 }
 
+/// The ARN of an alias.
+pub fn alias_arn(region: &str, namespace: &str, name: &str) -> String {
+    format!("arn:aws:kms:{region}:{namespace}:alias/{name}")
+}
+
 /// The ARN of a key.
 pub fn key_arn(region: &str, namespace: &str, key_id: &str) -> String {
     format!("arn:aws:kms:{region}:{namespace}:key/{key_id}")
@@ -170,10 +175,25 @@ pub enum KeyName {
     Id { key_id: String, namespace: Option<String> },
     /// `namespace/name`, kubekms's own form.
     Name(String),
+    /// `alias/<name>`, or an alias ARN with its account (namespace).
+    Alias { name: String, namespace: Option<String> },
+}
+
+/// Whether `name` can be a KmsAlias's name (what its CRD admits).
+fn alias_name(name: &str) -> bool {
+    (1..=250).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// The AWS name of an alias: `alias/<name>`, when `value` is one kubekms can hold.
+pub fn parse_alias_name(value: &str) -> Option<&str> {
+    value.strip_prefix(crate::domain::ALIAS_PREFIX).filter(|n| alias_name(n))
 }
 
 impl KeyName {
-    /// Reads a `KeyId` field. Aliases are not served yet: they are not found.
+    /// Reads a `KeyId` field.
     pub fn parse(value: &str, region: &str) -> Result<KeyName, AwsFault> {
         let not_found = || AwsFault::client("NotFoundException", format!("Invalid keyId '{value}'"));
         if value.is_empty() {
@@ -186,11 +206,10 @@ impl KeyName {
                 "1 validation error detected: Value at 'keyId' failed to satisfy constraint: Member must have length less than or equal to 2048",
             ));
         }
-        if value.starts_with("alias/") || value.contains(":alias/") {
-            return Err(AwsFault::client(
-                "NotFoundException",
-                format!("Alias {value} is not found (kubekms does not serve aliases yet)"),
-            ));
+        let alias_not_found = || AwsFault::client("NotFoundException", format!("Alias {value} is not found"));
+        if value.starts_with("alias/") {
+            let name = parse_alias_name(value).ok_or_else(alias_not_found)?;
+            return Ok(KeyName::Alias { name: name.to_owned(), namespace: None });
         }
         if let Some(rest) = value.strip_prefix("arn:aws:kms:") {
             let mut parts = rest.splitn(3, ':');
@@ -199,6 +218,11 @@ impl KeyName {
             else {
                 return Err(not_found());
             };
+            if resource.starts_with("alias/") {
+                let name = parse_alias_name(resource).filter(|_| arn_region == region && !account.is_empty());
+                let name = name.ok_or_else(alias_not_found)?;
+                return Ok(KeyName::Alias { name: name.to_owned(), namespace: Some(account.to_owned()) });
+            }
             let key_id = resource.strip_prefix("key/").ok_or_else(not_found)?;
             // No key of this kubekms lives in another region.
             if arn_region != region || uuid::Uuid::parse_str(key_id).is_err() || account.is_empty() {
@@ -267,8 +291,17 @@ mod tests {
         let code = |v: &str| KeyName::parse(v, REGION).unwrap_err().code;
         assert_eq!(code(&key_arn("us-east-1", "shop", ID)), "NotFoundException", "another region");
         assert_eq!(code("arn:aws:kms:kubekms-local:shop:key/nope"), "NotFoundException");
-        assert_eq!(code("arn:aws:kms:kubekms-local:shop:alias/x"), "NotFoundException");
-        assert_eq!(code("alias/x"), "NotFoundException");
+        assert_eq!(
+            KeyName::parse("arn:aws:kms:kubekms-local:shop:alias/x", REGION),
+            Ok(KeyName::Alias { name: "x".into(), namespace: Some("shop".into()) })
+        );
+        assert_eq!(
+            KeyName::parse("alias/app-data", REGION),
+            Ok(KeyName::Alias { name: "app-data".into(), namespace: None })
+        );
+        assert_eq!(code("alias/aws/ebs"), "NotFoundException", "no alias of kubekms has a '/'");
+        assert_eq!(code("alias/Upper"), "NotFoundException");
+        assert_eq!(code("arn:aws:kms:us-east-1:shop:alias/x"), "NotFoundException");
         assert_eq!(code("no-such-form"), "NotFoundException");
         assert_eq!(code("a/b/c"), "NotFoundException");
         assert_eq!(code(""), "ValidationException");
