@@ -427,11 +427,7 @@ where
         r: &AdminIn,
         event: &mut AuditEvent,
     ) -> Result<Value, AwsFault> {
-        let limit = match r.limit {
-            None => 50,
-            Some(n @ 1..=100) => n as usize,
-            Some(n) => return Err(AwsFault::validation(format!("Limit {n} is outside 1–100"))),
-        };
+        let limit = super::protocol::limit(r.limit, 50, 100)?;
         let key = self.admin_key(who, r.key_id.as_deref(), "get", event).await?;
         let admin = self.store()?;
         if !admin.allowed(who, "list", "kmsgrants", &key.info.namespace, "").await.map_err(backend)? {
@@ -443,11 +439,13 @@ where
         let mut grants = self.keys.grants(&key.info.namespace, &key.info.name);
         grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
         grants.retain(|g| r.grant_id.as_deref().is_none_or(|id| id == g.grant_id));
-        let start = r.marker.as_deref().map_or(0, |m| grants.partition_point(|g| g.grant_id.as_str() <= m));
-        let page: Vec<Value> = grants[start..]
-            .iter()
-            .take(limit)
-            .map(|g| {
+        let out = super::protocol::page(
+            "Grants",
+            &grants,
+            r.marker.as_deref(),
+            limit,
+            |g| &g.grant_id,
+            |g| {
                 let mut out = json!({
                     "KeyId": self.arn_of(&key),
                     "GrantId": g.grant_id,
@@ -469,13 +467,8 @@ where
                     None => {}
                 }
                 out
-            })
-            .collect();
-        let truncated = start + page.len() < grants.len();
-        let mut out = json!({ "Grants": page, "Truncated": truncated });
-        if truncated && let Some(last) = grants.get(start + limit - 1) {
-            out["NextMarker"] = json!(last.grant_id);
-        }
+            },
+        );
         Ok(out)
     }
 
@@ -550,11 +543,7 @@ where
         r: &AdminIn,
         event: &mut AuditEvent,
     ) -> Result<Value, AwsFault> {
-        let limit = match r.limit {
-            None => 50,
-            Some(n @ 1..=100) => n as usize,
-            Some(n) => return Err(AwsFault::validation(format!("Limit {n} is outside 1–100"))),
-        };
+        let limit = super::protocol::limit(r.limit, 50, 100)?;
         let ns = account(who).ok_or_else(|| {
             AwsFault::client("AccessDeniedException", "only ServiceAccounts have an account for aliases")
         })?;
@@ -572,11 +561,13 @@ where
         let mut aliases = self.keys.aliases_in(ns);
         aliases.retain(|a| only.as_ref().is_none_or(|k| k.info.name == a.target_key));
         aliases.sort_by(|a, b| a.name.cmp(&b.name));
-        let start = r.marker.as_deref().map_or(0, |m| aliases.partition_point(|a| a.name.as_str() <= m));
-        let page: Vec<Value> = aliases[start..]
-            .iter()
-            .take(limit)
-            .map(|a| {
+        let out = super::protocol::page(
+            "Aliases",
+            &aliases,
+            r.marker.as_deref(),
+            limit,
+            |a| &a.name,
+            |a| {
                 let mut out = json!({
                     "AliasName": format!("{}{}", crate::domain::ALIAS_PREFIX, a.name),
                     "AliasArn": super::protocol::alias_arn(&self.settings.region, ns, &a.name),
@@ -585,13 +576,8 @@ where
                     out["TargetKeyId"] = json!(key.info.key_id);
                 }
                 out
-            })
-            .collect();
-        let truncated = start + page.len() < aliases.len();
-        let mut out = json!({ "Aliases": page, "Truncated": truncated });
-        if truncated && let Some(last) = aliases.get(start + limit - 1) {
-            out["NextMarker"] = json!(last.name);
-        }
+            },
+        );
         Ok(out)
     }
 

@@ -581,15 +581,7 @@ where
     }
 
     async fn list_keys_page(&self, who: &Identity, r: ListKeysIn) -> Result<Value, AwsFault> {
-        let limit = match r.limit {
-            None => 100,
-            Some(n @ 1..=1000) => n as usize,
-            Some(n) => {
-                return Err(AwsFault::validation(format!(
-                    "1 validation error detected: Value '{n}' at 'limit' failed to satisfy constraint: Member must have value between 1 and 1000"
-                )));
-            }
-        };
+        let limit = super::protocol::limit(r.limit, 100, 1000)?;
         let ns = account(who).ok_or_else(|| {
             AwsFault::client("AccessDeniedException", "only ServiceAccounts have an account to list keys of")
         })?;
@@ -610,20 +602,15 @@ where
             .map(|k| k.info.key_id.clone())
             .collect();
         keys.sort();
-        let start = match r.marker.as_deref() {
-            None => 0,
-            Some(m) => keys.partition_point(|k| k.as_str() <= m),
-        };
-        let page: Vec<Value> = keys[start..]
-            .iter()
-            .take(limit)
-            .map(|id| json!({ "KeyId": id, "KeyArn": key_arn(&self.settings.region, ns, id) }))
-            .collect();
-        let truncated = start + page.len() < keys.len();
-        let mut out = json!({ "Keys": page, "Truncated": truncated });
-        if truncated && let Some(last) = keys.get(start + limit - 1) {
-            out["NextMarker"] = json!(last);
-        }
+        let region = &self.settings.region;
+        let out = super::protocol::page(
+            "Keys",
+            &keys,
+            r.marker.as_deref(),
+            limit,
+            String::as_str,
+            |id| json!({ "KeyId": id, "KeyArn": key_arn(region, ns, id) }),
+        );
         Ok(out)
     }
 }

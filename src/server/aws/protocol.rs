@@ -245,6 +245,43 @@ impl KeyName {
     }
 }
 
+/// A list operation's `Limit`: 1 to `max`, `default` when absent.
+pub fn limit(value: Option<i64>, default: usize, max: usize) -> Result<usize, AwsFault> {
+    match value {
+        None => Ok(default),
+        Some(n) if n >= 1 && usize::try_from(n).is_ok_and(|n| n <= max) => Ok(n as usize),
+        Some(n) => Err(AwsFault::validation(format!(
+            "1 validation error detected: Value '{n}' at 'limit' failed to satisfy constraint: \
+             Member must have value between 1 and {max}"
+        ))),
+    }
+}
+
+/// One page of a list operation's answer: the items after `marker` (items are sorted by
+/// `id`, which is also what a marker holds), at most `limit`, each written by `write`,
+/// under `field`, with `Truncated` and, when more follow, `NextMarker`.
+pub fn page<T>(
+    field: &str,
+    items: &[T],
+    marker: Option<&str>,
+    limit: usize,
+    id: impl Fn(&T) -> &str,
+    write: impl Fn(&T) -> serde_json::Value,
+) -> serde_json::Value {
+    let start = marker.map_or(0, |m| items.partition_point(|item| id(item) <= m));
+    let shown = &items[start..items.len().min(start.saturating_add(limit))];
+    let mut out = serde_json::json!({
+        field: shown.iter().map(&write).collect::<Vec<_>>(),
+        "Truncated": start + shown.len() < items.len(),
+    });
+    if start + shown.len() < items.len()
+        && let Some(last) = shown.last()
+    {
+        out["NextMarker"] = serde_json::json!(id(last));
+    }
+    out
+}
+
 /// Base64 fields (`CiphertextBlob`, `Plaintext`).
 pub mod b64 {
     use base64::Engine;
@@ -306,6 +343,22 @@ mod tests {
         assert_eq!(code("a/b/c"), "NotFoundException");
         assert_eq!(code(""), "ValidationException");
         assert_eq!(code(&"x".repeat(2049)), "ValidationException");
+    }
+
+    #[test]
+    fn lists_come_in_pages() {
+        let items = ["a", "b", "c"];
+        let first = page("Xs", &items, None, 2, |s| s, |s| serde_json::json!(s));
+        assert_eq!(first, serde_json::json!({"Xs": ["a", "b"], "Truncated": true, "NextMarker": "b"}));
+        let rest = page("Xs", &items, Some("b"), 2, |s| s, |s| serde_json::json!(s));
+        assert_eq!(rest, serde_json::json!({"Xs": ["c"], "Truncated": false}));
+        let none = page("Xs", &items, Some("z"), 2, |s| s, |s| serde_json::json!(s));
+        assert_eq!(none, serde_json::json!({"Xs": [], "Truncated": false}));
+        assert_eq!(limit(None, 50, 100), Ok(50));
+        assert_eq!(limit(Some(100), 50, 100), Ok(100));
+        for bad in [0, -1, 101] {
+            assert_eq!(limit(Some(bad), 50, 100).unwrap_err().code, "ValidationException");
+        }
     }
 
     #[test]
