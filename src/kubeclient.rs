@@ -81,6 +81,18 @@ pub async fn review_key_access(
     namespace: &str,
     name: &str,
 ) -> Result<bool, kube::Error> {
+    review_access(client, who, verb, "kmskeys", namespace, name).await
+}
+
+/// The same for any resource of kubekms's API group (`kmsgrants`, …).
+pub async fn review_access(
+    client: &Client,
+    who: &Identity,
+    verb: &str,
+    resource: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, kube::Error> {
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(who.username.clone()),
@@ -90,7 +102,7 @@ pub async fn review_key_access(
             resource_attributes: Some(ResourceAttributes {
                 group: Some(crate::api::GROUP.to_owned()),
                 version: Some(crate::api::VERSION.to_owned()),
-                resource: Some("kmskeys".to_owned()),
+                resource: Some(resource.to_owned()),
                 namespace: Some(namespace.to_owned()),
                 name: Some(name.to_owned()),
                 verb: Some(verb.to_owned()),

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from controlplane.cluster import (CLUSTER_KEY, IDENTITY, KUBEKMS_NAMESPACE, ROOT, TOOLS, ControlPlane, Ports,
+from controlplane.cluster import (AWS_REGION, CLUSTER_KEY, IDENTITY, KUBEKMS_NAMESPACE, ROOT, TOOLS, ControlPlane, Ports,
                                   kms_provider, port, socket_path, write_encryption_config)
 from controlplane.procs import Failure, Process, log, stop_named, stop_recorded, wait_until
 
@@ -49,7 +49,8 @@ class Local:
             controller_metrics=port("KUBEKMS_CONTROLLER_METRICS_PORT", 38080),
             plugin_metrics=port("KUBEKMS_PLUGIN_METRICS_PORT", 38081),
             server=port("KUBEKMS_SERVER_PORT", 38443), server_metrics=port("KUBEKMS_SERVER_METRICS_PORT", 38082),
-            controller_manager=port("KUBEKMS_CONTROLLER_MANAGER_PORT", 30257))
+            controller_manager=port("KUBEKMS_CONTROLLER_MANAGER_PORT", 30257),
+            aws=port("KUBEKMS_AWS_PORT", 38445))
         self.cp = ControlPlane("kubekms-e2e", run_dir(), ports, kubekms)
         self.socket = socket_path(self.cp.run_dir, "kms.sock")
         self.encryption_config = self.cp.run_dir / "encryption-config.yaml"
@@ -102,7 +103,8 @@ class Local:
         if self._runs_current_build("server"):
             return
         kubeconfig = self.cp.service_account_kubeconfig(KUBEKMS_NAMESPACE, "kubekms-server")
-        log(f"starting the kubekms key API server on https://127.0.0.1:{self.cp.ports.server}")
+        log(f"starting the kubekms key API server on https://127.0.0.1:{self.cp.ports.server}"
+            f" (AWS KMS API and STS on https://127.0.0.1:{self.cp.ports.aws})")
         self.cp.start_server("server", kubeconfig, self.cp.run_dir / "server" / "audit.log")
         self._record_build("server")
 
@@ -182,6 +184,9 @@ export KUBEKMS_CA='{self.cp.pki / "ca.crt"}'
 export KUBEKMS_CONTROLLER_METRICS='http://127.0.0.1:{p.controller_metrics}'
 export KUBEKMS_PLUGIN_METRICS='http://127.0.0.1:{p.plugin_metrics}'
 export KUBEKMS_SERVER_METRICS='http://127.0.0.1:{p.server_metrics}'
+export KUBEKMS_AWS_ENDPOINT='https://127.0.0.1:{p.aws}'
+export KUBEKMS_STS_ENDPOINT='https://127.0.0.1:{p.aws}'
+export KUBEKMS_AWS_REGION='{AWS_REGION}'
 export PATH='{TOOLS}':"$PATH"
 """)
 

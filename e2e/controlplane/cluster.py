@@ -48,6 +48,12 @@ class Ports:
     server_metrics: int
     # kube-controller-manager's secure port (health checks only); 0 where none runs.
     controller_manager: int = 0
+    # The key API server's AWS KMS API and STS port; 0 where it is not served.
+    aws: int = 0
+
+
+# The region the local control plane's AWS API serves (key ARNs carry it).
+AWS_REGION = "kubekms-local"
 
 
 # The local control plane records key use per second rather than per day, so tests whose
@@ -270,6 +276,7 @@ class ControlPlane:
             "--root-key-file", self.root_key, "--audit-log", audit_log,
             "--metrics-addr", f"127.0.0.1:{self.ports.server_metrics}",
             "--usage-granularity-seconds", USAGE_GRANULARITY,
+            *(["--aws-listen", f"127.0.0.1:{self.ports.aws}", "--aws-region", AWS_REGION] if self.ports.aws else []),
         ], lambda: http_ok(f"http://127.0.0.1:{self.ports.server_metrics}/readyz"), f"{name}'s /readyz")
 
     # --- the API -------------------------------------------------------------------------
@@ -303,7 +310,8 @@ class ControlPlane:
         log("applying crds/ and kubekms's RBAC from charts/kubekms")
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
         self.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                     "crd/kmskeys.kms.kubekms.io", "crd/kmsgrants.kms.kubekms.io", "crd/kmskeymaterials.kms.kubekms.io")
+                     "crd/kmskeys.kms.kubekms.io", "crd/kmsgrants.kms.kubekms.io", "crd/kmskeymaterials.kms.kubekms.io",
+                     "crd/kmsaliases.kms.kubekms.io")
         self.create_namespace(KUBEKMS_NAMESPACE)
         version = run([TOOLS / "kube-apiserver", "--version"], "kube-apiserver --version").split()[-1]
         show = [arg for t in ("templates/controller-rbac.yaml", "templates/plugin-rbac.yaml",
@@ -312,7 +320,10 @@ class ControlPlane:
                         "--namespace", KUBEKMS_NAMESPACE, "--kube-version", version,
                         "--set", f"plugin.key={'/'.join(CLUSTER_KEY)}",
                         # Required by the chart's schema; only its Deployment (not rendered) uses it.
-                        "--set", "server.tls.secretName=unused", *show], "helm template"))
+                        "--set", "server.tls.secretName=unused",
+                        # The server serves the AWS API when it has a port for it.
+                        "--set", f"server.aws.enabled={'true' if self.ports.aws else 'false'}", *show],
+                       "helm template"))
 
     def ensure_key(self, namespace: str, name: str, description: str, labels: dict[str, str] | None = None) -> bool:
         """Creates the KmsKey unless it exists (an existing one is left as it is); returns

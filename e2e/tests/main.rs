@@ -9,6 +9,7 @@
 mod support;
 
 mod audit;
+mod aws;
 mod chart;
 mod crds;
 mod keyapi;

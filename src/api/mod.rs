@@ -7,6 +7,8 @@
 
 // kube-derive's repeated `printcolumn(type_ = …)` arguments trip clippy's
 // duplicated_attributes lint, which is meant for repeated attributes, not macro arguments.
+#[allow(clippy::duplicated_attributes)]
+mod alias;
 mod convert;
 mod crds;
 #[allow(clippy::duplicated_attributes)]
@@ -19,6 +21,7 @@ mod principal;
 #[allow(clippy::duplicated_attributes)]
 mod usage;
 
+pub use alias::{KmsAlias, KmsAliasSpec};
 pub use crds::{all_crds, crds_yaml};
 pub use grant::{
     GrantConstraints, GrantCreator, GrantState, KeyReference, KmsGrant, KmsGrantSpec, KmsGrantStatus,

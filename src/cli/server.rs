@@ -8,7 +8,7 @@ use jiff::SignedDuration;
 
 use kubekms::audit::AuditLimits;
 use kubekms::server::limit::Rate;
-use kubekms::server::{Config, auth, authz};
+use kubekms::server::{Config, auth, authz, aws};
 
 use super::args::{KubeArgs, RootKeyArgs, UsageArgs};
 
@@ -78,6 +78,22 @@ pub struct Args {
     metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     usage: UsageArgs,
+    /// Address to serve the AWS KMS API (AWS JSON 1.1, SigV4) and STS
+    /// AssumeRoleWithWebIdentity on, over TLS with the same certificate; none if not given.
+    #[arg(long, value_name = "ADDR")]
+    aws_listen: Option<SocketAddr>,
+    /// The region the AWS API serves: SigV4 signatures must be scoped to it, and key ARNs
+    /// carry it (arn:aws:kms:<REGION>:<namespace>:key/<keyId>).
+    #[arg(long, value_name = "REGION", default_value = "kubekms")]
+    aws_region: String,
+    /// Token audience STS AssumeRoleWithWebIdentity accepts web identity tokens for
+    /// (repeatable).
+    #[arg(long = "sts-audience", value_name = "AUDIENCE", default_value = "kubekms")]
+    sts_audiences: Vec<String>,
+    /// The longest session STS issues (15m to 12h); a session never outlives the token it
+    /// came from.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    sts_max_session: SignedDuration,
 }
 
 impl Args {
@@ -109,6 +125,16 @@ impl Args {
             },
             metrics_addr: self.metrics_addr,
             usage: self.usage.config("server", Some("POD_NAME")),
+            aws: match self.aws_listen {
+                None => None,
+                Some(listen) => Some(aws::Settings {
+                    listen,
+                    region: aws::region(self.aws_region).context("invalid --aws-region")?,
+                    sts_audiences: self.sts_audiences,
+                    max_session: aws::max_session(self.sts_max_session)
+                        .context("invalid --sts-max-session")?,
+                }),
+            },
         };
         let client = self.kube.client().await?;
         kubekms::server::run(config, client, super::shutdown_on_signal()).await?;

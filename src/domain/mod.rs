@@ -3,6 +3,7 @@
 //! converted into these once, where they are watched; nothing here imports `kube` or
 //! `k8s_openapi` (a test checks).
 
+mod alias;
 mod grant;
 mod key;
 mod name;
@@ -12,6 +13,7 @@ mod right;
 mod snapshot;
 mod usage;
 
+pub use alias::{ALIAS_PREFIX, Alias};
 pub use grant::{Constraints, Creator, Grant, GrantState};
 pub use key::{Key, KeyInfo, KeyIntent, KeyState, Origin, VersionRefusal};
 pub use name::{NamespacedName, NamespacedNameError};

@@ -40,7 +40,7 @@ pub trait TokenReviewer: Send + Sync + 'static {
 }
 
 /// The token's `exp` claim, if it is a JWT (read without verifying: the TokenReview did).
-fn jwt_expiry(token: &str) -> Option<i64> {
+pub fn jwt_expiry(token: &str) -> Option<i64> {
     let payload = token.split('.').nth(1)?;
     let bytes =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;

@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::RootKey;
-use crate::domain::{Grant, Key, KeySnapshot, WrappedMaterial};
+use crate::domain::{ALIAS_PREFIX, Alias, Grant, Key, KeySnapshot, WrappedMaterial};
 use crate::keyring::{self, MaterialError};
 
 /// Keys and grants, by name or id.
 pub trait KeyDirectory: Send + Sync + 'static {
-    /// A key by `namespace/name` or keyId, if there is one.
+    /// A key by `namespace/name`, `namespace/alias/<alias>` or keyId, if there is one.
     fn resolve(&self, name: &str) -> Option<Arc<Key>>;
     /// Every version the key holds, unwrapped (none when it holds none).
     fn material(&self, key: &Key) -> Result<Arc<KeySnapshot>, MaterialError>;
@@ -21,6 +21,16 @@ pub trait KeyDirectory: Send + Sync + 'static {
     fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<Grant>>;
     /// A grant by `namespace/name` or grantId.
     fn grant(&self, name: &str) -> Option<Arc<Grant>>;
+    /// Every key of one namespace (the AWS API's ListKeys); none unless the directory
+    /// can list.
+    fn keys_in(&self, _namespace: &str) -> Vec<Arc<Key>> {
+        Vec::new()
+    }
+    /// Every alias of one namespace (the AWS API's ListAliases); none unless the directory
+    /// can list.
+    fn aliases_in(&self, _namespace: &str) -> Vec<Arc<Alias>> {
+        Vec::new()
+    }
 }
 
 /// An object a [`Mirror`] holds: named by namespace (empty when cluster-scoped) and name,
@@ -40,6 +50,18 @@ impl Mirrored for Key {
     }
     fn id(&self) -> &str {
         &self.info.key_id
+    }
+}
+
+impl Mirrored for Alias {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn id(&self) -> &str {
+        &self.uid
     }
 }
 
@@ -160,6 +182,7 @@ pub struct Directory {
     pub keys: Mirror<Key>,
     pub materials: Mirror<WrappedMaterial>,
     pub grants: Mirror<Grant>,
+    pub aliases: Mirror<Alias>,
     root: Arc<RootKey>,
     /// Unwrapped versions by keyId, with the material revision they came from.
     unwrapped: Mutex<HashMap<String, Unwrapped>>,
@@ -207,6 +230,18 @@ impl Feed<WrappedMaterial> for Directory {
     }
 }
 
+impl Feed<Alias> for Directory {
+    fn apply(&self, alias: Alias) {
+        self.aliases.apply(alias);
+    }
+    fn delete(&self, alias: &Alias) {
+        self.aliases.delete(&alias.namespace, &alias.name);
+    }
+    fn replace_all(&self, all: Vec<Alias>) {
+        self.aliases.replace_all(all);
+    }
+}
+
 impl Feed<Grant> for Directory {
     fn apply(&self, grant: Grant) {
         self.grants.apply(grant);
@@ -238,6 +273,7 @@ impl Directory {
             keys: Mirror::default(),
             materials: Mirror::default(),
             grants: Mirror::default(),
+            aliases: Mirror::default(),
             root,
             unwrapped: Mutex::new(HashMap::new()),
         }
@@ -297,12 +333,22 @@ impl<T: KeyDirectory> KeyDirectory for Arc<T> {
     fn grant(&self, name: &str) -> Option<Arc<Grant>> {
         self.as_ref().grant(name)
     }
+    fn keys_in(&self, namespace: &str) -> Vec<Arc<Key>> {
+        self.as_ref().keys_in(namespace)
+    }
+    fn aliases_in(&self, namespace: &str) -> Vec<Arc<Alias>> {
+        self.as_ref().aliases_in(namespace)
+    }
 }
 
 impl KeyDirectory for Directory {
     fn resolve(&self, name: &str) -> Option<Arc<Key>> {
         match name.split_once('/') {
-            Some((ns, n)) => self.keys.get(ns, n),
+            // Key names have no '/': `namespace/alias/<alias>` names an alias.
+            Some((ns, n)) => match n.strip_prefix(ALIAS_PREFIX) {
+                Some(alias) => self.keys.get(ns, &self.aliases.get(ns, alias)?.target_key),
+                None => self.keys.get(ns, n),
+            },
             None => self.keys.by_id(name),
         }
     }
@@ -320,6 +366,14 @@ impl KeyDirectory for Directory {
             Some((ns, n)) => self.grants.get(ns, n),
             None => self.grants.by_id(name),
         }
+    }
+
+    fn keys_in(&self, namespace: &str) -> Vec<Arc<Key>> {
+        self.keys.filter(|k| k.info.namespace == namespace)
+    }
+
+    fn aliases_in(&self, namespace: &str) -> Vec<Arc<Alias>> {
+        self.aliases.filter(|a| a.namespace == namespace)
     }
 }
 
@@ -364,6 +418,27 @@ mod tests {
             revision: None,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_alias_names_a_key_of_its_namespace_and_moves() {
+        let d = Directory::new(Arc::new(RootKey::from_material(KeyMaterial::from_slice(&[3; 32]).unwrap())));
+        Feed::apply(&d, key(true));
+        let alias = |target: &str| Alias {
+            namespace: "apps".into(),
+            name: "app".into(),
+            uid: "a-1".into(),
+            target_key: target.into(),
+        };
+        Feed::apply(&d, alias("k"));
+        assert_eq!(d.resolve("apps/alias/app").unwrap().info.key_id, "uid-1");
+        assert!(d.resolve("other/alias/app").is_none(), "an alias is of one namespace");
+        assert!(d.resolve("apps/alias/none").is_none());
+        Feed::apply(&d, alias("gone"));
+        assert!(d.resolve("apps/alias/app").is_none(), "moved to a key that does not exist");
+        assert_eq!(d.aliases_in("apps").len(), 1);
+        Feed::delete(&d, &alias("gone"));
+        assert!(d.aliases_in("apps").is_empty());
     }
 
     fn state(d: &Directory) -> (KeyState, Option<u32>) {

@@ -17,8 +17,8 @@ use super::auth::TokenReviewer;
 use super::authz::RbacChecker;
 use super::directory::{Directory, Feed};
 use super::service::{CreateGrantError, GrantWriter};
-use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial};
-use crate::domain::{Grant, Identity, Key, WrappedMaterial};
+use crate::api::{KmsAlias, KmsGrant, KmsKey, KmsKeyMaterial};
+use crate::domain::{Alias, Grant, Identity, Key, WrappedMaterial};
 
 /// The real reviewer: a TokenReview on the API server.
 pub struct KubeTokenReviewer(pub Client);
@@ -157,7 +157,8 @@ fn feed<K, D>(
 /// Starts the watches of keys, material and grants that feed `directory`; resolves once
 /// each has listed everything (so that no call sees an empty directory).
 pub async fn watch_directory(client: &Client, directory: &Arc<Directory>, shutdown: &CancellationToken) {
-    let (keys, materials, grants) = (oneshot::channel(), oneshot::channel(), oneshot::channel());
+    let (keys, materials, grants, aliases) =
+        (oneshot::channel(), oneshot::channel(), oneshot::channel(), oneshot::channel());
     feed::<KmsKeyMaterial, WrappedMaterial>(
         Api::all(client.clone()),
         directory.clone(),
@@ -166,5 +167,6 @@ pub async fn watch_directory(client: &Client, directory: &Arc<Directory>, shutdo
     );
     feed::<KmsKey, Key>(Api::all(client.clone()), directory.clone(), keys.0, shutdown.clone());
     feed::<KmsGrant, Grant>(Api::all(client.clone()), directory.clone(), grants.0, shutdown.clone());
-    let _ = tokio::join!(keys.1, materials.1, grants.1);
+    feed::<KmsAlias, Alias>(Api::all(client.clone()), directory.clone(), aliases.0, shutdown.clone());
+    let _ = tokio::join!(keys.1, materials.1, grants.1, aliases.1);
 }

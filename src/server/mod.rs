@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod authz;
+pub mod aws;
 pub mod blob;
 pub mod cache;
 #[cfg(test)]
@@ -48,6 +49,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// How it reports the use of key versions.
     pub usage: UsageConfig,
+    /// The AWS KMS API (and STS), on a port of its own; none if not given.
+    pub aws: Option<aws::Settings>,
 }
 
 /// Why a configuration is refused.
@@ -92,6 +95,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to set up TLS for the AWS API: {0}")]
+    AwsTls(String),
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -147,7 +152,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         () = shutdown.cancelled() => return Ok(()),
         () = k8s::watch_directory(&client, &directory, &shutdown) => {}
     }
-    tracing::info!("keys, material and grants are in sync; serving");
+    tracing::info!("keys, material, grants and aliases are in sync; serving");
     let sweeper = directory.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -158,18 +163,42 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
             }
         }
     });
-    let api = service::KeyApi::new(
+    let api = Arc::new(service::KeyApi::new(
         auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone()),
         authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
-        directory,
-        k8s::KubeGrantWriter(client),
-        audit,
-        metrics,
+        directory.clone(),
+        k8s::KubeGrantWriter(client.clone()),
+        audit.clone(),
+        metrics.clone(),
         usage,
-    );
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Listen { addr: config.listen, source })?;
+    if let Some(settings) = config.aws.clone() {
+        let aws_tls =
+            aws::tls_config(&read("certificate", &config.tls_cert)?, &read("key", &config.tls_key)?)
+                .map_err(RunError::AwsTls)?;
+        let aws_listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| RunError::Listen { addr: settings.listen, source })?;
+        tracing::info!(listen = %settings.listen, region = %settings.region, "serving the AWS KMS API and STS");
+        let sts_auth = auth::Authenticator::new(
+            k8s::KubeTokenReviewer(client.clone()),
+            auth::Settings { audiences: settings.sts_audiences.clone(), ..config.auth.clone() },
+        );
+        let front = Arc::new(aws::AwsApi::new(
+            api.clone(),
+            directory,
+            authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
+            sts_auth,
+            aws::sts::SessionKeys::from_root(&root),
+            settings,
+            crate::call::CallPipeline::new("server", audit, metrics),
+            Some(Arc::new(aws::k8s::KubeKeyAdmin(client.clone()))),
+        ));
+        tokio::spawn(aws::serve(front, Some(aws_tls), aws_listener, shutdown.clone()));
+    }
     health.set_ready(true);
     let served = serve(api, Some(tls), listener, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
@@ -194,7 +223,7 @@ const CALLS_PER_CONNECTION: usize = 256;
 /// call timeout, calls per connection) — the one construction of the server, which the
 /// component tests serve too. Without `tls` (tests), plain HTTP/2.
 pub async fn serve<T, R, D, G>(
-    api: service::KeyApi<T, R, D, G>,
+    api: impl Into<Arc<service::KeyApi<T, R, D, G>>>,
     tls: Option<ServerTlsConfig>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -212,7 +241,7 @@ where
     server
         .timeout(CALL_TIMEOUT)
         .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
-        .add_service(KeyServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(KeyServiceServer::from_arc(api.into()).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
 }

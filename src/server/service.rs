@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::BackendError;
 use super::auth::{AuthError, Authenticator, TokenReviewer};
 use super::authz::{Authorizer, AuthzError, RbacChecker};
+use super::aws::protocol::Caller as AwsCaller;
 use super::blob::{self, BlobError};
 use super::directory::KeyDirectory;
 use super::grant_request::{GrantRequestError, requested_grant};
@@ -352,16 +353,28 @@ where
         // Without a peer address (not over TCP), every such caller counts as one client.
         let client = request.remote_addr().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let mut trail = Trail::default();
-        let (principal, outcome) = match Authenticator::<T>::bearer(header.as_deref()) {
-            Err(e) => (String::new(), Err(ApiError::from(e))),
-            Ok(token) => match self.auth.authenticate(token, Timestamp::now().as_second(), client).await {
-                Err(e) => (String::new(), Err(ApiError::from(e))),
-                Ok(who) => {
-                    let out = body(&who, request.into_inner(), &mut trail).await;
-                    (who.username, out)
+        // A call over the AWS API comes authenticated (SigV4 and its session), and takes
+        // its typed error back for an AWS answer.
+        let aws = request.extensions().get::<AwsCaller>().cloned();
+        let (principal, outcome) = match (&aws, Authenticator::<T>::bearer(header.as_deref())) {
+            (Some(caller), _) => {
+                let out = body(&caller.identity, request.into_inner(), &mut trail).await;
+                (caller.identity.username.clone(), out)
+            }
+            (None, Err(e)) => (String::new(), Err(ApiError::from(e))),
+            (None, Ok(token)) => {
+                match self.auth.authenticate(token, Timestamp::now().as_second(), client).await {
+                    Err(e) => (String::new(), Err(ApiError::from(e))),
+                    Ok(who) => {
+                        let out = body(&who, request.into_inner(), &mut trail).await;
+                        (who.username, out)
+                    }
                 }
-            },
+            }
         };
+        if let (Some(caller), Err(e)) = (&aws, &outcome) {
+            caller.record(e);
+        }
         let event = AuditEvent {
             request_id: id.clone(),
             principal,
@@ -566,7 +579,7 @@ where
     }
 }
 
-fn describe(key: &Key) -> KeyMetadata {
+pub fn describe(key: &Key) -> KeyMetadata {
     let time = |t: Option<Timestamp>| t.map(|t| t.to_string()).unwrap_or_default();
     KeyMetadata {
         key: key.info.display(),

@@ -1,0 +1,710 @@
+//! The AWS KMS API with real AWS clients: boto3, the AWS CLI and the AWS Encryption SDK
+//! (installed pinned by e2e/tools/python-clients.sh) and the AWS SDK for Go v2 (a small
+//! client under e2e/awsclient/go, built by e2e/tools/go-client.sh), each configured only by the
+//! environment a pod would have — a ServiceAccount token file, the role ARN, the STS and
+//! KMS endpoints, the CA bundle and the region — so every call first goes through the STS
+//! endpoint with that token. And the attacker's view: wrong secret, tampered body, stale
+//! date, forged or expired session, a role ARN naming another ServiceAccount, a token for
+//! another audience, a ServiceAccount without rights.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use base64::Engine;
+use serde_json::Value;
+
+use crate::keyapi::{as_sa, bind_key_user, decrypt, enabled_key, encrypt, token};
+use crate::support::{TestNamespace, env_var, kubectl_ok, patch_key, run_dir};
+
+/// The virtualenv's python, installed (or found in the cache) once per run.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("e2e/tools/python-clients.sh"))
+            .arg(root.join("e2e/.bin"))
+            .output()
+            .expect("run e2e/tools/python-clients.sh");
+        assert!(out.status.success(), "python-clients.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// The AWS SDK for Go v2 client, built (or found in the cache) once per run.
+fn go_client() -> &'static Path {
+    static CLIENT: OnceLock<PathBuf> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("e2e/tools/go-client.sh"))
+            .arg(root.join("e2e/.bin"))
+            .output()
+            .expect("run e2e/tools/go-client.sh");
+        assert!(out.status.success(), "go-client.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// A pod's view: a ServiceAccount's projected token and the AWS variables.
+struct Pod {
+    ns: String,
+    sa: String,
+    token_file: PathBuf,
+    role_arn: String,
+}
+
+impl Pod {
+    /// ServiceAccount `sa` in `ns` (created) with a token for `audience`, assuming the
+    /// role of `role_sa` (its own, unless a test says otherwise).
+    fn new(ns: &str, sa: &str, audience: &str, role_sa: &str) -> Pod {
+        let _ = crate::support::kubectl(&["create", "serviceaccount", sa, "-n", ns], None);
+        let dir = run_dir().join("aws-tokens");
+        std::fs::create_dir_all(&dir).unwrap();
+        let audience_part: String =
+            audience.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let token_file = dir.join(format!("{ns}-{sa}-{audience_part}-{role_sa}"));
+        std::fs::write(&token_file, token(ns, sa, audience)).unwrap();
+        Pod {
+            ns: ns.to_owned(),
+            sa: sa.to_owned(),
+            token_file,
+            role_arn: format!("arn:aws:iam::{ns}:role/{role_sa}"),
+        }
+    }
+
+    fn own(ns: &str, sa: &str) -> Pod {
+        Pod::new(ns, sa, "kubekms", sa)
+    }
+
+    /// A command with only the pod's AWS environment (nothing from this machine's).
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("AWS_ROLE_ARN", &self.role_arn)
+            .env("AWS_WEB_IDENTITY_TOKEN_FILE", &self.token_file)
+            .env("AWS_ROLE_SESSION_NAME", format!("{}-{}", self.ns, self.sa))
+            .env("AWS_ENDPOINT_URL_STS", env_var("KUBEKMS_STS_ENDPOINT"))
+            .env("AWS_ENDPOINT_URL_KMS", env_var("KUBEKMS_AWS_ENDPOINT"))
+            .env("AWS_CA_BUNDLE", env_var("KUBEKMS_CA"))
+            .env("AWS_REGION", env_var("KUBEKMS_AWS_REGION"))
+            // botocore reads the older name.
+            .env("AWS_DEFAULT_REGION", env_var("KUBEKMS_AWS_REGION"))
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        cmd
+    }
+
+    /// One case of e2e/awsclient/cases.py, as this pod.
+    fn case(&self, args: &[&str]) -> Value {
+        self.case_with(args, &[])
+    }
+
+    fn case_with(&self, args: &[&str], env: &[(&str, &str)]) -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/awsclient/cases.py");
+        let mut cmd = self.command(python());
+        cmd.arg(script).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run cases.py");
+        assert!(
+            out.status.success(),
+            "cases.py {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("cases.py prints JSON")
+    }
+
+    /// The AWS CLI, as this pod: its standard output.
+    fn aws(&self, args: &[&str]) -> String {
+        let aws = python().with_file_name("aws");
+        let out = self.command(&aws).args(args).output().expect("run aws");
+        assert!(
+            out.status.success(),
+            "aws {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+fn key_arn(ns: &str, key_id: &str) -> String {
+    format!("arn:aws:kms:{}:{ns}:key/{key_id}", env_var("KUBEKMS_AWS_REGION"))
+}
+
+/// An Enabled key `name` in `ns` that ServiceAccount `sa` may use (RBAC key user).
+async fn usable_key(ns: &str, name: &str, sa: &str) -> String {
+    let key = enabled_key(ns, name, "  description: used over the AWS API\n").await;
+    let bound = crate::support::kubectl(&["get", "rolebinding", &format!("{ns}-{sa}-keys"), "-n", ns], None);
+    if !bound.ok {
+        bind_key_user(ns, ns, sa);
+    }
+    key_arn(ns, &key.status.unwrap().key_id.unwrap())
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+#[tokio::test]
+async fn boto3_with_a_service_account_token_uses_keys_like_the_grpc_api() {
+    let ns = TestNamespace::new("aws-boto3");
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "app", "web").await;
+    let pod = Pod::own(ns, "web");
+    // A ciphertext from the gRPC API decrypts over the AWS API, and the other way round.
+    let mut grpc = as_sa(ns, "web").await;
+    let from_grpc = encrypt(&mut grpc, &format!("{ns}/app"), b"hello from gRPC", &[]).await.unwrap();
+    let out = pod.case(&["roundtrip", &arn, &format!("{ns}/app"), &b64().encode(&from_grpc.ciphertext_blob)]);
+
+    assert_eq!(out["encrypt_key_id"], arn.as_str());
+    assert_eq!(out["encryption_algorithm"], "SYMMETRIC_DEFAULT");
+    assert_eq!(out["decrypt_plaintext"], "hello from boto3");
+    assert_eq!(out["decrypt_key_id"], arn.as_str());
+    assert_eq!(out["decrypt_with_key_id"], "hello from boto3");
+    assert_eq!(out["encrypt_by_id"], arn.as_str());
+    assert_eq!(out["encrypt_by_name"], arn.as_str());
+    assert_eq!(out["data_key_len"], 32);
+    assert_eq!(out["data_key_opens"], true);
+    assert_eq!(out["data_key_128_len"], 16);
+    assert_eq!(out["without_plaintext_len"], 16);
+    assert_eq!(out["without_plaintext_has_plaintext"], false);
+    assert_eq!(out["reencrypt_source_key_id"], arn.as_str());
+    assert_eq!(out["reencrypted_plaintext"], "hello from boto3");
+    assert_eq!(out["random_len"], 48);
+    assert_eq!(out["grpc_plaintext"], "hello from gRPC");
+    let meta = &out["metadata"];
+    assert_eq!(meta["Arn"], arn.as_str());
+    assert_eq!(meta["AWSAccountId"], ns);
+    assert_eq!(meta["KeyState"], "Enabled");
+    assert_eq!(meta["Enabled"], true);
+    assert_eq!(meta["KeyManager"], "CUSTOMER");
+    assert_eq!(meta["Origin"], "AWS_KMS");
+    assert_eq!(meta["KeySpec"], "SYMMETRIC_DEFAULT");
+    assert_eq!(meta["KeyUsage"], "ENCRYPT_DECRYPT");
+    assert_eq!(meta["Description"], "used over the AWS API");
+    assert_eq!(meta["EncryptionAlgorithms"], serde_json::json!(["SYMMETRIC_DEFAULT"]));
+    assert!(meta["CreationDate"].as_str().is_some_and(|d| d.starts_with("20")), "{meta}");
+    assert!(out["rotation"]["KeyRotationEnabled"].is_boolean(), "{out}");
+
+    let blob = b64().decode(out["ciphertext"].as_str().unwrap()).unwrap();
+    let opened = decrypt(&mut grpc, &blob, &[("app", "e2e")]).await.unwrap();
+    assert_eq!(opened.plaintext, b"hello from boto3");
+}
+
+#[tokio::test]
+async fn the_aws_sdk_for_go_v2_gets_credentials_from_sts_and_uses_a_key() {
+    let ns = TestNamespace::new("aws-go");
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "go", "app").await;
+    let out = Pod::own(ns, "app").command(go_client()).args(["roundtrip", &arn]).output().unwrap();
+    assert!(out.status.success(), "the Go client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out["encrypt_key_id"], arn.as_str(), "{out}");
+    assert_eq!(out["decrypt_plaintext"], "hello from Go");
+    assert_eq!(out["data_key_len"], 32);
+    assert_eq!(out["key_state"], "Enabled");
+    assert_eq!(out["creation_date_set"], true);
+    assert_eq!(out["wrong_context"], "InvalidCiphertextException");
+}
+
+#[tokio::test]
+async fn list_keys_pages_through_the_namespace_for_those_rbac_lets_list() {
+    let ns = TestNamespace::new("aws-list");
+    let ns = ns.name.as_str();
+    let mut arns = [usable_key(ns, "k1", "lister").await, usable_key(ns, "k2", "lister").await];
+    arns.sort();
+    let pod = Pod::own(ns, "lister");
+    let denied = pod.case(&["call", "list_keys", "{}"]);
+    assert_eq!(denied["code"], "AccessDeniedException", "{denied}");
+    kubectl_ok(
+        &["create", "role", "list-keys", "-n", ns, "--verb=list", "--resource=kmskeys.kms.kubekms.io"],
+        None,
+    );
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "list-keys",
+            "-n",
+            ns,
+            "--role=list-keys",
+            &format!("--serviceaccount={ns}:lister"),
+        ],
+        None,
+    );
+    let page = crate::support::eventually(
+        crate::keyapi::WAIT,
+        "RBAC to let the ServiceAccount list keys",
+        || async {
+            let page = pod.case(&["call", "list_keys", r#"{"Limit": 1}"#]);
+            (page["code"] == "OK").then_some(page)
+        },
+    )
+    .await;
+    let answer = &page["answer"];
+    assert_eq!(answer["Truncated"], true, "{page}");
+    assert_eq!(answer["Keys"][0]["KeyArn"], arns[0].as_str());
+    let marker = answer["NextMarker"].as_str().unwrap();
+    let next = pod.case(&["call", "list_keys", &format!(r#"{{"Limit": 1, "Marker": "{marker}"}}"#)]);
+    assert_eq!(next["answer"]["Keys"][0]["KeyArn"], arns[1].as_str(), "{next}");
+    assert_eq!(next["answer"]["Truncated"], false);
+}
+
+#[tokio::test]
+async fn the_aws_cli_encrypts_decrypts_and_describes() {
+    let ns = TestNamespace::new("aws-cli");
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "cli", "ops").await;
+    let pod = Pod::own(ns, "ops");
+    let dir = run_dir().join("aws-tokens");
+    let plain = dir.join(format!("{ns}-plain"));
+    std::fs::write(&plain, b"hello from the AWS CLI").unwrap();
+    let ciphertext = pod.aws(&[
+        "kms",
+        "encrypt",
+        "--key-id",
+        &arn,
+        "--plaintext",
+        &format!("fileb://{}", plain.display()),
+        "--encryption-context",
+        "stage=e2e",
+        "--output",
+        "text",
+        "--query",
+        "CiphertextBlob",
+    ]);
+    let blob = dir.join(format!("{ns}-blob"));
+    std::fs::write(&blob, b64().decode(ciphertext.trim()).unwrap()).unwrap();
+    let plaintext = pod.aws(&[
+        "kms",
+        "decrypt",
+        "--ciphertext-blob",
+        &format!("fileb://{}", blob.display()),
+        "--encryption-context",
+        "stage=e2e",
+        "--output",
+        "text",
+        "--query",
+        "Plaintext",
+    ]);
+    assert_eq!(b64().decode(plaintext.trim()).unwrap(), b"hello from the AWS CLI");
+    let state = pod.aws(&[
+        "kms",
+        "describe-key",
+        "--key-id",
+        &arn,
+        "--output",
+        "text",
+        "--query",
+        "KeyMetadata.KeyState",
+    ]);
+    assert_eq!(state.trim(), "Enabled");
+    let random = pod.aws(&[
+        "kms",
+        "generate-random",
+        "--number-of-bytes",
+        "24",
+        "--output",
+        "text",
+        "--query",
+        "Plaintext",
+    ]);
+    assert_eq!(b64().decode(random.trim()).unwrap().len(), 24);
+}
+
+#[tokio::test]
+async fn the_aws_encryption_sdk_encrypts_under_a_kubekms_key_arn() {
+    let ns = TestNamespace::new("aws-esdk");
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "envelope", "app").await;
+    let out = Pod::own(ns, "app").case(&["esdk", &arn]);
+    assert_eq!(out["plaintext"], "hello from the AWS Encryption SDK", "{out}");
+    assert_eq!(out["context"], "e2e");
+    assert_eq!(out["master_keys"], serde_json::json!([arn]));
+}
+
+#[tokio::test]
+async fn bad_input_gets_aws_error_codes() {
+    let ns = TestNamespace::new("aws-errors");
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "good", "web").await;
+    let disabled = usable_key(ns, "disabled-key", "web").await;
+    patch_key(ns, "disabled-key", r#"{"spec":{"enabled":false}}"#);
+    let out = Pod::own(ns, "web").case(&["errors", &arn, &disabled]);
+    let code = |field: &str| out[field].clone();
+    assert_eq!(code("junk_ciphertext"), "InvalidCiphertextException", "{out}");
+    assert_eq!(code("unknown_key_ciphertext"), "AccessDeniedException");
+    assert_eq!(code("wrong_context"), "InvalidCiphertextException");
+    assert_eq!(code("tampered_ciphertext"), "InvalidCiphertextException");
+    assert_eq!(code("wrong_key"), "IncorrectKeyException");
+    assert_eq!(code("too_large"), "ValidationException");
+    assert_eq!(code("disabled"), "DisabledException");
+    assert_eq!(code("alias"), "AccessDeniedException");
+    assert_eq!(code("malformed_alias"), "NotFoundException");
+    assert_eq!(code("other_region"), "NotFoundException");
+    assert_eq!(code("bad_key_spec"), "ValidationException");
+    // Raw requests signed by botocore's own signer.
+    assert_eq!(out["genuine"], serde_json::json!([200, "OK"]), "{out}");
+    let refused = |field: &str, status: u64, code: &str| {
+        assert_eq!(out[field][0], status, "{field}: {}", out[field]);
+        assert_eq!(out[field][1], code, "{field}: {}", out[field]);
+    };
+    refused("unknown_operation", 400, "UnknownOperationException");
+    refused("wrong_secret", 400, "InvalidSignatureException");
+    refused("tampered_body", 400, "InvalidSignatureException");
+    refused("stale_date", 400, "InvalidSignatureException");
+    assert!(out["stale_date"][2].as_str().unwrap().starts_with("Signature expired"), "{out}");
+    refused("no_session_token", 400, "UnrecognizedClientException");
+    refused("forged_session_token", 400, "UnrecognizedClientException");
+    refused("unsigned", 400, "MissingAuthenticationTokenException");
+    refused("malformed_authorization", 400, "IncompleteSignatureException");
+}
+
+#[tokio::test]
+async fn sts_gives_a_service_account_its_own_role_only() {
+    let ns = TestNamespace::new("aws-sts");
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "guarded", "owner").await;
+    let owner = Pod::own(ns, "owner");
+    let assumed = owner.case(&["assume", &owner.role_arn, owner.token_file.to_str().unwrap()]);
+    assert_eq!(assumed["code"], "OK", "{assumed}");
+    assert_eq!(assumed["subject"], format!("system:serviceaccount:{ns}:owner"));
+    assert_eq!(assumed["assumed_role_arn"], format!("arn:aws:sts::{ns}:assumed-role/owner/e2e"));
+    // The session ends no later than the token (kubectl create token --duration 10m).
+    let expiry: jiff::Timestamp = assumed["expiration"].as_str().unwrap().parse().unwrap();
+    assert!(expiry <= jiff::Timestamp::now() + jiff::SignedDuration::from_mins(10), "{assumed}");
+
+    // A role ARN naming another ServiceAccount: refused.
+    let thief = Pod::new(ns, "thief", "kubekms", "owner");
+    let stolen = thief.case(&["assume", &thief.role_arn, thief.token_file.to_str().unwrap()]);
+    assert_eq!(
+        (stolen["code"].as_str(), stolen["status"].as_u64()),
+        (Some("AccessDenied"), Some(403)),
+        "{stolen}"
+    );
+    // A token for another audience: not a web identity for kubekms.
+    let other = Pod::new(ns, "owner", "https://kubernetes.default.svc", "owner");
+    let wrong = other.case(&["assume", &other.role_arn, other.token_file.to_str().unwrap()]);
+    assert_eq!(wrong["code"], "InvalidIdentityToken", "{wrong}");
+    // A ServiceAccount without rights on the key: its own credentials, AccessDenied.
+    let stranger = Pod::own(ns, "stranger");
+    let denied =
+        stranger.case(&["call", "encrypt", &format!(r#"{{"KeyId": "{arn}", "Plaintext": "aGk="}}"#)]);
+    assert_eq!(denied["code"], "AccessDeniedException", "{denied}");
+
+    // An expired session, sealed as kubekms seals them (the test holds the root key).
+    let root = kubekms::crypto::RootKey::load(Path::new(&env_var("KUBEKMS_ROOT_KEY_FILE"))).unwrap();
+    let identity = kubekms::domain::Identity {
+        username: format!("system:serviceaccount:{ns}:owner"),
+        ..Default::default()
+    };
+    let past = jiff::Timestamp::now().as_second() - 60;
+    let expired = kubekms::server::aws::sts::SessionKeys::from_root(&root).issue(&identity, past).unwrap();
+    let out = owner.case_with(
+        &["call", "describe_key", &format!(r#"{{"KeyId": "{arn}"}}"#)],
+        &[
+            ("AWS_ACCESS_KEY_ID", &expired.access_key_id),
+            ("AWS_SECRET_ACCESS_KEY", expired.secret_access_key.as_str()),
+            ("AWS_SESSION_TOKEN", &expired.session_token),
+            ("AWS_ROLE_ARN", ""),
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", ""),
+        ],
+    );
+    assert_eq!(out["code"], "ExpiredTokenException", "{out}");
+
+    // Every call is in the key API's audit log, as the ServiceAccount.
+    let audit = std::fs::read_to_string(run_dir().join("server/audit.log")).unwrap();
+    let principal = format!("\"principal\":\"system:serviceaccount:{ns}:stranger\"");
+    assert!(
+        audit.lines().any(|l| l.contains(&principal) && l.contains("\"operation\":\"Encrypt\"")),
+        "no audit line for the refused Encrypt"
+    );
+    assert!(audit.lines().any(|l| l.contains(&principal) && l.contains("AssumeRoleWithWebIdentity")));
+}
+
+/// One KMS call through boto3 as `pod`: the answer, or the error code.
+fn call(pod: &Pod, operation: &str, params: Value) -> Value {
+    pod.case(&["call", operation, &params.to_string()])
+}
+
+fn ok(answer: Value) -> Value {
+    assert_eq!(answer["code"], "OK", "{answer}");
+    answer["answer"].clone()
+}
+
+#[tokio::test]
+async fn management_operations_change_objects_as_the_callers_rbac_allows() {
+    let ns = TestNamespace::new("aws-admin");
+    let ns = ns.name.as_str();
+    let admin = Pod::own(ns, "admin");
+    let user = Pod::own(ns, "user");
+    let wait = crate::keyapi::WAIT;
+    // Without rights to create or patch keys: refused.
+    assert_eq!(call(&admin, "create_key", serde_json::json!({}))["code"], "AccessDeniedException");
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "admins",
+            "-n",
+            ns,
+            "--clusterrole=kubekms-key-admin",
+            &format!("--serviceaccount={ns}:admin"),
+        ],
+        None,
+    );
+    bind_key_user(ns, ns, "user");
+
+    // CreateKey makes a KmsKey; the controller makes it Enabled.
+    let created = crate::support::eventually(wait, "RBAC to let the admin create keys", || async {
+        let r = call(&admin, "create_key", serde_json::json!({"Description": "made over AWS", "Tags": [{"TagKey": "team", "TagValue": "shop"}]}));
+        (r["code"] == "OK").then_some(r)
+    })
+    .await;
+    let meta = &created["answer"]["KeyMetadata"];
+    let arn = meta["Arn"].as_str().unwrap().to_owned();
+    assert_eq!(meta["AWSAccountId"], ns, "{created}");
+    assert_eq!(meta["Description"], "made over AWS");
+    let key_id = meta["KeyId"].as_str().unwrap().to_owned();
+    let name = kubectl_ok(
+        &[
+            "get",
+            "kmskeys",
+            "-n",
+            ns,
+            "-o",
+            &format!("jsonpath={{.items[?(@.metadata.uid==\"{key_id}\")].metadata.name}}"),
+        ],
+        None,
+    );
+    assert!(name.starts_with("key-"), "{name}");
+    let encrypt = serde_json::json!({"KeyId": arn, "Plaintext": "aGk="});
+    crate::support::eventually(wait, "the new key to encrypt", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "OK").then_some(())
+    })
+    .await;
+
+    // The user may use the key, not change it.
+    assert_eq!(
+        call(&user, "disable_key", serde_json::json!({"KeyId": arn}))["code"],
+        "AccessDeniedException"
+    );
+
+    // Disable and enable: spec.enabled, as the key API then refuses and serves again.
+    ok(call(&admin, "disable_key", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "Encrypt to be refused as Disabled", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "DisabledException").then_some(())
+    })
+    .await;
+    ok(call(&admin, "enable_key", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "Encrypt to work again", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "OK").then_some(())
+    })
+    .await;
+
+    // Rotation: the period, and a rotation now.
+    ok(call(&admin, "enable_key_rotation", serde_json::json!({"KeyId": arn, "RotationPeriodInDays": 180})));
+    let period = kubectl_ok(
+        &["get", "kmskey", name.trim(), "-n", ns, "-o", "jsonpath={.spec.rotation.periodDays}"],
+        None,
+    );
+    assert_eq!(period.trim(), "180");
+    ok(call(&admin, "rotate_key_on_demand", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "version 2", || async {
+        let v = kubectl_ok(
+            &["get", "kmskey", name.trim(), "-n", ns, "-o", "jsonpath={.status.currentVersion}"],
+            None,
+        );
+        (v.trim() == "2").then_some(())
+    })
+    .await;
+    ok(call(&admin, "disable_key_rotation", serde_json::json!({"KeyId": arn})));
+    let status = ok(call(&admin, "get_key_rotation_status", serde_json::json!({"KeyId": arn})));
+    assert_eq!(status["KeyRotationEnabled"], false, "{status}");
+
+    // Tags are labels.
+    ok(call(
+        &admin,
+        "tag_resource",
+        serde_json::json!({"KeyId": arn, "Tags": [{"TagKey": "env", "TagValue": "e2e"}]}),
+    ));
+    ok(call(&admin, "untag_resource", serde_json::json!({"KeyId": arn, "TagKeys": ["team"]})));
+    let tags = ok(call(&admin, "list_resource_tags", serde_json::json!({"KeyId": arn})));
+    assert_eq!(tags["Tags"], serde_json::json!([{"TagKey": "env", "TagValue": "e2e"}]), "{tags}");
+    let bad = call(
+        &admin,
+        "tag_resource",
+        serde_json::json!({"KeyId": arn, "Tags": [{"TagKey": "not a label", "TagValue": "x"}]}),
+    );
+    assert_eq!(bad["code"], "TagException", "{bad}");
+    let policy =
+        ok(call(&admin, "get_key_policy", serde_json::json!({"KeyId": arn, "PolicyName": "default"})));
+    let policy: Value = serde_json::from_str(policy["Policy"].as_str().unwrap()).unwrap();
+    assert_eq!(policy["delegateToRBAC"], true, "{policy}");
+    let names = ok(call(&admin, "list_key_policies", serde_json::json!({"KeyId": arn})));
+    assert_eq!(names["PolicyNames"], serde_json::json!(["default"]));
+    ok(call(
+        &admin,
+        "update_key_description",
+        serde_json::json!({"KeyId": arn, "Description": "renamed over AWS"}),
+    ));
+    let description =
+        kubectl_ok(&["get", "kmskey", name.trim(), "-n", ns, "-o", "jsonpath={.spec.description}"], None);
+    assert_eq!(description.trim(), "renamed over AWS");
+
+    // Grants: created, listed, revoked.
+    let grant = ok(call(
+        &admin,
+        "create_grant",
+        serde_json::json!({
+            "KeyId": arn, "GranteePrincipal": format!("arn:aws:iam::{ns}:role/batch"), "Operations": ["Decrypt"],
+        }),
+    ));
+    let grant_id = grant["GrantId"].as_str().unwrap().to_owned();
+    let listed = crate::support::eventually(wait, "the grant to be listed", || async {
+        let l = ok(call(&admin, "list_grants", serde_json::json!({"KeyId": arn})));
+        (l["Grants"].as_array().is_some_and(|g| !g.is_empty())).then_some(l)
+    })
+    .await;
+    assert_eq!(listed["Grants"][0]["GrantId"], grant_id.as_str(), "{listed}");
+    assert_eq!(listed["Grants"][0]["GranteePrincipal"], format!("arn:aws:iam::{ns}:role/batch"));
+    assert_eq!(listed["Grants"][0]["Operations"], serde_json::json!(["Decrypt"]));
+    ok(call(&admin, "revoke_grant", serde_json::json!({"KeyId": arn, "GrantId": grant_id})));
+    crate::support::eventually(wait, "the grant to be gone", || async {
+        let l = ok(call(&admin, "list_grants", serde_json::json!({"KeyId": arn})));
+        (l["Grants"].as_array().is_some_and(Vec::is_empty)).then_some(())
+    })
+    .await;
+
+    // Deletion: scheduled (refused at once), cancelled (the key stays disabled).
+    let scheduled = ok(call(
+        &admin,
+        "schedule_key_deletion",
+        serde_json::json!({"KeyId": arn, "PendingWindowInDays": 7}),
+    ));
+    assert_eq!(scheduled["KeyState"], "PendingDeletion", "{scheduled}");
+    assert_eq!(scheduled["PendingWindowInDays"], 7);
+    crate::support::eventually(wait, "Encrypt to be refused as pending deletion", || async {
+        (call(&user, "encrypt", encrypt.clone())["code"] == "KMSInvalidStateException").then_some(())
+    })
+    .await;
+    assert_eq!(
+        call(&admin, "enable_key", serde_json::json!({"KeyId": arn}))["code"],
+        "KMSInvalidStateException"
+    );
+    ok(call(&admin, "cancel_key_deletion", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "the key to be Disabled", || async {
+        let m = ok(call(&admin, "describe_key", serde_json::json!({"KeyId": arn})));
+        (m["KeyMetadata"]["KeyState"] == "Disabled").then_some(())
+    })
+    .await;
+    let aliases = ok(call(&admin, "list_aliases", serde_json::json!({})));
+    assert_eq!(aliases["Aliases"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn aliases_name_keys_in_both_apis_and_move() {
+    let ns = TestNamespace::new("aws-alias");
+    let ns = ns.name.as_str();
+    let first = usable_key(ns, "first", "app").await;
+    let second = usable_key(ns, "second", "app").await;
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "admins",
+            "-n",
+            ns,
+            "--clusterrole=kubekms-key-admin",
+            &format!("--serviceaccount={ns}:admin"),
+        ],
+        None,
+    );
+    let admin = Pod::own(ns, "admin");
+    let app = Pod::own(ns, "app");
+    let wait = crate::keyapi::WAIT;
+
+    // kubectl makes one; `kubectl get kmsaliases` shows its target.
+    crate::keyapi::apply(
+        ns,
+        "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsAlias\nmetadata:\n  name: by-kubectl\nspec:\n  targetKeyRef: {name: first}\n",
+    );
+    let listed = kubectl_ok(&["get", "kmsaliases", "-n", ns], None);
+    assert!(listed.lines().any(|l| l.starts_with("by-kubectl") && l.contains("first")), "{listed}");
+    // The schema refuses names AWS would not take and the reserved ones.
+    for bad in ["aws", "has.dot"] {
+        let manifest = format!(
+            "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsAlias\nmetadata:\n  name: {bad}\nspec:\n  targetKeyRef: {{name: first}}\n"
+        );
+        let run = crate::support::kubectl(&["apply", "-n", ns, "-f", "-"], Some(&manifest));
+        assert!(!run.ok, "{bad} was admitted");
+    }
+
+    // Usable wherever a key is named: alias/NAME, an alias ARN, and namespace/alias/NAME
+    // in the gRPC API.
+    let by_alias = serde_json::json!({"KeyId": "alias/by-kubectl", "Plaintext": "aGk="});
+    let out = crate::support::eventually(wait, "the alias to be known", || async {
+        let r = call(&app, "encrypt", by_alias.clone());
+        (r["code"] == "OK").then_some(r)
+    })
+    .await;
+    assert_eq!(out["answer"]["KeyId"], first.as_str(), "{out}");
+    let alias_arn = format!("arn:aws:kms:{}:{ns}:alias/by-kubectl", env_var("KUBEKMS_AWS_REGION"));
+    let described = ok(call(&app, "describe_key", serde_json::json!({"KeyId": alias_arn})));
+    assert_eq!(described["KeyMetadata"]["Arn"], first.as_str());
+    let mut grpc = as_sa(ns, "app").await;
+    let sealed = encrypt(&mut grpc, &format!("{ns}/alias/by-kubectl"), b"via alias", &[]).await.unwrap();
+    assert_eq!(sealed.key.unwrap().key, format!("{ns}/first"));
+
+    // CreateAlias, UpdateAlias (move), ListAliases, DeleteAlias over the AWS API; a key
+    // user may not.
+    assert_eq!(
+        call(&app, "create_alias", serde_json::json!({"AliasName": "alias/made", "TargetKeyId": first}))["code"],
+        "AccessDeniedException"
+    );
+    crate::support::eventually(wait, "RBAC to let the admin create aliases", || async {
+        let r = call(
+            &admin,
+            "create_alias",
+            serde_json::json!({"AliasName": "alias/made", "TargetKeyId": first}),
+        );
+        (r["code"] == "OK").then_some(())
+    })
+    .await;
+    let again =
+        call(&admin, "create_alias", serde_json::json!({"AliasName": "alias/made", "TargetKeyId": first}));
+    assert_eq!(again["code"], "AlreadyExistsException", "{again}");
+    ok(call(&admin, "update_alias", serde_json::json!({"AliasName": "alias/made", "TargetKeyId": second})));
+    let moved = crate::support::eventually(wait, "the alias to move", || async {
+        let r = call(&app, "encrypt", serde_json::json!({"KeyId": "alias/made", "Plaintext": "aGk="}));
+        (r["answer"]["KeyId"] == second.as_str()).then_some(r)
+    })
+    .await;
+    assert_eq!(moved["code"], "OK");
+    let aliases = ok(call(&admin, "list_aliases", serde_json::json!({})));
+    let names: Vec<&str> =
+        aliases["Aliases"].as_array().unwrap().iter().map(|a| a["AliasName"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alias/by-kubectl", "alias/made"], "{aliases}");
+    let second_id = second.rsplit('/').next().unwrap();
+    assert_eq!(aliases["Aliases"][1]["TargetKeyId"], second_id);
+    let of_first = ok(call(&admin, "list_aliases", serde_json::json!({"KeyId": first})));
+    assert_eq!(of_first["Aliases"].as_array().unwrap().len(), 1, "{of_first}");
+    ok(call(&admin, "delete_alias", serde_json::json!({"AliasName": "alias/made"})));
+    crate::support::eventually(wait, "the alias to be gone", || async {
+        let r = call(&app, "encrypt", serde_json::json!({"KeyId": "alias/made", "Plaintext": "aGk="}));
+        (r["code"] == "AccessDeniedException").then_some(())
+    })
+    .await;
+    assert_eq!(
+        call(&admin, "delete_alias", serde_json::json!({"AliasName": "alias/made"}))["code"],
+        "NotFoundException"
+    );
+}
