@@ -279,6 +279,8 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         "trustedIdentities.controllers[0]=system:serviceaccount:kubekms-system:kubekms-controller",
         "--set",
         "trustedIdentities.servers[0]=system:serviceaccount:kubekms-system:kubekms-server",
+        "--set",
+        "trustedIdentities.plugins[0]=system:serviceaccount:kubekms-system:kubekms-plugin",
     ]);
     assert!(install.ok, "helm install:\n{}{}", install.stdout, install.stderr);
     assert!(
@@ -333,7 +335,7 @@ async fn install_upgrade_uninstall_and_least_privilege() {
         (&controller, "patch", "clusterroles/cluster-admin", ns, false),
         (&controller, "create", "clusterroles", ns, false),
         (&controller, "get", "kmskeyusages", ns, true),
-        (&controller, "delete", "kmskeyusages", ns, false),
+        (&controller, "delete", "kmskeyusages", ns, true),
         // The storage migration: it asks kube-controller-manager to rewrite Secrets, and
         // never reads them itself.
         (&controller, "create", "storageversionmigrations", ns, true),

@@ -413,8 +413,10 @@ impl Drop for WithoutRightToGrantCheck {
     }
 }
 
+/// Disruptive: it lifts a cluster-wide admission check for a while, which a concurrent test
+/// (a chart release with a check of its own) would put back in its way.
 #[tokio::test]
-async fn a_grant_made_past_admission_gives_nothing() {
+async fn disruptive_a_grant_made_past_admission_gives_nothing() {
     let ns = TestNamespace::new("rt-past-admission");
     let ns = ns.name.as_str().to_owned();
     let ns = ns.as_str();

@@ -288,7 +288,7 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             // paper over that with new material.
             return Plan::Settle {
                 status: Box::new(with_conditions(
-                    KmsKeyStatus { state: prev.state, ..prev.clone() },
+                    KmsKeyStatus { state: prev.state, ..owned(prev) },
                     prev,
                     o.generation,
                     now,
