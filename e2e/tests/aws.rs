@@ -566,6 +566,7 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
         "create_grant",
         serde_json::json!({
             "KeyId": arn, "GranteePrincipal": format!("arn:aws:iam::{ns}:role/batch"), "Operations": ["Decrypt"],
+        "RetiringPrincipal": format!("arn:aws:iam::{ns}:role/user"),
         }),
     ));
     let grant_id = grant["GrantId"].as_str().unwrap().to_owned();
@@ -577,6 +578,20 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
     assert_eq!(listed["Grants"][0]["GrantId"], grant_id.as_str(), "{listed}");
     assert_eq!(listed["Grants"][0]["GranteePrincipal"], format!("arn:aws:iam::{ns}:role/batch"));
     assert_eq!(listed["Grants"][0]["Operations"], serde_json::json!(["Decrypt"]));
+    // Its retiring principal finds it among the grants it may retire; nobody else may ask.
+    let retirable = ok(call(
+        &user,
+        "list_retirable_grants",
+        serde_json::json!({"RetiringPrincipal": format!("arn:aws:iam::{ns}:role/user")}),
+    ));
+    assert_eq!(retirable["Grants"][0]["GrantId"], grant_id.as_str(), "{retirable}");
+    assert_eq!(retirable["Grants"][0]["RetiringPrincipal"], format!("arn:aws:iam::{ns}:role/user"));
+    let nosy = call(
+        &admin,
+        "list_retirable_grants",
+        serde_json::json!({"RetiringPrincipal": format!("arn:aws:iam::{ns}:role/user")}),
+    );
+    assert_eq!(nosy["code"], "AccessDeniedException", "{nosy}");
     ok(call(&admin, "revoke_grant", serde_json::json!({"KeyId": arn, "GrantId": grant_id})));
     crate::support::eventually(wait, "the grant to be gone", || async {
         let l = ok(call(&admin, "list_grants", serde_json::json!({"KeyId": arn})));

@@ -31,6 +31,11 @@ pub trait KeyDirectory: Send + Sync + 'static {
     fn aliases_in(&self, _namespace: &str) -> Vec<Arc<Alias>> {
         Vec::new()
     }
+    /// Every grant `keep` keeps, of every namespace (the AWS API's ListRetirableGrants);
+    /// none unless the directory can list.
+    fn grants_where(&self, _keep: &dyn Fn(&Grant) -> bool) -> Vec<Arc<Grant>> {
+        Vec::new()
+    }
 }
 
 /// An object a [`Mirror`] holds: named by namespace (empty when cluster-scoped) and name,
@@ -339,6 +344,9 @@ impl<T: KeyDirectory> KeyDirectory for Arc<T> {
     fn aliases_in(&self, namespace: &str) -> Vec<Arc<Alias>> {
         self.as_ref().aliases_in(namespace)
     }
+    fn grants_where(&self, keep: &dyn Fn(&Grant) -> bool) -> Vec<Arc<Grant>> {
+        self.as_ref().grants_where(keep)
+    }
 }
 
 impl KeyDirectory for Directory {
@@ -374,6 +382,10 @@ impl KeyDirectory for Directory {
 
     fn aliases_in(&self, namespace: &str) -> Vec<Arc<Alias>> {
         self.aliases.filter(|a| a.namespace == namespace)
+    }
+
+    fn grants_where(&self, keep: &dyn Fn(&Grant) -> bool) -> Vec<Arc<Grant>> {
+        self.grants.filter(keep)
     }
 }
 

@@ -40,6 +40,7 @@ pub const OPERATIONS: &[&str] = &[
     "ListKeyPolicies",
     "UpdateKeyDescription",
     "ListGrants",
+    "ListRetirableGrants",
     "RevokeGrant",
     "ListAliases",
     "CreateAlias",
@@ -143,6 +144,7 @@ struct AdminIn {
     tags: Vec<Tag>,
     tag_keys: Vec<String>,
     alias_name: Option<String>,
+    retiring_principal: Option<String>,
     target_key_id: Option<String>,
     grant_id: Option<String>,
     policy_name: Option<String>,
@@ -384,6 +386,7 @@ where
                 Ok(json!({}))
             }
             "ListGrants" => self.list_grants(who, &r, event).await,
+            "ListRetirableGrants" => self.list_retirable_grants(who, &r).await,
             "RevokeGrant" => {
                 let grant_id =
                     r.grant_id.as_deref().ok_or_else(|| AwsFault::validation("GrantId is required"))?;
@@ -437,39 +440,71 @@ where
             ));
         }
         let mut grants = self.keys.grants(&key.info.namespace, &key.info.name);
-        grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
         grants.retain(|g| r.grant_id.as_deref().is_none_or(|id| id == g.grant_id));
-        let out = super::protocol::page(
+        Ok(self.grants_page(grants, r, limit))
+    }
+
+    /// ListRetirableGrants: the grants, of any key, that `RetiringPrincipal` may retire — for
+    /// a caller asking about itself (its role ARN or an assumed-role ARN of it).
+    async fn list_retirable_grants(&self, who: &Identity, r: &AdminIn) -> Result<Value, AwsFault> {
+        let limit = super::protocol::limit(r.limit, 50, 100)?;
+        let value = r
+            .retiring_principal
+            .as_deref()
+            .ok_or_else(|| AwsFault::validation("RetiringPrincipal is required"))?;
+        let named = super::ops::principal(value);
+        let principal = match named.kind.as_str() {
+            "ServiceAccount" => Principal::ServiceAccount { namespace: named.namespace, name: named.name },
+            _ => Principal::User(named.name),
+        };
+        if !principal.matches(who) {
+            return Err(AwsFault::client(
+                "AccessDeniedException",
+                format!("{} may list only the grants it may retire itself", who.username),
+            ));
+        }
+        let grants = self.keys.grants_where(&|g| g.retiring_principal.as_ref() == Some(&principal));
+        Ok(self.grants_page(grants, r, limit))
+    }
+
+    /// One page of grants, by grantId.
+    fn grants_page(
+        &self,
+        mut grants: Vec<std::sync::Arc<crate::domain::Grant>>,
+        r: &AdminIn,
+        limit: usize,
+    ) -> Value {
+        grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
+        super::protocol::page(
             "Grants",
             &grants,
             r.marker.as_deref(),
             limit,
             |g| &g.grant_id,
-            |g| {
-                let mut out = json!({
-                    "KeyId": self.arn_of(&key),
-                    "GrantId": g.grant_id,
-                    "Name": g.name,
-                    "GranteePrincipal": aws_principal(&g.grantee),
-                    "Operations": g.operations.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
-                    "IssuingAccount": key.info.namespace,
-                });
-                if let Some(p) = &g.retiring_principal {
-                    out["RetiringPrincipal"] = json!(aws_principal(p));
-                }
-                match &g.constraints {
-                    Some(Constraints::Equals(m)) => {
-                        out["Constraints"] = json!({"EncryptionContextEquals": m})
-                    }
-                    Some(Constraints::Subset(m)) => {
-                        out["Constraints"] = json!({"EncryptionContextSubset": m})
-                    }
-                    None => {}
-                }
-                out
-            },
-        );
-        Ok(out)
+            |g| self.grant_entry(g),
+        )
+    }
+
+    /// A grant as ListGrants and ListRetirableGrants answer it.
+    fn grant_entry(&self, g: &crate::domain::Grant) -> Value {
+        let key = self.keys.resolve(&format!("{}/{}", g.namespace, g.key_name));
+        let mut out = json!({
+            "KeyId": key.map(|k| self.arn_of(&k)).unwrap_or_default(),
+            "GrantId": g.grant_id,
+            "Name": g.name,
+            "GranteePrincipal": aws_principal(&g.grantee),
+            "Operations": g.operations.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+            "IssuingAccount": g.namespace,
+        });
+        if let Some(p) = &g.retiring_principal {
+            out["RetiringPrincipal"] = json!(aws_principal(p));
+        }
+        match &g.constraints {
+            Some(Constraints::Equals(m)) => out["Constraints"] = json!({"EncryptionContextEquals": m}),
+            Some(Constraints::Subset(m)) => out["Constraints"] = json!({"EncryptionContextSubset": m}),
+            None => {}
+        }
+        out
     }
 
     /// CreateAlias, UpdateAlias, DeleteAlias: the caller's RBAC on the kmsaliases object

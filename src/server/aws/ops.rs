@@ -254,7 +254,7 @@ pub fn account(who: &Identity) -> Option<&str> {
 /// AWS principals a grant may name: a role ARN (`arn:aws:iam::<ns>:role/<sa>`), an
 /// assumed-role ARN of one, or kubekms's `system:serviceaccount:<ns>:<sa>`; anything else
 /// is a Kubernetes user name.
-fn principal(value: &str) -> pb::Principal {
+pub(super) fn principal(value: &str) -> pb::Principal {
     let sa = |ns: &str, name: &str| pb::Principal {
         kind: "ServiceAccount".into(),
         namespace: ns.to_owned(),
