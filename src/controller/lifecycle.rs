@@ -245,7 +245,7 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
                 // installed is older than this controller.
                 // (Without material there is nothing to protect.)
                 let need = matches!(o.material, Material::Present { .. })
-                    .then(|| still_needed(o, now, cal.days(u32::from(window)), storage_key))
+                    .then(|| still_needed(o, now, window, cal, storage_key))
                     .flatten();
                 if let Some(need) = &need
                     && !o.spec.deletion.force
@@ -471,7 +471,8 @@ fn version_status(
 fn still_needed(
     o: &Observed<'_>,
     now: Timestamp,
-    window: SignedDuration,
+    window_days: u8,
+    cal: Calendar,
     storage_key: bool,
 ) -> Option<String> {
     if storage_key {
@@ -481,21 +482,10 @@ fn still_needed(
                 .to_owned(),
         );
     }
-    let all = [ReporterKind::StoragePlugin, ReporterKind::KeyApi];
-    let last = o.usage.and_then(|u| {
-        u.reporters
-            .iter()
-            .flat_map(|r| r.versions.keys())
-            .filter_map(|v| u.last_use(*v, UseKind::Decrypt, &all))
-            .max()
-    })?;
-    (last.saturating_add(window).unwrap_or(Timestamp::MAX) > now).then(|| {
-        format!("the key decrypted data within the last {} (until {last} at the latest)", window_days_text(o))
+    let last = o.usage.and_then(|u| u.last_use_of_any(UseKind::Decrypt))?;
+    (add(last, cal.days(u32::from(window_days))) > now).then(|| {
+        format!("the key decrypted data within the last {window_days} days (until {last} at the latest)")
     })
-}
-
-fn window_days_text(o: &Observed<'_>) -> String {
-    format!("{} days", o.spec.deletion.pending_window_days.clamp(MIN_WINDOW_DAYS, MAX_WINDOW_DAYS))
 }
 
 fn refusal_message(need: &str) -> String {
