@@ -22,8 +22,19 @@ fn key_manifest(name: &str, extra_metadata: &str, spec: &str) -> String {
 
 /// Waits until the key satisfies `cond` and returns it.
 async fn wait_key(ns: &str, name: &str, what: &str, cond: impl Fn(&KmsKey) -> bool) -> KmsKey {
+    wait_key_for(WAIT, ns, name, what, cond).await
+}
+
+/// [`wait_key`], waiting at most `timeout`.
+pub(crate) async fn wait_key_for(
+    timeout: Duration,
+    ns: &str,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&KmsKey) -> bool,
+) -> KmsKey {
     let api: Api<KmsKey> = Api::namespaced(client().await, ns);
-    eventually(WAIT, what, || {
+    eventually(timeout, what, || {
         let api = api.clone();
         let cond = &cond;
         async move { api.get(name).await.ok().filter(|k| cond(k)) }
@@ -39,7 +50,7 @@ fn observed(k: &KmsKey) -> bool {
     k.status.as_ref().and_then(|s| s.observed_generation) == k.metadata.generation
 }
 
-fn condition<'a>(
+pub(crate) fn condition<'a>(
     k: &'a KmsKey,
     type_: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {

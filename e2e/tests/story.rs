@@ -20,6 +20,7 @@ use crate::support::{
     TEST_CONTROLLER_LABEL, TestController, TestNamespace, client, control_plane, eventually, kubectl,
     kubectl_ok,
 };
+use crate::versions::refusal;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -29,11 +30,6 @@ async fn cluster_key_where(what: &str, cond: impl Fn(&KmsKey) -> bool) -> KmsKey
         async move { Some(cluster_key().await).filter(|k| cond(k)) }
     })
     .await
-}
-
-fn refusal(k: &KmsKey) -> Option<(String, String)> {
-    let c = k.status.as_ref()?.conditions.iter().find(|c| c.type_ == "TransitionRefused")?;
-    Some((c.reason.clone(), c.message.clone()))
 }
 
 /// Hands the cluster key back to the shared controller, whatever the test left.

@@ -12,6 +12,7 @@ use kubekms::api::{KeyState, KeyVersionState, KmsKey, KmsKeyMaterial, KmsKeyUsag
 use tonic::Code;
 
 use crate::keyapi::{as_sa, bind_key_user, decrypt, encrypt};
+use crate::lifecycle::{condition, wait_key_for};
 use crate::support::{
     TEST_CONTROLLER_LABEL, TestController, TestNamespace, client, eventually, kubectl_ok, patch_key,
 };
@@ -19,22 +20,16 @@ use crate::support::{
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn key_where(ns: &str, name: &str, what: &str, cond: impl Fn(&KmsKey) -> bool) -> KmsKey {
-    let api: Api<KmsKey> = Api::namespaced(client().await, ns);
-    eventually(WAIT, what, || {
-        let api = api.clone();
-        let cond = &cond;
-        async move { api.get(name).await.ok().filter(|k| cond(k)) }
-    })
-    .await
+    wait_key_for(WAIT, ns, name, what, cond).await
 }
 
 fn version_state(k: &KmsKey, version: u32) -> Option<KeyVersionState> {
     k.status.as_ref()?.versions.iter().find(|v| v.version == version).map(|v| v.state)
 }
 
-fn refusal(k: &KmsKey) -> Option<(String, String)> {
-    let c = k.status.as_ref()?.conditions.iter().find(|c| c.type_ == "TransitionRefused")?;
-    Some((c.reason.clone(), c.message.clone()))
+/// The TransitionRefused condition's reason and message.
+pub(crate) fn refusal(k: &KmsKey) -> Option<(String, String)> {
+    condition(k, "TransitionRefused").map(|c| (c.reason.clone(), c.message.clone()))
 }
 
 /// A key of `label`'s test controller in `ns`, Enabled, and a ServiceAccount `app` that
