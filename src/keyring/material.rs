@@ -98,7 +98,7 @@ pub struct Owner {
 }
 
 impl Owner {
-    fn to_api(&self) -> KeyOwner {
+    pub(super) fn to_api(&self) -> KeyOwner {
         KeyOwner { namespace: self.namespace.clone(), name: self.name.clone(), uid: self.uid.clone() }
     }
 }
@@ -142,17 +142,7 @@ pub fn new_material(
         None => Vec::new(),
     };
     Ok(KmsKeyMaterial {
-        metadata: ObjectMeta {
-            name: Some(owner.uid.clone()),
-            labels: Some(
-                [
-                    ("kms.kubekms.io/key-namespace".to_owned(), owner.namespace.clone()),
-                    ("kms.kubekms.io/key-name".to_owned(), owner.name.clone()),
-                ]
-                .into(),
-            ),
-            ..Default::default()
-        },
+        metadata: material_metadata(owner),
         spec: KmsKeyMaterialSpec {
             owner: owner.to_api(),
             origin,
@@ -165,6 +155,21 @@ pub fn new_material(
             deletion_refused: None,
         },
     })
+}
+
+/// The name and labels of the material object of `owner`.
+pub(super) fn material_metadata(owner: &Owner) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(owner.uid.clone()),
+        labels: Some(
+            [
+                ("kms.kubekms.io/key-namespace".to_owned(), owner.namespace.clone()),
+                ("kms.kubekms.io/key-name".to_owned(), owner.name.clone()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    }
 }
 
 /// `current` with the next version added, generated from the OS CSPRNG. Written back with
