@@ -92,6 +92,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
             deletion_refused: spec.and_then(|s| s.deletion_refused.as_ref()).map(|r| r.message.as_str()),
             storage_oldest: spec.and_then(|s| s.storage.as_ref()).map(|s| s.oldest_version_in_use),
             usage: usage.as_ref(),
+            awaiting_restore: key.annotations().get(keyring::RESTORE_ANNOTATION).map(String::as_str),
         };
         match lifecycle::plan(&observed, now, ctx.calendar) {
             Plan::Act(action) => {
