@@ -166,11 +166,14 @@ async fn disruptive_backup_restores_into_a_fresh_cluster() {
         ["encrypt", "--service-account", &sa, "--key", &name, "--in", &path("plain"), "--out", &path("enc")];
     let out = a.kubekms(&enc);
     assert!(out.status.success(), "{}", stderr(&out));
+    // And a key that has no material yet: restored without a keyId of its own.
+    let pending = "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKey\nmetadata: {name: pending}\nspec: {origin: EXTERNAL}\n";
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(pending));
 
     // The backup: one file, private, that shows nothing of what it holds.
     let out = a.kubekms(&["keyring", "backup", "--out", &path("backup"), "--namespace", ns]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("backed up 1 keys (2 versions)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backed up 2 keys (2 versions)"), "{out:?}");
     let file = std::fs::read(path("backup")).unwrap();
     assert_eq!(std::fs::metadata(path("backup")).unwrap().permissions().mode() & 0o777, 0o600);
     let text = String::from_utf8_lossy(&file);
@@ -178,13 +181,14 @@ async fn disruptive_backup_restores_into_a_fresh_cluster() {
     let again = a.kubekms(&["keyring", "backup", "--out", &path("backup"), "--namespace", ns]);
     assert!(!again.status.success() && stderr(&again).contains("must not exist yet"), "{}", stderr(&again));
 
-    // Restoring into A itself: its name and keyId are taken.
+    // Restoring into A itself: data is here already (same keyId), but pending is another key
+    // of the same name there (it would get a new keyId), so nothing is restored.
     let out = a.kubekms(&["keyring", "restore", "--in", &path("backup")]);
     assert_eq!(out.status.code(), Some(1));
     let message = stderr(&out);
     assert!(message.contains("nothing was restored"), "{message}");
-    assert!(message.contains(&format!("KmsKey {ns}/data already exists")), "{message}");
-    assert!(message.contains(&format!("keyId {key_id} (of {ns}/data) is already in use")), "{message}");
+    assert!(message.contains(&format!("KmsKey {ns}/pending already exists")), "{message}");
+    assert!(!message.contains(&format!("{ns}/data")), "{message}");
 
     // B: a fresh cluster with the same root key.
     let fresh = Fresh::start(&a.run_dir.join("root.key"));
@@ -208,9 +212,26 @@ async fn disruptive_backup_restores_into_a_fresh_cluster() {
     }
     assert!(keys_b.get_opt("data").await.unwrap().is_none(), "a refused restore writes nothing");
 
+    // A restore interrupted after it created the KmsKey, before its material: the key waits,
+    // claims no keyId, and the next restore resumes it.
+    b.kubectl(&["create", "namespace", ns]);
+    let placeholder = format!(
+        "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKey\nmetadata:\n  name: data\n  namespace: {ns}\n  \
+         annotations: {{kms.kubekms.io/restoring-key-id: {key_id}}}\nspec: {{description: restored}}\n"
+    );
+    std::fs::write(path("placeholder"), placeholder).unwrap();
+    b.kubectl(&["apply", "-f", &path("placeholder")]);
+    let waiting = wait_key_in(&keys_b, "the interrupted key to await its material", |k| {
+        let s = k.status.as_ref();
+        s.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "AwaitingRestore"))
+    })
+    .await;
+    assert_eq!(waiting.status.as_ref().unwrap().key_id, None, "no keyId of its own");
+
     let out = b.kubekms(&["keyring", "restore", "--in", &path("backup")]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("restored 1 keys: {ns}/data")));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains(&format!("restored 2 keys: {ns}/data, {ns}/pending")), "{said}");
     let restored = wait_key_in(&keys_b, "the restored key to be Enabled at version 2", |k| {
         let s = k.status.as_ref();
         s.and_then(|s| s.state) == Some(KeyState::Enabled) && s.and_then(|s| s.current_version) == Some(2)
@@ -218,8 +239,13 @@ async fn disruptive_backup_restores_into_a_fresh_cluster() {
     .await;
     assert_eq!(restored.status.as_ref().unwrap().key_id.as_deref(), Some(key_id.as_str()), "the same keyId");
     assert_ne!(restored.metadata.uid.as_deref(), Some(uid_a.as_str()), "a new object");
+    assert_eq!(restored.metadata.uid, waiting.metadata.uid, "the interrupted key, resumed");
     assert_eq!(restored.spec.description, "restored");
-    assert!(restored.metadata.annotations.unwrap_or_default().is_empty(), "the restore annotation is gone");
+    let annotations = restored.metadata.annotations.unwrap_or_default();
+    assert!(
+        !annotations.contains_key(kubekms::keyring::RESTORE_ANNOTATION),
+        "the restore annotation is gone"
+    );
 
     // What A made decrypts in B.
     b.kubectl(&["create", "serviceaccount", "app", "-n", ns]);
@@ -247,14 +273,14 @@ async fn disruptive_backup_restores_into_a_fresh_cluster() {
     let back = decrypt(&mut api_b, &three.ciphertext_blob, &[]).await.unwrap();
     assert_eq!(back.plaintext, b"under version 3");
 
-    // Restoring the same backup again reuses nothing.
+    // The key that had no material is a new key here, with a keyId of its own.
+    let pending_b = keys_b.get("pending").await.unwrap();
+    assert_eq!(pending_b.spec.origin, kubekms::api::Origin::External);
+
+    // Restoring the same backup again: data is here, pending would be a second key.
     let out = b.kubekms(&["keyring", "restore", "--in", &path("backup")]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains(&format!("keyId {key_id} (of {ns}/data) is already in use")),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains(&format!("KmsKey {ns}/pending already exists")), "{}", stderr(&out));
     drop(fresh);
 }
 

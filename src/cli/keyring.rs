@@ -35,8 +35,10 @@ pub enum Command {
     /// that what they encrypted before decrypts here.
     ///
     /// Checks the whole file first (it must authenticate under this root key, and every
-    /// version must unwrap) and refuses everything if any key's namespace/name exists here
-    /// or any keyId is in use. Creates missing namespaces. Run it as an identity that may
+    /// version must unwrap) and refuses everything if a key of the same namespace/name is
+    /// another key here, or any keyId is in use by another key. Keys restored before (same
+    /// name, same keyId) are left alone, so a restore that was interrupted can be run
+    /// again. Creates missing namespaces. Run it as an identity that may
     /// create kmskeys and kmskeymaterials (a cluster administrator).
     Restore {
         /// The backup to restore.
@@ -74,8 +76,14 @@ impl Command {
                     .with_context(|| format!("failed to read {}", input.display()))?;
                 let backup =
                     open_backup(&root, &bytes).with_context(|| format!("refused {}", input.display()))?;
-                let restored = restore(kube.client().await?, &backup).await?;
-                println!("restored {} keys: {}", restored.len(), restored.join(", "));
+                let done = restore(kube.client().await?, &backup).await?;
+                println!("restored {} keys: {}", done.restored.len(), done.restored.join(", "));
+                if !done.already_here.is_empty() {
+                    println!(
+                        "already here with the same keyId, left alone: {}",
+                        done.already_here.join(", ")
+                    );
+                }
             }
         }
         Ok(())

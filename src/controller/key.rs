@@ -131,7 +131,10 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
             }
             Plan::Settle { status: next, requeue_after } => {
                 let key_id = key_id(&owner, material.as_ref());
-                let next = KmsKeyStatus { key_id: Some(key_id.to_owned()), ..*next };
+                // A key awaiting its restored material has no keyId yet: its UID will not be.
+                let awaiting =
+                    material.is_none() && key.annotations().contains_key(keyring::RESTORE_ANNOTATION);
+                let next = KmsKeyStatus { key_id: (!awaiting).then(|| key_id.to_owned()), ..*next };
                 let mut resource_version = key.resource_version();
                 if next != lifecycle::owned(&status) {
                     // Audited before status reports it: a transition that cannot be audited

@@ -321,7 +321,7 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
                         "AwaitingRestore",
                         format!(
                             "kubekms keyring restore is recreating this key (keyId {key_id}) and writes its \
-                             material; if it was interrupted, delete this KmsKey and restore it again"
+                             material; if it was interrupted, run it again: it resumes this key"
                         ),
                     ),
                     Vec::new(),

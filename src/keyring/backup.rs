@@ -238,26 +238,52 @@ fn check(root: &RootKey, backup: &Backup) -> Result<(), BackupError> {
 /// What a cluster already holds, as far as restoring into it is concerned.
 #[derive(Debug, Default)]
 pub struct Existing {
-    /// Every KmsKey, by `(namespace, name)`.
-    pub names: BTreeSet<(String, String)>,
+    /// Every KmsKey, by `(namespace, name)`, with the keyId of its material if it has any.
+    pub keys: BTreeMap<(String, String), Option<String>>,
     /// Every keyId in use: each KmsKey's UID and each material's keyId.
     pub key_ids: BTreeSet<String>,
+    /// KmsKeys that an interrupted restore created without their material, by
+    /// `(namespace, name)`, with the keyId they await.
+    pub awaiting: BTreeMap<(String, String), String>,
 }
 
-/// Every reason `backup` cannot be restored into a cluster holding `existing`: a key of
-/// the same namespace and name, or a keyId already in use (a keyId is never reused). Empty
-/// when it can.
-pub fn conflicts(backup: &Backup, existing: &Existing) -> Vec<String> {
-    let mut out = Vec::new();
+/// What a restore does with one key of a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Create the KmsKey and its material.
+    Create,
+    /// Write the material of the KmsKey an interrupted restore created.
+    Resume,
+    /// Nothing: the key is here already, with the same keyId (restored before).
+    AlreadyHere,
+}
+
+/// What restoring `backup` into a cluster holding `existing` does with each of its keys, or
+/// every reason it cannot: a KmsKey of the same namespace and name that is another key, or
+/// a keyId in use by another key (a keyId is never reused).
+pub fn plan_restore(backup: &Backup, existing: &Existing) -> Result<Vec<Step>, Vec<String>> {
+    let (mut steps, mut conflicts) = (Vec::new(), Vec::new());
     for key in &backup.keys {
-        if existing.names.contains(&(key.namespace.clone(), key.name.clone())) {
-            out.push(format!("KmsKey {} already exists", key.display()));
+        let name = (key.namespace.clone(), key.name.clone());
+        let key_id = key.key_id();
+        let here = existing.keys.get(&name);
+        let step = match (here, key_id) {
+            (None, _) => Step::Create,
+            (Some(Some(id)), Some(want)) if id == want => Step::AlreadyHere,
+            (Some(None), Some(want)) if existing.awaiting.get(&name).is_some_and(|id| id == want) => {
+                Step::Resume
+            }
+            _ => {
+                conflicts.push(format!("KmsKey {} already exists", key.display()));
+                Step::Create
+            }
+        };
+        if let Some(id) = key_id.filter(|id| step == Step::Create && existing.key_ids.contains(*id)) {
+            conflicts.push(format!("keyId {id} (of {}) is already in use in this cluster", key.display()));
         }
-        if let Some(id) = key.key_id().filter(|id| existing.key_ids.contains(*id)) {
-            out.push(format!("keyId {id} (of {}) is already in use in this cluster", key.display()));
-        }
+        steps.push(step);
     }
-    out
+    if conflicts.is_empty() { Ok(steps) } else { Err(conflicts) }
 }
 
 #[cfg(test)]
@@ -400,20 +426,46 @@ mod tests {
     }
 
     #[test]
-    fn conflicts_name_every_existing_key_and_key_id() {
+    fn a_restore_refuses_another_key_of_the_same_name_or_key_id_and_skips_what_is_here() {
         let root = root();
         let b = backup(&root);
-        assert!(conflicts(&b, &Existing::default()).is_empty());
-        let existing = Existing {
-            names: [("apps".to_owned(), "pending".to_owned())].into(),
+        let name = |n: &str| ("apps".to_owned(), n.to_owned());
+        assert_eq!(plan_restore(&b, &Existing::default()), Ok(vec![Step::Create, Step::Create]));
+        // The keyId is another key's here; a key of the same name is another key.
+        let mut existing = Existing {
+            keys: [(name("pending"), Some(uuid::Uuid::new_v4().to_string()))].into(),
             key_ids: [KEY_ID.to_owned()].into(),
+            awaiting: BTreeMap::new(),
         };
         assert_eq!(
-            conflicts(&b, &existing),
-            [
+            plan_restore(&b, &existing),
+            Err(vec![
                 format!("keyId {KEY_ID} (of apps/k) is already in use in this cluster"),
                 "KmsKey apps/pending already exists".to_owned(),
-            ]
+            ])
+        );
+        // The same key, restored before (same name, same keyId): nothing to do for it.
+        existing.keys = [(name("k"), Some(KEY_ID.to_owned()))].into();
+        assert_eq!(plan_restore(&b, &existing), Ok(vec![Step::AlreadyHere, Step::Create]));
+        // A key of that name with another keyId, or without material, is another key.
+        existing.keys = [(name("k"), Some(uuid::Uuid::new_v4().to_string()))].into();
+        let refused = plan_restore(&b, &existing).unwrap_err();
+        assert_eq!(refused[0], "KmsKey apps/k already exists");
+        assert!(refused[1].contains("is already in use"), "{refused:?}");
+        existing.keys = [(name("k"), None)].into();
+        assert!(plan_restore(&b, &existing).is_err());
+        // ... unless an interrupted restore left it awaiting this very keyId: resumed.
+        existing.awaiting = [(name("k"), KEY_ID.to_owned())].into();
+        existing.key_ids.clear();
+        assert_eq!(plan_restore(&b, &existing), Ok(vec![Step::Resume, Step::Create]));
+        existing.awaiting = [(name("k"), uuid::Uuid::new_v4().to_string())].into();
+        assert!(plan_restore(&b, &existing).is_err());
+        // A key without material in the backup never matches one here.
+        existing.keys = [(name("pending"), None)].into();
+        existing.awaiting.clear();
+        assert_eq!(
+            plan_restore(&b, &existing).unwrap_err(),
+            ["KmsKey apps/pending already exists".to_owned()]
         );
     }
 }

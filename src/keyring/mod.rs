@@ -11,9 +11,9 @@ mod snapshot;
 mod store;
 
 pub use backup::{
-    Backup, BackupError, BackupKey, Existing, MAX_BACKUP_LEN, conflicts, open_backup, seal_backup,
+    Backup, BackupError, BackupKey, Existing, MAX_BACKUP_LEN, Step, open_backup, plan_restore, seal_backup,
 };
-pub use restore::{RESTORE_ANNOTATION, RestoreError, collect, restore};
+pub use restore::{RESTORE_ANNOTATION, RestoreError, Restored, collect, restore};
 
 pub use import::{ImportError, check_importable, import, read_material};
 pub use material::{

@@ -3,7 +3,7 @@
 //!
 //! A restore checks everything before it writes anything: the file (see
 //! [`super::backup::open_backup`]) and the cluster (no KmsKey of the same name, no keyId
-//! already in use). It then creates, key by key, the KmsKey (annotated, so the controller
+//! already in use by another key). It then creates, key by key, the KmsKey (annotated, so the controller
 //! makes no material of its own for it) and its KmsKeyMaterial — with the keyId and
 //! versions of the backup under the new key's UID — and removes the annotation.
 
@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
-use super::backup::{Backup, BackupKey, Existing, conflicts};
+use super::backup::{Backup, BackupKey, Existing, Step, plan_restore};
 use super::material::{Owner, material_metadata};
 use crate::api::{KmsKey, KmsKeyMaterial, KmsKeyMaterialSpec};
 use crate::crypto::RootKey;
@@ -97,30 +97,49 @@ async fn existing(client: &Client) -> Result<Existing, RestoreError> {
     let materials = Api::<KmsKeyMaterial>::all(client.clone()).list(&ListParams::default()).await;
     let materials = materials.map_err(|e| RestoreError::List("KmsKeyMaterials", e))?.items;
     let mut out = Existing::default();
-    for key in &keys {
-        out.names.insert((key.namespace().unwrap_or_default(), key.name_any()));
-        out.key_ids.extend(key.uid());
-    }
+    let mut key_id_of = BTreeMap::new();
     for m in &materials {
         out.key_ids.insert(m.spec.key_id().to_owned());
         out.key_ids.insert(m.spec.owner.uid.clone());
+        key_id_of.insert(m.name_any(), (m.spec.owner.uid.clone(), m.spec.key_id().to_owned()));
+    }
+    for key in &keys {
+        let name = (key.namespace().unwrap_or_default(), key.name_any());
+        let uid = key.uid().unwrap_or_default();
+        let key_id = key_id_of.get(&uid).filter(|(owner, _)| *owner == uid).map(|(_, id)| id.clone());
+        if let Some(id) = key.annotations().get(RESTORE_ANNOTATION).filter(|_| key_id.is_none()) {
+            out.awaiting.insert(name.clone(), id.clone());
+        }
+        out.keys.insert(name, key_id);
+        out.key_ids.insert(uid);
     }
     Ok(out)
 }
 
+/// What a restore did: the keys it restored, and those that were here already (restored
+/// before, with the same keyId), as `namespace/name`.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub restored: Vec<String>,
+    pub already_here: Vec<String>,
+}
+
 /// Recreates every key of `backup` (already opened and checked) in the cluster, refusing
-/// them all if any conflicts. Returns the keys restored, as `namespace/name`.
-pub async fn restore(client: Client, backup: &Backup) -> Result<Vec<String>, RestoreError> {
-    let found = conflicts(backup, &existing(&client).await?);
-    if !found.is_empty() {
-        return Err(RestoreError::Conflicts(found));
-    }
-    let mut restored = Vec::new();
-    for key in &backup.keys {
+/// them all if any conflicts; resumes a key an interrupted restore left without material,
+/// and leaves alone the keys restored before.
+pub async fn restore(client: Client, backup: &Backup) -> Result<Restored, RestoreError> {
+    let steps = plan_restore(backup, &existing(&client).await?).map_err(RestoreError::Conflicts)?;
+    let mut out = Restored::default();
+    for (key, step) in backup.keys.iter().zip(steps) {
+        if step == Step::AlreadyHere {
+            out.already_here.push(key.display());
+            continue;
+        }
+        let restored = &out.restored;
         ensure_namespace(&client, &key.namespace).await?;
-        let fail = |step, restored: &Vec<String>| {
+        let fail = |what| {
             let (key, restored) = (key.display(), restored.clone());
-            move |source| RestoreError::Write { step, key, restored, source }
+            move |source| RestoreError::Write { step: what, key, restored, source }
         };
         let keys: Api<KmsKey> = Api::namespaced(client.clone(), &key.namespace);
         let mut object = KmsKey::new(&key.name, key.spec.clone());
@@ -128,10 +147,11 @@ pub async fn restore(client: Client, backup: &Backup) -> Result<Vec<String>, Res
         if let Some(id) = key.key_id() {
             object.metadata.annotations = Some([(RESTORE_ANNOTATION.to_owned(), id.to_owned())].into());
         }
-        let created = keys
-            .create(&PostParams::default(), &object)
-            .await
-            .map_err(fail("create the KmsKey", &restored))?;
+        let created = if step == Step::Resume {
+            keys.get(&key.name).await.map_err(fail("read the KmsKey"))?
+        } else {
+            keys.create(&PostParams::default(), &object).await.map_err(fail("create the KmsKey"))?
+        };
         if let Some(material) = &key.material {
             let owner = Owner {
                 namespace: key.namespace.clone(),
@@ -151,15 +171,15 @@ pub async fn restore(client: Client, backup: &Backup) -> Result<Vec<String>, Res
             Api::<KmsKeyMaterial>::all(client.clone())
                 .create(&PostParams::default(), &object)
                 .await
-                .map_err(fail("create the KmsKeyMaterial", &restored))?;
+                .map_err(fail("create the KmsKeyMaterial"))?;
             let done = serde_json::json!({"metadata": {"annotations": {RESTORE_ANNOTATION: null}}});
             keys.patch(&key.name, &PatchParams::default(), &Patch::Merge(&done))
                 .await
-                .map_err(fail("remove the restore annotation", &restored))?;
+                .map_err(fail("remove the restore annotation"))?;
         }
-        restored.push(key.display());
+        out.restored.push(key.display());
     }
-    Ok(restored)
+    Ok(out)
 }
 
 async fn ensure_namespace(client: &Client, name: &str) -> Result<(), RestoreError> {
