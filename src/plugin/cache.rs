@@ -255,6 +255,26 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_key_keeps_its_uid_and_other_caches_stay_as_they_were() {
+        let mut info = sample().info();
+        assert_eq!(info.uid, info.key_id);
+        assert!(
+            !serde_json::to_string(&CachedKey::new(&info, Some(&sample().material())))
+                .unwrap()
+                .contains("uid")
+        );
+        // Restored from a backup: the UID here differs from the keyId, and both come back.
+        info.uid = "11111111-2222-3333-4444-555555555555".into();
+        let cached = CachedKey::new(&info, Some(&sample().material()));
+        assert_eq!(cached.uid.as_deref(), Some(info.uid.as_str()));
+        assert_eq!(cached.info(), info);
+        assert_eq!(
+            (cached.material().uid, cached.material().key_id),
+            (info.uid.clone(), info.key_id.clone())
+        );
+    }
+
+    #[test]
     fn round_trip_through_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
