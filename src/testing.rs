@@ -16,6 +16,7 @@ pub fn enabled_key(namespace: &str, name: &str, key_id: &str, policy: Policy) ->
             namespace: namespace.into(),
             name: name.into(),
             key_id: key_id.into(),
+            uid: key_id.into(),
             state: KeyState::Enabled,
             current_version: Some(1),
             refused_versions: Default::default(),

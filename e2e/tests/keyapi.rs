@@ -63,18 +63,17 @@ pub(crate) async fn enabled_key(ns: &str, name: &str, spec: &str) -> KmsKey {
 }
 
 pub(crate) fn bind_key_user(ns: &str, sa_ns: &str, sa: &str) {
-    kubectl_ok(
-        &[
-            "create",
-            "rolebinding",
-            &format!("{sa_ns}-{sa}-keys"),
-            "-n",
-            ns,
-            "--clusterrole=kubekms-key-user",
-            &format!("--serviceaccount={sa_ns}:{sa}"),
-        ],
-        None,
-    );
+    let args = key_user_binding(ns, sa_ns, sa);
+    kubectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+}
+
+/// The kubectl arguments that bind ServiceAccount `sa_ns/sa` to `kubekms-key-user` in `ns`.
+pub(crate) fn key_user_binding(ns: &str, sa_ns: &str, sa: &str) -> Vec<String> {
+    let args =
+        ["create", "rolebinding", &format!("{sa_ns}-{sa}-keys"), "-n", ns, "--clusterrole=kubekms-key-user"];
+    let mut args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+    args.push(format!("--serviceaccount={sa_ns}:{sa}"));
+    args
 }
 
 pub(crate) fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -17,6 +17,7 @@ mod lifecycle;
 mod migration;
 mod plugin;
 mod redteam;
+mod restore;
 mod story;
 mod usage;
 mod versions;

@@ -42,6 +42,7 @@ impl From<&KmsKey> for Key {
                 namespace: key.metadata.namespace.clone().unwrap_or_default(),
                 name: key.metadata.name.clone().unwrap_or_default(),
                 key_id: key.metadata.uid.clone().unwrap_or_default(),
+                uid: key.metadata.uid.clone().unwrap_or_default(),
                 state,
                 current_version,
                 refused_versions: Default::default(),
@@ -215,7 +216,8 @@ impl From<&KmsKeyUsage> for Usage {
 impl From<&KmsKeyMaterial> for WrappedMaterial {
     fn from(m: &KmsKeyMaterial) -> Self {
         WrappedMaterial {
-            key_id: m.spec.owner.uid.clone(),
+            key_id: m.spec.key_id().to_owned(),
+            uid: m.spec.owner.uid.clone(),
             root_key_fingerprint: m.spec.root_key_fingerprint.clone(),
             destroyed: m.spec.destroyed_at.is_some(),
             deletion_time: m.spec.deletion_time.as_ref().map(|t| t.0),
@@ -268,6 +270,7 @@ mod tests {
         assert_eq!(info.current_version, None);
         let material = WrappedMaterial {
             key_id: "uid-1".into(),
+            uid: "uid-1".into(),
             root_key_fingerprint: "rk".into(),
             destroyed: false,
             deletion_time: None,
@@ -286,8 +289,16 @@ mod tests {
         assert_eq!((converted.info.state, converted.info.current_version), (KeyState::Disabled, Some(2)));
         assert_eq!(converted.versions, [1, 2]);
         // Another key's material is not this key's.
-        let other = WrappedMaterial { key_id: "uid-2".into(), ..material };
+        let other = WrappedMaterial { key_id: "uid-2".into(), uid: "uid-2".into(), ..material.clone() };
         assert_eq!(key.info(Some(&other)).current_version, None);
+        // Restored from a backup: the key's keyId is its material's, not its UID.
+        let restored = WrappedMaterial { key_id: "6ece15cd-0195-4985-aff9-395763ad0a3b".into(), ..material };
+        let info = key.info(Some(&restored));
+        assert_eq!(
+            (info.key_id.as_str(), info.uid.as_str()),
+            ("6ece15cd-0195-4985-aff9-395763ad0a3b", "uid-1")
+        );
+        assert_eq!(info.current_version, Some(2));
         assert!(converted.automatic_rotation && converted.policy.delegate_to_rbac);
     }
 

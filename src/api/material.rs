@@ -46,12 +46,23 @@ pub const MAX_VERSIONS: usize = 1000;
 #[x_kube(validation = Rule::new(
     "!has(oldSelf.deletionTime) || !has(self.deletionTime) || timestamp(self.deletionTime) >= timestamp(oldSelf.deletionTime)"
 ).message("a promised deletion time never moves earlier: cancel the deletion, then schedule it again"))]
+#[x_kube(validation = Rule::new(
+    "has(self.keyId) == has(oldSelf.keyId) && (!has(self.keyId) || self.keyId == oldSelf.keyId)"
+).message("keyId is immutable"))]
 pub struct KmsKeyMaterialSpec {
     /// The KmsKey this material belongs to.
     pub owner: KeyOwner,
 
     /// Where the material came from.
     pub origin: Origin,
+
+    /// The key's keyId, which every ciphertext made under it names: a UUID fixed when the
+    /// material is first made (the key's UID then) and kept when `kubekms keyring restore`
+    /// recreates the key in another cluster, where its UID differs. Absent in material made
+    /// before kubekms recorded it; the keyId is then `owner.uid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 36, max = 36))]
+    pub key_id: Option<String>,
 
     /// The fingerprint of the root key that wraps every version.
     #[schemars(length(min = 1, max = 128))]
@@ -84,6 +95,14 @@ pub struct KmsKeyMaterialSpec {
     /// same. Removed when the spec no longer asks for deletion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_refused: Option<DeletionRefusal>,
+}
+
+impl KmsKeyMaterialSpec {
+    /// The key's keyId: the one recorded, or (material made before kubekms recorded it)
+    /// the UID of its key.
+    pub fn key_id(&self) -> &str {
+        self.key_id.as_deref().unwrap_or(&self.owner.uid)
+    }
 }
 
 /// What kube-apiserver's stored data needs of a key, after a storage migration.
@@ -121,7 +140,8 @@ pub struct KeyOwner {
     /// The key's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// The key's UID, which is also its keyId.
+    /// The key's UID, which names this object (and, unless `keyId` says otherwise, is
+    /// the key's keyId).
     #[schemars(length(min = 1, max = 64))]
     pub uid: String,
 }

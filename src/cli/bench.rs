@@ -103,11 +103,13 @@ async fn serve<S: KeyManagementService>(
 /// A plugin with a fresh random key and an audit log in `dir`, as the plugin runs for real.
 pub async fn start_local_plugin(dir: &Path, stop: CancellationToken) -> Result<PathBuf, BenchError> {
     let root = RootKey::from_material(KeyMaterial::generate().map_err(BenchError::Random)?);
+    let key_id = uuid::Uuid::new_v4().to_string();
     let key = KeySnapshot {
         info: KeyInfo {
             namespace: "bench".into(),
             name: "key".into(),
-            key_id: uuid::Uuid::new_v4().to_string(),
+            uid: key_id.clone(),
+            key_id,
             state: KeyState::Enabled,
             current_version: Some(1),
             refused_versions: Default::default(),

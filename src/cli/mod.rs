@@ -9,6 +9,7 @@ mod crds;
 mod encrypt;
 mod envelope;
 mod key;
+mod keyring;
 mod manifests;
 mod plugin;
 mod root_key;
@@ -63,6 +64,9 @@ enum Command {
     /// Operate on KmsKeys directly (for what kubectl cannot do).
     #[command(subcommand)]
     Key(key::Command),
+    /// Back up every key's wrapped material, and restore it into another cluster.
+    #[command(subcommand)]
+    Keyring(keyring::Command),
     /// Check an audit log.
     #[command(subcommand)]
     Audit(audit::Command),
@@ -93,6 +97,7 @@ impl Cli {
             Command::Decrypt(args) => args.run().await,
             Command::RootKey(command) => command.run(),
             Command::Key(command) => command.run().await,
+            Command::Keyring(command) => command.run().await,
             Command::Audit(command) => command.run(),
             Command::Bench(command) => command.run().await,
             Command::Envelope => envelope::run(),

@@ -92,6 +92,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
             deletion_refused: spec.and_then(|s| s.deletion_refused.as_ref()).map(|r| r.message.as_str()),
             storage_oldest: spec.and_then(|s| s.storage.as_ref()).map(|s| s.oldest_version_in_use),
             usage: usage.as_ref(),
+            awaiting_restore: key.annotations().get(keyring::RESTORE_ANNOTATION).map(String::as_str),
         };
         match lifecycle::plan(&observed, now, ctx.calendar) {
             Plan::Act(action) => {
@@ -129,13 +130,17 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 }
             }
             Plan::Settle { status: next, requeue_after } => {
-                let next = KmsKeyStatus { key_id: Some(owner.uid.clone()), ..*next };
+                let key_id = key_id(&owner, material.as_ref());
+                // A key awaiting its restored material has no keyId yet: its UID will not be.
+                let awaiting =
+                    material.is_none() && key.annotations().contains_key(keyring::RESTORE_ANNOTATION);
+                let next = KmsKeyStatus { key_id: (!awaiting).then(|| key_id.to_owned()), ..*next };
                 let mut resource_version = key.resource_version();
                 if next != lifecycle::owned(&status) {
                     // Audited before status reports it: a transition that cannot be audited
                     // is not reported, and is audited again by the retry.
                     let transitions = lifecycle::transitions(&status, &next);
-                    audit(ctx, key, &owner, next.current_version, &transitions)?;
+                    audit(ctx, key, (&owner, key_id), next.current_version, &transitions)?;
                     resource_version = cluster.patch_key_status(&owner.namespace, &owner.name, &next).await?;
                     ctx.written.wrote(&owner.uid, &cached_status, &status, next.clone());
                     publish(ctx, key, &transitions).await;
@@ -335,7 +340,7 @@ async fn apply(
             rotated
         }
         (MaterialAction::ScheduleDeletion { at, forced }, Some(current)) => {
-            audit_forced(ctx, key, owner, None, forced.as_deref())?;
+            audit_forced(ctx, key, (owner, key_id(owner, material)), None, forced.as_deref())?;
             let postponed = current.spec.deletion_time.is_some();
             let scheduled =
                 cluster.replace_material(&keyring::with_deletion_time(current, Some(*at))).await?;
@@ -350,7 +355,7 @@ async fn apply(
         (MaterialAction::ScheduleDeletion { at, forced }, None) => {
             // A key without material yet (EXTERNAL, not imported): the promise needs an
             // object to live in, without versions.
-            audit_forced(ctx, key, owner, None, forced.as_deref())?;
+            audit_forced(ctx, key, (owner, key_id(owner, material)), None, forced.as_deref())?;
             let empty = keyring::new_material(owner, key.spec.origin, &ctx.root, None, None, now)?;
             cluster.create_material(owner, &keyring::with_deletion_time(&empty, Some(*at))).await?
         }
@@ -364,7 +369,7 @@ async fn apply(
             cluster.replace_material(&keyring::with_deletion_refused(current, None)).await?
         }
         (MaterialAction::ScheduleVersionDestruction { version, at, forced }, Some(current)) => {
-            audit_forced(ctx, key, owner, Some(*version), forced.as_deref())?;
+            audit_forced(ctx, key, (owner, key_id(owner, material)), Some(*version), forced.as_deref())?;
             let postponed =
                 current.spec.versions.iter().any(|v| v.version == *version && v.deletion_time.is_some());
             let object =
@@ -446,12 +451,17 @@ async fn api_server_not_yet_due(
     ))
 }
 
+/// The key's keyId: its material's, or its UID before it has material.
+fn key_id<'a>(owner: &'a Owner, material: Option<&'a KmsKeyMaterial>) -> &'a str {
+    material.map_or(&owner.uid, |m| m.spec.key_id())
+}
+
 /// One chained audit line per transition, naming who last changed the key (its field
 /// manager, as the API server records it).
 fn audit(
     ctx: &Context,
     key: &KmsKey,
-    owner: &Owner,
+    (owner, key_id): (&Owner, &str),
     version: Option<u32>,
     transitions: &[lifecycle::Transition],
 ) -> Result<(), Error> {
@@ -463,7 +473,7 @@ fn audit(
             principal: principal.clone(),
             operation: t.reason,
             key: Some(format!("{}/{}", owner.namespace, owner.name)),
-            key_id: Some(owner.uid.clone()),
+            key_id: Some(key_id.to_owned()),
             key_version: version,
             result: if t.warning { "Refused" } else { "OK" },
             reason: Some(t.note.clone()),
@@ -479,7 +489,7 @@ fn audit(
 fn audit_forced(
     ctx: &Context,
     key: &KmsKey,
-    owner: &Owner,
+    (owner, key_id): (&Owner, &str),
     version: Option<u32>,
     forced: Option<&str>,
 ) -> Result<(), Error> {
@@ -494,7 +504,7 @@ fn audit_forced(
             "ScheduleDeletionForced"
         },
         key: Some(format!("{}/{}", owner.namespace, owner.name)),
-        key_id: Some(owner.uid.clone()),
+        key_id: Some(key_id.to_owned()),
         key_version: version,
         result: "OK",
         reason: Some(format!("force: true overrode: {need}")),

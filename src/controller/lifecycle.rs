@@ -80,6 +80,9 @@ pub struct Observed<'a> {
     pub storage_oldest: Option<u32>,
     /// When the key's versions were last used (none before anything reported a use).
     pub usage: Option<&'a Usage>,
+    /// `kubekms keyring restore` is recreating the key with the keyId its annotation
+    /// names: its material comes from the backup, so none is made here.
+    pub awaiting_restore: Option<&'a str>,
 }
 
 /// The one material change a reconcile makes.
@@ -298,6 +301,28 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
                         "the key's KmsKeyMaterial has disappeared; restore that object from a backup; \
                          kubekms will not replace it with new material"
                             .to_owned(),
+                    ),
+                    Vec::new(),
+                    None,
+                )),
+                requeue_after: None,
+            };
+        }
+        Material::Absent if o.awaiting_restore.is_some() => {
+            let key_id = o.awaiting_restore.unwrap_or_default();
+            return Plan::Settle {
+                status: Box::new(with_conditions(
+                    owned(prev),
+                    prev,
+                    o.generation,
+                    now,
+                    (
+                        "False",
+                        "AwaitingRestore",
+                        format!(
+                            "kubekms keyring restore is recreating this key (keyId {key_id}) and writes its \
+                             material; if it was interrupted, run it again: it resumes this key"
+                        ),
                     ),
                     Vec::new(),
                     None,

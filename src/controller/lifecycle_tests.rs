@@ -52,6 +52,7 @@ struct Sim {
     deletion_refused: Option<String>,
     storage_oldest: Option<u32>,
     usage: Option<Usage>,
+    awaiting_restore: Option<String>,
     now: Timestamp,
     events: Vec<&'static str>,
     actions: Vec<MaterialAction>,
@@ -69,6 +70,7 @@ impl Sim {
             deletion_refused: None,
             storage_oldest: None,
             usage: None,
+            awaiting_restore: None,
             now: t0(),
             events: vec![],
             actions: vec![],
@@ -91,6 +93,7 @@ impl Sim {
             deletion_refused: self.deletion_refused.as_deref(),
             storage_oldest: self.storage_oldest,
             usage: self.usage.as_ref(),
+            awaiting_restore: self.awaiting_restore.as_deref(),
         };
         plan(&o, self.now, Calendar { day: DAY })
     }
@@ -514,17 +517,7 @@ fn external_keys_wait_for_import_and_never_rotate() {
     assert_eq!(k.state(), KeyState::PendingImport);
     assert!(k.actions.is_empty(), "no material is generated for an EXTERNAL key");
     // The material arrives (imported).
-    k.material = Material::Present {
-        versions: vec![VersionInfo {
-            version: 1,
-            created: k.now,
-            trigger: VersionTrigger::Imported,
-            request: None,
-            deletion_time: None,
-            destroyed: None,
-        }],
-        root_key_matches: true,
-    };
+    k.material = one_version(VersionTrigger::Imported, k.now);
     k.reconcile();
     assert_eq!(k.state(), KeyState::Enabled);
     assert_eq!(k.status.next_rotation_time, None);
@@ -558,6 +551,30 @@ fn missing_material_is_reported_not_replaced() {
     let ready = k.condition(READY).unwrap();
     assert_eq!(ready.reason, "MaterialMissing");
     assert_eq!(k.status.current_version, Some(1));
+}
+
+/// Material holding version 1 alone, made by `trigger` at `created`.
+fn one_version(trigger: VersionTrigger, created: Timestamp) -> Material {
+    let v1 =
+        VersionInfo { version: 1, created, trigger, request: None, deletion_time: None, destroyed: None };
+    Material::Present { versions: vec![v1], root_key_matches: true }
+}
+
+#[test]
+fn a_key_being_restored_gets_no_material_of_the_controllers_making() {
+    let mut k = Sim::new();
+    k.awaiting_restore = Some("6ece15cd-0195-4985-aff9-395763ad0a3b".into());
+    k.reconcile();
+    assert!(k.actions.is_empty(), "no version 1 is made: the backup's versions come");
+    let ready = k.condition(READY).unwrap();
+    assert_eq!(ready.reason, "AwaitingRestore");
+    assert!(ready.message.contains("keyId 6ece15cd-0195-4985-aff9-395763ad0a3b"), "{}", ready.message);
+    assert_eq!(k.status.state, None);
+    // Once the material is there the annotation no longer matters.
+    k.material = one_version(VersionTrigger::Created, t0());
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Enabled);
+    assert!(k.actions.is_empty());
 }
 
 #[test]

@@ -14,8 +14,12 @@ use super::snapshot::WrappedMaterial;
 pub struct KeyInfo {
     pub namespace: String,
     pub name: String,
-    /// The key's keyId (its UID).
+    /// The key's keyId, which ciphertexts, ARNs and the audit log name: its material's
+    /// (the key's UID until the material is known, and for keys made in this cluster).
     pub key_id: String,
+    /// The KmsKey's UID in this cluster: it names the key's material and usage records and
+    /// binds its grants.
+    pub uid: String,
     pub state: KeyState,
     /// The version new encryptions use.
     pub current_version: Option<u32>,
@@ -127,8 +131,12 @@ impl KeyIntent {
 impl Key {
     /// The key with its state, current version, versions and deletion time derived anew
     /// from `material` (its own material object, if any).
+    /// The keyId becomes the material's.
     pub fn with_material(mut self, material: Option<&WrappedMaterial>) -> Key {
-        let own = material.filter(|m| m.key_id == self.info.key_id);
+        let own = material.filter(|m| m.uid == self.info.uid);
+        if let Some(m) = own {
+            self.info.key_id = m.key_id.clone();
+        }
         let (state, current) = self.intent.state(own);
         self.info.state = state;
         self.info.current_version = current;

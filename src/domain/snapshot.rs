@@ -41,8 +41,11 @@ impl KeySnapshot {
 /// version's material wrapped by the root key, base64-encoded.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WrappedMaterial {
-    /// The keyId of the key the material belongs to.
+    /// The keyId of the key the material belongs to, which its wrapping is bound to.
     pub key_id: String,
+    /// The UID of the KmsKey it belongs to in this cluster (the material object's name);
+    /// differs from `key_id` only for a key restored from a backup.
+    pub uid: String,
     pub root_key_fingerprint: String,
     /// The material was destroyed (and `versions` is empty).
     pub destroyed: bool,

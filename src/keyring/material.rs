@@ -93,12 +93,12 @@ impl MaterialError {
 pub struct Owner {
     pub namespace: String,
     pub name: String,
-    /// The key's UID, which is its keyId and the material object's name.
+    /// The key's UID: the material object's name, and the keyId of material made here.
     pub uid: String,
 }
 
 impl Owner {
-    fn to_api(&self) -> KeyOwner {
+    pub(super) fn to_api(&self) -> KeyOwner {
         KeyOwner { namespace: self.namespace.clone(), name: self.name.clone(), uid: self.uid.clone() }
     }
 }
@@ -142,20 +142,11 @@ pub fn new_material(
         None => Vec::new(),
     };
     Ok(KmsKeyMaterial {
-        metadata: ObjectMeta {
-            name: Some(owner.uid.clone()),
-            labels: Some(
-                [
-                    ("kms.kubekms.io/key-namespace".to_owned(), owner.namespace.clone()),
-                    ("kms.kubekms.io/key-name".to_owned(), owner.name.clone()),
-                ]
-                .into(),
-            ),
-            ..Default::default()
-        },
+        metadata: material_metadata(owner),
         spec: KmsKeyMaterialSpec {
             owner: owner.to_api(),
             origin,
+            key_id: Some(owner.uid.clone()),
             root_key_fingerprint: root.fingerprint().to_owned(),
             versions,
             deletion_time: None,
@@ -164,6 +155,21 @@ pub fn new_material(
             deletion_refused: None,
         },
     })
+}
+
+/// The name and labels of the material object of `owner`.
+pub(super) fn material_metadata(owner: &Owner) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(owner.uid.clone()),
+        labels: Some(
+            [
+                ("kms.kubekms.io/key-namespace".to_owned(), owner.namespace.clone()),
+                ("kms.kubekms.io/key-name".to_owned(), owner.name.clone()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    }
 }
 
 /// `current` with the next version added, generated from the OS CSPRNG. Written back with
@@ -194,7 +200,7 @@ pub fn with_version(
         return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
     }
     let next = next_version(current)?;
-    let version = wrap_version(root, &current.spec.owner.uid, next, material, trigger, request, now)?;
+    let version = wrap_version(root, current.spec.key_id(), next, material, trigger, request, now)?;
     let mut updated = current.clone();
     updated.spec.versions.push(version);
     Ok(updated)
@@ -304,7 +310,7 @@ pub fn unwrap_version(
     let wrapped = B64
         .decode(encoded)
         .map_err(|_| MaterialError::Encoding { name: name.clone(), version: version.version })?;
-    root.unwrap(&wrapped, WrapContext { key_id: &material.spec.owner.uid, version: version.version })
+    root.unwrap(&wrapped, WrapContext { key_id: material.spec.key_id(), version: version.version })
         .map_err(|source| MaterialError::Unwrap { name, version: version.version, source })
 }
 
@@ -321,6 +327,7 @@ mod tests {
             spec: KmsKeyMaterialSpec {
                 owner: KeyOwner { namespace: "ns".into(), name: "k".into(), uid: "uid-1".into() },
                 origin: Origin::Kubekms,
+                key_id: None,
                 root_key_fingerprint: root.fingerprint().into(),
                 versions: vec![version],
                 deletion_time: None,
@@ -350,6 +357,12 @@ mod tests {
         m.spec.owner.uid = "uid-2".into();
         assert!(matches!(unwrap_version(&root, &m, &v), Err(MaterialError::Unwrap { .. })));
         m.spec.owner.uid = "uid-1".into();
+        // Restored into another cluster: another UID, the same keyId, the same bytes.
+        let mut restored = m.clone();
+        (restored.spec.owner.uid, restored.spec.key_id) = ("uid-9".into(), Some("uid-1".into()));
+        assert!(unwrap_version(&root, &restored, &v).unwrap().ct_eq(&key));
+        restored.spec.key_id = Some("uid-9".into());
+        assert!(matches!(unwrap_version(&root, &restored, &v), Err(MaterialError::Unwrap { .. })));
         let renumbered = MaterialVersion { version: 2, ..v.clone() };
         assert!(matches!(unwrap_version(&root, &m, &renumbered), Err(MaterialError::Unwrap { .. })));
         let garbled = MaterialVersion { wrapped: Some("%%%".into()), ..v };

@@ -1,11 +1,19 @@
 //! Key versions: how material is wrapped, numbered and checked (`material`, pure), where it
 //! is stored (`store`, a thin adapter for `KmsKeyMaterial`), how it is read back into
-//! memory (`snapshot`), and importing your own.
+//! memory (`snapshot`), importing your own, and backing every key up and restoring it in
+//! another cluster (`backup`, pure; `restore`, its adapter).
 
+mod backup;
 mod import;
 mod material;
+mod restore;
 mod snapshot;
 mod store;
+
+pub use backup::{
+    Backup, BackupError, BackupKey, Existing, MAX_BACKUP_LEN, Step, open_backup, plan_restore, seal_backup,
+};
+pub use restore::{RESTORE_ANNOTATION, RestoreError, Restored, collect, restore};
 
 pub use import::{ImportError, check_importable, import, read_material};
 pub use material::{

@@ -69,6 +69,7 @@ mod tests {
             namespace: "ns".into(),
             name: "k".into(),
             key_id: key_id.into(),
+            uid: key_id.into(),
             state: KeyState::Enabled,
             current_version: Some(2),
             refused_versions: Default::default(),
@@ -83,6 +84,7 @@ mod tests {
             .collect();
         WrappedMaterial {
             key_id: key_id.into(),
+            uid: key_id.into(),
             root_key_fingerprint: root.fingerprint().into(),
             destroyed: false,
             deletion_time: None,

@@ -35,6 +35,10 @@ pub struct CachedKey {
     pub namespace: String,
     pub name: String,
     pub key_id: String,
+    /// The KmsKey's UID, when it differs from the keyId (a key restored from a backup);
+    /// left out otherwise, so caches stay readable by plugins that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     pub state: KeyState,
     pub current_version: Option<u32>,
     /// Versions that refuse to decrypt, and why.
@@ -61,6 +65,7 @@ impl CachedKey {
             namespace: info.namespace.clone(),
             name: info.name.clone(),
             key_id: info.key_id.clone(),
+            uid: (info.uid != info.key_id).then(|| info.uid.clone()),
             state: info.state,
             current_version: info.current_version,
             refused_versions: info.refused_versions.clone(),
@@ -75,16 +80,23 @@ impl CachedKey {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             key_id: self.key_id.clone(),
+            uid: self.uid().to_owned(),
             state: self.state,
             current_version: self.current_version,
             refused_versions: self.refused_versions.clone(),
         }
     }
 
+    /// The KmsKey's UID.
+    fn uid(&self) -> &str {
+        self.uid.as_deref().unwrap_or(&self.key_id)
+    }
+
     /// The cached versions, as stored.
     pub fn material(&self) -> WrappedMaterial {
         WrappedMaterial {
             key_id: self.key_id.clone(),
+            uid: self.uid().to_owned(),
             root_key_fingerprint: self.root_key_fingerprint.clone(),
             destroyed: false,
             deletion_time: None,
@@ -226,6 +238,7 @@ mod tests {
             namespace: "kube-system".into(),
             name: "cluster".into(),
             key_id: "6ece15cd-0195-4985-aff9-395763ad0a3b".into(),
+            uid: None,
             state: KeyState::Enabled,
             current_version: Some(2),
             refused_versions: Default::default(),
@@ -239,6 +252,26 @@ mod tests {
 
     fn key() -> KeyMaterial {
         KeyMaterial::from_slice(&[5; 32]).unwrap()
+    }
+
+    #[test]
+    fn a_restored_key_keeps_its_uid_and_other_caches_stay_as_they_were() {
+        let mut info = sample().info();
+        assert_eq!(info.uid, info.key_id);
+        assert!(
+            !serde_json::to_string(&CachedKey::new(&info, Some(&sample().material())))
+                .unwrap()
+                .contains("uid")
+        );
+        // Restored from a backup: the UID here differs from the keyId, and both come back.
+        info.uid = "11111111-2222-3333-4444-555555555555".into();
+        let cached = CachedKey::new(&info, Some(&sample().material()));
+        assert_eq!(cached.uid.as_deref(), Some(info.uid.as_str()));
+        assert_eq!(cached.info(), info);
+        assert_eq!(
+            (cached.material().uid, cached.material().key_id),
+            (info.uid.clone(), info.key_id.clone())
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn snapshot(state: KeyState, versions: u32) -> Arc<KeySnapshot> {
             namespace: "kube-system".into(),
             name: "cluster".into(),
             key_id: KEY_ID.into(),
+            uid: KEY_ID.into(),
             state,
             current_version: Some(versions),
             refused_versions: Default::default(),

@@ -87,6 +87,7 @@ proptest! {
             namespace: "ns".into(),
             name: "k".into(),
             key_id: KEY_ID.into(),
+            uid: None,
             state: KeyState::Enabled,
             current_version: Some(current),
             refused_versions: Default::default(),

@@ -265,6 +265,7 @@ mod tests {
             namespace: "kube-system".into(),
             name: "cluster".into(),
             key_id: "uid-1".into(),
+            uid: "uid-1".into(),
             state,
             current_version: Some(1),
             refused_versions: Default::default(),

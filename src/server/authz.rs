@@ -176,7 +176,7 @@ impl<R: RbacChecker> Authorizer<R> {
         now: Timestamp,
     ) -> Result<Allowed, AuthzError> {
         let granted = || {
-            let grant = grants.iter().find(|g| g.allows(&key.info.key_id, who, op, context, now))?;
+            let grant = grants.iter().find(|g| g.allows(&key.info.uid, who, op, context, now))?;
             Some(grant.grant_id.clone())
         };
         self.decide(who, key, op, granted).await
@@ -254,7 +254,7 @@ impl<R: RbacChecker> Authorizer<R> {
         let (namespace, name) = (&key.info.namespace, &key.info.name);
         let rbac =
             async || self.rbac.allowed(who, KeyOperation::CreateGrant.rbac_verb(), namespace, name).await;
-        right_to_grant(&key.policy, who, grant, grants, &key.info.key_id, now, rbac)
+        right_to_grant(&key.policy, who, grant, grants, &key.info.uid, now, rbac)
             .await
             .map_err(AuthzError::Rbac)?
             .map_err(|refusal| AuthzError::MayNotGrant {

@@ -435,6 +435,7 @@ impl Harness {
             .collect();
         self.directory.materials.apply(WrappedMaterial {
             key_id: key_id.clone(),
+            uid: key.info.uid.clone(),
             root_key_fingerprint: root.fingerprint().into(),
             destroyed: false,
             deletion_time: None,

@@ -82,13 +82,13 @@ impl Mirrored for Grant {
     }
 }
 
-/// Material objects are cluster-scoped and named by their key's keyId.
+/// Material objects are cluster-scoped and named by their key's UID.
 impl Mirrored for WrappedMaterial {
     fn namespace(&self) -> &str {
         ""
     }
     fn name(&self) -> &str {
-        &self.key_id
+        &self.uid
     }
     fn id(&self) -> &str {
         &self.key_id
@@ -219,18 +219,18 @@ impl Feed<Key> for Directory {
 /// the key.
 impl Feed<WrappedMaterial> for Directory {
     fn apply(&self, material: WrappedMaterial) {
-        let key_id = material.key_id.clone();
+        let (uid, key_id) = (material.uid.clone(), material.key_id.clone());
         self.materials.apply(material);
-        self.rederive(&key_id);
+        self.rederive(&uid, &key_id);
     }
     fn delete(&self, material: &WrappedMaterial) {
-        self.materials.delete("", &material.key_id);
-        self.rederive(&material.key_id);
+        self.materials.delete("", &material.uid);
+        self.rederive(&material.uid, &material.key_id);
     }
     fn replace_all(&self, all: Vec<WrappedMaterial>) {
         self.materials.replace_all(all);
         for key in self.keys.filter(|_| true) {
-            self.rederive(&key.info.key_id);
+            self.keys.apply(self.derived((*key).clone()));
         }
     }
 }
@@ -260,16 +260,19 @@ impl Feed<Grant> for Directory {
 }
 
 impl Directory {
-    /// Derives the key `key_id` anew from its current material.
-    fn rederive(&self, key_id: &str) {
-        if let Some(key) = self.keys.by_id(key_id) {
+    /// Derives the key of UID `uid` anew from its current material (of keyId `key_id`):
+    /// the directory knows the key by that keyId once it has seen the material, by its UID
+    /// before.
+    fn rederive(&self, uid: &str, key_id: &str) {
+        let key = [key_id, uid].into_iter().find_map(|id| self.keys.by_id(id).filter(|k| k.info.uid == uid));
+        if let Some(key) = key {
             self.keys.apply(self.derived((*key).clone()));
         }
     }
 
     /// `key` with its state and versions derived from its material as the directory has it.
     fn derived(&self, key: Key) -> Key {
-        let material = self.materials.get("", &key.info.key_id);
+        let material = self.materials.get("", &key.info.uid);
         key.with_material(material.as_deref())
     }
 
@@ -285,15 +288,15 @@ impl Directory {
     }
 
     /// The key's live material: not destroyed, and this key's.
-    fn live_material(&self, key_id: &str) -> Option<Arc<WrappedMaterial>> {
-        self.materials.get("", key_id).filter(|m| !m.destroyed && m.key_id == key_id)
+    fn live_material(&self, key: &Key) -> Option<Arc<WrappedMaterial>> {
+        self.materials.get("", &key.info.uid).filter(|m| !m.destroyed && m.key_id == key.info.key_id)
     }
 
     /// Forgets the unwrapped material of keys that are gone or destroyed (run periodically:
     /// plaintext material must not outlive its key in memory).
     pub fn sweep(&self) {
         let live =
-            |key_id: &String| self.live_material(key_id).is_some() && self.keys.by_id(key_id).is_some();
+            |key_id: &String| self.keys.by_id(key_id).is_some_and(|k| self.live_material(&k).is_some());
         if let Ok(mut m) = self.unwrapped.lock() {
             m.retain(|key_id, _| live(key_id));
         }
@@ -301,7 +304,7 @@ impl Directory {
 
     fn versions(&self, key: &Key) -> Result<Arc<KeySnapshot>, MaterialError> {
         let key_id = &key.info.key_id;
-        let material = self.live_material(key_id);
+        let material = self.live_material(key);
         if material.is_none() {
             // Destroyed or gone: drop whatever was unwrapped before.
             if let Ok(mut m) = self.unwrapped.lock() {
@@ -403,6 +406,7 @@ mod tests {
                 namespace: "apps".into(),
                 name: "k".into(),
                 key_id: "uid-1".into(),
+                uid: "uid-1".into(),
                 state: KeyState::Creating,
                 current_version: None,
                 refused_versions: Default::default(),
@@ -423,6 +427,7 @@ mod tests {
     fn material(versions: &[u32], promised: bool) -> WrappedMaterial {
         WrappedMaterial {
             key_id: "uid-1".into(),
+            uid: "uid-1".into(),
             root_key_fingerprint: "rk".into(),
             destroyed: false,
             deletion_time: promised.then_some(jiff::Timestamp::UNIX_EPOCH),
@@ -481,5 +486,30 @@ mod tests {
         assert_eq!(state(&d), (KeyState::Enabled, Some(3)));
         Feed::<WrappedMaterial>::delete(&d, &material(&[], false));
         assert_eq!(state(&d), (KeyState::Creating, None));
+    }
+
+    #[test]
+    fn a_restored_key_is_found_by_its_materials_key_id_not_its_uid() {
+        let root = RootKey::from_material(KeyMaterial::generate().unwrap());
+        let d = Directory::new(Arc::new(root));
+        // In this cluster the KmsKey's UID is uid-1; its material keeps the keyId it had.
+        const KEY_ID: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
+        let restored =
+            |versions: &[u32]| WrappedMaterial { key_id: KEY_ID.into(), ..material(versions, false) };
+        d.apply(restored(&[1, 2]));
+        d.apply(key(true));
+        assert_eq!(state(&d), (KeyState::Enabled, Some(2)));
+        let k = d.resolve(KEY_ID).unwrap();
+        assert_eq!((k.info.key_id.as_str(), k.info.uid.as_str()), (KEY_ID, "uid-1"));
+        assert!(d.resolve("uid-1").is_none(), "the UID names no key once the material is known");
+        // The material changes: the key is found and derived anew.
+        d.apply(restored(&[1, 2, 3]));
+        assert_eq!(state(&d), (KeyState::Enabled, Some(3)));
+        Feed::<WrappedMaterial>::replace_all(&d, vec![restored(&[1, 2, 3, 4])]);
+        assert_eq!(state(&d), (KeyState::Enabled, Some(4)));
+        // Another key's material of the same keyId (never written by kubekms) is not this key's.
+        let foreign = WrappedMaterial { uid: "uid-2".into(), ..restored(&[1, 2, 3, 4, 5]) };
+        d.apply(foreign);
+        assert_eq!(state(&d), (KeyState::Enabled, Some(4)));
     }
 }

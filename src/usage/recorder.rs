@@ -260,13 +260,13 @@ impl Recorder {
 
 impl UseRecorder for Recorder {
     fn record(&self, key: &KeyInfo, version: u32, kind: UseKind) {
-        if key.key_id.is_empty() || version == 0 {
+        if key.uid.is_empty() || version == 0 {
             return;
         }
         let period = period_start((self.clock)(), self.granularity);
         let changed = {
             let mut keys = self.lock();
-            if !keys.contains_key(&key.key_id) {
+            if !keys.contains_key(&key.uid) {
                 if !self.make_room(&mut keys) {
                     drop(keys);
                     self.drop_use(key, version);
@@ -275,13 +275,13 @@ impl UseRecorder for Recorder {
                 let owner = KeyOwner {
                     namespace: key.namespace.clone(),
                     name: key.name.clone(),
-                    uid: key.key_id.clone(),
+                    uid: key.uid.clone(),
                 };
                 let entry =
                     KeyUses { owner, versions: BTreeMap::new(), dirty: false, generation: 0, loaded: false };
-                keys.insert(key.key_id.clone(), entry);
+                keys.insert(key.uid.clone(), entry);
             }
-            let Some(entry) = keys.get_mut(&key.key_id) else { return };
+            let Some(entry) = keys.get_mut(&key.uid) else { return };
             if entry.versions.len() >= self.limits.versions && !entry.versions.contains_key(&version) {
                 drop(keys);
                 self.drop_use(key, version);
@@ -313,6 +313,7 @@ mod tests {
             namespace: "ns".into(),
             name: format!("key-{uid}"),
             key_id: uid.into(),
+            uid: uid.into(),
             state: KeyState::Enabled,
             current_version: Some(1),
             refused_versions: Default::default(),

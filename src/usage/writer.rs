@@ -298,6 +298,7 @@ mod tests {
             namespace: "ns".into(),
             name: "k".into(),
             key_id: "uid-1".into(),
+            uid: "uid-1".into(),
             state: KeyState::Enabled,
             current_version: Some(2),
             refused_versions: Default::default(),
