@@ -3,11 +3,11 @@
 
 use super::{
     GrantConstraints, GrantCreator, KeyPolicy, KeyReference, KmsGrant, KmsGrantSpec, KmsKey, KmsKeyMaterial,
-    KmsKeyUsage, Principal, PrincipalKind,
+    KmsKeyUsage, Principal, PrincipalKind, VersionTrigger,
 };
 use crate::domain::{
     self, Constraints, Creator, Grant, Identity, Key, KeyInfo, KeyIntent, Policy, ReporterUse, Statement,
-    Usage, WrappedMaterial,
+    Usage, VersionCause, VersionMade, WrappedMaterial,
 };
 
 impl KmsKey {
@@ -50,6 +50,7 @@ impl From<&KmsKey> for Key {
             description: key.spec.description.clone(),
             origin: key.spec.origin,
             versions: Vec::new(),
+            history: Vec::new(),
             created: time(key.metadata.creation_timestamp.as_ref()),
             next_rotation: time(status.and_then(|s| s.next_rotation_time.as_ref())),
             deletion: None,
@@ -235,6 +236,21 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
                 .collect(),
             deletion_refused: m.spec.deletion_refused.is_some(),
             revision: m.metadata.resource_version.clone(),
+            history: m
+                .spec
+                .versions
+                .iter()
+                .map(|v| VersionMade {
+                    version: v.version,
+                    created: v.created.0,
+                    cause: match v.trigger {
+                        VersionTrigger::Created => VersionCause::Created,
+                        VersionTrigger::Scheduled => VersionCause::Scheduled,
+                        VersionTrigger::OnDemand => VersionCause::OnDemand,
+                        VersionTrigger::Imported => VersionCause::Imported,
+                    },
+                })
+                .collect(),
         }
     }
 }
