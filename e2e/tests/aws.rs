@@ -879,3 +879,48 @@ async fn an_unknown_key_is_not_found_only_in_the_callers_own_account() {
         assert_eq!(answer.0, *code, "{op} {params}: {answer:?}");
     }
 }
+
+/// SOPS (built by e2e/tools/sops.sh), found or built once per run.
+fn sops() -> &'static Path {
+    static SOPS: OnceLock<PathBuf> = OnceLock::new();
+    SOPS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("e2e/tools/sops.sh"))
+            .arg(root.join("e2e/.bin"))
+            .output()
+            .expect("run e2e/tools/sops.sh");
+        assert!(out.status.success(), "sops.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+#[tokio::test]
+async fn sops_encrypts_and_decrypts_a_file_under_a_kubekms_key() {
+    // SOPS takes only ARNs whose account is digits: a namespace named so.
+    let digits = uuid::Uuid::new_v4().as_u128() % 1_000_000_000_000;
+    let ns = crate::support::TestNamespace::named(&format!("{digits:012}"));
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "sops", "deployer").await;
+    let pod = Pod::own(ns, "deployer");
+    let dir = run_dir().join("aws-tokens");
+    let plain = dir.join(format!("{ns}-secrets.yaml"));
+    std::fs::write(&plain, "database:\n  password: hunter2\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = pod.command(sops()).args(args).output().expect("run sops");
+        assert!(out.status.success(), "sops {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let encrypted = run(&["--encrypt", "--kms", &arn, plain.to_str().unwrap()]);
+    assert!(!encrypted.contains("hunter2"), "{encrypted}");
+    assert!(encrypted.contains(&arn), "SOPS records the key's ARN: {encrypted}");
+    let sealed = dir.join(format!("{ns}-secrets.enc.yaml"));
+    std::fs::write(&sealed, &encrypted).unwrap();
+    let decrypted = run(&["--decrypt", sealed.to_str().unwrap()]);
+    let lines: Vec<&str> = decrypted.lines().map(str::trim).collect();
+    assert_eq!(lines, ["database:", "password: hunter2"], "{decrypted}");
+    // Another ServiceAccount of the namespace, without rights on the key, cannot.
+    let stranger = Pod::own(ns, "stranger");
+    let out = stranger.command(sops()).args(["--decrypt", sealed.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success(), "a stranger decrypted the file");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AccessDeniedException"), "{out:?}");
+}
