@@ -308,6 +308,29 @@ mod tests {
     }
 
     #[test]
+    fn the_material_tells_when_and_why_each_version_was_made() {
+        let material: KmsKeyMaterial = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kms.kubekms.io/v1alpha1", "kind": "KmsKeyMaterial", "metadata": {"name": "m"},
+            "spec": {"owner": {"namespace": "apps", "name": "k", "uid": "uid-1"}, "origin": "KUBEKMS",
+                     "rootKeyFingerprint": "f", "versions": [
+                {"version": 1, "created": "2026-01-01T00:00:00Z", "trigger": "Created", "wrapped": "AA=="},
+                {"version": 2, "created": "2026-02-01T00:00:00Z", "trigger": "Scheduled",
+                 "destroyedAt": "2026-03-01T00:00:00Z"},
+                {"version": 3, "created": "2026-03-01T00:00:00Z", "trigger": "OnDemand", "request": "r",
+                 "wrapped": "AA=="},
+            ]},
+        }))
+        .unwrap();
+        let history = WrappedMaterial::from(&material).history;
+        let causes: Vec<(u32, VersionCause)> = history.iter().map(|v| (v.version, v.cause)).collect();
+        assert_eq!(
+            causes,
+            [(1, VersionCause::Created), (2, VersionCause::Scheduled), (3, VersionCause::OnDemand)]
+        );
+        assert_eq!(history[1].created, "2026-02-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap());
+    }
+
+    #[test]
     fn policies_and_grants_keep_every_term() {
         let mut key_spec = spec();
         key_spec.policy.statements = vec![PolicyStatement {
