@@ -17,32 +17,30 @@ use serde_json::Value;
 use crate::keyapi::{as_sa, bind_key_user, decrypt, enabled_key, encrypt, token};
 use crate::support::{TestNamespace, env_var, kubectl_ok, patch_key, run_dir};
 
-/// The virtualenv's python, installed (or found in the cache) once per run.
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
+/// The path `e2e/tools/<script>` prints once it has installed or built its client (or found
+/// it in the cache), run once per test run for each `cell`.
+fn tool(cell: &'static OnceLock<PathBuf>, script: &str) -> &'static Path {
+    cell.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(root.join("e2e/tools/python-clients.sh"))
+        let out = Command::new(root.join("e2e/tools").join(script))
             .arg(root.join("e2e/.bin"))
             .output()
-            .expect("run e2e/tools/python-clients.sh");
-        assert!(out.status.success(), "python-clients.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+            .unwrap_or_else(|e| panic!("run e2e/tools/{script}: {e}"));
+        assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
 }
 
-/// The AWS SDK for Go v2 client, built (or found in the cache) once per run.
+/// The virtualenv's python, with boto3, the AWS CLI and the AWS Encryption SDK.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    tool(&PYTHON, "python-clients.sh")
+}
+
+/// The AWS SDK for Go v2 client.
 fn go_client() -> &'static Path {
     static CLIENT: OnceLock<PathBuf> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(root.join("e2e/tools/go-client.sh"))
-            .arg(root.join("e2e/.bin"))
-            .output()
-            .expect("run e2e/tools/go-client.sh");
-        assert!(out.status.success(), "go-client.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    tool(&CLIENT, "go-client.sh")
 }
 
 /// A pod's view: a ServiceAccount's projected token and the AWS variables.
@@ -880,18 +878,10 @@ async fn an_unknown_key_is_not_found_only_in_the_callers_own_account() {
     }
 }
 
-/// SOPS (built by e2e/tools/sops.sh), found or built once per run.
+/// SOPS.
 fn sops() -> &'static Path {
     static SOPS: OnceLock<PathBuf> = OnceLock::new();
-    SOPS.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(root.join("e2e/tools/sops.sh"))
-            .arg(root.join("e2e/.bin"))
-            .output()
-            .expect("run e2e/tools/sops.sh");
-        assert!(out.status.success(), "sops.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    tool(&SOPS, "sops.sh")
 }
 
 #[tokio::test]
