@@ -6,6 +6,9 @@
 #
 #   reference-plugin  the Go KMS v2 reference plugin (k8s.io/kms, pinned below)
 #   loadgen           the API client that creates, reads and lists Secrets and KmsKeys
+#   awsload           Encrypt and GenerateDataKey with the AWS SDK for Go v2 (pinned by its go.sum)
+#   local-kms         github.com/nsmithuk/local-kms, the AWS KMS emulator (pinned below), from
+#                     the Go module proxy, keyed by its version and the Go version
 #
 # Usage: bench/build.sh [BIN_DIR]
 #   BIN_DIR (default bench/.bin) receives symlinks to the cached binaries.
@@ -47,3 +50,16 @@ fi
 build reference-plugin "kms-$KMS_VERSION"
 # loadgen uses the standard library only; its version is the Go toolchain's.
 build loadgen "$(go env GOVERSION)"
+build awsload "$(go env GOVERSION)"
+
+LOCAL_KMS_VERSION=v0.0.0-20260228092603-2a5e92d09ab6
+key="$( (echo "$LOCAL_KMS_VERSION"; go env GOVERSION; echo CGO_ENABLED=0) | sha256sum | cut -c1-12)"
+dir="$cache/bench-local-kms-$key"
+if [[ ! -x "$dir/local-kms" ]]; then
+  echo "building local-kms $LOCAL_KMS_VERSION (cached in $dir)" >&2
+  tmp="$(mktemp -d "$cache/.bench-local-kms.XXXXXX")"
+  GOBIN="$tmp" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "github.com/nsmithuk/local-kms@$LOCAL_KMS_VERSION"
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+fi
+ln -sfn "$dir/local-kms" "$bin_dir/local-kms"

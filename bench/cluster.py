@@ -55,7 +55,10 @@ class Layout:
         metrics = port("KUBEKMS_BENCH_METRICS_PORT", 28080, 3)
         self.ports = Ports(etcd=etcd, etcd_peer=etcd + 1, apiserver=port("KUBEKMS_BENCH_APISERVER_PORT", 26443),
                            controller_metrics=metrics, plugin_metrics=metrics + 1,
-                           server=port("KUBEKMS_BENCH_SERVER_PORT", 28443), server_metrics=metrics + 2)
+                           server=port("KUBEKMS_BENCH_SERVER_PORT", 28443), server_metrics=metrics + 2,
+                           aws=port("KUBEKMS_BENCH_AWS_PORT", 28444))
+        # local-kms, the AWS KMS emulator the AWS API is measured next to (plain HTTP).
+        self.local_kms_port = port("KUBEKMS_BENCH_LOCAL_KMS_PORT", 28445)
         self.secrets_etcd_port = etcd + 2
         self.secrets_etcd_peer_port = etcd + 3
         self.kubekms_socket = socket_path(self.run_dir, "kubekms.sock")
@@ -64,7 +67,8 @@ class Layout:
     def check_ports_free(self) -> None:
         p = self.ports
         for number in (p.etcd, p.etcd_peer, self.secrets_etcd_port, self.secrets_etcd_peer_port, p.apiserver,
-                       p.server, p.controller_metrics, p.plugin_metrics, p.server_metrics):
+                       p.server, p.controller_metrics, p.plugin_metrics, p.server_metrics, p.aws,
+                       self.local_kms_port):
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
@@ -73,7 +77,8 @@ class Layout:
                     raise Failure(
                         f"port {number} on 127.0.0.1 is in use; move the benchmark's ports with "
                         "KUBEKMS_BENCH_ETCD_PORT (4 ports from it), KUBEKMS_BENCH_APISERVER_PORT, "
-                        "KUBEKMS_BENCH_SERVER_PORT and KUBEKMS_BENCH_METRICS_PORT (3 ports from it)"
+                        "KUBEKMS_BENCH_SERVER_PORT, KUBEKMS_BENCH_AWS_PORT, KUBEKMS_BENCH_LOCAL_KMS_PORT and "
+                        "KUBEKMS_BENCH_METRICS_PORT (3 ports from it)"
                     ) from None
 
 

@@ -3,7 +3,7 @@ its spread, each comparison the median of ratios taken within the same run.
 
 A sample is one measured value:
   section, measure, unit, better ("higher", "lower" or None),
-  subject  who was measured: a baseline ("floor", "identity", "GenerateRandom"), "aesgcm",
+  subject  who was measured: a baseline ("floor", "identity", "GenerateRandom", "local-kms"), "aesgcm",
            "reference" (the Go reference plugin) or "kubekms"
   run      which repetition (ratios pair values of the same run)
   base     the baseline's value measured with it in the same run (None for a baseline, or
@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-BASELINES = ("floor", "identity", "GenerateRandom")
+BASELINES = ("floor", "identity", "GenerateRandom", "local-kms")
 COLUMNS = ("aesgcm", "reference", "kubekms")
 COLUMN_TITLES = {"aesgcm": "aesgcm", "reference": "Go reference", "kubekms": "kubekms"}
 

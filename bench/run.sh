@@ -10,7 +10,7 @@
 #             bench/.smoke-results/smoke.{md,json})
 #   --secrets, --keys, --plugin-calls, --keyapi-calls  change one size (see bench/suite.py)
 #
-# It runs its own etcd and kube-apiserver on 127.0.0.1 (ports 22379-22382, 26443, 28443,
+# It runs its own etcd and kube-apiserver on 127.0.0.1 (ports 22379-22382, 26443, 28443-28445,
 # 28080-28082; see bench/README.md to move them) with its state in bench/.run, so it never
 # touches the control plane of `make up`. Every process it starts is stopped when it ends.
 set -euo pipefail

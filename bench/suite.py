@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,10 +34,10 @@ import report  # noqa: E402 (after the path)
 from cluster import (CONTROLLER_SA_NAMESPACE, ETCD_PREFIX, INFRA_LABEL, KEYAPI_CALLER, KEYAPI_KEY, PROVIDERS, BenchPlane,
                      Layout)
 from components import Components
-from controlplane.cluster import CLUSTER_KEY, KUBEKMS_NAMESPACE
-from controlplane.procs import Failure, log, run, stop_all, stop_recorded
+from controlplane.cluster import AWS_REGION, CLUSTER_KEY, KUBEKMS_NAMESPACE
+from controlplane.procs import Failure, log, run, stop_all, stop_recorded, wait_until
 
-SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API")
+SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API", "AWS API")
 
 
 @dataclass
@@ -311,13 +312,77 @@ subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {CONTROLLER_SA_NAMESPA
              "--service-account", "/".join(KEYAPI_CALLER), "--server", f"https://127.0.0.1:{self.l.ports.server}",
              "--ca", self.l.pki / "ca.crt", "--calls", s.keyapi_calls, "--concurrency", "1,16", "--json", out],
             "kubekms bench keyapi", env={"KUBECONFIG": str(self.cp.kubeconfig)})
+        aws_rows = self.aws_load(r)
         peak = server.memory_kib()["VmHWM"]
         server.stop()
         rows = json.loads(out.read_text())
         self.add_bench_rows("key API", "kubekms bench keyapi", rows, ("floor", "GenerateRandom"), "GenerateRandom",
                             ("kubekms", ("Encrypt", "GenerateDataKey")), "kubekms", r)
+        self.add_aws_rows(aws_rows, rows, r)
         self.add("memory", "server, idle", "MiB", "lower", "kubekms", r, idle / MIB)
         self.add("memory", "server, peak after the key API load", "MiB", "lower", "kubekms", r, peak / MIB)
+
+    # --- AWS API -------------------------------------------------------------------------
+
+    def aws_load(self, r: int) -> list[dict]:
+        """bench/awsload (the AWS SDK for Go v2) against kubekms's AWS API, with credentials
+        from its STS endpoint for the key API caller's ServiceAccount token, and against a
+        fresh local-kms with a key it creates: the same calls, sizes and callers."""
+        s, ports = self.sizes, self.l.ports
+        caller_ns, caller = KEYAPI_CALLER
+        token = self.l.run_dir / "aws-caller.token"
+        token.write_text(self.cp.kubectl("create", "token", caller, "-n", caller_ns, "--audience", "kubekms",
+                                         "--duration", "1h").strip())
+        clean = {k: "" for k in os.environ if k.startswith("AWS_")}
+        common = {**clean, "AWS_REGION": AWS_REGION, "AWS_CONFIG_FILE": "/dev/null",
+                  "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true"}
+        kubekms_env = {**common, "AWS_ROLE_ARN": f"arn:aws:iam::{caller_ns}:role/{caller}",
+                       "AWS_WEB_IDENTITY_TOKEN_FILE": str(token), "AWS_ROLE_SESSION_NAME": "bench",
+                       "AWS_ENDPOINT_URL_STS": f"https://127.0.0.1:{ports.aws}",
+                       "AWS_CA_BUNDLE": str(self.l.pki / "ca.crt")}
+        load = [self.l.bench_bin / "awsload", "--calls", s.keyapi_calls, "--concurrency", "1,16"]
+        out = self.l.run_dir / f"aws-kubekms-{r}.json"
+        run([*load, "--endpoint", f"https://127.0.0.1:{ports.aws}", "--key", "/".join(KEYAPI_KEY),
+             "--target", "kubekms", "--json", out], "awsload against kubekms", env=kubekms_env)
+        rows = json.loads(out.read_text())
+        data = self.l.run_dir / f"local-kms-{r}"
+        shutil.rmtree(data, ignore_errors=True)
+        local = self.cp.process("local-kms").start(
+            [self.l.bench_bin / "local-kms"],
+            env={"PORT": str(self.l.local_kms_port), "KMS_DATA_PATH": str(data), "KMS_REGION": AWS_REGION,
+                 "KMS_ACCOUNT_ID": "111122223333"})
+        wait_until(30, "local-kms to listen", lambda: port_open(self.l.local_kms_port), local, 0.1)
+        out = self.l.run_dir / f"aws-local-kms-{r}.json"
+        try:
+            run([*load, "--endpoint", f"http://127.0.0.1:{self.l.local_kms_port}", "--create-key",
+                 "--target", "local-kms", "--json", out], "awsload against local-kms",
+                env={**common, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
+        finally:
+            local.stop()
+        return rows + json.loads(out.read_text())
+
+    def add_aws_rows(self, aws: list[dict], grpc: list[dict], r: int) -> None:
+        """Encrypt and GenerateDataKey at 1 and 16 callers: kubekms over the AWS API (the
+        Go SDK) and over gRPC (`kubekms bench keyapi`, same run), each next to local-kms
+        measured by the same Go client in the same run."""
+        def find(rows: list[dict], target: str, op: str, n: int) -> dict:
+            for row in rows:
+                if row["target"] == target and row["operation"] == op and row["concurrency"] == n:
+                    return row
+            raise Failure(f"no {target} {op} row at {n} callers")
+
+        for op in ("Encrypt", "GenerateDataKey"):
+            for n in (1, 16):
+                base = find(aws, "local-kms", op, n)
+                callers = "1 caller" if n == 1 else f"{n} callers"
+                for api, got in (("AWS API, Go SDK", find(aws, "kubekms", op, n)),
+                                 ("gRPC API", find(grpc, "kubekms", op, n))):
+                    for measure, field, unit, better in (
+                            (f"{op}, {callers}, {api}", "calls_per_second", "calls/s", "higher"),
+                            (f"{op} p50, {callers}, {api}", "p50_us", "µs", "lower"),
+                            (f"{op} p99, {callers}, {api}", "p99_us", "µs", "lower")):
+                        self.add("AWS API", measure, unit, better, "local-kms", r, base[field])
+                        self.add("AWS API", measure, unit, better, "kubekms", r, got[field], base=base[field])
 
     # --- the whole run -------------------------------------------------------------------
 
@@ -337,6 +402,12 @@ subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {CONTROLLER_SA_NAMESPA
         for r in runs:
             log(f"run {r}: key API")
             self.keyapi_section(r)
+
+
+def port_open(number: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", number)) == 0
 
 
 def machine() -> dict:

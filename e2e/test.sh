@@ -22,6 +22,7 @@ trap cleanup EXIT
 log "the AWS clients of the AWS API's tests (pinned; cached outside the clone)"
 "$E2E_DIR/tools/python-clients.sh" "$BIN_DIR" >/dev/null
 "$E2E_DIR/tools/go-client.sh" "$BIN_DIR" >/dev/null
+"$E2E_DIR/tools/sops.sh" "$BIN_DIR" >/dev/null
 log "end-to-end tests"
 cargo test --features e2e --test e2e -- --skip disruptive --test-threads "${KUBEKMS_E2E_THREADS:-4}"
 log "end-to-end tests that restart or disable shared components, one at a time"

@@ -25,6 +25,7 @@ pub fn enabled_key(namespace: &str, name: &str, key_id: &str, policy: Policy) ->
         description: String::new(),
         origin: Origin::Kubekms,
         versions: vec![1],
+        history: Vec::new(),
         created: None,
         next_rotation: None,
         deletion: None,

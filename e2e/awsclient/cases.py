@@ -132,7 +132,7 @@ def errors(arn: str, disabled_arn: str) -> dict:
     blob = k.encrypt(KeyId=arn, Plaintext=b"secret", EncryptionContext=ctx)["CiphertextBlob"]
     out = {
         "junk_ciphertext": code_of(lambda: k.decrypt(CiphertextBlob=b"\x07" + b"x" * 80)),
-        # A well-formed blob naming a key nobody has: refused like a key one may not use.
+        # A well-formed blob naming a key nobody has: a keyId of the caller's own account, not found.
         "unknown_key_ciphertext": code_of(lambda: k.decrypt(CiphertextBlob=b"\x01" + b"x" * 80)),
         "wrong_context": code_of(lambda: k.decrypt(CiphertextBlob=blob, EncryptionContext={"app": "other"})),
         "tampered_ciphertext": code_of(lambda: k.decrypt(CiphertextBlob=blob[:-1] + bytes([blob[-1] ^ 1]),
@@ -140,7 +140,7 @@ def errors(arn: str, disabled_arn: str) -> dict:
         "wrong_key": code_of(lambda: k.decrypt(CiphertextBlob=blob, EncryptionContext=ctx, KeyId=disabled_arn)),
         "too_large": code_of(lambda: k.encrypt(KeyId=arn, Plaintext=b"x" * 4097)),
         "disabled": code_of(lambda: k.encrypt(KeyId=disabled_arn, Plaintext=b"x")),
-        # An alias nobody made is refused like any key; one kubekms cannot hold is not found.
+        # An alias nobody made in the caller's own account is not found, as is one kubekms cannot hold.
         "alias": code_of(lambda: k.describe_key(KeyId="alias/nope")),
         "malformed_alias": code_of(lambda: k.describe_key(KeyId="alias/aws/ebs")),
         "other_region": code_of(lambda: k.describe_key(KeyId=arn.replace(os.environ["AWS_REGION"], "us-east-1"))),
@@ -181,13 +181,28 @@ def assume(role_arn: str, token_file: str) -> dict:
 
 
 def call(operation: str, params: str) -> dict:
+    return call_with(operation, json.loads(params))
+
+
+def call_with(operation: str, params: dict) -> dict:
     k = kms()
     try:
-        r = getattr(k, operation)(**json.loads(params))
+        r = getattr(k, operation)(**params)
     except ClientError as e:
         return {"code": e.response["Error"]["Code"], "message": e.response["Error"]["Message"]}
     r.pop("ResponseMetadata", None)
     return {"code": "OK", "answer": json.loads(json.dumps(r, default=str))}
+
+
+def calls(batch: str) -> list:
+    """Several calls in one process: [[operation, params], ...] → [{code, message}, ...]."""
+    out = []
+    for operation, params in json.loads(batch):
+        if isinstance(params.get("CiphertextBlob"), str):
+            params["CiphertextBlob"] = base64.b64decode(params["CiphertextBlob"])
+        r = call_with(operation, params)
+        out.append({"code": r["code"], "message": r.get("message", "")})
+    return out
 
 
 def esdk(arn: str) -> dict:
@@ -205,7 +220,7 @@ def esdk(arn: str) -> dict:
 
 def main() -> int:
     case, *args = sys.argv[1:]
-    cases = {"roundtrip": roundtrip, "errors": errors, "assume": assume, "call": call, "esdk": esdk}
+    cases = {"roundtrip": roundtrip, "errors": errors, "assume": assume, "call": call, "calls": calls, "esdk": esdk}
     print(json.dumps(cases[case](*args), default=str))
     return 0
 

@@ -17,32 +17,30 @@ use serde_json::Value;
 use crate::keyapi::{as_sa, bind_key_user, decrypt, enabled_key, encrypt, token};
 use crate::support::{TestNamespace, env_var, kubectl_ok, patch_key, run_dir};
 
-/// The virtualenv's python, installed (or found in the cache) once per run.
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
+/// The path `e2e/tools/<script>` prints once it has installed or built its client (or found
+/// it in the cache), run once per test run for each `cell`.
+fn tool(cell: &'static OnceLock<PathBuf>, script: &str) -> &'static Path {
+    cell.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(root.join("e2e/tools/python-clients.sh"))
+        let out = Command::new(root.join("e2e/tools").join(script))
             .arg(root.join("e2e/.bin"))
             .output()
-            .expect("run e2e/tools/python-clients.sh");
-        assert!(out.status.success(), "python-clients.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+            .unwrap_or_else(|e| panic!("run e2e/tools/{script}: {e}"));
+        assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
 }
 
-/// The AWS SDK for Go v2 client, built (or found in the cache) once per run.
+/// The virtualenv's python, with boto3, the AWS CLI and the AWS Encryption SDK.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    tool(&PYTHON, "python-clients.sh")
+}
+
+/// The AWS SDK for Go v2 client.
 fn go_client() -> &'static Path {
     static CLIENT: OnceLock<PathBuf> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(root.join("e2e/tools/go-client.sh"))
-            .arg(root.join("e2e/.bin"))
-            .output()
-            .expect("run e2e/tools/go-client.sh");
-        assert!(out.status.success(), "go-client.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    tool(&CLIENT, "go-client.sh")
 }
 
 /// A pod's view: a ServiceAccount's projected token and the AWS variables.
@@ -341,13 +339,13 @@ async fn bad_input_gets_aws_error_codes() {
     let out = Pod::own(ns, "web").case(&["errors", &arn, &disabled]);
     let code = |field: &str| out[field].clone();
     assert_eq!(code("junk_ciphertext"), "InvalidCiphertextException", "{out}");
-    assert_eq!(code("unknown_key_ciphertext"), "AccessDeniedException");
+    assert_eq!(code("unknown_key_ciphertext"), "NotFoundException");
     assert_eq!(code("wrong_context"), "InvalidCiphertextException");
     assert_eq!(code("tampered_ciphertext"), "InvalidCiphertextException");
     assert_eq!(code("wrong_key"), "IncorrectKeyException");
     assert_eq!(code("too_large"), "ValidationException");
     assert_eq!(code("disabled"), "DisabledException");
-    assert_eq!(code("alias"), "AccessDeniedException");
+    assert_eq!(code("alias"), "NotFoundException");
     assert_eq!(code("malformed_alias"), "NotFoundException");
     assert_eq!(code("other_region"), "NotFoundException");
     assert_eq!(code("bad_key_spec"), "ValidationException");
@@ -526,6 +524,42 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
         (v.trim() == "2").then_some(())
     })
     .await;
+    // ListKeyRotations: each rotation and its kind, in pages (the CLI follows the markers).
+    ok(call(&admin, "rotate_key_on_demand", serde_json::json!({"KeyId": arn})));
+    crate::support::eventually(wait, "version 3", || async {
+        let v = kubectl_ok(
+            &["get", "kmskey", name.trim(), "-n", ns, "-o", "jsonpath={.status.currentVersion}"],
+            None,
+        );
+        (v.trim() == "3").then_some(())
+    })
+    .await;
+    let first = ok(call(&admin, "list_key_rotations", serde_json::json!({"KeyId": arn, "Limit": 1})));
+    assert_eq!(first["Rotations"][0]["KeyId"], arn.as_str(), "{first}");
+    assert_eq!(first["Rotations"][0]["RotationType"], "ON_DEMAND");
+    assert!(first["Rotations"][0]["RotationDate"].as_str().is_some_and(|d| d.starts_with("20")), "{first}");
+    assert_eq!(first["Truncated"], true);
+    let marker = first["NextMarker"].as_str().unwrap();
+    let rest = ok(call(&admin, "list_key_rotations", serde_json::json!({"KeyId": arn, "Marker": marker})));
+    assert_eq!(rest["Rotations"].as_array().unwrap().len(), 1, "{rest}");
+    assert_eq!(rest["Truncated"], false);
+    let kinds = admin.aws(&[
+        "kms",
+        "list-key-rotations",
+        "--key-id",
+        &arn,
+        "--page-size",
+        "1",
+        "--output",
+        "text",
+        "--query",
+        "Rotations[].RotationType",
+    ]);
+    assert_eq!(kinds.split_whitespace().collect::<Vec<_>>(), ["ON_DEMAND", "ON_DEMAND"], "{kinds}");
+    assert_eq!(
+        call(&user, "list_key_rotations", serde_json::json!({"KeyId": arn, "Limit": 1001}))["code"],
+        "ValidationException"
+    );
     ok(call(&admin, "disable_key_rotation", serde_json::json!({"KeyId": arn})));
     let status = ok(call(&admin, "get_key_rotation_status", serde_json::json!({"KeyId": arn})));
     assert_eq!(status["KeyRotationEnabled"], false, "{status}");
@@ -715,11 +749,168 @@ async fn aliases_name_keys_in_both_apis_and_move() {
     ok(call(&admin, "delete_alias", serde_json::json!({"AliasName": "alias/made"})));
     crate::support::eventually(wait, "the alias to be gone", || async {
         let r = call(&app, "encrypt", serde_json::json!({"KeyId": "alias/made", "Plaintext": "aGk="}));
-        (r["code"] == "AccessDeniedException").then_some(())
+        (r["code"] == "NotFoundException").then_some(())
     })
     .await;
     assert_eq!(
         call(&admin, "delete_alias", serde_json::json!({"AliasName": "alias/made"}))["code"],
         "NotFoundException"
     );
+}
+
+/// The answers to a batch of calls as `pod`, in one process: (code, message) each.
+fn calls(pod: &Pod, batch: &[(&str, Value)]) -> Vec<(String, String)> {
+    let batch: Vec<Value> = batch.iter().map(|(op, params)| serde_json::json!([op, params])).collect();
+    let out = pod.case(&["calls", &Value::Array(batch).to_string()]);
+    out.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["code"].as_str().unwrap().to_owned(), r["message"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_unknown_key_is_not_found_only_in_the_callers_own_account() {
+    let home = TestNamespace::new("aws-nf-home");
+    let other = TestNamespace::new("aws-nf-other");
+    let (home, other) = (home.name.as_str(), other.name.as_str());
+    let wait = crate::keyapi::WAIT;
+    // In the other namespace: a key, an alias of it and a ciphertext under it, none of
+    // which the prober (no rights anywhere) may use.
+    let arn = usable_key(other, "secret", "owner").await;
+    let key_id = arn.rsplit('/').next().unwrap().to_owned();
+    crate::keyapi::apply(
+        other,
+        "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsAlias\nmetadata:\n  name: known\nspec:\n  targetKeyRef: {name: secret}\n",
+    );
+    let region = env_var("KUBEKMS_AWS_REGION");
+    let alias_arn = |name: &str| format!("arn:aws:kms:{region}:{other}:alias/{name}");
+    let owner = Pod::own(other, "owner");
+    crate::support::eventually(wait, "the alias to be known", || async {
+        let r = call(&owner, "describe_key", serde_json::json!({"KeyId": alias_arn("known")}));
+        (r["code"] == "OK").then_some(())
+    })
+    .await;
+    let mut grpc = as_sa(other, "owner").await;
+    let blob =
+        encrypt(&mut grpc, &format!("{other}/secret"), b"not yours", &[]).await.unwrap().ciphertext_blob;
+    let missing_id = "0badc0de-0000-4000-8000-000000000000";
+    let mut forged = blob.clone();
+    forged[1..17].copy_from_slice(uuid::Uuid::parse_str(missing_id).unwrap().as_bytes());
+    let mine = usable_key(home, "mine", "owner").await;
+    let mine_id = mine.rsplit('/').next().unwrap().to_owned();
+
+    let prober = Pod::own(home, "prober");
+    let plain = |key: &str| serde_json::json!({"KeyId": key, "Plaintext": "aGk="});
+    let key = |key: &str| serde_json::json!({"KeyId": key});
+    // Pairs naming an existing key of the other namespace and a missing one, the same way.
+    let pairs: Vec<(&str, Value, Value, String, String)> = vec![
+        ("encrypt", plain(&arn), plain(&key_arn(other, missing_id)), arn.clone(), key_arn(other, missing_id)),
+        (
+            "encrypt",
+            plain(&format!("{other}/secret")),
+            plain(&format!("{other}/nope")),
+            format!("{other}/secret"),
+            format!("{other}/nope"),
+        ),
+        (
+            "encrypt",
+            plain(&alias_arn("known")),
+            plain(&alias_arn("nope")),
+            alias_arn("known"),
+            alias_arn("nope"),
+        ),
+        ("encrypt", plain(&key_id), plain(missing_id), key_id.clone(), missing_id.to_owned()),
+        (
+            "describe_key",
+            key(&arn),
+            key(&key_arn(other, missing_id)),
+            arn.clone(),
+            key_arn(other, missing_id),
+        ),
+        ("enable_key", key(&arn), key(&key_arn(other, missing_id)), arn.clone(), key_arn(other, missing_id)),
+        ("enable_key", key(&key_id), key(missing_id), key_id.clone(), missing_id.to_owned()),
+        (
+            "decrypt",
+            serde_json::json!({"CiphertextBlob": b64().encode(&blob)}),
+            serde_json::json!({"CiphertextBlob": b64().encode(&forged)}),
+            key_id.clone(),
+            missing_id.to_owned(),
+        ),
+    ];
+    let mut batch = Vec::new();
+    for (op, existing, missing, _, _) in &pairs {
+        batch.push((*op, existing.clone()));
+        batch.push((*op, missing.clone()));
+    }
+    // And in its own account: a missing key, by every name, and a key it may not use.
+    let own: Vec<(&str, Value, &str)> = vec![
+        ("describe_key", key(&key_arn(home, missing_id)), "NotFoundException"),
+        ("describe_key", key(&format!("{home}/nope")), "NotFoundException"),
+        ("describe_key", key("alias/nope"), "NotFoundException"),
+        ("disable_key", key(&format!("{home}/nope")), "NotFoundException"),
+        ("encrypt", plain(&mine), "AccessDeniedException"),
+        ("encrypt", plain(&mine_id), "AccessDeniedException"),
+        ("disable_key", key(&mine), "AccessDeniedException"),
+    ];
+    batch.extend(own.iter().map(|(op, params, _)| (*op, params.clone())));
+    let answers = calls(&prober, &batch);
+
+    for (i, (op, _, _, existing, missing)) in pairs.iter().enumerate() {
+        let (a, b) = (&answers[2 * i], &answers[2 * i + 1]);
+        let expected = if existing.contains(':') || existing.contains('/') {
+            "AccessDeniedException"
+        } else {
+            "NotFoundException"
+        };
+        assert_eq!(a.0, expected, "{op} {existing}: {a:?}");
+        assert_eq!(a.0, b.0, "{op}: an existing key and a missing one answer alike: {a:?} {b:?}");
+        assert_eq!(
+            a.1.replace(existing.as_str(), "KEY"),
+            b.1.replace(missing.as_str(), "KEY"),
+            "{op}: the messages differ only by the name given"
+        );
+        assert!(!a.1.contains("secret") || existing.contains("secret"), "{op}: {a:?} names the key");
+    }
+    for (i, (op, params, code)) in own.iter().enumerate() {
+        let answer = &answers[2 * pairs.len() + i];
+        assert_eq!(answer.0, *code, "{op} {params}: {answer:?}");
+    }
+}
+
+/// SOPS.
+fn sops() -> &'static Path {
+    static SOPS: OnceLock<PathBuf> = OnceLock::new();
+    tool(&SOPS, "sops.sh")
+}
+
+#[tokio::test]
+async fn sops_encrypts_and_decrypts_a_file_under_a_kubekms_key() {
+    // SOPS takes only ARNs whose account is digits: a namespace named so.
+    let digits = uuid::Uuid::new_v4().as_u128() % 1_000_000_000_000;
+    let ns = crate::support::TestNamespace::named(&format!("{digits:012}"));
+    let ns = ns.name.as_str();
+    let arn = usable_key(ns, "sops", "deployer").await;
+    let pod = Pod::own(ns, "deployer");
+    let dir = run_dir().join("aws-tokens");
+    let plain = dir.join(format!("{ns}-secrets.yaml"));
+    std::fs::write(&plain, "database:\n  password: hunter2\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = pod.command(sops()).args(args).output().expect("run sops");
+        assert!(out.status.success(), "sops {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let encrypted = run(&["--encrypt", "--kms", &arn, plain.to_str().unwrap()]);
+    assert!(!encrypted.contains("hunter2"), "{encrypted}");
+    assert!(encrypted.contains(&arn), "SOPS records the key's ARN: {encrypted}");
+    let sealed = dir.join(format!("{ns}-secrets.enc.yaml"));
+    std::fs::write(&sealed, &encrypted).unwrap();
+    let decrypted = run(&["--decrypt", sealed.to_str().unwrap()]);
+    let lines: Vec<&str> = decrypted.lines().map(str::trim).collect();
+    assert_eq!(lines, ["database:", "password: hunter2"], "{decrypted}");
+    // Another ServiceAccount of the namespace, without rights on the key, cannot.
+    let stranger = Pod::own(ns, "stranger");
+    let out = stranger.command(sops()).args(["--decrypt", sealed.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success(), "a stranger decrypted the file");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AccessDeniedException"), "{out:?}");
 }

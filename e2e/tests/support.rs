@@ -105,9 +105,13 @@ pub struct TestNamespace {
 impl TestNamespace {
     pub fn new(prefix: &str) -> Self {
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
-        let name = format!("{prefix}-{suffix}");
-        kubectl_ok(&["create", "namespace", &name], None);
-        TestNamespace { name }
+        TestNamespace::named(&format!("{prefix}-{suffix}"))
+    }
+
+    /// A namespace of exactly this name.
+    pub fn named(name: &str) -> Self {
+        kubectl_ok(&["create", "namespace", name], None);
+        TestNamespace { name: name.to_owned() }
     }
 }
 

@@ -3,11 +3,11 @@
 
 use super::{
     GrantConstraints, GrantCreator, KeyPolicy, KeyReference, KmsGrant, KmsGrantSpec, KmsKey, KmsKeyMaterial,
-    KmsKeyUsage, Principal, PrincipalKind,
+    KmsKeyUsage, Principal, PrincipalKind, VersionTrigger,
 };
 use crate::domain::{
     self, Constraints, Creator, Grant, Identity, Key, KeyInfo, KeyIntent, Policy, ReporterUse, Statement,
-    Usage, WrappedMaterial,
+    Usage, VersionCause, VersionMade, WrappedMaterial,
 };
 
 impl KmsKey {
@@ -51,6 +51,7 @@ impl From<&KmsKey> for Key {
             description: key.spec.description.clone(),
             origin: key.spec.origin,
             versions: Vec::new(),
+            history: Vec::new(),
             created: time(key.metadata.creation_timestamp.as_ref()),
             next_rotation: time(status.and_then(|s| s.next_rotation_time.as_ref())),
             deletion: None,
@@ -237,6 +238,21 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
                 .collect(),
             deletion_refused: m.spec.deletion_refused.is_some(),
             revision: m.metadata.resource_version.clone(),
+            history: m
+                .spec
+                .versions
+                .iter()
+                .map(|v| VersionMade {
+                    version: v.version,
+                    created: v.created.0,
+                    cause: match v.trigger {
+                        VersionTrigger::Created => VersionCause::Created,
+                        VersionTrigger::Scheduled => VersionCause::Scheduled,
+                        VersionTrigger::OnDemand => VersionCause::OnDemand,
+                        VersionTrigger::Imported => VersionCause::Imported,
+                    },
+                })
+                .collect(),
         }
     }
 }
@@ -300,6 +316,29 @@ mod tests {
         );
         assert_eq!(info.current_version, Some(2));
         assert!(converted.automatic_rotation && converted.policy.delegate_to_rbac);
+    }
+
+    #[test]
+    fn the_material_tells_when_and_why_each_version_was_made() {
+        let material: KmsKeyMaterial = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kms.kubekms.io/v1alpha1", "kind": "KmsKeyMaterial", "metadata": {"name": "m"},
+            "spec": {"owner": {"namespace": "apps", "name": "k", "uid": "uid-1"}, "origin": "KUBEKMS",
+                     "rootKeyFingerprint": "f", "versions": [
+                {"version": 1, "created": "2026-01-01T00:00:00Z", "trigger": "Created", "wrapped": "AA=="},
+                {"version": 2, "created": "2026-02-01T00:00:00Z", "trigger": "Scheduled",
+                 "destroyedAt": "2026-03-01T00:00:00Z"},
+                {"version": 3, "created": "2026-03-01T00:00:00Z", "trigger": "OnDemand", "request": "r",
+                 "wrapped": "AA=="},
+            ]},
+        }))
+        .unwrap();
+        let history = WrappedMaterial::from(&material).history;
+        let causes: Vec<(u32, VersionCause)> = history.iter().map(|v| (v.version, v.cause)).collect();
+        assert_eq!(
+            causes,
+            [(1, VersionCause::Created), (2, VersionCause::Scheduled), (3, VersionCause::OnDemand)]
+        );
+        assert_eq!(history[1].created, "2026-02-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap());
     }
 
     #[test]

@@ -142,6 +142,7 @@ impl Key {
         self.info.current_version = current;
         self.info.refused_versions = self.intent.refused_versions(own, current);
         self.versions = own.map(|m| m.versions.iter().map(|(v, _)| *v).collect()).unwrap_or_default();
+        self.history = own.map(|m| m.history.clone()).unwrap_or_default();
         self.deletion = own.and_then(|m| m.deletion_time);
         self
     }
@@ -159,6 +160,8 @@ pub struct Key {
     pub origin: Origin,
     /// Every version the key has had.
     pub versions: Vec<u32>,
+    /// When and why each version was made, as the material object records it.
+    pub history: Vec<super::VersionMade>,
     pub created: Option<Timestamp>,
     /// As status reports it (a report, decided by nothing).
     pub next_rotation: Option<Timestamp>,

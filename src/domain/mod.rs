@@ -22,5 +22,5 @@ pub(crate) use policy::DENY_TABLE;
 pub use policy::{Denial, Effect, KeyOperation, Policy, Statement, Verdict};
 pub use principal::{Identity, Principal, service_account_username};
 pub use right::{GrantAuthority, GrantRefusal, right_to_grant};
-pub use snapshot::{KeySnapshot, WrappedMaterial};
+pub use snapshot::{KeySnapshot, VersionCause, VersionMade, WrappedMaterial};
 pub use usage::{ReporterKind, ReporterUse, Usage, UseKind, VersionUse};

@@ -61,4 +61,28 @@ pub struct WrappedMaterial {
     pub deletion_refused: bool,
     /// Changes whenever the stored object does (its resourceVersion), when known.
     pub revision: Option<String>,
+    /// When and why each version was made, oldest first (destroyed versions too); empty
+    /// where the store does not record it (the plugin's cache).
+    pub history: Vec<VersionMade>,
+}
+
+/// When and why a key version was made, as the material object records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionMade {
+    pub version: u32,
+    pub created: Timestamp,
+    pub cause: VersionCause,
+}
+
+/// What made a key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionCause {
+    /// Version 1, with the key.
+    Created,
+    /// An automatic rotation on the key's schedule.
+    Scheduled,
+    /// A rotation on demand.
+    OnDemand,
+    /// Imported material.
+    Imported,
 }

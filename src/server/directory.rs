@@ -415,6 +415,7 @@ mod tests {
             description: String::new(),
             origin: Origin::Kubekms,
             versions: Vec::new(),
+            history: Vec::new(),
             created: None,
             next_rotation: None,
             deletion: None,

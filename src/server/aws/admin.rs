@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AwsApi;
-use super::ops::{account, parse};
+use super::ops::{Named, account, parse};
 use super::protocol::{AwsFault, key_arn};
 use crate::audit::AuditEvent;
 use crate::domain::{Constraints, Identity, Key, KeyState, Origin, Principal};
@@ -195,7 +195,8 @@ where
     }
 
     /// The key `value` names, once RBAC lets `who` `verb` it; a key that does not exist and
-    /// one the caller may not change get the same answer.
+    /// one the caller may not change get the same answer, but where telling them apart
+    /// tells nothing of another namespace ([`AwsApi::refused`]).
     async fn admin_key(
         &self,
         who: &Identity,
@@ -205,17 +206,20 @@ where
     ) -> Result<std::sync::Arc<Key>, AwsFault> {
         let admin = self.store()?;
         let name = self.required_key(who, value)?;
-        let refused = || {
+        let named = Named::Request(value.unwrap_or_default());
+        let denied = || {
             AwsFault::client(
                 "AccessDeniedException",
                 format!("key {:?} does not exist or you may not {verb} it", value.unwrap_or_default()),
             )
         };
-        let key = self.keys.resolve(&name).ok_or_else(refused)?;
+        let Some(key) = self.keys.resolve(&name) else {
+            return Err(self.refused(who, named, None, denied()));
+        };
         event.key = Some(key.info.display());
         event.key_id = Some(key.info.key_id.clone());
         if !admin.allowed(who, verb, "kmskeys", &key.info.namespace, &key.info.name).await.map_err(backend)? {
-            return Err(refused());
+            return Err(self.refused(who, named, Some(&key.info.namespace), denied()));
         }
         Ok(key)
     }

@@ -15,6 +15,14 @@ pub struct KubeKeyAdmin(pub Client);
 
 const MANAGER: &str = "kubekms-server";
 
+fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() }
+}
+
+fn post_params() -> PostParams {
+    PostParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() }
+}
+
 fn refused(e: kube::Error) -> AdminError {
     match e {
         kube::Error::Api(status) if status.code == 404 => AdminError::NotFound,
@@ -43,8 +51,7 @@ impl KeyAdmin for KubeKeyAdmin {
 
     async fn patch_key(&self, namespace: &str, name: &str, patch: &Value) -> Result<(), AdminError> {
         let api: Api<KmsKey> = Api::namespaced(self.0.clone(), namespace);
-        let params = PatchParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
-        api.patch(name, &params, &Patch::Merge(patch)).await.map(|_| ()).map_err(refused)
+        api.patch(name, &patch_params(), &Patch::Merge(patch)).await.map(|_| ()).map_err(refused)
     }
 
     async fn get_key(&self, namespace: &str, name: &str) -> Result<Value, AdminError> {
@@ -57,8 +64,7 @@ impl KeyAdmin for KubeKeyAdmin {
         let api: Api<KmsKey> = Api::namespaced(self.0.clone(), namespace);
         let key: KmsKey =
             serde_json::from_value(key.clone()).map_err(|e| AdminError::Invalid(e.to_string()))?;
-        let params = PostParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
-        let created = api.create(&params, &key).await.map_err(refused)?;
+        let created = api.create(&post_params(), &key).await.map_err(refused)?;
         Ok(created.uid().unwrap_or_default())
     }
 
@@ -81,11 +87,9 @@ impl KeyAdmin for KubeKeyAdmin {
                 "metadata": {"name": name, "namespace": namespace}, "spec": spec,
             }))
             .map_err(|e| AdminError::Invalid(e.to_string()))?;
-            let params = PostParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
-            return api.create(&params, &alias).await.map(|_| ()).map_err(refused);
+            return api.create(&post_params(), &alias).await.map(|_| ()).map_err(refused);
         }
-        let params = PatchParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
-        api.patch(name, &params, &Patch::Merge(serde_json::json!({"spec": spec})))
+        api.patch(name, &patch_params(), &Patch::Merge(serde_json::json!({"spec": spec})))
             .await
             .map(|_| ())
             .map_err(refused)

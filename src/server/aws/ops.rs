@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use super::AwsApi;
 use super::protocol::{AwsFault, Caller, KeyName, b64, key_arn};
 use crate::audit::AuditEvent;
-use crate::domain::{Identity, KeyState};
+use crate::domain::{Identity, KeyState, VersionCause, VersionMade};
 use crate::proto::keyapi::key_service_server::KeyService;
 use crate::proto::keyapi::{self as pb, KeyVersionRef};
 use crate::server::auth::TokenReviewer;
@@ -36,6 +36,7 @@ pub const OPERATIONS: &[&str] = &[
     "DescribeKey",
     "ListKeys",
     "GetKeyRotationStatus",
+    "ListKeyRotations",
     "CreateGrant",
     "RetireGrant",
 ];
@@ -143,6 +144,14 @@ struct RandomIn {
 #[serde(rename_all = "PascalCase")]
 struct KeyIdIn {
     key_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListKeyRotationsIn {
+    key_id: Option<String>,
+    limit: Option<i64>,
+    marker: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -318,11 +327,14 @@ where
         .unwrap_or_default()
     }
 
-    /// Calls the key API as `who`, and answers with AWS's error for its error.
+    /// Calls the key API as `who`, and answers with AWS's error for its error; `named` is
+    /// the `KeyId` the request names the key it uses by (not one it only compares with a
+    /// ciphertext's key).
     async fn grpc<Req, Resp>(
         &self,
         who: &Identity,
         request_id: &str,
+        named: Option<&str>,
         req: Req,
         call: impl AsyncFnOnce(Request<Req>) -> Result<Response<Resp>, Status>,
     ) -> Result<Resp, AwsFault> {
@@ -334,7 +346,57 @@ where
         }
         match call(request).await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(caller.answer(&status)),
+            Err(status) => Err(match caller.answer(&status) {
+                (denied, Some(key)) => {
+                    let found = key.exists.then(|| self.keys.resolve(&key.name)).flatten();
+                    let named = match (key.from_ciphertext, named) {
+                        (false, Some(value)) => Named::Request(value),
+                        _ => Named::Ciphertext(&key.name),
+                    };
+                    self.refused(who, named, found.as_ref().map(|k| k.info.namespace.as_str()), denied)
+                }
+                (fault, None) => fault,
+            }),
+        }
+    }
+
+    /// The answer for a key refused to `who`, named so, that exists in namespace `found`
+    /// (none: it does not exist). As AWS: a key of the caller's own account that does not
+    /// exist is `NotFoundException`, a key it may not use `AccessDeniedException`. What a
+    /// caller is told never depends on what another namespace holds: a key named in
+    /// another namespace (by ARN, alias ARN or `namespace/name`) is `denied` whether it
+    /// exists or not, and a bare keyId (or a ciphertext's) names the caller's own account,
+    /// so a key of another namespace it may not use is as not found as a missing one.
+    pub(super) fn refused(
+        &self,
+        who: &Identity,
+        named: Named<'_>,
+        found: Option<&str>,
+        denied: AwsFault,
+    ) -> AwsFault {
+        let Some(own) = account(who) else { return denied };
+        let (account, shown) = match named {
+            Named::Request(value) => (self.named_account(value, own), value.to_owned()),
+            Named::Ciphertext(key_id) => (None, key_arn(&self.settings.region, own, key_id)),
+        };
+        if not_found(own, account.as_deref(), found) {
+            AwsFault::client("NotFoundException", format!("Key '{shown}' does not exist"))
+        } else if denied.code == "AccessDeniedException" {
+            // In the caller's words: the key API's would name the key it found, and so
+            // tell an existing key (by keyId) from a missing one (by the ARN given).
+            AwsFault::client(denied.code, format!("Key '{shown}' does not exist or you may not use it so"))
+        } else {
+            denied
+        }
+    }
+
+    /// The account (namespace) a `KeyId` names, if it names one: an ARN's, an alias's
+    /// (the caller's own, unless an ARN), `namespace/name`'s; none for a bare keyId.
+    fn named_account(&self, value: &str, own: &str) -> Option<String> {
+        match KeyName::parse(value, &self.settings.region).ok()? {
+            KeyName::Id { namespace, .. } => namespace,
+            KeyName::Alias { namespace, .. } => Some(namespace.unwrap_or_else(|| own.to_owned())),
+            KeyName::Name(name) => name.split_once('/').map(|(ns, _)| ns.to_owned()),
         }
     }
 
@@ -351,13 +413,14 @@ where
             "Encrypt" => {
                 let r: EncryptIn = parse(body)?;
                 r.common.check()?;
+                let named = r.key_id.as_deref();
                 algorithm("EncryptionAlgorithm", r.encryption_algorithm.as_deref())?;
                 let req = pb::EncryptRequest {
                     key: self.required_key(who, r.key_id.as_deref())?,
                     plaintext: r.plaintext,
                     encryption_context: r.encryption_context,
                 };
-                let out = self.grpc(who, request_id, req, async |q| api.encrypt(q).await).await?;
+                let out = self.grpc(who, request_id, named, req, async |q| api.encrypt(q).await).await?;
                 Ok(json!({
                     "CiphertextBlob": b64_string(&out.ciphertext_blob),
                     "KeyId": self.arn(out.key.as_ref()),
@@ -373,7 +436,7 @@ where
                     encryption_context: r.encryption_context,
                     key: self.key_name(who, r.key_id.as_deref())?,
                 };
-                let out = self.grpc(who, request_id, req, async |q| api.decrypt(q).await).await?;
+                let out = self.grpc(who, request_id, None, req, async |q| api.decrypt(q).await).await?;
                 Ok(json!({
                     "Plaintext": b64_string(&out.plaintext),
                     "KeyId": self.arn(out.key.as_ref()),
@@ -383,6 +446,7 @@ where
             "ReEncrypt" => {
                 let r: ReEncryptIn = parse(body)?;
                 r.common.check()?;
+                let named = r.destination_key_id.as_deref();
                 algorithm("SourceEncryptionAlgorithm", r.source_encryption_algorithm.as_deref())?;
                 algorithm("DestinationEncryptionAlgorithm", r.destination_encryption_algorithm.as_deref())?;
                 let req = pb::ReEncryptRequest {
@@ -392,7 +456,7 @@ where
                     destination_key: self.required_key(who, r.destination_key_id.as_deref())?,
                     destination_encryption_context: r.destination_encryption_context,
                 };
-                let out = self.grpc(who, request_id, req, async |q| api.re_encrypt(q).await).await?;
+                let out = self.grpc(who, request_id, named, req, async |q| api.re_encrypt(q).await).await?;
                 Ok(json!({
                     "CiphertextBlob": b64_string(&out.ciphertext_blob),
                     "SourceKeyId": self.arn(out.source_key.as_ref()),
@@ -404,12 +468,14 @@ where
             "GenerateDataKey" => {
                 let r: DataKeyIn = parse(body)?;
                 r.common.check()?;
+                let named = r.key_id.as_deref();
                 let req = pb::GenerateDataKeyRequest {
                     key: self.required_key(who, r.key_id.as_deref())?,
                     encryption_context: r.encryption_context,
                     number_of_bytes: data_key_bytes(r.key_spec.as_deref(), r.number_of_bytes)?,
                 };
-                let out = self.grpc(who, request_id, req, async |q| api.generate_data_key(q).await).await?;
+                let out =
+                    self.grpc(who, request_id, named, req, async |q| api.generate_data_key(q).await).await?;
                 Ok(json!({
                     "CiphertextBlob": b64_string(&out.ciphertext_blob),
                     "Plaintext": b64_string(&out.plaintext),
@@ -419,13 +485,16 @@ where
             "GenerateDataKeyWithoutPlaintext" => {
                 let r: DataKeyIn = parse(body)?;
                 r.common.check()?;
+                let named = r.key_id.as_deref();
                 let req = pb::GenerateDataKeyWithoutPlaintextRequest {
                     key: self.required_key(who, r.key_id.as_deref())?,
                     encryption_context: r.encryption_context,
                     number_of_bytes: data_key_bytes(r.key_spec.as_deref(), r.number_of_bytes)?,
                 };
                 let out = self
-                    .grpc(who, request_id, req, async |q| api.generate_data_key_without_plaintext(q).await)
+                    .grpc(who, request_id, named, req, async |q| {
+                        api.generate_data_key_without_plaintext(q).await
+                    })
                     .await?;
                 Ok(json!({
                     "CiphertextBlob": b64_string(&out.ciphertext_blob),
@@ -442,7 +511,8 @@ where
                     ));
                 }
                 let req = pb::GenerateRandomRequest { number_of_bytes: random_bytes(r.number_of_bytes)? };
-                let out = self.grpc(who, request_id, req, async |q| api.generate_random(q).await).await?;
+                let out =
+                    self.grpc(who, request_id, None, req, async |q| api.generate_random(q).await).await?;
                 Ok(json!({ "Plaintext": b64_string(&out.plaintext) }))
             }
             "DescribeKey" => {
@@ -465,9 +535,18 @@ where
                 }
                 Ok(out)
             }
+            "ListKeyRotations" => {
+                let r: ListKeyRotationsIn = parse(body)?;
+                let limit = super::protocol::limit(r.limit, 100, 1000)?;
+                let m = self.describe(who, request_id, r.key_id.as_deref()).await?;
+                let history = self.keys.resolve(&m.key).map(|k| k.history.clone()).unwrap_or_default();
+                let arn = key_arn(&self.settings.region, namespace_of(&m.key), &m.key_id);
+                Ok(rotations_page(&history, &arn, r.marker.as_deref(), limit))
+            }
             "CreateGrant" => {
                 let r: CreateGrantIn = parse(body)?;
                 r.common.check()?;
+                let named = r.key_id.as_deref();
                 let grantee = r.grantee_principal.as_deref().ok_or_else(|| {
                     AwsFault::validation(
                         "1 validation error detected: Value null at 'granteePrincipal' failed to satisfy constraint: Member must not be null",
@@ -484,7 +563,7 @@ where
                     expires_at: String::new(),
                     retiring_principal: r.retiring_principal.as_deref().map(principal),
                 };
-                let out = self.grpc(who, request_id, req, async |q| api.create_grant(q).await).await?;
+                let out = self.grpc(who, request_id, named, req, async |q| api.create_grant(q).await).await?;
                 // Grants take effect as soon as the key API sees them: the grant id serves
                 // as the grant token, which is accepted and not needed.
                 Ok(json!({ "GrantId": out.grant_id, "GrantToken": out.grant_id }))
@@ -507,7 +586,7 @@ where
                     }
                 };
                 let req = pb::RetireGrantRequest { grant };
-                self.grpc(who, request_id, req, async |q| api.retire_grant(q).await).await?;
+                self.grpc(who, request_id, None, req, async |q| api.retire_grant(q).await).await?;
                 Ok(json!({}))
             }
             "ListKeys" => {
@@ -532,7 +611,7 @@ where
     ) -> Result<pb::KeyMetadata, AwsFault> {
         let req = pb::DescribeKeyRequest { key: self.required_key(who, key)? };
         let api = &*self.api;
-        let out = self.grpc(who, request_id, req, async |q| api.describe_key(q).await).await?;
+        let out = self.grpc(who, request_id, key, req, async |q| api.describe_key(q).await).await?;
         out.metadata.ok_or_else(|| AwsFault::internal("the key API described no key"))
     }
 
@@ -615,6 +694,51 @@ where
     }
 }
 
+/// One page of ListKeyRotations: every version made after the first, oldest first, by a
+/// scheduled rotation (`AUTOMATIC`) or on demand (`ON_DEMAND`; new imported material too).
+/// A marker is the last version shown, zero-padded so that markers sort as versions do.
+fn rotations_page(history: &[VersionMade], arn: &str, marker: Option<&str>, limit: usize) -> Value {
+    let mut rotations: Vec<(String, &VersionMade)> = history
+        .iter()
+        .filter(|v| v.version > 1 && v.cause != VersionCause::Created)
+        .map(|v| (format!("{:010}", v.version), v))
+        .collect();
+    rotations.sort_by(|a, b| a.0.cmp(&b.0));
+    super::protocol::page(
+        "Rotations",
+        &rotations,
+        marker,
+        limit,
+        |(marker, _)| marker,
+        |(_, v)| {
+            json!({
+                "KeyId": arn,
+                "RotationDate": v.created.as_second(),
+                "RotationType": if v.cause == VersionCause::Scheduled { "AUTOMATIC" } else { "ON_DEMAND" },
+            })
+        },
+    )
+}
+
+/// Whether a key refused to a caller of account `own` is answered `NotFoundException`: the
+/// request named it in `named` (none: by a bare keyId, which means the caller's own
+/// account), and it exists in namespace `found` (none: nowhere).
+fn not_found(own: &str, named: Option<&str>, found: Option<&str>) -> bool {
+    match named {
+        Some(ns) => ns == own && found.is_none(),
+        None => found != Some(own),
+    }
+}
+
+/// How the refused key was named.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Named<'a> {
+    /// By the request's `KeyId` (or `DestinationKeyId`, `TargetKeyId`).
+    Request(&'a str),
+    /// By a ciphertext's header: a keyId.
+    Ciphertext(&'a str),
+}
+
 fn namespace_of(key: &str) -> &str {
     key.split_once('/').map_or("", |(ns, _)| ns)
 }
@@ -626,6 +750,61 @@ fn b64_string(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotations_are_listed_in_pages_with_their_kind() {
+        let made = |version, seconds, cause| VersionMade {
+            version,
+            created: jiff::Timestamp::from_second(seconds).unwrap(),
+            cause,
+        };
+        let mut history = vec![made(1, 100, VersionCause::Created)];
+        for v in 2..=11 {
+            let cause = if v % 2 == 0 { VersionCause::Scheduled } else { VersionCause::OnDemand };
+            history.push(made(v, 100 * i64::from(v), cause));
+        }
+        let first = rotations_page(&history, "arn", None, 9);
+        let rotations = first["Rotations"].as_array().unwrap();
+        assert_eq!(rotations.len(), 9);
+        assert_eq!(rotations[0], json!({"KeyId": "arn", "RotationDate": 200, "RotationType": "AUTOMATIC"}));
+        assert_eq!(rotations[1]["RotationType"], "ON_DEMAND");
+        assert_eq!(first["Truncated"], true);
+        let next = first["NextMarker"].as_str().unwrap();
+        // Version 11 follows version 10, and 10 follows 9, although "10" < "9" as text.
+        let second = rotations_page(&history, "arn", Some(next), 9);
+        let dates: Vec<i64> = second["Rotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["RotationDate"].as_i64().unwrap())
+            .collect();
+        assert_eq!(dates, [1100]);
+        assert_eq!(rotations[8]["RotationDate"], 1000);
+        assert_eq!(second["Truncated"], false);
+        assert!(second.get("NextMarker").is_none());
+        // A key never rotated, and one whose first version was imported.
+        let imported = [made(1, 100, VersionCause::Imported), made(2, 200, VersionCause::Imported)];
+        assert_eq!(rotations_page(&history[..1], "arn", None, 100)["Rotations"], json!([]));
+        assert_eq!(rotations_page(&imported, "arn", None, 100)["Rotations"][0]["RotationType"], "ON_DEMAND");
+        assert_eq!(rotations_page(&imported, "arn", None, 100)["Rotations"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_a_key_missing_from_the_callers_own_account_is_not_found() {
+        // Named in the caller's own account: missing is NotFound, refused is AccessDenied.
+        assert!(not_found("a", Some("a"), None));
+        assert!(!not_found("a", Some("a"), Some("a")));
+        assert!(!not_found("a", None, Some("a")));
+        assert!(not_found("a", None, None));
+        // The attacker's view: whatever another namespace holds, the answer is the same,
+        // for every way of naming a key there and for a bare keyId.
+        for named in [Some("b"), None] {
+            let answers: Vec<bool> =
+                [None, Some("b"), Some("c")].iter().map(|found| not_found("a", named, *found)).collect();
+            assert!(answers.windows(2).all(|w| w[0] == w[1]), "{named:?}: {answers:?}");
+        }
+        assert!(!not_found("a", Some("b"), None));
+    }
 
     #[test]
     fn data_key_sizes_follow_aws() {

@@ -10,9 +10,10 @@ use tonic::{Code, Status};
 
 use crate::call::CallError;
 use crate::domain::Identity;
+use crate::domain::KeyOperation;
 use crate::server::auth::AuthError;
 use crate::server::blob::BlobError;
-use crate::server::service::ApiError;
+use crate::server::service::{ApiError, Refusal};
 
 /// The content type of requests and answers.
 pub const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
@@ -80,8 +81,10 @@ impl CallError for AwsFault {
 }
 
 /// The AWS error for a key API error: the same decision, AWS's words. A key the caller
-/// may not use and a key that does not exist get the same `AccessDeniedException`, as
-/// the key API gives both the same answer, so that nobody learns which keys exist.
+/// may not use and a key that does not exist get the same `AccessDeniedException` here, as
+/// the key API gives both the same answer; the front end then answers `NotFoundException`
+/// where that tells nothing across namespaces (`ops::refused`), from the [`RefusedKey`]
+/// the [`Caller`] keeps.
 pub fn fault(e: &ApiError) -> AwsFault {
     let message = e.to_string();
     match e {
@@ -128,7 +131,37 @@ pub fn fault(e: &ApiError) -> AwsFault {
 #[derive(Clone)]
 pub struct Caller {
     pub identity: Identity,
-    fault: Arc<Mutex<Option<(Code, AwsFault)>>>,
+    fault: Arc<Mutex<Option<Recorded>>>,
+}
+
+/// The error a call ended with, as the key API recorded it.
+struct Recorded {
+    code: Code,
+    fault: AwsFault,
+    refused: Option<RefusedKey>,
+}
+
+/// A key the key API refused: the name it was given, and whether a key of that name exists
+/// (which the key API keeps from the caller; the front end decides what it may tell).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedKey {
+    pub name: String,
+    pub exists: bool,
+    /// The key came from a ciphertext's header (Decrypt, ReEncrypt's source), by keyId.
+    pub from_ciphertext: bool,
+}
+
+impl RefusedKey {
+    fn of(e: &ApiError) -> Option<RefusedKey> {
+        match e {
+            ApiError::KeyRefused { name, op, cause } => Some(RefusedKey {
+                name: name.clone(),
+                exists: !matches!(cause, Refusal::NotFound),
+                from_ciphertext: matches!(op, KeyOperation::Decrypt | KeyOperation::ReEncryptFrom),
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl Caller {
@@ -139,20 +172,23 @@ impl Caller {
     /// Records the AWS answer for the call's error.
     pub fn record(&self, e: &ApiError) {
         if let Ok(mut slot) = self.fault.lock() {
-            *slot = Some((e.status().code(), fault(e)));
+            *slot = Some(Recorded { code: e.status().code(), fault: fault(e), refused: RefusedKey::of(e) });
         }
     }
 
-    /// The AWS answer for the status the call ended with: the recorded one when the call
-    /// ended with its own error, otherwise (the call pipeline failed it, for instance
-    /// because its audit line could not be written) one from the status.
-    pub fn answer(&self, status: &Status) -> AwsFault {
+    /// The AWS answer for the status the call ended with: the recorded one (and the key it
+    /// refused, if it did) when the call ended with its own error, otherwise (the call
+    /// pipeline failed it, for instance because its audit line could not be written) one
+    /// from the status.
+    pub fn answer(&self, status: &Status) -> (AwsFault, Option<RefusedKey>) {
         let recorded = self.fault.lock().ok().and_then(|mut s| s.take());
         match recorded {
-            Some((code, fault)) if code == status.code() => fault,
+            Some(r) if r.code == status.code() => (r.fault, r.refused),
             _ => match status.code() {
-                Code::Unavailable => AwsFault::new(503, "DependencyTimeoutException", status.message()),
-                _ => AwsFault::internal(status.message()),
+                Code::Unavailable => {
+                    (AwsFault::new(503, "DependencyTimeoutException", status.message()), None)
+                }
+                _ => (AwsFault::internal(status.message()), None),
             },
         }
     }
@@ -408,9 +444,18 @@ mod tests {
         let caller = Caller::new(Identity::default());
         let e = ApiError::KeyNotEnabled { key: "a/b".into(), state: "Disabled" };
         caller.record(&e);
-        assert_eq!(caller.answer(&e.status()).code, "DisabledException");
+        assert_eq!(caller.answer(&e.status()).0.code, "DisabledException");
         caller.record(&e);
         let audit_down = Status::unavailable("the audit log cannot be written");
-        assert_eq!(caller.answer(&audit_down).code, "DependencyTimeoutException");
+        assert_eq!(caller.answer(&audit_down).0.code, "DependencyTimeoutException");
+        let refused = ApiError::KeyRefused {
+            name: "a/b".into(),
+            op: KeyOperation::ReEncryptFrom,
+            cause: crate::server::service::Refusal::NotFound,
+        };
+        caller.record(&refused);
+        let (fault, key) = caller.answer(&refused.status());
+        assert_eq!(fault.code, "AccessDeniedException");
+        assert_eq!(key, Some(RefusedKey { name: "a/b".into(), exists: false, from_ciphertext: true }));
     }
 }
