@@ -104,14 +104,20 @@ pub enum Pkcs11Error {
     Random(#[source] getrandom::Error),
 }
 
-/// A root key object in a token, with an open, logged-in session (reopened when the
-/// token comes back after a failure).
+/// A root key object in a token, with an open, logged-in session (reopened, and the
+/// module loaded anew, when the token comes back after a failure).
 pub struct Pkcs11Root {
     config: Pkcs11Config,
-    context: Pkcs11,
-    slot: Slot,
     pin: AuthPin,
-    session: Mutex<Option<(Session, ObjectHandle)>>,
+    connection: Mutex<Connection>,
+}
+
+/// The module, the token's slot, and the session with the key's handle once opened.
+struct Connection {
+    context: Pkcs11,
+    generation: u64,
+    slot: Slot,
+    session: Option<(Session, ObjectHandle)>,
 }
 
 impl std::fmt::Debug for Pkcs11Root {
@@ -124,23 +130,33 @@ impl std::fmt::Debug for Pkcs11Root {
     }
 }
 
-/// The module `path`, loaded and initialised once per process: a second `C_Initialize` of
-/// the same module fails, and every root key of one module (the old and the new one of a
-/// rotation, say) shares it.
-fn context(path: &Path) -> Result<Pkcs11, CkError> {
-    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let mut contexts =
-        CONTEXTS.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(context) = contexts.get(path) {
-        return Ok(context.clone());
+/// The module `path`, loaded and initialised once per process (a second `C_Initialize` of
+/// the same module fails, and every root key of one module shares it), with a generation
+/// that counts its reloads. With `stale`, the module of that generation is finalised and
+/// loaded anew first, so that a token that went away and came back is seen again; a root
+/// key of an older generation just takes the current one.
+fn module(path: &Path, stale: Option<u64>) -> Result<(Pkcs11, u64), CkError> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, (Pkcs11, u64)>>> = OnceLock::new();
+    let mut modules =
+        MODULES.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut generation = 0;
+    if let Some((context, current)) = modules.get(path) {
+        if stale != Some(*current) {
+            return Ok((context.clone(), *current));
+        }
+        generation = current + 1;
+        if let Some((context, _)) = modules.remove(path) {
+            // The sessions of the old generation are gone either way.
+            let _ = context.finalize();
+        }
     }
     let context = Pkcs11::new(path)?;
     match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(e),
     }
-    contexts.insert(path.to_owned(), context.clone());
-    Ok(context)
+    modules.insert(path.to_owned(), (context.clone(), generation));
+    Ok((context, generation))
 }
 
 /// Reads the PIN: one line, from a file only its owner may read.
@@ -166,11 +182,10 @@ impl Pkcs11Root {
         move |source| Pkcs11Error::Token { token: self.config.token.clone(), step, source }
     }
 
-    /// Loads the module, finds the token and logs in; does not look for the key yet.
-    fn connect(config: &Pkcs11Config) -> Result<Pkcs11Root, Pkcs11Error> {
-        let pin = read_pin(&config.pin_file)?;
+    /// The module (loaded anew when `stale` names the generation in use) and the token's slot.
+    fn attach(config: &Pkcs11Config, stale: Option<u64>) -> Result<Connection, Pkcs11Error> {
         let module_err = |source| Pkcs11Error::Module { module: config.module.clone(), source };
-        let context = context(&config.module).map_err(module_err)?;
+        let (context, generation) = module(&config.module, stale).map_err(module_err)?;
         let slots = context.get_slots_with_token().map_err(module_err)?;
         let slot = slots
             .into_iter()
@@ -184,14 +199,22 @@ impl Pkcs11Root {
                 module: config.module.clone(),
                 token: config.token.clone(),
             })?;
-        let root = Pkcs11Root { config: config.clone(), context, slot, pin, session: Mutex::new(None) };
+        Ok(Connection { context, generation, slot, session: None })
+    }
+
+    /// Loads the module, finds the token and logs in; does not look for the key yet.
+    fn connect(config: &Pkcs11Config) -> Result<Pkcs11Root, Pkcs11Error> {
+        let pin = read_pin(&config.pin_file)?;
+        let connection = Pkcs11Root::attach(config, None)?;
+        let root = Pkcs11Root { config: config.clone(), pin, connection: Mutex::new(connection) };
         // Log in now, so that a wrong PIN is reported at start, not at first use.
-        drop(root.login()?);
+        drop(root.login(&root.lock())?);
         Ok(root)
     }
 
-    fn login(&self) -> Result<Session, Pkcs11Error> {
-        let session = self.context.open_rw_session(self.slot).map_err(self.token_err("open a session"))?;
+    fn login(&self, connection: &Connection) -> Result<Session, Pkcs11Error> {
+        let session =
+            connection.context.open_rw_session(connection.slot).map_err(self.token_err("open a session"))?;
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _)) => {
@@ -275,10 +298,14 @@ impl Pkcs11Root {
         Ok(root)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Generates a new root key inside the token: AES-256, sensitive, never extractable.
     pub fn create(config: &Pkcs11Config) -> Result<Pkcs11Root, Pkcs11Error> {
         let root = Pkcs11Root::connect(config)?;
-        let session = root.login()?;
+        let session = root.login(&root.lock())?;
         if root.find_key(&session)?.is_some() {
             return Err(Pkcs11Error::KeyExists {
                 token: config.token.clone(),
@@ -311,33 +338,40 @@ impl Pkcs11Root {
         Ok(root)
     }
 
-    /// Runs `f` with a logged-in session and the root key's handle. A failure drops the
-    /// session, so that the next call logs in again (a token that came back works again).
+    /// A logged-in session with the root key's handle, the key checked.
+    fn start(&self, connection: &Connection) -> Result<(Session, ObjectHandle), Pkcs11Error> {
+        let session = self.login(connection)?;
+        let handle = self.find_key(&session)?.ok_or_else(|| Pkcs11Error::NoKey {
+            token: self.config.token.clone(),
+            label: self.config.key_label.clone(),
+        })?;
+        self.check_key(&session, handle)?;
+        Ok((session, handle))
+    }
+
+    /// Runs `f` with a logged-in session and the root key's handle.
+    /// A failure drops the session, so that the next call logs in again; when the token
+    /// itself fails then, the module is loaded anew once (a token that came back works
+    /// again without a restart).
     fn with_session<T>(
         &self,
         f: impl FnOnce(&Session, ObjectHandle) -> Result<T, Pkcs11Error>,
     ) -> Result<T, Pkcs11Error> {
-        let mut guard = self.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if guard.is_none() {
-            let session = self.login()?;
-            let key = self.find_key(&session)?.ok_or_else(|| Pkcs11Error::NoKey {
-                token: self.config.token.clone(),
-                label: self.config.key_label.clone(),
-            })?;
-            self.check_key(&session, key)?;
-            *guard = Some((session, key));
-        }
-        let result = match guard.as_ref() {
-            Some((session, key)) => f(session, *key),
-            None => {
-                return Err(Pkcs11Error::NoToken {
-                    module: self.config.module.clone(),
-                    token: self.config.token.clone(),
-                });
-            }
+        let mut connection = self.lock();
+        let (session, handle) = match connection.session.take() {
+            Some(open) => open,
+            None => match self.start(&connection) {
+                Ok(open) => open,
+                Err(Pkcs11Error::Token { .. }) => {
+                    *connection = Pkcs11Root::attach(&self.config, Some(connection.generation))?;
+                    self.start(&connection)?
+                }
+                Err(e) => return Err(e),
+            },
         };
-        if result.is_err() {
-            *guard = None;
+        let result = f(&session, handle);
+        if result.is_ok() {
+            connection.session = Some((session, handle));
         }
         result
     }
