@@ -407,7 +407,12 @@ impl Pkcs11Root {
                     RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange | RvError::DataLenRange,
                     _,
                 )) => Ok(None),
-                Err(e) => Err(self.token_err("decrypt")(e)),
+                // Tokens differ in what a failed tag returns (SoftHSM2: CKR_GENERAL_ERROR):
+                // when the token still answers for the key, the material did not authenticate.
+                Err(e) => match session.get_attributes(key, &[AttributeType::KeyType]) {
+                    Ok(_) => Ok(None),
+                    Err(_) => Err(self.token_err("decrypt")(e)),
+                },
             }
         })
     }
