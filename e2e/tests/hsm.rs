@@ -256,3 +256,76 @@ async fn disruptive_hsm_a_token_that_goes_away_loses_nothing() {
     assert!(create_secret(ns, "s3", "v3").ok);
     assert_eq!(read_secret(ns, "s3"), "v3");
 }
+
+#[tokio::test]
+async fn hsm_material_wrapped_in_the_token_is_bound_and_authenticated() {
+    use kubekms::crypto::{KeyMaterial, RootKey, RootKeyError, WrapContext};
+    let _ = hsm_args();
+    let root = root_key();
+    let material = KeyMaterial::generate().unwrap();
+    let ctx = WrapContext { key_id: "5b7c0c4e-0000-4000-8000-000000000001", version: 1 };
+    let wrapped = root.wrap(&material, ctx).unwrap();
+    assert_eq!(wrapped[0], 0x02, "the token's format");
+    assert_eq!(wrapped.len(), 1 + 12 + 32 + 16, "format, IV, material, tag");
+    assert!(!wrapped.windows(32).any(|w| w == material.expose()));
+    assert!(root.unwrap(&wrapped, ctx).unwrap().ct_eq(&material));
+    assert_ne!(root.wrap(&material, ctx).unwrap(), wrapped, "a fresh IV each time");
+
+    // Whatever does not authenticate is the one Unwrap error, never a token failure.
+    let mut tag = wrapped.clone();
+    *tag.last_mut().unwrap() ^= 1;
+    let mut iv = wrapped.clone();
+    iv[1] ^= 1;
+    let other_version = WrapContext { version: 2, ..ctx };
+    let other_key = WrapContext { key_id: "another", ..ctx };
+    for (what, bytes, ctx) in [
+        ("a flipped tag bit", tag, ctx),
+        ("a flipped IV bit", iv, ctx),
+        ("a truncated blob", wrapped[..20].to_vec(), ctx),
+        ("the format byte alone", wrapped[..1].to_vec(), ctx),
+        ("another version", wrapped.clone(), other_version),
+        ("another key", wrapped.clone(), other_key),
+    ] {
+        assert!(matches!(root.unwrap(&bytes, ctx), Err(RootKeyError::Unwrap)), "{what}");
+    }
+    // A file's root key and the token's do not open each other's material.
+    let file_root = RootKey::from_material(KeyMaterial::generate().unwrap());
+    assert!(matches!(file_root.unwrap(&wrapped, ctx), Err(RootKeyError::Unwrap)));
+    let from_file = file_root.wrap(&material, ctx).unwrap();
+    assert!(matches!(root.unwrap(&from_file, ctx), Err(RootKeyError::Unwrap)));
+    // Derived keys are the same in every process that opens the token, one per purpose.
+    assert!(root.derive(b"purpose").ct_eq(&root_key().derive(b"purpose")));
+    assert!(!root.derive(b"purpose").ct_eq(&root.derive(b"another purpose")));
+}
+
+#[tokio::test]
+async fn disruptive_hsm_plugin_cold_start_from_its_cache_with_the_api_server_down() {
+    use crate::plugin::{create_secret, decrypt_request, plugin_key_id, read_secret, socket, stored};
+    use crate::support::{TestNamespace, control_plane, eventually};
+    let _ = hsm_args();
+    let ns = TestNamespace::new("hsm-cold");
+    let ns = ns.name.as_str();
+    let served =
+        eventually(Duration::from_secs(30), "the plugin to serve", || async { plugin_key_id().await }).await;
+    assert!(create_secret(ns, "s", "cold").ok);
+    let object = stored(ns, "s");
+    assert_eq!(object.key_id, served);
+
+    // With the API server down, the plugin starts from its cache: its key's versions
+    // unwrap through the token, and the cache's MAC key is derived in it.
+    control_plane("down.sh", &["kube-apiserver", "plugin"]);
+    control_plane("up.sh", &["plugin"]);
+    let id = eventually(Duration::from_secs(30), "the plugin to serve from its cache", || async {
+        plugin_key_id().await
+    })
+    .await;
+    assert_eq!(id, served);
+    let mut c = kubekms::plugin::client::connect(&socket()).await.unwrap();
+    let seed =
+        c.decrypt(decrypt_request(&object)).await.expect("decrypt from the cache, the API server down");
+    assert_eq!(seed.into_inner().plaintext.len(), 32);
+    let log = std::fs::read_to_string(run_dir().join("logs/plugin.log")).unwrap();
+    assert!(log.contains("loaded the key from the cache"), "the plugin started from its cache");
+    control_plane("up.sh", &["kube-apiserver"]);
+    assert_eq!(read_secret(ns, "s"), "cold");
+}
