@@ -17,6 +17,12 @@ require_tools() {
   for tool in cargo go kubectl python3 openssl curl sha256sum; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
   done
+  # The PKCS#11 root key's tests (KUBEKMS_ROOT_KEY=pkcs11) use a SoftHSM2 token.
+  if ! command -v softhsm2-util >/dev/null 2>&1; then
+    log "installing the Debian package softhsm2 (a PKCS#11 token for the HSM root key's tests)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2; } >/dev/null \
+      || die "could not install softhsm2 (apt-get install softhsm2)"
+  fi
   ((${#missing[@]} == 0)) || die "not on PATH: ${missing[*]} (README.md, \"Try it\", lists the prerequisites)"
 }
 

@@ -177,8 +177,7 @@ class Local:
 export KUBECONFIG='{self.cp.kubeconfig}'
 export ETCDCTL_ENDPOINTS='http://127.0.0.1:{p.etcd}'
 export KUBEKMS_E2E_RUN_DIR='{r}'
-export KUBEKMS_ROOT_KEY_FILE='{self.cp.root_key}'
-export KMS_SOCKET='{self.socket}'
+{self.root_key_env()}export KMS_SOCKET='{self.socket}'
 export KUBEKMS_ADDR='https://127.0.0.1:{p.server}'
 export KUBEKMS_CA='{self.cp.pki / "ca.crt"}'
 export KUBEKMS_CONTROLLER_METRICS='http://127.0.0.1:{p.controller_metrics}'
@@ -189,6 +188,16 @@ export KUBEKMS_STS_ENDPOINT='https://127.0.0.1:{p.aws}'
 export KUBEKMS_AWS_REGION='{AWS_REGION}'
 export PATH='{TOOLS}':"$PATH"
 """)
+
+    def root_key_env(self) -> str:
+        """The environment that gives `kubekms` commands the root key of this run directory."""
+        cp = self.cp
+        if cp.root_key_mode != "pkcs11":
+            return f"export KUBEKMS_ROOT_KEY_FILE='{cp.root_key}'\n"
+        flags = dict(zip(cp.root_key_args()[::2], cp.root_key_args()[1::2]))
+        env = {"SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]}
+        env |= {"KUBEKMS_" + f.removeprefix("--").replace("-", "_").upper(): v for f, v in flags.items()}
+        return "".join(f"export {k}='{v}'\n" for k, v in env.items())
 
     def components(self) -> dict:
         """What `e2e/up.sh NAME...` can start, by name."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import ssl
 import subprocess
 import urllib.error
@@ -18,13 +19,17 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Callable
 
-from controlplane.pki import make_pki, write_kubeconfig
+from controlplane.pki import make_pki, write_kubeconfig, write_private
 from controlplane.procs import Failure, Process, log, run, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: crds/, charts/
 TOOLS = ROOT / "e2e" / ".bin"  # etcd, etcdctl, kube-apiserver, helm (e2e/tools/build.sh)
 
 KUBEKMS_NAMESPACE = "kubekms-system"
+# KUBEKMS_ROOT_KEY=pkcs11: the SoftHSM2 module (Debian package softhsm2), its token and key.
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+SOFTHSM_TOKEN = "kubekms"
+SOFTHSM_KEY = "kubekms-root-1"
 CLUSTER_KEY = ("kube-system", "cluster-secrets")  # the KmsKey the kubekms plugin uses
 
 
@@ -133,6 +138,16 @@ class ControlPlane:
         self.server = f"https://127.0.0.1:{ports.apiserver}"
         self.kubeconfig = run_dir / "kubeconfig"  # the admin's (system:masters)
         self.root_key = run_dir / "root.key"
+        # KUBEKMS_ROOT_KEY=pkcs11: the root key in a SoftHSM2 token of the run directory,
+        # chosen when the run directory is first prepared and kept with it.
+        self.root_key_mode = os.environ.get("KUBEKMS_ROOT_KEY", "file")
+        if self.root_key_mode not in ("file", "pkcs11"):
+            raise Failure(f"KUBEKMS_ROOT_KEY={self.root_key_mode!r}: file or pkcs11")
+        if (run_dir / "root-key.args").exists():
+            self.root_key_mode = "pkcs11" if "--pkcs11-module" in (run_dir / "root-key.args").read_text() else "file"
+        self.softhsm = run_dir / "softhsm"
+        if self.root_key_mode == "pkcs11":
+            os.environ["SOFTHSM2_CONF"] = str(self.softhsm / "softhsm2.conf")
         self._tls: ssl.SSLContext | None = None
 
     # --- files ---------------------------------------------------------------------------
@@ -142,8 +157,39 @@ class ControlPlane:
         make_pki(self.pki, self.name)
         self.write_kubeconfig(self.kubeconfig, "admin", {"client-certificate": str(self.pki / "admin.crt"),
                                                          "client-key": str(self.pki / "admin.key")})
-        if not self.root_key.exists():
+        args = self.run_dir / "root-key.args"
+        if self.root_key_mode == "pkcs11":
+            self.prepare_softhsm()
+        elif not self.root_key.exists():
             run([self.kubekms, "root-key", "create", "--out", self.root_key], "kubekms root-key create")
+        args.write_text("".join(f"{a}\n" for a in self.root_key_args()))
+
+    def root_key_args(self) -> list[str]:
+        """The flags that give a kubekms component the root key (also in run_dir/root-key.args,
+        one a line, for the tests)."""
+        if self.root_key_mode == "pkcs11":
+            return ["--pkcs11-module", str(SOFTHSM_MODULE), "--pkcs11-token-label", SOFTHSM_TOKEN,
+                    "--pkcs11-pin-file", str(self.softhsm / "pin"), "--pkcs11-key-label", SOFTHSM_KEY]
+        return ["--root-key-file", str(self.root_key)]
+
+    def prepare_softhsm(self) -> None:
+        """A SoftHSM2 token in run_dir/softhsm (its config in softhsm2.conf, which
+        SOFTHSM2_CONF names for every process started here) with the root key generated
+        inside it by `kubekms root-key create --pkcs11-…`."""
+        conf = self.softhsm / "softhsm2.conf"
+        if (self.softhsm / "created").exists():
+            return
+        if not SOFTHSM_MODULE.exists():
+            raise Failure(f"{SOFTHSM_MODULE} is missing: install the Debian package softhsm2")
+        tokens = self.softhsm / "tokens"
+        tokens.mkdir(parents=True, exist_ok=True)
+        conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        pin = secrets.token_hex(8)
+        run(["softhsm2-util", "--init-token", "--free", "--label", SOFTHSM_TOKEN,
+             "--so-pin", secrets.token_hex(8), "--pin", pin], "softhsm2-util --init-token")
+        write_private(self.softhsm / "pin", f"{pin}\n".encode())
+        run([self.kubekms, "root-key", "create", *self.root_key_args()], "kubekms root-key create --pkcs11-…")
+        (self.softhsm / "created").write_text("")
 
     def write_kubeconfig(self, path: Path, user: str, credentials: dict[str, str]) -> None:
         write_kubeconfig(path, self.name, self.server, self.pki / "ca.crt", user, credentials)
@@ -251,7 +297,7 @@ class ControlPlane:
         audit_log = self.run_dir / name / "audit.log"
         audit_log.parent.mkdir(parents=True, exist_ok=True)
         return self.start(name, [
-            self.kubekms, "controller", "--kubeconfig", kubeconfig, "--root-key-file", self.root_key,
+            self.kubekms, "controller", "--kubeconfig", kubeconfig, *self.root_key_args(),
             "--audit-log", audit_log,
             "--metrics-addr", metrics, "--leader-election-namespace", KUBEKMS_NAMESPACE,
             "--selector", selector, *plugin_args,
@@ -262,7 +308,7 @@ class ControlPlane:
         `state_dir`; returns once it listens (it serves once it has the key)."""
         return self.start(name, [
             self.kubekms, "plugin", "--kubeconfig", kubeconfig, "--key", "/".join(CLUSTER_KEY),
-            "--socket", socket, "--root-key-file", self.root_key, "--state-dir", state_dir,
+            "--socket", socket, *self.root_key_args(), "--state-dir", state_dir,
             "--metrics-addr", f"127.0.0.1:{self.ports.plugin_metrics}",
             "--usage-granularity-seconds", USAGE_GRANULARITY,
         ], socket.is_socket, f"{name}'s socket")
@@ -273,7 +319,7 @@ class ControlPlane:
         return self.start(name, [
             self.kubekms, "server", "--kubeconfig", kubeconfig, "--listen", f"127.0.0.1:{self.ports.server}",
             "--tls-cert", self.pki / "server.crt", "--tls-key", self.pki / "server.key",
-            "--root-key-file", self.root_key, "--audit-log", audit_log,
+            *self.root_key_args(), "--audit-log", audit_log,
             "--metrics-addr", f"127.0.0.1:{self.ports.server_metrics}",
             "--usage-granularity-seconds", USAGE_GRANULARITY,
             *(["--aws-listen", f"127.0.0.1:{self.ports.aws}", "--aws-region", AWS_REGION] if self.ports.aws else []),

@@ -98,8 +98,7 @@ async fn a_disable_is_found_in_the_api_server_and_controller_audit_logs() {
     let verify = std::process::Command::new(kubekms_bin())
         .args(["audit", "verify"])
         .arg(run_dir().join("controller/audit.log"))
-        .arg("--root-key-file")
-        .arg(run_dir().join("root.key"))
+        .args(crate::support::root_key_args())
         .output()
         .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));

@@ -701,13 +701,11 @@ async fn the_audit_trail_verifies_and_holds_no_secrets() {
     }
     use base64::Engine;
     assert!(!text.contains(&base64::engine::general_purpose::STANDARD.encode(&dk.plaintext)));
-    let out = cli(&[
-        "audit",
-        "verify",
-        log.to_str().unwrap(),
-        "--root-key-file",
-        run_dir().join("root.key").to_str().unwrap(),
-    ]);
+    let root_key = crate::support::root_key_args();
+    let with_root = |args: &[&str]| {
+        cli(&args.iter().copied().chain(root_key.iter().map(String::as_str)).collect::<Vec<_>>())
+    };
+    let out = with_root(&["audit", "verify", log.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}{}",
@@ -718,13 +716,7 @@ async fn the_audit_trail_verifies_and_holds_no_secrets() {
     let copy = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(copy.path(), text.replacen(r#""result":"OK""#, r#""result":"PermissionDenied""#, 1))
         .unwrap();
-    let out = cli(&[
-        "audit",
-        "verify",
-        copy.path().to_str().unwrap(),
-        "--root-key-file",
-        run_dir().join("root.key").to_str().unwrap(),
-    ]);
+    let out = with_root(&["audit", "verify", copy.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     // Metering: counters per key, operation and result, and a latency histogram.
     let port: u16 = env_var("KUBEKMS_SERVER_METRICS").rsplit(':').next().unwrap().parse().unwrap();
@@ -747,15 +739,9 @@ async fn the_audit_trail_verifies_and_holds_no_secrets() {
     assert!(written.len() >= seq, "the log holds every line the metric counts");
     let cut = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(cut.path(), written[..seq - 1].join("\n") + "\n").unwrap();
-    let root_key = run_dir().join("root.key");
     let verify = |path: &std::path::Path, expect: Option<usize>| {
-        let mut args = vec![
-            "audit".to_owned(),
-            "verify".to_owned(),
-            path.to_str().unwrap().to_owned(),
-            "--root-key-file".to_owned(),
-            root_key.to_str().unwrap().to_owned(),
-        ];
+        let mut args = vec!["audit".to_owned(), "verify".to_owned(), path.to_str().unwrap().to_owned()];
+        args.extend(root_key.iter().cloned());
         if let Some(n) = expect {
             args.extend(["--expect-seq".to_owned(), n.to_string()]);
         }

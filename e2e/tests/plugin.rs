@@ -113,7 +113,7 @@ async fn a_second_plugin_refuses_a_live_socket() {
     let out = std::process::Command::new(kubekms_bin())
         .args(["plugin", "--key", "kube-system/cluster-secrets", "--socket"])
         .arg(socket())
-        .args(["--root-key-file", crate::support::run_dir().join("root.key").to_str().unwrap()])
+        .args(crate::support::root_key_args())
         .arg("--state-dir")
         .arg(dir.path())
         .args(["--kubeconfig", crate::support::run_dir().join("kubekms-plugin.kubeconfig").to_str().unwrap()])

@@ -146,6 +146,48 @@ where
 }
 
 /// The kubekms binary under test.
+/// The flags that give a `kubekms` command the root key of `make up`, as its components
+/// got them (run_dir/root-key.args: a file, or with KUBEKMS_ROOT_KEY=pkcs11 a SoftHSM2
+/// token, which SOFTHSM2_CONF must name in the tests' environment, as e2e/test.sh does).
+pub fn root_key_args() -> Vec<String> {
+    let path = run_dir().join("root-key.args");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} cannot be read ({e}); run `make up` first", path.display()));
+    let args: Vec<String> = text.lines().map(str::to_owned).collect();
+    if args.iter().any(|a| a == "--pkcs11-module") {
+        let conf = run_dir().join("softhsm/softhsm2.conf");
+        assert_eq!(
+            std::env::var_os("SOFTHSM2_CONF").map(PathBuf::from),
+            Some(conf.clone()),
+            "the control plane's root key is in SoftHSM2: export SOFTHSM2_CONF={}",
+            conf.display()
+        );
+    }
+    args
+}
+
+/// Whether `make up` keeps the root key in a PKCS#11 token (KUBEKMS_ROOT_KEY=pkcs11).
+pub fn root_key_in_hsm() -> bool {
+    root_key_args().iter().any(|a| a == "--pkcs11-module")
+}
+
+/// The root key of `make up`, opened in this process.
+pub fn root_key() -> kubekms::crypto::RootKey {
+    use kubekms::crypto::{Pkcs11Config, RootKey, RootKeySource, TokenSelector};
+    let args = root_key_args();
+    let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());
+    let source = match flag("--pkcs11-module") {
+        None => RootKeySource::File(flag("--root-key-file").expect("--root-key-file").into()),
+        Some(module) => RootKeySource::Pkcs11(Pkcs11Config {
+            module: module.into(),
+            token: TokenSelector::Label(flag("--pkcs11-token-label").expect("--pkcs11-token-label")),
+            pin_file: flag("--pkcs11-pin-file").expect("--pkcs11-pin-file").into(),
+            key_label: flag("--pkcs11-key-label").expect("--pkcs11-key-label"),
+        }),
+    };
+    RootKey::open(&source).expect("open the control plane's root key")
+}
+
 pub fn kubekms_bin() -> &'static str {
     env!("CARGO_BIN_EXE_kubekms")
 }
@@ -188,8 +230,6 @@ impl TestController {
                 "controller",
                 "--kubeconfig",
                 run_dir().join("kubekms-controller.kubeconfig").to_str().unwrap(),
-                "--root-key-file",
-                run_dir().join("root.key").to_str().unwrap(),
                 "--metrics-addr",
                 &format!("127.0.0.1:{metrics_port}"),
                 "--leader-election-namespace",
@@ -199,6 +239,7 @@ impl TestController {
                 "--selector",
                 &format!("{TEST_CONTROLLER_LABEL}={label}"),
             ])
+            .args(root_key_args())
             .args(extra)
             // The tests that shorten the day say so, as the controller demands.
             .env("KUBEKMS_UNSAFE_TEST_CLOCK", "shorten-waiting-periods")

@@ -3,24 +3,94 @@
 
 use std::path::PathBuf;
 
+use anyhow::{Context, bail};
 use clap::Args;
 
 use kubekms::client::{Client, ClientError, TokenSource};
-use kubekms::crypto::{RootKey, RootKeyError};
+use kubekms::crypto::{Pkcs11Config, RootKey, RootKeySource, TokenSelector};
 use kubekms::domain::NamespacedName;
 
-/// Where the root key comes from (today a file; PKCS#11 options join this group later).
+/// Where the root key is: a file, or a key object in a PKCS#11 token (an HSM).
 #[derive(Args)]
 pub struct RootKeyArgs {
     /// The root key file (32 bytes, mode 0600 or stricter).
     #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
-    pub root_key_file: PathBuf,
+    pub root_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub pkcs11: Pkcs11Args,
+}
+
+/// The root key in a PKCS#11 token: which module, token and key, and the PIN.
+#[derive(Args)]
+pub struct Pkcs11Args {
+    /// The PKCS#11 module (shared library) of the HSM that holds the root key, instead of
+    /// a file.
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// The label of the token that holds the root key.
+    #[arg(long, value_name = "LABEL", env = "KUBEKMS_PKCS11_TOKEN_LABEL")]
+    pub pkcs11_token_label: Option<String>,
+    /// The slot of the token that holds the root key, instead of its label.
+    #[arg(long, value_name = "ID", env = "KUBEKMS_PKCS11_SLOT")]
+    pub pkcs11_slot: Option<u64>,
+    /// A file (mode 0600 or stricter) with the token's user PIN on one line.
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// The label (CKA_LABEL) of the root key object in the token.
+    #[arg(long, value_name = "LABEL", env = "KUBEKMS_PKCS11_KEY_LABEL")]
+    pub pkcs11_key_label: Option<String>,
+}
+
+impl Pkcs11Args {
+    /// The token configuration, or `None` when no PKCS#11 flag is given.
+    pub fn config(&self) -> anyhow::Result<Option<Pkcs11Config>> {
+        let Some(module) = self.pkcs11_module.clone() else {
+            if self.pkcs11_token_label.is_some()
+                || self.pkcs11_slot.is_some()
+                || self.pkcs11_pin_file.is_some()
+                || self.pkcs11_key_label.is_some()
+            {
+                bail!("--pkcs11-… flags need --pkcs11-module");
+            }
+            return Ok(None);
+        };
+        let token = match (&self.pkcs11_token_label, self.pkcs11_slot) {
+            (Some(label), None) => TokenSelector::Label(label.clone()),
+            (None, Some(slot)) => TokenSelector::Slot(slot),
+            _ => bail!("--pkcs11-module needs exactly one of --pkcs11-token-label and --pkcs11-slot"),
+        };
+        let Some(pin_file) = self.pkcs11_pin_file.clone() else {
+            bail!("--pkcs11-module needs --pkcs11-pin-file (a file with the token's user PIN, mode 0600)");
+        };
+        let Some(key_label) = self.pkcs11_key_label.clone().filter(|l| !l.is_empty()) else {
+            bail!("--pkcs11-module needs --pkcs11-key-label (the label of the root key object)");
+        };
+        Ok(Some(Pkcs11Config { module, token, pin_file, key_label }))
+    }
 }
 
 impl RootKeyArgs {
-    /// Loads the root key.
-    pub fn load(&self) -> Result<RootKey, RootKeyError> {
-        RootKey::load(&self.root_key_file)
+    /// Where the root key is, or `None` when no flag names one.
+    pub fn source_opt(&self) -> anyhow::Result<Option<RootKeySource>> {
+        match (&self.root_key_file, self.pkcs11.config()?) {
+            (Some(_), Some(_)) => bail!(
+                "give either --root-key-file or --pkcs11-module (the root key is in a file or in a token, not both)"
+            ),
+            (Some(file), None) => Ok(Some(RootKeySource::File(file.clone()))),
+            (None, Some(config)) => Ok(Some(RootKeySource::Pkcs11(config))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Where the root key is; an error when no flag names one.
+    pub fn source(&self) -> anyhow::Result<RootKeySource> {
+        self.source_opt()?
+            .context("the root key is needed: give --root-key-file, or --pkcs11-module and its flags")
+    }
+
+    /// Opens the root key.
+    pub fn load(&self) -> anyhow::Result<RootKey> {
+        Ok(RootKey::open(&self.source()?)?)
     }
 }
 

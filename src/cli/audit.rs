@@ -7,6 +7,8 @@ use clap::Subcommand;
 
 use kubekms::crypto::RootKey;
 
+use super::args::RootKeyArgs;
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Verify that no line of an audit log was edited, removed or reordered. With the root
@@ -15,9 +17,9 @@ pub enum Command {
     Verify {
         /// The audit log file.
         file: PathBuf,
-        /// The root key of the component that wrote the log.
-        #[arg(long, value_name = "FILE")]
-        root_key_file: Option<PathBuf>,
+        /// The root key of the component that wrote the log (a file or a PKCS#11 token).
+        #[command(flatten)]
+        root_key: RootKeyArgs,
         /// The sequence number the log must reach: `kubekms_audit_sequence` of the component
         /// as your monitoring recorded it. Lines cut from the end leave the chain intact, so
         /// only this shows them.
@@ -29,8 +31,8 @@ pub enum Command {
 impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Verify { file, root_key_file, expect_seq } => {
-                let root = root_key_file.as_deref().map(RootKey::load).transpose()?;
+            Command::Verify { file, root_key, expect_seq } => {
+                let root = root_key.source_opt()?.map(|source| RootKey::open(&source)).transpose()?;
                 let verified = kubekms::audit::verify_file(&file, root.as_ref())
                     .with_context(|| format!("{} is not intact", file.display()))?;
                 // A verified chain starts at 1 and counts up by one: its last line is line N.

@@ -114,7 +114,7 @@ impl Args {
             .context("invalid leader election timing")?;
         let storage_migration_resources = storage_migration_resources(&self.storage_migration_resources)?;
         let config = controller::Config {
-            root_key_file: self.root_key.root_key_file,
+            root_key: self.root_key.source()?,
             audit_log: self.audit_log,
             metrics_addr: self.metrics_addr,
             lease: self.leader_elect.then_some((self.leader_election_namespace, self.leader_election_name)),

@@ -43,7 +43,7 @@ impl Args {
             namespace,
             name,
             socket: self.socket,
-            root_key_file: self.root_key.root_key_file,
+            root_key: self.root_key.source()?,
             audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
             state_dir: self.state_dir,
             metrics_addr: self.metrics_addr,

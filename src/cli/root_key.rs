@@ -7,18 +7,27 @@ use clap::Subcommand;
 
 use kubekms::crypto::RootKey;
 
-use super::args::RootKeyArgs;
+use super::args::{Pkcs11Args, RootKeyArgs};
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Write a new random 256-bit root key to a file with mode 0600.
+    /// Write a new random 256-bit root key to a file with mode 0600, or (with the
+    /// `--pkcs11-…` flags) generate one inside a PKCS#11 token, where it never leaves.
     ///
-    /// Refuses to overwrite an existing file. Keep the file safe and backed up: every key
-    /// version is wrapped by it, and without it no key material can be recovered.
+    /// Refuses to overwrite an existing file or a key of the same label. Keep the file (or
+    /// the HSM's backup) safe: every key version is wrapped by it, and without it no key
+    /// material can be recovered.
     Create {
         /// Where to write the key.
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "pkcs11_module",
+            conflicts_with = "pkcs11_module"
+        )]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        pkcs11: Pkcs11Args,
     },
     /// Copy a root key into a private file (mode 0600), for example from a Secret volume
     /// that only the pod's group can read: the init container of the Helm chart does this.
@@ -40,10 +49,22 @@ pub enum Command {
 impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Create { out } => {
-                let key = RootKey::create(&out)?;
-                println!("wrote a new root key to {} (fingerprint {})", out.display(), key.fingerprint());
-            }
+            Command::Create { out, pkcs11 } => match (out, pkcs11.config()?) {
+                (Some(out), _) => {
+                    let key = RootKey::create(&out)?;
+                    println!("wrote a new root key to {} (fingerprint {})", out.display(), key.fingerprint());
+                }
+                (None, Some(config)) => {
+                    let key = RootKey::create_pkcs11(&config)?;
+                    println!(
+                        "generated a new root key labelled {:?} in the {} (fingerprint {})",
+                        config.key_label,
+                        config.token,
+                        key.fingerprint()
+                    );
+                }
+                (None, None) => anyhow::bail!("give --out FILE, or --pkcs11-module and its flags"),
+            },
             Command::Copy { from, out } => {
                 let key = RootKey::copy(&from, &out)?;
                 println!("copied the root key {} to {}", key.fingerprint(), out.display());

@@ -103,7 +103,7 @@ impl Args {
             listen: self.listen,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
-            root_key_file: self.root_key.root_key_file,
+            root_key: self.root_key.source()?,
             auth: auth::Settings {
                 audiences: self.audiences,
                 cache_ttl: Config::cache_ttl("token", self.token_cache_ttl)

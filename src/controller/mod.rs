@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial, KmsKeyUsage};
 use crate::audit::AuditLog;
-use crate::crypto::{RootKey, RootKeyError};
+use crate::crypto::{RootKey, RootKeyError, RootKeySource};
 use crate::keyring::MaterialError;
 use crate::telemetry::{self, Health};
 use leader::{Attempt, LeaseLock, Timing};
@@ -124,7 +124,8 @@ pub struct Context {
 /// How the controller runs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub root_key_file: PathBuf,
+    /// Where the root key is (a file or a PKCS#11 token).
+    pub root_key: RootKeySource,
     /// Where the management audit trail goes ("-" for standard output).
     pub audit_log: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -185,7 +186,7 @@ struct Shared {
 /// server is unreachable for longer than the renew deadline) stops working before anyone
 /// else may take over, and goes back to waiting.
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
-    let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
+    let root = Arc::new(RootKey::open(&config.root_key).map_err(RunError::RootKey)?);
     tracing::info!(root_key = root.fingerprint(), identity = %config.identity, "loaded the root key");
 
     let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);

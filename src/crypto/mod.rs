@@ -5,12 +5,14 @@
 //! same error ([`SealError::Open`]) so callers cannot tell tampering from a wrong key.
 
 mod canonical;
+mod pkcs11;
 mod root;
 mod seal;
 mod secret;
 
 pub use canonical::{CanonicalWriter, canonical_map};
+pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector};
 pub(crate) use root::hex;
-pub use root::{RootKey, RootKeyError, WrapContext};
+pub use root::{RootKey, RootKeyError, RootKeySource, WrapContext};
 pub use seal::{SEAL_OVERHEAD, SealError, open, seal};
 pub use secret::{KEY_LEN, KeyMaterial, SecretBytes, random_bytes};

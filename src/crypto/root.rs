@@ -1,5 +1,7 @@
 //! The root key: the key that wraps every key version. It lives in a file (mode 0600 or
-//! stricter) on the hosts that run kubekms, never in etcd or an API object.
+//! stricter) on the hosts that run kubekms, or in a PKCS#11 token it never leaves; never in
+//! etcd or an API object. [`RootKey`] is the one type the rest of kubekms sees; where the key
+//! lives is a [`RootKeyProvider`], chosen by a [`RootKeySource`].
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -11,12 +13,18 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::canonical::CanonicalWriter;
+use super::pkcs11::{Pkcs11Config, Pkcs11Error, Pkcs11Root};
 use super::seal::{SealError, open, seal};
 use super::secret::{KEY_LEN, KeyMaterial};
 
+/// Wrapped by a root key in a file: [`seal`] with the root key.
 const WRAPPED_FORMAT_V1: u8 = 0x01;
+/// Wrapped inside a PKCS#11 token: `0x02 ‖ iv ‖ AES-GCM(root, material)`.
+const WRAPPED_FORMAT_PKCS11: u8 = 0x02;
 const WRAP_PURPOSE: &[u8] = b"kubekms/v1 key-version-material";
 const FINGERPRINT_INFO: &[u8] = b"kubekms/v1 root-key fingerprint";
+/// The label of the one derivation a token makes of its root key (see [`RootKey::derive`]).
+const DERIVATION_BASE_LABEL: &[u8] = b"kubekms/v1 root-key derivation base";
 
 /// Why a root key could not be created, loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,69 @@ pub enum RootKeyError {
     Wrap(#[source] SealError),
     #[error("failed to unwrap key material: wrong root key or corrupted material")]
     Unwrap,
+    #[error(transparent)]
+    Pkcs11(#[from] Pkcs11Error),
+}
+
+/// Where the root key is: the configuration every component shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootKeySource {
+    /// A 32-byte file, mode 0600 or stricter.
+    File(PathBuf),
+    /// A non-extractable AES-256 key object in a PKCS#11 token.
+    Pkcs11(Pkcs11Config),
+}
+
+/// Where a root key lives and what it does there. Each provider wraps with its own format
+/// (the first byte), so a wrapped version names the kind of root key it needs.
+trait RootKeyProvider: Send + Sync {
+    /// Wraps `material` (already bound to `aad`).
+    fn wrap(&self, aad: &[u8], material: &KeyMaterial) -> Result<Vec<u8>, RootKeyError>;
+    /// Unwraps what `wrap` produced with the same `aad`.
+    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, RootKeyError>;
+}
+
+/// A root key held in process memory, loaded from a file.
+struct FileProvider {
+    key: KeyMaterial,
+}
+
+impl RootKeyProvider for FileProvider {
+    fn wrap(&self, aad: &[u8], material: &KeyMaterial) -> Result<Vec<u8>, RootKeyError> {
+        seal(&self.key, WRAP_PURPOSE, &[WRAPPED_FORMAT_V1], aad, material.expose())
+            .map_err(RootKeyError::Wrap)
+    }
+
+    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, RootKeyError> {
+        if wrapped.first() != Some(&WRAPPED_FORMAT_V1) {
+            return Err(RootKeyError::Unwrap);
+        }
+        let plain = open(&self.key, WRAP_PURPOSE, 1, aad, wrapped).map_err(|_| RootKeyError::Unwrap)?;
+        KeyMaterial::from_slice(plain.expose()).ok_or(RootKeyError::Unwrap)
+    }
+}
+
+/// The associated data of a PKCS#11 wrap: format, purpose, key and version.
+fn pkcs11_aad(aad: &[u8]) -> Vec<u8> {
+    CanonicalWriter::new().bytes(&[WRAPPED_FORMAT_PKCS11]).bytes(WRAP_PURPOSE).bytes(aad).finish()
+}
+
+impl RootKeyProvider for Pkcs11Root {
+    fn wrap(&self, aad: &[u8], material: &KeyMaterial) -> Result<Vec<u8>, RootKeyError> {
+        let sealed = self.encrypt(&pkcs11_aad(aad), material.expose())?;
+        let mut out = Vec::with_capacity(1 + sealed.len());
+        out.push(WRAPPED_FORMAT_PKCS11);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    fn unwrap(&self, aad: &[u8], wrapped: &[u8]) -> Result<KeyMaterial, RootKeyError> {
+        let Some((&WRAPPED_FORMAT_PKCS11, sealed)) = wrapped.split_first() else {
+            return Err(RootKeyError::Unwrap);
+        };
+        let plain = self.decrypt(&pkcs11_aad(aad), sealed)?.ok_or(RootKeyError::Unwrap)?;
+        KeyMaterial::from_slice(&plain).ok_or(RootKeyError::Unwrap)
+    }
 }
 
 /// Names one key version for wrapping: the wrapped bytes are bound to it.
@@ -66,9 +137,12 @@ impl WrapContext<'_> {
     }
 }
 
-/// A loaded root key.
+/// A loaded root key: its provider, and the base of every key derived from it.
 pub struct RootKey {
-    key: KeyMaterial,
+    provider: Box<dyn RootKeyProvider>,
+    /// What [`RootKey::derive`] and the fingerprint expand: the root key itself for a file
+    /// (so both are what they always were), one derivation made inside the token for PKCS#11.
+    derivation_base: KeyMaterial,
     fingerprint: String,
 }
 
@@ -79,6 +153,33 @@ impl std::fmt::Debug for RootKey {
 }
 
 impl RootKey {
+    /// Opens the root key that `source` names.
+    pub fn open(source: &RootKeySource) -> Result<RootKey, RootKeyError> {
+        match source {
+            RootKeySource::File(path) => RootKey::load(path),
+            RootKeySource::Pkcs11(config) => RootKey::from_pkcs11(Pkcs11Root::open(config)?),
+        }
+    }
+
+    /// Generates a new root key inside the token `config` names (refusing when a key of
+    /// that label exists).
+    pub fn create_pkcs11(config: &Pkcs11Config) -> Result<RootKey, RootKeyError> {
+        RootKey::from_pkcs11(Pkcs11Root::create(config)?)
+    }
+
+    fn from_pkcs11(root: Pkcs11Root) -> Result<RootKey, RootKeyError> {
+        let base = root.derive(DERIVATION_BASE_LABEL)?;
+        Ok(RootKey::with_provider(Box::new(root), base))
+    }
+
+    fn with_provider(provider: Box<dyn RootKeyProvider>, derivation_base: KeyMaterial) -> RootKey {
+        let mut fp = [0u8; 8];
+        // Expanding 8 bytes cannot exceed HKDF's limit.
+        let _ = Hkdf::<Sha256>::new(None, derivation_base.expose()).expand(FINGERPRINT_INFO, &mut fp);
+        let fingerprint = format!("rk1-{}", hex(&fp));
+        RootKey { provider, derivation_base, fingerprint }
+    }
+
     /// Writes a new random root key to `path` with mode 0600, refusing to overwrite.
     pub fn create(path: &Path) -> Result<RootKey, RootKeyError> {
         let key = KeyMaterial::generate().map_err(RootKeyError::Random)?;
@@ -151,11 +252,8 @@ impl RootKey {
 
     /// A root key from material already in memory (tests, benchmarks).
     pub fn from_material(key: KeyMaterial) -> RootKey {
-        let mut fp = [0u8; 8];
-        // Expanding 8 bytes cannot exceed HKDF's limit.
-        let _ = Hkdf::<Sha256>::new(None, key.expose()).expand(FINGERPRINT_INFO, &mut fp);
-        let fingerprint = format!("rk1-{}", hex(&fp));
-        RootKey { key, fingerprint }
+        let base = key.clone();
+        RootKey::with_provider(Box::new(FileProvider { key }), base)
     }
 
     /// A one-way identifier of the root key, safe to log and to store.
@@ -165,26 +263,25 @@ impl RootKey {
 
     /// Wraps one key version's material, bound to its key and version.
     pub fn wrap(&self, material: &KeyMaterial, ctx: WrapContext<'_>) -> Result<Vec<u8>, RootKeyError> {
-        seal(&self.key, WRAP_PURPOSE, &[WRAPPED_FORMAT_V1], &ctx.encode(), material.expose())
-            .map_err(RootKeyError::Wrap)
+        self.provider.wrap(&ctx.encode(), material)
     }
 
     /// Unwraps what [`RootKey::wrap`] produced for the same key and version.
+    /// A token that fails is an error of its own ([`RootKeyError::Pkcs11`]), not
+    /// [`RootKeyError::Unwrap`]: material that does not authenticate is never confused with
+    /// a token that is away.
     pub fn unwrap(&self, wrapped: &[u8], ctx: WrapContext<'_>) -> Result<KeyMaterial, RootKeyError> {
-        if wrapped.first() != Some(&WRAPPED_FORMAT_V1) {
-            return Err(RootKeyError::Unwrap);
-        }
-        let plain =
-            open(&self.key, WRAP_PURPOSE, 1, &ctx.encode(), wrapped).map_err(|_| RootKeyError::Unwrap)?;
-        KeyMaterial::from_slice(plain.expose()).ok_or(RootKeyError::Unwrap)
+        self.provider.unwrap(&ctx.encode(), wrapped)
     }
 
     /// A key derived from the root key for another purpose (for example the MAC of the
-    /// plugin's cache file).
+    /// plugin's cache file): HKDF-SHA256 of the derivation base, which for a file is the
+    /// root key itself and for a token an AES-CMAC KDF computed inside it at load. So a
+    /// derivation costs no round trip to the token, and the root key never leaves it.
     pub fn derive(&self, purpose: &[u8]) -> KeyMaterial {
         let mut out = KeyMaterial::zeroed();
         // 32 bytes is far below HKDF-SHA256's output limit, so this cannot fail.
-        let _ = Hkdf::<Sha256>::new(None, self.key.expose()).expand(purpose, out.expose_mut());
+        let _ = Hkdf::<Sha256>::new(None, self.derivation_base.expose()).expand(purpose, out.expose_mut());
         out
     }
 }
@@ -291,7 +388,26 @@ mod tests {
         // The wrapped bytes never contain the material.
         assert!(!wrapped.windows(32).any(|w| w == material.expose()));
         let mut future = wrapped.clone();
-        future[0] = 0x02;
+        future[0] = 0x03;
         assert!(root.unwrap(&future, ctx(1)).is_err(), "unknown format version");
+        // A file's root key does not take what a token wrapped (format 0x02), and says so
+        // as for any other material that does not authenticate.
+        let mut from_token = wrapped.clone();
+        from_token[0] = WRAPPED_FORMAT_PKCS11;
+        assert!(matches!(root.unwrap(&from_token, ctx(1)), Err(RootKeyError::Unwrap)));
+    }
+
+    #[test]
+    fn derivations_and_fingerprint_of_a_file_key_are_what_they_always_were() {
+        // Audit logs, plugin caches and STS sessions made before providers existed must still
+        // verify: derive and the fingerprint are HKDF-SHA256 of the key itself.
+        let bytes = [0x42; 32];
+        let key = RootKey::from_material(KeyMaterial::from_slice(&bytes).unwrap());
+        let mut expected = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &bytes).expand(b"purpose", &mut expected).unwrap();
+        assert_eq!(key.derive(b"purpose").expose(), &expected);
+        let mut fp = [0u8; 8];
+        Hkdf::<Sha256>::new(None, &bytes).expand(FINGERPRINT_INFO, &mut fp).unwrap();
+        assert_eq!(key.fingerprint(), format!("rk1-{}", hex(&fp)));
     }
 }

@@ -82,6 +82,16 @@ impl MaterialError {
         }
     }
 
+    /// Whether the root key could not be reached (its token failed or went away), rather
+    /// than the material being wrong: worth trying again later.
+    pub fn root_key_unavailable(&self) -> bool {
+        matches!(
+            self,
+            MaterialError::Wrap(RootKeyError::Pkcs11(_))
+                | MaterialError::Unwrap { source: RootKeyError::Pkcs11(_), .. }
+        )
+    }
+
     /// Whether the API server refused a write because the object changed meanwhile.
     pub fn is_conflict(&self) -> bool {
         matches!(self, MaterialError::Update { source: kube::Error::Api(e), .. } if e.code == 409)

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditError, AuditLog};
-use crate::crypto::{RootKey, RootKeyError};
+use crate::crypto::{RootKey, RootKeyError, RootKeySource};
 use crate::domain::KeySnapshot;
 use crate::keyring::WatchKeyring;
 use crate::metering::OperationMetrics;
@@ -33,7 +33,8 @@ pub struct Config {
     pub namespace: String,
     pub name: String,
     pub socket: PathBuf,
-    pub root_key_file: PathBuf,
+    /// Where the root key is (a file or a PKCS#11 token).
+    pub root_key: RootKeySource,
     pub state_dir: PathBuf,
     /// Where audit lines go ("-" for standard output).
     pub audit_log: PathBuf,
@@ -71,7 +72,7 @@ pub async fn run(
     client: Option<kube::Client>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let root = Arc::new(RootKey::load(&config.root_key_file).map_err(RunError::RootKey)?);
+    let root = Arc::new(RootKey::open(&config.root_key).map_err(RunError::RootKey)?);
     tracing::info!(root_key = root.fingerprint(), key = %format!("{}/{}", config.namespace, config.name), "starting the KMS v2 plugin");
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&config.state_dir)

@@ -144,6 +144,11 @@ impl KeyWatch {
         let previous = tx.borrow().clone();
         let snap = match snapshot(&self.root, info, material.as_ref(), previous.as_deref()) {
             Ok(s) => s,
+            Err(e) if e.root_key_unavailable() => {
+                tracing::error!(error = %crate::telemetry::error_chain(&e), "the root key cannot be reached; keeping the last good snapshot and trying again");
+                refuse_if_spec_refuses(&key, tx);
+                return false;
+            }
             Err(e) => {
                 tracing::error!(error = %crate::telemetry::error_chain(&e), "cannot use the key's material; keeping the last good snapshot");
                 state.done = key.metadata.resource_version.clone();
