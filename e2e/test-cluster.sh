@@ -11,7 +11,14 @@ started_here=0
 if ! KUBEKMS_RUN_DIR="$cluster_run" controlplane running kube-apiserver; then started_here=1; fi
 cleanup() {
   local rc=$?
-  if ((started_here)); then "$E2E_DIR/cluster.sh" down || true; fi
+  if ((started_here)); then
+    "$E2E_DIR/cluster.sh" down || rc=1
+    # `make down` leaves nothing of the node: no process, mount, network namespace, cgroup.
+    if ! PYTHONPATH="$E2E_DIR" python3 -m controlplane.node leftovers; then
+      log "error: the node left the above behind"
+      rc=1
+    fi
+  fi
   exit "$rc"
 }
 trap cleanup EXIT

@@ -175,7 +175,17 @@ class Node:
                                 "--kubelet-client-certificate", self.cp.pki / "admin.crt",
                                 "--kubelet-client-key", self.cp.pki / "admin.key",
                                 "--kubelet-preferred-address-types", "InternalIP",
-                                readyz="/readyz?exclude=kms-providers", authorization="Node,RBAC")
+                                readyz=self.apiserver_ready_check(), authorization="Node,RBAC")
+
+    def apiserver_ready_check(self) -> str:
+        """What kube-apiserver answers before the plugin pod runs. On the first start no
+        Secret is encrypted, so /readyz passes but for the KMS provider. On a restart with
+        Secrets encrypted and no plugin yet (a node reboot), /readyz also fails
+        informer-sync (the Secrets' watch cache cannot decrypt them), but /livez passes:
+        kms-providers is no liveness check, so a liveness probe on /livez does not restart
+        kube-apiserver for it, and kube-apiserver serves what kubelet needs to start the
+        plugin pod."""
+        return "/livez" if self.kms_enabled() else "/readyz?exclude=kms-providers"
 
     def kube_controller_manager(self) -> None:
         if self.process("kube-controller-manager").alive():
@@ -518,6 +528,29 @@ def down() -> None:
     shutil.rmtree(STATE, ignore_errors=True)
 
 
+def leftovers() -> list[str]:
+    """What of the node is still there: processes in its cgroup or of its containerd, mounts
+    under its directories, network namespaces (its own and its pods'), its host veth,
+    cgroups. Empty after `down`."""
+    found = [f"process {pid}" for pid in sorted(_cgroup_pids() | set(_shims()))]
+    for name in ("containerd", "kubelet", "kube-proxy", "dns", "kube-apiserver", "etcd"):
+        if Process(name, run_dir()).alive():
+            found.append(f"process {name}")
+    found += [f"mount {m}" for m in _mounts_under(run_dir(), STATE)]
+    if Path(f"/run/netns/{NETNS}").exists():
+        found.append(f"network namespace {NETNS}")
+    if sh("ip", "link", "show", HOST_VETH, check=False).returncode == 0:
+        found.append(f"link {HOST_VETH}")
+    found += [f"cgroup {d}" for d in _cgroup_dirs()]
+    # kube-proxy's and CNI's rules live in the node's network namespace, never the host's.
+    if shutil.which("iptables-save"):
+        found += [f"host iptables rule {r}" for r in sh("iptables-save", check=False).stdout.splitlines()
+                  if "KUBE-" in r or BRIDGE in r or POD_CIDR in r]
+    if STATE.exists():
+        found.append(f"directory {STATE}")
+    return found
+
+
 def _shims() -> list[int]:
     """containerd-shim processes of the node's containerd (they name its socket)."""
     found = []
@@ -544,7 +577,13 @@ def main() -> int:
     up.add_argument("components", nargs="*", metavar="COMPONENT")
     down_cmd = commands.add_parser("down", help="stop the cluster, or the named components")
     down_cmd.add_argument("components", nargs="*", metavar="COMPONENT")
+    commands.add_parser("leftovers", help="list what of the node is left (exit status 1 if anything)")
     args = parser.parse_args()
+    if args.command == "leftovers":
+        left = leftovers()
+        for thing in left:
+            print(thing)
+        return 1 if left else 0
     return up_or_down(args.command, args.components, run_dir(), down, lambda: Node(args.kubekms, args.image))
 
 if __name__ == "__main__":
