@@ -24,5 +24,6 @@ cleanup() {
 trap cleanup EXIT
 
 "$E2E_DIR/cluster.sh"
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
 log "the node's end-to-end tests"
 PYTHONPATH="$E2E_DIR" python3 -m pytest -v -p no:cacheprovider "$E2E_DIR/cluster_tests" ${PYTEST_ARGS:-}

@@ -147,6 +147,9 @@ class Node:
     def host_paths(self) -> None:
         """The root key and the plugin's directories where the chart's defaults expect
         them, owned by the user every kubekms container runs as."""
+        if not (self.dir / "etcd").exists():
+            # A new cluster: the plugin's cache of another cluster's material is no use.
+            shutil.rmtree(HOST_STATE_DIR, ignore_errors=True)
         for d in (HOST_ROOT_KEY.parent, HOST_SOCKET_DIR, HOST_STATE_DIR):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, RUN_AS_USER, RUN_AS_USER)
@@ -377,17 +380,21 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     def enable_kms(self) -> None:
         """Secrets through the plugin pod: kubekms first in the EncryptionConfiguration
         (kube-apiserver reloads it), and what was stored before rewritten through it."""
-        if not self.kms_enabled():
-            log("Secrets are now encrypted through the plugin pod (kubekms first in the EncryptionConfiguration)")
-            write_encryption_config(self.encryption_config, kms_provider("kubekms", PLUGIN_SOCKET), IDENTITY)
-        wait_until(120, "the KMS provider to be healthy (/healthz/kms-providers)",
-                   lambda: self.cp.api_get("/healthz/kms-providers")[0] == 200 and self._reloaded(),
-                   self.process("kube-apiserver"), interval=1)
+        if self.kms_enabled():
+            wait_until(120, "the KMS provider to be healthy (/healthz/kms-providers)",
+                       lambda: self.cp.api_get("/healthz/kms-providers")[0] == 200,
+                       self.process("kube-apiserver"), interval=1)
+            return
+        log("Secrets are now encrypted through the plugin pod (kubekms first in the EncryptionConfiguration)")
+        write_encryption_config(self.encryption_config, kms_provider("kubekms", PLUGIN_SOCKET), IDENTITY)
+        wait_until(120, "kube-apiserver to encrypt Secrets through the plugin (it reloads its configuration)",
+                   self._reloaded, self.process("kube-apiserver"), interval=1)
+        self.cp.kubectl("delete", "secret", "kubekms-probe", "-n", "default")
         secrets = self.cp.kubectl("get", "secrets", "-A", "-o", "json")
         self.cp.kubectl("replace", "-f", "-", stdin=secrets)
 
     def kms_enabled(self) -> bool:
-        return self.encryption_config.read_text().lstrip().find("- kms:") >= 0
+        return "- kms:" in self.encryption_config.read_text()
 
     def _reloaded(self) -> bool:
         """Whether kube-apiserver writes with kubekms: a probe Secret is stored encrypted."""
