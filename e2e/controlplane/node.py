@@ -21,6 +21,7 @@ pod serves it (the chart's DaemonSet or the static pod of `kubekms manifests sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -376,6 +377,19 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     def wait_pods_ready(self) -> None:
         for kind in ("deployment/kubekms-controller", "deployment/kubekms-server", "daemonset/kubekms-plugin"):
             self.cp.kubectl("rollout", "status", "-n", KUBEKMS_NAMESPACE, kind, "--timeout=180s")
+        # After a reboot the workloads' status is the one from before it: the pods say more.
+        wait_until(180, "every kubekms pod to be Ready", self._pods_ready, self.process("kubelet"), interval=1)
+
+    def _pods_ready(self) -> bool:
+        found = json.loads(self.cp.kubectl("get", "pods", "-n", KUBEKMS_NAMESPACE, "-o", "json",
+                                           "-l", f"app.kubernetes.io/instance={RELEASE}"))["items"]
+        current = [p for p in found if not p["metadata"].get("deletionTimestamp")]
+        workloads = json.loads(self.cp.kubectl("get", "deployments,daemonsets", "-n", KUBEKMS_NAMESPACE, "-o", "json",
+                                               "-l", f"app.kubernetes.io/instance={RELEASE}"))["items"]
+        wanted = sum(w["spec"].get("replicas", w["status"].get("desiredNumberScheduled", 0)) for w in workloads)
+        return len(current) == wanted and all(
+            any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+            for p in current)
 
     def enable_kms(self) -> None:
         """Secrets through the plugin pod: kubekms first in the EncryptionConfiguration
