@@ -235,12 +235,11 @@ async fn bad_values_are_refused_by_the_schema() {
         (vec!["controler.replicas=2"], "additional properties 'controler' not allowed"),
         (vec!["image.pullPolicy=Sometimes"], "/image/pullPolicy"),
         (vec!["rootKey.source=secret"], "secretName"),
-        (vec![], "/server/tls"),
+        (vec!["server.tls.certManager.issuerRef.kind=Certificate"], "/server/tls/certManager/issuerRef/kind"),
+        (vec!["server.tls.days=0"], "/server/tls/days"),
+        (vec!["server.preStopSeconds=0"], "/server/preStopSeconds"),
     ] {
-        let mut all = sets.clone();
-        if !expected.contains("tls") {
-            all.push("server.tls.secretName=tls");
-        }
+        let all = sets;
         let run = template("bad", "kubekms-system", &all);
         assert!(!run.ok, "accepted {all:?}");
         assert!(run.stderr.contains(expected), "{all:?}: expected {expected:?} in\n{}", run.stderr);
