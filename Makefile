@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help up down clean demo test test-unit test-e2e crds check-crds lint tools
+.PHONY: help up down clean demo test test-unit test-e2e crds check-crds lint tools cluster test-cluster
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -14,8 +14,15 @@ tools: ## Build etcd, kube-apiserver and helm from the Go module proxy (cached o
 up: ## Start the local control plane (etcd, kube-apiserver, kubekms) and write e2e/.run/env
 	e2e/up.sh
 
-down: ## Stop everything `make up` started
+down: ## Stop everything `make up` and `make cluster` started
 	e2e/down.sh
+	e2e/cluster.sh down
+
+cluster: ## A one-node cluster (kubelet, containerd, kube-proxy) with the Helm chart installed for real
+	e2e/cluster.sh
+
+test-cluster: ## The node's end-to-end tests: the chart's pods, the plugin pod serving kube-apiserver, failures
+	e2e/test-cluster.sh
 
 clean: down ## Stop everything and remove the local control plane's data
 	rm -rf e2e/.run

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from controlplane.cluster import (AWS_REGION, CLUSTER_KEY, IDENTITY, KUBEKMS_NAMESPACE, ROOT, TOOLS, ControlPlane, Ports,
                                   kms_provider, port, socket_path, write_encryption_config)
-from controlplane.procs import Failure, Process, log, stop_named, stop_recorded, wait_until
+from controlplane.procs import Process, log, stop_recorded, up_or_down, wait_until
 
 # `make down` stops these first, in this order (clients before what they depend on; the
 # plugin after kube-apiserver, which calls it), then anything else recorded.
@@ -219,29 +219,10 @@ def main() -> int:
     running.add_argument("component")
     args = parser.parse_args()
 
-    try:
-        if args.command == "running":
-            return 0 if Process(args.component, run_dir()).alive() else 1
-        if args.command == "down":
-            if args.components:
-                stop_named(run_dir(), args.components)
-            else:
-                stop_recorded(run_dir(), STOP_ORDER)
-            return 0
-        local = Local(args.kubekms)
-        if not args.components:
-            local.up()
-            return 0
-        known = local.components()
-        for name in args.components:
-            if name not in known:
-                raise Failure(f"unknown component {name} ({', '.join(known)})")
-            known[name]()
-        return 0
-    except Failure as e:
-        log(f"error: {e}")
-        return 1
-
+    if args.command == "running":
+        return 0 if Process(args.component, run_dir()).alive() else 1
+    return up_or_down(args.command, args.components, run_dir(), lambda: stop_recorded(run_dir(), STOP_ORDER),
+                      lambda: Local(args.kubekms))
 
 if __name__ == "__main__":
     sys.exit(main())

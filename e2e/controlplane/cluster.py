@@ -129,13 +129,14 @@ class ControlPlane:
     """A control plane named `name` (its CA, kubeconfigs and etcd members carry the name)
     with its state in `run_dir`, its processes in run_dir/pids and run_dir/logs."""
 
-    def __init__(self, name: str, run_dir: Path, ports: Ports, kubekms: Path):
+    def __init__(self, name: str, run_dir: Path, ports: Ports, kubekms: Path, host: str = "127.0.0.1"):
         self.name = name
         self.run_dir = run_dir
         self.ports = ports
         self.kubekms = kubekms
+        self.host = host  # the address kube-apiserver listens on and advertises
         self.pki = run_dir / "pki"
-        self.server = f"https://127.0.0.1:{ports.apiserver}"
+        self.server = f"https://{host}:{ports.apiserver}"
         self.kubeconfig = run_dir / "kubeconfig"  # the admin's (system:masters)
         self.root_key = run_dir / "root.key"
         # KUBEKMS_ROOT_KEY=pkcs11: the root key in a SoftHSM2 token of the run directory,
@@ -152,9 +153,9 @@ class ControlPlane:
 
     # --- files ---------------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def prepare(self, apiserver_ips: tuple[str, ...] = ()) -> None:
         """The PKI (what is missing of it), the admin's kubeconfig and the root key."""
-        make_pki(self.pki, self.name)
+        make_pki(self.pki, self.name, (self.host, *apiserver_ips) if self.host != "127.0.0.1" else apiserver_ips)
         self.write_kubeconfig(self.kubeconfig, "admin", {"client-certificate": str(self.pki / "admin.crt"),
                                                          "client-key": str(self.pki / "admin.key")})
         args = self.run_dir / "root-key.args"
@@ -209,10 +210,10 @@ class ControlPlane:
         return Process(name, self.run_dir)
 
     def start(self, name: str, argv: list, ready: Callable[[], bool], what: str, timeout: float = 60,
-              interval: float = 0.1) -> Process:
+              interval: float = 0.1, runs: str | None = None) -> Process:
         """Starts `argv` as `name` and returns once `ready()` holds; fails, with its log, if
-        it exits first or `timeout` passes."""
-        proc = self.process(name).start(argv)
+        it exits first or `timeout` passes. `runs`: the executable argv[0] execs, if any."""
+        proc = self.process(name).start(argv, runs=runs)
         wait_until(timeout, what, ready, proc, interval)
         return proc
 
@@ -241,7 +242,8 @@ class ControlPlane:
             raise Failure(f"etcdctl {' '.join(args)} failed: {done.stderr.decode(errors='replace').strip()}")
         return done.stdout
 
-    def start_apiserver(self, encryption_config: Path, *flags: str, readyz: str = "/readyz") -> Process:
+    def start_apiserver(self, encryption_config: Path, *flags: str, readyz: str = "/readyz",
+                        authorization: str = "RBAC") -> Process:
         """kube-apiserver on the etcd of `self.ports`, with RBAC, client certificates, a
         service-account issuer and `encryption_config` for Secrets; `flags` are added.
         Returns once `readyz` answers ok; the process's `started` says when it began."""
@@ -249,10 +251,12 @@ class ControlPlane:
         return self.start("kube-apiserver", [
             TOOLS / "kube-apiserver",
             "--etcd-servers", f"http://127.0.0.1:{self.ports.etcd}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-            "--endpoint-reconciler-type", "none", "--secure-port", self.ports.apiserver,
+            "--bind-address", self.host, "--advertise-address", self.host,
+            # A loopback address cannot be the `kubernetes` Service's endpoint.
+            "--endpoint-reconciler-type", "none" if self.host == "127.0.0.1" else "lease",
+            "--secure-port", self.ports.apiserver,
             "--tls-cert-file", pki / "apiserver.crt", "--tls-private-key-file", pki / "apiserver.key",
-            "--client-ca-file", pki / "ca.crt", "--authorization-mode", "RBAC",
+            "--client-ca-file", pki / "ca.crt", "--authorization-mode", authorization,
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", pki / "sa.pub", "--service-account-signing-key-file", pki / "sa.key",
             "--service-cluster-ip-range", "10.96.0.0/16", "--cert-dir", self.run_dir / "apiserver-certs",
@@ -263,7 +267,7 @@ class ControlPlane:
             "--profiling=false", "--v=1", *flags,
         ], lambda: self.api_get(readyz)[0] == 200, f"kube-apiserver {readyz}", timeout=180, interval=0.05)
 
-    def start_controller_manager(self) -> Process:
+    def start_controller_manager(self, controllers: str = CONTROLLER_MANAGER_CONTROLLERS) -> Process:
         """kube-controller-manager with the controllers the tests need: ServiceAccounts and
         their tokens, the root CA ConfigMap, namespaces (so that a deleted namespace goes
         away), the garbage collector and the storage version migrator; leader election off. Returns once /healthz is ok."""
@@ -277,7 +281,7 @@ class ControlPlane:
             TOOLS / "kube-controller-manager", "--kubeconfig", kubeconfig,
             "--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig,
             "--bind-address", "127.0.0.1", "--secure-port", port, "--cert-dir", self.run_dir / "controller-manager-certs",
-            "--leader-elect=false", "--controllers", CONTROLLER_MANAGER_CONTROLLERS,
+            "--leader-elect=false", "--controllers", controllers,
             # Each controller as its own ServiceAccount, with the bootstrap RBAC role that names
             # it (system:kube-controller-manager itself may do little); no front proxy here.
             "--use-service-account-credentials=true", "--authentication-skip-lookup=true",

@@ -17,19 +17,26 @@ SERVING = [*LEAF, "extendedKeyUsage=serverAuth"]
 CLIENT = [*LEAF, "extendedKeyUsage=clientAuth"]
 
 
-def certificates(cluster: str) -> dict[str, tuple[str, list[str]]]:
+def certificates(cluster: str, apiserver_ips: tuple[str, ...] = ()) -> dict[str, tuple[str, list[str]]]:
     """The certificates of the control plane named `cluster`: file name (without .crt
-    and .key) → subject and X.509 extensions."""
+    and .key) → subject and X.509 extensions. The API server's also names `apiserver_ips`
+    (its address on a node's network, its Service's cluster IP)."""
+    extra = "".join(f",IP:{ip}" for ip in apiserver_ips)
     return {
         "apiserver": ("/CN=kube-apiserver", [
             *SERVING, "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-                      "DNS:kubernetes.default.svc"]),
+                      f"DNS:kubernetes.default.svc{extra}"]),
         "admin": (f"/O=system:masters/CN={cluster}-admin", CLIENT),
         # The user the API server's bootstrap RBAC gives kube-controller-manager its rights.
         "kube-controller-manager": ("/CN=system:kube-controller-manager", CLIENT),
         # The kubekms key API, also under the name of the chart's Service.
         "server": ("/CN=kubekms-server", [
             *SERVING, "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubekms-server.kubekms-system.svc"]),
+        # The node of `make cluster`: its kubelet, kube-scheduler and kube-proxy, as the
+        # bootstrap RBAC and the Node authorizer name them.
+        "kubelet": (f"/O=system:nodes/CN=system:node:{cluster}", CLIENT),
+        "kube-scheduler": ("/CN=system:kube-scheduler", CLIENT),
+        "kube-proxy": ("/CN=system:kube-proxy", CLIENT),
     }
 
 
@@ -64,7 +71,7 @@ def _make_service_account_key(tmp: Path, _pki: Path) -> list[str]:
     return ["sa.key", "sa.pub"]
 
 
-def make_pki(pki: Path, cluster: str) -> None:
+def make_pki(pki: Path, cluster: str, apiserver_ips: tuple[str, ...] = ()) -> None:
     """The CA, every certificate of `certificates` and the service-account key (sa.key,
     sa.pub), those that are missing. Each appears whole or not at all: made in a temporary
     directory, then moved in, the file whose presence says it is done last."""
@@ -74,7 +81,7 @@ def make_pki(pki: Path, cluster: str) -> None:
     # (the file that says a step is done, the step, its arguments after tmp and pki)
     steps = [("ca.crt", _make_ca, (cluster,))]
     steps += [(f"{name}.crt", _make_leaf, (name, subject, extensions))
-              for name, (subject, extensions) in certificates(cluster).items()]
+              for name, (subject, extensions) in certificates(cluster, apiserver_ips).items()]
     steps.append(("sa.pub", _make_service_account_key, ()))
     missing = [step for step in steps if not (pki / step[0]).exists()]
     if not missing:

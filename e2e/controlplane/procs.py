@@ -34,7 +34,9 @@ class Process:
         self.popen: subprocess.Popen | None = None
         self.started: float | None = None  # time.monotonic() just before the start
 
-    def start(self, argv: list, env: dict[str, str] | None = None) -> "Process":
+    def start(self, argv: list, env: dict[str, str] | None = None, runs: str | None = None) -> "Process":
+        """Starts argv; `runs` names the executable the process becomes when argv[0] execs
+        another (nsenter), for the pid file."""
         argv = [str(a) for a in argv]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.pid_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ class Process:
             )
         # The pid file names the executable too, so that a later invocation stops only
         # what was started here, not whatever got the pid since.
-        self.pid_path.write_text(f"{self.popen.pid}\n{argv[0]}\n")
+        self.pid_path.write_text(f"{self.popen.pid}\n{runs or argv[0]}\n")
         _started.append(self)
         return self
 
@@ -213,3 +215,29 @@ def run(argv: list, what: str, env: dict[str, str] | None = None, timeout: float
     if done.returncode != 0:
         raise Failure(f"{what} failed (exit {done.returncode}): {' '.join(argv)}\n{done.stderr.strip()}")
     return done.stdout
+
+
+def up_or_down(command: str, names: list[str], run_dir: Path, down_all: Callable[[], None], make) -> int:
+    """`up` or `down` of a control plane, all of it or the named components: `make()` gives
+    the object whose up() starts all and whose components() maps names to starters. A
+    Failure is logged, and the exit status is 1."""
+    try:
+        if command == "down":
+            if names:
+                stop_named(run_dir, names)
+            else:
+                down_all()
+            return 0
+        plane = make()
+        if not names:
+            plane.up()
+            return 0
+        known = plane.components()
+        for name in names:
+            if name not in known:
+                raise Failure(f"unknown component {name} ({', '.join(known)})")
+            known[name]()
+        return 0
+    except Failure as e:
+        log(f"error: {e}")
+        return 1

@@ -80,7 +80,10 @@ fn assert_restricted(rendered: &[serde_json::Value]) {
 #[tokio::test]
 async fn lint_and_server_side_dry_run_with_default_and_other_values() {
     for sets in [
-        &["server.tls.secretName=tls"][..],
+        // The defaults need no value: the chart issues the key API's certificate itself.
+        &[][..],
+        &["server.tls.certManager.issuerRef.name=ca", "server.tls.certManager.issuerRef.kind=ClusterIssuer"]
+            [..],
         &[
             "server.tls.secretName=tls",
             "rootKey.source=secret",
@@ -106,7 +109,7 @@ async fn lint_and_server_side_dry_run_with_default_and_other_values() {
 
     let ns = TestNamespace::new("chart-dry-run");
     let ns = ns.name.as_str();
-    let defaults = template("dry", ns, &["server.tls.secretName=tls"]);
+    let defaults = template("dry", ns, &[]);
     assert!(defaults.ok, "{}", defaults.stderr);
     let rendered = docs(&defaults.stdout);
     assert_restricted(&rendered);
@@ -121,6 +124,8 @@ async fn lint_and_server_side_dry_run_with_default_and_other_values() {
         "Role",
         "ValidatingAdmissionPolicy",
         "KmsKey",
+        "Secret",
+        "ConfigMap",
     ] {
         assert!(kinds.contains(&kind), "no {kind} in the default rendering: {kinds:?}");
     }
@@ -230,12 +235,11 @@ async fn bad_values_are_refused_by_the_schema() {
         (vec!["controler.replicas=2"], "additional properties 'controler' not allowed"),
         (vec!["image.pullPolicy=Sometimes"], "/image/pullPolicy"),
         (vec!["rootKey.source=secret"], "secretName"),
-        (vec![], "/server/tls"),
+        (vec!["server.tls.certManager.issuerRef.kind=Certificate"], "/server/tls/certManager/issuerRef/kind"),
+        (vec!["server.tls.days=0"], "/server/tls/days"),
+        (vec!["server.preStopSeconds=0"], "/server/preStopSeconds"),
     ] {
-        let mut all = sets.clone();
-        if !expected.contains("tls") {
-            all.push("server.tls.secretName=tls");
-        }
+        let all = sets;
         let run = template("bad", "kubekms-system", &all);
         assert!(!run.ok, "accepted {all:?}");
         assert!(run.stderr.contains(expected), "{all:?}: expected {expected:?} in\n{}", run.stderr);

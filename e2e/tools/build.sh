@@ -56,6 +56,7 @@ check_pin() {
 }
 check_pin kube-apiserver k8s.io/kubernetes "$KUBE_VERSION"
 check_pin kube-controller-manager k8s.io/kubernetes "$KUBE_VERSION"
+for tool in kube-scheduler kubelet kube-proxy; do check_pin "$tool" k8s.io/kubernetes "$KUBE_VERSION"; done
 check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
 
@@ -76,3 +77,10 @@ build helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" \
 build kube-apiserver kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$KUBE_VERSION" "$kube_ldflags"
 build kube-controller-manager kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager \
   "$KUBE_VERSION" "$kube_ldflags"
+# The node of `make cluster` (e2e/cluster.sh): built only when asked for, since `make up`
+# and `make test` run without one.
+if [[ "${KUBEKMS_BUILD_NODE:-0}" == 1 ]]; then
+  for tool in kube-scheduler kubelet kube-proxy; do
+    build "$tool" "$tool" "k8s.io/kubernetes/cmd/$tool" "$KUBE_VERSION" "$kube_ldflags"
+  done
+fi

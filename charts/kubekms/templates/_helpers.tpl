@@ -24,6 +24,12 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ .Release.Name }}-server
 {{- end }}
 
+{{/* The Secret with the key API's certificate: the one named in server.tls.secretName, or
+the one the chart (or cert-manager) fills (templates/server-tls.yaml). */}}
+{{- define "kubekms.server.tlsSecret" -}}
+{{ .Values.server.tls.secretName | default (printf "%s-server-tls" .Release.Name) }}
+{{- end }}
+
 {{/* A CEL list literal of strings: include with a list. values.schema.json keeps quotes,
 backslashes and spaces out of the trusted user names. */}}
 {{- define "kubekms.celList" -}}
