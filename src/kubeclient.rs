@@ -117,6 +117,43 @@ pub async fn review_access(
     Ok(result.status.is_some_and(|s| s.allowed && s.denied != Some(true)))
 }
 
+/// How a watch waits before it tries the API server again after an error: 0.5 s, doubling
+/// up to 5 s, back to 0.5 s once a watch delivers again. kube-runtime's default grows to
+/// 30 s, which after a kube-apiserver restart (seconds of refused connections, then of 403
+/// while its authorizer syncs) left a controller blind to a rotation request for half a
+/// minute or more; a handful of watches retrying every 5 s costs an API server nothing.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let now = self.next;
+        self.next = (now * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, Time};
@@ -149,5 +186,15 @@ mod tests {
         assert_eq!(last_writer(&key, &["kubekms-controller"]).as_deref(), Some("kubectl-patch"));
         key.metadata.managed_fields = None;
         assert_eq!(last_writer(&key, &[]), None);
+    }
+
+    #[test]
+    fn a_watch_retries_within_five_seconds_and_starts_over_once_it_delivers() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let waits: Vec<u64> = b.by_ref().take(6).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Some(std::time::Duration::from_millis(500)));
     }
 }

@@ -32,6 +32,7 @@ use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial, KmsKeyUsage};
 use crate::audit::AuditLog;
 use crate::crypto::{RootKey, RootKeyError, RootKeySource};
 use crate::keyring::MaterialError;
+use crate::kubeclient::WatchBackoff;
 use crate::telemetry::{self, Health};
 use leader::{Attempt, LeaseLock, Timing};
 use lifecycle::Calendar;
@@ -375,19 +376,19 @@ async fn run_controllers(
         key_config = key_config.labels(selector);
     }
     let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(crate::kubeclient::slim_managed_fields)
         .reflect(key_writer)
         .applied_objects()
         .predicate_filter(key_trigger, Default::default());
     let materials = watcher(Api::<KmsKeyMaterial>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(crate::kubeclient::drop_managed_fields)
         .reflect(material_writer)
         .touched_objects();
     // A use recorded (a refused one postpones a destruction at once, with its Event).
     let usages = watcher(Api::<KmsKeyUsage>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .touched_objects();
     let key_controller = Controller::for_stream(keys, stores.keys.0.clone())
         .watches_stream(materials, |m: KmsKeyMaterial| {
@@ -413,18 +414,19 @@ async fn run_controllers(
     let (grant_reader, grant_writer) = reflector::store::<KmsGrant>();
     let (grant_keys_reader, grant_keys_writer) = reflector::store::<KmsKey>();
     let grants = watcher(Api::<KmsGrant>::all(client.clone()), key_config.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(crate::kubeclient::slim_managed_fields)
         .reflect(grant_writer)
         .applied_objects()
         .predicate_filter(grant_trigger, Default::default());
     let grant_keys = watcher(Api::<KmsKey>::all(client.clone()), key_config.clone())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(crate::kubeclient::drop_managed_fields)
         .reflect(grant_keys_writer)
         .touched_objects();
-    let parents =
-        watcher(Api::<KmsGrant>::all(client.clone()), key_config).default_backoff().touched_objects();
+    let parents = watcher(Api::<KmsGrant>::all(client.clone()), key_config)
+        .backoff(WatchBackoff::default())
+        .touched_objects();
     let (by_key, by_parent) = (grant_reader.clone(), grant_reader.clone());
     let grant_ctx =
         Arc::new(grant::GrantContext { inner: ctx, keys: grant_keys_reader, grants: grant_reader.clone() });
@@ -472,7 +474,7 @@ async fn run_migration(
         key_config = key_config.labels(selector);
     }
     let keys = watcher(Api::<KmsKey>::all(client.clone()), key_config)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(crate::kubeclient::slim_managed_fields)
         .reflect(writer)
         .applied_objects()
@@ -480,16 +482,16 @@ async fn run_migration(
     let owner_of =
         |owner: &crate::api::KeyOwner| Some(ObjectRef::<KmsKey>::new(&owner.name).within(&owner.namespace));
     let materials = watcher(Api::<KmsKeyMaterial>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .touched_objects();
     let usages = watcher(Api::<KmsKeyUsage>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .touched_objects();
     let migrations = watcher(
         Api::<StorageVersionMigration>::all(client.clone()),
         watcher::Config::default().labels(cluster::MIGRATION_SELECTOR),
     )
-    .default_backoff()
+    .backoff(WatchBackoff::default())
     .touched_objects();
     Controller::for_stream(keys, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(1))

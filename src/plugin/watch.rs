@@ -17,6 +17,7 @@ use crate::api::{KmsKey, KmsKeyMaterial};
 use crate::crypto::{KeyMaterial, RootKey};
 use crate::domain::{KeyInfo, KeyIntent, KeySnapshot, KeyState, VersionRefusal, WrappedMaterial};
 use crate::keyring::snapshot;
+use crate::kubeclient::WatchBackoff;
 
 /// What the watch needs.
 pub struct KeyWatch {
@@ -78,7 +79,7 @@ impl KeyWatch {
         let (key_store, key_writer) = reflector::store::<KmsKey>();
         // Every watch event counts, InitDone included: that is when the store becomes ready.
         let mut events = watcher(keys, key_config)
-            .default_backoff()
+            .backoff(WatchBackoff::default())
             .modify(crate::kubeclient::drop_managed_fields)
             .reflect(key_writer)
             .map(|e| log_watch_error("KmsKey", e.err()))

@@ -19,6 +19,7 @@ use super::directory::{Directory, Feed};
 use super::service::{CreateGrantError, GrantWriter};
 use crate::api::{KmsAlias, KmsGrant, KmsKey, KmsKeyMaterial};
 use crate::domain::{Alias, Grant, Identity, Key, WrappedMaterial};
+use crate::kubeclient::WatchBackoff;
 
 /// The real reviewer: a TokenReview on the API server.
 pub struct KubeTokenReviewer(pub Client);
@@ -130,22 +131,23 @@ fn feed<K, D>(
 {
     let mut listed = Some(listed);
     let mut initial: Vec<D> = Vec::new();
-    let stream = watcher(api, watcher::Config::default()).default_backoff().for_each(move |event| {
-        match event {
-            Ok(watcher::Event::Apply(object)) => directory.apply(D::from(&object)),
-            Ok(watcher::Event::Delete(object)) => directory.delete(&D::from(&object)),
-            Ok(watcher::Event::Init) => initial.clear(),
-            Ok(watcher::Event::InitApply(object)) => initial.push(D::from(&object)),
-            Ok(watcher::Event::InitDone) => {
-                directory.replace_all(std::mem::take(&mut initial));
-                if let Some(tx) = listed.take() {
-                    let _ = tx.send(());
+    let stream =
+        watcher(api, watcher::Config::default()).backoff(WatchBackoff::default()).for_each(move |event| {
+            match event {
+                Ok(watcher::Event::Apply(object)) => directory.apply(D::from(&object)),
+                Ok(watcher::Event::Delete(object)) => directory.delete(&D::from(&object)),
+                Ok(watcher::Event::Init) => initial.clear(),
+                Ok(watcher::Event::InitApply(object)) => initial.push(D::from(&object)),
+                Ok(watcher::Event::InitDone) => {
+                    directory.replace_all(std::mem::take(&mut initial));
+                    if let Some(tx) = listed.take() {
+                        let _ = tx.send(());
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "watch failed; retrying"),
             }
-            Err(e) => tracing::warn!(error = %e, "watch failed; retrying"),
-        }
-        futures::future::ready(())
-    });
+            futures::future::ready(())
+        });
     tokio::spawn(async move {
         tokio::select! {
             () = stream => {}
