@@ -118,10 +118,13 @@ pub async fn review_access(
 }
 
 /// How a watch waits before it tries the API server again after an error: 0.5 s, doubling
-/// up to 5 s, back to 0.5 s once a watch delivers again. kube-runtime's default grows to
-/// 30 s, which after a kube-apiserver restart (seconds of refused connections, then of 403
-/// while its authorizer syncs) left a controller blind to a rotation request for half a
-/// minute or more; a handful of watches retrying every 5 s costs an API server nothing.
+/// up to 5 s, back to 0.5 s once a watch delivers again. Used for every watch and for each
+/// controller's trigger streams. kube-runtime's default grows to 30 s and, as a
+/// controller's trigger backoff, pauses all of that controller's watches at each error of
+/// any of them: after a kube-apiserver restart (refused connections, then 403 while its
+/// authorizer syncs, then 410 for every watch's old resourceVersion) that added up to more
+/// than a minute in which the controller saw nothing — a rotation request included. A
+/// handful of watches retrying every 5 s costs an API server nothing.
 #[derive(Debug, Clone)]
 pub struct WatchBackoff {
     next: std::time::Duration,

@@ -391,6 +391,7 @@ async fn run_controllers(
         .backoff(WatchBackoff::default())
         .touched_objects();
     let key_controller = Controller::for_stream(keys, stores.keys.0.clone())
+        .trigger_backoff(WatchBackoff::default())
         .watches_stream(materials, |m: KmsKeyMaterial| {
             Some(ObjectRef::<KmsKey>::new(&m.spec.owner.name).within(&m.spec.owner.namespace))
         })
@@ -431,6 +432,7 @@ async fn run_controllers(
     let grant_ctx =
         Arc::new(grant::GrantContext { inner: ctx, keys: grant_keys_reader, grants: grant_reader.clone() });
     let grant_controller = Controller::for_stream(grants, grant_reader)
+        .trigger_backoff(WatchBackoff::default())
         .watches_stream(grant_keys, move |key: KmsKey| {
             let (ns, name) =
                 (key.metadata.namespace.unwrap_or_default(), key.metadata.name.unwrap_or_default());
@@ -494,6 +496,7 @@ async fn run_migration(
     .backoff(WatchBackoff::default())
     .touched_objects();
     Controller::for_stream(keys, reader)
+        .trigger_backoff(WatchBackoff::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(1))
         .watches_stream(materials, move |m: KmsKeyMaterial| owner_of(&m.spec.owner))
         .watches_stream(usages, move |u: KmsKeyUsage| owner_of(&u.spec.owner))
