@@ -438,6 +438,15 @@ fn ok(answer: Value) -> Value {
     answer["answer"].clone()
 }
 
+/// Waits (as long as the key API tests do) until `operation` with `params` as `pod` answers
+/// `code`: "OK", or an error code.
+async fn answers(pod: &Pod, operation: &str, params: &Value, code: &str, what: &str) {
+    crate::support::eventually(crate::keyapi::WAIT, what, || async {
+        (call(pod, operation, params.clone())["code"] == code).then_some(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn management_operations_change_objects_as_the_callers_rbac_allows() {
     let ns = TestNamespace::new("aws-admin");
@@ -485,10 +494,7 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
     );
     assert!(name.starts_with("key-"), "{name}");
     let encrypt = serde_json::json!({"KeyId": arn, "Plaintext": "aGk="});
-    crate::support::eventually(wait, "the new key to encrypt", || async {
-        (call(&user, "encrypt", encrypt.clone())["code"] == "OK").then_some(())
-    })
-    .await;
+    answers(&user, "encrypt", &encrypt, "OK", "the new key to encrypt").await;
 
     // The user may use the key, not change it.
     assert_eq!(
@@ -498,15 +504,9 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
 
     // Disable and enable: spec.enabled, as the key API then refuses and serves again.
     ok(call(&admin, "disable_key", serde_json::json!({"KeyId": arn})));
-    crate::support::eventually(wait, "Encrypt to be refused as Disabled", || async {
-        (call(&user, "encrypt", encrypt.clone())["code"] == "DisabledException").then_some(())
-    })
-    .await;
+    answers(&user, "encrypt", &encrypt, "DisabledException", "Encrypt to be refused as Disabled").await;
     ok(call(&admin, "enable_key", serde_json::json!({"KeyId": arn})));
-    crate::support::eventually(wait, "Encrypt to work again", || async {
-        (call(&user, "encrypt", encrypt.clone())["code"] == "OK").then_some(())
-    })
-    .await;
+    answers(&user, "encrypt", &encrypt, "OK", "Encrypt to work again").await;
 
     // Rotation: the period, and a rotation now.
     ok(call(&admin, "enable_key_rotation", serde_json::json!({"KeyId": arn, "RotationPeriodInDays": 180})));
@@ -641,9 +641,13 @@ async fn management_operations_change_objects_as_the_callers_rbac_allows() {
     ));
     assert_eq!(scheduled["KeyState"], "PendingDeletion", "{scheduled}");
     assert_eq!(scheduled["PendingWindowInDays"], 7);
-    crate::support::eventually(wait, "Encrypt to be refused as pending deletion", || async {
-        (call(&user, "encrypt", encrypt.clone())["code"] == "KMSInvalidStateException").then_some(())
-    })
+    answers(
+        &user,
+        "encrypt",
+        &encrypt,
+        "KMSInvalidStateException",
+        "Encrypt to be refused as pending deletion",
+    )
     .await;
     assert_eq!(
         call(&admin, "enable_key", serde_json::json!({"KeyId": arn}))["code"],
