@@ -101,6 +101,11 @@ class Process:
                 log(f"{self.name} did not stop on SIGTERM; killing it")
                 _signal_group(pid, signal.SIGKILL)
                 self._exited(timeout)
+        self._forget()
+
+    def _forget(self) -> None:
+        """After the process ended: its pid file goes, and this invocation no longer
+        counts it as started."""
         self.pid_path.unlink(missing_ok=True)
         if self in _started:
             _started.remove(self)
