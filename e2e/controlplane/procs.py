@@ -103,6 +103,17 @@ class Process:
                 self._exited(timeout)
         self._forget()
 
+    def kill(self, timeout: float = 20.0) -> None:
+        """SIGKILL to the process group at once, as a crash or an OOM kill would end it
+        (no SIGTERM first, so nothing is flushed or closed); waits until it is gone, and
+        the pid file goes."""
+        if self.alive():
+            pid = self.pid
+            _signal_group(pid, signal.SIGKILL)
+            if not self._exited(timeout):
+                raise self.fail(f"{self.name} (pid {pid}) still runs {timeout:.0f}s after SIGKILL")
+        self._forget()
+
     def _forget(self) -> None:
         """After the process ended: its pid file goes, and this invocation no longer
         counts it as started."""
@@ -223,10 +234,16 @@ def run(argv: list, what: str, env: dict[str, str] | None = None, timeout: float
 
 
 def up_or_down(command: str, names: list[str], run_dir: Path, down_all: Callable[[], None], make) -> int:
-    """`up` or `down` of a control plane, all of it or the named components: `make()` gives
+    """`up`, `down` or `kill` of a control plane, all of it or the named components (`kill`:
+    the named ones, with SIGKILL, as a crash would end them): `make()` gives
     the object whose up() starts all and whose components() maps names to starters. A
     Failure is logged, and the exit status is 1."""
     try:
+        if command == "kill":
+            for name in names:
+                log(f"killing {name} (SIGKILL)")
+                Process(name, run_dir).kill()
+            return 0
         if command == "down":
             if names:
                 stop_named(run_dir, names)
