@@ -162,6 +162,16 @@ class Process:
 _started: list[Process] = []
 
 
+def process(name: str, run_dir: Path) -> Process:
+    """The process `name` of run_dir: the one this invocation started, if it did (so that
+    stopping or killing it also reaps it, leaving no zombie), else the one its pid file
+    records."""
+    for proc in _started:
+        if proc.name == name and proc.pid_path == run_dir / "pids" / f"{name}.pid":
+            return proc
+    return Process(name, run_dir)
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -180,7 +190,7 @@ def stop_all() -> None:
 def stop_named(run_dir: Path, names: Iterable[str]) -> None:
     """Stops the processes of run_dir with these names, in this order, saying which run."""
     for name in names:
-        proc = Process(name, run_dir)
+        proc = process(name, run_dir)
         if proc.alive():
             log(f"stopping {name}")
         proc.stop()
@@ -242,7 +252,7 @@ def up_or_down(command: str, names: list[str], run_dir: Path, down_all: Callable
         if command == "kill":
             for name in names:
                 log(f"killing {name} (SIGKILL)")
-                Process(name, run_dir).kill()
+                process(name, run_dir).kill()
             return 0
         if command == "down":
             if names:
