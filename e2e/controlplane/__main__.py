@@ -144,13 +144,16 @@ class Local:
         if (cp.run_dir / "plugin" / "key-cache-v1").is_file() and (cp.run_dir / "kubekms-plugin.kubeconfig").is_file():
             self.plugin()
         self.kube_apiserver()
-        self.kube_controller_manager()
         cp.install_kubekms("templates/deletion-protection.yaml", "templates/write-protection.yaml")
         self.controller()
         self.server()
         self.cluster_key()
         self.plugin()
         self.wait_kms_healthy()
+        # Once the KMS provider is healthy: kube-controller-manager exits when
+        # kube-apiserver's /healthz fails for its first seconds, as it does on a first start
+        # until the cluster key exists.
+        self.kube_controller_manager()
         self.write_env()
         log(f"control plane is up: source {cp.run_dir}/env")
 
