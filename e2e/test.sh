@@ -16,6 +16,7 @@ if ! controlplane running kube-apiserver; then started_here=1; fi
 cleanup() {
   local rc=$?
   KUBEKMS_RUN_DIR="$hsm_run" "$E2E_DIR/down.sh" || true
+  KUBEKMS_RUN_DIR="$ROOT_DIR/e2e/.run-chaos" "$E2E_DIR/down.sh" || true
   if ((started_here)); then "$E2E_DIR/down.sh" || true; fi
   exit "$rc"
 }
@@ -30,6 +31,8 @@ log "end-to-end tests"
 cargo test --features e2e --test e2e -- --skip disruptive --skip hsm:: --test-threads "${KUBEKMS_E2E_THREADS:-4}"
 log "end-to-end tests that restart or disable shared components, one at a time"
 cargo test --features e2e --test e2e disruptive -- --skip hsm:: --test-threads 1
+log "crash consistency under load, the short run (make chaos-smoke; its own control plane)"
+"$E2E_DIR/chaos.sh" --smoke
 
 # Again with the root key in a SoftHSM2 token, on a fresh control plane of the same ports:
 # the key lifecycle, plugin, key API and HSM tests (the HSM's own disruptive tests include
