@@ -38,7 +38,7 @@ crds: ## Regenerate crds/ and the chart's crds/ from the Rust types
 	cp crds/kubekms.yaml charts/kubekms/crds/kubekms.yaml
 
 .PHONY: chaos chaos-smoke
-chaos: ## Crash consistency under load: kill -9 each component, 10 rounds (~25 min; CHAOS_ARGS="--rounds 3 --seed S")
+chaos: ## Crash consistency under load: kill -9 each component, 10 rounds (~22 min; CHAOS_ARGS="--rounds 3 --seed S")
 	e2e/chaos.sh $(CHAOS_ARGS)
 
 chaos-smoke: ## The chaos test's short run, 1 round of each kill (part of make test; ~3 min)
