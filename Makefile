@@ -37,6 +37,13 @@ crds: ## Regenerate crds/ and the chart's crds/ from the Rust types
 	$(CARGO) run --quiet -- crds > crds/kubekms.yaml
 	cp crds/kubekms.yaml charts/kubekms/crds/kubekms.yaml
 
+.PHONY: chaos chaos-smoke
+chaos: ## Crash consistency under load: kill -9 each component, 10 rounds (~22 min; CHAOS_ARGS="--rounds 3 --seed S")
+	e2e/chaos.sh $(CHAOS_ARGS)
+
+chaos-smoke: ## The chaos test's short run, 1 round of each kill (part of make test; ~3 min)
+	e2e/chaos.sh --smoke $(CHAOS_ARGS)
+
 .PHONY: bench bench-smoke
 bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~15 min; BENCH_ARGS=--runs 5)
 	bench/run.sh $(BENCH_ARGS)

@@ -18,6 +18,7 @@ cleanup() {
   local rc=$?
   if [[ -n "$background" ]] && kill -0 "$background" 2>/dev/null; then kill -- "$background" || true; wait "$background" || true; fi
   KUBEKMS_RUN_DIR="$hsm_run" "$E2E_DIR/down.sh" || true
+  KUBEKMS_RUN_DIR="$ROOT_DIR/e2e/.run-chaos" "$E2E_DIR/down.sh" || true
   if ((started_here)); then "$E2E_DIR/down.sh" || true; fi
   exit "$rc"
 }
@@ -33,7 +34,8 @@ cargo test --features e2e --test e2e -- --skip disruptive --skip hsm:: --test-th
 # The disruptive tests restart and disable components of the shared control plane and then
 # mostly wait (kube-apiserver notices a disabled key only after minutes), so what runs on
 # control planes of its own runs meanwhile, in the background, its output kept in a log that
-# is printed when it ends: the SoftHSM2 pass and the benchmark's smoke run.
+# is printed when it ends: the SoftHSM2 pass, the chaos test's short run and the benchmark's
+# smoke run.
 background_log="$ROOT_DIR/e2e/.test-background.log"
 (
   set -euo pipefail
@@ -43,17 +45,21 @@ background_log="$ROOT_DIR/e2e/.test-background.log"
   # cover nothing of the root key the first pass did not: the 100 MiB CLI round trip and the
   # benchmark smoke run of keyapi.rs.
   log "end-to-end tests with the root key in SoftHSM2 (KUBEKMS_ROOT_KEY=pkcs11)"
-  rm -rf "$hsm_run"
-  export KUBEKMS_RUN_DIR="$hsm_run" KUBEKMS_E2E_RUN_DIR="$hsm_run" SOFTHSM2_CONF="$hsm_run/softhsm/softhsm2.conf"
-  export KUBEKMS_ETCD_PORT=33379 KUBEKMS_ETCD_PEER_PORT=33380 KUBEKMS_APISERVER_PORT=33443 \
-    KUBEKMS_CONTROLLER_METRICS_PORT=33080 KUBEKMS_PLUGIN_METRICS_PORT=33081 KUBEKMS_SERVER_PORT=33444 \
-    KUBEKMS_SERVER_METRICS_PORT=33082 KUBEKMS_CONTROLLER_MANAGER_PORT=33257 KUBEKMS_AWS_PORT=33445
-  KUBEKMS_ROOT_KEY=pkcs11 "$E2E_DIR/up.sh"
-  cargo test --features e2e --test e2e -- lifecycle:: plugin:: keyapi:: hsm:: --skip disruptive \
-    --skip keyapi::cli_round_trip_of_100_mib --skip keyapi::benchmark_smoke_run \
-    --test-threads "${KUBEKMS_E2E_THREADS:-4}"
-  cargo test --features e2e --test e2e -- hsm::disruptive --test-threads 1
-  "$E2E_DIR/down.sh"
+  (
+    rm -rf "$hsm_run"
+    export KUBEKMS_RUN_DIR="$hsm_run" KUBEKMS_E2E_RUN_DIR="$hsm_run" SOFTHSM2_CONF="$hsm_run/softhsm/softhsm2.conf"
+    export KUBEKMS_ETCD_PORT=33379 KUBEKMS_ETCD_PEER_PORT=33380 KUBEKMS_APISERVER_PORT=33443 \
+      KUBEKMS_CONTROLLER_METRICS_PORT=33080 KUBEKMS_PLUGIN_METRICS_PORT=33081 KUBEKMS_SERVER_PORT=33444 \
+      KUBEKMS_SERVER_METRICS_PORT=33082 KUBEKMS_CONTROLLER_MANAGER_PORT=33257 KUBEKMS_AWS_PORT=33445
+    KUBEKMS_ROOT_KEY=pkcs11 "$E2E_DIR/up.sh"
+    cargo test --features e2e --test e2e -- lifecycle:: plugin:: keyapi:: hsm:: --skip disruptive \
+      --skip keyapi::cli_round_trip_of_100_mib --skip keyapi::benchmark_smoke_run \
+      --test-threads "${KUBEKMS_E2E_THREADS:-4}"
+    cargo test --features e2e --test e2e -- hsm::disruptive --test-threads 1
+    "$E2E_DIR/down.sh"
+  )
+  log "crash consistency under load, the short run (make chaos-smoke; its own control plane)"
+  "$E2E_DIR/chaos.sh" --smoke
   log "benchmark smoke run (tiny sizes: checks that \`make bench\` works; measures nothing)"
   "$ROOT_DIR/bench/run.sh" --smoke
 ) >"$background_log" 2>&1 &

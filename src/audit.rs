@@ -192,48 +192,80 @@ fn set_sequence(gauge: &Gauge, seq: u64) {
 /// The longest line the writer continues a chain from; longer ones mean a corrupt file.
 const MAX_LINE: u64 = 1024 * 1024;
 
-/// The last line of a file (read backwards from the end, whatever its length up to
-/// [`MAX_LINE`]), its sequence number, and whether the file ends with a newline (it does not
-/// after a crash in the middle of a write).
-fn last_line(path: &Path) -> std::io::Result<Option<(String, u64, bool)>> {
+/// How every line begins (`Writer::append`): a line that begins so but is no JSON value is
+/// one a crash cut short in the middle of its write.
+const LINE_START: &str = "{\"time\":\"";
+
+/// Whether `line` is the beginning of a line that a crash cut short: it starts as every
+/// line does and does not parse. Such a line holds no record; the next one chains to the
+/// line before it.
+fn is_cut(line: &str) -> bool {
+    line.starts_with(LINE_START) && serde_json::from_str::<serde_json::Value>(line).is_err()
+}
+
+/// Where a file's chain stands: its last record (the line and its sequence number), and
+/// whether the file ends in the middle of a line (it does after a crash during a write).
+#[derive(Debug, PartialEq, Eq)]
+struct Tail {
+    last: Option<(String, u64)>,
+    ends_with_newline: bool,
+}
+
+/// The end of the file at `path`, read backwards from the end: the last line, skipping lines
+/// cut short by a crash ([`is_cut`]), which hold no record. Lines are at most [`MAX_LINE`]
+/// long; a longer tail means a corrupt file.
+fn tail(path: &Path) -> std::io::Result<Tail> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Tail { last: None, ends_with_newline: true });
+        }
         Err(e) => return Err(e),
     };
     let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok(None);
-    }
     let mut pos = len;
-    let mut tail: Vec<u8> = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut ends_with_newline = true;
+    let mut first = true;
     loop {
-        let start = pos.saturating_sub(8192);
-        let mut chunk = vec![0u8; (pos - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut chunk)?;
-        chunk.extend_from_slice(&tail);
-        tail = chunk;
-        pos = start;
-        let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
-        if pos == 0 || body.contains(&b'\n') {
-            break;
+        // Read until `buf` holds a whole line after its first newline, or the file's start.
+        while pos > 0 && buf.iter().filter(|b| **b == b'\n').count() < 2 {
+            let start = pos.saturating_sub(8192);
+            let mut chunk = vec![0u8; (pos - start) as usize];
+            file.seek(SeekFrom::Start(start))?;
+            file.read_exact(&mut chunk)?;
+            chunk.extend_from_slice(&buf);
+            buf = chunk;
+            pos = start;
+            if buf.len() as u64 > 2 * MAX_LINE {
+                return Err(std::io::Error::other(
+                    "the last line of the audit log is implausibly long; the file is corrupt",
+                ));
+            }
         }
-        if tail.len() as u64 > MAX_LINE {
-            return Err(std::io::Error::other(
-                "the last line of the audit log is implausibly long; the file is corrupt",
-            ));
+        if first {
+            ends_with_newline = buf.is_empty() || buf.last() == Some(&b'\n');
+            first = false;
         }
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        if body.is_empty() && pos == 0 {
+            return Ok(Tail { last: None, ends_with_newline });
+        }
+        let at = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let line = String::from_utf8_lossy(&body[at..]).into_owned();
+        if !is_cut(&line) {
+            let seq = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
+                .unwrap_or(0);
+            return Ok(Tail { last: Some((line, seq)), ends_with_newline });
+        }
+        if at == 0 && pos == 0 {
+            return Ok(Tail { last: None, ends_with_newline });
+        }
+        // A cut line: the record before it is where the chain stands.
+        buf.truncate(at);
     }
-    let ends_with_newline = tail.last() == Some(&b'\n');
-    let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
-    let line = body.rsplit(|b| *b == b'\n').next().unwrap_or(body);
-    let line = String::from_utf8_lossy(line).into_owned();
-    let seq = serde_json::from_str::<serde_json::Value>(&line)
-        .ok()
-        .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
-        .unwrap_or(0);
-    Ok(Some((line, seq, ends_with_newline)))
 }
 
 /// Bounds what one line may hold, whatever a caller sent.
@@ -285,9 +317,9 @@ impl AuditLog {
                 limits,
             ));
         }
-        let last = last_line(path).map_err(|e| AuditError::Open(path.to_owned(), e))?;
-        let (prev, seq) = match &last {
-            Some((line, seq, _)) => (sha256_hex(line.as_bytes()), *seq),
+        let tail = tail(path).map_err(|e| AuditError::Open(path.to_owned(), e))?;
+        let (prev, seq) = match &tail.last {
+            Some((line, seq)) => (sha256_hex(line.as_bytes()), *seq),
             None => (GENESIS.to_owned(), 0),
         };
         let mut file = OpenOptions::new()
@@ -296,9 +328,10 @@ impl AuditLog {
             .mode(0o600)
             .open(path)
             .map_err(|e| AuditError::Open(path.to_owned(), e))?;
-        if matches!(last, Some((_, _, false))) {
-            // A crash cut the last line short: end it, so the next line starts on its own
-            // (the cut line stays visible to `kubekms audit verify`).
+        if !tail.ends_with_newline {
+            // A crash cut the last line short: end it, so the next line starts on its own.
+            // The chain goes on from the record before it; the cut line stays visible to
+            // `kubekms audit verify`, which reports it.
             file.write_all(b"\n").map_err(|e| AuditError::Open(path.to_owned(), e))?;
         }
         Ok(AuditLog::new(Writer { out: Box::new(file), prev, seq }, mac_key, limits))
@@ -417,8 +450,12 @@ impl Writer {
 /// What `kubekms audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    /// The records: the last one's sequence number.
     pub lines: u64,
     pub macs_checked: bool,
+    /// The lines (numbered from 1) that a crash cut short in the middle of their write:
+    /// they hold no record, and the record after each chains to the one before it.
+    pub cut: Vec<u64>,
 }
 
 /// A break in the chain, by line number (from 1).
@@ -438,15 +475,22 @@ pub enum VerifyError {
     Mac(u64),
 }
 
-/// Verifies an audit log read from `input`. With `root`, also checks every line's MAC.
+/// Verifies an audit log read from `input`. With `root`, also checks every line's MAC. A
+/// line cut short by a crash ([`is_cut`]) is no break when the chain goes on across it; it
+/// is reported in [`Verified::cut`].
 pub fn verify(input: impl Read, root: Option<&RootKey>) -> Result<Verified, VerifyError> {
     let mac_key = root.map(|r| r.derive(MAC_PURPOSE));
     let mut prev_hash: Option<String> = None;
     let mut prev_seq = 0u64;
     let mut n = 0u64;
+    let mut cut = Vec::new();
     for line in BufReader::new(input).lines() {
         let line = line.map_err(|e| VerifyError::Read(e.to_string()))?;
         n += 1;
+        if is_cut(&line) {
+            cut.push(n);
+            continue;
+        }
         let value: serde_json::Value = serde_json::from_str(&line).map_err(|_| VerifyError::Malformed(n))?;
         let field = |k: &str| value.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
         let (Some(prev), Some(mac)) = (field("prev"), field("mac")) else {
@@ -471,7 +515,7 @@ pub fn verify(input: impl Read, root: Option<&RootKey>) -> Result<Verified, Veri
         prev_hash = Some(sha256_hex(line.as_bytes()));
         prev_seq = seq;
     }
-    Ok(Verified { lines: n, macs_checked: mac_key.is_some() })
+    Ok(Verified { lines: prev_seq, macs_checked: mac_key.is_some(), cut })
 }
 
 /// Verifies the audit log file at `path`.
@@ -669,7 +713,7 @@ mod tests {
         let log = AuditLog::open(&path, &root()).unwrap();
         log.record(&event(4)).unwrap();
         let v = verify_file(&path, Some(&root())).unwrap();
-        assert_eq!(v, Verified { lines: 4, macs_checked: true });
+        assert_eq!(v, Verified { lines: 4, macs_checked: true, cut: vec![] });
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains(r#""operation":"Encrypt""#) && text.contains(r#""seq":4"#));
         use std::os::unix::fs::PermissionsExt;
@@ -745,16 +789,70 @@ mod tests {
         assert_eq!(verify_file(&path, Some(&root())).unwrap().lines, 3);
     }
 
+    /// Cuts the file's last line short, as a crash in the middle of its write would.
+    fn cut_last_line(path: &Path) {
+        let mut text = std::fs::read(path).unwrap();
+        text.truncate(text.len() - 20);
+        std::fs::write(path, &text).unwrap();
+    }
+
+    #[test]
+    fn a_cut_last_line_is_reported_not_a_break() {
+        let (_dir, path) = log_of(3);
+        cut_last_line(&path);
+        let v = verify_file(&path, Some(&root())).unwrap();
+        assert_eq!(v, Verified { lines: 2, macs_checked: true, cut: vec![3] });
+    }
+
     #[test]
     fn a_line_cut_by_a_crash_is_visible_and_the_log_goes_on() {
         let (_dir, path) = log_of(2);
-        let mut text = std::fs::read(&path).unwrap();
-        text.truncate(text.len() - 20);
-        std::fs::write(&path, &text).unwrap();
+        cut_last_line(&path);
         AuditLog::open(&path, &root()).unwrap().record(&event(3)).unwrap();
         let lines = lines(&path);
         assert_eq!(lines.len(), 3, "the cut line, then a new one");
-        assert_eq!(verify_file(&path, None), Err(VerifyError::Malformed(2)));
+        // The new record takes the cut one's place in the chain: sequence 2, after line 1.
+        let v = verify_file(&path, Some(&root())).unwrap();
+        assert_eq!(v, Verified { lines: 2, macs_checked: true, cut: vec![2] });
+        let third: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
+        assert_eq!((third["seq"].as_u64(), third["requestId"].as_str()), (Some(2), Some("req-3")));
+    }
+
+    #[test]
+    fn a_crash_right_after_a_restart_that_ended_a_cut_line_keeps_the_chain() {
+        let (_dir, path) = log_of(2);
+        cut_last_line(&path);
+        // Opened (the cut line is ended with a newline), then killed before any record.
+        drop(AuditLog::open(&path, &root()).unwrap());
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with('\n'));
+        let log = AuditLog::open(&path, &root()).unwrap();
+        log.record(&event(3)).unwrap();
+        log.record(&event(4)).unwrap();
+        let v = verify_file(&path, Some(&root())).unwrap();
+        assert_eq!(v, Verified { lines: 3, macs_checked: true, cut: vec![2] });
+    }
+
+    #[test]
+    fn a_cut_line_hides_no_record() {
+        let (_dir, path) = log_of(4);
+        let good = lines(&path);
+        // A whole record shortened to look cut: the next line names the removed record.
+        let mut shortened = good.clone();
+        shortened[1].truncate(40);
+        assert_eq!(check(&shortened, None), Err(VerifyError::Chain(3)));
+        // A line that is no beginning of a record is no cut line.
+        let mut garbage = good.clone();
+        garbage.insert(2, "garbage".into());
+        assert_eq!(check(&garbage, None), Err(VerifyError::Malformed(3)));
+        // A cut line inserted between two records changes nothing else: reported.
+        let mut inserted = good.clone();
+        inserted.insert(2, good[2][..30].to_owned());
+        assert_eq!(check(&inserted, Some(&root())).map(|v| v.cut), Ok(vec![3]));
+        // A whole record moved after the cut line is still a reordering.
+        let mut moved = good;
+        let line = moved.remove(1);
+        moved.insert(2, line);
+        assert_eq!(check(&moved, None), Err(VerifyError::Chain(2)));
     }
 
     #[test]

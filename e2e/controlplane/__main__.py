@@ -8,6 +8,7 @@ e2e/down.sh run it (up.sh builds what it needs first):
 
   python3 -m controlplane up --kubekms BIN [COMPONENT...]   start all, or the named ones
   python3 -m controlplane down [COMPONENT...]               stop all, or the named ones
+  python3 -m controlplane kill COMPONENT...                 SIGKILL the named ones (a crash)
   python3 -m controlplane running COMPONENT                 exit status 0 if it runs
 
 Safe to run twice: what already runs is left alone, except a kubekms component whose
@@ -143,13 +144,16 @@ class Local:
         if (cp.run_dir / "plugin" / "key-cache-v1").is_file() and (cp.run_dir / "kubekms-plugin.kubeconfig").is_file():
             self.plugin()
         self.kube_apiserver()
-        self.kube_controller_manager()
         cp.install_kubekms("templates/deletion-protection.yaml", "templates/write-protection.yaml")
         self.controller()
         self.server()
         self.cluster_key()
         self.plugin()
         self.wait_kms_healthy()
+        # Once the KMS provider is healthy: kube-controller-manager exits when
+        # kube-apiserver's /healthz fails for its first seconds, as it does on a first start
+        # until the cluster key exists.
+        self.kube_controller_manager()
         self.write_env()
         log(f"control plane is up: source {cp.run_dir}/env")
 
@@ -215,6 +219,8 @@ def main() -> int:
     up.add_argument("components", nargs="*", metavar="COMPONENT")
     down = commands.add_parser("down", help="stop the control plane, or the named components")
     down.add_argument("components", nargs="*", metavar="COMPONENT")
+    kill = commands.add_parser("kill", help="SIGKILL the named components, as a crash would end them")
+    kill.add_argument("components", nargs="+", metavar="COMPONENT")
     running = commands.add_parser("running", help="exit status 0 if the component runs")
     running.add_argument("component")
     args = parser.parse_args()

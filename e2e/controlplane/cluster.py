@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from controlplane.pki import make_pki, write_kubeconfig, write_private
-from controlplane.procs import Failure, Process, log, run, wait_until
+from controlplane.procs import Failure, Process, log, process, run, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: crds/, charts/
 TOOLS = ROOT / "e2e" / ".bin"  # etcd, etcdctl, kube-apiserver, helm (e2e/tools/build.sh)
@@ -207,7 +207,7 @@ class ControlPlane:
 
     def process(self, name: str) -> Process:
         """The process `name` of this run directory, started here or recorded earlier."""
-        return Process(name, self.run_dir)
+        return process(name, self.run_dir)
 
     def start(self, name: str, argv: list, ready: Callable[[], bool], what: str, timeout: float = 60,
               interval: float = 0.1, runs: str | None = None) -> Process:

@@ -101,6 +101,22 @@ class Process:
                 log(f"{self.name} did not stop on SIGTERM; killing it")
                 _signal_group(pid, signal.SIGKILL)
                 self._exited(timeout)
+        self._forget()
+
+    def kill(self, timeout: float = 20.0) -> None:
+        """SIGKILL to the process group at once, as a crash or an OOM kill would end it
+        (no SIGTERM first, so nothing is flushed or closed); waits until it is gone, and
+        the pid file goes."""
+        if self.alive():
+            pid = self.pid
+            _signal_group(pid, signal.SIGKILL)
+            if not self._exited(timeout):
+                raise self.fail(f"{self.name} (pid {pid}) still runs {timeout:.0f}s after SIGKILL")
+        self._forget()
+
+    def _forget(self) -> None:
+        """After the process ended: its pid file goes, and this invocation no longer
+        counts it as started."""
         self.pid_path.unlink(missing_ok=True)
         if self in _started:
             _started.remove(self)
@@ -146,6 +162,16 @@ class Process:
 _started: list[Process] = []
 
 
+def process(name: str, run_dir: Path) -> Process:
+    """The process `name` of run_dir: the one this invocation started, if it did (so that
+    stopping or killing it also reaps it, leaving no zombie), else the one its pid file
+    records."""
+    for proc in _started:
+        if proc.name == name and proc.pid_path == run_dir / "pids" / f"{name}.pid":
+            return proc
+    return Process(name, run_dir)
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -164,7 +190,7 @@ def stop_all() -> None:
 def stop_named(run_dir: Path, names: Iterable[str]) -> None:
     """Stops the processes of run_dir with these names, in this order, saying which run."""
     for name in names:
-        proc = Process(name, run_dir)
+        proc = process(name, run_dir)
         if proc.alive():
             log(f"stopping {name}")
         proc.stop()
@@ -218,10 +244,16 @@ def run(argv: list, what: str, env: dict[str, str] | None = None, timeout: float
 
 
 def up_or_down(command: str, names: list[str], run_dir: Path, down_all: Callable[[], None], make) -> int:
-    """`up` or `down` of a control plane, all of it or the named components: `make()` gives
+    """`up`, `down` or `kill` of a control plane, all of it or the named components (`kill`:
+    the named ones, with SIGKILL, as a crash would end them): `make()` gives
     the object whose up() starts all and whose components() maps names to starters. A
     Failure is logged, and the exit status is 1."""
     try:
+        if command == "kill":
+            for name in names:
+                log(f"killing {name} (SIGKILL)")
+                process(name, run_dir).kill()
+            return 0
         if command == "down":
             if names:
                 stop_named(run_dir, names)

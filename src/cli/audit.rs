@@ -51,6 +51,12 @@ impl Command {
                     "chain only; give --root-key-file to check MACs"
                 };
                 println!("{}: {} lines intact ({how})", file.display(), verified.lines);
+                for line in &verified.cut {
+                    println!(
+                        "{}: line {line} was cut short by a crash during its write: it holds no record, and the chain goes on across it",
+                        file.display()
+                    );
+                }
             }
         }
         Ok(())
