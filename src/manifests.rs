@@ -32,10 +32,36 @@ pub struct NodePaths {
     pub socket_dir: String,
     /// The plugin's cache and audit log.
     pub state_dir: String,
-    pub root_key_file: String,
+    /// Where the root key is.
+    pub root_key: NodeRootKey,
     /// A kubeconfig for the plugin's identity (static pods have no ServiceAccount token).
     pub kubeconfig: String,
 }
+
+/// The root key on the control-plane node: a file, or a PKCS#11 token.
+#[derive(Debug, Clone)]
+pub enum NodeRootKey {
+    /// The root key file, mounted read-only at /etc/kubekms/root.key.
+    File(String),
+    Pkcs11(NodePkcs11),
+}
+
+/// The root key in a PKCS#11 token, as the node sees it. The module (and its token
+/// directory, for a software token) is mounted at the same path, so that a module
+/// configured with absolute paths finds them; the PIN file at /etc/kubekms/pkcs11.pin.
+#[derive(Debug, Clone)]
+pub struct NodePkcs11 {
+    pub module: String,
+    /// The token's label, or its slot.
+    pub token: Result<String, u64>,
+    pub pin_file: String,
+    pub key_label: String,
+    /// A directory the module keeps its token in (SoftHSM's `directories.tokendir`),
+    /// mounted writable; none for a hardware token reached through the module alone.
+    pub token_dir: Option<String>,
+}
+
+const PIN_PATH: &str = "/etc/kubekms/pkcs11.pin";
 
 /// Why the static pod cannot be made. `StaticPod` is what `kubekms manifests static-pod`
 /// prints, so the errors name that command's flags.
@@ -47,6 +73,8 @@ pub enum StaticPodError {
     Privileged(i64),
     #[error("--metrics-port must be from 1024 to 65535, got {0}")]
     MetricsPort(i32),
+    #[error("--pkcs11-key-label must not be empty")]
+    KeyLabel,
 }
 
 fn host_path(name: &str, path: &str, kind: &str) -> Volume {
@@ -90,12 +118,22 @@ impl StaticPod {
         run_as_user: i64,
         metrics_port: i32,
     ) -> Result<StaticPod, StaticPodError> {
-        for (flag, path) in [
+        let mut checked = vec![
             ("--socket-dir", &paths.socket_dir),
             ("--state-dir", &paths.state_dir),
-            ("--root-key-file", &paths.root_key_file),
             ("--kubeconfig", &paths.kubeconfig),
-        ] {
+        ];
+        match &paths.root_key {
+            NodeRootKey::File(file) => checked.push(("--root-key-file", file)),
+            NodeRootKey::Pkcs11(p) => {
+                checked.extend([("--pkcs11-module", &p.module), ("--pkcs11-pin-file", &p.pin_file)]);
+                checked.extend(p.token_dir.iter().map(|d| ("--pkcs11-token-dir", d)));
+                if p.key_label.is_empty() {
+                    return Err(StaticPodError::KeyLabel);
+                }
+            }
+        }
+        for (flag, path) in checked {
             if !path.starts_with('/') {
                 return Err(StaticPodError::NotAbsolute { flag, path: path.clone() });
             }
@@ -113,16 +151,19 @@ impl StaticPod {
     /// The Pod for /etc/kubernetes/manifests.
     pub fn pod(&self) -> Pod {
         let quantity = |s: &str| Quantity(s.to_owned());
-        let args = vec![
+        let mut args = vec![
             "plugin".to_owned(),
             format!("--key={}", self.key),
             "--socket=/var/run/kubekms/kms.sock".to_owned(),
-            "--root-key-file=/etc/kubekms/root.key".to_owned(),
+        ];
+        args.extend(self.root_key_args());
+        args.extend([
             "--state-dir=/var/lib/kubekms".to_owned(),
             "--kubeconfig=/etc/kubekms/plugin.kubeconfig".to_owned(),
             format!("--metrics-addr=127.0.0.1:{}", self.metrics_port),
             "--log-json".to_owned(),
-        ];
+        ]);
+        let (root_mounts, root_volumes) = self.root_key_volumes();
         Pod {
             metadata: ObjectMeta {
                 name: Some("kubekms-plugin".into()),
@@ -181,23 +222,71 @@ impl StaticPod {
                         limits: Some(BTreeMap::from([("memory".into(), quantity("128Mi"))])),
                         ..Default::default()
                     }),
-                    volume_mounts: Some(vec![
-                        mount("socket", "/var/run/kubekms", false),
-                        mount("state", "/var/lib/kubekms", false),
-                        mount("root-key", "/etc/kubekms/root.key", true),
-                        mount("kubeconfig", "/etc/kubekms/plugin.kubeconfig", true),
-                    ]),
+                    volume_mounts: Some(
+                        [
+                            mount("socket", "/var/run/kubekms", false),
+                            mount("state", "/var/lib/kubekms", false),
+                            mount("kubeconfig", "/etc/kubekms/plugin.kubeconfig", true),
+                        ]
+                        .into_iter()
+                        .chain(root_mounts)
+                        .collect(),
+                    ),
                     ..Default::default()
                 }],
-                volumes: Some(vec![
-                    host_path("socket", &self.paths.socket_dir, "Directory"),
-                    host_path("state", &self.paths.state_dir, "Directory"),
-                    host_path("root-key", &self.paths.root_key_file, "File"),
-                    host_path("kubeconfig", &self.paths.kubeconfig, "File"),
-                ]),
+                volumes: Some(
+                    [
+                        host_path("socket", &self.paths.socket_dir, "Directory"),
+                        host_path("state", &self.paths.state_dir, "Directory"),
+                        host_path("kubeconfig", &self.paths.kubeconfig, "File"),
+                    ]
+                    .into_iter()
+                    .chain(root_volumes)
+                    .collect(),
+                ),
                 ..Default::default()
             }),
             ..Default::default()
+        }
+    }
+
+    /// The plugin's flags that say where the root key is, as the pod sees it.
+    fn root_key_args(&self) -> Vec<String> {
+        match &self.paths.root_key {
+            NodeRootKey::File(_) => vec!["--root-key-file=/etc/kubekms/root.key".to_owned()],
+            NodeRootKey::Pkcs11(p) => vec![
+                format!("--pkcs11-module={}", p.module),
+                match &p.token {
+                    Ok(label) => format!("--pkcs11-token-label={label}"),
+                    Err(slot) => format!("--pkcs11-slot={slot}"),
+                },
+                format!("--pkcs11-pin-file={PIN_PATH}"),
+                format!("--pkcs11-key-label={}", p.key_label),
+            ],
+        }
+    }
+
+    /// The mounts and host paths of the root key: its file, or the module, the PIN file
+    /// and the token directory.
+    fn root_key_volumes(&self) -> (Vec<VolumeMount>, Vec<Volume>) {
+        match &self.paths.root_key {
+            NodeRootKey::File(file) => (
+                vec![mount("root-key", "/etc/kubekms/root.key", true)],
+                vec![host_path("root-key", file, "File")],
+            ),
+            NodeRootKey::Pkcs11(p) => {
+                let mut mounts =
+                    vec![mount("pkcs11-module", &p.module, true), mount("pkcs11-pin", PIN_PATH, true)];
+                let mut volumes = vec![
+                    host_path("pkcs11-module", &p.module, "File"),
+                    host_path("pkcs11-pin", &p.pin_file, "File"),
+                ];
+                if let Some(dir) = &p.token_dir {
+                    mounts.push(mount("pkcs11-tokens", dir, false));
+                    volumes.push(host_path("pkcs11-tokens", dir, "Directory"));
+                }
+                (mounts, volumes)
+            }
         }
     }
 
@@ -256,9 +345,94 @@ mod tests {
         NodePaths {
             socket_dir: "/var/run/kubekms".into(),
             state_dir: "/var/lib/kubekms".into(),
-            root_key_file: "/etc/kubekms/root.key".into(),
+            root_key: NodeRootKey::File("/etc/kubekms/root.key".into()),
             kubeconfig: "/etc/kubekms/plugin.kubeconfig".into(),
         }
+    }
+
+    fn hsm(token_dir: Option<&str>) -> NodePkcs11 {
+        NodePkcs11 {
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token: Ok("kubekms".into()),
+            pin_file: "/etc/kubekms/hsm.pin".into(),
+            key_label: "kubekms-root-1".into(),
+            token_dir: token_dir.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_root_key_in_a_token_is_reached_through_its_module_pin_and_token_dir() {
+        let mut p = paths();
+        p.root_key = NodeRootKey::Pkcs11(hsm(Some("/var/lib/softhsm/tokens")));
+        let pod = pod(p, 65532, 9465).unwrap().pod();
+        let spec = pod.spec.unwrap();
+        let c = &spec.containers[0];
+        let args = c.args.clone().unwrap();
+        for want in [
+            "--pkcs11-module=/usr/lib/softhsm/libsofthsm2.so",
+            "--pkcs11-token-label=kubekms",
+            "--pkcs11-pin-file=/etc/kubekms/pkcs11.pin",
+            "--pkcs11-key-label=kubekms-root-1",
+        ] {
+            assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
+        }
+        assert!(!args.iter().any(|a| a.starts_with("--root-key-file")));
+        let mounts: Vec<_> = c
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.name, m.mount_path, m.read_only))
+            .collect();
+        assert!(mounts.contains(&(
+            "pkcs11-module".into(),
+            "/usr/lib/softhsm/libsofthsm2.so".into(),
+            Some(true)
+        )));
+        assert!(mounts.contains(&("pkcs11-pin".into(), "/etc/kubekms/pkcs11.pin".into(), Some(true))));
+        assert!(mounts.contains(&("pkcs11-tokens".into(), "/var/lib/softhsm/tokens".into(), Some(false))));
+        let volumes: Vec<_> = spec
+            .volumes
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.name, v.host_path.map(|h| h.path).unwrap_or_default()))
+            .collect();
+        assert!(volumes.contains(&("pkcs11-pin".into(), "/etc/kubekms/hsm.pin".into())));
+        assert!(!volumes.iter().any(|(n, _)| n == "root-key"));
+        // A slot instead of a label, and no token directory (a hardware token).
+        let mut p = paths();
+        p.root_key = NodeRootKey::Pkcs11(NodePkcs11 { token: Err(3), ..hsm(None) });
+        let pod = super::StaticPod::new(
+            "kube-system/cluster-secrets".parse().unwrap(),
+            "img".into(),
+            p,
+            65532,
+            9465,
+        )
+        .unwrap()
+        .pod();
+        let c = &pod.spec.unwrap().containers[0];
+        assert!(c.args.clone().unwrap().contains(&"--pkcs11-slot=3".to_owned()));
+        assert!(!c.volume_mounts.clone().unwrap().iter().any(|m| m.name == "pkcs11-tokens"));
+    }
+
+    #[test]
+    fn the_token_settings_are_checked() {
+        let refused = |edit: fn(&mut NodePkcs11)| {
+            let mut h = hsm(Some("/var/lib/softhsm/tokens"));
+            edit(&mut h);
+            let mut p = paths();
+            p.root_key = NodeRootKey::Pkcs11(h);
+            pod(p, 65532, 9465).unwrap_err()
+        };
+        let not_absolute = |flag, path: &str| StaticPodError::NotAbsolute { flag, path: path.into() };
+        assert_eq!(
+            refused(|h| h.module = "libsofthsm2.so".into()),
+            not_absolute("--pkcs11-module", "libsofthsm2.so")
+        );
+        assert_eq!(refused(|h| h.pin_file = "pin".into()), not_absolute("--pkcs11-pin-file", "pin"));
+        assert_eq!(refused(|h| h.token_dir = Some("t".into())), not_absolute("--pkcs11-token-dir", "t"));
+        assert_eq!(refused(|h| h.key_label = String::new()), StaticPodError::KeyLabel);
     }
 
     fn pod(paths: NodePaths, run_as_user: i64, metrics_port: i32) -> Result<StaticPod, StaticPodError> {
@@ -280,7 +454,10 @@ mod tests {
         let not_absolute = |flag, path: &str| StaticPodError::NotAbsolute { flag, path: path.into() };
         assert_eq!(relative(|p| p.socket_dir = "run".into()), not_absolute("--socket-dir", "run"));
         assert_eq!(relative(|p| p.state_dir = "relative".into()), not_absolute("--state-dir", "relative"));
-        assert_eq!(relative(|p| p.root_key_file = "".into()), not_absolute("--root-key-file", ""));
+        assert_eq!(
+            relative(|p| p.root_key = NodeRootKey::File("".into())),
+            not_absolute("--root-key-file", "")
+        );
         assert_eq!(relative(|p| p.kubeconfig = "./k".into()), not_absolute("--kubeconfig", "./k"));
         assert!(
             relative(|p| p.state_dir = "relative".into())

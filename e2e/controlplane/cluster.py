@@ -361,7 +361,7 @@ class ControlPlane:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
         self.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
                      "crd/kmskeys.kms.kubekms.io", "crd/kmsgrants.kms.kubekms.io", "crd/kmskeymaterials.kms.kubekms.io",
-                     "crd/kmsaliases.kms.kubekms.io")
+                     "crd/kmsaliases.kms.kubekms.io", "crd/kmskeyimports.kms.kubekms.io")
         self.create_namespace(KUBEKMS_NAMESPACE)
         version = run([TOOLS / "kube-apiserver", "--version"], "kube-apiserver --version").split()[-1]
         show = [arg for t in ("templates/controller-rbac.yaml", "templates/plugin-rbac.yaml",

@@ -476,6 +476,34 @@ async fn static_pod_manifest_is_valid() {
     .await;
     let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&pod));
     assert!(dry.ok, "the API server refused the static pod:\n{}", dry.stderr);
+    // The root key in a PKCS#11 token: the module, the PIN file and the token directory.
+    let hsm = [
+        "--pkcs11-module=/usr/lib/softhsm/libsofthsm2.so",
+        "--pkcs11-token-label=kubekms",
+        "--pkcs11-pin-file=/etc/kubekms/hsm.pin",
+        "--pkcs11-key-label=kubekms-root-1",
+        "--pkcs11-token-dir=/var/lib/softhsm/tokens",
+    ];
+    let out = Command::new(kubekms_bin())
+        .args(["manifests", "static-pod", "--key", "kube-system/cluster-secrets", "--only", "pod"])
+        .args(hsm)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pod = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        pod.contains("--pkcs11-pin-file=/etc/kubekms/pkcs11.pin") && !pod.contains("root-key-file"),
+        "{pod}"
+    );
+    let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&pod));
+    assert!(dry.ok, "the API server refused the PKCS#11 static pod:\n{}", dry.stderr);
+    let no_pin = Command::new(kubekms_bin())
+        .args(["manifests", "static-pod", "--key", "kube-system/x"])
+        .args(hsm.iter().filter(|a| !a.starts_with("--pkcs11-pin-file")))
+        .output()
+        .unwrap();
+    assert_eq!(no_pin.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_pin.stderr).contains("--pkcs11-module needs --pkcs11-pin-file"));
     let bad = Command::new(kubekms_bin())
         .args(["manifests", "static-pod", "--key", "kube-system/x", "--state-dir", "relative"])
         .output()

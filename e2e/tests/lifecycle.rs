@@ -441,63 +441,6 @@ async fn root_key_files_are_checked() {
 }
 
 #[tokio::test]
-async fn imported_material_becomes_version_one() {
-    let ns = TestNamespace::new("import");
-    let ns = ns.name.as_str();
-    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("byok", "", "  origin: EXTERNAL\n")));
-    let key = wait_key(ns, "byok", "PendingImport", |k| state(k) == Some(KeyState::PendingImport)).await;
-    assert_eq!(condition(&key, "Ready").unwrap().reason, "PendingImport");
-    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&key_manifest("generated", "", "")));
-
-    let dir = tempfile::tempdir().unwrap();
-    let material = dir.path().join("material.bin");
-    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
-    std::fs::write(&material, bytes).unwrap();
-    let short = dir.path().join("short.bin");
-    std::fs::write(&short, [1u8; 20]).unwrap();
-    let kubeconfig = run_dir().join("kubeconfig");
-    let import = |key: &str, file: &std::path::Path| {
-        std::process::Command::new(crate::support::kubekms_bin())
-            .args(["key", "import", "--key", key, "--material", file.to_str().unwrap()])
-            .args(crate::support::root_key_args())
-            .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
-            .output()
-            .unwrap()
-    };
-    let refused = |out: std::process::Output, message: &str| {
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(stderr.contains(message), "expected {message:?} in:\n{stderr}");
-    };
-    refused(import(&format!("{ns}/byok"), &short), "exactly 32 bytes of raw binary; got 20 bytes");
-    refused(
-        import(&format!("{ns}/generated"), &material),
-        "only keys with origin EXTERNAL take imported material",
-    );
-    refused(import(&format!("{ns}/missing"), &material), "failed to read KmsKey");
-    refused(import("no-slash", &material), "is not NAMESPACE/NAME");
-
-    let out = import(&format!("{ns}/byok"), &material);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let key = wait_key(ns, "byok", "Enabled", |k| state(k) == Some(KeyState::Enabled)).await;
-    assert_eq!(key.status.as_ref().unwrap().current_version, Some(1));
-    assert!(
-        key.status.as_ref().unwrap().next_rotation_time.is_none(),
-        "imported keys do not rotate automatically"
-    );
-    wait_events(ns, "byok", &["KeyMaterialImported"]).await;
-
-    let materials: Api<KmsKeyMaterial> = Api::all(client().await);
-    let stored = materials.get(key.metadata.uid.as_deref().unwrap()).await.unwrap();
-    let root = crate::support::root_key();
-    let unwrapped = kubekms::keyring::unwrap_version(&root, &stored, &stored.spec.versions[0]).unwrap();
-    assert_eq!(unwrapped.expose(), &bytes, "the stored version is the imported material");
-    assert_eq!(stored.spec.versions[0].trigger, kubekms::api::VersionTrigger::Imported);
-
-    refused(import(&format!("{ns}/byok"), &material), "is Enabled, not PendingImport");
-}
-
-#[tokio::test]
 async fn key_material_cannot_be_deleted_or_destroyed_by_hand() {
     let ns = TestNamespace::new("material-guard");
     let ns = ns.name.as_str();

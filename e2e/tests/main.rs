@@ -13,6 +13,7 @@ mod aws;
 mod chart;
 mod crds;
 mod hsm;
+mod import;
 mod keyapi;
 mod lifecycle;
 mod migration;

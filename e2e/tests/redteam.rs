@@ -49,7 +49,7 @@ async fn material(key: &KmsKey) -> KmsKeyMaterial {
     Api::<KmsKeyMaterial>::all(client().await).get(uid).await.unwrap()
 }
 
-async fn wait_state(ns: &str, name: &str, want: KeyState) -> KmsKey {
+pub(crate) async fn wait_state(ns: &str, name: &str, want: KeyState) -> KmsKey {
     let api: Api<KmsKey> = Api::namespaced(client().await, ns);
     eventually(WAIT, &format!("{ns}/{name} to be {}", want.as_str()), || {
         let api = api.clone();

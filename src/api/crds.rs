@@ -5,12 +5,18 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use kube::CustomResourceExt;
 
-use super::{KmsAlias, KmsGrant, KmsKey, KmsKeyMaterial, KmsKeyUsage};
+use super::{KmsAlias, KmsGrant, KmsKey, KmsKeyImport, KmsKeyMaterial, KmsKeyUsage};
 
 /// Every CRD kubekms installs, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    let mut crds =
-        vec![KmsKey::crd(), KmsGrant::crd(), KmsKeyMaterial::crd(), KmsKeyUsage::crd(), KmsAlias::crd()];
+    let mut crds = vec![
+        KmsKey::crd(),
+        KmsGrant::crd(),
+        KmsKeyMaterial::crd(),
+        KmsKeyUsage::crd(),
+        KmsAlias::crd(),
+        KmsKeyImport::crd(),
+    ];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {
             if let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
@@ -80,6 +86,7 @@ mod tests {
         assert_eq!(crds[2].spec.scope, "Cluster");
         assert_eq!(crds[3].spec.scope, "Cluster");
         assert_eq!(crds[4].spec.scope, "Namespaced", "KmsAlias");
+        assert_eq!(crds[5].spec.scope, "Namespaced", "KmsKeyImport");
         let yaml = crds_yaml().unwrap();
         assert!(!yaml.contains("format: uint"), "unsigned formats left in the CRDs");
     }
@@ -93,7 +100,7 @@ mod tests {
     fn crds_yaml_round_trips() {
         let yaml = crds_yaml().unwrap();
         let parsed: Vec<CustomResourceDefinition> = serde_saphyr::from_multiple(&yaml).unwrap();
-        assert_eq!(parsed.len(), 5);
+        assert_eq!(parsed.len(), 6);
         assert_eq!(parsed[0].metadata.name.as_deref(), Some("kmskeys.kms.kubekms.io"));
     }
 

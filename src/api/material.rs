@@ -95,6 +95,11 @@ pub struct KmsKeyMaterialSpec {
     /// same. Removed when the spec no longer asks for deletion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_refused: Option<DeletionRefusal>,
+
+    /// For an EXTERNAL key waiting for its material: the wrapping key the controller
+    /// published for it (see KmsKeyImport). Removed when material is imported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_wrapping: Option<super::import::ImportWrapping>,
 }
 
 impl KmsKeyMaterialSpec {

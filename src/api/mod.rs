@@ -14,6 +14,8 @@ mod crds;
 #[allow(clippy::duplicated_attributes)]
 mod grant;
 #[allow(clippy::duplicated_attributes)]
+mod import;
+#[allow(clippy::duplicated_attributes)]
 mod key;
 #[allow(clippy::duplicated_attributes)]
 mod material;
@@ -26,6 +28,7 @@ pub use crds::{all_crds, crds_yaml};
 pub use grant::{
     GrantConstraints, GrantCreator, GrantState, KeyReference, KmsGrant, KmsGrantSpec, KmsGrantStatus,
 };
+pub use import::{ImportWrapping, KmsKeyImport, KmsKeyImportSpec, KmsKeyImportStatus};
 pub use key::{
     Deletion, Effect, KeyOperation, KeyPolicy, KeySpec, KeyState, KeyUsage, KeyVersionState,
     KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, MAX_VERSION_REQUESTS, Origin, PolicyStatement,

@@ -1,21 +1,33 @@
-//! `kubekms key import`: bring your own key material into a KmsKey with origin EXTERNAL.
+//! `kubekms key import`: bring your own key material into a KmsKey with origin EXTERNAL,
+//! without the root key: the material is wrapped here under the wrapping key the
+//! controller published, and only the controller unwraps it.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use clap::Subcommand;
+use jiff::SignedDuration;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
 
+use kubekms::api::KmsKeyImport;
 use kubekms::domain::NamespacedName;
 
-use super::args::{KubeArgs, RootKeyArgs};
+use super::args::KubeArgs;
 
 #[derive(Subcommand)]
 pub enum Command {
     /// Import your own 256-bit key material into a KmsKey with origin EXTERNAL that is
-    /// PendingImport. The material is wrapped by the root key here and stored as version 1.
+    /// PendingImport. The material is wrapped here (RSAES_OAEP_SHA_256) under the wrapping
+    /// key the controller published in the KmsKeyImport of the same name, submitted there
+    /// with its import token, and stored by the controller as version 1.
     ///
-    /// Run it where the root key lives, as an identity allowed to create kmskeymaterials.
-    /// Keep your own copy of the material: kubekms cannot export it.
+    /// Needs only the right to update that KmsKeyImport (get and patch on kmskeyimports,
+    /// resourceNames NAME) — not the root key. Keep your own copy of the material: kubekms
+    /// cannot export it.
     Import {
         /// The key, as NAMESPACE/NAME.
         #[arg(long, value_name = "NAMESPACE/NAME")]
@@ -23,8 +35,10 @@ pub enum Command {
         /// A file with exactly 32 bytes of raw key material, or - for standard input.
         #[arg(long, value_name = "FILE")]
         material: PathBuf,
-        #[command(flatten)]
-        root_key: RootKeyArgs,
+        /// How long to wait for the wrapping key to be published and for the controller's
+        /// answer.
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        timeout: SignedDuration,
         #[command(flatten)]
         kube: KubeArgs,
     },
@@ -33,8 +47,8 @@ pub enum Command {
 impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Import { key, material, root_key, kube } => {
-                import_key(key, material, root_key, kube).await?
+            Command::Import { key, material, timeout, kube } => {
+                import_key(key, material, timeout, kube).await?
             }
         }
         Ok(())
@@ -44,10 +58,9 @@ impl Command {
 async fn import_key(
     key: NamespacedName,
     material: PathBuf,
-    root_key: RootKeyArgs,
+    timeout: SignedDuration,
     kube: KubeArgs,
 ) -> anyhow::Result<()> {
-    let root = root_key.load()?;
     let material = if material.as_os_str() == "-" {
         kubekms::keyring::read_material(std::io::stdin().lock())?
     } else {
@@ -55,11 +68,57 @@ async fn import_key(
             .with_context(|| format!("failed to open {}", material.display()))?;
         kubekms::keyring::read_material(file)?
     };
-    let client = kube.client().await?;
-    let key_id = kubekms::keyring::import(client, &root, key.namespace(), key.name(), &material).await?;
+    let deadline = Instant::now() + Duration::try_from(timeout).unwrap_or(Duration::from_secs(60));
+    let imports: Api<KmsKeyImport> = Api::namespaced(kube.client().await?, key.namespace());
+    let (public_key, token) = loop {
+        let published = imports
+            .get_opt(key.name())
+            .await
+            .with_context(|| format!("failed to read KmsKeyImport {key}"))?
+            .and_then(|i| i.status)
+            .and_then(|s| Some((s.public_key?, s.import_token?)));
+        if let Some(published) = published {
+            break published;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no wrapping key is published for {key} (KmsKeyImport {key}, status.publicKey): the key does not exist, does not have origin EXTERNAL, is not PendingImport, or the controller is not running"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let public_der = B64
+        .decode(&public_key)
+        .with_context(|| format!("KmsKeyImport {key} has a status.publicKey that is not base64"))?;
+    let wrapped = kubekms::crypto::wrap_material(&public_der, &material)
+        .with_context(|| format!("failed to wrap the material under the wrapping key of {key}"))?;
+    let body =
+        serde_json::json!({ "spec": { "importToken": token, "encryptedKeyMaterial": B64.encode(wrapped) } });
+    let submitted = imports
+        .patch(key.name(), &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .with_context(|| format!("failed to submit the wrapped material to KmsKeyImport {key}"))?;
+    let generation = submitted.metadata.generation.unwrap_or(0);
+    loop {
+        let answer = imports
+            .get_opt(key.name())
+            .await
+            .with_context(|| format!("failed to read KmsKeyImport {key}"))?
+            .and_then(|i| i.status)
+            .filter(|s| s.observed_generation >= Some(generation))
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Imported"))
+            .filter(|c| c.observed_generation >= Some(generation));
+        match answer {
+            Some(c) if c.status == "True" => break,
+            Some(c) => bail!("the controller refused the import into {key}: {} ({})", c.message, c.reason),
+            None if Instant::now() >= deadline => bail!(
+                "submitted the wrapped material to KmsKeyImport {key} (generation {generation}), but the controller did not answer within {timeout:#}"
+            ),
+            None => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
     println!(
-        "imported key material into {key} (keyId {key_id}) as version 1, wrapped by root key {}",
-        root.fingerprint()
+        "imported key material into {key} as version 1 (wrapped here with RSAES_OAEP_SHA_256; the root key never left the controller)"
     );
     Ok(())
 }

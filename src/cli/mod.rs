@@ -180,7 +180,7 @@ mod tests {
     fn a_name_that_is_not_namespace_slash_name_exits_1() {
         for args in [
             &["plugin", "--key", "no-slash", "--root-key-file", "/k"][..],
-            &["key", "import", "--key", "a/b/c", "--material", "-", "--root-key-file", "/k"],
+            &["key", "import", "--key", "a/b/c", "--material", "-"],
             &["manifests", "static-pod", "--key", "/k"],
             &["encrypt", "--server", "https://x:1", "--key", "k", "--service-account", "ns/"],
         ] {

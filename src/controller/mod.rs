@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod grant;
+pub mod import;
 pub mod key;
 pub mod leader;
 pub mod lifecycle;
@@ -28,7 +29,7 @@ use kube::{Api, Client, Resource};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{KmsGrant, KmsKey, KmsKeyMaterial, KmsKeyUsage};
+use crate::api::{KmsGrant, KmsKey, KmsKeyImport, KmsKeyMaterial, KmsKeyUsage};
 use crate::audit::AuditLog;
 use crate::crypto::{RootKey, RootKeyError, RootKeySource};
 use crate::keyring::MaterialError;
@@ -73,6 +74,12 @@ pub enum Error {
     CreateMigration(#[source] kube::Error),
     #[error("failed to delete a StorageVersionMigration")]
     DeleteMigration(#[source] kube::Error),
+    #[error("failed to read the KmsKeyImport")]
+    ReadImport(#[source] kube::Error),
+    #[error("failed to write the KmsKeyImport")]
+    WriteImport(#[source] kube::Error),
+    #[error("failed to make the import wrapping key")]
+    Wrapping(#[source] crate::crypto::ImportCryptoError),
 }
 
 impl Error {
@@ -92,6 +99,8 @@ impl Error {
             Error::ReadUsage(_) => "read_usage",
             Error::DeleteUsage(_) => "delete_usage",
             Error::ListMigrations(_) | Error::CreateMigration(_) | Error::DeleteMigration(_) => "migration",
+            Error::ReadImport(_) | Error::WriteImport(_) => "import",
+            Error::Wrapping(_) => "import_wrapping",
         }
     }
 
@@ -100,7 +109,10 @@ impl Error {
         let api_conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
         match self {
             Error::Material(e) => e.is_conflict(),
-            Error::PatchStatus(e) | Error::AddFinalizer(e) | Error::RemoveFinalizer(e) => api_conflict(e),
+            Error::PatchStatus(e)
+            | Error::AddFinalizer(e)
+            | Error::RemoveFinalizer(e)
+            | Error::WriteImport(e) => api_conflict(e),
             _ => false,
         }
     }
@@ -425,10 +437,11 @@ async fn run_controllers(
         .modify(crate::kubeclient::drop_managed_fields)
         .reflect(grant_keys_writer)
         .touched_objects();
-    let parents = watcher(Api::<KmsGrant>::all(client.clone()), key_config)
+    let parents = watcher(Api::<KmsGrant>::all(client.clone()), key_config.clone())
         .backoff(WatchBackoff::default())
         .touched_objects();
     let (by_key, by_parent) = (grant_reader.clone(), grant_reader.clone());
+    let import_controller = run_imports(client.clone(), ctx.root.clone(), key_config.clone(), stop.clone());
     let grant_ctx =
         Arc::new(grant::GrantContext { inner: ctx, keys: grant_keys_reader, grants: grant_reader.clone() });
     let grant_controller = Controller::for_stream(grants, grant_reader)
@@ -456,8 +469,35 @@ async fn run_controllers(
             }
             futures::future::ready(())
         });
-    tokio::join!(key_controller, grant_controller);
+    tokio::join!(key_controller, grant_controller, import_controller);
     tracing::info!("controllers stopped");
+}
+
+/// Import without the root key: woken by KmsKeys (only EXTERNAL ones do anything), by their
+/// KmsKeyImport (a submission) and by their material (version 1, a wrapping key written).
+async fn run_imports(client: Client, root: Arc<RootKey>, keys: watcher::Config, stop: CancellationToken) {
+    let ctx = Arc::new(import::ImportContext {
+        client: client.clone(),
+        root,
+        store: crate::keyring::MaterialStore::new(client.clone()),
+    });
+    Controller::new(Api::<KmsKey>::all(client.clone()), keys)
+        .trigger_backoff(WatchBackoff::default())
+        .watches(Api::<KmsKeyImport>::all(client.clone()), watcher::Config::default(), |i: KmsKeyImport| {
+            Some(ObjectRef::<KmsKey>::new(&i.metadata.name?).within(&i.metadata.namespace?))
+        })
+        .watches(Api::<KmsKeyMaterial>::all(client), watcher::Config::default(), |m: KmsKeyMaterial| {
+            Some(ObjectRef::<KmsKey>::new(&m.spec.owner.name).within(&m.spec.owner.namespace))
+        })
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(import::reconcile, import::error_policy, ctx)
+        .for_each(|result| {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "import controller event");
+            }
+            futures::future::ready(())
+        })
+        .await
 }
 
 /// The storage migration reconciler, one key at a time: woken by a key's spec, its material

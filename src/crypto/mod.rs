@@ -5,12 +5,17 @@
 //! same error ([`SealError::Open`]) so callers cannot tell tampering from a wrong key.
 
 mod canonical;
+mod import;
 mod pkcs11;
 mod root;
 mod seal;
 mod secret;
 
 pub use canonical::{CanonicalWriter, canonical_map};
+pub use import::{
+    IMPORT_WINDOW, ImportCryptoError, ImportToken, TokenError, WRAPPED_LEN, WRAPPING_ALGORITHM,
+    WRAPPING_KEY_SPEC, WrappingKey, public_key_id, wrap_material,
+};
 pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector};
 pub(crate) use root::hex;
 pub use root::{RootKey, RootKeyError, RootKeySource, WrapContext};

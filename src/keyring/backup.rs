@@ -324,6 +324,7 @@ mod tests {
             destroyed_at: None,
             storage: None,
             deletion_refused: None,
+            import_wrapping: None,
         };
         Backup {
             created: Timestamp::UNIX_EPOCH,

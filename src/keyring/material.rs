@@ -163,6 +163,7 @@ pub fn new_material(
             destroyed_at: destroyed.map(Time),
             storage: None,
             deletion_refused: None,
+            import_wrapping: None,
         },
     })
 }
@@ -344,6 +345,7 @@ mod tests {
                 destroyed_at: None,
                 storage: None,
                 deletion_refused: None,
+                import_wrapping: None,
             },
         }
     }

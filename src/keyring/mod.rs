@@ -15,7 +15,10 @@ pub use backup::{
 };
 pub use restore::{RESTORE_ANNOTATION, RestoreError, Restored, collect, restore};
 
-pub use import::{ImportError, check_importable, import, read_material};
+pub use import::{
+    ImportError, MAX_FAILED_DECRYPTIONS, Refusal, check_importable, new_wrapping, read_material, token_for,
+    unwrap_submission, wrapping_spent,
+};
 pub use material::{
     MaterialError, Owner, destroyed, new_material, unwrap_version, with_deletion_refused, with_deletion_time,
     with_rotation, with_version, with_version_deletion, with_version_destroyed,

@@ -70,9 +70,14 @@ pub async fn collect(client: Client, root: &RootKey, namespaces: &[String]) -> R
     let mut out = Vec::new();
     for key in keys {
         let (namespace, name, uid) = (key.namespace().unwrap_or_default(), key.name_any(), key.uid());
-        let material = uid
-            .and_then(|uid| materials.get(&uid).filter(|m| m.spec.owner.uid == uid))
-            .map(|m| KmsKeyMaterialSpec { storage: None, deletion_refused: None, ..m.spec.clone() });
+        let material = uid.and_then(|uid| materials.get(&uid).filter(|m| m.spec.owner.uid == uid)).map(|m| {
+            KmsKeyMaterialSpec {
+                storage: None,
+                deletion_refused: None,
+                import_wrapping: None,
+                ..m.spec.clone()
+            }
+        });
         if material.as_ref().is_some_and(|m| m.destroyed_at.is_some()) {
             continue;
         }
@@ -165,6 +170,7 @@ pub async fn restore(client: Client, backup: &Backup) -> Result<Restored, Restor
                     key_id: Some(material.key_id().to_owned()),
                     storage: None,
                     deletion_refused: None,
+                    import_wrapping: None,
                     ..material.clone()
                 },
             };
