@@ -122,7 +122,7 @@ async fn an_importer_with_only_the_import_right_imports_without_the_root_key() {
             &forger,
             "-n",
             ns,
-            "--verb=get,patch,update",
+            "--verb=get,patch,update,create",
             "--resource=kmskeyimports.kms.kubekms.io,kmskeyimports.kms.kubekms.io/status",
         ],
         None,
@@ -150,6 +150,19 @@ async fn an_importer_with_only_the_import_right_imports_without_the_root_key() {
             && forged.stderr.contains("only the kubekms controller writes the status of a KmsKeyImport"),
         "{}",
         forged.stderr
+    );
+    // Nor make the KmsKeyImport of a key before the controller does (and so own the object
+    // the controller would publish into): only the controller makes one.
+    let preempted = kubectl(
+        &["create", "-n", ns, "--as", &forger, "-f", "-"],
+        Some(
+            "apiVersion: kms.kubekms.io/v1alpha1\nkind: KmsKeyImport\nmetadata: {name: not-yet}\nspec: {}\n",
+        ),
+    );
+    assert!(
+        !preempted.ok && preempted.stderr.contains("only the kubekms controller makes a KmsKeyImport"),
+        "{}",
+        preempted.stderr
     );
 
     let material = dir.path().join("material.bin");
