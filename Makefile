@@ -37,9 +37,13 @@ crds: ## Regenerate crds/ and the chart's crds/ from the Rust types
 	$(CARGO) run --quiet -- crds > crds/kubekms.yaml
 	cp crds/kubekms.yaml charts/kubekms/crds/kubekms.yaml
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-flood
 bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~15 min; BENCH_ARGS=--runs 5)
 	bench/run.sh $(BENCH_ARGS)
+
+FLOOD_SECONDS ?= 180
+bench-flood: ## 16 valid key API callers alone, then under a flood of bad requests (~8 min: 2 × FLOOD_SECONDS=180 s, plus setup)
+	bench/run.sh --flood $(FLOOD_SECONDS) $(BENCH_ARGS)
 
 bench-smoke: ## The benchmark at tiny sizes, to check that it works (about a minute; measures nothing)
 	bench/run.sh --smoke
