@@ -14,7 +14,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use super::BackendError;
-use super::cache::{Answers, Cached};
+use super::cache::{Answers, Cached, Lru};
 use super::limit::{Rate, ReviewLimiter, Throttled};
 use crate::domain::Identity;
 
@@ -95,6 +95,12 @@ pub struct Authenticator<R> {
     ttl: Duration,
     /// By the token's SHA-256, until Unix seconds.
     cache: Mutex<Answers<[u8; 32], Identity, i64>>,
+    /// Tokens a review found valid, by SHA-256, until their expiry (Unix seconds; none
+    /// known: the longest cache lifetime apart): re-reviewing one when its cached answer
+    /// runs out is not subject to the review limits, so that a flood of junk tokens from
+    /// the same address, or from everyone, cannot lock out a caller it once let in. Only a
+    /// valid token gets in here, and no more of them than the cache of valid answers holds.
+    known: Mutex<Lru<[u8; 32], i64>>,
     limiter: ReviewLimiter,
     flights: Flights,
 }
@@ -148,6 +154,7 @@ impl<R: TokenReviewer> Authenticator<R> {
             audiences: settings.audiences,
             ttl: settings.cache_ttl,
             cache: Mutex::new(Answers::new(settings.cache_size, settings.rejected_cache_size)),
+            known: Mutex::new(Lru::new(settings.cache_size)),
             limiter: ReviewLimiter::new(settings.reviews_per_client, settings.reviews),
             flights: Flights::default(),
         }
@@ -184,8 +191,16 @@ impl<R: TokenReviewer> Authenticator<R> {
         if let Some(answer) = self.cached(&hash, now) {
             return answer;
         }
-        self.limiter.acquire(client, tokio::time::Instant::now()).map_err(AuthError::Throttled)?;
+        if !self.known_valid(&hash, now) {
+            self.limiter.acquire(client, tokio::time::Instant::now()).map_err(AuthError::Throttled)?;
+        }
         let reviewed = self.reviewer.review(token, &self.audiences).await.map_err(AuthError::Backend)?;
+        if let Ok(mut known) = self.known.lock() {
+            match &reviewed {
+                Some(_) => known.insert(hash, expiry.unwrap_or(i64::MAX)),
+                None => known.remove(&hash),
+            }
+        }
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         let until = match &reviewed {
             Some(_) => expiry.map_or(now.saturating_add(ttl), |exp| exp.min(now.saturating_add(ttl))),
@@ -196,6 +211,11 @@ impl<R: TokenReviewer> Authenticator<R> {
             cache.insert(hash, answer, until);
         }
         reviewed.ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))
+    }
+
+    /// Whether a review found the token valid before, and it has not expired since.
+    fn known_valid(&self, hash: &[u8; 32], now: i64) -> bool {
+        self.known.lock().ok().and_then(|mut known| known.get(hash).copied()).is_some_and(|exp| now < exp)
     }
 
     /// The cached answer for a token, if there is one.
@@ -329,6 +349,64 @@ mod tests {
         tokio::time::advance(Duration::from_secs(12)).await;
         assert!(matches!(auth.authenticate_at("junk-again", 112).await, Err(AuthError::Rejected(_))));
         assert_eq!(reviews(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_junk_from_the_same_client_does_not_lock_out_a_valid_token_when_its_answer_expires() {
+        let settings = Settings {
+            cache_ttl: Duration::from_secs(60),
+            reviews_per_client: "5/1m".parse().unwrap(),
+            reviews: "8/1m".parse().unwrap(),
+            ..Settings::default()
+        };
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings);
+        let reviews = || auth.reviewer.0.load(Ordering::SeqCst);
+        let valid = jwt(1_000);
+        auth.authenticate_at(&valid, 100).await.unwrap();
+        for junk in 0..100 {
+            assert!(auth.authenticate_at(&format!("junk-{junk}"), 100).await.is_err());
+        }
+        assert!(matches!(
+            auth.authenticate_at("junk-more", 100).await,
+            Err(AuthError::Throttled(Throttled::Client { .. }))
+        ));
+        let before = reviews();
+        // Its cached answer has run out and the client's reviews are used up, yet the valid
+        // token is reviewed again, and found still valid.
+        auth.authenticate_at(&valid, 161).await.unwrap();
+        assert_eq!(reviews(), before + 1, "re-reviewed");
+        assert!(matches!(
+            auth.authenticate_at("junk-after", 161).await,
+            Err(AuthError::Throttled(Throttled::Client { .. }))
+        ));
+        // Once expired, it is a new token like any other: limited (and then rejected).
+        assert!(matches!(
+            auth.authenticate_at(&valid, 1_000).await,
+            Err(AuthError::Throttled(_) | AuthError::Rejected(_))
+        ));
+    }
+
+    /// Accepts every token while its flag is up.
+    struct Flip(std::sync::atomic::AtomicBool);
+
+    #[tonic::async_trait]
+    impl TokenReviewer for Flip {
+        async fn review(&self, _: &str, _: &[String]) -> Result<Option<Identity>, BackendError> {
+            Ok(self.0.load(Ordering::SeqCst).then(Identity::default))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_once_valid_and_then_refused_is_limited_again() {
+        let settings = Settings { reviews_per_client: "1/1h".parse().unwrap(), ..Settings::default() };
+        let auth = Authenticator::new(Flip(true.into()), settings);
+        let token = jwt(9_000_000);
+        auth.authenticate_at(&token, 100).await.unwrap();
+        auth.reviewer.0.store(false, Ordering::SeqCst);
+        // Re-reviewed past the limit (it was valid), and refused.
+        assert!(matches!(auth.authenticate_at(&token, 161).await, Err(AuthError::Rejected(_))));
+        // Once the refusal is forgotten, it is limited like any new token.
+        assert!(matches!(auth.authenticate_at(&token, 172).await, Err(AuthError::Throttled(_))));
     }
 
     /// Like [`Counting`], but each review takes a second.
