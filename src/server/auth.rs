@@ -11,6 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use super::BackendError;
@@ -88,8 +93,59 @@ impl Default for Settings {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    /// `key-api` (gRPC bearer tokens) or `sts` (web identity tokens).
+    authenticator: &'static str,
+    /// `valid` or `rejected`.
+    answer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ThrottleLabels {
+    authenticator: &'static str,
+    /// `client` or `everyone`.
+    limit: &'static str,
+}
+
+/// The authenticators' metrics: how full their caches are, what made room, and the reviews
+/// the limits refused.
+#[derive(Clone, Debug, Default)]
+pub struct AuthMetrics {
+    entries: Family<CacheLabels, Gauge>,
+    evicted: Family<CacheLabels, Counter>,
+    throttled: Family<ThrottleLabels, Counter>,
+}
+
+impl AuthMetrics {
+    /// Registers `kubekms_server_token_cache_entries`, `…_evicted_total` and
+    /// `kubekms_server_token_reviews_throttled_total`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = AuthMetrics::default();
+        registry.register(
+            "kubekms_server_token_cache_entries",
+            "TokenReview answers cached, by authenticator and answer",
+            m.entries.clone(),
+        );
+        registry.register(
+            "kubekms_server_token_cache_evicted",
+            "Cached TokenReview answers forgotten to make room, by authenticator and answer",
+            m.evicted.clone(),
+        );
+        registry.register(
+            "kubekms_server_token_reviews_throttled",
+            "Tokens not reviewed because a review limit was reached, by authenticator and limit",
+            m.throttled.clone(),
+        );
+        m
+    }
+}
+
 /// Authenticates bearer tokens, with a bounded cache.
 pub struct Authenticator<R> {
+    /// Its name in metric labels, and its metrics.
+    name: &'static str,
+    metrics: AuthMetrics,
     reviewer: R,
     audiences: Vec<String>,
     ttl: Duration,
@@ -150,6 +206,8 @@ impl Drop for Flight<'_> {
 impl<R: TokenReviewer> Authenticator<R> {
     pub fn new(reviewer: R, settings: Settings) -> Self {
         Authenticator {
+            name: "key-api",
+            metrics: AuthMetrics::default(),
             reviewer,
             audiences: settings.audiences,
             ttl: settings.cache_ttl,
@@ -158,6 +216,11 @@ impl<R: TokenReviewer> Authenticator<R> {
             limiter: ReviewLimiter::new(settings.reviews_per_client, settings.reviews),
             flights: Flights::default(),
         }
+    }
+
+    /// Reports to `metrics` under the label `name` (`key-api`, `sts`).
+    pub fn with_metrics(self, name: &'static str, metrics: AuthMetrics) -> Self {
+        Authenticator { name, metrics, ..self }
     }
 
     /// The audiences tokens must be issued for.
@@ -191,13 +254,22 @@ impl<R: TokenReviewer> Authenticator<R> {
         if let Some(answer) = self.cached(&hash, now) {
             return answer;
         }
-        if !self.known_valid(&hash, now) {
-            self.limiter.acquire(client, tokio::time::Instant::now()).map_err(AuthError::Throttled)?;
+        if !self.known_valid(&hash, now)
+            && let Err(throttled) = self.limiter.acquire(client, tokio::time::Instant::now())
+        {
+            let limit = match throttled {
+                Throttled::Client { .. } => "client",
+                Throttled::Everyone { .. } => "everyone",
+            };
+            self.metrics.throttled.get_or_create(&ThrottleLabels { authenticator: self.name, limit }).inc();
+            return Err(AuthError::Throttled(throttled));
         }
         let reviewed = self.reviewer.review(token, &self.audiences).await.map_err(AuthError::Backend)?;
         if let Ok(mut known) = self.known.lock() {
             match &reviewed {
-                Some(_) => known.insert(hash, expiry.unwrap_or(i64::MAX)),
+                Some(_) => {
+                    known.insert(hash, expiry.unwrap_or(i64::MAX));
+                }
                 None => known.remove(&hash),
             }
         }
@@ -208,7 +280,15 @@ impl<R: TokenReviewer> Authenticator<R> {
         };
         if let Ok(mut cache) = self.cache.lock() {
             let answer = reviewed.clone().map_or(Cached::No, Cached::Yes);
-            cache.insert(hash, answer, until);
+            let label = |answer| CacheLabels { authenticator: self.name, answer };
+            let kind = if reviewed.is_some() { "valid" } else { "rejected" };
+            if cache.insert(hash, answer, until) {
+                self.metrics.evicted.get_or_create(&label(kind)).inc();
+            }
+            let (valid, rejected) = cache.len();
+            for (answer, n) in [("valid", valid), ("rejected", rejected)] {
+                self.metrics.entries.get_or_create(&label(answer)).set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         reviewed.ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))
     }
@@ -297,7 +377,9 @@ mod tests {
             reviews: unlimited,
             ..Settings::default()
         };
-        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings);
+        let mut registry = Registry::default();
+        let metrics = AuthMetrics::register(&mut registry);
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings).with_metrics("sts", metrics);
         let valid = jwt(9_000_000);
         auth.authenticate_at(&valid, 100).await.unwrap();
         for junk in 0..1000 {
@@ -305,6 +387,15 @@ mod tests {
         }
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001);
         assert_eq!(auth.cache.lock().unwrap().len(), (1, 4), "junk stays within its own bound");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"kubekms_server_token_cache_entries{authenticator="sts",answer="valid"} 1"#,
+            r#"kubekms_server_token_cache_entries{authenticator="sts",answer="rejected"} 4"#,
+            r#"kubekms_server_token_cache_evicted_total{authenticator="sts",answer="rejected"} 996"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
         auth.authenticate_at(&valid, 102).await.unwrap();
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001, "the valid token is still cached");
     }
@@ -332,6 +423,10 @@ mod tests {
             }
         }
         assert_eq!((reviews(), throttled), (5, 96), "the client's burst of 5, its valid token one of them");
+        let counted = |limit| {
+            auth.metrics.throttled.get_or_create(&ThrottleLabels { authenticator: "key-api", limit }).get()
+        };
+        assert_eq!(counted("client"), 96);
         // The valid token is served from the cache all along.
         auth.authenticate_at(&valid, 100).await.unwrap();
         // Other clients go on, until everyone's limit.

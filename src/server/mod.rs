@@ -138,6 +138,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     audit.register(&mut registry);
     let (grpc_slots, aws_slots) =
         (connections::Slots::new(config.max_connections), connections::Slots::new(config.max_connections));
+    let auth_metrics = auth::AuthMetrics::register(&mut registry);
     grpc_slots.register(&mut registry, "grpc");
     aws_slots.register(&mut registry, "aws");
     let (usage, usage_task) = crate::usage::k8s::start(
@@ -174,7 +175,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         }
     });
     let api = Arc::new(service::KeyApi::new(
-        auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone()),
+        auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone())
+            .with_metrics("key-api", auth_metrics.clone()),
         authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
         directory.clone(),
         k8s::KubeGrantWriter(client.clone()),
@@ -196,7 +198,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         let sts_auth = auth::Authenticator::new(
             k8s::KubeTokenReviewer(client.clone()),
             auth::Settings { audiences: settings.sts_audiences.clone(), ..config.auth.clone() },
-        );
+        )
+        .with_metrics("sts", auth_metrics);
         let front = Arc::new(aws::AwsApi::new(
             api.clone(),
             directory,
