@@ -417,6 +417,12 @@ subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {CONTROLLER_SA_NAMESPA
                 raise Failure(f"the server accepted a bad request: {kind}")
             if not answers:
                 raise Failure(f"the flood sent nothing of: {kind}")
+        # The limits under test answer as documented (each kind may also see closed connections).
+        for kind, expected in (("gRPC, 256 KiB Encrypt (limit 64 KiB)", "OutOfRange"),
+                               ("gRPC, expired token", "Unauthenticated"),
+                               ("AWS, 256 KiB Encrypt body (limit 64 KiB)", "HTTP 413 ValidationException")):
+            if expected not in report_["flood"].get(kind, {}):
+                raise Failure(f"{kind}: expected {expected}, got {report_['flood'].get(kind)}")
         self.details.setdefault("flood", []).append({"run": r, **report_})
         alone, flooded = phases["alone"], phases["flood"]
         if flooded["errors"] and not alone["errors"]:
