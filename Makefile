@@ -38,7 +38,7 @@ crds: ## Regenerate crds/ and the chart's crds/ from the Rust types
 	cp crds/kubekms.yaml charts/kubekms/crds/kubekms.yaml
 
 .PHONY: bench bench-smoke bench-flood
-bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~15 min; BENCH_ARGS=--runs 5)
+bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~18 min with the flood section; BENCH_ARGS=--runs 5)
 	bench/run.sh $(BENCH_ARGS)
 
 FLOOD_SECONDS ?= 180
