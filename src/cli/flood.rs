@@ -317,7 +317,7 @@ impl AwsJunk {
         let builder = || http::Request::post("/").header(http::header::HOST, host);
         let kms = |body: String| {
             let credential = format!("AKIA{}/{day}/{region}/kms/aws4_request", random(12));
-            let signature: String = random(32).bytes().map(|b| format!("{:02x}", b)).take(64).collect();
+            let signature: String = random(32).bytes().take(32).map(|b| format!("{b:02x}")).collect();
             builder()
                 .header("x-amz-target", "TrentService.Encrypt")
                 .header(http::header::CONTENT_TYPE, "application/x-amz-json-1.1")
@@ -594,6 +594,18 @@ mod tests {
         let token = fake_jwt(1_234);
         assert_eq!(kubekms::server::auth::jwt_expiry(&token), Some(1_234));
         assert_ne!(fake_jwt(1_234), token, "a new token each time");
+    }
+
+    #[test]
+    fn a_forged_aws_request_is_well_formed_so_that_the_server_checks_its_session() {
+        let request = AwsJunk::ForgedSession.request("127.0.0.1:1", "kubekms-local", "a/b");
+        let parsed = kubekms::server::aws::sigv4::Authorization::parse(
+            request.headers(),
+            "kms",
+            "kubekms-local",
+            now(),
+        );
+        assert!(parsed.is_ok(), "{:?}", parsed.err());
     }
 
     #[test]
