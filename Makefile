@@ -44,9 +44,13 @@ chaos: ## Crash consistency under load: kill -9 each component, 10 rounds (~22 m
 chaos-smoke: ## The chaos test's short run, 1 round of each kill (part of make test; ~3 min)
 	e2e/chaos.sh --smoke $(CHAOS_ARGS)
 
-.PHONY: bench bench-smoke
-bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~15 min; BENCH_ARGS=--runs 5)
+.PHONY: bench bench-smoke bench-flood
+bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~18 min with the flood section; BENCH_ARGS=--runs 5)
 	bench/run.sh $(BENCH_ARGS)
+
+FLOOD_SECONDS ?= 180
+bench-flood: ## 16 valid key API callers alone, then under a flood of bad requests (~8 min: 2 × FLOOD_SECONDS=180 s, plus setup)
+	bench/run.sh --flood $(FLOOD_SECONDS) $(BENCH_ARGS)
 
 bench-smoke: ## The benchmark at tiny sizes, to check that it works (about a minute; measures nothing)
 	bench/run.sh --smoke

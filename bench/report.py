@@ -3,7 +3,8 @@ its spread, each comparison the median of ratios taken within the same run.
 
 A sample is one measured value:
   section, measure, unit, better ("higher", "lower" or None),
-  subject  who was measured: a baseline ("floor", "identity", "GenerateRandom", "local-kms"), "aesgcm",
+  subject  who was measured: a baseline ("floor", "identity", "GenerateRandom", "local-kms", "alone": the
+           flood section's callers without the flood), "aesgcm",
            "reference" (the Go reference plugin) or "kubekms"
   run      which repetition (ratios pair values of the same run)
   base     the baseline's value measured with it in the same run (None for a baseline, or
@@ -16,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-BASELINES = ("floor", "identity", "GenerateRandom", "local-kms")
+BASELINES = ("floor", "identity", "GenerateRandom", "local-kms", "alone")
 COLUMNS = ("aesgcm", "reference", "kubekms")
 COLUMN_TITLES = {"aesgcm": "aesgcm", "reference": "Go reference", "kubekms": "kubekms"}
 

@@ -2,9 +2,11 @@
 # `make bench` and `make bench-smoke`: builds everything the benchmark needs, then runs
 # bench/suite.py, which prints one table and writes it as Markdown and JSON.
 #
-# Usage: bench/run.sh [--smoke] [--runs N] [--out DIR] [--secrets N] [--keys N] [--plugin-calls N] [--keyapi-calls N]
+# Usage: bench/run.sh [--smoke] [--flood SECONDS] [--runs N] [--out DIR] [--secrets N] [--keys N] [--plugin-calls N] [--keyapi-calls N]
 #   --smoke   tiny sizes and one run of each section, with the debug build of kubekms: checks
 #             that every part of the benchmark works (part of `make test`), measures nothing
+#   --flood SECONDS  only the flood section (`make bench-flood`): 16 valid callers alone for
+#             SECONDS, then as long under a flood of bad requests (release build; bench/results/flood.*)
 #   --runs N  repetitions of every section (default 5; each figure is their median)
 #   --out DIR where to write latest.md and latest.json (default bench/results; smoke:
 #             bench/.smoke-results/smoke.{md,json})
@@ -18,14 +20,14 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 
-usage() { sed -n '5,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '5,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 smoke=0
 pass=()
 while (($#)); do
   case "$1" in
     --smoke) smoke=1; pass+=("$1") ;;
-    --runs|--out|--secrets|--keys|--plugin-calls|--keyapi-calls)
+    --flood|--runs|--out|--secrets|--keys|--plugin-calls|--keyapi-calls)
       (($# >= 2)) || { echo "bench/run.sh: $1 needs a value" >&2; usage; }
       pass+=("$1" "$2"); shift ;;
     -h|--help) usage ;;

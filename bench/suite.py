@@ -8,6 +8,9 @@ Sections, each repeated --runs times:
   memory      idle and peak resident memory of the plugins, the controller and the server
   controller  KmsKeys to Enabled, one rotation of each, and the API requests it took
   key API     Encrypt and GenerateDataKey next to GenerateRandom
+  AWS API     Encrypt and GenerateDataKey over the AWS API, next to local-kms
+  flood       16 valid callers alone, then while a flood of bad requests hits the server
+              (also on its own: --flood SECONDS, `make bench-flood`)
 
 Run it through bench/run.sh, which builds what it needs first.
 """
@@ -37,7 +40,7 @@ from components import Components
 from controlplane.cluster import AWS_REGION, CLUSTER_KEY, KUBEKMS_NAMESPACE
 from controlplane.procs import Failure, log, run, stop_all, stop_recorded, wait_until
 
-SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API", "AWS API")
+SECTIONS = ("plugin", "API server", "cold start", "memory", "controller", "key API", "AWS API", "flood")
 
 
 @dataclass
@@ -50,12 +53,13 @@ class Sizes:
     concurrency: int  # concurrent API requests of the load generator
     keys: int
     keyapi_calls: int  # per measurement of `kubekms bench keyapi`
+    flood_seconds: int  # each phase of `kubekms bench flood` (alone, flooded)
 
 
 FULL = Sizes(runs=5, plugin_calls=20000, secrets=5000, secret_bytes=4096, lists=5, concurrency=16,
-             keys=1000, keyapi_calls=5000)
+             keys=1000, keyapi_calls=5000, flood_seconds=60)
 SMOKE = Sizes(runs=1, plugin_calls=200, secrets=40, secret_bytes=4096, lists=2, concurrency=16,
-              keys=10, keyapi_calls=100)
+              keys=10, keyapi_calls=100, flood_seconds=4)
 
 SECRETS_NAMESPACE = "bench-secrets"
 KEYS_NAMESPACE = "bench-keys"
@@ -384,7 +388,68 @@ subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {CONTROLLER_SA_NAMESPA
                         self.add("AWS API", measure, unit, better, "local-kms", r, base[field])
                         self.add("AWS API", measure, unit, better, "kubekms", r, got[field], base=base[field])
 
+    # --- flood ---------------------------------------------------------------------------
+
+    def flood_section(self, r: int) -> None:
+        """`kubekms bench flood` against a fresh server: 16 valid callers (Encrypt, then
+        Decrypt) for flood_seconds alone, then as long again while junk and expired tokens,
+        oversized requests, forged AWS sessions, junk STS tokens and idle connections hit
+        both of its ports; the server's VmRSS sampled throughout."""
+        s, ports = self.sizes, self.l.ports
+        server = self.c.start_server()
+        out = self.l.run_dir / f"flood-{r}.json"
+        run([self.l.kubekms, "bench", "flood", "--key", "/".join(KEYAPI_KEY),
+             "--service-account", "/".join(KEYAPI_CALLER), "--server", f"https://127.0.0.1:{ports.server}",
+             "--ca", self.l.pki / "ca.crt", "--aws-endpoint", f"https://127.0.0.1:{ports.aws}",
+             "--aws-region", AWS_REGION, "--callers", 16, "--duration", f"{s.flood_seconds}s",
+             "--server-pid", server.pid, "--json", out],
+            "kubekms bench flood", env={"KUBECONFIG": str(self.cp.kubeconfig)})
+        if not server.alive():
+            raise Failure("the server died under the flood (see its log in the run directory)")
+        server.stop()
+        report_ = json.loads(out.read_text())
+        phases = {p["name"]: p for p in report_["phases"]}
+        for name, p in phases.items():
+            if p["calls"] == 0:
+                raise Failure(f"the valid callers made no call in the {name} phase")
+        for kind, answers in report_["flood"].items():
+            if "OK (accepted!)" in answers:
+                raise Failure(f"the server accepted a bad request: {kind}")
+            if not answers:
+                raise Failure(f"the flood sent nothing of: {kind}")
+        # The limits under test answer as documented (each kind may also see closed connections).
+        for kind, expected in (("gRPC, 256 KiB Encrypt (limit 64 KiB)", "OutOfRange"),
+                               ("gRPC, expired token", "Unauthenticated"),
+                               ("AWS, 256 KiB Encrypt body (limit 64 KiB)", "HTTP 413 ValidationException")):
+            if expected not in report_["flood"].get(kind, {}):
+                raise Failure(f"{kind}: expected {expected}, got {report_['flood'].get(kind)}")
+        self.details.setdefault("flood", []).append({"run": r, **report_})
+        alone, flooded = phases["alone"], phases["flood"]
+        if alone["errors"]:
+            raise Failure(f"valid calls failed without any flood: {alone['errors']}")
+        if flooded["errors"]:
+            raise Failure(f"the flood made valid calls fail: {flooded['errors']}")
+        for measure, field, unit, better, scale in (
+                ("valid callers' calls/s", "calls_per_second", "calls/s", "higher", 1),
+                ("valid callers' p50", "p50_us", "µs", "lower", 1),
+                ("valid callers' p99", "p99_us", "µs", "lower", 1),
+                ("valid callers' error rate", "error_rate", "%", "lower", 100),
+                ("server VmRSS, peak", "rss_peak_kib", "MiB", "lower", 1 / MIB),
+                ("server VmRSS, end of the phase", "rss_end_kib", "MiB", "lower", 1 / MIB)):
+            base = alone[field] * scale
+            self.add("flood", measure, unit, better, "alone", r, base)
+            self.add("flood", measure, unit, better, "kubekms", r, flooded[field] * scale, base=base or None)
+        for kind, answers in sorted(report_["flood"].items()):
+            self.add("flood", f"flood requests: {kind}", "count", None, "kubekms", r, sum(answers.values()))
+
     # --- the whole run -------------------------------------------------------------------
+
+    def run_flood(self) -> None:
+        """`make bench-flood`: the setup, then only the flood section."""
+        self.setup()
+        for r in range(1, self.sizes.runs + 1):
+            log(f"run {r}: flood ({self.sizes.flood_seconds} s alone, then as long flooded)")
+            self.flood_section(r)
 
     def run_all(self) -> None:
         runs = range(1, self.sizes.runs + 1)
@@ -402,6 +467,9 @@ subjects: [{{kind: ServiceAccount, name: {sa}, namespace: {CONTROLLER_SA_NAMESPA
         for r in runs:
             log(f"run {r}: key API")
             self.keyapi_section(r)
+        # Once, not per run: its two phases are minutes long and each is its own reference.
+        log("flood")
+        self.flood_section(1)
 
 
 def port_open(number: int) -> bool:
@@ -454,6 +522,8 @@ def parse_args() -> argparse.Namespace:
                         help="directory for the results (default bench/results; smoke: bench/.smoke-results)")
     parser.add_argument("--kubekms", type=Path, required=True,
                         help="the kubekms binary (run.sh gives the release build; the debug build for --smoke)")
+    parser.add_argument("--flood", type=int, metavar="SECONDS",
+                        help="run only the flood section, each of its two phases this long (1 run unless --runs)")
     sized = {"secrets": "Secrets created, read and listed", "keys": "KmsKeys for the controller",
              "plugin_calls": "calls per plugin measurement", "keyapi_calls": "calls per key API measurement"}
     for field, what in sized.items():
@@ -472,6 +542,10 @@ def parse_args() -> argparse.Namespace:
             if not 1 <= value <= 1_000_000:
                 parser.error(f"--{field.replace('_', '-')} must be from 1 to 1000000")
             args.sizes = replace(args.sizes, **{field: value})
+    if args.flood is not None:
+        if not 1 <= args.flood <= 3600:
+            parser.error("--flood must be from 1 to 3600 seconds")
+        args.sizes = replace(args.sizes, flood_seconds=args.flood, runs=args.runs or 1)
     if not (args.kubekms.is_file() and os.access(args.kubekms, os.X_OK)):
         parser.error(f"--kubekms {args.kubekms} is not an executable file")
     return args
@@ -490,19 +564,21 @@ def main() -> int:
         layout = Layout(root=root, run_dir=run_dir, kubekms=args.kubekms.resolve())
         stop_recorded(run_dir)  # what a run that was killed outright left behind
         suite = Suite(layout, args.sizes)
-        suite.run_all()
+        suite.run_flood() if args.flood is not None else suite.run_all()
     except Failure as e:
         log(f"error: {e}")
         return 1
     finally:
         stop_all()
-    meta = {"mode": "smoke" if args.smoke else "full"}
+    mode = "smoke" if args.smoke else "flood" if args.flood is not None else "full"
+    meta = {"mode": mode}
     if args.smoke:
         meta["note"] = "debug build and tiny sizes: this run checks that the benchmark works; its numbers mean nothing"
     meta.update({"date": time.strftime("%Y-%m-%d %H:%M %Z"), **machine(), **versions(layout),
                  "sizes": asdict(args.sizes), "duration": f"{(time.monotonic() - started) / 60:.1f} min"})
     rows = report.aggregate(suite.samples, SECTIONS)
-    md, js = report.write(out_dir, "smoke" if args.smoke else "latest", rows, meta, suite.samples, suite.details)
+    name = {"smoke": "smoke", "flood": "flood", "full": "latest"}[mode]
+    md, js = report.write(out_dir, name, rows, meta, suite.samples, suite.details)
     print(report.markdown(rows, meta))
     log(f"wrote {md} and {js}")
     return 0

@@ -118,6 +118,15 @@ pub type Client = KeyServiceClient<InterceptedService<Channel, Bearer>>;
 /// Connects to `server` (https://HOST:PORT), trusting `ca` (or the system's roots when
 /// `None` is given and the server's certificate chains to them).
 pub async fn connect(server: &str, ca: Option<&Path>, token: &TokenSource) -> Result<Client, ClientError> {
+    let channel = channel(server, ca).await?;
+    let token = token.token()?;
+    let value = format!("Bearer {}", token.as_str()).parse().map_err(|_| ClientError::EmptyToken)?;
+    Ok(KeyServiceClient::with_interceptor(channel, Bearer(value)))
+}
+
+/// A TLS connection to `server` (https://HOST:PORT) trusting `ca`, with no token: each
+/// call brings its own.
+pub async fn channel(server: &str, ca: Option<&Path>) -> Result<Channel, ClientError> {
     let uri: http::Uri = server.parse().map_err(|_| ClientError::Address(server.to_owned()))?;
     if uri.scheme_str() != Some("https") || uri.host().is_none() {
         return Err(ClientError::Address(server.to_owned()));
@@ -127,15 +136,12 @@ pub async fn connect(server: &str, ca: Option<&Path>, token: &TokenSource) -> Re
         let pem = std::fs::read(ca).map_err(|e| ClientError::Ca(ca.to_owned(), e))?;
         tls = tls.ca_certificate(Certificate::from_pem(pem));
     }
-    let channel = Channel::builder(uri)
+    Channel::builder(uri)
         .tls_config(tls)
         .map_err(|e| ClientError::Connect(server.to_owned(), e))?
         .connect()
         .await
-        .map_err(|e| ClientError::Connect(server.to_owned(), e))?;
-    let token = token.token()?;
-    let value = format!("Bearer {}", token.as_str()).parse().map_err(|_| ClientError::EmptyToken)?;
-    Ok(KeyServiceClient::with_interceptor(channel, Bearer(value)))
+        .map_err(|e| ClientError::Connect(server.to_owned(), e))
 }
 
 /// Where a command reads and writes: a path, or "-" for standard input/output.

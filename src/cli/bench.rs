@@ -134,7 +134,8 @@ pub async fn start_floor(dir: &Path, stop: CancellationToken) -> Result<PathBuf,
     serve(dir, "floor.sock", Floor, stop).await
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+/// The `p` quantile of sorted latencies, in microseconds.
+pub(super) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -418,11 +419,24 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// The key API's valid callers (Encrypt, then Decrypt) alone, then while a flood of bad
+    /// requests hits it: junk and expired tokens, oversized requests, forged AWS sessions,
+    /// junk STS tokens and connections that send nothing. Prints both phases and what the
+    /// flood got back.
+    Flood(Box<super::flood::FloodArgs>),
 }
 
 impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
+            Command::Flood(args) => {
+                let report = super::flood::run(&args).await?;
+                print!("{}", super::flood::table(&report));
+                if let Some(path) = &args.json {
+                    std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                        .with_context(|| format!("failed to write {}", path.display()))?;
+                }
+            }
             Command::Plugin { socket, calls, concurrency, json } => {
                 check_load(calls, &concurrency)?;
                 let rows = run_plugin_bench(socket.as_deref(), &concurrency, calls).await?;

@@ -8,6 +8,7 @@ mod controller;
 mod crds;
 mod encrypt;
 mod envelope;
+mod flood;
 mod key;
 mod keyring;
 mod manifests;

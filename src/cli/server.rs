@@ -73,6 +73,11 @@ pub struct Args {
     /// closed at once.
     #[arg(long, value_name = "N", default_value_t = AuditLimits::default().queue)]
     audit_queue: usize,
+    /// How many connections each port (gRPC, and the AWS API's) holds at once, counted from
+    /// accept (before TLS); past it a new connection is closed at once
+    /// (kubekms_server_connections_refused_total). TLS handshakes time out after 10 s.
+    #[arg(long, value_name = "N", default_value_t = kubekms::server::connections::DEFAULT_MAX)]
+    max_connections: std::num::NonZeroUsize,
     /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -124,6 +129,7 @@ impl Args {
                 queue: self.audit_queue,
             },
             metrics_addr: self.metrics_addr,
+            max_connections: self.max_connections,
             usage: self.usage.config("server", Some("POD_NAME")),
             aws: match self.aws_listen {
                 None => None,

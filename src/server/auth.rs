@@ -11,10 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use super::BackendError;
-use super::cache::{Answers, Cached};
+use super::cache::{Answers, Cached, Lru};
 use super::limit::{Rate, ReviewLimiter, Throttled};
 use crate::domain::Identity;
 
@@ -88,13 +93,70 @@ impl Default for Settings {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    /// `key-api` (gRPC bearer tokens) or `sts` (web identity tokens).
+    authenticator: &'static str,
+    /// `valid` or `rejected`.
+    answer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ThrottleLabels {
+    authenticator: &'static str,
+    /// `client` or `everyone`.
+    limit: &'static str,
+}
+
+/// The authenticators' metrics: how full their caches are, what made room, and the reviews
+/// the limits refused.
+#[derive(Clone, Debug, Default)]
+pub struct AuthMetrics {
+    entries: Family<CacheLabels, Gauge>,
+    evicted: Family<CacheLabels, Counter>,
+    throttled: Family<ThrottleLabels, Counter>,
+}
+
+impl AuthMetrics {
+    /// Registers `kubekms_server_token_cache_entries`, `…_evicted_total` and
+    /// `kubekms_server_token_reviews_throttled_total`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = AuthMetrics::default();
+        registry.register(
+            "kubekms_server_token_cache_entries",
+            "TokenReview answers cached, by authenticator and answer",
+            m.entries.clone(),
+        );
+        registry.register(
+            "kubekms_server_token_cache_evicted",
+            "Cached TokenReview answers forgotten to make room, by authenticator and answer",
+            m.evicted.clone(),
+        );
+        registry.register(
+            "kubekms_server_token_reviews_throttled",
+            "Tokens not reviewed because a review limit was reached, by authenticator and limit",
+            m.throttled.clone(),
+        );
+        m
+    }
+}
+
 /// Authenticates bearer tokens, with a bounded cache.
 pub struct Authenticator<R> {
+    /// Its name in metric labels, and its metrics.
+    name: &'static str,
+    metrics: AuthMetrics,
     reviewer: R,
     audiences: Vec<String>,
     ttl: Duration,
     /// By the token's SHA-256, until Unix seconds.
     cache: Mutex<Answers<[u8; 32], Identity, i64>>,
+    /// Tokens a review found valid, by SHA-256, until their expiry (Unix seconds; none
+    /// known: the longest cache lifetime apart): re-reviewing one when its cached answer
+    /// runs out is not subject to the review limits, so that a flood of junk tokens from
+    /// the same address, or from everyone, cannot lock out a caller it once let in. Only a
+    /// valid token gets in here, and no more of them than the cache of valid answers holds.
+    known: Mutex<Lru<[u8; 32], i64>>,
     limiter: ReviewLimiter,
     flights: Flights,
 }
@@ -144,13 +206,21 @@ impl Drop for Flight<'_> {
 impl<R: TokenReviewer> Authenticator<R> {
     pub fn new(reviewer: R, settings: Settings) -> Self {
         Authenticator {
+            name: "key-api",
+            metrics: AuthMetrics::default(),
             reviewer,
             audiences: settings.audiences,
             ttl: settings.cache_ttl,
             cache: Mutex::new(Answers::new(settings.cache_size, settings.rejected_cache_size)),
+            known: Mutex::new(Lru::new(settings.cache_size)),
             limiter: ReviewLimiter::new(settings.reviews_per_client, settings.reviews),
             flights: Flights::default(),
         }
+    }
+
+    /// Reports to `metrics` under the label `name` (`key-api`, `sts`).
+    pub fn with_metrics(self, name: &'static str, metrics: AuthMetrics) -> Self {
+        Authenticator { name, metrics, ..self }
     }
 
     /// The audiences tokens must be issued for.
@@ -184,8 +254,25 @@ impl<R: TokenReviewer> Authenticator<R> {
         if let Some(answer) = self.cached(&hash, now) {
             return answer;
         }
-        self.limiter.acquire(client, tokio::time::Instant::now()).map_err(AuthError::Throttled)?;
+        if !self.known_valid(&hash, now)
+            && let Err(throttled) = self.limiter.acquire(client, tokio::time::Instant::now())
+        {
+            let limit = match throttled {
+                Throttled::Client { .. } => "client",
+                Throttled::Everyone { .. } => "everyone",
+            };
+            self.metrics.throttled.get_or_create(&ThrottleLabels { authenticator: self.name, limit }).inc();
+            return Err(AuthError::Throttled(throttled));
+        }
         let reviewed = self.reviewer.review(token, &self.audiences).await.map_err(AuthError::Backend)?;
+        if let Ok(mut known) = self.known.lock() {
+            match &reviewed {
+                Some(_) => {
+                    known.insert(hash, expiry.unwrap_or(i64::MAX));
+                }
+                None => known.remove(&hash),
+            }
+        }
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         let until = match &reviewed {
             Some(_) => expiry.map_or(now.saturating_add(ttl), |exp| exp.min(now.saturating_add(ttl))),
@@ -193,9 +280,22 @@ impl<R: TokenReviewer> Authenticator<R> {
         };
         if let Ok(mut cache) = self.cache.lock() {
             let answer = reviewed.clone().map_or(Cached::No, Cached::Yes);
-            cache.insert(hash, answer, until);
+            let label = |answer| CacheLabels { authenticator: self.name, answer };
+            let kind = if reviewed.is_some() { "valid" } else { "rejected" };
+            if cache.insert(hash, answer, until) {
+                self.metrics.evicted.get_or_create(&label(kind)).inc();
+            }
+            let (valid, rejected) = cache.len();
+            for (answer, n) in [("valid", valid), ("rejected", rejected)] {
+                self.metrics.entries.get_or_create(&label(answer)).set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         reviewed.ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))
+    }
+
+    /// Whether a review found the token valid before, and it has not expired since.
+    fn known_valid(&self, hash: &[u8; 32], now: i64) -> bool {
+        self.known.lock().ok().and_then(|mut known| known.get(hash).copied()).is_some_and(|exp| now < exp)
     }
 
     /// The cached answer for a token, if there is one.
@@ -277,7 +377,9 @@ mod tests {
             reviews: unlimited,
             ..Settings::default()
         };
-        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings);
+        let mut registry = Registry::default();
+        let metrics = AuthMetrics::register(&mut registry);
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings).with_metrics("sts", metrics);
         let valid = jwt(9_000_000);
         auth.authenticate_at(&valid, 100).await.unwrap();
         for junk in 0..1000 {
@@ -285,6 +387,15 @@ mod tests {
         }
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001);
         assert_eq!(auth.cache.lock().unwrap().len(), (1, 4), "junk stays within its own bound");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"kubekms_server_token_cache_entries{authenticator="sts",answer="valid"} 1"#,
+            r#"kubekms_server_token_cache_entries{authenticator="sts",answer="rejected"} 4"#,
+            r#"kubekms_server_token_cache_evicted_total{authenticator="sts",answer="rejected"} 996"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
         auth.authenticate_at(&valid, 102).await.unwrap();
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1001, "the valid token is still cached");
     }
@@ -312,6 +423,10 @@ mod tests {
             }
         }
         assert_eq!((reviews(), throttled), (5, 96), "the client's burst of 5, its valid token one of them");
+        let counted = |limit| {
+            auth.metrics.throttled.get_or_create(&ThrottleLabels { authenticator: "key-api", limit }).get()
+        };
+        assert_eq!(counted("client"), 96);
         // The valid token is served from the cache all along.
         auth.authenticate_at(&valid, 100).await.unwrap();
         // Other clients go on, until everyone's limit.
@@ -329,6 +444,64 @@ mod tests {
         tokio::time::advance(Duration::from_secs(12)).await;
         assert!(matches!(auth.authenticate_at("junk-again", 112).await, Err(AuthError::Rejected(_))));
         assert_eq!(reviews(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_junk_from_the_same_client_does_not_lock_out_a_valid_token_when_its_answer_expires() {
+        let settings = Settings {
+            cache_ttl: Duration::from_secs(60),
+            reviews_per_client: "5/1m".parse().unwrap(),
+            reviews: "8/1m".parse().unwrap(),
+            ..Settings::default()
+        };
+        let auth = Authenticator::new(Counting(AtomicUsize::new(0)), settings);
+        let reviews = || auth.reviewer.0.load(Ordering::SeqCst);
+        let valid = jwt(1_000);
+        auth.authenticate_at(&valid, 100).await.unwrap();
+        for junk in 0..100 {
+            assert!(auth.authenticate_at(&format!("junk-{junk}"), 100).await.is_err());
+        }
+        assert!(matches!(
+            auth.authenticate_at("junk-more", 100).await,
+            Err(AuthError::Throttled(Throttled::Client { .. }))
+        ));
+        let before = reviews();
+        // Its cached answer has run out and the client's reviews are used up, yet the valid
+        // token is reviewed again, and found still valid.
+        auth.authenticate_at(&valid, 161).await.unwrap();
+        assert_eq!(reviews(), before + 1, "re-reviewed");
+        assert!(matches!(
+            auth.authenticate_at("junk-after", 161).await,
+            Err(AuthError::Throttled(Throttled::Client { .. }))
+        ));
+        // Once expired, it is a new token like any other: limited (and then rejected).
+        assert!(matches!(
+            auth.authenticate_at(&valid, 1_000).await,
+            Err(AuthError::Throttled(_) | AuthError::Rejected(_))
+        ));
+    }
+
+    /// Accepts every token while its flag is up.
+    struct Flip(std::sync::atomic::AtomicBool);
+
+    #[tonic::async_trait]
+    impl TokenReviewer for Flip {
+        async fn review(&self, _: &str, _: &[String]) -> Result<Option<Identity>, BackendError> {
+            Ok(self.0.load(Ordering::SeqCst).then(Identity::default))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_once_valid_and_then_refused_is_limited_again() {
+        let settings = Settings { reviews_per_client: "1/1h".parse().unwrap(), ..Settings::default() };
+        let auth = Authenticator::new(Flip(true.into()), settings);
+        let token = jwt(9_000_000);
+        auth.authenticate_at(&token, 100).await.unwrap();
+        auth.reviewer.0.store(false, Ordering::SeqCst);
+        // Re-reviewed past the limit (it was valid), and refused.
+        assert!(matches!(auth.authenticate_at(&token, 161).await, Err(AuthError::Rejected(_))));
+        // Once the refusal is forgotten, it is limited like any new token.
+        assert!(matches!(auth.authenticate_at(&token, 172).await, Err(AuthError::Throttled(_))));
     }
 
     /// Like [`Counting`], but each review takes a second.

@@ -48,20 +48,23 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
     }
 
     /// Sets `key` to `value`, the most recently used, forgetting the least recently used
-    /// entry if the map is full.
-    pub fn insert(&mut self, key: K, value: V) {
+    /// entry if the map is full; says whether it forgot one.
+    pub fn insert(&mut self, key: K, value: V) -> bool {
         if self.capacity == 0 {
-            return;
+            return false;
         }
         self.remove(&key);
+        let mut evicted = false;
         if self.entries.len() >= self.capacity
             && let Some((_, oldest)) = self.order.pop_first()
         {
             self.entries.remove(&oldest);
+            evicted = true;
         }
         let tick = self.tick();
         self.order.insert(tick, key.clone());
         self.entries.insert(key, (value, tick));
+        evicted
     }
 
     pub fn remove(&mut self, key: &K) {
@@ -109,16 +112,17 @@ impl<K: Hash + Eq + Clone, V: Clone, T: Ord + Copy> Answers<K, V, T> {
         }
     }
 
-    /// Caches `answer` for `key` until `until`, replacing any other answer for it.
-    pub fn insert(&mut self, key: K, answer: Cached<V>, until: T) {
+    /// Caches `answer` for `key` until `until`, replacing any other answer for it; says
+    /// whether an answer of the same kind was forgotten to make room.
+    pub fn insert(&mut self, key: K, answer: Cached<V>, until: T) -> bool {
         match answer {
             Cached::Yes(value) => {
                 self.no.remove(&key);
-                self.yes.insert(key, (value, until));
+                self.yes.insert(key, (value, until))
             }
             Cached::No => {
                 self.yes.remove(&key);
-                self.no.insert(key, until);
+                self.no.insert(key, until)
             }
         }
     }
@@ -137,10 +141,10 @@ mod tests {
     fn the_least_recently_used_entry_makes_room() {
         let mut lru = Lru::new(3);
         for k in ["a", "b", "c"] {
-            lru.insert(k, k.to_uppercase());
+            assert!(!lru.insert(k, k.to_uppercase()), "room for {k}");
         }
         assert_eq!(lru.get(&"a"), Some(&"A".to_owned()), "a is now the most recently used");
-        lru.insert("d", "D".into());
+        assert!(lru.insert("d", "D".into()), "full: one is forgotten");
         assert_eq!(lru.len(), 3);
         assert_eq!(lru.get(&"b"), None, "b, the least recently used, made room");
         for k in ["a", "c", "d"] {
@@ -163,9 +167,8 @@ mod tests {
     fn a_flood_of_no_answers_never_pushes_out_a_yes() {
         let mut answers: Answers<u32, &str, u64> = Answers::new(2, 3);
         answers.insert(1, Cached::Yes("alice"), 100);
-        for junk in 1000..2000 {
-            answers.insert(junk, Cached::No, 100);
-        }
+        let evicted = (1000..2000).filter(|&junk| answers.insert(junk, Cached::No, 100)).count();
+        assert_eq!(evicted, 997, "all but the first three made room");
         assert_eq!(answers.len(), (1, 3), "the no answers stay within their own bound");
         assert_eq!(answers.get(&1, 50), Some(Cached::Yes("alice")));
         assert_eq!(answers.get(&1999, 50), Some(Cached::No), "the latest junk is remembered");

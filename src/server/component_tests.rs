@@ -417,7 +417,17 @@ impl Harness {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
-        let server = tokio::spawn(async move { super::serve(api, None, listener, shutdown).await.unwrap() });
+        let server = tokio::spawn(async move {
+            super::serve(
+                api,
+                None,
+                listener,
+                super::connections::Slots::new(super::connections::DEFAULT_MAX),
+                shutdown,
+            )
+            .await
+            .unwrap()
+        });
         let client = KeyServiceClient::connect(format!("http://{addr}")).await.unwrap();
         Harness { addr, reviews, directory, root, rbac, retirer, audit, uses, registry, client, stop, server }
     }

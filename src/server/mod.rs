@@ -8,6 +8,7 @@ pub mod blob;
 pub mod cache;
 #[cfg(test)]
 mod component_tests;
+pub mod connections;
 pub mod directory;
 pub mod grant_request;
 pub mod k8s;
@@ -52,6 +53,8 @@ pub struct Config {
     pub usage: UsageConfig,
     /// The AWS KMS API (and STS), on a port of its own; none if not given.
     pub aws: Option<aws::Settings>,
+    /// How many connections each port (gRPC, AWS) holds at once.
+    pub max_connections: std::num::NonZeroUsize,
 }
 
 /// Why a configuration is refused.
@@ -123,14 +126,21 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let read = |what, path: &PathBuf| {
         std::fs::read(path).map_err(|source| RunError::Tls { what, path: path.clone(), source })
     };
-    let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(
-        read("certificate", &config.tls_cert)?,
-        read("key", &config.tls_key)?,
-    ));
+    let tls = ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(
+            read("certificate", &config.tls_cert)?,
+            read("key", &config.tls_key)?,
+        ))
+        .timeout(HANDSHAKE_TIMEOUT);
 
     let mut registry = Registry::default();
     let metrics = OperationMetrics::register(&mut registry);
     audit.register(&mut registry);
+    let (grpc_slots, aws_slots) =
+        (connections::Slots::new(config.max_connections), connections::Slots::new(config.max_connections));
+    let auth_metrics = auth::AuthMetrics::register(&mut registry);
+    grpc_slots.register(&mut registry, "grpc");
+    aws_slots.register(&mut registry, "aws");
     let (usage, usage_task) = crate::usage::k8s::start(
         &config.usage,
         crate::domain::ReporterKind::KeyApi,
@@ -165,7 +175,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         }
     });
     let api = Arc::new(service::KeyApi::new(
-        auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone()),
+        auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone())
+            .with_metrics("key-api", auth_metrics.clone()),
         authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
         directory.clone(),
         k8s::KubeGrantWriter(client.clone()),
@@ -187,7 +198,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         let sts_auth = auth::Authenticator::new(
             k8s::KubeTokenReviewer(client.clone()),
             auth::Settings { audiences: settings.sts_audiences.clone(), ..config.auth.clone() },
-        );
+        )
+        .with_metrics("sts", auth_metrics);
         let front = Arc::new(aws::AwsApi::new(
             api.clone(),
             directory,
@@ -198,10 +210,10 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
             crate::call::CallPipeline::new("server", audit, metrics),
             Some(Arc::new(aws::k8s::KubeKeyAdmin(client.clone()))),
         ));
-        tokio::spawn(aws::serve(front, Some(aws_tls), aws_listener, shutdown.clone()));
+        tokio::spawn(aws::serve(front, Some(aws_tls), aws_listener, aws_slots, shutdown.clone()));
     }
     health.set_ready(true);
-    let served = serve(api, Some(tls), listener, shutdown.clone().cancelled_owned()).await;
+    let served = serve(api, Some(tls), listener, grpc_slots, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     if let Some(task) = metrics_task {
         let _ = task.await;
@@ -219,14 +231,17 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many calls one connection may have in flight.
 const CALLS_PER_CONNECTION: usize = 256;
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `api` on `listener` until `shutdown`, with the transport's limits (request size,
-/// call timeout, calls per connection) — the one construction of the server, which the
-/// component tests serve too. Without `tls` (tests), plain HTTP/2.
+/// call timeout, calls per connection, connections held in `slots`) — the one construction
+/// of the server, which the component tests serve too. Without `tls` (tests), plain HTTP/2.
 pub async fn serve<T, R, D, G>(
     api: impl Into<Arc<service::KeyApi<T, R, D, G>>>,
     tls: Option<ServerTlsConfig>,
     listener: tokio::net::TcpListener,
+    slots: connections::Slots,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -243,7 +258,7 @@ where
         .timeout(CALL_TIMEOUT)
         .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
         .add_service(KeyServiceServer::from_arc(api.into()).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(slots.incoming(listener), shutdown)
         .await
 }
 

@@ -80,8 +80,6 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How many connections the AWS port holds at once; beyond, new ones are closed at once.
-const MAX_CONNECTIONS: usize = 4096;
 
 /// The AWS front end of one key API.
 pub struct AwsApi<T, R, D, G> {
@@ -366,11 +364,12 @@ pub fn tls_config(
 }
 
 /// Serves `aws` on `listener` until `shutdown`: TLS (when `tls` is given; tests serve
-/// plain HTTP), HTTP/1.1, one task per connection.
+/// plain HTTP), HTTP/1.1, one task per connection, as many connections as `slots` holds.
 pub async fn serve<T, R, D, G>(
     aws: Arc<AwsApi<T, R, D, G>>,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     listener: tokio::net::TcpListener,
+    slots: super::connections::Slots,
     shutdown: CancellationToken,
 ) where
     T: TokenReviewer,
@@ -379,22 +378,10 @@ pub async fn serve<T, R, D, G>(
     G: GrantWriter,
 {
     let acceptor = tls.map(TlsAcceptor::from);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, slot) = tokio::select! {
             () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "failed to accept a connection on the AWS port");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "closing a connection: the AWS port holds {MAX_CONNECTIONS} already");
-            continue;
+            accepted = slots.accept(&listener) => accepted,
         };
         let aws = aws.clone();
         let acceptor = acceptor.clone();
