@@ -37,6 +37,15 @@ crds: ## Regenerate crds/ and the chart's crds/ from the Rust types
 	$(CARGO) run --quiet -- crds > crds/kubekms.yaml
 	cp crds/kubekms.yaml charts/kubekms/crds/kubekms.yaml
 
+.PHONY: fuzz fuzz-smoke
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 10
+fuzz: ## Run every fuzz target for FUZZ_SECONDS each (default 600 s; README, "Reliability")
+	fuzz/run.sh run $(FUZZ_SECONDS)
+
+fuzz-smoke: ## Every fuzz target for FUZZ_SMOKE_SECONDS (default 10 s), so that they cannot rot
+	fuzz/run.sh run $(FUZZ_SMOKE_SECONDS)
+
 .PHONY: bench bench-smoke
 bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~15 min; BENCH_ARGS=--runs 5)
 	bench/run.sh $(BENCH_ARGS)
@@ -46,4 +55,5 @@ bench-smoke: ## The benchmark at tiny sizes, to check that it works (about a min
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --check
+	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 	$(CARGO) clippy --all-targets -- -D warnings

@@ -8,6 +8,8 @@ cd "$ROOT_DIR"
 
 log "unit tests"
 cargo test --lib --bins
+log "fuzz targets, ${KUBEKMS_FUZZ_SMOKE_SECONDS:-10} s each (make fuzz-smoke; the build is cached outside the clone)"
+"$ROOT_DIR/fuzz/run.sh" run "${KUBEKMS_FUZZ_SMOKE_SECONDS:-10}"
 
 started_here=0
 # The PKCS#11 pass's control plane (a run directory of its own, the same ports).
