@@ -44,6 +44,15 @@ chaos: ## Crash consistency under load: kill -9 each component, 10 rounds (~22 m
 chaos-smoke: ## The chaos test's short run, 1 round of each kill (part of make test; ~3 min)
 	e2e/chaos.sh --smoke $(CHAOS_ARGS)
 
+.PHONY: fuzz fuzz-smoke
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 10
+fuzz: ## Run every fuzz target for FUZZ_SECONDS each (default 600 s; README, "Reliability")
+	fuzz/run.sh run $(FUZZ_SECONDS)
+
+fuzz-smoke: ## Every fuzz target for FUZZ_SMOKE_SECONDS (default 10 s), so that they cannot rot
+	fuzz/run.sh run $(FUZZ_SMOKE_SECONDS)
+
 .PHONY: bench bench-smoke bench-flood
 bench: ## Benchmark kubekms against the Go reference plugin and no encryption (~18 min with the flood section; BENCH_ARGS=--runs 5)
 	bench/run.sh $(BENCH_ARGS)
@@ -57,4 +66,5 @@ bench-smoke: ## The benchmark at tiny sizes, to check that it works (about a min
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --check
+	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 	$(CARGO) clippy --all-targets -- -D warnings

@@ -14,9 +14,13 @@ started_here=0
 hsm_run="$ROOT_DIR/e2e/.run-pkcs11"
 if ! controlplane running kube-apiserver; then started_here=1; fi
 background=
+fuzzing=
 cleanup() {
   local rc=$?
-  if [[ -n "$background" ]] && kill -0 "$background" 2>/dev/null; then kill -- "$background" || true; wait "$background" || true; fi
+  local job
+  for job in $background $fuzzing; do
+    if kill -0 "$job" 2>/dev/null; then kill -- "$job" || true; wait "$job" || true; fi
+  done
   KUBEKMS_RUN_DIR="$hsm_run" "$E2E_DIR/down.sh" || true
   KUBEKMS_RUN_DIR="$ROOT_DIR/e2e/.run-chaos" "$E2E_DIR/down.sh" || true
   if ((started_here)); then "$E2E_DIR/down.sh" || true; fi
@@ -35,7 +39,7 @@ cargo test --features e2e --test e2e -- --skip disruptive --skip hsm:: --test-th
 # mostly wait (kube-apiserver notices a disabled key only after minutes), so what runs on
 # control planes of its own runs meanwhile, in the background, its output kept in a log that
 # is printed when it ends: the SoftHSM2 pass, the chaos test's short run and the benchmark's
-# smoke run.
+# smoke run, one after another; the fuzz targets' smoke run beside them.
 background_log="$ROOT_DIR/e2e/.test-background.log"
 (
   set -euo pipefail
@@ -64,6 +68,13 @@ background_log="$ROOT_DIR/e2e/.test-background.log"
   "$ROOT_DIR/bench/run.sh" --smoke
 ) >"$background_log" 2>&1 &
 background=$!
+# The fuzz targets' smoke run (CPU, no control plane) beside them.
+fuzz_log="$ROOT_DIR/e2e/.test-fuzz.log"
+(
+  log "fuzz targets, ${KUBEKMS_FUZZ_SMOKE_SECONDS:-10} s each (make fuzz-smoke; the build is cached outside the clone)"
+  "$ROOT_DIR/fuzz/run.sh" run "${KUBEKMS_FUZZ_SMOKE_SECONDS:-10}"
+) >"$fuzz_log" 2>&1 &
+fuzzing=$!
 
 log "end-to-end tests that restart or disable shared components, one at a time (meanwhile in the background: $background_log)"
 disruptive_rc=0
@@ -71,6 +82,10 @@ cargo test --features e2e --test e2e disruptive -- --skip hsm:: --test-threads 1
 log "waiting for the background passes"
 background_rc=0
 wait "$background" || background_rc=$?
+fuzz_rc=0
+wait "$fuzzing" || fuzz_rc=$?
 sed 's/^/  [background] /' "$background_log" >&2
+sed 's/^/  [fuzz] /' "$fuzz_log" >&2
 ((disruptive_rc == 0)) || die "the disruptive end-to-end tests failed"
 ((background_rc == 0)) || die "a background pass failed (its output is above, prefixed [background])"
+((fuzz_rc == 0)) || die "the fuzz smoke run failed (its output is above, prefixed [fuzz])"

@@ -297,6 +297,15 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Reads lowercase hexadecimal only (no uppercase digits, no signs), so that every value
+/// has exactly one spelling.
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

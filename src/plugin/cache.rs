@@ -151,14 +151,6 @@ pub fn encode(cache: &CachedKey, key: &KeyMaterial) -> Result<Vec<u8>, CacheErro
     Ok(format!("{HEADER}\n{body}\n{}\n", crate::crypto::hex(&tag)).into_bytes())
 }
 
-/// Lowercase hexadecimal only, so every tag has exactly one spelling.
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
-
 /// Authenticates and parses. Untrusted input: the MAC is checked before the JSON is
 /// parsed, and every field is checked after.
 pub fn decode(bytes: &[u8], key: &KeyMaterial) -> Result<CachedKey, CacheError> {
@@ -175,7 +167,7 @@ pub fn decode(bytes: &[u8], key: &KeyMaterial) -> Result<CachedKey, CacheError> 
     if header != HEADER {
         return Err(CacheError::Format);
     }
-    let tag = unhex(tag).ok_or(CacheError::Format)?;
+    let tag = crate::crypto::unhex(tag).ok_or(CacheError::Format)?;
     mac(key, body.as_bytes()).ok_or(CacheError::Mac)?.verify_slice(&tag).map_err(|_| CacheError::Mac)?;
     let cache: CachedKey = serde_json::from_str(body).map_err(|_| CacheError::Format)?;
     if cache.versions.len() > MAX_VERSIONS {

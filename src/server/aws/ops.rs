@@ -211,6 +211,29 @@ pub(super) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, AwsFaul
 }
 
 /// `AES_256`, `AES_128` or `NumberOfBytes` (1–1024): exactly one.
+/// Decodes the JSON body of the KMS operation `op` (one of [`OPERATIONS`]) into its
+/// request, and checks the fields every request shares, as [`AwsApi::operation`] does
+/// before it looks at any key. The entry point of the AWS request decoder's fuzz target.
+pub fn decode_request(op: &str, body: &[u8]) -> Result<(), AwsFault> {
+    match op {
+        "Encrypt" => parse::<EncryptIn>(body)?.common.check(),
+        "Decrypt" => parse::<DecryptIn>(body)?.common.check(),
+        "ReEncrypt" => parse::<ReEncryptIn>(body)?.common.check(),
+        "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => parse::<DataKeyIn>(body)?.common.check(),
+        "GenerateRandom" => parse::<RandomIn>(body)?.common.check(),
+        "DescribeKey" | "GetKeyRotationStatus" => parse::<KeyIdIn>(body).map(drop),
+        "ListKeyRotations" => parse::<ListKeyRotationsIn>(body).map(drop),
+        "ListKeys" => parse::<ListKeysIn>(body).map(drop),
+        "CreateGrant" => parse::<CreateGrantIn>(body)?.common.check(),
+        "RetireGrant" => parse::<RetireGrantIn>(body)?.common.check(),
+        other => Err(unknown_operation(other)),
+    }
+}
+
+fn unknown_operation(op: &str) -> AwsFault {
+    AwsFault::client("UnknownOperationException", format!("kubekms does not serve the KMS operation {op:?}"))
+}
+
 fn data_key_bytes(spec: Option<&str>, number: Option<i64>) -> Result<u32, AwsFault> {
     match (spec, number) {
         (Some("AES_256"), None) => Ok(32),
@@ -595,10 +618,7 @@ where
             }
             other => match super::admin::OPERATIONS.iter().find(|o| **o == other) {
                 Some(op) => self.admin(op, who, request_id, body).await,
-                None => Err(AwsFault::client(
-                    "UnknownOperationException",
-                    format!("kubekms does not serve the KMS operation {other:?}"),
-                )),
+                None => Err(unknown_operation(other)),
             },
         }
     }

@@ -99,13 +99,6 @@ pub fn format_amz_date(unix: i64) -> String {
     t.strftime("%Y%m%dT%H%M%SZ").to_string()
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
-
 impl Authorization {
     /// Reads the `Authorization` header and the request date from `headers` and checks the
     /// credential scope (`service`, `region`) and the date against `now` (Unix seconds).
@@ -149,7 +142,7 @@ impl Authorization {
                 "Credential must have the form <access key id>/<date>/<region>/<service>/aws4_request",
             ));
         }
-        let signature = decode_hex(signature)
+        let signature = crate::crypto::unhex(signature)
             .filter(|s| s.len() == 32)
             .ok_or_else(|| incomplete("Signature must be 64 hexadecimal digits"))?;
         let signed_headers: Vec<String> = signed.split(';').map(str::to_owned).collect();
@@ -456,6 +449,24 @@ mod tests {
         assert_eq!(auth.access_key_id, "AKIDEXAMPLE");
         assert_eq!(auth.scope(), "20150830/us-east-1/iam/aws4_request");
         auth.verify(&method, &uri, &headers, b"", SECRET).unwrap();
+    }
+
+    #[test]
+    fn a_signature_has_one_spelling() {
+        // Found by the sigv4 fuzz target: uppercase digits, and a '+' that u8::from_str_radix
+        // reads as a sign ("+f" is 15), spelled the same signature otherwise.
+        let (_, _, mut headers) = example();
+        let upper = EXAMPLE_SIGNATURE.to_uppercase();
+        let signed = format!("{}+{}", &EXAMPLE_SIGNATURE[..62], &EXAMPLE_SIGNATURE[63..]);
+        for signature in [upper, signed] {
+            let auth = format!(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/iam/aws4_request, \
+                 SignedHeaders=content-type;host;x-amz-date, Signature={signature}"
+            );
+            headers.insert("authorization", auth.parse().unwrap());
+            let parsed = Authorization::parse(&headers, "iam", "us-east-1", example_now());
+            assert!(matches!(parsed, Err(SigError::Incomplete(_))), "{signature}: {parsed:?}");
+        }
     }
 
     #[test]
