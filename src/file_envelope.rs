@@ -202,6 +202,28 @@ fn fill(input: &mut (impl Read + ?Sized), buf: &mut [u8]) -> Result<usize, FileE
     Ok(n)
 }
 
+/// How much a decrypting buffer grows at a time.
+const READ_STEP: usize = 64 * 1024;
+
+/// Reads into `buf` until it holds `limit` bytes or the input ends, growing it only as the
+/// input provides bytes: a header may ask for chunks of up to 16 MiB, and before the first
+/// chunk authenticates that header is only a claim, so it must not cost memory the file does
+/// not back.
+fn fill_up_to(input: &mut (impl Read + ?Sized), buf: &mut Vec<u8>, limit: usize) -> Result<usize, FileError> {
+    buf.clear();
+    while buf.len() < limit {
+        let start = buf.len();
+        let want = (limit - start).min(READ_STEP);
+        buf.resize(start + want, 0);
+        let n = fill(input, &mut buf[start..])?;
+        buf.truncate(start + n);
+        if n < want {
+            break;
+        }
+    }
+    Ok(buf.len())
+}
+
 /// Encrypts `input` to `output` with `data_key` (32 bytes, from GenerateDataKey).
 /// Returns the number of plaintext bytes.
 pub fn encrypt(
@@ -254,16 +276,17 @@ pub fn decrypt(
 ) -> Result<u64, FileError> {
     let cipher = ChunkCipher::new(data_key, header, header_bytes)?;
     let size = header.chunk_size as usize + TAG_LEN;
-    let mut current = Zeroizing::new(vec![0u8; size]);
-    let mut next = Zeroizing::new(vec![0u8; size]);
-    let mut current_len = fill(input, &mut current)?;
+    // Ciphertext: nothing to wipe; each holds what the input gave, at most one chunk.
+    let mut current = Vec::new();
+    let mut next = Vec::new();
+    let mut current_len = fill_up_to(input, &mut current, size)?;
     if current_len < TAG_LEN {
         return Err(FileError::Truncated);
     }
     let mut index = 0u64;
     let mut total = 0u64;
     loop {
-        let next_len = if current_len == size { fill(input, &mut next)? } else { 0 };
+        let next_len = if current_len == size { fill_up_to(input, &mut next, size)? } else { 0 };
         let last = next_len == 0;
         let mut chunk = Zeroizing::new(current[..current_len].to_vec());
         if cipher.open(index, last, &mut chunk).is_err() {
@@ -327,6 +350,22 @@ mod tests {
             let (h, _) = Header::read(&mut &file[..]).unwrap();
             assert_eq!(h.context["tenant"], "acme");
         }
+    }
+
+    #[test]
+    fn a_claimed_chunk_size_costs_only_the_bytes_the_input_gives() {
+        let mut buf = Vec::new();
+        let n = fill_up_to(&mut &[5u8; 100][..], &mut buf, MAX_CHUNK as usize + TAG_LEN).unwrap();
+        assert_eq!((n, buf.as_slice()), (100, &[5u8; 100][..]));
+        assert!(buf.capacity() <= READ_STEP, "capacity {}", buf.capacity());
+        // Exactly the limit, across several steps, and nothing past it.
+        let input: Vec<u8> = (0..3 * READ_STEP + 7).map(|i| i as u8).collect();
+        let mut reader = &input[..];
+        assert_eq!(fill_up_to(&mut reader, &mut buf, 2 * READ_STEP + 3).unwrap(), 2 * READ_STEP + 3);
+        assert_eq!(buf, input[..2 * READ_STEP + 3]);
+        assert_eq!(fill_up_to(&mut reader, &mut buf, 2 * READ_STEP + 3).unwrap(), READ_STEP + 4);
+        assert_eq!(buf, input[2 * READ_STEP + 3..]);
+        assert_eq!(fill_up_to(&mut reader, &mut buf, 10).unwrap(), 0);
     }
 
     #[test]
