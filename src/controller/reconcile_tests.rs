@@ -204,6 +204,7 @@ fn audited_context(cluster: Arc<Recording>, plugin_key: bool, audit: &AuditSink)
             key_name: "k".into(),
             cluster_role: "plugin-material".into(),
         }),
+        rewrap_batch: std::num::NonZeroUsize::MIN,
     })
 }
 

@@ -13,6 +13,6 @@ mod secret;
 pub use canonical::{CanonicalWriter, canonical_map};
 pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector};
 pub(crate) use root::hex;
-pub use root::{RootKey, RootKeyError, RootKeySource, WrapContext};
+pub use root::{RootKey, RootKeyConfig, RootKeyError, RootKeySource, WrapContext};
 pub use seal::{SEAL_OVERHEAD, SealError, open, seal};
 pub use secret::{KEY_LEN, KeyMaterial, SecretBytes, random_bytes};
