@@ -162,10 +162,9 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                     return Ok(Action::await_change());
                 }
                 if let Some(current) = material.as_ref()
-                    && rewrap(ctx, &owner, current).await?
+                    && let Some(next_batch) = rewrap(ctx, &owner, current).await?
                 {
-                    // The material watch brings the next batch (and the status that counts it).
-                    return Ok(Action::requeue(Duration::from_secs(5)));
+                    return Ok(Action::requeue(next_batch));
                 }
                 let wait = requeue_after
                     .and_then(|d| Duration::try_from(d).ok())
@@ -287,12 +286,23 @@ fn root_keys(material: Option<&KmsKeyMaterial>, primary: &str) -> Vec<crate::api
 }
 
 /// Rewraps one batch of the versions that a previous root key wraps under the primary, in
-/// one conditional write; false when there were none. A conflict is not an error: the
-/// reconcile the change brings tries again.
-async fn rewrap(ctx: &Context, owner: &Owner, current: &KmsKeyMaterial) -> Result<bool, Error> {
-    let Some(next) = keyring::with_rewrapped(current, &ctx.root, ctx.rewrap_batch)? else {
-        return Ok(false);
+/// one conditional write, at most one batch per key per [`super::Rewrap::pause`]; `None`
+/// when there was nothing to rewrap, else when to look again (the material watch usually
+/// brings the next reconcile first). A conflict is not an error: the next reconcile
+/// tries again.
+async fn rewrap(ctx: &Context, owner: &Owner, current: &KmsKeyMaterial) -> Result<Option<Duration>, Error> {
+    let Some(next) = keyring::with_rewrapped(current, &ctx.root, ctx.rewrap.batch)? else {
+        if let Ok(mut at) = ctx.rewrapped_at.lock() {
+            at.remove(&owner.uid);
+        }
+        return Ok(None);
     };
+    let pause = ctx.rewrap.pause;
+    let since = ctx.rewrapped_at.lock().ok().and_then(|at| at.get(&owner.uid).map(|t| t.elapsed()));
+    if let Some(since) = since.filter(|s| *s < pause) {
+        return Ok(Some(pause - since));
+    }
+    let wait = pause.max(Duration::from_secs(1));
     match ctx.cluster.replace_material(&next).await {
         Ok(written) => {
             let left = keyring::versions_by_root(&written.spec)
@@ -305,9 +315,12 @@ async fn rewrap(ctx: &Context, owner: &Owner, current: &KmsKeyMaterial) -> Resul
                 .get_or_create(&super::metrics::ActionLabels { action: "rewrap" })
                 .inc();
             tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, root_key = ctx.root.fingerprint(), left, "rewrapped a batch of versions under the primary root key");
-            Ok(true)
+            if let Ok(mut at) = ctx.rewrapped_at.lock() {
+                at.insert(owner.uid.clone(), std::time::Instant::now());
+            }
+            Ok(Some(wait))
         }
-        Err(e) if e.is_conflict() => Ok(true),
+        Err(e) if e.is_conflict() => Ok(Some(Duration::from_secs(1))),
         Err(e) => Err(e),
     }
 }

@@ -120,9 +120,29 @@ pub struct Context {
     /// cache neither writes nor announces the same change twice.
     pub written: key::StatusMemory,
     pub plugin_access: Option<PluginAccess>,
-    /// The most versions of one key rewrapped in one write (see
-    /// [`crate::keyring::with_rewrapped`]).
-    pub rewrap_batch: std::num::NonZeroUsize,
+    /// How versions are rewrapped after a root-key rotation.
+    pub rewrap: Rewrap,
+    /// When each key's last rewrap batch was written, by UID (see [`Rewrap::pause`]).
+    pub rewrapped_at: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// How the controller rewraps versions under the primary root key after a root-key
+/// rotation (see [`crate::keyring::with_rewrapped`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Rewrap {
+    /// The most versions of one key rewrapped in one write of its KmsKeyMaterial.
+    pub batch: std::num::NonZeroUsize,
+    /// The least time between two batches of one key.
+    pub pause: std::time::Duration,
+}
+
+impl Default for Rewrap {
+    fn default() -> Self {
+        Rewrap {
+            batch: std::num::NonZeroUsize::new(50).unwrap_or(std::num::NonZeroUsize::MIN),
+            pause: Default::default(),
+        }
+    }
 }
 
 /// How the controller runs.
@@ -131,8 +151,8 @@ pub struct Config {
     /// Where the root key is (a file or a PKCS#11 token), and the previous ones whose
     /// versions the controller rewraps under it.
     pub root_key: RootKeyConfig,
-    /// The most versions of one key rewrapped in one write of its KmsKeyMaterial.
-    pub rewrap_batch: std::num::NonZeroUsize,
+    /// How versions are rewrapped under the primary root key.
+    pub rewrap: Rewrap,
     /// Where the management audit trail goes ("-" for standard output).
     pub audit_log: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -331,7 +351,8 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
         metrics: shared.metrics.clone(),
         written: Default::default(),
         plugin_access: shared.config.plugin_access.clone(),
-        rewrap_batch: shared.config.rewrap_batch,
+        rewrap: shared.config.rewrap,
+        rewrapped_at: Default::default(),
     });
     let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
     let migration = (!shared.config.storage_migration_resources.is_empty()).then(|| {

@@ -204,7 +204,8 @@ fn audited_context(cluster: Arc<Recording>, plugin_key: bool, audit: &AuditSink)
             key_name: "k".into(),
             cluster_role: "plugin-material".into(),
         }),
-        rewrap_batch: std::num::NonZeroUsize::MIN,
+        rewrap: Default::default(),
+        rewrapped_at: Default::default(),
     })
 }
 
