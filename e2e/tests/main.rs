@@ -12,6 +12,7 @@ mod audit;
 mod aws;
 mod chart;
 mod crds;
+mod fresh;
 mod hsm;
 mod keyapi;
 mod lifecycle;
