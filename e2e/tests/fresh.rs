@@ -39,8 +39,14 @@ impl Cluster {
 
     /// Runs the kubekms CLI against this cluster, as its administrator.
     pub fn kubekms(&self, args: &[&str]) -> Output {
+        self.kubekms_with(args, &[])
+    }
+
+    /// [`Cluster::kubekms`] with more environment variables.
+    pub fn kubekms_with(&self, args: &[&str], vars: &[(&str, &std::ffi::OsStr)]) -> Output {
         Command::new(kubekms_bin())
             .args(args)
+            .envs(vars.iter().copied())
             .env("KUBECONFIG", self.run_dir.join("kubeconfig"))
             .env("KUBEKMS_ROOT_KEY_FILE", self.run_dir.join("root.key"))
             .env("KUBEKMS_ADDR", self.env("KUBEKMS_ADDR"))
@@ -65,13 +71,24 @@ impl Cluster {
         kubekms::client::connect(&self.env("KUBEKMS_ADDR"), Some(&ca), &source).await.expect("connect")
     }
 
+    /// The first of the cluster's ports (etcd's).
+    pub fn port_base(&self) -> u16 {
+        std::env::var(self.port_env).ok().and_then(|p| p.parse().ok()).unwrap_or(self.default_base)
+    }
+
     pub fn controlplane(&self, command: &[&str]) {
-        let base: u16 =
-            std::env::var(self.port_env).ok().and_then(|p| p.parse().ok()).unwrap_or(self.default_base);
+        self.controlplane_with(command, &[]);
+    }
+
+    /// [`Cluster::controlplane`] with more environment variables, which the components it
+    /// starts inherit.
+    pub fn controlplane_with(&self, command: &[&str], vars: &[(&str, &std::ffi::OsStr)]) {
+        let base = self.port_base();
         let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e");
         let mut cmd = Command::new("python3");
         cmd.args(["-m", "controlplane"])
             .args(command)
+            .envs(vars.iter().copied())
             .env("PYTHONPATH", &e2e)
             .env("KUBEKMS_RUN_DIR", &self.run_dir);
         for (i, name) in [

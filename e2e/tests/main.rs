@@ -20,6 +20,7 @@ mod migration;
 mod plugin;
 mod redteam;
 mod restore;
+mod rootrotate;
 mod story;
 mod usage;
 mod versions;
