@@ -33,6 +33,8 @@ pub struct NodePaths {
     /// The plugin's cache and audit log.
     pub state_dir: String,
     pub root_key_file: String,
+    /// The previous root key file, during a root-key rotation.
+    pub previous_root_key_file: Option<String>,
     /// A kubeconfig for the plugin's identity (static pods have no ServiceAccount token).
     pub kubeconfig: String,
 }
@@ -95,7 +97,10 @@ impl StaticPod {
             ("--state-dir", &paths.state_dir),
             ("--root-key-file", &paths.root_key_file),
             ("--kubeconfig", &paths.kubeconfig),
-        ] {
+        ]
+        .into_iter()
+        .chain(paths.previous_root_key_file.iter().map(|p| ("--previous-root-key-file", p)))
+        {
             if !path.starts_with('/') {
                 return Err(StaticPodError::NotAbsolute { flag, path: path.clone() });
             }
@@ -113,7 +118,8 @@ impl StaticPod {
     /// The Pod for /etc/kubernetes/manifests.
     pub fn pod(&self) -> Pod {
         let quantity = |s: &str| Quantity(s.to_owned());
-        let args = vec![
+        let previous = self.paths.previous_root_key_file.as_deref();
+        let mut args = vec![
             "plugin".to_owned(),
             format!("--key={}", self.key),
             "--socket=/var/run/kubekms/kms.sock".to_owned(),
@@ -123,6 +129,12 @@ impl StaticPod {
             format!("--metrics-addr=127.0.0.1:{}", self.metrics_port),
             "--log-json".to_owned(),
         ];
+        let (mut mounts, mut volumes) = (Vec::new(), Vec::new());
+        if let Some(previous) = previous {
+            args.insert(4, "--previous-root-key-file=/etc/kubekms/previous-root.key".to_owned());
+            mounts.push(mount("previous-root-key", "/etc/kubekms/previous-root.key", true));
+            volumes.push(host_path("previous-root-key", previous, "File"));
+        }
         Pod {
             metadata: ObjectMeta {
                 name: Some("kubekms-plugin".into()),
@@ -181,20 +193,30 @@ impl StaticPod {
                         limits: Some(BTreeMap::from([("memory".into(), quantity("128Mi"))])),
                         ..Default::default()
                     }),
-                    volume_mounts: Some(vec![
-                        mount("socket", "/var/run/kubekms", false),
-                        mount("state", "/var/lib/kubekms", false),
-                        mount("root-key", "/etc/kubekms/root.key", true),
-                        mount("kubeconfig", "/etc/kubekms/plugin.kubeconfig", true),
-                    ]),
+                    volume_mounts: Some(
+                        vec![
+                            mount("socket", "/var/run/kubekms", false),
+                            mount("state", "/var/lib/kubekms", false),
+                            mount("root-key", "/etc/kubekms/root.key", true),
+                            mount("kubeconfig", "/etc/kubekms/plugin.kubeconfig", true),
+                        ]
+                        .into_iter()
+                        .chain(mounts)
+                        .collect(),
+                    ),
                     ..Default::default()
                 }],
-                volumes: Some(vec![
-                    host_path("socket", &self.paths.socket_dir, "Directory"),
-                    host_path("state", &self.paths.state_dir, "Directory"),
-                    host_path("root-key", &self.paths.root_key_file, "File"),
-                    host_path("kubeconfig", &self.paths.kubeconfig, "File"),
-                ]),
+                volumes: Some(
+                    vec![
+                        host_path("socket", &self.paths.socket_dir, "Directory"),
+                        host_path("state", &self.paths.state_dir, "Directory"),
+                        host_path("root-key", &self.paths.root_key_file, "File"),
+                        host_path("kubeconfig", &self.paths.kubeconfig, "File"),
+                    ]
+                    .into_iter()
+                    .chain(volumes)
+                    .collect(),
+                ),
                 ..Default::default()
             }),
             ..Default::default()
@@ -257,8 +279,32 @@ mod tests {
             socket_dir: "/var/run/kubekms".into(),
             state_dir: "/var/lib/kubekms".into(),
             root_key_file: "/etc/kubekms/root.key".into(),
+            previous_root_key_file: None,
             kubeconfig: "/etc/kubekms/plugin.kubeconfig".into(),
         }
+    }
+
+    #[test]
+    fn a_previous_root_key_is_mounted_and_given_to_the_plugin() {
+        let plain = serde_json::to_string(&sample().pod()).unwrap();
+        assert!(!plain.contains("previous"), "none unless asked for");
+        let previous = NodePaths { previous_root_key_file: Some("/etc/kubekms/old.key".into()), ..paths() };
+        let pod = pod(previous, 65532, 9465).unwrap().pod();
+        let spec = pod.spec.unwrap();
+        let args = spec.containers[0].args.clone().unwrap();
+        assert!(
+            args.contains(&"--previous-root-key-file=/etc/kubekms/previous-root.key".to_owned()),
+            "{args:?}"
+        );
+        let volume = spec.volumes.unwrap().into_iter().find(|v| v.name == "previous-root-key").unwrap();
+        assert_eq!(volume.host_path.unwrap().path, "/etc/kubekms/old.key");
+        let mounts = spec.containers[0].volume_mounts.clone().unwrap();
+        assert!(mounts.iter().any(|m| m.name == "previous-root-key" && m.read_only == Some(true)));
+        let relative = NodePaths { previous_root_key_file: Some("old.key".into()), ..paths() };
+        assert_eq!(
+            super::StaticPod::new("a/b".parse().unwrap(), "i".into(), relative, 65532, 9465).unwrap_err(),
+            StaticPodError::NotAbsolute { flag: "--previous-root-key-file", path: "old.key".into() }
+        );
     }
 
     fn pod(paths: NodePaths, run_as_user: i64, metrics_port: i32) -> Result<StaticPod, StaticPodError> {

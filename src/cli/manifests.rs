@@ -30,6 +30,10 @@ pub enum Command {
         /// The root key file.
         #[arg(long, value_name = "FILE", default_value = "/etc/kubekms/root.key")]
         root_key_file: String,
+        /// The previous root key file, during a root-key rotation (see
+        /// `kubekms plugin --help`); remove it once `kubekms root-key status` says complete.
+        #[arg(long, value_name = "FILE")]
+        previous_root_key_file: Option<String>,
         /// The plugin's kubeconfig.
         #[arg(long, value_name = "FILE", default_value = "/etc/kubekms/plugin.kubeconfig")]
         kubeconfig: String,
@@ -54,12 +58,14 @@ impl Command {
                 socket_dir,
                 state_dir,
                 root_key_file,
+                previous_root_key_file,
                 kubeconfig,
                 run_as_user,
                 metrics_port,
                 only,
             } => {
-                let paths = NodePaths { socket_dir, state_dir, root_key_file, kubeconfig };
+                let paths =
+                    NodePaths { socket_dir, state_dir, root_key_file, previous_root_key_file, kubeconfig };
                 let pod = StaticPod::new(key, image, paths, run_as_user, metrics_port)?;
                 print!("{}", pod.render(only)?);
             }
