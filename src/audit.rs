@@ -479,7 +479,9 @@ pub enum VerifyError {
 /// line cut short by a crash ([`is_cut`]) is no break when the chain goes on across it; it
 /// is reported in [`Verified::cut`].
 pub fn verify(input: impl Read, root: Option<&RootKey>) -> Result<Verified, VerifyError> {
-    let mac_key = root.map(|r| r.derive(MAC_PURPOSE));
+    // A log written before a root-key rotation verifies under the previous root key, and
+    // its lines after it under the primary: each line is checked against every one held.
+    let mac_keys = root.map(|r| r.derive_all(MAC_PURPOSE));
     let mut prev_hash: Option<String> = None;
     let mut prev_seq = 0u64;
     let mut n = 0u64;
@@ -504,18 +506,21 @@ pub fn verify(input: impl Read, root: Option<&RootKey>) -> Result<Verified, Veri
             Some(_) if seq != prev_seq + 1 => return Err(VerifyError::Sequence(n, seq, prev_seq + 1)),
             _ => {}
         }
-        if let Some(key) = &mac_key {
+        if let Some(keys) = &mac_keys {
             let suffix = format!(",\"mac\":\"{mac}\"}}");
             let body = line.strip_suffix(&suffix).map(|b| format!("{b}}}")).ok_or(VerifyError::Mac(n))?;
-            let expected = mac_hex(key, body.as_bytes());
-            if !bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes())) {
+            let matches = |key| {
+                let expected = mac_hex(key, body.as_bytes());
+                bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes()))
+            };
+            if !keys.iter().any(matches) {
                 return Err(VerifyError::Mac(n));
             }
         }
         prev_hash = Some(sha256_hex(line.as_bytes()));
         prev_seq = seq;
     }
-    Ok(Verified { lines: prev_seq, macs_checked: mac_key.is_some(), cut })
+    Ok(Verified { lines: prev_seq, macs_checked: mac_keys.is_some(), cut })
 }
 
 /// Verifies the audit log file at `path`.
@@ -718,6 +723,29 @@ mod tests {
         assert!(text.contains(r#""operation":"Encrypt""#) && text.contains(r#""seq":4"#));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_log_continued_across_a_root_key_rotation_verifies_with_the_previous_key_configured() {
+        let (_dir, path) = log_of(3);
+        let new = || RootKey::from_material(KeyMaterial::from_slice(&[4; 32]).unwrap());
+        let ring = new().with_previous(root()).unwrap();
+        let log = AuditLog::open(&path, &ring).unwrap();
+        for i in 4..=6 {
+            log.record(&event(i)).unwrap();
+        }
+        drop(log);
+        let all = lines(&path);
+        assert_eq!(check(&all, Some(&ring)).unwrap(), Verified { lines: 6, macs_checked: true, cut: vec![] });
+        // Lines 4 to 6 are the new key's: the old key alone fails at line 4, the new key
+        // alone at line 1; a forged line fails with both.
+        assert_eq!(check(&all, Some(&root())), Err(VerifyError::Mac(4)));
+        assert_eq!(check(&all, Some(&new())), Err(VerifyError::Mac(1)));
+        let mut forged = all.clone();
+        forged[4] = forged[4].replace("req-5", "req-X");
+        assert!(check(&forged, Some(&ring)).is_err());
+        // After removing the old key, only what the new one wrote verifies (from line 4).
+        assert_eq!(check(&all[3..], Some(&new())), Err(VerifyError::Start(1)));
     }
 
     #[test]

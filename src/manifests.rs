@@ -34,6 +34,8 @@ pub struct NodePaths {
     pub state_dir: String,
     /// Where the root key is.
     pub root_key: NodeRootKey,
+    /// The previous root key file, during a root-key rotation (whatever the primary is).
+    pub previous_root_key_file: Option<String>,
     /// A kubeconfig for the plugin's identity (static pods have no ServiceAccount token).
     pub kubeconfig: String,
 }
@@ -59,9 +61,13 @@ pub struct NodePkcs11 {
     /// A directory the module keeps its token in (SoftHSM's `directories.tokendir`),
     /// mounted writable; none for a hardware token reached through the module alone.
     pub token_dir: Option<String>,
+    /// The label of the previous root key object in the same token, during a root-key
+    /// rotation.
+    pub previous_key_label: Option<String>,
 }
 
 const PIN_PATH: &str = "/etc/kubekms/pkcs11.pin";
+const PREVIOUS_ROOT_KEY_PATH: &str = "/etc/kubekms/previous-root.key";
 
 /// Why the static pod cannot be made. `StaticPod` is what `kubekms manifests static-pod`
 /// prints, so the errors name that command's flags.
@@ -133,6 +139,7 @@ impl StaticPod {
                 }
             }
         }
+        checked.extend(paths.previous_root_key_file.iter().map(|p| ("--previous-root-key-file", p)));
         for (flag, path) in checked {
             if !path.starts_with('/') {
                 return Err(StaticPodError::NotAbsolute { flag, path: path.clone() });
@@ -252,24 +259,32 @@ impl StaticPod {
 
     /// The plugin's flags that say where the root key is, as the pod sees it.
     fn root_key_args(&self) -> Vec<String> {
-        match &self.paths.root_key {
+        let mut args = match &self.paths.root_key {
             NodeRootKey::File(_) => vec!["--root-key-file=/etc/kubekms/root.key".to_owned()],
-            NodeRootKey::Pkcs11(p) => vec![
-                format!("--pkcs11-module={}", p.module),
-                match &p.token {
-                    Ok(label) => format!("--pkcs11-token-label={label}"),
-                    Err(slot) => format!("--pkcs11-slot={slot}"),
-                },
-                format!("--pkcs11-pin-file={PIN_PATH}"),
-                format!("--pkcs11-key-label={}", p.key_label),
-            ],
+            NodeRootKey::Pkcs11(p) => {
+                let mut args = vec![
+                    format!("--pkcs11-module={}", p.module),
+                    match &p.token {
+                        Ok(label) => format!("--pkcs11-token-label={label}"),
+                        Err(slot) => format!("--pkcs11-slot={slot}"),
+                    },
+                    format!("--pkcs11-pin-file={PIN_PATH}"),
+                    format!("--pkcs11-key-label={}", p.key_label),
+                ];
+                args.extend(p.previous_key_label.iter().map(|l| format!("--pkcs11-previous-key-label={l}")));
+                args
+            }
+        };
+        if self.paths.previous_root_key_file.is_some() {
+            args.push(format!("--previous-root-key-file={PREVIOUS_ROOT_KEY_PATH}"));
         }
+        args
     }
 
     /// The mounts and host paths of the root key: its file, or the module, the PIN file
     /// and the token directory.
     fn root_key_volumes(&self) -> (Vec<VolumeMount>, Vec<Volume>) {
-        match &self.paths.root_key {
+        let (mut mounts, mut volumes) = match &self.paths.root_key {
             NodeRootKey::File(file) => (
                 vec![mount("root-key", "/etc/kubekms/root.key", true)],
                 vec![host_path("root-key", file, "File")],
@@ -287,7 +302,12 @@ impl StaticPod {
                 }
                 (mounts, volumes)
             }
+        };
+        if let Some(previous) = &self.paths.previous_root_key_file {
+            mounts.push(mount("previous-root-key", PREVIOUS_ROOT_KEY_PATH, true));
+            volumes.push(host_path("previous-root-key", previous, "File"));
         }
+        (mounts, volumes)
     }
 
     /// The EncryptionConfiguration that sends Secrets through this plugin.
@@ -346,6 +366,7 @@ mod tests {
             socket_dir: "/var/run/kubekms".into(),
             state_dir: "/var/lib/kubekms".into(),
             root_key: NodeRootKey::File("/etc/kubekms/root.key".into()),
+            previous_root_key_file: None,
             kubeconfig: "/etc/kubekms/plugin.kubeconfig".into(),
         }
     }
@@ -357,7 +378,39 @@ mod tests {
             pin_file: "/etc/kubekms/hsm.pin".into(),
             key_label: "kubekms-root-1".into(),
             token_dir: token_dir.map(str::to_owned),
+            previous_key_label: None,
         }
+    }
+
+    #[test]
+    fn a_previous_root_key_is_mounted_and_given_to_the_plugin() {
+        let plain = serde_json::to_string(&pod(paths(), 65532, 9465).unwrap().pod()).unwrap();
+        assert!(!plain.contains("previous"), "none unless asked for");
+        let previous = NodePaths { previous_root_key_file: Some("/etc/kubekms/old.key".into()), ..paths() };
+        let spec = pod(previous, 65532, 9465).unwrap().pod().spec.unwrap();
+        let args = spec.containers[0].args.clone().unwrap();
+        assert!(
+            args.contains(&"--previous-root-key-file=/etc/kubekms/previous-root.key".to_owned()),
+            "{args:?}"
+        );
+        let volume = spec.volumes.unwrap().into_iter().find(|v| v.name == "previous-root-key").unwrap();
+        assert_eq!(volume.host_path.unwrap().path, "/etc/kubekms/old.key");
+        let mounts = spec.containers[0].volume_mounts.clone().unwrap();
+        assert!(mounts.iter().any(|m| m.name == "previous-root-key" && m.read_only == Some(true)));
+        let relative = NodePaths { previous_root_key_file: Some("old.key".into()), ..paths() };
+        assert_eq!(
+            pod(relative, 65532, 9465).unwrap_err(),
+            StaticPodError::NotAbsolute { flag: "--previous-root-key-file", path: "old.key".into() }
+        );
+        // In a token: the previous key's label, beside the primary's.
+        let mut p = paths();
+        p.root_key = NodeRootKey::Pkcs11(NodePkcs11 {
+            previous_key_label: Some("kubekms-root-0".into()),
+            ..hsm(None)
+        });
+        let args = pod(p, 65532, 9465).unwrap().pod().spec.unwrap().containers[0].args.clone().unwrap();
+        assert!(args.contains(&"--pkcs11-previous-key-label=kubekms-root-0".to_owned()), "{args:?}");
+        assert!(args.contains(&"--pkcs11-key-label=kubekms-root-1".to_owned()), "{args:?}");
     }
 
     #[test]

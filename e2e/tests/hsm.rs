@@ -329,3 +329,59 @@ async fn disruptive_hsm_plugin_cold_start_from_its_cache_with_the_api_server_dow
     control_plane("up.sh", &["kube-apiserver"]);
     assert_eq!(read_secret(ns, "s"), "cold");
 }
+
+#[tokio::test]
+async fn hsm_a_second_key_label_rotates_the_root_key_in_the_token() {
+    use kubekms::crypto::{KeyMaterial, RootKey, RootKeyConfig, RootKeySource, WrapContext};
+    let old_args = hsm_args();
+    let old_label = flag(&old_args, "--pkcs11-key-label");
+    let new_label = format!("kubekms-rotated-{}", std::process::id());
+    let new_args = args_with("--pkcs11-key-label", &new_label);
+    let out = kubekms(&["root-key", "create"], &new_args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The CLI: the new label primary, the old one previous; refused as its own previous,
+    // and an unknown previous label is named.
+    let fingerprint = |extra: &[&str]| {
+        let mut args = new_args.clone();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        kubekms(&["root-key", "fingerprint"], &args)
+    };
+    let out = fingerprint(&["--pkcs11-previous-key-label", &old_label]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let old = root_key();
+    let new_fp = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_ne!(new_fp, old.fingerprint());
+    refused(&fingerprint(&["--pkcs11-previous-key-label", &new_label]), "is the primary root key");
+    refused(
+        &fingerprint(&["--pkcs11-previous-key-label", "no-such-label"]),
+        "no AES secret key labelled \"no-such-label\"",
+    );
+
+    // In process: what the old label wrapped unwraps by its fingerprint; what the ring
+    // wraps is the new label's; derivations of the old label come second.
+    let source = |label: &str| {
+        RootKeySource::Pkcs11(kubekms::crypto::Pkcs11Config {
+            module: flag(&old_args, "--pkcs11-module").into(),
+            token: kubekms::crypto::TokenSelector::Label(flag(&old_args, "--pkcs11-token-label")),
+            pin_file: flag(&old_args, "--pkcs11-pin-file").into(),
+            key_label: label.to_owned(),
+        })
+    };
+    let ring = RootKey::open_config(&RootKeyConfig {
+        primary: source(&new_label),
+        previous: vec![source(&old_label)],
+    })
+    .unwrap();
+    assert_eq!(ring.fingerprint(), new_fp);
+    let material = KeyMaterial::generate().unwrap();
+    let ctx = WrapContext { key_id: "5b7c0c4e-0000-4000-8000-000000000001", version: 1 };
+    let under_old = old.wrap(&material, ctx).unwrap();
+    assert!(ring.unwrap_by(old.fingerprint(), &under_old, ctx).unwrap().ct_eq(&material));
+    let under_new = ring.wrap(&material, ctx).unwrap();
+    let alone = RootKey::open(&source(&new_label)).unwrap();
+    assert!(alone.unwrap(&under_new, ctx).unwrap().ct_eq(&material));
+    assert!(old.unwrap(&under_new, ctx).is_err());
+    let derived = ring.derive_all(b"purpose");
+    assert!(derived[0].ct_eq(&alone.derive(b"purpose")) && derived[1].ct_eq(&old.derive(b"purpose")));
+}

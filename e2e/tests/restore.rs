@@ -9,139 +9,22 @@
 //! e2e/.run-restore), removed when the test passes.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use kube::Api;
 use kubekms::api::{KeyState, KmsKey};
-use kubekms::client::TokenSource;
 
+use crate::fresh::{Cluster, Fresh, run_dir_from, stderr};
 use crate::keyapi::{bind_key_user, decrypt, enabled_key, encrypt, key_user_binding};
 use crate::lifecycle::wait_key_for;
-use crate::support::{TestNamespace, kubectl_ok, kubekms_bin, patch_key, run_dir};
+use crate::support::{TestNamespace, kubectl_ok, patch_key, run_dir};
 
-/// A control plane started by e2e/controlplane in a run directory of its own.
-struct Cluster {
-    run_dir: PathBuf,
-}
-
-impl Cluster {
-    fn env(&self, name: &str) -> String {
-        let env = std::fs::read_to_string(self.run_dir.join("env")).expect("read the cluster's env");
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
-            .map(|v| v.trim_matches('\'').to_owned())
-            .unwrap_or_else(|| panic!("{name} is not in {}/env", self.run_dir.display()))
-    }
-
-    fn kubectl(&self, args: &[&str]) -> String {
-        let out = Command::new("kubectl")
-            .env("KUBECONFIG", self.run_dir.join("kubeconfig"))
-            .args(args)
-            .output()
-            .expect("run kubectl");
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs the kubekms CLI against this cluster, as its administrator.
-    fn kubekms(&self, args: &[&str]) -> Output {
-        Command::new(kubekms_bin())
-            .args(args)
-            .env("KUBECONFIG", self.run_dir.join("kubeconfig"))
-            .env("KUBEKMS_ROOT_KEY_FILE", self.run_dir.join("root.key"))
-            .env("KUBEKMS_ADDR", self.env("KUBEKMS_ADDR"))
-            .env("KUBEKMS_CA", self.env("KUBEKMS_CA"))
-            .output()
-            .expect("run kubekms")
-    }
-
-    async fn client(&self) -> kube::Client {
-        let kubeconfig = kube::config::Kubeconfig::read_from(self.run_dir.join("kubeconfig")).unwrap();
-        let options = kube::config::KubeConfigOptions::default();
-        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &options).await.unwrap())
-            .unwrap()
-    }
-
-    /// A key API client as ServiceAccount `ns/sa` of this cluster.
-    async fn key_api(&self, ns: &str, sa: &str) -> kubekms::client::Client {
-        let token =
-            self.kubectl(&["create", "token", sa, "-n", ns, "--audience", "kubekms", "--duration", "10m"]);
-        let source = TokenSource::Literal(zeroize::Zeroizing::new(token.trim().to_owned()));
-        let ca = PathBuf::from(self.env("KUBEKMS_CA"));
-        kubekms::client::connect(&self.env("KUBEKMS_ADDR"), Some(&ca), &source).await.expect("connect")
-    }
-
-    fn controlplane(&self, command: &[&str]) {
-        let base: u16 =
-            std::env::var("KUBEKMS_RESTORE_PORT_BASE").ok().and_then(|p| p.parse().ok()).unwrap_or(39500);
-        let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e");
-        let mut cmd = Command::new("python3");
-        cmd.args(["-m", "controlplane"])
-            .args(command)
-            .env("PYTHONPATH", &e2e)
-            .env("KUBEKMS_RUN_DIR", &self.run_dir);
-        for (i, name) in [
-            "ETCD_PORT",
-            "ETCD_PEER_PORT",
-            "APISERVER_PORT",
-            "CONTROLLER_METRICS_PORT",
-            "PLUGIN_METRICS_PORT",
-            "SERVER_PORT",
-            "SERVER_METRICS_PORT",
-            "CONTROLLER_MANAGER_PORT",
-            "AWS_PORT",
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            cmd.env(format!("KUBEKMS_{name}"), (base + i as u16).to_string());
-        }
-        let out = cmd.output().expect("run the control plane");
-        assert!(out.status.success(), "controlplane {command:?}:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-/// Cluster B: fresh, with a copy of A's root key. Stopped when dropped; its state removed
-/// when the test passed.
-struct Fresh(Cluster);
-
-impl Fresh {
-    fn start(root_key: &Path) -> Fresh {
-        let run_dir = std::env::var_os("KUBEKMS_RESTORE_RUN_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.run-restore"));
-        let cluster = Cluster { run_dir };
-        cluster.controlplane(&["down"]);
-        let _ = std::fs::remove_dir_all(&cluster.run_dir);
-        std::fs::create_dir_all(&cluster.run_dir).unwrap();
-        let copy = cluster.run_dir.join("root.key");
-        std::fs::copy(root_key, &copy).unwrap();
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let fresh = Fresh(cluster);
-        fresh.0.controlplane(&["up", "--kubekms", kubekms_bin()]);
-        fresh
-    }
-}
-
-impl Drop for Fresh {
-    fn drop(&mut self) {
-        self.0.controlplane(&["down"]);
-        if std::thread::panicking() {
-            eprintln!("cluster B's logs are in {}/logs", self.0.run_dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0.run_dir);
-        }
-    }
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+/// Where cluster B's ports start.
+const PORT_BASE: &str = "KUBEKMS_RESTORE_PORT_BASE";
+const DEFAULT_PORT_BASE: u16 = 39500;
 
 #[tokio::test]
 async fn disruptive_backup_restores_into_a_fresh_cluster() {
-    let a = Cluster { run_dir: run_dir() };
+    let a = Cluster { run_dir: run_dir(), port_env: PORT_BASE, default_base: DEFAULT_PORT_BASE };
     let ns = TestNamespace::new("restore");
     let ns = ns.name.as_str();
     let dir = tempfile::tempdir().unwrap();
@@ -191,7 +74,12 @@ async fn disruptive_backup_restores_into_a_fresh_cluster() {
     assert!(!message.contains(&format!("{ns}/data")), "{message}");
 
     // B: a fresh cluster with the same root key.
-    let fresh = Fresh::start(&a.run_dir.join("root.key"));
+    let b = Cluster {
+        run_dir: run_dir_from("KUBEKMS_RESTORE_RUN_DIR", ".run-restore"),
+        port_env: PORT_BASE,
+        default_base: DEFAULT_PORT_BASE,
+    };
+    let fresh = Fresh::start(b, Some(&a.run_dir.join("root.key")));
     let b = &fresh.0;
     let keys_b: Api<KmsKey> = Api::namespaced(b.client().await, ns);
 

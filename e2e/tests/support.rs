@@ -321,9 +321,14 @@ pub fn env_var(name: &str) -> String {
 
 /// The raw value etcd holds for `key`, read with etcdctl (not through the API server).
 pub fn etcd_get(key: &str) -> Vec<u8> {
+    etcd_get_at(&env_var("ETCDCTL_ENDPOINTS"), key)
+}
+
+/// [`etcd_get`] from the etcd at `endpoints`.
+pub fn etcd_get_at(endpoints: &str, key: &str) -> Vec<u8> {
     let etcdctl = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/.bin/etcdctl");
     let out = Command::new(etcdctl)
-        .args(["--endpoints", &env_var("ETCDCTL_ENDPOINTS"), "get", key, "--print-value-only"])
+        .args(["--endpoints", endpoints, "get", key, "--print-value-only"])
         .output()
         .expect("run etcdctl");
     assert!(out.status.success(), "etcdctl get {key}: {}", String::from_utf8_lossy(&out.stderr));

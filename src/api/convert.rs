@@ -223,6 +223,13 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
             destroyed: m.spec.destroyed_at.is_some(),
             deletion_time: m.spec.deletion_time.as_ref().map(|t| t.0),
             versions: m.spec.versions.iter().filter_map(|v| Some((v.version, v.wrapped.clone()?))).collect(),
+            version_roots: m
+                .spec
+                .versions
+                .iter()
+                .filter(|v| v.wrapped.is_some())
+                .filter_map(|v| Some((v.version, v.root_key_fingerprint.clone()?)))
+                .collect(),
             destroyed_versions: m
                 .spec
                 .versions

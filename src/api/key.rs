@@ -305,11 +305,32 @@ pub struct KmsKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_migration: Option<StorageMigrationStatus>,
 
+    /// The root keys that wrap the key's versions (destroyed ones aside), by fingerprint:
+    /// during a root-key rotation, the controller rewraps every version under its primary
+    /// root key, and the previous one may be removed once no key lists it here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub root_keys: Vec<RootKeyUse>,
+
     /// Ready, StorageMigrated, UsedWhilePendingDeletion, and conditions explaining
     /// refused transitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// How many of a key's versions one root key wraps.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootKeyUse {
+    /// The root key's fingerprint (`kubekms root-key fingerprint`).
+    #[schemars(length(min = 1, max = 128))]
+    pub fingerprint: String,
+    /// Whether it is the controller's primary root key; the others are previous root keys
+    /// whose versions the controller is rewrapping (or root keys it does not have).
+    pub primary: bool,
+    /// The versions it wraps.
+    pub versions: u32,
 }
 
 /// The storage migration that moves kube-apiserver's stored data to a new version.

@@ -64,7 +64,8 @@ pub struct KmsKeyMaterialSpec {
     #[schemars(length(min = 36, max = 36))]
     pub key_id: Option<String>,
 
-    /// The fingerprint of the root key that wraps every version.
+    /// The fingerprint of the root key the material was first made under, which wraps
+    /// every version that does not name a root key of its own.
     #[schemars(length(min = 1, max = 128))]
     pub root_key_fingerprint: String,
 
@@ -107,6 +108,11 @@ impl KmsKeyMaterialSpec {
     /// the UID of its key.
     pub fn key_id(&self) -> &str {
         self.key_id.as_deref().unwrap_or(&self.owner.uid)
+    }
+
+    /// The fingerprint of the root key that wraps `version`.
+    pub fn root_of<'a>(&'a self, version: &'a MaterialVersion) -> &'a str {
+        version.root_key_fingerprint.as_deref().unwrap_or(&self.root_key_fingerprint)
     }
 }
 
@@ -158,8 +164,8 @@ pub struct KeyOwner {
     "self.version == oldSelf.version && self.created == oldSelf.created && self.trigger == oldSelf.trigger && has(self.request) == has(oldSelf.request) && (!has(self.request) || self.request == oldSelf.request)"
 ).message("an existing key version never changes"))]
 #[x_kube(validation = Rule::new(
-    "has(oldSelf.destroyedAt) ? (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && !has(self.wrapped)) : (has(self.destroyedAt) ? !has(self.wrapped) : (has(self.wrapped) && self.wrapped == oldSelf.wrapped))"
-).message("a version's material never changes, and once destroyed stays destroyed"))]
+    "has(oldSelf.destroyedAt) ? (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && !has(self.wrapped)) : (has(self.destroyedAt) ? !has(self.wrapped) : (has(self.wrapped) && (self.wrapped == oldSelf.wrapped || has(self.rootKeyFingerprint) != has(oldSelf.rootKeyFingerprint) || (has(self.rootKeyFingerprint) && self.rootKeyFingerprint != oldSelf.rootKeyFingerprint))))"
+).message("a version's material never changes (it is only rewrapped, under another root key), and once destroyed stays destroyed"))]
 #[x_kube(validation = Rule::new(
     "!has(oldSelf.deletionTime) || !has(self.deletionTime) || timestamp(self.deletionTime) >= timestamp(oldSelf.deletionTime)"
 ).message("a promised version destruction time never moves earlier: cancel it, then schedule it again"))]
@@ -184,6 +190,12 @@ pub struct MaterialVersion {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub wrapped: Option<String>,
+    /// The fingerprint of the root key that wraps this version, when it is not the
+    /// material's `rootKeyFingerprint` (the version was made or rewrapped after a root-key
+    /// rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub root_key_fingerprint: Option<String>,
     /// When the version's material will be destroyed: fixed by the controller when it
     /// first sees the version's destruction requested, removed when that is cancelled;
     /// it only ever moves later (a use attempted meanwhile postpones it).

@@ -32,7 +32,7 @@ pub use import::{ImportWrapping, KmsKeyImport, KmsKeyImportSpec, KmsKeyImportSta
 pub use key::{
     Deletion, Effect, KeyOperation, KeyPolicy, KeySpec, KeyState, KeyUsage, KeyVersionState,
     KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, MAX_VERSION_REQUESTS, Origin, PolicyStatement,
-    Rotation, StorageMigrationPhase, StorageMigrationStatus, VersionRequest,
+    RootKeyUse, Rotation, StorageMigrationPhase, StorageMigrationStatus, VersionRequest,
 };
 pub use material::{
     DeletionRefusal, KeyOwner, KmsKeyMaterial, KmsKeyMaterialSpec, MAX_VERSIONS, MaterialVersion,

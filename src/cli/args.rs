@@ -7,15 +7,22 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use kubekms::client::{Client, ClientError, TokenSource};
-use kubekms::crypto::{Pkcs11Config, RootKey, RootKeySource, TokenSelector};
+use kubekms::crypto::{Pkcs11Config, RootKey, RootKeyConfig, RootKeySource, TokenSelector};
 use kubekms::domain::NamespacedName;
 
-/// Where the root key is: a file, or a key object in a PKCS#11 token (an HSM).
+/// Where the root key is: a file, or a key object in a PKCS#11 token (an HSM); and, while
+/// the root key is being replaced, where the previous ones are.
 #[derive(Args)]
 pub struct RootKeyArgs {
     /// The root key file (32 bytes, mode 0600 or stricter).
     #[arg(long, value_name = "FILE", env = "KUBEKMS_ROOT_KEY_FILE")]
     pub root_key_file: Option<PathBuf>,
+    /// A previous root key file, which the primary root key replaces: it only unwraps
+    /// key versions and verifies what was derived from it (audit MACs, STS sessions, the
+    /// plugin's cache) until the controller has rewrapped every version under the primary
+    /// (`kubekms root-key status` says when). Repeatable; in the environment, comma-separated.
+    #[arg(long, value_name = "FILE", env = "KUBEKMS_PREVIOUS_ROOT_KEY_FILE", value_delimiter = ',')]
+    pub previous_root_key_file: Vec<PathBuf>,
     #[command(flatten)]
     pub pkcs11: Pkcs11Args,
 }
@@ -39,6 +46,11 @@ pub struct Pkcs11Args {
     /// The label (CKA_LABEL) of the root key object in the token.
     #[arg(long, value_name = "LABEL", env = "KUBEKMS_PKCS11_KEY_LABEL")]
     pub pkcs11_key_label: Option<String>,
+    /// The label of a previous root key object in the same token, which the primary
+    /// (--pkcs11-key-label, or --root-key-file) replaces: it only unwraps and verifies, as
+    /// --previous-root-key-file does. Repeatable; in the environment, comma-separated.
+    #[arg(long, value_name = "LABEL", env = "KUBEKMS_PKCS11_PREVIOUS_KEY_LABEL", value_delimiter = ',')]
+    pub pkcs11_previous_key_label: Vec<String>,
 }
 
 impl Pkcs11Args {
@@ -49,6 +61,7 @@ impl Pkcs11Args {
                 || self.pkcs11_slot.is_some()
                 || self.pkcs11_pin_file.is_some()
                 || self.pkcs11_key_label.is_some()
+                || !self.pkcs11_previous_key_label.is_empty()
             {
                 bail!("--pkcs11-… flags need --pkcs11-module");
             }
@@ -67,30 +80,64 @@ impl Pkcs11Args {
         };
         Ok(Some(Pkcs11Config { module, token, pin_file, key_label }))
     }
+
+    /// The previous root keys in the token (the token of [`Pkcs11Args::config`], other labels).
+    fn previous(&self, token: Option<&Pkcs11Config>) -> anyhow::Result<Vec<Pkcs11Config>> {
+        let mut out = Vec::new();
+        for label in &self.pkcs11_previous_key_label {
+            if label.is_empty() {
+                bail!("--pkcs11-previous-key-label is empty");
+            }
+            let Some(token) = token else {
+                bail!("--pkcs11-previous-key-label needs --pkcs11-module and its flags (the token it is in)");
+            };
+            out.push(Pkcs11Config { key_label: label.clone(), ..token.clone() });
+        }
+        Ok(out)
+    }
 }
 
 impl RootKeyArgs {
-    /// Where the root key is, or `None` when no flag names one.
-    pub fn source_opt(&self) -> anyhow::Result<Option<RootKeySource>> {
-        match (&self.root_key_file, self.pkcs11.config()?) {
+    /// Where the root keys are, or `None` when no flag names a primary one.
+    pub fn source_opt(&self) -> anyhow::Result<Option<RootKeyConfig>> {
+        let token = self.pkcs11.config()?;
+        let mut previous: Vec<RootKeySource> =
+            self.previous_root_key_file.iter().cloned().map(RootKeySource::File).collect();
+        previous.extend(self.pkcs11.previous(token.as_ref())?.into_iter().map(RootKeySource::Pkcs11));
+        let primary = match (&self.root_key_file, token) {
             (Some(_), Some(_)) => bail!(
                 "give either --root-key-file or --pkcs11-module (the root key is in a file or in a token, not both)"
             ),
-            (Some(file), None) => Ok(Some(RootKeySource::File(file.clone()))),
-            (None, Some(config)) => Ok(Some(RootKeySource::Pkcs11(config))),
-            (None, None) => Ok(None),
+            (Some(file), None) => RootKeySource::File(file.clone()),
+            (None, Some(config)) => RootKeySource::Pkcs11(config),
+            (None, None) if previous.is_empty() => return Ok(None),
+            (None, None) => bail!(
+                "a previous root key needs the primary one: give --root-key-file, or --pkcs11-module and its flags"
+            ),
+        };
+        if let Some(same) = previous.iter().find(|p| **p == primary) {
+            bail!("the previous root key {} is the primary root key", describe(same));
         }
+        Ok(Some(RootKeyConfig { primary, previous }))
     }
 
-    /// Where the root key is; an error when no flag names one.
-    pub fn source(&self) -> anyhow::Result<RootKeySource> {
+    /// Where the root keys are; an error when no flag names the primary one.
+    pub fn source(&self) -> anyhow::Result<RootKeyConfig> {
         self.source_opt()?
             .context("the root key is needed: give --root-key-file, or --pkcs11-module and its flags")
     }
 
-    /// Opens the root key.
+    /// Opens the root key (with the previous ones).
     pub fn load(&self) -> anyhow::Result<RootKey> {
-        Ok(RootKey::open(&self.source()?)?)
+        Ok(RootKey::open_config(&self.source()?)?)
+    }
+}
+
+/// A root key's place, for a message.
+fn describe(source: &RootKeySource) -> String {
+    match source {
+        RootKeySource::File(path) => path.display().to_string(),
+        RootKeySource::Pkcs11(config) => format!("labelled {:?} in the {}", config.key_label, config.token),
     }
 }
 

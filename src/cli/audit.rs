@@ -32,7 +32,7 @@ impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Verify { file, root_key, expect_seq } => {
-                let root = root_key.source_opt()?.map(|source| RootKey::open(&source)).transpose()?;
+                let root = root_key.source_opt()?.map(|config| RootKey::open_config(&config)).transpose()?;
                 let verified = kubekms::audit::verify_file(&file, root.as_ref())
                     .with_context(|| format!("{} is not intact", file.display()))?;
                 // A verified chain starts at 1 and counts up by one: its last line is line N.

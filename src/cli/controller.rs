@@ -18,6 +18,16 @@ pub struct Args {
     kube: KubeArgs,
     #[command(flatten)]
     root_key: RootKeyArgs,
+    /// After a root-key rotation (a new --root-key-file or --pkcs11-key-label, the old one
+    /// given as previous), the most versions of one key rewrapped under the new root key
+    /// in one write of its KmsKeyMaterial. Each write is all or nothing, so a crash leaves
+    /// every version under one root key or the other, and rewrapping resumes at restart.
+    #[arg(long, value_name = "N", default_value = "50", env = "KUBEKMS_REWRAP_BATCH_SIZE")]
+    rewrap_batch_size: std::num::NonZeroUsize,
+    /// The least time between two rewrap batches of one key, to spare the API server (and
+    /// an HSM) while a root-key rotation runs.
+    #[arg(long, value_name = "DURATION", default_value = "0s", env = "KUBEKMS_REWRAP_PAUSE")]
+    rewrap_pause: SignedDuration,
     /// Address of the /healthz, /readyz and /metrics endpoints.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -115,6 +125,11 @@ impl Args {
         let storage_migration_resources = storage_migration_resources(&self.storage_migration_resources)?;
         let config = controller::Config {
             root_key: self.root_key.source()?,
+            rewrap: controller::Rewrap {
+                batch: self.rewrap_batch_size,
+                pause: std::time::Duration::try_from(self.rewrap_pause)
+                    .map_err(|_| anyhow::anyhow!("--rewrap-pause {} is negative", self.rewrap_pause))?,
+            },
             audit_log: self.audit_log,
             metrics_addr: self.metrics_addr,
             lease: self.leader_elect.then_some((self.leader_election_namespace, self.leader_election_name)),

@@ -56,6 +56,14 @@ pub enum Command {
         /// writable at the same path.
         #[arg(long, value_name = "DIR", requires = "pkcs11_module")]
         pkcs11_token_dir: Option<String>,
+        /// The label of the previous root key object in the token, during a root-key
+        /// rotation; remove it once `kubekms root-key status` says complete.
+        #[arg(long, value_name = "LABEL", requires = "pkcs11_module")]
+        pkcs11_previous_key_label: Option<String>,
+        /// The previous root key file, during a root-key rotation (see
+        /// `kubekms plugin --help`); remove it once `kubekms root-key status` says complete.
+        #[arg(long, value_name = "FILE")]
+        previous_root_key_file: Option<String>,
         /// The plugin's kubeconfig.
         #[arg(long, value_name = "FILE", default_value = "/etc/kubekms/plugin.kubeconfig")]
         kubeconfig: String,
@@ -86,6 +94,8 @@ impl Command {
                 pkcs11_pin_file,
                 pkcs11_key_label,
                 pkcs11_token_dir,
+                pkcs11_previous_key_label,
+                previous_root_key_file,
                 kubeconfig,
                 run_as_user,
                 metrics_port,
@@ -105,9 +115,10 @@ impl Command {
                         pin_file: pkcs11_pin_file.context("--pkcs11-module needs --pkcs11-pin-file")?,
                         key_label: pkcs11_key_label.context("--pkcs11-module needs --pkcs11-key-label")?,
                         token_dir: pkcs11_token_dir,
+                        previous_key_label: pkcs11_previous_key_label,
                     }),
                 };
-                let paths = NodePaths { socket_dir, state_dir, root_key, kubeconfig };
+                let paths = NodePaths { socket_dir, state_dir, root_key, previous_root_key_file, kubeconfig };
                 let pod = StaticPod::new(key, image, paths, run_as_user, metrics_port)?;
                 print!("{}", pod.render(only)?);
             }

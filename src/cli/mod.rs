@@ -96,7 +96,7 @@ impl Cli {
             Command::Server(args) => args.run().await,
             Command::Encrypt(args) => args.run().await,
             Command::Decrypt(args) => args.run().await,
-            Command::RootKey(command) => command.run(),
+            Command::RootKey(command) => command.run().await,
             Command::Key(command) => command.run().await,
             Command::Keyring(command) => command.run().await,
             Command::Audit(command) => command.run(),

@@ -1,13 +1,14 @@
 //! `kubekms root-key`: create, copy and fingerprint the root key that wraps every key
-//! version.
+//! version, and follow its rotation.
 
 use std::path::PathBuf;
 
 use clap::Subcommand;
 
 use kubekms::crypto::RootKey;
+use kubekms::keyring::RotationReport;
 
-use super::args::{Pkcs11Args, RootKeyArgs};
+use super::args::{KubeArgs, Pkcs11Args, RootKeyArgs};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -44,11 +45,57 @@ pub enum Command {
         #[command(flatten)]
         root_key: RootKeyArgs,
     },
+    /// Show how far a root-key rotation is: how many key versions each root key wraps
+    /// (read from every KmsKeyMaterial, which needs a cluster administrator's access), and
+    /// whether any is still wrapped by another root key than the primary. Once it says
+    /// "complete", the previous root keys may be removed from the controller, the plugins
+    /// and the key API servers.
+    Status {
+        /// The primary root key's fingerprint (`kubekms root-key fingerprint`, or the
+        /// controller's log); instead, give the root key itself with its flags.
+        #[arg(long, value_name = "FINGERPRINT")]
+        primary: Option<String>,
+        #[command(flatten)]
+        root_key: RootKeyArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
 }
 
 impl Command {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub async fn run(self) -> anyhow::Result<()> {
         match self {
+            Command::Status { primary, root_key, kube } => {
+                let primary = match primary {
+                    Some(fp)
+                        if fp.strip_prefix("rk1-").is_some_and(|h| {
+                            h.len() == 16
+                                && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                        }) =>
+                    {
+                        fp
+                    }
+                    Some(fp) => anyhow::bail!(
+                        "--primary {fp:?} is not a root key fingerprint (rk1- and 16 hex digits, as `kubekms root-key fingerprint` prints)"
+                    ),
+                    None => root_key
+                        .source_opt()?
+                        .map(|config| RootKey::open_config(&config))
+                        .transpose()?
+                        .map(|root| root.fingerprint().to_owned())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "give --primary FINGERPRINT, or the root key's flags (--root-key-file …)"
+                            )
+                        })?,
+                };
+                let api = kube::Api::<kubekms::api::KmsKeyMaterial>::all(kube.client().await?);
+                let materials = api
+                    .list(&Default::default())
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e).context("failed to list KmsKeyMaterials"))?;
+                print!("{}", RotationReport::new(&primary, &materials.items));
+            }
             Command::Create { out, pkcs11 } => match (out, pkcs11.config()?) {
                 (Some(out), _) => {
                     let key = RootKey::create(&out)?;

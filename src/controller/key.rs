@@ -79,7 +79,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
     // read fresh when a deletion is asked for or falls due (both reconcile).
     let usage = cluster.usage(&owner.uid).await?.map(|u| crate::domain::Usage::from(&u));
     for _ in 0..5 {
-        let view = material_view(material.as_ref(), ctx.root.fingerprint());
+        let view = material_view(material.as_ref(), &ctx.root);
         let spec = material.as_ref().map(|m| &m.spec);
         let promised_deletion = spec.and_then(|s| s.deletion_time.as_ref()).map(|t| t.0);
         let observed = Observed {
@@ -134,7 +134,11 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                 // A key awaiting its restored material has no keyId yet: its UID will not be.
                 let awaiting =
                     material.is_none() && key.annotations().contains_key(keyring::RESTORE_ANNOTATION);
-                let next = KmsKeyStatus { key_id: (!awaiting).then(|| key_id.to_owned()), ..*next };
+                let next = KmsKeyStatus {
+                    key_id: (!awaiting).then(|| key_id.to_owned()),
+                    root_keys: root_keys(material.as_ref(), ctx.root.fingerprint()),
+                    ..*next
+                };
                 let mut resource_version = key.resource_version();
                 if next != lifecycle::owned(&status) {
                     // Audited before status reports it: a transition that cannot be audited
@@ -156,6 +160,11 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
                     cluster.set_finalizer(key, FINALIZER, resource_version, false).await?;
                     ctx.written.forget(&owner.uid);
                     return Ok(Action::await_change());
+                }
+                if let Some(current) = material.as_ref()
+                    && let Some(next_batch) = rewrap(ctx, &owner, current).await?
+                {
+                    return Ok(Action::requeue(next_batch));
                 }
                 let wait = requeue_after
                     .and_then(|d| Duration::try_from(d).ok())
@@ -263,8 +272,61 @@ async fn current_material(
     }
 }
 
+/// The root keys that wrap the versions of `material`, by fingerprint (for status).
+fn root_keys(material: Option<&KmsKeyMaterial>, primary: &str) -> Vec<crate::api::RootKeyUse> {
+    let Some(m) = material else { return Vec::new() };
+    keyring::versions_by_root(&m.spec)
+        .into_iter()
+        .map(|(fingerprint, versions)| crate::api::RootKeyUse {
+            fingerprint: fingerprint.to_owned(),
+            primary: fingerprint == primary,
+            versions,
+        })
+        .collect()
+}
+
+/// Rewraps one batch of the versions that a previous root key wraps under the primary, in
+/// one conditional write, at most one batch per key per [`super::Rewrap::pause`]; `None`
+/// when there was nothing to rewrap, else when to look again (the material watch usually
+/// brings the next reconcile first). A conflict is not an error: the next reconcile
+/// tries again.
+async fn rewrap(ctx: &Context, owner: &Owner, current: &KmsKeyMaterial) -> Result<Option<Duration>, Error> {
+    let Some(next) = keyring::with_rewrapped(current, &ctx.root, ctx.rewrap.batch)? else {
+        if let Ok(mut at) = ctx.rewrapped_at.lock() {
+            at.remove(&owner.uid);
+        }
+        return Ok(None);
+    };
+    let pause = ctx.rewrap.pause;
+    let since = ctx.rewrapped_at.lock().ok().and_then(|at| at.get(&owner.uid).map(|t| t.elapsed()));
+    if let Some(since) = since.filter(|s| *s < pause) {
+        return Ok(Some(pause - since));
+    }
+    let wait = pause.max(Duration::from_secs(1));
+    match ctx.cluster.replace_material(&next).await {
+        Ok(written) => {
+            let left = keyring::versions_by_root(&written.spec)
+                .into_iter()
+                .filter(|(fp, _)| *fp != ctx.root.fingerprint())
+                .map(|(_, n)| n)
+                .sum::<u32>();
+            ctx.metrics
+                .material_changes
+                .get_or_create(&super::metrics::ActionLabels { action: "rewrap" })
+                .inc();
+            tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = %owner.uid, root_key = ctx.root.fingerprint(), left, "rewrapped a batch of versions under the primary root key");
+            if let Ok(mut at) = ctx.rewrapped_at.lock() {
+                at.insert(owner.uid.clone(), std::time::Instant::now());
+            }
+            Ok(Some(wait))
+        }
+        Err(e) if e.is_conflict() => Ok(Some(Duration::from_secs(1))),
+        Err(e) => Err(e),
+    }
+}
+
 /// What the planner needs to know of the material object.
-pub fn material_view(material: Option<&KmsKeyMaterial>, root_fingerprint: &str) -> Material {
+pub fn material_view(material: Option<&KmsKeyMaterial>, root: &crate::crypto::RootKey) -> Material {
     match material {
         None => Material::Absent,
         Some(m) => match &m.spec.destroyed_at {
@@ -284,7 +346,7 @@ pub fn material_view(material: Option<&KmsKeyMaterial>, root_fingerprint: &str) 
                         destroyed: v.destroyed_at.as_ref().map(|t| t.0),
                     })
                     .collect(),
-                root_key_matches: m.spec.root_key_fingerprint == root_fingerprint,
+                root_key_matches: keyring::versions_by_root(&m.spec).into_keys().all(|fp| root.knows(fp)),
             },
         },
     }

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::api::{KeyState, KmsKey};
+use crate::api::{KeyState, KmsKey, KmsKeyMaterial};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -151,6 +151,59 @@ impl Collector for KeysByState {
         }
         let metric =
             encoder.encode_descriptor("kubekms_keys", "KmsKeys by state", None, family.metric_type())?;
+        family.encode(metric)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RootKeyLabels {
+    fingerprint: String,
+    primary: &'static str,
+}
+
+/// Registers `kubekms_root_key_versions{fingerprint, primary}`: the key versions (not
+/// destroyed) each root key wraps, counted in the current term's material cache at each
+/// scrape (nothing on a standby replica). After a root-key rotation the series with
+/// `primary="false"` fall to zero as the controller rewraps; the primary's is always there.
+pub fn register_root_keys(
+    registry: &mut Registry,
+    materials: Arc<RwLock<Store<KmsKeyMaterial>>>,
+    primary: &str,
+) {
+    registry.register_collector(Box::new(VersionsByRootKey { materials, primary: primary.to_owned() }));
+}
+
+struct VersionsByRootKey {
+    materials: Arc<RwLock<Store<KmsKeyMaterial>>>,
+    primary: String,
+}
+
+impl fmt::Debug for VersionsByRootKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VersionsByRootKey")
+    }
+}
+
+impl Collector for VersionsByRootKey {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let family = Family::<RootKeyLabels, Gauge>::default();
+        let labels = |fingerprint: &str| RootKeyLabels {
+            fingerprint: fingerprint.to_owned(),
+            primary: if fingerprint == self.primary { "true" } else { "false" },
+        };
+        let _ = family.get_or_create(&labels(&self.primary));
+        let materials = self.materials.read().map(|s| s.state()).unwrap_or_default();
+        for m in materials {
+            for (fingerprint, n) in crate::keyring::versions_by_root(&m.spec) {
+                family.get_or_create(&labels(fingerprint)).inc_by(i64::from(n));
+            }
+        }
+        let metric = encoder.encode_descriptor(
+            "kubekms_root_key_versions",
+            "Key versions by the root key that wraps them (primary=\"false\": still to rewrap after a root-key rotation)",
+            None,
+            family.metric_type(),
+        )?;
         family.encode(metric)
     }
 }

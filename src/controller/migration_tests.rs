@@ -226,6 +226,8 @@ fn context(fake: Arc<Fake>, audit: &AuditSink) -> Arc<MigrationContext> {
         metrics: Arc::new(ControllerMetrics::register(&mut registry, keys)),
         written: Default::default(),
         plugin_access: None,
+        rewrap: Default::default(),
+        rewrapped_at: Default::default(),
     });
     Arc::new(MigrationContext::new(inner, vec!["secrets".parse().unwrap()], Backoff::default()))
 }

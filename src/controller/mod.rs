@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{KmsGrant, KmsKey, KmsKeyImport, KmsKeyMaterial, KmsKeyUsage};
 use crate::audit::AuditLog;
-use crate::crypto::{RootKey, RootKeyError, RootKeySource};
+use crate::crypto::{RootKey, RootKeyConfig, RootKeyError};
 use crate::keyring::MaterialError;
 use crate::kubeclient::WatchBackoff;
 use crate::telemetry::{self, Health};
@@ -132,13 +132,39 @@ pub struct Context {
     /// cache neither writes nor announces the same change twice.
     pub written: key::StatusMemory,
     pub plugin_access: Option<PluginAccess>,
+    /// How versions are rewrapped after a root-key rotation.
+    pub rewrap: Rewrap,
+    /// When each key's last rewrap batch was written, by UID (see [`Rewrap::pause`]).
+    pub rewrapped_at: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// How the controller rewraps versions under the primary root key after a root-key
+/// rotation (see [`crate::keyring::with_rewrapped`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Rewrap {
+    /// The most versions of one key rewrapped in one write of its KmsKeyMaterial.
+    pub batch: std::num::NonZeroUsize,
+    /// The least time between two batches of one key.
+    pub pause: std::time::Duration,
+}
+
+impl Default for Rewrap {
+    fn default() -> Self {
+        Rewrap {
+            batch: std::num::NonZeroUsize::new(50).unwrap_or(std::num::NonZeroUsize::MIN),
+            pause: Default::default(),
+        }
+    }
 }
 
 /// How the controller runs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the root key is (a file or a PKCS#11 token).
-    pub root_key: RootKeySource,
+    /// Where the root key is (a file or a PKCS#11 token), and the previous ones whose
+    /// versions the controller rewraps under it.
+    pub root_key: RootKeyConfig,
+    /// How versions are rewrapped under the primary root key.
+    pub rewrap: Rewrap,
     /// Where the management audit trail goes ("-" for standard output).
     pub audit_log: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -190,6 +216,8 @@ struct Shared {
     metrics: Arc<ControllerMetrics>,
     /// The current term's cache of KmsKeys, read by the keys-by-state metric.
     key_cache: Arc<std::sync::RwLock<Store<KmsKey>>>,
+    /// The current term's cache of KmsKeyMaterials, read by the versions-by-root-key metric.
+    material_cache: Arc<std::sync::RwLock<Store<KmsKeyMaterial>>>,
     health: Arc<Health>,
     config: Config,
 }
@@ -199,14 +227,17 @@ struct Shared {
 /// server is unreachable for longer than the renew deadline) stops working before anyone
 /// else may take over, and goes back to waiting.
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
-    let root = Arc::new(RootKey::open(&config.root_key).map_err(RunError::RootKey)?);
-    tracing::info!(root_key = root.fingerprint(), identity = %config.identity, "loaded the root key");
+    let root = Arc::new(RootKey::open_config(&config.root_key).map_err(RunError::RootKey)?);
+    let previous: Vec<&str> = root.previous_fingerprints().collect();
+    tracing::info!(root_key = root.fingerprint(), previous_root_keys = ?previous, identity = %config.identity, "loaded the root key");
 
     let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
     let key_cache = Arc::new(std::sync::RwLock::new(reflector::store::<KmsKey>().0));
     let mut registry = Registry::default();
     audit.register(&mut registry);
     let metrics = Arc::new(ControllerMetrics::register(&mut registry, key_cache.clone()));
+    let material_cache = Arc::new(std::sync::RwLock::new(reflector::store::<KmsKeyMaterial>().0));
+    metrics::register_root_keys(&mut registry, material_cache.clone(), root.fingerprint());
     let health = Health::new(60);
     let listener = telemetry::bind(config.metrics_addr)
         .await
@@ -227,6 +258,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         audit,
         metrics,
         key_cache,
+        material_cache,
         health,
         config: config.clone(),
     };
@@ -319,6 +351,9 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
     if let Ok(mut cache) = shared.key_cache.write() {
         *cache = key_reader.clone();
     }
+    if let Ok(mut cache) = shared.material_cache.write() {
+        *cache = material_reader.clone();
+    }
     let ctx = Arc::new(Context {
         cluster: Arc::new(cluster::KubeCluster::new(shared.client.clone(), shared.recorder.clone())),
         audit: shared.audit.clone(),
@@ -328,6 +363,8 @@ async fn run_term(shared: &Shared, stop: CancellationToken) {
         metrics: shared.metrics.clone(),
         written: Default::default(),
         plugin_access: shared.config.plugin_access.clone(),
+        rewrap: shared.config.rewrap,
+        rewrapped_at: Default::default(),
     });
     let stores = Stores { keys: (key_reader, Some(key_writer)), materials: Some(material_writer) };
     let migration = (!shared.config.storage_migration_resources.is_empty()).then(|| {

@@ -17,7 +17,7 @@ use super::key::{FINALIZER, reconcile};
 use super::lifecycle::Calendar;
 use super::metrics::ControllerMetrics;
 use super::{Context, Error, PluginAccess};
-use crate::api::{KeyState, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus};
+use crate::api::{KeyState, KmsGrantStatus, KmsKey, KmsKeyMaterial, KmsKeyStatus, VersionTrigger};
 use crate::crypto::{KeyMaterial, RootKey};
 use crate::keyring::Owner;
 use crate::testing::AuditSink;
@@ -188,9 +188,19 @@ fn context(cluster: Arc<Recording>, plugin_key: bool) -> Arc<Context> {
 }
 
 fn audited_context(cluster: Arc<Recording>, plugin_key: bool, audit: &AuditSink) -> Arc<Context> {
+    let root = RootKey::from_material(KeyMaterial::generate().unwrap());
+    context_with_root(cluster, plugin_key, audit, root, Default::default())
+}
+
+fn context_with_root(
+    cluster: Arc<Recording>,
+    plugin_key: bool,
+    audit: &AuditSink,
+    root: RootKey,
+    rewrap: super::Rewrap,
+) -> Arc<Context> {
     let mut registry = Registry::default();
     let keys = Arc::new(RwLock::new(reflector::store::<KmsKey>().0));
-    let root = RootKey::from_material(KeyMaterial::generate().unwrap());
     Arc::new(Context {
         cluster,
         audit: audit.log(&root),
@@ -204,6 +214,8 @@ fn audited_context(cluster: Arc<Recording>, plugin_key: bool, audit: &AuditSink)
             key_name: "k".into(),
             cluster_role: "plugin-material".into(),
         }),
+        rewrap,
+        rewrapped_at: Default::default(),
     })
 }
 
@@ -280,6 +292,54 @@ async fn a_rotation_writes_the_new_version_before_the_status_that_names_it() {
     );
     assert_eq!(cluster.status.lock().unwrap().as_ref().and_then(|s| s.current_version), Some(2));
     assert!(!events(&calls).is_empty(), "the rotation is announced");
+}
+
+#[tokio::test]
+async fn after_a_root_key_rotation_each_reconcile_rewraps_one_batch_and_status_counts_them() {
+    let root = |b: u8| RootKey::from_material(KeyMaterial::from_slice(&[b; 32]).unwrap());
+    let (fp_a, fp_b) = (root(1).fingerprint().to_owned(), root(2).fingerprint().to_owned());
+    let cluster = Arc::new(Recording::default());
+    let audit = AuditSink::default();
+    let ctx_a = context_with_root(cluster.clone(), false, &audit, root(1), Default::default());
+    reconcile(Arc::new(key(serde_json::json!({}))), ctx_a).await.unwrap();
+    // Two more versions under A.
+    let mut m = cluster.material.lock().unwrap().clone().unwrap();
+    for _ in 0..2 {
+        m = crate::keyring::with_rotation(&m, &root(1), VersionTrigger::Scheduled, None, Timestamp::now())
+            .unwrap();
+    }
+    *cluster.material.lock().unwrap() = Some(m);
+    cluster.take();
+
+    let batch = super::Rewrap { batch: std::num::NonZeroUsize::new(2).unwrap(), pause: Default::default() };
+    let ctx_b =
+        context_with_root(cluster.clone(), false, &audit, root(2).with_previous(root(1)).unwrap(), batch);
+    let uses = |cluster: &Recording| {
+        let status = cluster.status.lock().unwrap().clone().unwrap();
+        status.root_keys.iter().map(|r| (r.fingerprint.clone(), r.primary, r.versions)).collect::<Vec<_>>()
+    };
+    let replaced = Call::ReplaceMaterial { versions: 3, promised: false, destroyed: false };
+    reconcile(Arc::new(after(key(serde_json::json!({})), &cluster, true)), ctx_b.clone()).await.unwrap();
+    assert_eq!(writes(&cluster.take()), [Call::PatchStatus(Some(KeyState::Enabled)), replaced.clone()]);
+    assert_eq!(uses(&cluster), [(fp_a.clone(), false, 3)], "status reports what was there before the batch");
+    reconcile(Arc::new(after(key(serde_json::json!({})), &cluster, true)), ctx_b.clone()).await.unwrap();
+    assert_eq!(writes(&cluster.take()), [Call::PatchStatus(Some(KeyState::Enabled)), replaced]);
+    let mut after_two: Vec<_> = uses(&cluster);
+    after_two.sort();
+    let mut expected = vec![(fp_a.clone(), false, 1), (fp_b.clone(), true, 2)];
+    expected.sort();
+    assert_eq!(after_two, expected);
+    // The last batch done, the next reconcile reports it and writes no material.
+    reconcile(Arc::new(after(key(serde_json::json!({})), &cluster, true)), ctx_b.clone()).await.unwrap();
+    assert_eq!(writes(&cluster.take()), [Call::PatchStatus(Some(KeyState::Enabled))]);
+    assert_eq!(uses(&cluster), [(fp_b.clone(), true, 3)]);
+    reconcile(Arc::new(after(key(serde_json::json!({})), &cluster, true)), ctx_b).await.unwrap();
+    assert_eq!(writes(&cluster.take()), [], "settled");
+    // Every version unwraps with B alone.
+    let m = cluster.material.lock().unwrap().clone().unwrap();
+    for v in &m.spec.versions {
+        crate::keyring::unwrap_version(&root(2), &m, v).unwrap();
+    }
 }
 
 #[tokio::test]

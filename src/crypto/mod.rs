@@ -17,7 +17,7 @@ pub use import::{
     WRAPPING_KEY_SPEC, WrappingKey, public_key_id, wrap_material,
 };
 pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector};
-pub use root::{RootKey, RootKeyError, RootKeySource, WrapContext};
+pub use root::{RootKey, RootKeyConfig, RootKeyError, RootKeySource, WrapContext};
 pub(crate) use root::{hex, unhex};
 pub use seal::{SEAL_OVERHEAD, SealError, open, seal};
 pub use secret::{KEY_LEN, KeyMaterial, SecretBytes, random_bytes};

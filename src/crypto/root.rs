@@ -59,6 +59,16 @@ pub enum RootKeyError {
     Unwrap,
     #[error(transparent)]
     Pkcs11(#[from] Pkcs11Error),
+    #[error(
+        "the previous root key {fingerprint} is the primary root key; a previous root key is one that the primary replaces"
+    )]
+    PreviousIsPrimary { fingerprint: String },
+    #[error("the previous root key {fingerprint} is given twice")]
+    PreviousTwice { fingerprint: String },
+    #[error(
+        "no root key with fingerprint {fingerprint} is configured (configured: {configured}); give it with --previous-root-key-file or --pkcs11-previous-key-label"
+    )]
+    NotConfigured { fingerprint: String, configured: String },
 }
 
 /// Where the root key is: the configuration every component shares.
@@ -68,6 +78,20 @@ pub enum RootKeySource {
     File(PathBuf),
     /// A non-extractable AES-256 key object in a PKCS#11 token.
     Pkcs11(Pkcs11Config),
+}
+
+/// The root keys a component holds: the primary, which wraps and derives everything new,
+/// and previous ones (a root key being replaced), which only unwrap and verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootKeyConfig {
+    pub primary: RootKeySource,
+    pub previous: Vec<RootKeySource>,
+}
+
+impl From<RootKeySource> for RootKeyConfig {
+    fn from(primary: RootKeySource) -> Self {
+        RootKeyConfig { primary, previous: Vec::new() }
+    }
 }
 
 /// Where a root key lives and what it does there. Each provider wraps with its own format
@@ -137,13 +161,17 @@ impl WrapContext<'_> {
     }
 }
 
-/// A loaded root key: its provider, and the base of every key derived from it.
+/// A loaded root key: its provider, and the base of every key derived from it; with the
+/// previous root keys it replaces, if any (see [`RootKey::open_config`]).
 pub struct RootKey {
     provider: Box<dyn RootKeyProvider>,
     /// What [`RootKey::derive`] and the fingerprint expand: the root key itself for a file
     /// (so both are what they always were), one derivation made inside the token for PKCS#11.
     derivation_base: KeyMaterial,
     fingerprint: String,
+    /// Root keys this one replaces: they unwrap what they wrapped and verify what was
+    /// derived from them, and make nothing new. Each has none of its own.
+    previous: Vec<RootKey>,
 }
 
 impl std::fmt::Debug for RootKey {
@@ -159,6 +187,60 @@ impl RootKey {
             RootKeySource::File(path) => RootKey::load(path),
             RootKeySource::Pkcs11(config) => RootKey::from_pkcs11(Pkcs11Root::open(config)?),
         }
+    }
+
+    /// Opens the primary root key and the previous ones `config` names, refusing a
+    /// previous key that is the primary or is given twice.
+    pub fn open_config(config: &RootKeyConfig) -> Result<RootKey, RootKeyError> {
+        let mut root = RootKey::open(&config.primary)?;
+        for source in &config.previous {
+            root = root.with_previous(RootKey::open(source)?)?;
+        }
+        Ok(root)
+    }
+
+    /// This root key, accepting what `previous` wrapped or derived as well.
+    pub fn with_previous(mut self, previous: RootKey) -> Result<RootKey, RootKeyError> {
+        let fingerprint = previous.fingerprint.clone();
+        if fingerprint == self.fingerprint {
+            return Err(RootKeyError::PreviousIsPrimary { fingerprint });
+        }
+        if self.previous.iter().any(|p| p.fingerprint == fingerprint) {
+            return Err(RootKeyError::PreviousTwice { fingerprint });
+        }
+        // A previous key's own previous keys (none when opened from a configuration) are
+        // previous keys of this one.
+        let RootKey { provider, derivation_base, fingerprint, previous: theirs } = previous;
+        self.previous.push(RootKey { provider, derivation_base, fingerprint, previous: Vec::new() });
+        for p in theirs {
+            self = self.with_previous(p)?;
+        }
+        Ok(self)
+    }
+
+    /// The fingerprints of the previous root keys, in the order given.
+    pub fn previous_fingerprints(&self) -> impl Iterator<Item = &str> {
+        self.previous.iter().map(|p| p.fingerprint.as_str())
+    }
+
+    /// Whether a root key of this fingerprint (the primary or a previous one) is held.
+    pub fn knows(&self, fingerprint: &str) -> bool {
+        self.by_fingerprint(fingerprint).is_ok()
+    }
+
+    /// The held root key of this fingerprint: the primary or a previous one.
+    fn by_fingerprint(&self, fingerprint: &str) -> Result<&RootKey, RootKeyError> {
+        if fingerprint == self.fingerprint {
+            return Ok(self);
+        }
+        self.previous.iter().find(|p| p.fingerprint == fingerprint).ok_or_else(|| {
+            let configured: Vec<&str> =
+                std::iter::once(self.fingerprint()).chain(self.previous_fingerprints()).collect();
+            RootKeyError::NotConfigured {
+                fingerprint: fingerprint.to_owned(),
+                configured: configured.join(", "),
+            }
+        })
     }
 
     /// Generates a new root key inside the token `config` names (refusing when a key of
@@ -177,7 +259,7 @@ impl RootKey {
         // Expanding 8 bytes cannot exceed HKDF's limit.
         let _ = Hkdf::<Sha256>::new(None, derivation_base.expose()).expand(FINGERPRINT_INFO, &mut fp);
         let fingerprint = format!("rk1-{}", hex(&fp));
-        RootKey { provider, derivation_base, fingerprint }
+        RootKey { provider, derivation_base, fingerprint, previous: Vec::new() }
     }
 
     /// Writes a new random root key to `path` with mode 0600, refusing to overwrite.
@@ -274,6 +356,17 @@ impl RootKey {
         self.provider.unwrap(&ctx.encode(), wrapped)
     }
 
+    /// Unwraps what the root key of `fingerprint` (the primary or a previous one) wrapped;
+    /// [`RootKeyError::NotConfigured`] names a fingerprint of a root key not held.
+    pub fn unwrap_by(
+        &self,
+        fingerprint: &str,
+        wrapped: &[u8],
+        ctx: WrapContext<'_>,
+    ) -> Result<KeyMaterial, RootKeyError> {
+        self.by_fingerprint(fingerprint)?.unwrap(wrapped, ctx)
+    }
+
     /// A key derived from the root key for another purpose (for example the MAC of the
     /// plugin's cache file): HKDF-SHA256 of the derivation base, which for a file is the
     /// root key itself and for a token an AES-CMAC KDF computed inside it at load. So a
@@ -283,6 +376,13 @@ impl RootKey {
         // 32 bytes is far below HKDF-SHA256's output limit, so this cannot fail.
         let _ = Hkdf::<Sha256>::new(None, self.derivation_base.expose()).expand(purpose, out.expose_mut());
         out
+    }
+
+    /// What [`RootKey::derive`] gives for `purpose` under the primary, then under each
+    /// previous root key: what a MAC or a sealed token made before a root-key rotation is
+    /// checked against. Everything new is made with the first.
+    pub fn derive_all(&self, purpose: &[u8]) -> Vec<KeyMaterial> {
+        std::iter::once(self).chain(&self.previous).map(|r| r.derive(purpose)).collect()
     }
 }
 
@@ -418,5 +518,74 @@ mod tests {
         let mut fp = [0u8; 8];
         Hkdf::<Sha256>::new(None, &bytes).expand(FINGERPRINT_INFO, &mut fp).unwrap();
         assert_eq!(key.fingerprint(), format!("rk1-{}", hex(&fp)));
+    }
+
+    #[test]
+    fn previous_root_keys_unwrap_by_fingerprint_and_derive_after_the_primary() {
+        let key = |b: u8| RootKey::from_material(KeyMaterial::from_slice(&[b; 32]).unwrap());
+        let (old, new) = (key(1), key(2));
+        let material = KeyMaterial::generate().unwrap();
+        let wrapped = old.wrap(&material, ctx(1)).unwrap();
+        let ring = key(2).with_previous(key(1)).unwrap();
+        assert_eq!(ring.fingerprint(), new.fingerprint());
+        assert_eq!(ring.previous_fingerprints().collect::<Vec<_>>(), [old.fingerprint()]);
+        assert!(ring.knows(old.fingerprint()) && ring.knows(new.fingerprint()));
+        assert!(ring.unwrap_by(old.fingerprint(), &wrapped, ctx(1)).unwrap().ct_eq(&material));
+        // The primary does not take the old key's bytes, nor a fingerprint name the wrong key.
+        assert!(matches!(ring.unwrap(&wrapped, ctx(1)), Err(RootKeyError::Unwrap)));
+        assert!(matches!(ring.unwrap_by(new.fingerprint(), &wrapped, ctx(1)), Err(RootKeyError::Unwrap)));
+        // What it wraps is the primary's.
+        let rewrapped = ring.wrap(&material, ctx(1)).unwrap();
+        assert!(new.unwrap(&rewrapped, ctx(1)).unwrap().ct_eq(&material));
+        // An unknown fingerprint is named, with the configured ones.
+        let err = new.unwrap_by(old.fingerprint(), &wrapped, ctx(1)).unwrap_err();
+        assert!(
+            matches!(&err, RootKeyError::NotConfigured { fingerprint, .. } if fingerprint == old.fingerprint())
+        );
+        assert!(
+            err.to_string().contains(old.fingerprint()) && err.to_string().contains(new.fingerprint()),
+            "{err}"
+        );
+
+        // Derivations: the primary's first (it makes everything new), then the previous ones'.
+        let all = ring.derive_all(b"purpose");
+        assert_eq!(all.len(), 2);
+        assert!(all[0].ct_eq(&new.derive(b"purpose")) && all[1].ct_eq(&old.derive(b"purpose")));
+        assert!(ring.derive(b"purpose").ct_eq(&new.derive(b"purpose")));
+        assert_eq!(key(3).derive_all(b"purpose").len(), 1, "no previous key: only the primary's");
+    }
+
+    #[test]
+    fn a_previous_root_key_that_is_the_primary_or_given_twice_is_refused() {
+        let key = |b: u8| RootKey::from_material(KeyMaterial::from_slice(&[b; 32]).unwrap());
+        let err = key(1).with_previous(key(1)).unwrap_err();
+        assert!(
+            matches!(&err, RootKeyError::PreviousIsPrimary { fingerprint } if fingerprint == key(1).fingerprint())
+        );
+        let err = key(1).with_previous(key(2)).unwrap().with_previous(key(2)).unwrap_err();
+        assert!(matches!(err, RootKeyError::PreviousTwice { .. }), "{err}");
+
+        // From files: the same file as primary and previous, and an unreadable previous one.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        RootKey::create(&a).unwrap();
+        RootKey::create(&b).unwrap();
+        let config = |previous: Vec<PathBuf>| RootKeyConfig {
+            primary: RootKeySource::File(a.clone()),
+            previous: previous.into_iter().map(RootKeySource::File).collect(),
+        };
+        let ring = RootKey::open_config(&config(vec![b.clone()])).unwrap();
+        assert_eq!(ring.previous_fingerprints().count(), 1);
+        let copy = dir.path().join("copy-of-a");
+        RootKey::copy(&a, &copy).unwrap();
+        assert!(matches!(
+            RootKey::open_config(&config(vec![copy])),
+            Err(RootKeyError::PreviousIsPrimary { .. })
+        ));
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = RootKey::open_config(&config(vec![b.clone()])).unwrap_err();
+        assert!(err.to_string().contains("readable by group or others"), "{err}");
+        let err = RootKey::open_config(&config(vec![dir.path().join("missing")])).unwrap_err();
+        assert!(err.to_string().contains("missing") && err.to_string().contains("cannot be read"), "{err}");
     }
 }

@@ -53,6 +53,9 @@ pub struct WrappedMaterial {
     pub deletion_time: Option<Timestamp>,
     /// (version, base64 of the wrapped bytes), oldest first.
     pub versions: Vec<(u32, String)>,
+    /// The versions wrapped by another root key than `root_key_fingerprint` (made or
+    /// rewrapped after a root-key rotation), with its fingerprint.
+    pub version_roots: BTreeMap<u32, String>,
     /// Versions destroyed one by one.
     pub destroyed_versions: Vec<u32>,
     /// (version, when it will be destroyed), as the controller promised it.

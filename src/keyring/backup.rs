@@ -215,7 +215,11 @@ fn check(root: &RootKey, backup: &Backup) -> Result<(), BackupError> {
         if !ids.insert(key_id) {
             return inconsistent(format!("keyId {key_id} appears twice"));
         }
-        if material.root_key_fingerprint != root.fingerprint() || material.destroyed_at.is_some() {
+        let other_root = material.versions.iter().any(|v| v.root_key_fingerprint.is_some());
+        if material.root_key_fingerprint != root.fingerprint()
+            || other_root
+            || material.destroyed_at.is_some()
+        {
             return inconsistent(format!(
                 "key {} is destroyed or wrapped by another root key",
                 key.display()
@@ -309,6 +313,7 @@ mod tests {
                     trigger: if version == 1 { VersionTrigger::Created } else { VersionTrigger::OnDemand },
                     request: None,
                     wrapped: Some(B64.encode(wrapped)),
+                    root_key_fingerprint: None,
                     deletion_time: None,
                     destroyed_at: None,
                 }

@@ -58,8 +58,10 @@ pub enum MaterialError {
     Encoding { name: String, version: u32 },
     #[error("KmsKeyMaterial {name} version {version} was destroyed")]
     VersionDestroyed { name: String, version: u32 },
-    #[error("KmsKeyMaterial {name} is wrapped by root key {found}, but this root key is {expected}")]
-    RootKeyMismatch { name: String, found: String, expected: String },
+    #[error(
+        "KmsKeyMaterial {name} version {version} is wrapped by root key {fingerprint}, which is not configured (give it as a previous root key)"
+    )]
+    RootKeyNotConfigured { name: String, version: u32, fingerprint: String },
     #[error("KmsKeyMaterial {name} has {versions} versions, the most a key can hold")]
     Full { name: String, versions: usize },
 }
@@ -77,7 +79,7 @@ impl MaterialError {
             MaterialError::Wrap(_) => "wrap",
             MaterialError::Unwrap { .. } | MaterialError::Encoding { .. } => "unwrap",
             MaterialError::VersionDestroyed { .. } => "version_destroyed",
-            MaterialError::RootKeyMismatch { .. } => "root_key_mismatch",
+            MaterialError::RootKeyNotConfigured { .. } => "root_key_not_configured",
             MaterialError::Full { .. } => "material_full",
         }
     }
@@ -129,9 +131,16 @@ fn wrap_version(
         trigger,
         request,
         wrapped: Some(B64.encode(wrapped)),
+        // Filled in by the caller when the material names another root key.
+        root_key_fingerprint: None,
         deletion_time: None,
         destroyed_at: None,
     })
+}
+
+/// What a version says of its root key: nothing when it is the material's.
+fn version_root(spec: &KmsKeyMaterialSpec, root: &RootKey) -> Option<String> {
+    (spec.root_key_fingerprint != root.fingerprint()).then(|| root.fingerprint().to_owned())
 }
 
 /// The material object of `owner`, with `first` as version 1 when given (generated or
@@ -206,12 +215,12 @@ pub fn with_version(
     now: Timestamp,
 ) -> Result<KmsKeyMaterial, MaterialError> {
     let name = current.metadata.name.clone().unwrap_or_default();
-    check_root(current, root)?;
     if current.spec.versions.len() >= MAX_VERSIONS {
         return Err(MaterialError::Full { name, versions: current.spec.versions.len() });
     }
     let next = next_version(current)?;
-    let version = wrap_version(root, current.spec.key_id(), next, material, trigger, request, now)?;
+    let mut version = wrap_version(root, current.spec.key_id(), next, material, trigger, request, now)?;
+    version.root_key_fingerprint = version_root(&current.spec, root);
     let mut updated = current.clone();
     updated.spec.versions.push(version);
     Ok(updated)
@@ -296,33 +305,93 @@ pub(super) fn check_owner(existing: &KmsKeyMaterial, owner: &Owner) -> Result<()
     Ok(())
 }
 
-fn check_root(current: &KmsKeyMaterial, root: &RootKey) -> Result<(), MaterialError> {
-    if current.spec.root_key_fingerprint != root.fingerprint() {
-        return Err(MaterialError::RootKeyMismatch {
-            name: current.metadata.name.clone().unwrap_or_default(),
-            found: current.spec.root_key_fingerprint.clone(),
-            expected: root.fingerprint().to_owned(),
-        });
-    }
-    Ok(())
+/// Unwraps the base64 `encoded` version `version` of key `key_id` under the root key of
+/// `fingerprint` (the primary or a previous one); `name` names the material in errors.
+pub(super) fn unwrap_encoded(
+    root: &RootKey,
+    (name, key_id): (&str, &str),
+    version: u32,
+    fingerprint: &str,
+    encoded: &str,
+) -> Result<KeyMaterial, MaterialError> {
+    let wrapped =
+        B64.decode(encoded).map_err(|_| MaterialError::Encoding { name: name.to_owned(), version })?;
+    root.unwrap_by(fingerprint, &wrapped, WrapContext { key_id, version }).map_err(|source| match source {
+        RootKeyError::NotConfigured { .. } => MaterialError::RootKeyNotConfigured {
+            name: name.to_owned(),
+            version,
+            fingerprint: fingerprint.to_owned(),
+        },
+        source => MaterialError::Unwrap { name: name.to_owned(), version, source },
+    })
 }
 
-/// Unwraps one stored version.
+/// Unwraps one stored version, under the root key that wrapped it.
 pub fn unwrap_version(
     root: &RootKey,
     material: &KmsKeyMaterial,
     version: &MaterialVersion,
 ) -> Result<KeyMaterial, MaterialError> {
     let name = material.metadata.name.clone().unwrap_or_default();
-    check_root(material, root)?;
     let Some(encoded) = version.wrapped.as_deref() else {
         return Err(MaterialError::VersionDestroyed { name, version: version.version });
     };
-    let wrapped = B64
-        .decode(encoded)
-        .map_err(|_| MaterialError::Encoding { name: name.clone(), version: version.version })?;
-    root.unwrap(&wrapped, WrapContext { key_id: material.spec.key_id(), version: version.version })
-        .map_err(|source| MaterialError::Unwrap { name, version: version.version, source })
+    let fingerprint = material.spec.root_of(version);
+    unwrap_encoded(root, (&name, material.spec.key_id()), version.version, fingerprint, encoded)
+}
+
+/// `current` with at most `batch` of its versions that a previous root key wraps
+/// rewrapped under the primary, oldest first; `None` when every version is under the
+/// primary already. Written back with its resourceVersion, so a batch is all or nothing:
+/// after a crash each version is wrapped by the old root key or by the new one, and
+/// rewrapping resumes where it stopped. The unwrapped material exists only in memory.
+pub fn with_rewrapped(
+    current: &KmsKeyMaterial,
+    root: &RootKey,
+    batch: std::num::NonZeroUsize,
+) -> Result<Option<KmsKeyMaterial>, MaterialError> {
+    let mut updated = current.clone();
+    let spec = &current.spec;
+    let mut done = 0;
+    for (stored, v) in spec.versions.iter().zip(updated.spec.versions.iter_mut()) {
+        if done == batch.get() {
+            break;
+        }
+        if stored.wrapped.is_none() || spec.root_of(stored) == root.fingerprint() {
+            continue;
+        }
+        let material = unwrap_version(root, current, stored)?;
+        let ctx = WrapContext { key_id: spec.key_id(), version: stored.version };
+        let rewrapped = root.wrap(&material, ctx).map_err(MaterialError::Wrap)?;
+        v.wrapped = Some(B64.encode(rewrapped));
+        v.root_key_fingerprint = version_root(spec, root);
+        done += 1;
+    }
+    Ok((done > 0).then_some(updated))
+}
+
+/// How many versions (not destroyed) each root key wraps, by fingerprint.
+pub fn versions_by_root(spec: &KmsKeyMaterialSpec) -> std::collections::BTreeMap<&str, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in spec.versions.iter().filter(|v| v.wrapped.is_some()) {
+        *out.entry(spec.root_of(v)).or_insert(0) += 1;
+    }
+    out
+}
+
+/// `spec` as wrapped entirely by the primary root key, naming it once for the material
+/// (what a backup holds); `Err` with the fingerprint of another root key that still wraps
+/// a version.
+pub(super) fn under_primary(spec: KmsKeyMaterialSpec, root: &RootKey) -> Result<KmsKeyMaterialSpec, String> {
+    if let Some(other) = versions_by_root(&spec).into_keys().find(|fp| *fp != root.fingerprint()) {
+        return Err(other.to_owned());
+    }
+    let mut spec = spec;
+    spec.root_key_fingerprint = root.fingerprint().to_owned();
+    for v in &mut spec.versions {
+        v.root_key_fingerprint = None;
+    }
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -363,7 +432,7 @@ mod tests {
         assert!(!yaml.contains(&B64.encode(key.expose())));
 
         let other = RootKey::from_material(KeyMaterial::generate().unwrap());
-        assert!(matches!(unwrap_version(&other, &m, &v), Err(MaterialError::RootKeyMismatch { .. })));
+        assert!(matches!(unwrap_version(&other, &m, &v), Err(MaterialError::RootKeyNotConfigured { .. })));
 
         // Moved to another key or version, the same bytes do not unwrap.
         m.spec.owner.uid = "uid-2".into();
@@ -379,5 +448,109 @@ mod tests {
         assert!(matches!(unwrap_version(&root, &m, &renumbered), Err(MaterialError::Unwrap { .. })));
         let garbled = MaterialVersion { wrapped: Some("%%%".into()), ..v };
         assert!(matches!(unwrap_version(&root, &m, &garbled), Err(MaterialError::Encoding { .. })));
+    }
+
+    fn root(b: u8) -> RootKey {
+        RootKey::from_material(KeyMaterial::from_slice(&[b; 32]).unwrap())
+    }
+
+    /// Material made under `old` with `n` versions, and their plaintexts.
+    fn versions_under(old: &RootKey, n: u32) -> (KmsKeyMaterial, Vec<KeyMaterial>) {
+        let first = KeyMaterial::generate().unwrap();
+        let mut m = material_with(old, &first);
+        let mut keys = vec![first];
+        for _ in 1..n {
+            let k = KeyMaterial::generate().unwrap();
+            m = with_version(&m, old, &k, VersionTrigger::Scheduled, None, Timestamp::UNIX_EPOCH).unwrap();
+            keys.push(k);
+        }
+        (m, keys)
+    }
+
+    #[test]
+    fn without_a_previous_root_key_new_versions_are_what_they_always_were() {
+        let (m, _) = versions_under(&root(1), 3);
+        assert!(m.spec.versions.iter().all(|v| v.root_key_fingerprint.is_none()));
+        assert_eq!(versions_by_root(&m.spec).into_iter().collect::<Vec<_>>(), [(root(1).fingerprint(), 3)]);
+        assert!(with_rewrapped(&m, &root(1), std::num::NonZeroUsize::MIN).unwrap().is_none());
+    }
+
+    #[test]
+    fn rewrapping_moves_mixed_material_under_the_primary_in_bounded_batches() {
+        let old = root(1);
+        let (mut m, mut keys) = versions_under(&old, 5);
+        // Destroyed versions have nothing to rewrap.
+        m = with_version_destroyed(&m, 2, Timestamp::UNIX_EPOCH).unwrap();
+        let ring = root(2).with_previous(root(1)).unwrap();
+        // A rotation after the root-key rotation: wrapped by the new key, which it names.
+        let k6 = KeyMaterial::generate().unwrap();
+        m = with_version(&m, &ring, &k6, VersionTrigger::Scheduled, None, Timestamp::UNIX_EPOCH).unwrap();
+        keys.push(k6);
+        assert_eq!(m.spec.versions[5].root_key_fingerprint.as_deref(), Some(ring.fingerprint()));
+
+        let batch = std::num::NonZeroUsize::new(2).unwrap();
+        let first = with_rewrapped(&m, &ring, batch).unwrap().unwrap();
+        // Versions 1 and 3: the oldest two still under the old key.
+        let named: Vec<_> = first.spec.versions.iter().map(|v| v.root_key_fingerprint.as_deref()).collect();
+        let new = Some(ring.fingerprint());
+        assert_eq!(named, [new, None, new, None, None, new]);
+        // Only the wrapped bytes and the fingerprint changed.
+        for (before, after) in m.spec.versions.iter().zip(&first.spec.versions) {
+            assert_eq!(
+                (before.version, &before.created, before.trigger),
+                (after.version, &after.created, after.trigger)
+            );
+            assert_eq!(before.destroyed_at, after.destroyed_at);
+        }
+        assert_ne!(first.spec.versions[0].wrapped, m.spec.versions[0].wrapped);
+        assert_eq!(first.spec.versions[3].wrapped, m.spec.versions[3].wrapped);
+        assert_eq!(first.spec.root_key_fingerprint, old.fingerprint(), "the material's own stays");
+
+        // A crash after the first batch: the next run starts from what was written.
+        let second = with_rewrapped(&first, &ring, batch).unwrap().unwrap();
+        assert!(with_rewrapped(&second, &ring, batch).unwrap().is_none());
+        assert_eq!(versions_by_root(&second.spec).into_iter().collect::<Vec<_>>(), [(ring.fingerprint(), 5)]);
+        // Everything unwraps with the new root key alone, and is what it was.
+        let alone = root(2);
+        for (i, v) in second.spec.versions.iter().enumerate().filter(|(i, _)| *i != 1) {
+            assert!(unwrap_version(&alone, &second, v).unwrap().ct_eq(&keys[i]));
+            // And it never contains the material.
+            let stored = v.wrapped.as_deref().unwrap();
+            assert!(!stored.contains(&B64.encode(keys[i].expose())));
+        }
+        // Each intermediate state unwraps whole with both keys configured.
+        for state in [&m, &first, &second] {
+            for (i, v) in state.spec.versions.iter().enumerate().filter(|(i, _)| *i != 1) {
+                assert!(unwrap_version(&ring, state, v).unwrap().ct_eq(&keys[i]));
+            }
+        }
+        // The old key alone no longer reads what was rewrapped, and says which key it needs.
+        let err = unwrap_version(&old, &second, &second.spec.versions[0]).unwrap_err();
+        assert!(err.to_string().contains(ring.fingerprint()), "{err}");
+    }
+
+    #[test]
+    fn a_version_under_an_unknown_root_key_is_named_and_nothing_is_rewrapped() {
+        let (mut m, _) = versions_under(&root(1), 2);
+        m.spec.versions[1].root_key_fingerprint = Some(root(3).fingerprint().to_owned());
+        let ring = root(2).with_previous(root(1)).unwrap();
+        let err = with_rewrapped(&m, &ring, std::num::NonZeroUsize::new(10).unwrap()).unwrap_err();
+        assert!(
+            matches!(&err, MaterialError::RootKeyNotConfigured { version: 2, fingerprint, .. } if fingerprint == root(3).fingerprint()),
+            "{err}"
+        );
+        assert_eq!(err.category(), "root_key_not_configured");
+    }
+
+    #[test]
+    fn a_backup_takes_material_only_once_it_is_all_under_the_primary() {
+        let (m, _) = versions_under(&root(1), 2);
+        let ring = root(2).with_previous(root(1)).unwrap();
+        let err = under_primary(m.spec.clone(), &ring).unwrap_err();
+        assert_eq!(err, root(1).fingerprint());
+        let done = with_rewrapped(&m, &ring, std::num::NonZeroUsize::new(10).unwrap()).unwrap().unwrap();
+        let spec = under_primary(done.spec, &ring).unwrap();
+        assert_eq!(spec.root_key_fingerprint, ring.fingerprint());
+        assert!(spec.versions.iter().all(|v| v.root_key_fingerprint.is_none()));
     }
 }

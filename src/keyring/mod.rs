@@ -1,12 +1,14 @@
 //! Key versions: how material is wrapped, numbered and checked (`material`, pure), where it
 //! is stored (`store`, a thin adapter for `KmsKeyMaterial`), how it is read back into
 //! memory (`snapshot`), importing your own, and backing every key up and restoring it in
-//! another cluster (`backup`, pure; `restore`, its adapter).
+//! another cluster (`backup`, pure; `restore`, its adapter), and what a root-key rotation
+//! has left to rewrap (`rotation`).
 
 mod backup;
 mod import;
 mod material;
 mod restore;
+mod rotation;
 mod snapshot;
 mod store;
 
@@ -20,9 +22,11 @@ pub use import::{
     unwrap_submission, wrapping_spent,
 };
 pub use material::{
-    MaterialError, Owner, destroyed, new_material, unwrap_version, with_deletion_refused, with_deletion_time,
-    with_rotation, with_version, with_version_deletion, with_version_destroyed,
+    MaterialError, Owner, destroyed, new_material, unwrap_version, versions_by_root, with_deletion_refused,
+    with_deletion_time, with_rewrapped, with_rotation, with_version, with_version_deletion,
+    with_version_destroyed,
 };
+pub use rotation::{RootUse, RotationReport};
 pub use snapshot::snapshot;
 pub use store::MaterialStore;
 

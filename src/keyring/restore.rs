@@ -28,7 +28,9 @@ pub const RESTORE_ANNOTATION: &str = "kms.kubekms.io/restoring-key-id";
 pub enum RestoreError {
     #[error("failed to list {0}")]
     List(&'static str, #[source] kube::Error),
-    #[error("the material of KmsKey {key} is wrapped by root key {found}, not by this one ({expected})")]
+    #[error(
+        "the material of KmsKey {key} is wrapped by root key {found}, not by this one ({expected}); during a root-key rotation, back up once `kubekms root-key status` says it is complete"
+    )]
     ForeignRootKey { key: String, found: String, expected: String },
     #[error("refused, nothing was restored: {}", .0.join("; "))]
     Conflicts(Vec<String>),
@@ -81,13 +83,16 @@ pub async fn collect(client: Client, root: &RootKey, namespaces: &[String]) -> R
         if material.as_ref().is_some_and(|m| m.destroyed_at.is_some()) {
             continue;
         }
-        if let Some(m) = material.as_ref().filter(|m| m.root_key_fingerprint != root.fingerprint()) {
-            return Err(RestoreError::ForeignRootKey {
-                key: format!("{namespace}/{name}"),
-                found: m.root_key_fingerprint.clone(),
-                expected: root.fingerprint().to_owned(),
-            });
-        }
+        let material = match material {
+            Some(m) => Some(crate::keyring::material::under_primary(m, root).map_err(|found| {
+                RestoreError::ForeignRootKey {
+                    key: format!("{namespace}/{name}"),
+                    found,
+                    expected: root.fingerprint().to_owned(),
+                }
+            })?),
+            None => None,
+        };
         let labels = key.labels().clone();
         out.push(BackupKey { namespace, name, labels, spec: key.spec, material });
     }

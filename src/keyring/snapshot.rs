@@ -5,26 +5,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-
-use super::material::MaterialError;
-use crate::crypto::{KeyMaterial, RootKey, WrapContext};
+use super::material::{MaterialError, unwrap_encoded};
+use crate::crypto::{KeyMaterial, RootKey};
 use crate::domain::{KeyInfo, KeySnapshot, WrappedMaterial};
 
-/// Unwraps `wrapped`, reusing material already unwrapped in `previous` (same key).
+/// Unwraps `wrapped`, each version under the root key that wrapped it, reusing material
+/// already unwrapped in `previous` (same key).
 fn unwrap_all(
     root: &RootKey,
     wrapped: &WrappedMaterial,
     previous: Option<&KeySnapshot>,
 ) -> Result<BTreeMap<u32, Arc<KeyMaterial>>, MaterialError> {
-    if wrapped.root_key_fingerprint != root.fingerprint() {
-        return Err(MaterialError::RootKeyMismatch {
-            name: wrapped.key_id.clone(),
-            found: wrapped.root_key_fingerprint.clone(),
-            expected: root.fingerprint().to_owned(),
-        });
-    }
     let reuse = previous.filter(|p| p.info.key_id == wrapped.key_id);
     let mut out = BTreeMap::new();
     for (version, b64) in &wrapped.versions {
@@ -32,13 +23,9 @@ fn unwrap_all(
             out.insert(*version, m.clone());
             continue;
         }
-        let bytes = B64
-            .decode(b64)
-            .map_err(|_| MaterialError::Encoding { name: wrapped.key_id.clone(), version: *version })?;
-        let material =
-            root.unwrap(&bytes, WrapContext { key_id: &wrapped.key_id, version: *version }).map_err(
-                |source| MaterialError::Unwrap { name: wrapped.key_id.clone(), version: *version, source },
-            )?;
+        let fingerprint = wrapped.version_roots.get(version).unwrap_or(&wrapped.root_key_fingerprint);
+        let id = (wrapped.key_id.as_str(), wrapped.key_id.as_str());
+        let material = unwrap_encoded(root, id, *version, fingerprint, b64)?;
         out.insert(*version, Arc::new(material));
     }
     Ok(out)
@@ -62,7 +49,10 @@ pub fn snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::WrapContext;
     use crate::domain::KeyState;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
 
     fn info(key_id: &str) -> KeyInfo {
         KeyInfo {
@@ -110,7 +100,11 @@ mod tests {
 
         let other = RootKey::from_material(KeyMaterial::generate().unwrap());
         let err = snapshot(&other, info("uid-1"), Some(&stored), None).unwrap_err();
-        assert!(matches!(err, MaterialError::RootKeyMismatch { .. }));
+        assert!(
+            matches!(&err, MaterialError::RootKeyNotConfigured { version: 1, fingerprint, .. } if *fingerprint == stored.root_key_fingerprint),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&stored.root_key_fingerprint), "{err}");
         let mut garbled = stored.clone();
         garbled.versions[1].1 = "%%%".into();
         let err = snapshot(&root, info("uid-1"), Some(&garbled), None).unwrap_err();
@@ -131,5 +125,36 @@ mod tests {
         let mut other = wrapped(&root, "uid-2", &[&one]);
         other.versions[0].1 = "%%%".into();
         assert!(snapshot(&root, info("uid-2"), Some(&other), Some(&first)).is_err());
+    }
+
+    #[test]
+    fn each_version_unwraps_under_the_root_key_it_names() {
+        let key = |b: u8| RootKey::from_material(KeyMaterial::from_slice(&[b; 32]).unwrap());
+        let (old, new) = (key(1), key(2));
+        let (one, two) = (KeyMaterial::generate().unwrap(), KeyMaterial::generate().unwrap());
+        // Version 1 under the old root key (the material's), version 2 under the new one.
+        let mut stored = wrapped(&old, "uid-1", &[&one]);
+        let v2 = new.wrap(&two, WrapContext { key_id: "uid-1", version: 2 }).unwrap();
+        stored.versions.push((2, B64.encode(v2)));
+        stored.version_roots.insert(2, new.fingerprint().into());
+
+        let ring = key(2).with_previous(key(1)).unwrap();
+        let snap = snapshot(&ring, info("uid-1"), Some(&stored), None).unwrap();
+        assert!(snap.versions[&1].ct_eq(&one) && snap.versions[&2].ct_eq(&two));
+        // Without the old root key, version 1 names it; without the new one, version 2.
+        let err = snapshot(&new, info("uid-1"), Some(&stored), None).unwrap_err();
+        assert!(
+            matches!(&err, MaterialError::RootKeyNotConfigured { version: 1, fingerprint, .. } if fingerprint == old.fingerprint()),
+            "{err}"
+        );
+        let err = snapshot(&old, info("uid-1"), Some(&stored), None).unwrap_err();
+        assert!(
+            matches!(&err, MaterialError::RootKeyNotConfigured { version: 2, fingerprint, .. } if fingerprint == new.fingerprint()),
+            "{err}"
+        );
+        // A version that names the wrong one of two held root keys does not unwrap.
+        stored.version_roots.insert(1, new.fingerprint().into());
+        let err = snapshot(&ring, info("uid-1"), Some(&stored), None).unwrap_err();
+        assert!(matches!(err, MaterialError::Unwrap { version: 1, .. }), "{err}");
     }
 }

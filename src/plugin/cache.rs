@@ -56,7 +56,11 @@ impl CachedKey {
                 m.root_key_fingerprint.clone(),
                 m.versions
                     .iter()
-                    .map(|(version, wrapped)| CachedVersion { version: *version, wrapped: wrapped.clone() })
+                    .map(|(version, wrapped)| CachedVersion {
+                        version: *version,
+                        wrapped: wrapped.clone(),
+                        root_key_fingerprint: m.version_roots.get(version).cloned(),
+                    })
                     .collect(),
             ),
             None => (String::new(), Vec::new()),
@@ -101,6 +105,11 @@ impl CachedKey {
             destroyed: false,
             deletion_time: None,
             versions: self.versions.iter().map(|v| (v.version, v.wrapped.clone())).collect(),
+            version_roots: self
+                .versions
+                .iter()
+                .filter_map(|v| Some((v.version, v.root_key_fingerprint.clone()?)))
+                .collect(),
             ..Default::default()
         }
     }
@@ -112,6 +121,10 @@ impl CachedKey {
 pub struct CachedVersion {
     pub version: u32,
     pub wrapped: String,
+    /// The root key that wraps it, when not the key's `rootKeyFingerprint`; left out
+    /// otherwise, so caches stay readable by plugins that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_key_fingerprint: Option<String>,
 }
 
 /// Why the cache could not be read or written.
@@ -139,9 +152,15 @@ fn mac(key: &KeyMaterial, body: &[u8]) -> Option<Hmac<Sha256>> {
     Some(m)
 }
 
-/// The cache's MAC key for a root key.
+/// The cache's MAC key for a root key: the primary's, which writes the cache.
 pub fn mac_key(root: &RootKey) -> KeyMaterial {
     root.derive(MAC_PURPOSE)
+}
+
+/// The cache's MAC keys for a root key: the primary's, then each
+/// previous root key's, which still read a cache written before a root-key rotation.
+pub fn mac_keys(root: &RootKey) -> Vec<KeyMaterial> {
+    root.derive_all(MAC_PURPOSE)
 }
 
 /// Serializes and authenticates.
@@ -190,11 +209,20 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE_NAME)
 }
 
-/// Reads the cache; `None` when there is none yet.
-pub fn read(state_dir: &Path, key: &KeyMaterial) -> Result<Option<CachedKey>, CacheError> {
+/// Reads the cache, authenticated by any of `keys`; `None` when there is none yet.
+pub fn read(state_dir: &Path, keys: &[KeyMaterial]) -> Result<Option<CachedKey>, CacheError> {
     let file = path(state_dir);
     match std::fs::read(&file) {
-        Ok(bytes) => decode(&bytes, key).map(Some),
+        Ok(bytes) => {
+            let mut outcome = Err(CacheError::Mac);
+            for key in keys {
+                outcome = decode(&bytes, key);
+                if !matches!(outcome, Err(CacheError::Mac)) {
+                    break;
+                }
+            }
+            outcome.map(Some)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(CacheError::Read(file, e)),
     }
@@ -236,8 +264,8 @@ mod tests {
             refused_versions: Default::default(),
             root_key_fingerprint: "rk1-0011223344556677".into(),
             versions: vec![
-                CachedVersion { version: 1, wrapped: "AQID".into() },
-                CachedVersion { version: 2, wrapped: "BAUG".into() },
+                CachedVersion { version: 1, wrapped: "AQID".into(), root_key_fingerprint: None },
+                CachedVersion { version: 2, wrapped: "BAUG".into(), root_key_fingerprint: None },
             ],
         }
     }
@@ -270,9 +298,9 @@ mod tests {
     fn round_trip_through_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        assert_eq!(read(&state, &key()).unwrap(), None);
+        assert_eq!(read(&state, &[key()]).unwrap(), None);
         write(&state, &sample(), &key()).unwrap();
-        assert_eq!(read(&state, &key()).unwrap(), Some(sample()));
+        assert_eq!(read(&state, &[key()]).unwrap(), Some(sample()));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(path(&state)).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
@@ -281,7 +309,32 @@ mod tests {
         next.current_version = Some(1);
         write(&state, &next, &key()).unwrap();
         assert_eq!(std::fs::read_dir(&state).unwrap().count(), 1);
-        assert_eq!(read(&state, &key()).unwrap(), Some(next));
+        assert_eq!(read(&state, &[key()]).unwrap(), Some(next));
+    }
+
+    #[test]
+    fn a_cache_written_before_a_root_key_rotation_is_read_with_the_previous_key() {
+        let key = |b: u8| RootKey::from_material(KeyMaterial::from_slice(&[b; 32]).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &sample(), &mac_key(&key(1))).unwrap();
+        let ring = key(2).with_previous(key(1)).unwrap();
+        assert_eq!(read(dir.path(), &mac_keys(&ring)).unwrap(), Some(sample()));
+        assert!(matches!(read(dir.path(), &mac_keys(&key(2))), Err(CacheError::Mac)));
+        // Written again, it is the primary's, and says which root key wraps a rewrapped version.
+        let mut rewrapped = sample();
+        rewrapped.versions[0].root_key_fingerprint = Some(ring.fingerprint().to_owned());
+        write(dir.path(), &rewrapped, &mac_key(&ring)).unwrap();
+        let read_back = read(dir.path(), &mac_keys(&key(2))).unwrap().unwrap();
+        assert_eq!(read_back, rewrapped);
+        let material = read_back.material();
+        assert_eq!(
+            material.version_roots.get(&read_back.versions[0].version).map(String::as_str),
+            Some(ring.fingerprint())
+        );
+        // A cache with no rewrapped version is written as before (readable by older
+        // plugins): the key's fingerprint only.
+        let text = String::from_utf8(encode(&sample(), &mac_key(&ring)).unwrap()).unwrap();
+        assert_eq!(text.matches("rootKeyFingerprint").count(), 1, "{text}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditError, AuditLog};
-use crate::crypto::{RootKey, RootKeyError, RootKeySource};
+use crate::crypto::{RootKey, RootKeyConfig, RootKeyError};
 use crate::domain::KeySnapshot;
 use crate::keyring::WatchKeyring;
 use crate::metering::OperationMetrics;
@@ -34,7 +34,7 @@ pub struct Config {
     pub name: String,
     pub socket: PathBuf,
     /// Where the root key is (a file or a PKCS#11 token).
-    pub root_key: RootKeySource,
+    pub root_key: RootKeyConfig,
     pub state_dir: PathBuf,
     /// Where audit lines go ("-" for standard output).
     pub audit_log: PathBuf,
@@ -72,8 +72,8 @@ pub async fn run(
     client: Option<kube::Client>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let root = Arc::new(RootKey::open(&config.root_key).map_err(RunError::RootKey)?);
-    tracing::info!(root_key = root.fingerprint(), key = %format!("{}/{}", config.namespace, config.name), "starting the KMS v2 plugin");
+    let root = Arc::new(RootKey::open_config(&config.root_key).map_err(RunError::RootKey)?);
+    tracing::info!(root_key = root.fingerprint(), previous_root_keys = ?root.previous_fingerprints().collect::<Vec<_>>(), key = %format!("{}/{}", config.namespace, config.name), "starting the KMS v2 plugin");
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&config.state_dir)
         .map_err(|e| RunError::StateDir(config.state_dir.clone(), e))?;

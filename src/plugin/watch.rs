@@ -35,8 +35,7 @@ pub fn from_cache(
     namespace: &str,
     name: &str,
 ) -> Option<Arc<KeySnapshot>> {
-    let mac_key = cache::mac_key(root);
-    let cached = match cache::read(state_dir, &mac_key) {
+    let cached = match cache::read(state_dir, &cache::mac_keys(root)) {
         Ok(Some(c)) => c,
         Ok(None) => return None,
         Err(e) => {

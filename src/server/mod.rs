@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
 
 use crate::audit::{AuditError, AuditLimits, AuditLog};
-use crate::crypto::{RootKey, RootKeyError, RootKeySource};
+use crate::crypto::{RootKey, RootKeyConfig, RootKeyError};
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyServiceServer;
 use crate::telemetry::{self, Health};
@@ -40,7 +40,7 @@ pub struct Config {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     /// Where the root key is (a file or a PKCS#11 token).
-    pub root_key: RootKeySource,
+    pub root_key: RootKeyConfig,
     /// Audiences, and how TokenReview results are kept.
     pub auth: auth::Settings,
     /// How SubjectAccessReview results are kept.
@@ -119,8 +119,8 @@ impl BackendError {
 
 /// Runs the server until `shutdown`.
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
-    let root = Arc::new(RootKey::open(&config.root_key).map_err(RunError::RootKey)?);
-    tracing::info!(root_key = root.fingerprint(), listen = %config.listen, "starting the key API server");
+    let root = Arc::new(RootKey::open_config(&config.root_key).map_err(RunError::RootKey)?);
+    tracing::info!(root_key = root.fingerprint(), previous_root_keys = ?root.previous_fingerprints().collect::<Vec<_>>(), listen = %config.listen, "starting the key API server");
     let audit =
         Arc::new(AuditLog::open_with(&config.audit_log, &root, config.audit).map_err(RunError::Audit)?);
     let read = |what, path: &PathBuf| {

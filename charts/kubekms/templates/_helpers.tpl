@@ -131,6 +131,40 @@ affinity:
     path: {{ .Values.rootKey.hostPath }}
     type: File
 {{- end }}
+{{- with include "kubekms.previousRootKeySource" . }}
+- name: previous-root-key
+{{- if eq $.Values.rootKey.source "secret" }}
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+    - {key: root.key, path: root.key}
+{{- else }}
+  hostPath:
+    path: {{ . }}
+    type: File
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The previous root key of the controller or the server: its Secret or its file, or nothing. */}}
+{{- define "kubekms.previousRootKeySource" -}}
+{{- if eq .Values.rootKey.source "secret" -}}
+{{- .Values.rootKey.previous.secretName -}}
+{{- else -}}
+{{- .Values.rootKey.previous.hostPath -}}
+{{- end -}}
+{{- end }}
+
+{{/* The flag that gives the controller or the server the previous root key, if any. */}}
+{{- define "kubekms.previousRootKeyArgs" -}}
+{{- if include "kubekms.previousRootKeySource" . }}
+{{- if eq .Values.rootKey.source "secret" }}
+- --previous-root-key-file=/run/kubekms/previous-root.key
+{{- else }}
+- --previous-root-key-file=/etc/kubekms/previous-root.key
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Where the controller or the server finds the root key. */}}
@@ -148,6 +182,9 @@ affinity:
 - {name: root-key-private, mountPath: /run/kubekms, readOnly: true}
 {{- else }}
 - {name: root-key, mountPath: /etc/kubekms/root.key, readOnly: true}
+{{- if .Values.rootKey.previous.hostPath }}
+- {name: previous-root-key, mountPath: /etc/kubekms/previous-root.key, readOnly: true}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -171,6 +208,20 @@ initContainers:
   resources:
     requests: {cpu: 10m, memory: 16Mi}
     limits: {memory: 32Mi}
+{{- if .Values.rootKey.previous.secretName }}
+- name: previous-root-key
+  image: {{ include "kubekms.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: [root-key, copy, --from, /var/run/secrets/kubekms-previous/root.key, --out, /run/kubekms/previous-root.key]
+  securityContext:
+    {{- include "kubekms.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+  - {name: previous-root-key, mountPath: /var/run/secrets/kubekms-previous, readOnly: true}
+  - {name: root-key-private, mountPath: /run/kubekms}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 32Mi}
+{{- end }}
 {{- end }}
 {{- end }}
 

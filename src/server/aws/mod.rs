@@ -217,11 +217,10 @@ where
                     )
                 },
             )?;
-        let session = self
+        let (session, secret) = self
             .sessions
             .open(token, &auth.access_key_id, now)
             .map_err(|e| AwsFault::client(e.code(), e.to_string()))?;
-        let secret = self.sessions.secret(&auth.access_key_id);
         auth.verify(&parts.method, &parts.uri, &parts.headers, body, secret.as_bytes()).map_err(sig)?;
         Ok(session.identity())
     }

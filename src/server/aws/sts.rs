@@ -34,10 +34,13 @@ pub const DEFAULT_DURATION_SECONDS: i64 = 3600;
 /// STS's XML namespace.
 const XMLNS: &str = "https://sts.amazonaws.com/doc/2011-06-15/";
 
-/// The keys sessions are sealed and their secrets derived with.
+/// The keys sessions are sealed and their secrets derived with: the primary root key's,
+/// then each previous root key's, so that a session issued before a root-key rotation
+/// stays valid (with its secret) until it expires. New sessions use the primary's.
 pub struct SessionKeys {
     seal: KeyMaterial,
     secret: KeyMaterial,
+    previous: Vec<(KeyMaterial, KeyMaterial)>,
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -112,22 +115,32 @@ impl SessionKeys {
     /// Keys derived from the root key: every replica with the same root key derives the
     /// same ones.
     pub fn from_root(root: &RootKey) -> Self {
-        SessionKeys { seal: root.derive(TOKEN_PURPOSE), secret: root.derive(SECRET_PURPOSE) }
+        let previous =
+            root.derive_all(TOKEN_PURPOSE).into_iter().zip(root.derive_all(SECRET_PURPOSE)).skip(1).collect();
+        let (seal, secret) = (root.derive(TOKEN_PURPOSE), root.derive(SECRET_PURPOSE));
+        SessionKeys { seal, secret, previous }
     }
 
-    /// The secret access key of `access_key_id`.
+    /// The secret access key of `access_key_id`, for a session the primary root key sealed.
     pub fn secret(&self, access_key_id: &str) -> Zeroizing<String> {
-        let mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(self.secret.expose()) {
-            Ok(mut mac) => {
-                mac.update(access_key_id.as_bytes());
-                Zeroizing::new(mac.finalize().into_bytes().to_vec())
-            }
-            // HMAC takes keys of any length; never taken.
-            Err(_) => Zeroizing::new(Vec::new()),
-        };
-        Zeroizing::new(base64::engine::general_purpose::STANDARD_NO_PAD.encode(mac.as_slice()))
+        secret_under(&self.secret, access_key_id)
     }
+}
 
+/// The secret access key of `access_key_id` under the secret-derivation key `key`.
+fn secret_under(key: &KeyMaterial, access_key_id: &str) -> Zeroizing<String> {
+    let mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose()) {
+        Ok(mut mac) => {
+            mac.update(access_key_id.as_bytes());
+            Zeroizing::new(mac.finalize().into_bytes().to_vec())
+        }
+        // HMAC takes keys of any length; never taken.
+        Err(_) => Zeroizing::new(Vec::new()),
+    };
+    Zeroizing::new(base64::engine::general_purpose::STANDARD_NO_PAD.encode(mac.as_slice()))
+}
+
+impl SessionKeys {
     /// New credentials for `identity`, valid until `expires` (Unix seconds).
     pub fn issue(&self, identity: &Identity, expires: i64) -> Result<Credentials, SealError> {
         let random: [u8; 10] = crate::crypto::random_bytes().map_err(SealError::Random)?;
@@ -159,8 +172,15 @@ impl SessionKeys {
         })
     }
 
-    /// Opens the session token sent with a request signed by `access_key_id`, at `now`.
-    pub fn open(&self, token: &str, access_key_id: &str, now: i64) -> Result<Session, SessionError> {
+    /// Opens the session token sent with a request signed by `access_key_id`, at `now`;
+    /// with the secret access key the request must be signed with (that of the root key,
+    /// primary or previous, that sealed the session).
+    pub fn open(
+        &self,
+        token: &str,
+        access_key_id: &str,
+        now: i64,
+    ) -> Result<(Session, Zeroizing<String>), SessionError> {
         if token.len() > MAX_SESSION_TOKEN_LEN {
             return Err(SessionError::Invalid);
         }
@@ -170,8 +190,14 @@ impl SessionKeys {
             return Err(SessionError::Invalid);
         }
         // The access key id is bound as associated data: a token opens only with its own.
-        let plaintext = open(&self.seal, TOKEN_PURPOSE, 1, access_key_id.as_bytes(), &sealed)
-            .map_err(|_| SessionError::Invalid)?;
+        let previous = self.previous.iter().map(|(seal, secret)| (seal, secret));
+        let mut keys = std::iter::once((&self.seal, &self.secret)).chain(previous);
+        let (plaintext, secret) = keys
+            .find_map(|(seal, secret)| {
+                let plaintext = open(seal, TOKEN_PURPOSE, 1, access_key_id.as_bytes(), &sealed).ok()?;
+                Some((plaintext, secret))
+            })
+            .ok_or(SessionError::Invalid)?;
         let session: Session =
             serde_json::from_slice(plaintext.expose()).map_err(|_| SessionError::Invalid)?;
         if session.access_key_id != access_key_id {
@@ -180,7 +206,7 @@ impl SessionKeys {
         if session.expires <= now {
             return Err(SessionError::Expired);
         }
-        Ok(session)
+        Ok((session, secret_under(secret, access_key_id)))
     }
 }
 
@@ -407,13 +433,41 @@ mod tests {
         assert!(creds.access_key_id.starts_with("ASIA") && creds.access_key_id.len() == 20);
         assert!(creds.access_key_id.bytes().all(|b| BASE32.contains(&b)));
         let replica = keys();
-        let session = replica.open(&creds.session_token, &creds.access_key_id, 1_000).unwrap();
+        let (session, secret) = replica.open(&creds.session_token, &creds.access_key_id, 1_000).unwrap();
+        assert_eq!(*secret, *creds.secret_access_key);
         assert_eq!(session.identity(), who());
         assert_eq!(session.expires, 2_000);
         assert_eq!(*replica.secret(&creds.access_key_id), *creds.secret_access_key);
         let other = keys().issue(&who(), 2_000).unwrap();
         assert_ne!(other.access_key_id, creds.access_key_id);
         assert_ne!(*other.secret_access_key, *creds.secret_access_key);
+    }
+
+    #[test]
+    fn a_session_sealed_before_a_root_key_rotation_opens_with_its_own_secret() {
+        let key = |b: u8| RootKey::from_material(KeyMaterial::from_slice(&[b; 32]).unwrap());
+        let before = keys().issue(&who(), 2_000).unwrap();
+        let rotated = SessionKeys::from_root(&key(9).with_previous(key(7)).unwrap());
+        let (session, secret) = rotated.open(&before.session_token, &before.access_key_id, 1_000).unwrap();
+        assert_eq!(session.identity(), who());
+        assert_eq!(
+            *secret, *before.secret_access_key,
+            "signed with the secret issued under the old root key"
+        );
+        // New sessions are the new root key's: the old one alone does not open them.
+        let after = rotated.issue(&who(), 2_000).unwrap();
+        let (_, secret) = rotated.open(&after.session_token, &after.access_key_id, 1_000).unwrap();
+        assert_eq!(*secret, *after.secret_access_key);
+        assert_eq!(
+            keys().open(&after.session_token, &after.access_key_id, 1_000),
+            Err(SessionError::Invalid)
+        );
+        // Once the old root key is removed, its sessions no longer open.
+        let only_new = SessionKeys::from_root(&key(9));
+        assert_eq!(
+            only_new.open(&before.session_token, &before.access_key_id, 1_000),
+            Err(SessionError::Invalid)
+        );
     }
 
     #[test]
