@@ -130,8 +130,13 @@ impl WrappingKey {
         if sealed.first() != Some(&SEAL_FORMAT) {
             return Err(ImportCryptoError::Open);
         }
-        let pkcs8 = open(&root.derive(SEAL_PURPOSE), SEAL_PURPOSE, 1, &context, sealed)
-            .map_err(|_| ImportCryptoError::Open)?;
+        // Sealed before a root-key rotation, it opens under the previous root key until the
+        // window ends.
+        let pkcs8 = root
+            .derive_all(SEAL_PURPOSE)
+            .iter()
+            .find_map(|k| open(k, SEAL_PURPOSE, 1, &context, sealed).ok())
+            .ok_or(ImportCryptoError::Open)?;
         let private =
             PrivateDecryptingKey::from_pkcs8(pkcs8.expose()).map_err(|_| ImportCryptoError::Open)?;
         let key = WrappingKey::from_private(private).ok_or(ImportCryptoError::Open)?;
@@ -239,10 +244,18 @@ impl ImportToken {
             return Err(TokenError::Malformed);
         }
         let (body, mac) = raw.split_at(raw.len() - MAC_LEN);
-        let mut check = <Hmac<Sha256> as KeyInit>::new_from_slice(root.derive(TOKEN_PURPOSE).expose())
-            .map_err(|_| TokenError::Forged)?;
-        check.update(body);
-        check.verify_slice(mac).map_err(|_| TokenError::Forged)?;
+        // Issued before a root-key rotation, it verifies under the previous root key.
+        let issued_here = root.derive_all(TOKEN_PURPOSE).iter().any(|k| {
+            <Hmac<Sha256> as KeyInit>::new_from_slice(k.expose())
+                .map(|mut check| {
+                    check.update(body);
+                    check.verify_slice(mac).is_ok()
+                })
+                .unwrap_or(false)
+        });
+        if !issued_here {
+            return Err(TokenError::Forged);
+        }
         let key_id = String::from_utf8(body[2..2 + id_len].to_vec()).map_err(|_| TokenError::Malformed)?;
         let rest = &body[2 + id_len..];
         let wrapping_key_id: [u8; 32] = rest[..32].try_into().map_err(|_| TokenError::Malformed)?;
@@ -305,6 +318,27 @@ mod tests {
         // The sealed form holds no plaintext PKCS#8 (whose RSA header starts 30 82).
         let pkcs8 = key.private_pkcs8().unwrap();
         assert!(!sealed.windows(16).any(|w| w == &pkcs8[..16]));
+    }
+
+    #[test]
+    fn a_wrapping_key_and_token_made_before_a_root_key_rotation_still_serve_it() {
+        let (old, key) = (root(), WrappingKey::generate().unwrap());
+        let sealed = key.seal(&old, "key-1").unwrap();
+        let token = ImportToken {
+            key_id: "key-1".into(),
+            wrapping_key_id: public_key_id(key.public_der()),
+            not_after: Timestamp::from_second(2_000_000_000).unwrap(),
+        };
+        let issued = token.issue(&old);
+        let new = root();
+        assert!(WrappingKey::open(&new, "key-1", key.public_der(), &sealed).is_err());
+        assert_eq!(ImportToken::verify(&new, &issued), Err(TokenError::Forged));
+        let rotated = new.with_previous(old).unwrap();
+        assert!(WrappingKey::open(&rotated, "key-1", key.public_der(), &sealed).is_ok());
+        assert_eq!(ImportToken::verify(&rotated, &issued).unwrap(), token);
+        // What the rotated root key makes, it makes under its primary.
+        let fresh = token.issue(&rotated);
+        assert_ne!(fresh, issued);
     }
 
     #[test]
