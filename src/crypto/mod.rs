@@ -16,7 +16,7 @@ pub use import::{
     IMPORT_WINDOW, ImportCryptoError, ImportToken, TokenError, WRAPPED_LEN, WRAPPING_ALGORITHM,
     WRAPPING_KEY_SPEC, WrappingKey, public_key_id, wrap_material,
 };
-pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector};
+pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector, copy_pin};
 pub(crate) use root::hex;
 pub use root::{RootKey, RootKeyError, RootKeySource, WrapContext};
 pub use seal::{SEAL_OVERHEAD, SealError, open, seal};
