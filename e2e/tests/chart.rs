@@ -2,6 +2,7 @@
 //! the schema, install and upgrade into the local control plane (no kubelet runs there, so
 //! the objects are checked, not running pods), and least-privilege RBAC.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -243,6 +244,178 @@ async fn bad_values_are_refused_by_the_schema() {
         let run = template("bad", "kubekms-system", &all);
         assert!(!run.ok, "accepted {all:?}");
         assert!(run.stderr.contains(expected), "{all:?}: expected {expected:?} in\n{}", run.stderr);
+    }
+}
+
+/// The values of a root key in a SoftHSM2 token, as the README shows them.
+const PKCS11: &[&str] = &[
+    "server.tls.secretName=tls",
+    "rootKey.provider=pkcs11",
+    "rootKey.pkcs11.module=/opt/softhsm/lib/libsofthsm2.so",
+    "rootKey.pkcs11.tokenLabel=kubekms",
+    "rootKey.pkcs11.keyLabel=kubekms-root-1",
+    "rootKey.pkcs11.pinSecret.name=kubekms-hsm-pin",
+    "rootKey.pkcs11.env[0].name=SOFTHSM2_CONF",
+    "rootKey.pkcs11.env[0].value=/opt/softhsm/softhsm2.conf",
+    "rootKey.pkcs11.volumes[0].name=softhsm",
+    "rootKey.pkcs11.volumes[0].hostPath.path=/opt/softhsm",
+    "rootKey.pkcs11.volumes[0].hostPath.type=Directory",
+    "rootKey.pkcs11.volumeMounts[0].name=softhsm",
+    "rootKey.pkcs11.volumeMounts[0].mountPath=/opt/softhsm",
+];
+
+#[tokio::test]
+async fn pkcs11_root_key_in_every_component() {
+    let ns = TestNamespace::new("chart-pkcs11");
+    let ns = ns.name.as_str();
+    let run = template("hsm", ns, PKCS11);
+    assert!(run.ok, "{}", run.stderr);
+    let rendered = docs(&run.stdout);
+    assert_restricted(&rendered);
+    let mut seen = Vec::new();
+    for d in rendered
+        .iter()
+        .filter(|d| ["Deployment", "DaemonSet"].contains(&d["kind"].as_str().unwrap_or_default()))
+    {
+        let pod = &d["spec"]["template"]["spec"];
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let c = &pod["containers"][0];
+        let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
+        for flag in [
+            "--pkcs11-module=/opt/softhsm/lib/libsofthsm2.so",
+            "--pkcs11-token-label=kubekms",
+            "--pkcs11-key-label=kubekms-root-1",
+            "--pkcs11-pin-file=/run/kubekms-pin/pin",
+        ] {
+            assert!(args.contains(&flag), "{name}: no {flag} in {args:?}");
+        }
+        assert!(
+            !args.iter().any(|a| a.starts_with("--root-key-file") || a.starts_with("--pkcs11-slot")),
+            "{name}: {args:?}"
+        );
+        assert!(
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "SOFTHSM2_CONF" && e["value"] == "/opt/softhsm/softhsm2.conf"),
+            "{name}: no SOFTHSM2_CONF in {}",
+            c["env"]
+        );
+        let mounts = c["volumeMounts"].as_array().unwrap();
+        assert!(
+            mounts.iter().any(|m| m["name"] == "softhsm" && m["mountPath"] == "/opt/softhsm"),
+            "{name}: {mounts:?}"
+        );
+        assert!(
+            mounts.iter().any(|m| m["name"] == "pkcs11-pin-private"
+                && m["mountPath"] == "/run/kubekms-pin"
+                && m["readOnly"] == true),
+            "{name}: {mounts:?}"
+        );
+        assert!(
+            !mounts.iter().any(|m| m["name"] == "root-key" || m["name"] == "pkcs11-pin"),
+            "{name}: {mounts:?}"
+        );
+        // The PIN reaches the container only through the init container's private copy.
+        let init = pod["initContainers"].as_array().unwrap();
+        assert_eq!(init.len(), 1, "{name}: {init:?}");
+        assert_eq!(
+            init[0]["args"],
+            serde_json::json!([
+                "root-key",
+                "copy-pin",
+                "--from",
+                "/var/run/secrets/kubekms-pin/pin",
+                "--out",
+                "/run/kubekms-pin/pin"
+            ])
+        );
+        let volumes = pod["volumes"].as_array().unwrap();
+        let pin = volumes.iter().find(|v| v["name"] == "pkcs11-pin").unwrap();
+        assert_eq!(pin["secret"]["secretName"], "kubekms-hsm-pin");
+        assert_eq!(pin["secret"]["items"], serde_json::json!([{"key": "pin", "path": "pin"}]));
+        let private = volumes.iter().find(|v| v["name"] == "pkcs11-pin-private").unwrap();
+        assert_eq!(private["emptyDir"]["medium"], "Memory");
+        assert!(volumes.iter().any(|v| v["name"] == "softhsm" && v["hostPath"]["path"] == "/opt/softhsm"));
+        assert!(!volumes.iter().any(|v| v["name"] == "root-key"), "{name}: no root key file");
+        seen.push(name.to_owned());
+    }
+    seen.sort();
+    assert_eq!(seen, ["hsm-controller", "hsm-plugin", "hsm-server"]);
+    let dry = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&run.stdout));
+    assert!(dry.ok, "the API server refused the pkcs11 rendering:\n{}", dry.stderr);
+
+    // The private copy really is what the token code accepts: mode 0400 from a 0440 Secret file.
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("pin");
+    std::fs::write(&shared, "1234\n").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let private = dir.path().join("private");
+    let copy = Command::new(kubekms_bin())
+        .args(["root-key", "copy-pin", "--from"])
+        .arg(&shared)
+        .arg("--out")
+        .arg(&private)
+        .output()
+        .unwrap();
+    assert!(copy.status.success(), "{}", String::from_utf8_lossy(&copy.stderr));
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o400);
+
+    // A slot instead of a label.
+    let mut slot: Vec<&str> =
+        PKCS11.iter().copied().filter(|s| !s.starts_with("rootKey.pkcs11.tokenLabel")).collect();
+    slot.push("rootKey.pkcs11.slot=0");
+    let run = template("hsm", ns, &slot);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(run.stdout.contains("- --pkcs11-slot=0") && !run.stdout.contains("--pkcs11-token-label"));
+
+    // The default stays a root key file, without a trace of the token.
+    let defaults = template("hsm", ns, &["server.tls.secretName=tls"]);
+    assert!(defaults.ok, "{}", defaults.stderr);
+    assert!(defaults.stdout.contains("- --root-key-file=/etc/kubekms/root.key"));
+    assert!(
+        !defaults.stdout.contains("--pkcs11") && !defaults.stdout.contains("kubekms-pin"),
+        "the default rendering mentions the token"
+    );
+}
+
+#[tokio::test]
+async fn bad_pkcs11_values_are_refused() {
+    let without =
+        |prefix: &str| -> Vec<&str> { PKCS11.iter().copied().filter(|s| !s.starts_with(prefix)).collect() };
+    let mut both = PKCS11.to_vec();
+    both.push("rootKey.pkcs11.slot=1");
+    let mut previous_file = PKCS11.to_vec();
+    previous_file.push("rootKey.previous.hostPath=/etc/kubekms/old.key");
+    for (sets, expected) in [
+        (
+            without("rootKey.pkcs11.module"),
+            "rootKey.pkcs11.module is required when rootKey.provider is pkcs11",
+        ),
+        (
+            without("rootKey.pkcs11.keyLabel"),
+            "rootKey.pkcs11.keyLabel is required when rootKey.provider is pkcs11",
+        ),
+        (
+            without("rootKey.pkcs11.pinSecret"),
+            "rootKey.pkcs11.pinSecret.name is required when rootKey.provider is pkcs11",
+        ),
+        (
+            without("rootKey.pkcs11.tokenLabel"),
+            "rootKey.pkcs11.tokenLabel or rootKey.pkcs11.slot is required",
+        ),
+        (both, "rootKey.pkcs11.tokenLabel and rootKey.pkcs11.slot are both set: give exactly one"),
+        (previous_file, "rootKey.previous (a previous root key file) is for rootKey.provider file"),
+        (vec!["rootKey.provider=vault"], "/rootKey/provider"),
+        (vec!["rootKey.pkcs11.module=libsofthsm2.so"], "/rootKey/pkcs11/module"),
+        (vec!["rootKey.pkcs11.slot=-1"], "/rootKey/pkcs11/slot"),
+        (vec!["rootKey.pkcs11.tokenlabel=x"], "additional properties 'tokenlabel' not allowed"),
+    ] {
+        let run = template("bad", "kubekms-system", &sets);
+        assert!(!run.ok, "accepted {sets:?}");
+        assert!(run.stderr.contains(expected), "{sets:?}: expected {expected:?} in\n{}", run.stderr);
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use kubekms::crypto::RootKey;
+use kubekms::crypto::{RootKey, copy_pin};
 use kubekms::keyring::RotationReport;
 
 use super::args::{KubeArgs, Pkcs11Args, RootKeyArgs};
@@ -34,6 +34,16 @@ pub enum Command {
     /// that only the pod's group can read: the init container of the Helm chart does this.
     Copy {
         /// The root key to copy (checked for length only).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Where to write it (replaced atomically).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Copy a PKCS#11 PIN file into a private file (mode 0400), for example from a Secret
+    /// volume that only the pod's group can read: the Helm chart's init container does this.
+    CopyPin {
+        /// The PIN file to copy (one line).
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
         /// Where to write it (replaced atomically).
@@ -115,6 +125,10 @@ impl Command {
             Command::Copy { from, out } => {
                 let key = RootKey::copy(&from, &out)?;
                 println!("copied the root key {} to {}", key.fingerprint(), out.display());
+            }
+            Command::CopyPin { from, out } => {
+                copy_pin(&from, &out)?;
+                println!("copied the PIN file {} to {}", from.display(), out.display());
             }
             Command::Fingerprint { root_key } => {
                 println!("{}", root_key.load()?.fingerprint());

@@ -16,7 +16,7 @@ pub use import::{
     IMPORT_WINDOW, ImportCryptoError, ImportToken, TokenError, WRAPPED_LEN, WRAPPING_ALGORITHM,
     WRAPPING_KEY_SPEC, WrappingKey, public_key_id, wrap_material,
 };
-pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector};
+pub use pkcs11::{Pkcs11Config, Pkcs11Error, TokenSelector, copy_pin};
 pub use root::{RootKey, RootKeyConfig, RootKeyError, RootKeySource, WrapContext};
 pub(crate) use root::{hex, unhex};
 pub use seal::{SEAL_OVERHEAD, SealError, open, seal};

@@ -8,8 +8,8 @@
 //! unwraps or wraps, never one per Encrypt (versions stay unwrapped in memory).
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -73,6 +73,12 @@ pub enum Pkcs11Error {
     PinPermissions { path: PathBuf, mode: u32 },
     #[error("PIN file {0} is empty or not one line of UTF-8")]
     PinFormat(PathBuf),
+    #[error("failed to write the private copy of the PIN to {path}")]
+    PinWrite {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to load the PKCS#11 module {module}")]
     Module {
         module: PathBuf,
@@ -167,14 +173,44 @@ fn read_pin(path: &Path) -> Result<AuthPin, Pkcs11Error> {
     if mode & 0o077 != 0 {
         return Err(Pkcs11Error::PinPermissions { path: path.to_owned(), mode });
     }
+    let pin = pin_line(path, file)?;
+    Ok(AuthPin::from(pin.as_str()))
+}
+
+/// The one line of a PIN file, without its newline.
+fn pin_line(path: &Path, file: std::fs::File) -> Result<Zeroizing<String>, Pkcs11Error> {
     let mut buf = Zeroizing::new(Vec::new());
-    file.take(MAX_PIN_LEN).read_to_end(&mut buf).map_err(read_err)?;
+    file.take(MAX_PIN_LEN)
+        .read_to_end(&mut buf)
+        .map_err(|source| Pkcs11Error::PinRead { path: path.to_owned(), source })?;
     let text = std::str::from_utf8(&buf).map_err(|_| Pkcs11Error::PinFormat(path.to_owned()))?;
     let pin = text.strip_suffix('\n').unwrap_or(text);
     if pin.is_empty() || pin.contains('\n') {
         return Err(Pkcs11Error::PinFormat(path.to_owned()));
     }
-    Ok(AuthPin::from(pin))
+    Ok(Zeroizing::new(pin.to_owned()))
+}
+
+/// Copies a PIN file into a file only its owner may read (mode 0400), replacing it
+/// atomically: a Secret volume is readable by a non-root user only through a group, which
+/// [`read_pin`] refuses, so the Helm chart's init container makes this private copy.
+pub fn copy_pin(from: &Path, to: &Path) -> Result<(), Pkcs11Error> {
+    let file =
+        std::fs::File::open(from).map_err(|source| Pkcs11Error::PinRead { path: from.to_owned(), source })?;
+    let pin = pin_line(from, file)?;
+    let tmp = to.with_file_name(format!(".pin.{}.tmp", std::process::id()));
+    let written = (|| {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(&tmp)?;
+        f.write_all(pin.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, to)
+    })();
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Pkcs11Error::PinWrite { path: to.to_owned(), source });
+    }
+    Ok(())
 }
 
 impl Pkcs11Root {
@@ -443,5 +479,32 @@ impl Pkcs11Root {
             Ok(())
         })?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_pin_makes_a_private_file_from_a_group_readable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::write(&shared, "1234\n").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert!(matches!(read_pin(&shared), Err(Pkcs11Error::PinPermissions { mode: 0o440, .. })));
+        let private = dir.path().join("pin");
+        copy_pin(&shared, &private).unwrap();
+        assert_eq!(std::fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o400);
+        assert_eq!(std::fs::read_to_string(&private).unwrap(), "1234");
+        read_pin(&private).unwrap();
+        // Again (a restarted init container): replaced, not refused.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::fs::write(&shared, "5678").unwrap();
+        copy_pin(&shared, &private).unwrap();
+        assert_eq!(std::fs::read_to_string(&private).unwrap(), "5678");
+        std::fs::write(&shared, "").unwrap();
+        assert!(matches!(copy_pin(&shared, &private), Err(Pkcs11Error::PinFormat(_))));
+        assert_eq!(std::fs::read_to_string(&private).unwrap(), "5678", "a bad PIN leaves the copy alone");
     }
 }

@@ -87,7 +87,7 @@ seccompProfile:
 
 {{/*
 Scheduling of the controller or the server: its own nodeSelector/tolerations when set;
-otherwise, with the root key on the control-plane nodes' disks, those nodes.
+otherwise, with the root key in a file on the control-plane nodes' disks, those nodes.
 Include with (list . .Values.controller).
 */}}
 {{- define "kubekms.scheduling" -}}
@@ -95,7 +95,7 @@ Include with (list . .Values.controller).
 {{- $c := index . 1 -}}
 {{- $nodeSelector := $c.nodeSelector -}}
 {{- $tolerations := $c.tolerations -}}
-{{- if and (eq $root.Values.rootKey.source "hostPath") (not $nodeSelector) -}}
+{{- if and (eq $root.Values.rootKey.provider "file") (eq $root.Values.rootKey.source "hostPath") (not $nodeSelector) -}}
 {{- $nodeSelector = $root.Values.plugin.nodeSelector -}}
 {{- $tolerations = $root.Values.plugin.tolerations -}}
 {{- end -}}
@@ -115,6 +115,9 @@ affinity:
 
 {{/* The root key volume of the controller or the server. */}}
 {{- define "kubekms.rootKeyVolume" -}}
+{{- if eq .Values.rootKey.provider "pkcs11" }}
+{{- include "kubekms.pkcs11Volumes" . }}
+{{- else }}
 - name: root-key
 {{- if eq .Values.rootKey.source "secret" }}
   secret:
@@ -146,6 +149,7 @@ affinity:
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
 
 {{/* The previous root key of the controller or the server: its Secret or its file, or nothing. */}}
 {{- define "kubekms.previousRootKeySource" -}}
@@ -158,6 +162,9 @@ affinity:
 
 {{/* The flag that gives the controller or the server the previous root key, if any. */}}
 {{- define "kubekms.previousRootKeyArgs" -}}
+{{- if and (eq .Values.rootKey.provider "pkcs11") (or .Values.rootKey.previous.hostPath .Values.rootKey.previous.secretName) }}
+{{- fail "rootKey.previous (a previous root key file) is for rootKey.provider file; the chart has no value yet for a previous key with provider pkcs11 (the flag is --pkcs11-previous-key-label or --previous-root-key-file; README, \"Rotating the root key\")" }}
+{{- end }}
 {{- if include "kubekms.previousRootKeySource" . }}
 {{- if eq .Values.rootKey.source "secret" }}
 - --previous-root-key-file=/run/kubekms/previous-root.key
@@ -178,7 +185,9 @@ affinity:
 
 {{/* Mounts for the root key. */}}
 {{- define "kubekms.rootKeyMounts" -}}
-{{- if eq .Values.rootKey.source "secret" }}
+{{- if eq .Values.rootKey.provider "pkcs11" }}
+{{ include "kubekms.pkcs11Mounts" . }}
+{{- else if eq .Values.rootKey.source "secret" }}
 - {name: root-key-private, mountPath: /run/kubekms, readOnly: true}
 {{- else }}
 - {name: root-key, mountPath: /etc/kubekms/root.key, readOnly: true}
@@ -194,7 +203,10 @@ volume with mode 0400, since a Secret volume can only be made readable to a non-
 through a group (which kubekms refuses for a root key).
 */}}
 {{- define "kubekms.rootKeyInit" -}}
-{{- if eq .Values.rootKey.source "secret" }}
+{{- if eq .Values.rootKey.provider "pkcs11" }}
+initContainers:
+{{ include "kubekms.pkcs11Init" . }}
+{{- else if eq .Values.rootKey.source "secret" }}
 initContainers:
 - name: root-key
   image: {{ include "kubekms.image" . }}
@@ -235,4 +247,100 @@ readinessProbe:
   httpGet: {path: /readyz, port: metrics}
   periodSeconds: 5
   failureThreshold: 3
+{{- end }}
+
+{{/*
+The root key in a PKCS#11 token (rootKey.provider pkcs11): the combinations the schema
+cannot name clearly are refused here, with the value to fix.
+*/}}
+{{- define "kubekms.pkcs11.check" -}}
+{{- $p := .Values.rootKey.pkcs11 -}}
+{{- if not $p.module -}}
+{{- fail "rootKey.pkcs11.module is required when rootKey.provider is pkcs11: the path of the PKCS#11 module inside the container" -}}
+{{- end -}}
+{{- if not $p.keyLabel -}}
+{{- fail "rootKey.pkcs11.keyLabel is required when rootKey.provider is pkcs11: the label of the root key object in the token" -}}
+{{- end -}}
+{{- $slot := not (kindIs "invalid" $p.slot) -}}
+{{- if and $p.tokenLabel $slot -}}
+{{- fail "rootKey.pkcs11.tokenLabel and rootKey.pkcs11.slot are both set: give exactly one" -}}
+{{- end -}}
+{{- if not (or $p.tokenLabel $slot) -}}
+{{- fail "rootKey.pkcs11.tokenLabel or rootKey.pkcs11.slot is required when rootKey.provider is pkcs11" -}}
+{{- end -}}
+{{- if not $p.pinSecret.name -}}
+{{- fail "rootKey.pkcs11.pinSecret.name is required when rootKey.provider is pkcs11: an existing Secret holding the token's user PIN" -}}
+{{- end -}}
+{{- end }}
+
+{{/* The root key flags of a container: the file at the path given, or the token's. */}}
+{{- define "kubekms.rootKeyArgs" -}}
+{{- $root := index . 0 -}}
+{{- if eq $root.Values.rootKey.provider "pkcs11" -}}
+{{- include "kubekms.pkcs11.check" $root -}}
+{{- $p := $root.Values.rootKey.pkcs11 }}
+- --pkcs11-module={{ $p.module }}
+{{- if $p.tokenLabel }}
+- --pkcs11-token-label={{ $p.tokenLabel }}
+{{- else }}
+- --pkcs11-slot={{ $p.slot }}
+{{- end }}
+- --pkcs11-key-label={{ $p.keyLabel }}
+- --pkcs11-pin-file=/run/kubekms-pin/pin
+{{- else }}
+- --root-key-file={{ index . 1 }}
+{{- end }}
+{{- end }}
+
+{{/* Extra environment of a container that uses the token (e.g. SOFTHSM2_CONF). */}}
+{{- define "kubekms.pkcs11Env" -}}
+{{- if and (eq .Values.rootKey.provider "pkcs11") .Values.rootKey.pkcs11.env -}}
+{{ toYaml .Values.rootKey.pkcs11.env }}
+{{- end -}}
+{{- end }}
+
+{{/* The token's volumes: the PIN Secret, its private copy, and the given ones. */}}
+{{- define "kubekms.pkcs11Volumes" -}}
+{{- $p := .Values.rootKey.pkcs11 }}
+- name: pkcs11-pin
+  secret:
+    secretName: {{ $p.pinSecret.name }}
+    defaultMode: 0440
+    items:
+    - {key: {{ $p.pinSecret.key }}, path: pin}
+- name: pkcs11-pin-private
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- with $p.volumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The token's mounts in the container that uses it. */}}
+{{- define "kubekms.pkcs11Mounts" -}}
+- {name: pkcs11-pin-private, mountPath: /run/kubekms-pin, readOnly: true}
+{{- with .Values.rootKey.pkcs11.volumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The PIN's init container: a Secret volume reaches a non-root user only through the pod's
+group (fsGroup, mode 0440), and kubekms refuses a PIN file that its group can read, so it
+is copied into a private in-memory file (mode 0400) owned by runAsUser.
+*/}}
+{{- define "kubekms.pkcs11Init" -}}
+- name: pkcs11-pin
+  image: {{ include "kubekms.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: [root-key, copy-pin, --from, /var/run/secrets/kubekms-pin/pin, --out, /run/kubekms-pin/pin]
+  securityContext:
+    {{- include "kubekms.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+  - {name: pkcs11-pin, mountPath: /var/run/secrets/kubekms-pin, readOnly: true}
+  - {name: pkcs11-pin-private, mountPath: /run/kubekms-pin}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 32Mi}
 {{- end }}
