@@ -17,6 +17,11 @@ use cryptoki::types::{AuthPin, Ulong};
 use crate::support::{kubekms_bin, root_key, root_key_args, root_key_in_hsm, run_dir};
 
 /// The flags of `make up`'s token with `flag` set to `value`.
+/// The tests that open the token in new processes or write objects into it take turns:
+/// SoftHSM2 keeps a token in files, and a process that starts while another writes an object
+/// may find no token at all ("no token labelled …").
+static TOKEN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn args_with(flag: &str, value: &str) -> Vec<String> {
     let mut args = hsm_args();
     let i = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} in {args:?}"));
@@ -76,6 +81,7 @@ fn private_file(dir: &Path, name: &str, contents: &str, mode: u32) -> PathBuf {
 
 #[tokio::test]
 async fn hsm_misconfiguration_and_unsuitable_keys_get_precise_errors() {
+    let _token = TOKEN.lock().await;
     let args = hsm_args();
     // The fingerprint is the one the components report, computed the same way.
     let out = kubekms(&["root-key", "fingerprint"], &args);
@@ -259,6 +265,7 @@ async fn disruptive_hsm_a_token_that_goes_away_loses_nothing() {
 
 #[tokio::test]
 async fn hsm_material_wrapped_in_the_token_is_bound_and_authenticated() {
+    let _token = TOKEN.lock().await;
     use kubekms::crypto::{KeyMaterial, RootKey, RootKeyError, WrapContext};
     let _ = hsm_args();
     let root = root_key();
@@ -332,6 +339,7 @@ async fn disruptive_hsm_plugin_cold_start_from_its_cache_with_the_api_server_dow
 
 #[tokio::test]
 async fn hsm_a_second_key_label_rotates_the_root_key_in_the_token() {
+    let _token = TOKEN.lock().await;
     use kubekms::crypto::{KeyMaterial, RootKey, RootKeyConfig, RootKeySource, WrapContext};
     let old_args = hsm_args();
     let old_label = flag(&old_args, "--pkcs11-key-label");
