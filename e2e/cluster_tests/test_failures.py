@@ -37,12 +37,10 @@ def test_a_killed_plugin_pod_is_restarted_and_secrets_stay_readable(node, namesp
     status = plugin["status"]["containerStatuses"][0]
     os.kill(container_pid(node, status["containerID"]), signal.SIGKILL)
     # While kubelet restarts it, kube-apiserver reads Secrets with the keys it holds.
-    reads = 0
     restarted = None
     deadline = time.monotonic() + 120
     while restarted is None and time.monotonic() < deadline:
         assert read_secret(namespace, "before") == "kept"
-        reads += 1
         current = pods("plugin")
         if current and current[0]["status"]["containerStatuses"][0]["restartCount"] > status["restartCount"] \
                 and ready(current[0]):
@@ -50,7 +48,6 @@ def test_a_killed_plugin_pod_is_restarted_and_secrets_stay_readable(node, namesp
         time.sleep(0.5)
     assert restarted is not None, "kubelet did not restart the plugin pod"
     assert restarted["metadata"]["name"] == plugin["metadata"]["name"], "the same pod, restarted in place"
-    assert reads > 1
     eventually(60, "the KMS provider healthy again", lambda: kms_healthy(node))
     write_secret(namespace, "after", "written")
     assert etcd_value(node, f"/registry/secrets/{namespace}/after").startswith(b"k8s:enc:kms:v2:kubekms:")
