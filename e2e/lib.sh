@@ -13,6 +13,7 @@ die() { log "error: $*"; exit 1; }
 # control plane and its tests is not on PATH (etcd, kube-apiserver, kube-controller-manager
 # and helm are built here).
 require_tools() {
+  reserve_ports
   local tool missing=()
   for tool in cargo go kubectl python3 openssl curl sha256sum; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
@@ -24,6 +25,20 @@ require_tools() {
       || die "could not install softhsm2 (apt-get install softhsm2)"
   fi
   ((${#missing[@]} == 0)) || die "not on PATH: ${missing[*]} (README.md, \"Try it\", lists the prerequisites)"
+}
+
+# reserve_ports: keeps the kernel from handing out the control planes' fixed ports (33000-39999:
+# `make up`'s, the SoftHSM2 pass's, the chaos test's, the restore and root-key rotation tests';
+# 44500-44599: `make cluster`'s) as the source ports of outgoing connections, which made a
+# component's start fail now and then with "Address already in use" under load. Root only
+# (net.ipv4.ip_local_reserved_ports); adds to what is reserved already; a no-op elsewhere.
+KUBEKMS_RESERVED_PORTS="33000-39999,44500-44599"
+reserve_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
+  [[ -w "$file" ]] || return 0
+  current="$(cat "$file")"
+  [[ ",$current," == *",$KUBEKMS_RESERVED_PORTS,"* ]] && return 0
+  echo "${current:+$current,}$KUBEKMS_RESERVED_PORTS" >"$file" 2>/dev/null || true
 }
 
 # controlplane up|down|running ARGS...: the control plane itself, e2e/controlplane (Python,
