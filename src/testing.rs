@@ -5,9 +5,31 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::api::{KeyOwner, KmsKeyMaterialSpec, MaterialVersion};
 use crate::audit::{AuditLimits, AuditLog};
 use crate::crypto::RootKey;
 use crate::domain::{Key, KeyInfo, KeyIntent, KeyState, Origin, Policy};
+
+/// The material of a key kubekms created, owned by `owner`, its versions wrapped under the
+/// root key `root_fingerprint`, and nothing else recorded (no keyId, deletion, storage, import).
+pub fn material_spec(
+    owner: KeyOwner,
+    root_fingerprint: &str,
+    versions: Vec<MaterialVersion>,
+) -> KmsKeyMaterialSpec {
+    KmsKeyMaterialSpec {
+        owner,
+        origin: Origin::Kubekms,
+        key_id: None,
+        root_key_fingerprint: root_fingerprint.into(),
+        versions,
+        deletion_time: None,
+        destroyed_at: None,
+        storage: None,
+        deletion_refused: None,
+        import_wrapping: None,
+    }
+}
 
 /// An Enabled key at version 1, created by kubekms, with `policy`.
 pub fn enabled_key(namespace: &str, name: &str, key_id: &str, policy: Policy) -> Key {

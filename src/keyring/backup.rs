@@ -293,7 +293,7 @@ pub fn plan_restore(backup: &Backup, existing: &Existing) -> Result<Vec<Step>, V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{KeyOwner, MaterialVersion, Origin, VersionTrigger};
+    use crate::api::{KeyOwner, MaterialVersion, VersionTrigger};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     const KEY_ID: &str = "6ece15cd-0195-4985-aff9-395763ad0a3b";
@@ -319,18 +319,11 @@ mod tests {
                 }
             })
             .collect();
-        let material = KmsKeyMaterialSpec {
-            owner: KeyOwner { namespace: "apps".into(), name: "k".into(), uid: KEY_ID.into() },
-            origin: Origin::Kubekms,
-            key_id: None,
-            root_key_fingerprint: root.fingerprint().into(),
+        let material = crate::testing::material_spec(
+            KeyOwner { namespace: "apps".into(), name: "k".into(), uid: KEY_ID.into() },
+            root.fingerprint(),
             versions,
-            deletion_time: None,
-            destroyed_at: None,
-            storage: None,
-            deletion_refused: None,
-            import_wrapping: None,
-        };
+        );
         Backup {
             created: Timestamp::UNIX_EPOCH,
             root_key_fingerprint: root.fingerprint().into(),

@@ -404,18 +404,11 @@ mod tests {
                 .unwrap();
         KmsKeyMaterial {
             metadata: ObjectMeta { name: Some("uid-1".into()), ..Default::default() },
-            spec: KmsKeyMaterialSpec {
-                owner: KeyOwner { namespace: "ns".into(), name: "k".into(), uid: "uid-1".into() },
-                origin: Origin::Kubekms,
-                key_id: None,
-                root_key_fingerprint: root.fingerprint().into(),
-                versions: vec![version],
-                deletion_time: None,
-                destroyed_at: None,
-                storage: None,
-                deletion_refused: None,
-                import_wrapping: None,
-            },
+            spec: crate::testing::material_spec(
+                KeyOwner { namespace: "ns".into(), name: "k".into(), uid: "uid-1".into() },
+                root.fingerprint(),
+                vec![version],
+            ),
         }
     }
 

@@ -84,7 +84,7 @@ impl fmt::Display for RotationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{KeyOwner, KmsKeyMaterialSpec, MaterialVersion, Origin, VersionTrigger};
+    use crate::api::{KeyOwner, MaterialVersion, VersionTrigger};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn material(name: &str, root: &str, versions: &[Option<&str>], destroyed: &[u32]) -> KmsKeyMaterial {
@@ -107,18 +107,11 @@ mod tests {
             .collect();
         KmsKeyMaterial::new(
             name,
-            KmsKeyMaterialSpec {
-                owner: KeyOwner { namespace: "ns".into(), name: name.into(), uid: name.into() },
-                origin: Origin::Kubekms,
-                key_id: None,
-                root_key_fingerprint: root.into(),
+            crate::testing::material_spec(
+                KeyOwner { namespace: "ns".into(), name: name.into(), uid: name.into() },
+                root,
                 versions,
-                deletion_time: None,
-                destroyed_at: None,
-                storage: None,
-                deletion_refused: None,
-                import_wrapping: None,
-            },
+            ),
         )
     }
 
