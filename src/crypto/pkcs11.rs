@@ -8,8 +8,8 @@
 //! unwraps or wraps, never one per Encrypt (versions stay unwrapped in memory).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -198,19 +198,8 @@ pub fn copy_pin(from: &Path, to: &Path) -> Result<(), Pkcs11Error> {
     let file =
         std::fs::File::open(from).map_err(|source| Pkcs11Error::PinRead { path: from.to_owned(), source })?;
     let pin = pin_line(from, file)?;
-    let tmp = to.with_file_name(format!(".pin.{}.tmp", std::process::id()));
-    let written = (|| {
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(&tmp)?;
-        f.write_all(pin.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, to)
-    })();
-    if let Err(source) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Pkcs11Error::PinWrite { path: to.to_owned(), source });
-    }
-    Ok(())
+    super::root::replace_private_file(to, "pin", 0o400, pin.as_bytes())
+        .map_err(|source| Pkcs11Error::PinWrite { path: to.to_owned(), source })
 }
 
 impl Pkcs11Root {

@@ -316,19 +316,8 @@ impl RootKey {
             .map_err(read_err)?;
         let key = KeyMaterial::from_slice(&buf)
             .ok_or_else(|| RootKeyError::Length { path: from.to_owned(), len: buf.len() as u64 })?;
-        let tmp = to.with_file_name(format!(".root-key.{}.tmp", std::process::id()));
-        let create_err = |source| RootKeyError::Create { path: to.to_owned(), source };
-        let written = (|| {
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            f.write_all(key.expose())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, to)
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(create_err(e));
-        }
+        replace_private_file(to, "root-key", 0o600, key.expose())
+            .map_err(|source| RootKeyError::Create { path: to.to_owned(), source })?;
         Ok(RootKey::from_material(key))
     }
 
@@ -384,6 +373,25 @@ impl RootKey {
     pub fn derive_all(&self, purpose: &[u8]) -> Vec<KeyMaterial> {
         std::iter::once(self).chain(&self.previous).map(|r| r.derive(purpose)).collect()
     }
+}
+
+/// Replaces `to` with a new file of mode `mode` holding `bytes`, all at once: written to a
+/// temporary file beside it (`.NAME.PID.tmp`, created with that mode, synced), then renamed
+/// over it, so that a reader sees the old file or the new one and never a part; on failure
+/// the temporary file is removed and `to` is as it was.
+pub(crate) fn replace_private_file(to: &Path, name: &str, mode: u32, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = to.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, to)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Lowercase hexadecimal.
