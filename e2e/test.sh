@@ -76,7 +76,7 @@ fuzz_log="$ROOT_DIR/e2e/.test-fuzz.log"
 ) >"$fuzz_log" 2>&1 &
 fuzzing=$!
 
-log "end-to-end tests that restart or disable shared components, one at a time (meanwhile in the background: $background_log)"
+log "end-to-end tests that restart or disable shared components, one at a time (meanwhile in the background: $background_log, $fuzz_log)"
 disruptive_rc=0
 cargo test --features e2e --test e2e disruptive -- --skip hsm:: --test-threads 1 || disruptive_rc=$?
 log "waiting for the background passes"
