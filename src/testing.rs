@@ -28,6 +28,7 @@ pub fn material_spec(
         storage: None,
         deletion_refused: None,
         import_wrapping: None,
+        imported: None,
     }
 }
 
@@ -42,6 +43,7 @@ pub fn enabled_key(namespace: &str, name: &str, key_id: &str, policy: Policy) ->
             state: KeyState::Enabled,
             current_version: Some(1),
             refused_versions: Default::default(),
+            valid_to: None,
         },
         intent: KeyIntent { origin: Origin::Kubekms, enabled: true, ..Default::default() },
         description: String::new(),

@@ -46,6 +46,7 @@ impl From<&KmsKey> for Key {
                 state,
                 current_version,
                 refused_versions: Default::default(),
+                valid_to: None,
             },
             intent,
             description: key.spec.description.clone(),
@@ -244,6 +245,13 @@ impl From<&KmsKeyMaterial> for WrappedMaterial {
                 .filter_map(|v| Some((v.version, v.deletion_time.as_ref()?.0)))
                 .collect(),
             deletion_refused: m.spec.deletion_refused.is_some(),
+            valid_to: m
+                .spec
+                .imported
+                .as_ref()
+                .and_then(|i| i.valid_to.as_ref())
+                .filter(|_| m.spec.versions.iter().any(|v| v.wrapped.is_some()))
+                .map(|t| t.0),
             revision: m.metadata.resource_version.clone(),
             history: m
                 .spec

@@ -52,6 +52,12 @@ pub struct KmsKeyImportSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 1024))]
     pub encrypted_key_material: String,
+
+    /// When the imported material expires (optional; as AWS KMS's ValidTo): at that time
+    /// the key refuses every operation, its material is deleted and it is PendingImport
+    /// again, waiting for the same material. Without it, the material never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_to: Option<Time>,
 }
 
 /// What the controller publishes: the wrapping key and token of the current import window,
@@ -86,7 +92,8 @@ pub struct KmsKeyImportStatus {
 
     /// Imported: True once material is imported, False with the reason a submission was
     /// refused (InvalidImportToken, ExpiredImportToken, WrongKey, WrongWrappingKey,
-    /// InvalidCiphertext, DecryptionFailed, InvalidMaterialLength, NotPendingImport).
+    /// InvalidCiphertext, DecryptionFailed, InvalidMaterialLength, InvalidValidTo,
+    /// IncorrectKeyMaterial, NotPendingImport).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -110,4 +117,18 @@ pub struct ImportWrapping {
     /// failed decryptions are no oracle on it.
     #[serde(default)]
     pub failed_decryptions: u32,
+}
+
+/// What the material object remembers of imported material, so that the same material
+/// (and only it) can be imported again once it has expired and been deleted.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportedMaterial {
+    /// A commitment to the material: base64 of HMAC-SHA256 keyed by the material over the
+    /// key's keyId. It reveals nothing of the material, and outlives the root key.
+    #[schemars(length(min = 44, max = 44))]
+    pub commitment: String,
+    /// When the material expires, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_to: Option<Time>,
 }

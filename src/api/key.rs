@@ -287,6 +287,10 @@ pub struct KmsKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_on_demand_request: Option<String>,
 
+    /// When the key's imported material expires (an EXTERNAL key imported with validTo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_to: Option<Time>,
+
     /// When the key material will be (or was) destroyed, while deletion is scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_time: Option<Time>,
@@ -403,4 +407,7 @@ pub enum KeyVersionState {
     PendingDestruction,
     /// The material has been destroyed.
     Destroyed,
+    /// Imported material that reached its validTo: deleted, until the same material is
+    /// imported again.
+    Expired,
 }

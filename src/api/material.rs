@@ -49,6 +49,9 @@ pub const MAX_VERSIONS: usize = 1000;
 #[x_kube(validation = Rule::new(
     "has(self.keyId) == has(oldSelf.keyId) && (!has(self.keyId) || self.keyId == oldSelf.keyId)"
 ).message("keyId is immutable"))]
+#[x_kube(validation = Rule::new(
+    "has(self.destroyedAt) || !has(oldSelf.imported) || (has(self.imported) && self.imported.commitment == oldSelf.imported.commitment)"
+).message("the commitment to imported material is immutable"))]
 pub struct KmsKeyMaterialSpec {
     /// The KmsKey this material belongs to.
     pub owner: KeyOwner,
@@ -101,6 +104,12 @@ pub struct KmsKeyMaterialSpec {
     /// published for it (see KmsKeyImport). Removed when material is imported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_wrapping: Option<super::import::ImportWrapping>,
+
+    /// For an EXTERNAL key whose material was imported: a commitment to that material and
+    /// when it expires (the controller then deletes it, and takes only the same material
+    /// again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<super::import::ImportedMaterial>,
 }
 
 impl KmsKeyMaterialSpec {
@@ -164,13 +173,16 @@ pub struct KeyOwner {
     "self.version == oldSelf.version && self.created == oldSelf.created && self.trigger == oldSelf.trigger && has(self.request) == has(oldSelf.request) && (!has(self.request) || self.request == oldSelf.request)"
 ).message("an existing key version never changes"))]
 #[x_kube(validation = Rule::new(
-    "has(oldSelf.destroyedAt) ? (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && !has(self.wrapped)) : (has(self.destroyedAt) ? !has(self.wrapped) : (has(self.wrapped) && (self.wrapped == oldSelf.wrapped || has(self.rootKeyFingerprint) != has(oldSelf.rootKeyFingerprint) || (has(self.rootKeyFingerprint) && self.rootKeyFingerprint != oldSelf.rootKeyFingerprint))))"
-).message("a version's material never changes (it is only rewrapped, under another root key), and once destroyed stays destroyed"))]
+    "has(oldSelf.destroyedAt) ? (has(self.destroyedAt) && self.destroyedAt == oldSelf.destroyedAt && !has(self.wrapped)) : (has(self.destroyedAt) ? !has(self.wrapped) : (has(oldSelf.expiredAt) || has(self.expiredAt) || (has(self.wrapped) && (self.wrapped == oldSelf.wrapped || has(self.rootKeyFingerprint) != has(oldSelf.rootKeyFingerprint) || (has(self.rootKeyFingerprint) && self.rootKeyFingerprint != oldSelf.rootKeyFingerprint)))))"
+).message("a version's material never changes (it is only rewrapped, under another root key, or deleted when imported material expires, and then only imported again), and once destroyed stays destroyed"))]
+#[x_kube(validation = Rule::new("!has(self.expiredAt) || self.trigger == 'Imported'").message(
+    "only imported material expires"
+))]
 #[x_kube(validation = Rule::new(
     "!has(oldSelf.deletionTime) || !has(self.deletionTime) || timestamp(self.deletionTime) >= timestamp(oldSelf.deletionTime)"
 ).message("a promised version destruction time never moves earlier: cancel it, then schedule it again"))]
-#[x_kube(validation = Rule::new("has(self.wrapped) != has(self.destroyedAt)").message(
-    "a version has either its wrapped material or destroyedAt"
+#[x_kube(validation = Rule::new("has(self.wrapped) != (has(self.destroyedAt) || has(self.expiredAt))").message(
+    "a version has either its wrapped material or destroyedAt (or, imported material that expired, expiredAt)"
 ))]
 pub struct MaterialVersion {
     /// The version number, counting from 1.
@@ -186,7 +198,7 @@ pub struct MaterialVersion {
     pub request: Option<String>,
     /// The version's 256-bit material wrapped by the root key (base64 of the kubekms
     /// wrapped-material format: format byte, nonce, AES-256-GCM ciphertext and tag).
-    /// Absent once the version is destroyed.
+    /// Absent once the version is destroyed, or while imported material has expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub wrapped: Option<String>,
@@ -205,6 +217,10 @@ pub struct MaterialVersion {
     /// used again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed_at: Option<Time>,
+    /// When the version's imported material expired and was deleted (its validTo). Removed
+    /// when the same material is imported again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<Time>,
 }
 
 /// What created a key version.

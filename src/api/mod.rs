@@ -28,7 +28,7 @@ pub use crds::{all_crds, crds_yaml};
 pub use grant::{
     GrantConstraints, GrantCreator, GrantState, KeyReference, KmsGrant, KmsGrantSpec, KmsGrantStatus,
 };
-pub use import::{ImportWrapping, KmsKeyImport, KmsKeyImportSpec, KmsKeyImportStatus};
+pub use import::{ImportWrapping, ImportedMaterial, KmsKeyImport, KmsKeyImportSpec, KmsKeyImportStatus};
 pub use key::{
     Deletion, Effect, KeyOperation, KeyPolicy, KeySpec, KeyState, KeyUsage, KeyVersionState,
     KeyVersionStatus, KmsKey, KmsKeySpec, KmsKeyStatus, MAX_VERSION_REQUESTS, Origin, PolicyStatement,

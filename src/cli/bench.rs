@@ -113,6 +113,7 @@ pub async fn start_local_plugin(dir: &Path, stop: CancellationToken) -> Result<P
             state: KeyState::Enabled,
             current_version: Some(1),
             refused_versions: Default::default(),
+            valid_to: None,
         },
         versions: [(1, Arc::new(KeyMaterial::generate().map_err(BenchError::Random)?))].into(),
     };

@@ -27,7 +27,8 @@ pub enum Command {
     ///
     /// Needs only the right to update that KmsKeyImport (get and patch on kmskeyimports,
     /// resourceNames NAME) — not the root key. Keep your own copy of the material: kubekms
-    /// cannot export it.
+    /// cannot export it, and once material imported with --valid-to has expired, the key
+    /// takes only that same material again.
     Import {
         /// The key, as NAMESPACE/NAME.
         #[arg(long, value_name = "NAMESPACE/NAME")]
@@ -35,6 +36,12 @@ pub enum Command {
         /// A file with exactly 32 bytes of raw key material, or - for standard input.
         #[arg(long, value_name = "FILE")]
         material: PathBuf,
+        /// When the imported material expires (RFC 3339, e.g. 2027-06-30T00:00:00Z): from
+        /// then on the key refuses every operation, the controller deletes the material,
+        /// and the key is PendingImport until the same material is imported again.
+        /// Without it, the material never expires.
+        #[arg(long, value_name = "TIME")]
+        valid_to: Option<jiff::Timestamp>,
         /// How long to wait for the wrapping key to be published and for the controller's
         /// answer.
         #[arg(long, value_name = "DURATION", default_value = "60s")]
@@ -47,8 +54,8 @@ pub enum Command {
 impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Import { key, material, timeout, kube } => {
-                import_key(key, material, timeout, kube).await?
+            Command::Import { key, material, valid_to, timeout, kube } => {
+                import_key(key, material, valid_to, timeout, kube).await?
             }
         }
         Ok(())
@@ -58,9 +65,15 @@ impl Command {
 async fn import_key(
     key: NamespacedName,
     material: PathBuf,
+    valid_to: Option<jiff::Timestamp>,
     timeout: SignedDuration,
     kube: KubeArgs,
 ) -> anyhow::Result<()> {
+    if let Some(at) = valid_to.filter(|at| *at <= jiff::Timestamp::now()) {
+        bail!(
+            "--valid-to {at} is not in the future; give a later time, or leave it out for material that never expires"
+        );
+    }
     let material = if material.as_os_str() == "-" {
         kubekms::keyring::read_material(std::io::stdin().lock())?
     } else {
@@ -92,14 +105,18 @@ async fn import_key(
         .with_context(|| format!("KmsKeyImport {key} has a status.publicKey that is not base64"))?;
     let wrapped = kubekms::crypto::wrap_material(&public_der, &material)
         .with_context(|| format!("failed to wrap the material under the wrapping key of {key}"))?;
-    let body =
-        serde_json::json!({ "spec": { "importToken": token, "encryptedKeyMaterial": B64.encode(wrapped) } });
+    // validTo is always written (null clears one an earlier submission gave).
+    let body = serde_json::json!({ "spec": {
+        "importToken": token,
+        "encryptedKeyMaterial": B64.encode(wrapped),
+        "validTo": valid_to.map(|t| t.to_string()),
+    } });
     let submitted = imports
         .patch(key.name(), &PatchParams::default(), &Patch::Merge(&body))
         .await
         .with_context(|| format!("failed to submit the wrapped material to KmsKeyImport {key}"))?;
     let generation = submitted.metadata.generation.unwrap_or(0);
-    loop {
+    let message = loop {
         let answer = imports
             .get_opt(key.name())
             .await
@@ -109,16 +126,16 @@ async fn import_key(
             .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Imported"))
             .filter(|c| c.observed_generation >= Some(generation));
         match answer {
-            Some(c) if c.status == "True" => break,
+            Some(c) if c.status == "True" => break c.message,
             Some(c) => bail!("the controller refused the import into {key}: {} ({})", c.message, c.reason),
             None if Instant::now() >= deadline => bail!(
                 "submitted the wrapped material to KmsKeyImport {key} (generation {generation}), but the controller did not answer within {timeout:#}"
             ),
             None => tokio::time::sleep(Duration::from_millis(500)).await,
         }
-    }
+    };
     println!(
-        "imported key material into {key} as version 1 (wrapped here with RSAES_OAEP_SHA_256; the root key never left the controller)"
+        "imported key material into {key}: {message} (wrapped here with RSAES_OAEP_SHA_256; the root key never left the controller)"
     );
     Ok(())
 }

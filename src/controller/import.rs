@@ -1,7 +1,9 @@
 //! Import without the root key: for each EXTERNAL KmsKey that waits for material, keep a
 //! wrapping key in its material object (private half sealed), publish the public half and
 //! an import token in the KmsKeyImport of the same name, and turn a submission there into
-//! version 1 — or refuse it, with the reason, in the Imported condition.
+//! version 1 — or refuse it, with the reason, in the Imported condition. Imported material
+//! with a validTo is deleted here when that time comes, and the key waits for the same
+//! material again.
 //!
 //! What decides is in `keyring::import` (token, expiry, unwrapping); this is the shell that
 //! reads and writes. The key's own reconciler then sees version 1 and makes the key Enabled.
@@ -21,7 +23,6 @@ use super::lifecycle::condition;
 use super::{Error, key::owner};
 use crate::api::{
     ImportWrapping, KeyState, KmsKey, KmsKeyImport, KmsKeyImportStatus, KmsKeyMaterial, Origin,
-    VersionTrigger,
 };
 use crate::crypto::{RootKey, WRAPPING_ALGORITHM, WRAPPING_KEY_SPEC};
 use crate::domain::WrappedMaterial;
@@ -38,17 +39,32 @@ pub struct ImportContext {
 }
 
 pub async fn reconcile(key: Arc<KmsKey>, ctx: Arc<ImportContext>) -> Result<Action, Error> {
-    if key.spec.origin != Origin::External || key.meta().deletion_timestamp.is_some() {
+    if key.spec.origin != Origin::External {
         return Ok(Action::await_change());
     }
     let owner = owner(&key)?;
+    let now = Timestamp::now();
+    let material = match ctx.store.get(&owner.uid).await? {
+        Some(m) => Some(expire_if_due(&ctx, &owner, m, now).await?),
+        None => None,
+    };
+    // Material that will expire wakes this reconciler at its validTo, to delete it then.
+    let expires = material
+        .as_ref()
+        .filter(|m| m.spec.destroyed_at.is_none())
+        .and_then(|m| m.spec.imported.as_ref()?.valid_to.as_ref())
+        .map(|t| t.0)
+        .filter(|at| *at > now);
+    let later = || expires.map_or(Action::await_change(), |at| Action::requeue(until(at, now)));
+    if key.meta().deletion_timestamp.is_some() {
+        return Ok(later());
+    }
     let imports: Api<KmsKeyImport> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let import = imports.get_opt(&owner.name).await.map_err(Error::ReadImport)?;
-    let material = ctx.store.get(&owner.uid).await?;
     let (state, _) = key.intent().state(material.as_ref().map(WrappedMaterial::from).as_ref());
-    let now = Timestamp::now();
     if state != KeyState::PendingImport {
-        return settle_not_pending(&ctx, &imports, import, material, state, now).await;
+        settle_not_pending(&ctx, &imports, import, material, state, now).await?;
+        return Ok(later());
     }
     let key_id = material.as_ref().map_or(owner.uid.clone(), |m| m.spec.key_id().to_owned());
     let (material, mut wrapping) = match material {
@@ -68,15 +84,24 @@ pub async fn reconcile(key: Arc<KmsKey>, ctx: Arc<ImportContext>) -> Result<Acti
     let mut conditions = prev.conditions.clone();
     let mut imported = false;
     if submitted && prev.observed_generation != Some(generation) {
-        let outcome = keyring::unwrap_submission(&ctx.root, &key_id, &wrapping, &import.spec, now);
+        let outcome = keyring::unwrap_submission(&ctx.root, &key_id, &wrapping, &import.spec, now)
+            .and_then(|km| keyring::check_reimport(&material, &km).map(|()| km));
         match outcome {
             Ok(km) => {
-                let mut next =
-                    keyring::with_version(&material, &ctx.root, &km, VersionTrigger::Imported, None, now)?;
-                next.spec.import_wrapping = None;
+                let valid_to = import.spec.valid_to.as_ref().map(|t| t.0);
+                let again = material.spec.imported.is_some();
+                let next = keyring::with_imported(&material, &ctx.root, &km, valid_to, now)?;
                 ctx.store.replace(&next).await?;
-                tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id, "imported key material as version 1");
-                let message = "the key material was imported as version 1".to_owned();
+                let mut message = if again {
+                    "the same key material was imported again: its versions decrypt again".to_owned()
+                } else {
+                    "the key material was imported as version 1".to_owned()
+                };
+                match valid_to {
+                    Some(at) => message.push_str(&format!("; it expires at {at}")),
+                    None => message.push_str("; it does not expire"),
+                }
+                tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id, again, valid_to = ?valid_to, "imported key material");
                 answer(&mut conditions, &prev.conditions, ("True", "Imported", message), generation, now);
                 imported = true;
             }
@@ -111,10 +136,33 @@ pub async fn reconcile(key: Arc<KmsKey>, ctx: Arc<ImportContext>) -> Result<Acti
     if next != prev {
         patch_status(&imports, &owner.name, &next).await?;
     }
-    let wait = wrapping.valid_to.0.duration_since(now);
-    Ok(Action::requeue(
-        Duration::try_from(wait).unwrap_or(Duration::from_secs(60)).max(Duration::from_secs(1)),
-    ))
+    Ok(Action::requeue(until(wrapping.valid_to.0, now)))
+}
+
+/// How long from `now` until `at` (at least a second).
+fn until(at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::from_secs(60)).max(Duration::from_secs(1))
+}
+
+/// Deletes imported material that has reached its validTo (whatever the key's state, even
+/// pending deletion): its versions stay listed as expired until the same material is
+/// imported again. The key's reconciler then reports it PendingImport.
+async fn expire_if_due(
+    ctx: &ImportContext,
+    owner: &Owner,
+    material: KmsKeyMaterial,
+    now: Timestamp,
+) -> Result<KmsKeyMaterial, Error> {
+    let Some(at) = material.spec.imported.as_ref().and_then(|i| i.valid_to.as_ref()).map(|t| t.0) else {
+        return Ok(material);
+    };
+    if at > now || material.spec.destroyed_at.is_some() {
+        return Ok(material);
+    }
+    let Some(expired) = keyring::with_expired(&material, at) else { return Ok(material) };
+    let written = ctx.store.replace(&expired).await?;
+    tracing::info!(key = %format!("{}/{}", owner.namespace, owner.name), key_id = written.spec.key_id(), valid_to = %at, "imported key material expired: deleted; the key waits for the same material");
+    Ok(written)
 }
 
 /// A key that does not (or no longer) wait for material: its wrapping key is discarded, its
@@ -126,12 +174,12 @@ async fn settle_not_pending(
     material: Option<KmsKeyMaterial>,
     state: KeyState,
     now: Timestamp,
-) -> Result<Action, Error> {
+) -> Result<(), Error> {
     if let Some(mut m) = material.filter(|m| m.spec.import_wrapping.is_some()) {
         m.spec.import_wrapping = None;
         ctx.store.replace(&m).await?;
     }
-    let Some(import) = import else { return Ok(Action::await_change()) };
+    let Some(import) = import else { return Ok(()) };
     let generation = import.meta().generation.unwrap_or(0);
     let prev = import.status.clone().unwrap_or_default();
     let submitted = !import.spec.encrypted_key_material.is_empty() || !import.spec.import_token.is_empty();
@@ -152,7 +200,7 @@ async fn settle_not_pending(
     if next != prev {
         patch_status(imports, &import.name_any(), &next).await?;
     }
-    Ok(Action::await_change())
+    Ok(())
 }
 
 /// Writes a new wrapping key into the material object (creating one without versions if

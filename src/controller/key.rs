@@ -93,6 +93,7 @@ async fn reconcile_key(key: &KmsKey, ctx: &Context) -> Result<Action, Error> {
             storage_oldest: spec.and_then(|s| s.storage.as_ref()).map(|s| s.oldest_version_in_use),
             usage: usage.as_ref(),
             awaiting_restore: key.annotations().get(keyring::RESTORE_ANNOTATION).map(String::as_str),
+            valid_to: spec.and_then(|s| s.imported.as_ref()?.valid_to.as_ref()).map(|t| t.0),
         };
         match lifecycle::plan(&observed, now, ctx.calendar) {
             Plan::Act(action) => {
@@ -344,6 +345,7 @@ pub fn material_view(material: Option<&KmsKeyMaterial>, root: &crate::crypto::Ro
                         request: v.request.clone(),
                         deletion_time: v.deletion_time.as_ref().map(|t| t.0),
                         destroyed: v.destroyed_at.as_ref().map(|t| t.0),
+                        expired: v.expired_at.as_ref().map(|t| t.0),
                     })
                     .collect(),
                 root_key_matches: keyring::versions_by_root(&m.spec).into_keys().all(|fp| root.knows(fp)),

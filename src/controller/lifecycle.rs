@@ -47,6 +47,9 @@ pub struct VersionInfo {
     pub deletion_time: Option<Timestamp>,
     /// When the version was destroyed (alone, before the key).
     pub destroyed: Option<Timestamp>,
+    /// When the version's imported material expired and was deleted (until the same
+    /// material is imported again).
+    pub expired: Option<Timestamp>,
 }
 
 /// What the key's `KmsKeyMaterial` says.
@@ -83,6 +86,8 @@ pub struct Observed<'a> {
     /// `kubekms keyring restore` is recreating the key with the keyId its annotation
     /// names: its material comes from the backup, so none is made here.
     pub awaiting_restore: Option<&'a str>,
+    /// When the key's imported material expires, as the material records it.
+    pub valid_to: Option<Timestamp>,
 }
 
 /// The one material change a reconcile makes.
@@ -196,7 +201,8 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
     {
         next.last_on_demand_request = Some(request.clone());
     }
-    let current = versions.iter().rev().find(|v| v.destroyed.is_none()).map(|v| v.version);
+    let current =
+        versions.iter().rev().find(|v| v.destroyed.is_none() && v.expired.is_none()).map(|v| v.version);
     let storage_key = o.storage_oldest.is_some() || o.usage.is_some_and(Usage::is_storage_key);
     next.versions = versions.iter().map(|v| version_status(o, v, current, storage_key)).collect();
     next.current_version = current;
@@ -338,11 +344,23 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
             }
             Origin::External => KeyState::PendingImport,
         },
+        // Imported material that expired (or is past its validTo, before its deletion): the
+        // key waits for the same material again.
+        Material::Present { .. }
+            if o.spec.origin == Origin::External
+                && (current.is_none() || o.valid_to.is_some_and(|t| t <= now)) =>
+        {
+            KeyState::PendingImport
+        }
         Material::Present { .. } if o.spec.enabled => KeyState::Enabled,
         // (Destroyed material was handled first.)
         Material::Present { .. } | Material::Destroyed { .. } => KeyState::Disabled,
     };
     next.state = Some(state);
+    if matches!(state, KeyState::Enabled | KeyState::Disabled) {
+        next.valid_to = o.valid_to.map(Time);
+        requeue = min_time(requeue, o.valid_to);
+    }
 
     // Single versions: only while the key itself is neither pending deletion nor destroyed.
     if matches!(state, KeyState::Enabled | KeyState::Disabled) {
@@ -442,9 +460,21 @@ pub fn plan(o: &Observed<'_>, now: Timestamp, cal: Calendar) -> Plan {
                 None => "the key is pending deletion".to_owned(),
             },
         ),
-        KeyState::PendingImport => {
-            ("False", "PendingImport", "waiting for imported key material (kubekms key import)".to_owned())
-        }
+        KeyState::PendingImport => match versions.iter().filter_map(|v| v.expired).max().or(o.valid_to) {
+            Some(at) => (
+                "False",
+                "PendingImport",
+                format!(
+                    "the imported key material expired at {at}; import the same material again \
+                     (kubekms key import) to use the key and its versions"
+                ),
+            ),
+            None => (
+                "False",
+                "PendingImport",
+                "waiting for imported key material (kubekms key import)".to_owned(),
+            ),
+        },
         KeyState::Destroyed => ("False", "Destroyed", "the key material has been destroyed".to_owned()),
         KeyState::Creating => ("False", "Creating", "creating version 1".to_owned()),
     };
@@ -470,6 +500,8 @@ fn version_status(
     let disabled = o.spec.versions.iter().any(|r| r.version == v.version && !r.enabled);
     let state = if v.destroyed.is_some() {
         KeyVersionState::Destroyed
+    } else if v.expired.is_some() {
+        KeyVersionState::Expired
     } else if v.deletion_time.is_some() {
         KeyVersionState::PendingDestruction
     } else if disabled && Some(v.version) != current {
@@ -771,6 +803,14 @@ pub fn transitions(prev: &KmsKeyStatus, next: &KmsKeyStatus) -> Vec<Transition> 
                 format!("imported material as version {version}"),
             ));
         }
+        (Some(KeyState::Enabled | KeyState::Disabled), Some(KeyState::PendingImport)) => {
+            let when = prev.valid_to.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+            out.push(normal(
+                "KeyMaterialExpired",
+                "ExpireImportedMaterial",
+                format!("the imported key material expired at {when} and is deleted; the key waits for the same material"),
+            ));
+        }
         (_, Some(KeyState::Destroyed)) => {
             out.push(normal("KeyMaterialDestroyed", "Destroy", "the key material has been destroyed".into()));
         }
@@ -833,7 +873,7 @@ pub fn transitions(prev: &KmsKeyStatus, next: &KmsKeyStatus) -> Vec<Transition> 
 
 /// The Events single versions' changes deserve.
 fn version_transitions(prev: &KmsKeyStatus, next: &KmsKeyStatus) -> Vec<Transition> {
-    use KeyVersionState::{Destroyed, Disabled, Enabled, PendingDestruction};
+    use KeyVersionState::{Destroyed, Disabled, Enabled, Expired, PendingDestruction};
     let mut out = Vec::new();
     for n in &next.versions {
         let Some(p) = prev.versions.iter().find(|p| p.version == n.version) else { continue };
@@ -862,6 +902,18 @@ fn version_transitions(prev: &KmsKeyStatus, next: &KmsKeyStatus) -> Vec<Transiti
             (_, Destroyed) => {
                 (false, "VersionDestroyed", "DestroyVersion", format!("version {v} has been destroyed"))
             }
+            (_, Expired) => (
+                false,
+                "VersionMaterialExpired",
+                "ExpireImportedMaterial",
+                format!("version {v}'s imported material expired and is deleted"),
+            ),
+            (Expired, _) => (
+                false,
+                "VersionMaterialImported",
+                "Import",
+                format!("version {v}'s material was imported again"),
+            ),
             (PendingDestruction, s) => (
                 false,
                 "VersionDestructionCancelled",

@@ -53,6 +53,8 @@ struct Sim {
     storage_oldest: Option<u32>,
     usage: Option<Usage>,
     awaiting_restore: Option<String>,
+    /// The validTo of imported material, as the material object records it.
+    valid_to: Option<Timestamp>,
     now: Timestamp,
     events: Vec<&'static str>,
     actions: Vec<MaterialAction>,
@@ -71,6 +73,7 @@ impl Sim {
             storage_oldest: None,
             usage: None,
             awaiting_restore: None,
+            valid_to: None,
             now: t0(),
             events: vec![],
             actions: vec![],
@@ -94,6 +97,7 @@ impl Sim {
             storage_oldest: self.storage_oldest,
             usage: self.usage.as_ref(),
             awaiting_restore: self.awaiting_restore.as_deref(),
+            valid_to: self.valid_to,
         };
         plan(&o, self.now, Calendar { day: DAY })
     }
@@ -132,6 +136,7 @@ impl Sim {
                     request: request.clone(),
                     deletion_time: None,
                     destroyed: None,
+                    expired: None,
                 }],
                 root_key_matches: true,
             },
@@ -147,6 +152,7 @@ impl Sim {
                     request: request.clone(),
                     deletion_time: None,
                     destroyed: None,
+                    expired: None,
                 });
                 Material::Present { versions, root_key_matches: *root_key_matches }
             }
@@ -529,6 +535,66 @@ fn external_keys_wait_for_import_and_never_rotate() {
 }
 
 #[test]
+fn imported_material_expires_at_its_validto_and_the_key_waits_for_it_again() {
+    let mut k = Sim::new();
+    k.spec.origin = Origin::External;
+    k.reconcile();
+    k.material = one_version(VersionTrigger::Imported, k.now);
+    let valid_to = k.now + SignedDuration::from_hours(2);
+    k.valid_to = Some(valid_to);
+    let requeue = k.reconcile();
+    assert_eq!(k.state(), KeyState::Enabled);
+    assert_eq!(k.status.valid_to, Some(Time(valid_to)));
+    assert_eq!(requeue, Some(SignedDuration::from_hours(2)), "woken at validTo");
+    // At validTo, before the import reconciler has deleted the material: already refused.
+    k.now = valid_to;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingImport);
+    assert!(k.condition(READY).unwrap().message.contains("expired at"));
+    assert_eq!(k.take_events(), ["KeyMaterialImported", "KeyMaterialExpired"]);
+    // The material is deleted: version 1 is Expired, there is no current version.
+    let Material::Present { versions, .. } = &mut k.material else { panic!() };
+    versions[0].expired = Some(valid_to);
+    k.valid_to = Some(valid_to);
+    k.now += SignedDuration::from_secs(5);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingImport);
+    assert_eq!(k.status.current_version, None);
+    assert_eq!(k.status.versions[0].state, KeyVersionState::Expired);
+    assert_eq!(k.status.valid_to, None);
+    assert!(k.actions.is_empty(), "no material is made for it");
+    // The same material is imported again, without an expiry.
+    let Material::Present { versions, .. } = &mut k.material else { panic!() };
+    versions[0].expired = None;
+    k.valid_to = None;
+    assert_eq!(k.reconcile(), None);
+    assert_eq!(k.state(), KeyState::Enabled);
+    assert_eq!(k.status.current_version, Some(1));
+    assert_eq!(k.status.versions[0].state, KeyVersionState::Enabled);
+    assert_eq!(k.take_events(), ["VersionMaterialExpired", "KeyMaterialImported", "VersionMaterialImported"]);
+}
+
+#[test]
+fn expired_material_of_a_key_pending_deletion_leaves_it_pending_deletion() {
+    let mut k = Sim::new();
+    k.spec.origin = Origin::External;
+    k.material = one_version(VersionTrigger::Imported, k.now);
+    k.valid_to = Some(k.now + SignedDuration::from_hours(1));
+    k.reconcile();
+    k.edit(|s| s.deletion.scheduled = true);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    k.now += SignedDuration::from_hours(2);
+    let Material::Present { versions, .. } = &mut k.material else { panic!() };
+    versions[0].expired = k.valid_to;
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::PendingDeletion);
+    k.now += days(30);
+    k.reconcile();
+    assert_eq!(k.state(), KeyState::Destroyed);
+}
+
+#[test]
 fn an_external_key_pending_import_can_be_deleted() {
     let mut k = Sim::new();
     k.spec.origin = Origin::External;
@@ -555,8 +621,15 @@ fn missing_material_is_reported_not_replaced() {
 
 /// Material holding version 1 alone, made by `trigger` at `created`.
 fn one_version(trigger: VersionTrigger, created: Timestamp) -> Material {
-    let v1 =
-        VersionInfo { version: 1, created, trigger, request: None, deletion_time: None, destroyed: None };
+    let v1 = VersionInfo {
+        version: 1,
+        created,
+        trigger,
+        request: None,
+        deletion_time: None,
+        destroyed: None,
+        expired: None,
+    };
     Material::Present { versions: vec![v1], root_key_matches: true }
 }
 
@@ -661,6 +734,7 @@ fn the_version_limit_is_reported() {
             request: None,
             deletion_time: None,
             destroyed: None,
+            expired: None,
         })
         .collect();
     k.material = Material::Present { versions, root_key_matches: true };

@@ -26,6 +26,9 @@ pub struct KeyInfo {
     /// Versions that refuse to decrypt while the key is Enabled, and why (never the
     /// current version).
     pub refused_versions: BTreeMap<u32, VersionRefusal>,
+    /// When the key's imported material expires: from then on the key is PendingImport,
+    /// whatever `state` says, without waiting for the controller to delete the material.
+    pub valid_to: Option<Timestamp>,
 }
 
 /// Why one version of an Enabled key refuses to decrypt.
@@ -54,6 +57,17 @@ impl KeyInfo {
     /// `namespace/name`.
     pub fn display(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The key's state at `now`: imported material past its validTo makes an Enabled or
+    /// Disabled key PendingImport (a key pending deletion or destroyed stays so).
+    pub fn state_at(&self, now: Timestamp) -> KeyState {
+        match self.state {
+            KeyState::Enabled | KeyState::Disabled if self.valid_to.is_some_and(|t| t <= now) => {
+                KeyState::PendingImport
+            }
+            state => state,
+        }
     }
 }
 
@@ -141,6 +155,7 @@ impl Key {
         self.info.state = state;
         self.info.current_version = current;
         self.info.refused_versions = self.intent.refused_versions(own, current);
+        self.info.valid_to = own.and_then(|m| m.valid_to);
         self.versions = own.map(|m| m.versions.iter().map(|(v, _)| *v).collect()).unwrap_or_default();
         self.history = own.map(|m| m.history.clone()).unwrap_or_default();
         self.deletion = own.and_then(|m| m.deletion_time);
@@ -306,5 +321,34 @@ mod tests {
         assert_eq!(external.state(None), (KeyState::PendingImport, None));
         assert_eq!(external.state(Some(&material(&[], false, false))), (KeyState::PendingImport, None));
         assert_eq!(external.state(Some(&material(&[1], false, false))), (KeyState::Enabled, Some(1)));
+    }
+
+    #[test]
+    fn imported_material_past_its_validto_is_pending_import_at_once() {
+        let t = Timestamp::from_second(1_800_000_000).unwrap();
+        let mut info = KeyInfo {
+            namespace: "apps".into(),
+            name: "byok".into(),
+            key_id: "k".into(),
+            uid: "k".into(),
+            state: KeyState::Enabled,
+            current_version: Some(1),
+            refused_versions: BTreeMap::new(),
+            valid_to: Some(t),
+        };
+        let second = jiff::SignedDuration::from_secs(1);
+        assert_eq!(info.state_at(t - second), KeyState::Enabled);
+        assert_eq!(info.state_at(t), KeyState::PendingImport);
+        info.state = KeyState::Disabled;
+        assert_eq!(info.state_at(t - second), KeyState::Disabled);
+        assert_eq!(info.state_at(t + second), KeyState::PendingImport);
+        // Pending deletion and destroyed stay what they are; without validTo nothing expires.
+        for state in [KeyState::PendingDeletion, KeyState::Destroyed] {
+            info.state = state;
+            assert_eq!(info.state_at(t + second), state);
+        }
+        info.state = KeyState::Enabled;
+        info.valid_to = None;
+        assert_eq!(info.state_at(t + second), KeyState::Enabled);
     }
 }

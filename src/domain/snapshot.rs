@@ -62,6 +62,8 @@ pub struct WrappedMaterial {
     pub version_deletions: Vec<(u32, Timestamp)>,
     /// The controller refused the deletion the spec asks for (without force).
     pub deletion_refused: bool,
+    /// When imported material expires (while it has not yet been deleted).
+    pub valid_to: Option<Timestamp>,
     /// Changes whenever the stored object does (its resourceVersion), when known.
     pub revision: Option<String>,
     /// When and why each version was made, oldest first (destroyed versions too); empty

@@ -316,6 +316,7 @@ mod tests {
                     root_key_fingerprint: None,
                     deletion_time: None,
                     destroyed_at: None,
+                    expired_at: None,
                 }
             })
             .collect();

@@ -14,8 +14,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use zeroize::Zeroizing;
 
-use super::material::Owner;
-use crate::api::{ImportWrapping, KeyState, KmsKey, KmsKeyImportSpec, KmsKeyMaterial, Origin};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use super::material::{MaterialError, Owner, with_refilled, with_version};
+use crate::api::{
+    ImportWrapping, ImportedMaterial, KeyState, KmsKey, KmsKeyImportSpec, KmsKeyMaterial, Origin,
+    VersionTrigger,
+};
 use crate::crypto::{
     IMPORT_WINDOW, ImportCryptoError, ImportToken, KEY_LEN, KeyMaterial, RootKey, TokenError, WrappingKey,
     public_key_id,
@@ -83,6 +89,12 @@ pub enum Refusal {
     Unwrap(ImportCryptoError),
     #[error("the key is {0}, not PendingImport")]
     NotPendingImport(&'static str),
+    #[error("validTo {0} is not in the future; give a later time, or none for material that never expires")]
+    InvalidValidTo(Timestamp),
+    #[error(
+        "this is not the material that was imported into the key before; a key whose imported material expired takes only that same material again"
+    )]
+    IncorrectKeyMaterial,
 }
 
 impl Refusal {
@@ -98,6 +110,8 @@ impl Refusal {
             Refusal::WrongWrappingKey => "WrongWrappingKey",
             Refusal::InvalidCiphertext => "InvalidCiphertext",
             Refusal::NotPendingImport(_) => "NotPendingImport",
+            Refusal::InvalidValidTo(_) => "InvalidValidTo",
+            Refusal::IncorrectKeyMaterial => "IncorrectKeyMaterial",
         }
     }
 
@@ -162,6 +176,9 @@ pub fn unwrap_submission(
     if token.wrapping_key_id != public_key_id(&public) {
         return Err(Refusal::WrongWrappingKey);
     }
+    if let Some(valid_to) = submission.valid_to.as_ref().filter(|t| t.0 <= now) {
+        return Err(Refusal::InvalidValidTo(valid_to.0));
+    }
     let ciphertext =
         B64.decode(submission.encrypted_key_material.trim()).map_err(|_| Refusal::InvalidCiphertext)?;
     let sealed =
@@ -170,10 +187,68 @@ pub fn unwrap_submission(
     key.unwrap_material(&ciphertext).map_err(Refusal::Unwrap)
 }
 
+const COMMITMENT_PURPOSE: &[u8] = b"kubekms/v1 imported-material commitment\0";
+
+/// The commitment to `material` imported into the key `key_id`: HMAC-SHA256 keyed by the
+/// material over the keyId. Only the same material reproduces it; it tells nothing of the
+/// material, and needs no root key (it outlives a root-key rotation).
+pub fn commitment(material: &KeyMaterial, key_id: &str) -> String {
+    B64.encode(commitment_mac(material, key_id).finalize().into_bytes())
+}
+
+fn commitment_mac(material: &KeyMaterial, key_id: &str) -> Hmac<Sha256> {
+    // HMAC pads a key shorter than SHA-256's 64-byte block with zeros: this is the HMAC
+    // keyed by the 32 bytes of material, without a fallible constructor.
+    let mut block = Zeroizing::new([0u8; 64]);
+    block[..KEY_LEN].copy_from_slice(material.expose());
+    let mut mac = <Hmac<Sha256> as KeyInit>::new((&*block).into());
+    mac.update(COMMITMENT_PURPOSE);
+    mac.update(key_id.as_bytes());
+    mac
+}
+
+/// Whether `material` may be imported into `current`: always the first time; after that
+/// (the material expired) only the material it committed to, compared in constant time.
+pub fn check_reimport(current: &KmsKeyMaterial, material: &KeyMaterial) -> Result<(), Refusal> {
+    let Some(imported) = &current.spec.imported else { return Ok(()) };
+    let expected = B64.decode(&imported.commitment).map_err(|_| Refusal::IncorrectKeyMaterial)?;
+    commitment_mac(material, current.spec.key_id())
+        .verify_slice(&expected)
+        .map_err(|_| Refusal::IncorrectKeyMaterial)
+}
+
+/// `current` with `material` imported (checked by [`check_reimport`]), valid until
+/// `valid_to` if given: the first import adds it as version 1 and records the commitment;
+/// a later one fills the expired versions again under their numbers, with the new
+/// validTo. The wrapping key of the import is removed.
+pub fn with_imported(
+    current: &KmsKeyMaterial,
+    root: &RootKey,
+    material: &KeyMaterial,
+    valid_to: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<KmsKeyMaterial, MaterialError> {
+    let mut next = match &current.spec.imported {
+        Some(_) => with_refilled(current, root, material)?,
+        None => {
+            let mut next = with_version(current, root, material, VersionTrigger::Imported, None, now)?;
+            next.spec.imported = Some(ImportedMaterial {
+                commitment: commitment(material, current.spec.key_id()),
+                valid_to: None,
+            });
+            next
+        }
+    };
+    if let Some(imported) = next.spec.imported.as_mut() {
+        imported.valid_to = valid_to.map(Time);
+    }
+    next.spec.import_wrapping = None;
+    Ok(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::VersionTrigger;
     use crate::crypto::wrap_material;
     use crate::keyring::new_material;
 
@@ -187,6 +262,7 @@ mod tests {
         KmsKeyImportSpec {
             import_token: token_for(root, key_id, wrapping).unwrap(),
             encrypted_key_material: B64.encode(wrap_material(&public, material).unwrap()),
+            valid_to: None,
         }
     }
 
@@ -246,6 +322,77 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_validto_in_the_past_is_refused_before_the_wrapping_key_is_tried() {
+        let root = RootKey::from_material(KeyMaterial::generate().unwrap());
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let wrapping = new_wrapping(&root, "key-a", t0).unwrap();
+        let material = KeyMaterial::generate().unwrap();
+        let mut good = submission(&root, "key-a", &wrapping, &material);
+        for past in [t0, t0 - jiff::SignedDuration::from_secs(1)] {
+            good.valid_to = Some(Time(past));
+            let refusal = unwrap_submission(&root, "key-a", &wrapping, &good, t0).err().unwrap();
+            assert_eq!(refusal.reason(), "InvalidValidTo");
+            assert!(!refusal.failed_decryption(), "no use of the wrapping key is counted");
+        }
+        good.valid_to = Some(Time(t0 + jiff::SignedDuration::from_secs(1)));
+        assert!(unwrap_submission(&root, "key-a", &wrapping, &good, t0).unwrap().ct_eq(&material));
+    }
+
+    fn external(root: &RootKey) -> KmsKeyMaterial {
+        let owner = Owner { namespace: "apps".into(), name: "byok".into(), uid: "uid-1".into() };
+        new_material(&owner, Origin::External, root, None, None, Timestamp::UNIX_EPOCH).unwrap()
+    }
+
+    #[test]
+    fn imported_material_expires_and_only_the_same_material_fills_it_again() {
+        let root = RootKey::from_material(KeyMaterial::generate().unwrap());
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let valid_to = t0 + jiff::SignedDuration::from_hours(1);
+        let material = KeyMaterial::generate().unwrap();
+        let empty = external(&root);
+        assert!(
+            check_reimport(&empty, &KeyMaterial::generate().unwrap()).is_ok(),
+            "the first import takes any"
+        );
+        let imported = with_imported(&empty, &root, &material, Some(valid_to), t0).unwrap();
+        let v1 = &imported.spec.versions[0];
+        assert_eq!((v1.version, v1.trigger), (1, VersionTrigger::Imported));
+        let recorded = imported.spec.imported.clone().unwrap();
+        assert_eq!(recorded.valid_to, Some(Time(valid_to)));
+        assert_eq!(recorded.commitment.len(), 44);
+        // The commitment is not the material, and differs per key.
+        assert_ne!(B64.decode(&recorded.commitment).unwrap(), material.expose().to_vec());
+        assert_ne!(commitment(&material, "uid-1"), commitment(&material, "uid-2"));
+        assert_eq!(commitment(&material, "uid-1"), recorded.commitment);
+
+        let expired = crate::keyring::with_expired(&imported, valid_to).unwrap();
+        let v1 = &expired.spec.versions[0];
+        assert_eq!((v1.wrapped.as_ref(), v1.expired_at.as_ref()), (None, Some(&Time(valid_to))));
+        assert!(crate::keyring::with_expired(&expired, valid_to).is_none(), "nothing is left to expire");
+        assert_eq!(WrappedMaterial::from(&expired).versions, vec![], "no version is usable");
+        let (state, current) = crate::api::KmsKey::new(
+            "byok",
+            serde_json::from_value(serde_json::json!({"origin": "EXTERNAL"})).unwrap(),
+        )
+        .intent()
+        .state(Some(&WrappedMaterial::from(&expired)));
+        assert_eq!((state, current), (KeyState::PendingImport, None));
+
+        // Other material is refused; the same fills version 1 again, with a new validTo.
+        let other = KeyMaterial::generate().unwrap();
+        assert_eq!(check_reimport(&expired, &other).err().map(|r| r.reason()), Some("IncorrectKeyMaterial"));
+        check_reimport(&expired, &material).unwrap();
+        let again = with_imported(&expired, &root, &material, None, t0).unwrap();
+        assert_eq!(again.spec.versions.len(), 1);
+        let v1 = &again.spec.versions[0];
+        assert_eq!((v1.version, v1.expired_at.as_ref()), (1, None));
+        assert_eq!(again.spec.imported.as_ref().unwrap().valid_to, None);
+        assert_eq!(again.spec.imported.as_ref().unwrap().commitment, recorded.commitment);
+        let unwrapped = crate::keyring::unwrap_version(&root, &again, v1).unwrap();
+        assert!(unwrapped.ct_eq(&material), "version 1 holds the same material as before");
     }
 
     #[test]

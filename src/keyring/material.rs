@@ -135,6 +135,7 @@ fn wrap_version(
         root_key_fingerprint: None,
         deletion_time: None,
         destroyed_at: None,
+        expired_at: None,
     })
 }
 
@@ -173,6 +174,7 @@ pub fn new_material(
             storage: None,
             deletion_refused: None,
             import_wrapping: None,
+            imported: None,
         },
     })
 }
@@ -223,6 +225,46 @@ pub fn with_version(
     version.root_key_fingerprint = version_root(&current.spec, root);
     let mut updated = current.clone();
     updated.spec.versions.push(version);
+    Ok(updated)
+}
+
+/// `current` with the material of every imported version deleted because it expired at
+/// `at` (its validTo): the versions stay listed, with `expiredAt`, so that their numbers
+/// are kept and the same material can fill them again. `None` when nothing is left to
+/// delete.
+pub fn with_expired(current: &KmsKeyMaterial, at: Timestamp) -> Option<KmsKeyMaterial> {
+    let mut updated = current.clone();
+    let mut changed = false;
+    for v in updated.spec.versions.iter_mut() {
+        if v.trigger == VersionTrigger::Imported && v.wrapped.is_some() && v.destroyed_at.is_none() {
+            v.wrapped = None;
+            v.root_key_fingerprint = None;
+            v.expired_at = Some(Time(at));
+            changed = true;
+        }
+    }
+    changed.then_some(updated)
+}
+
+/// `current` with every expired version filled again with `material` (the caller has
+/// checked that it is the material that expired), under the same version numbers, so
+/// that what was encrypted under them decrypts again.
+pub fn with_refilled(
+    current: &KmsKeyMaterial,
+    root: &RootKey,
+    material: &KeyMaterial,
+) -> Result<KmsKeyMaterial, MaterialError> {
+    let mut updated = current.clone();
+    let fingerprint = version_root(&current.spec, root);
+    let key_id = current.spec.key_id().to_owned();
+    for v in updated.spec.versions.iter_mut().filter(|v| v.expired_at.is_some() && v.destroyed_at.is_none()) {
+        let wrapped = root
+            .wrap(material, WrapContext { key_id: &key_id, version: v.version })
+            .map_err(MaterialError::Wrap)?;
+        v.wrapped = Some(B64.encode(wrapped));
+        v.root_key_fingerprint = fingerprint.clone();
+        v.expired_at = None;
+    }
     Ok(updated)
 }
 

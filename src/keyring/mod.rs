@@ -18,13 +18,13 @@ pub use backup::{
 pub use restore::{RESTORE_ANNOTATION, RestoreError, Restored, collect, restore};
 
 pub use import::{
-    ImportError, MAX_FAILED_DECRYPTIONS, Refusal, check_importable, new_wrapping, read_material, token_for,
-    unwrap_submission, wrapping_spent,
+    ImportError, MAX_FAILED_DECRYPTIONS, Refusal, check_importable, check_reimport, commitment, new_wrapping,
+    read_material, token_for, unwrap_submission, with_imported, wrapping_spent,
 };
 pub use material::{
     MaterialError, Owner, destroyed, new_material, unwrap_version, versions_by_root, with_deletion_refused,
-    with_deletion_time, with_rewrapped, with_rotation, with_version, with_version_deletion,
-    with_version_destroyed,
+    with_deletion_time, with_expired, with_refilled, with_rewrapped, with_rotation, with_version,
+    with_version_deletion, with_version_destroyed,
 };
 pub use rotation::{RootUse, RotationReport};
 pub use snapshot::snapshot;

@@ -102,6 +102,7 @@ mod tests {
                     root_key_fingerprint: fp.map(str::to_owned),
                     deletion_time: None,
                     destroyed_at: gone.then_some(Time(jiff::Timestamp::UNIX_EPOCH)),
+                    expired_at: None,
                 }
             })
             .collect();

@@ -46,6 +46,10 @@ pub struct CachedKey {
     pub refused_versions: BTreeMap<u32, VersionRefusal>,
     pub root_key_fingerprint: String,
     pub versions: Vec<CachedVersion>,
+    /// When the key's imported material expires: the plugin refuses it from then on, also
+    /// when it starts from the cache. Left out when it does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_to: Option<jiff::Timestamp>,
 }
 
 impl CachedKey {
@@ -75,6 +79,7 @@ impl CachedKey {
             refused_versions: info.refused_versions.clone(),
             root_key_fingerprint,
             versions,
+            valid_to: info.valid_to,
         }
     }
 
@@ -88,6 +93,7 @@ impl CachedKey {
             state: self.state,
             current_version: self.current_version,
             refused_versions: self.refused_versions.clone(),
+            valid_to: self.valid_to,
         }
     }
 
@@ -267,6 +273,7 @@ mod tests {
                 CachedVersion { version: 1, wrapped: "AQID".into(), root_key_fingerprint: None },
                 CachedVersion { version: 2, wrapped: "BAUG".into(), root_key_fingerprint: None },
             ],
+            valid_to: None,
         }
     }
 

@@ -33,6 +33,7 @@ fn snapshot(state: KeyState, versions: u32) -> Arc<KeySnapshot> {
             state,
             current_version: Some(versions),
             refused_versions: Default::default(),
+            valid_to: None,
         },
         versions: (1..=versions).map(|v| (v, Arc::new(KeyMaterial::generate().unwrap()))).collect(),
     })
@@ -480,12 +481,28 @@ async fn every_use_is_recorded_with_its_version_and_refusals_that_postpone_destr
         [(KEY_ID.to_owned(), 2, UseKind::Refused), (KEY_ID.to_owned(), 2, UseKind::Refused)]
     );
 
+    // Imported material past its validTo: refused by the plugin's own clock, although the
+    // snapshot (as from the cache, before the controller deleted it) still says Enabled.
+    let mut expired = two.clone();
+    expired.info.valid_to = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1));
+    h.keys.send_replace(Some(Arc::new(expired.clone())));
+    let refused = c.encrypt(enc(b"seed-x", "x")).await.unwrap_err();
+    assert!(refused.message().contains("PendingImport"), "{refused:?}");
+    let status = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.key_id, "", "no key id while it refuses to encrypt: {status:?}");
+    assert!(status.healthz.contains("PendingImport"), "{status:?}");
+    expired.info.valid_to = Some(jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1));
+    h.keys.send_replace(Some(Arc::new(expired)));
+    c.encrypt(enc(b"seed-y", "y")).await.unwrap();
+    let uses_so_far = h.uses.uses().len();
+    assert_eq!(uses_so_far, 7, "a refusal of a key pending import is no use: {:?}", h.uses.uses());
+
     // Disabled (not pending deletion): refusals are not recorded.
     let mut off = two;
     off.info.state = KeyState::Disabled;
     h.keys.send_replace(Some(Arc::new(off)));
     c.encrypt(enc(b"seed-4", "d")).await.unwrap_err();
     c.decrypt(dec(v2.ciphertext, v2.key_id, v2.annotations)).await.unwrap_err();
-    assert_eq!(h.uses.uses().len(), 6);
+    assert_eq!(h.uses.uses().len(), uses_so_far);
     h.stop().await;
 }

@@ -93,6 +93,7 @@ proptest! {
             refused_versions: Default::default(),
             root_key_fingerprint: "rk1-0000000000000000".into(),
             versions: (1..=current).map(|v| CachedVersion { version: v, wrapped: format!("AA{v}="), root_key_fingerprint: None }).collect(),
+            valid_to: None,
         };
         let bytes = cache::encode(&c, &key()).unwrap();
         prop_assert_eq!(cache::decode(&bytes, &key()).unwrap(), c);

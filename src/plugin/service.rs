@@ -122,8 +122,10 @@ impl<K: Keyring> KmsPlugin<K> {
         version: impl FnOnce(&KeySnapshot) -> Option<u32>,
     ) -> Result<Arc<KeySnapshot>, PluginError> {
         let key = self.keyring.snapshot().ok_or(PluginError::NoKey)?;
-        if key.info.state != KeyState::Enabled {
-            let (key, state, version) = (key.display(), key.info.state.as_str(), version(&key));
+        // Imported material past its validTo is refused at once, also from the cache.
+        let state = key.info.state_at(jiff::Timestamp::now());
+        if state != KeyState::Enabled {
+            let (key, state, version) = (key.display(), state.as_str(), version(&key));
             return Err(PluginError::NotEnabled { key, state, version });
         }
         Ok(key)
@@ -299,9 +301,13 @@ impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
                 healthz: "waiting for the KmsKey and its material".into(),
                 key_id: String::new(),
             },
-            Some(key) if key.info.state != KeyState::Enabled => StatusResponse {
+            Some(key) if key.info.state_at(jiff::Timestamp::now()) != KeyState::Enabled => StatusResponse {
                 version: "v2".into(),
-                healthz: format!("key {} is {}", key.display(), key.info.state.as_str()),
+                healthz: format!(
+                    "key {} is {}",
+                    key.display(),
+                    key.info.state_at(jiff::Timestamp::now()).as_str()
+                ),
                 // No key id while the key refuses to encrypt: kube-apiserver keeps using
                 // its current DEK seed for writes as long as Status repeats that seed's key
                 // id, even when unhealthy. Without one, its writes stop within minutes.

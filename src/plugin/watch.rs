@@ -274,6 +274,7 @@ mod tests {
             state,
             current_version: Some(1),
             refused_versions: Default::default(),
+            valid_to: None,
         };
         Some(Arc::new(KeySnapshot {
             info,

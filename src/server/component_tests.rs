@@ -1740,6 +1740,7 @@ async fn every_operation_round_trips() {
     assert_eq!(
         h.describe(&web, "apps/k").await.unwrap(),
         KeyMetadata {
+            valid_to: String::new(),
             key: "apps/k".into(),
             key_id: K.into(),
             description: "round trips".into(),

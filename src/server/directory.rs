@@ -410,6 +410,7 @@ mod tests {
                 state: KeyState::Creating,
                 current_version: None,
                 refused_versions: Default::default(),
+                valid_to: None,
             },
             intent,
             description: String::new(),

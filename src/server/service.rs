@@ -457,8 +457,11 @@ where
         if let Some(version) = version.or(key.info.current_version) {
             trail.uses.push((key.clone(), version, kind));
         }
-        if key.info.state != KeyState::Enabled {
-            return Err(ApiError::KeyNotEnabled { key: key.info.display(), state: key.info.state.as_str() });
+        // Imported material past its validTo is refused at once, before the controller has
+        // deleted it.
+        let state = key.info.state_at(Timestamp::now());
+        if state != KeyState::Enabled {
+            return Err(ApiError::KeyNotEnabled { key: key.info.display(), state: state.as_str() });
         }
         Ok(())
     }
@@ -585,7 +588,7 @@ pub fn describe(key: &Key) -> KeyMetadata {
         key: key.info.display(),
         key_id: key.info.key_id.clone(),
         description: key.description.clone(),
-        state: key.info.state.as_str().to_owned(),
+        state: key.info.state_at(Timestamp::now()).as_str().to_owned(),
         key_spec: "SYMMETRIC_DEFAULT".into(),
         key_usage: "ENCRYPT_DECRYPT".into(),
         origin: match key.origin {
@@ -599,6 +602,7 @@ pub fn describe(key: &Key) -> KeyMetadata {
         deletion_time: time(key.deletion),
         automatic_rotation: key.automatic_rotation,
         rotation_period_days: u32::from(key.rotation_period_days),
+        valid_to: time(key.info.valid_to),
     }
 }
 

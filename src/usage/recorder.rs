@@ -317,6 +317,7 @@ mod tests {
             state: KeyState::Enabled,
             current_version: Some(1),
             refused_versions: Default::default(),
+            valid_to: None,
         }
     }
 

@@ -302,6 +302,7 @@ mod tests {
             state: KeyState::Enabled,
             current_version: Some(2),
             refused_versions: Default::default(),
+            valid_to: None,
         }
     }
 

@@ -660,7 +660,13 @@ where
             out["DeletionDate"] = json!(deletion);
         }
         if m.origin == "EXTERNAL" {
-            out["ExpirationModel"] = json!("KEY_MATERIAL_DOES_NOT_EXPIRE");
+            match epoch(&m.valid_to) {
+                Some(valid_to) => {
+                    out["ExpirationModel"] = json!("KEY_MATERIAL_EXPIRES");
+                    out["ValidTo"] = json!(valid_to);
+                }
+                None => out["ExpirationModel"] = json!("KEY_MATERIAL_DOES_NOT_EXPIRE"),
+            }
         }
         out
     }
