@@ -69,8 +69,14 @@ fn importer(ns: &str, who: &str, key: &str, dir: &Path) -> std::path::PathBuf {
 
 /// `kubekms key import` with `kubeconfig` and nothing else: no root key.
 fn import(kubeconfig: &Path, key: &str, material: &Path, timeout: &str) -> Output {
+    import_with(kubeconfig, key, material, timeout, &[])
+}
+
+/// [`import`] with more arguments (`--valid-to`).
+fn import_with(kubeconfig: &Path, key: &str, material: &Path, timeout: &str, more: &[&str]) -> Output {
     Command::new(kubekms_bin())
         .args(["key", "import", "--key", key, "--material", material.to_str().unwrap(), "--timeout", timeout])
+        .args(more)
         .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
         .env_remove("KUBECONFIG")
         .output()
@@ -207,8 +213,13 @@ async fn an_importer_with_only_the_import_right_imports_without_the_root_key() {
 /// Submits `token` and `ciphertext` to the KmsKeyImport `name` as `as_user` and returns the
 /// reason of the Imported condition the controller answers with.
 async fn submit(ns: &str, name: &str, token: &str, ciphertext: &str) -> (String, String) {
-    let body =
-        serde_json::json!({"spec": {"importToken": token, "encryptedKeyMaterial": ciphertext}}).to_string();
+    submit_spec(ns, name, serde_json::json!({"importToken": token, "encryptedKeyMaterial": ciphertext})).await
+}
+
+/// Submits `spec` to the KmsKeyImport `name`; returns the Imported condition's reason and
+/// message for that generation.
+async fn submit_spec(ns: &str, name: &str, spec: serde_json::Value) -> (String, String) {
+    let body = serde_json::json!({ "spec": spec }).to_string();
     let out = kubectl_ok(
         &[
             "patch",
@@ -338,4 +349,100 @@ async fn material_wrapped_by_openssl_imports_and_bad_submissions_are_refused() {
     // A submission after the import is refused, and changes nothing.
     assert_eq!(reason(submit(ns, "hsm", &token2, &good).await), "NotPendingImport");
     assert_eq!(stored(&key).await.spec.versions.len(), 1);
+}
+
+#[tokio::test]
+async fn imported_material_expires_at_its_validto_and_only_the_same_material_comes_back() {
+    let ns = TestNamespace::new("import-expiry");
+    let ns = ns.name.as_str();
+    create_key(ns, "expiring", "EXTERNAL");
+    let first = published(ns, "expiring", None).await.status.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(71).wrapping_add(11));
+    let material = dir.path().join("material.bin");
+    std::fs::write(&material, bytes).unwrap();
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, [0x5au8; 32]).unwrap();
+    let admin = run_dir().join("kubeconfig");
+    let key = format!("{ns}/expiring");
+
+    // Bad input: a validTo not in the future, from the CLI (nothing submitted) and written
+    // into the spec directly (refused by the controller before it tries the wrapping key).
+    let past = import_with(&admin, &key, &material, "5s", &["--valid-to", "2020-01-01T00:00:00Z"]);
+    refused(past, "--valid-to 2020-01-01T00:00:00Z is not in the future");
+    let garbled = import_with(&admin, &key, &material, "5s", &["--valid-to", "tomorrow"]);
+    let stderr = String::from_utf8_lossy(&garbled.stderr);
+    assert_eq!(garbled.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(stderr.contains("invalid value 'tomorrow' for '--valid-to <TIME>'"), "{stderr}");
+    let wrapped = openssl_wrap(dir.path(), first.public_key.as_deref().unwrap(), &bytes);
+    let spec = serde_json::json!({
+        "importToken": first.import_token.as_deref().unwrap(),
+        "encryptedKeyMaterial": wrapped,
+        "validTo": "2001-01-01T00:00:00Z",
+    });
+    let (why, message) = submit_spec(ns, "expiring", spec).await;
+    assert_eq!(why, "InvalidValidTo", "{message}");
+
+    // Imported with a validTo 20 s ahead: Enabled until then, and reported.
+    let valid_to = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + 20).unwrap();
+    let out = import_with(&admin, &key, &material, "60s", &["--valid-to", &valid_to.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("expires at {valid_to}")), "{stdout}");
+    let enabled = wait_state(ns, "expiring", KeyState::Enabled).await;
+    assert_eq!(enabled.status.as_ref().unwrap().valid_to.as_ref().map(|t| t.0), Some(valid_to));
+    crate::keyapi::bind_key_user(ns, ns, "app");
+    let mut app = crate::keyapi::as_sa(ns, "app").await;
+    let sealed = eventually(WAIT, "an Encrypt under the imported key", || {
+        let mut app = app.clone();
+        let key = key.clone();
+        async move { crate::keyapi::encrypt(&mut app, &key, b"until validTo", &[]).await.ok() }
+    })
+    .await;
+    let described =
+        app.describe_key(kubekms::proto::keyapi::DescribeKeyRequest { key: key.clone() }).await.unwrap();
+    assert_eq!(described.into_inner().metadata.unwrap().valid_to, valid_to.to_string());
+
+    // At validTo: the key API refuses at once by its own clock; the controller deletes the
+    // material and the key is PendingImport, its version Expired.
+    let wait = valid_to.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(wait + 0.5)).await;
+    let late = crate::keyapi::decrypt(&mut app, &sealed.ciphertext_blob, &[]).await;
+    assert_eq!(crate::keyapi::code(late), tonic::Code::FailedPrecondition);
+    let pending = wait_state(ns, "expiring", KeyState::PendingImport).await;
+    let status = pending.status.clone().unwrap();
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains(&format!("expired at {valid_to}")), "{}", ready.message);
+    assert_eq!(status.current_version, None);
+    assert_eq!(status.versions[0].state, kubekms::api::KeyVersionState::Expired);
+    let object = eventually(WAIT, "the expired material deleted", || {
+        let pending = pending.clone();
+        async move { Some(stored(&pending).await).filter(|m| m.spec.versions[0].wrapped.is_none()) }
+    })
+    .await;
+    assert_eq!(object.spec.versions.len(), 1);
+    assert_eq!(object.spec.versions[0].expired_at.as_ref().map(|t| t.0), Some(valid_to));
+    let refused_again = crate::keyapi::decrypt(&mut app, &sealed.ciphertext_blob, &[]).await;
+    assert_eq!(crate::keyapi::code(refused_again), tonic::Code::FailedPrecondition);
+
+    // Other material is refused; the same material comes back, as version 1, without expiry.
+    refused(import(&admin, &key, &other, "60s"), "(IncorrectKeyMaterial)");
+    let out = import(&admin, &key, &material, "60s");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported again"));
+    let back = wait_state(ns, "expiring", KeyState::Enabled).await;
+    assert_eq!(back.status.as_ref().unwrap().current_version, Some(1));
+    assert_eq!(back.status.as_ref().unwrap().valid_to, None);
+    let opened = eventually(WAIT, "the old ciphertext to decrypt again", || {
+        let mut app = app.clone();
+        let blob = sealed.ciphertext_blob.clone();
+        async move { crate::keyapi::decrypt(&mut app, &blob, &[]).await.ok() }
+    })
+    .await;
+    assert_eq!(opened.plaintext, b"until validTo");
+    let object = stored(&back).await;
+    assert_eq!(object.spec.versions.len(), 1, "no new version");
+    let root = crate::support::root_key();
+    let unwrapped = kubekms::keyring::unwrap_version(&root, &object, &object.spec.versions[0]).unwrap();
+    assert_eq!(unwrapped.expose(), &bytes);
 }
