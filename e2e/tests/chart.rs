@@ -290,7 +290,11 @@ async fn pkcs11_root_key_in_every_component() {
             assert!(args.contains(&flag), "{name}: no {flag} in {args:?}");
         }
         assert!(
-            !args.iter().any(|a| a.starts_with("--root-key-file") || a.starts_with("--pkcs11-slot")),
+            !args.iter().any(|a| {
+                a.starts_with("--root-key-file")
+                    || a.starts_with("--pkcs11-slot")
+                    || a.starts_with("--pkcs11-previous-key-label")
+            }),
             "{name}: {args:?}"
         );
         assert!(
@@ -371,6 +375,20 @@ async fn pkcs11_root_key_in_every_component() {
     assert!(run.ok, "{}", run.stderr);
     assert!(run.stdout.contains("- --pkcs11-slot=0") && !run.stdout.contains("--pkcs11-token-label"));
 
+    // During a root-key rotation inside the token: the old key's label, in every component
+    // (controller, server and plugin), beside the new one.
+    let mut rotating = PKCS11.to_vec();
+    rotating.push("rootKey.pkcs11.previousKeyLabel=kubekms-root-0");
+    let run = template("hsm", ns, &rotating);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        run.stdout.matches("- --pkcs11-previous-key-label=kubekms-root-0").count(),
+        3,
+        "{}",
+        run.stdout
+    );
+    assert_eq!(run.stdout.matches("- --pkcs11-key-label=kubekms-root-1").count(), 3);
+
     // The default stays a root key file, without a trace of the token.
     let defaults = template("hsm", ns, &["server.tls.secretName=tls"]);
     assert!(defaults.ok, "{}", defaults.stderr);
@@ -389,6 +407,8 @@ async fn bad_pkcs11_values_are_refused() {
     both.push("rootKey.pkcs11.slot=1");
     let mut previous_file = PKCS11.to_vec();
     previous_file.push("rootKey.previous.hostPath=/etc/kubekms/old.key");
+    let mut previous_same = PKCS11.to_vec();
+    previous_same.push("rootKey.pkcs11.previousKeyLabel=kubekms-root-1");
     for (sets, expected) in [
         (
             without("rootKey.pkcs11.module"),
@@ -407,7 +427,11 @@ async fn bad_pkcs11_values_are_refused() {
             "rootKey.pkcs11.tokenLabel or rootKey.pkcs11.slot is required",
         ),
         (both, "rootKey.pkcs11.tokenLabel and rootKey.pkcs11.slot are both set: give exactly one"),
-        (previous_file, "rootKey.previous (a previous root key file) is for rootKey.provider file"),
+        (
+            previous_file,
+            "with provider pkcs11, give the previous key in the token as rootKey.pkcs11.previousKeyLabel",
+        ),
+        (previous_same, "rootKey.pkcs11.previousKeyLabel is the same label as rootKey.pkcs11.keyLabel"),
         (vec!["rootKey.provider=vault"], "/rootKey/provider"),
         (vec!["rootKey.pkcs11.module=libsofthsm2.so"], "/rootKey/pkcs11/module"),
         (vec!["rootKey.pkcs11.slot=-1"], "/rootKey/pkcs11/slot"),

@@ -163,7 +163,7 @@ affinity:
 {{/* The flag that gives the controller or the server the previous root key, if any. */}}
 {{- define "kubekms.previousRootKeyArgs" -}}
 {{- if and (eq .Values.rootKey.provider "pkcs11") (or .Values.rootKey.previous.hostPath .Values.rootKey.previous.secretName) }}
-{{- fail "rootKey.previous (a previous root key file) is for rootKey.provider file; the chart has no value yet for a previous key with provider pkcs11 (the flag is --pkcs11-previous-key-label or --previous-root-key-file; README, \"Rotating the root key\")" }}
+{{- fail "rootKey.previous (a previous root key file) is for rootKey.provider file; with provider pkcs11, give the previous key in the token as rootKey.pkcs11.previousKeyLabel (README, \"Rotating the root key\")" }}
 {{- end }}
 {{- if include "kubekms.previousRootKeySource" . }}
 {{- if eq .Values.rootKey.source "secret" }}
@@ -271,6 +271,9 @@ cannot name clearly are refused here, with the value to fix.
 {{- if not $p.pinSecret.name -}}
 {{- fail "rootKey.pkcs11.pinSecret.name is required when rootKey.provider is pkcs11: an existing Secret holding the token's user PIN" -}}
 {{- end -}}
+{{- if and $p.previousKeyLabel (eq $p.previousKeyLabel $p.keyLabel) -}}
+{{- fail "rootKey.pkcs11.previousKeyLabel is the same label as rootKey.pkcs11.keyLabel: keyLabel names the new root key, previousKeyLabel the one it replaces" -}}
+{{- end -}}
 {{- end }}
 
 {{/* The root key flags of a container: the file at the path given, or the token's. */}}
@@ -286,6 +289,9 @@ cannot name clearly are refused here, with the value to fix.
 - --pkcs11-slot={{ $p.slot }}
 {{- end }}
 - --pkcs11-key-label={{ $p.keyLabel }}
+{{- with $p.previousKeyLabel }}
+- --pkcs11-previous-key-label={{ . }}
+{{- end }}
 - --pkcs11-pin-file=/run/kubekms-pin/pin
 {{- else }}
 - --root-key-file={{ index . 1 }}
