@@ -73,7 +73,7 @@ fn check(data: &[u8]) -> Result<()> {
 
     let header_len = Header::read(&mut file.as_slice()).expect("the header").1.len();
     let sealed = chunk as usize + 16;
-    let chunks = (file.len() - header_len) / sealed + usize::from((file.len() - header_len) % sealed != 0);
+    let chunks = (file.len() - header_len).div_ceil(sealed);
     let at = u.arbitrary::<usize>()?;
     let changed: Vec<u8> = match u.int_in_range(0..=4)? {
         0 => kubekms_fuzz::flipped(&file, at, u.arbitrary()?),

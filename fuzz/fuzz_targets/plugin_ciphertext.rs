@@ -32,8 +32,8 @@ fn looks_like_fqdn(name: &str) -> bool {
         && name.split('.').all(|l| {
             (1..=63).contains(&l.len())
                 && l.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
-                && l.chars().next() != Some('-')
-                && l.chars().last() != Some('-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
         })
 }
 
