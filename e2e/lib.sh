@@ -28,7 +28,8 @@ require_tools() {
 }
 
 # reserve_ports: keeps the kernel from handing out the control planes' fixed ports (33000-39999:
-# `make up`'s, the SoftHSM2 pass's, the chaos test's, the restore and root-key rotation tests';
+# `make up`'s, the SoftHSM2 pass's, the chaos test's, the restore and root-key rotation tests',
+# and 35000-35999 for the processes the end-to-end tests start, support::free_port;
 # 44500-44599: `make cluster`'s) as the source ports of outgoing connections, which made a
 # component's start fail now and then with "Address already in use" under load. Root only
 # (net.ipv4.ip_local_reserved_ports); adds to what is reserved already; a no-op elsewhere.

@@ -193,8 +193,22 @@ pub fn kubekms_bin() -> &'static str {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// A port on 127.0.0.1 for a process a test starts, from 35000-35999, which `make test`
+/// reserves (e2e/lib.sh, `reserve_ports`): an ephemeral port, found free and handed on,
+/// could be taken meanwhile as the source port of some outgoing connection (it was, once,
+/// under load). Each test process takes its own hundred (by its pid), one after the other,
+/// and skips any port found in use.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 35000 + (std::process::id() % 10) as u16 * 100;
+    for _ in 0..100 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {base}-{}", base + 99)
 }
 
 /// A `kubekms controller` process of a test's own, managing only the KmsKeys labelled
