@@ -8,6 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::BackendError;
@@ -49,11 +54,47 @@ impl Default for CacheSettings {
 /// What one RBAC question is: who (username, uid, groups, extra), verb, namespace, name.
 type Question = (String, String, Vec<String>, BTreeMap<String, Vec<String>>, String, String, String);
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RbacCacheLabels {
+    /// `key-api` (gRPC) or `aws` (the AWS KMS API).
+    api: &'static str,
+    /// `allowed` or `denied`.
+    answer: &'static str,
+}
+
+/// The RBAC caches' metrics: how full they are and what made room.
+#[derive(Clone, Debug, Default)]
+pub struct RbacCacheMetrics {
+    entries: Family<RbacCacheLabels, Gauge>,
+    evicted: Family<RbacCacheLabels, Counter>,
+}
+
+impl RbacCacheMetrics {
+    /// Registers `kubekms_server_rbac_cache_entries` and `…_evicted_total`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = RbacCacheMetrics::default();
+        registry.register(
+            "kubekms_server_rbac_cache_entries",
+            "SubjectAccessReview answers cached, by API and answer",
+            m.entries.clone(),
+        );
+        registry.register(
+            "kubekms_server_rbac_cache_evicted",
+            "Cached SubjectAccessReview answers forgotten to make room, by API and answer",
+            m.evicted.clone(),
+        );
+        m
+    }
+}
+
 /// An [`RbacChecker`] whose answers are kept for a short time, in a bounded cache.
 pub struct CachedRbac<R> {
     inner: R,
     ttl: Duration,
     cache: Mutex<Answers<Question, (), Instant>>,
+    /// Its name in metric labels, and its metrics.
+    name: &'static str,
+    metrics: RbacCacheMetrics,
 }
 
 impl<R> CachedRbac<R> {
@@ -62,7 +103,14 @@ impl<R> CachedRbac<R> {
             inner,
             ttl: settings.ttl,
             cache: Mutex::new(Answers::new(settings.size, settings.denied_size)),
+            name: "key-api",
+            metrics: RbacCacheMetrics::default(),
         }
+    }
+
+    /// Reports to `metrics` under the label `api` (`key-api`, `aws`).
+    pub fn with_metrics(self, api: &'static str, metrics: RbacCacheMetrics) -> Self {
+        CachedRbac { name: api, metrics, ..self }
     }
 
     /// The checker asked when no answer is cached.
@@ -97,8 +145,15 @@ impl<R: RbacChecker> RbacChecker for CachedRbac<R> {
         }
         let allowed = self.inner.allowed(who, verb, namespace, name).await?;
         if let Ok(mut cache) = self.cache.lock() {
-            let answer = if allowed { Cached::Yes(()) } else { Cached::No };
-            cache.insert(question, answer, now + self.ttl);
+            let (answer, kind) = if allowed { (Cached::Yes(()), "allowed") } else { (Cached::No, "denied") };
+            let label = |answer| RbacCacheLabels { api: self.name, answer };
+            if cache.insert(question, answer, now + self.ttl) {
+                self.metrics.evicted.get_or_create(&label(kind)).inc();
+            }
+            let (yes, no) = cache.len();
+            for (answer, n) in [("allowed", yes), ("denied", no)] {
+                self.metrics.entries.get_or_create(&label(answer)).set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         Ok(allowed)
     }
@@ -386,7 +441,9 @@ mod tests {
     async fn rbac_answers_are_kept_for_their_lifetime_and_denials_apart() {
         let scripted = Scripted { allow: vec![("alice", "decrypt")], asked: AtomicUsize::new(0) };
         let settings = CacheSettings { ttl: Duration::from_secs(10), size: 2, denied_size: 3 };
-        let rbac = CachedRbac::new(scripted, &settings);
+        let mut registry = Registry::default();
+        let metrics = RbacCacheMetrics::register(&mut registry);
+        let rbac = CachedRbac::new(scripted, &settings).with_metrics("aws", metrics);
         let asked = || rbac.inner().asked.load(Ordering::SeqCst);
         assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
         assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
@@ -396,6 +453,19 @@ mod tests {
             assert!(!rbac.allowed(&user("mallory"), "decrypt", "apps", &format!("k{i}")).await.unwrap());
         }
         assert_eq!(rbac.cache.lock().unwrap().len(), (1, 3));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"kubekms_server_rbac_cache_entries{api="aws",answer="allowed"} 1"#,
+            r#"kubekms_server_rbac_cache_entries{api="aws",answer="denied"} 3"#,
+            r#"kubekms_server_rbac_cache_evicted_total{api="aws",answer="denied"} 97"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"evicted_total{api="aws",answer="allowed"}"#),
+            "no allowed answer made room:\n{text}"
+        );
         assert!(rbac.allowed(&user("alice"), "decrypt", "apps", "k").await.unwrap());
         assert_eq!(asked(), 101, "alice's answer survived the flood");
         // Past its lifetime an answer is asked for again.

@@ -139,6 +139,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let (grpc_slots, aws_slots) =
         (connections::Slots::new(config.max_connections), connections::Slots::new(config.max_connections));
     let auth_metrics = auth::AuthMetrics::register(&mut registry);
+    let rbac_metrics = authz::RbacCacheMetrics::register(&mut registry);
     grpc_slots.register(&mut registry, "grpc");
     aws_slots.register(&mut registry, "aws");
     let (usage, usage_task) = crate::usage::k8s::start(
@@ -177,7 +178,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let api = Arc::new(service::KeyApi::new(
         auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone())
             .with_metrics("key-api", auth_metrics.clone()),
-        authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
+        authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache)
+            .with_metrics("key-api", rbac_metrics.clone()),
         directory.clone(),
         k8s::KubeGrantWriter(client.clone()),
         audit.clone(),
@@ -203,7 +205,8 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         let front = Arc::new(aws::AwsApi::new(
             api.clone(),
             directory,
-            authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache),
+            authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache)
+                .with_metrics("aws", rbac_metrics),
             sts_auth,
             aws::sts::SessionKeys::from_root(&root),
             settings,
