@@ -115,11 +115,20 @@ pub struct AuthMetrics {
     entries: Family<CacheLabels, Gauge>,
     evicted: Family<CacheLabels, Counter>,
     throttled: Family<ThrottleLabels, Counter>,
+    /// By authenticator: clients whose review bucket is kept, and tokens in review.
+    clients: Family<AuthenticatorLabel, Gauge>,
+    in_flight: Family<AuthenticatorLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthenticatorLabel {
+    authenticator: &'static str,
 }
 
 impl AuthMetrics {
-    /// Registers `kubekms_server_token_cache_entries`, `…_evicted_total` and
-    /// `kubekms_server_token_reviews_throttled_total`.
+    /// Registers `kubekms_server_token_cache_entries`, `…_evicted_total`,
+    /// `kubekms_server_token_reviews_throttled_total`, `…_review_clients` and
+    /// `…_reviews_in_flight`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = AuthMetrics::default();
         registry.register(
@@ -136,6 +145,16 @@ impl AuthMetrics {
             "kubekms_server_token_reviews_throttled",
             "Tokens not reviewed because a review limit was reached, by authenticator and limit",
             m.throttled.clone(),
+        );
+        registry.register(
+            "kubekms_server_token_review_clients",
+            "Client addresses whose TokenReview bucket is kept, by authenticator (at most 10,000)",
+            m.clients.clone(),
+        );
+        registry.register(
+            "kubekms_server_token_reviews_in_flight",
+            "Distinct tokens being reviewed or waited for, by authenticator",
+            m.in_flight.clone(),
         );
         m
     }
@@ -164,7 +183,11 @@ pub struct Authenticator<R> {
 /// The reviews in flight, by the token's SHA-256: a call bringing a token that is being
 /// reviewed waits for that review, then finds its answer cached.
 #[derive(Default)]
-struct Flights(Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>);
+struct Flights {
+    map: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    /// The map's size, for `kubekms_server_token_reviews_in_flight`.
+    size: Gauge,
+}
 
 /// A review in flight; dropping it lets the next caller of the same token on.
 struct Flight<'a> {
@@ -179,12 +202,14 @@ const FLIGHTS_SWEPT_BEYOND: usize = 1024;
 
 impl Flights {
     async fn join(&self, hash: [u8; 32]) -> Flight<'_> {
-        let lock = match self.0.lock() {
+        let lock = match self.map.lock() {
             Ok(mut flights) => {
                 if flights.len() > FLIGHTS_SWEPT_BEYOND {
                     flights.retain(|_, lock| Arc::strong_count(lock) > 1);
                 }
-                flights.entry(hash).or_default().clone()
+                let lock = flights.entry(hash).or_default().clone();
+                self.size.set(i64::try_from(flights.len()).unwrap_or(i64::MAX));
+                lock
             }
             Err(_) => Arc::default(),
         };
@@ -194,11 +219,12 @@ impl Flights {
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        if let Ok(mut flights) = self.flights.0.lock() {
+        if let Ok(mut flights) = self.flights.map.lock() {
             // The map's reference and this flight's: nobody else waits.
             if Arc::strong_count(tokio::sync::OwnedMutexGuard::mutex(&self.guard)) == 2 {
                 flights.remove(&self.hash);
             }
+            self.flights.size.set(i64::try_from(flights.len()).unwrap_or(i64::MAX));
         }
     }
 }
@@ -220,7 +246,8 @@ impl<R: TokenReviewer> Authenticator<R> {
 
     /// Reports to `metrics` under the label `name` (`key-api`, `sts`).
     pub fn with_metrics(self, name: &'static str, metrics: AuthMetrics) -> Self {
-        Authenticator { name, metrics, ..self }
+        let size = metrics.in_flight.get_or_create(&AuthenticatorLabel { authenticator: name }).clone();
+        Authenticator { name, metrics, flights: Flights { size, ..self.flights }, ..self }
     }
 
     /// The audiences tokens must be issued for.
@@ -264,6 +291,8 @@ impl<R: TokenReviewer> Authenticator<R> {
             self.metrics.throttled.get_or_create(&ThrottleLabels { authenticator: self.name, limit }).inc();
             return Err(AuthError::Throttled(throttled));
         }
+        let clients = i64::try_from(self.limiter.clients()).unwrap_or(i64::MAX);
+        self.metrics.clients.get_or_create(&AuthenticatorLabel { authenticator: self.name }).set(clients);
         let reviewed = self.reviewer.review(token, &self.audiences).await.map_err(AuthError::Backend)?;
         if let Ok(mut known) = self.known.lock() {
             match &reviewed {
@@ -393,6 +422,8 @@ mod tests {
             r#"kubekms_server_token_cache_entries{authenticator="sts",answer="valid"} 1"#,
             r#"kubekms_server_token_cache_entries{authenticator="sts",answer="rejected"} 4"#,
             r#"kubekms_server_token_cache_evicted_total{authenticator="sts",answer="rejected"} 996"#,
+            r#"kubekms_server_token_review_clients{authenticator="sts"} 1"#,
+            r#"kubekms_server_token_reviews_in_flight{authenticator="sts"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
@@ -519,10 +550,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_calls_with_one_new_token_share_one_review() {
-        let auth = Authenticator::new(Slow(AtomicUsize::new(0)), Settings::default());
+        let metrics = AuthMetrics::default();
+        let auth = Authenticator::new(Slow(AtomicUsize::new(0)), Settings::default())
+            .with_metrics("key-api", metrics.clone());
+        let in_flight =
+            || metrics.in_flight.get_or_create(&AuthenticatorLabel { authenticator: "key-api" }).get();
         let token = jwt(9_000_000);
         let calls = (0..64).map(|_| auth.authenticate_at(&token, 100));
-        let answers = futures::future::join_all(calls).await;
+        let mut calls = std::pin::pin!(futures::future::join_all(calls));
+        assert!(futures::poll!(calls.as_mut()).is_pending());
+        assert_eq!(in_flight(), 1, "one token in review, 63 callers waiting for it");
+        let answers = calls.await;
         assert!(answers.iter().all(Result::is_ok));
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 1, "64 callers, one review, within the limit");
         let junk = (0..64).map(|_| auth.authenticate_at("junk", 100));
@@ -530,7 +568,8 @@ mod tests {
             futures::future::join_all(junk).await.iter().all(|a| matches!(a, Err(AuthError::Rejected(_))))
         );
         assert_eq!(auth.reviewer.0.load(Ordering::SeqCst), 2);
-        assert!(auth.flights.0.lock().unwrap().is_empty(), "no flight is left behind");
+        assert!(auth.flights.map.lock().unwrap().is_empty(), "no flight is left behind");
+        assert_eq!(in_flight(), 0);
     }
 
     #[tokio::test]

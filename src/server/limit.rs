@@ -186,6 +186,11 @@ impl ReviewLimiter {
         state.everyone = Some(all.take(self.everyone, now));
         Ok(())
     }
+
+    /// How many clients' buckets are kept (at most 10,000).
+    pub fn clients(&self) -> usize {
+        self.state.lock().map_or(0, |state| state.clients.len())
+    }
 }
 
 #[cfg(test)]
@@ -257,6 +262,23 @@ mod tests {
         assert_eq!(err, Throttled::Everyone { retry_after: Duration::from_secs(2) });
         assert_eq!(err.to_string(), "the key API is reviewing too many new tokens; retry in 2 s");
         limiter.acquire(ip("10.0.0.9"), t0 + Duration::from_secs(2)).unwrap();
+    }
+
+    #[test]
+    fn buckets_are_kept_for_a_bounded_number_of_clients() {
+        let limiter = ReviewLimiter::new("1/1h".parse().unwrap(), "1000000/1s".parse().unwrap());
+        let t0 = Instant::now();
+        limiter.acquire(ip("192.168.0.1"), t0).unwrap();
+        // A flood from many addresses (one per IPv6 /64) keeps at most CLIENTS buckets.
+        for n in 0..u32::try_from(CLIENTS).unwrap() + 500 {
+            let addr = IpAddr::V6((u128::from(n) << 64 | 1).into());
+            limiter.acquire(addr, t0).unwrap();
+        }
+        assert_eq!(limiter.clients(), CLIENTS);
+        // The client seen least recently was forgotten, and starts with a full bucket.
+        limiter.acquire(ip("192.168.0.1"), t0).unwrap();
+        assert!(limiter.acquire(ip("192.168.0.1"), t0).is_err());
+        assert_eq!(limiter.clients(), CLIENTS);
     }
 
     #[test]
