@@ -23,6 +23,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -163,6 +166,28 @@ pub struct AuditLog {
     /// records it can later tell `audit verify --expect-seq` where the log must reach, which
     /// the chain alone cannot show for lines cut from the end.
     sequence: Gauge,
+    /// Lines queued and not yet taken by the writer (at most `limits.queue`).
+    waiting: Gauge,
+    /// Calls whose line was not written, by why.
+    failed: Family<FailureLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    /// `queue_full`, `timed_out`, `write` or `stopped`.
+    reason: &'static str,
+}
+
+impl AuditError {
+    /// Its `reason` label in `kubekms_audit_failures_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            AuditError::Busy(_) => "queue_full",
+            AuditError::TimedOut(_) => "timed_out",
+            AuditError::Stopped => "stopped",
+            AuditError::Open(..) | AuditError::Write(_) | AuditError::Encode(_) => "write",
+        }
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -343,10 +368,12 @@ impl AuditLog {
         let sequence = Gauge::default();
         set_sequence(&sequence, writer.seq);
         let (jobs, queue) = mpsc::sync_channel::<Job>(limits.queue);
-        let gauge = sequence.clone();
+        let (gauge, waiting) = (sequence.clone(), Gauge::default());
+        let taken = waiting.clone();
         let started = std::thread::Builder::new().name("kubekms-audit".into()).spawn(move || {
             // Ends when the log, the only sender, is dropped.
             for job in queue {
+                taken.dec();
                 let outcome = if Instant::now() >= job.deadline {
                     Err(AuditError::TimedOut(limits.timeout))
                 } else {
@@ -358,16 +385,35 @@ impl AuditLog {
         if let Err(e) = started {
             tracing::error!(error = %e, "failed to start the audit writer; every audited call will fail");
         }
-        AuditLog { jobs, limits, sequence }
+        AuditLog { jobs, limits, sequence, waiting, failed: Family::default() }
     }
 
-    /// `kubekms_audit_sequence`: the sequence number of the last line written.
+    /// `kubekms_audit_sequence` (the sequence number of the last line written),
+    /// `kubekms_audit_queued` and `kubekms_audit_failures_total{reason}`.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "kubekms_audit_sequence",
             "Sequence number of the last audit line written (compare with `kubekms audit verify --expect-seq`)",
             self.sequence.clone(),
         );
+        registry.register(
+            "kubekms_audit_queued",
+            "Audit lines waiting for the writer (the queue's bound is --audit-queue)",
+            self.waiting.clone(),
+        );
+        registry.register(
+            "kubekms_audit_failures",
+            "Audited calls failed closed because their line was not written, by reason",
+            self.failed.clone(),
+        );
+    }
+
+    /// Counts a failed line in `kubekms_audit_failures_total`.
+    fn counted(&self, outcome: Result<(), AuditError>) -> Result<(), AuditError> {
+        if let Err(e) = &outcome {
+            self.failed.get_or_create(&FailureLabels { reason: e.reason() }).inc();
+        }
+        outcome
     }
 
     /// An audit log written to any sink (tests).
@@ -385,22 +431,22 @@ impl AuditLog {
     /// uses [`AuditLog::append`].
     pub fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(event, Reply::Blocking(tx))?;
-        rx.recv_timeout(self.limits.timeout).unwrap_or_else(|e| match e {
+        self.counted(self.submit(event, Reply::Blocking(tx)))?;
+        self.counted(rx.recv_timeout(self.limits.timeout).unwrap_or_else(|e| match e {
             mpsc::RecvTimeoutError::Timeout => Err(AuditError::TimedOut(self.limits.timeout)),
             mpsc::RecvTimeoutError::Disconnected => Err(AuditError::Stopped),
-        })
+        }))
     }
 
     /// Writes one line, waiting for it without holding a thread, at most the timeout.
     pub async fn append(&self, event: &AuditEvent) -> Result<(), AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(event, Reply::Async(tx))?;
-        match tokio::time::timeout(self.limits.timeout, rx).await {
+        self.counted(self.submit(event, Reply::Async(tx)))?;
+        self.counted(match tokio::time::timeout(self.limits.timeout, rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(AuditError::Stopped),
             Err(_) => Err(AuditError::TimedOut(self.limits.timeout)),
-        }
+        })
     }
 
     /// Queues a line for the writer, or fails at once when the queue is full.
@@ -410,9 +456,14 @@ impl AuditLog {
         let event = serde_json::to_string(&bounded(event)).map_err(AuditError::Encode)?;
         let fields = event.strip_prefix('{').and_then(|e| e.strip_suffix('}')).unwrap_or_default().to_owned();
         let deadline = Instant::now() + self.limits.timeout;
-        self.jobs.try_send(Job { fields, deadline, reply }).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => AuditError::Busy(self.limits.queue),
-            mpsc::TrySendError::Disconnected(_) => AuditError::Stopped,
+        // Counted before it is sent, so that the writer's decrement never comes first.
+        self.waiting.inc();
+        self.jobs.try_send(Job { fields, deadline, reply }).map_err(|e| {
+            self.waiting.dec();
+            match e {
+                mpsc::TrySendError::Full(_) => AuditError::Busy(self.limits.queue),
+                mpsc::TrySendError::Disconnected(_) => AuditError::Stopped,
+            }
         })
     }
 }
@@ -660,6 +711,8 @@ mod tests {
         let blocking =
             tokio::time::timeout(bound, blocking).await.expect("returned before the bound").unwrap();
         assert!(matches!(blocking, Err(AuditError::TimedOut(_))), "{blocking:?}");
+        let timed_out = log.failed.get_or_create(&FailureLabels { reason: "timed_out" }).get();
+        assert_eq!(timed_out, 2, "both callers counted");
         sink.stall(false);
         log.append(&event(4)).await.unwrap();
         // The chain goes on. Of the lines whose callers gave up, at most the one being
@@ -688,6 +741,13 @@ mod tests {
         let refused = first_polls.iter().filter(|p| matches!(p, Some(Err(AuditError::Busy(2))))).count();
         let waiting = first_polls.iter().filter(|p| p.is_none()).count();
         assert_eq!((refused, waiting), (8, 2));
+        let mut registry = prometheus_client::registry::Registry::default();
+        log.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in ["kubekms_audit_queued 2", r#"kubekms_audit_failures_total{reason="queue_full"} 8"#] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
         sink.stall(false);
         held.await.unwrap().unwrap();
         for (call, first) in calls.iter_mut().zip(first_polls) {
@@ -696,6 +756,7 @@ mod tests {
             }
         }
         assert_eq!(verify(sink.text().as_bytes(), Some(&root())).unwrap().lines, 3);
+        assert_eq!(log.waiting.get(), 0, "every queued line was taken");
     }
 
     #[test]
