@@ -4,7 +4,7 @@
 //! each key's state from its spec and material whenever either changes, and unwraps each
 //! key's material once, and again only when it changes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::RootKey;
@@ -44,6 +44,11 @@ pub trait Mirrored {
     fn namespace(&self) -> &str;
     fn name(&self) -> &str;
     fn id(&self) -> &str;
+    /// The object of its namespace this one belongs to, when the mirror finds objects by
+    /// that too (a grant's key).
+    fn owner(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl Mirrored for Key {
@@ -80,6 +85,9 @@ impl Mirrored for Grant {
     fn id(&self) -> &str {
         &self.grant_id
     }
+    fn owner(&self) -> Option<&str> {
+        Some(&self.key_name)
+    }
 }
 
 /// Material objects are cluster-scoped and named by their key's UID.
@@ -100,27 +108,51 @@ type Name = (String, String);
 struct Objects<D> {
     by_name: HashMap<Name, Arc<D>>,
     by_id: HashMap<String, Name>,
+    /// The names of the objects that belong to each (namespace, owner), so that a key's
+    /// grants are found without reading every grant of the cluster.
+    by_owner: HashMap<Name, BTreeSet<String>>,
 }
 
 impl<D> Default for Objects<D> {
     fn default() -> Self {
-        Objects { by_name: HashMap::new(), by_id: HashMap::new() }
+        Objects { by_name: HashMap::new(), by_id: HashMap::new(), by_owner: HashMap::new() }
     }
+}
+
+/// The (namespace, owner) an object is found under, if any.
+fn owner_of<D: Mirrored>(object: &D) -> Option<Name> {
+    object.owner().map(|owner| (object.namespace().to_owned(), owner.to_owned()))
 }
 
 impl<D: Mirrored> Objects<D> {
     fn insert(&mut self, object: D) {
         let name = (object.namespace().to_owned(), object.name().to_owned());
-        if let Some(old) = self.by_name.get(&name) {
-            self.by_id.remove(old.id());
+        if let Some(old) = self.by_name.get(&name).cloned() {
+            self.forget(&old);
         }
         self.by_id.insert(object.id().to_owned(), name.clone());
+        if let Some(owner) = owner_of(&object) {
+            self.by_owner.entry(owner).or_default().insert(name.1.clone());
+        }
         self.by_name.insert(name, Arc::new(object));
     }
 
     fn remove(&mut self, namespace: &str, name: &str) {
         if let Some(old) = self.by_name.remove(&(namespace.to_owned(), name.to_owned())) {
-            self.by_id.remove(old.id());
+            self.forget(&old);
+        }
+    }
+
+    /// Drops an object's id and owner entries (not its entry by name).
+    fn forget(&mut self, old: &D) {
+        self.by_id.remove(old.id());
+        if let Some(owner) = owner_of(old)
+            && let Some(names) = self.by_owner.get_mut(&owner)
+        {
+            names.remove(old.name());
+            if names.is_empty() {
+                self.by_owner.remove(&owner);
+            }
         }
     }
 }
@@ -170,6 +202,18 @@ impl<D: Mirrored> Mirror<D> {
     pub fn by_id(&self, id: &str) -> Option<Arc<D>> {
         let objects = self.objects.read().ok()?;
         objects.by_id.get(id).and_then(|name| objects.by_name.get(name)).cloned()
+    }
+
+    /// The objects of `namespace` that belong to `owner`, by name.
+    pub fn owned_by(&self, namespace: &str, owner: &str) -> Vec<Arc<D>> {
+        let Ok(objects) = self.objects.read() else { return Vec::new() };
+        let Some(names) = objects.by_owner.get(&(namespace.to_owned(), owner.to_owned())) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|name| objects.by_name.get(&(namespace.to_owned(), name.clone())).cloned())
+            .collect()
     }
 
     /// Every object `keep` keeps.
@@ -369,7 +413,7 @@ impl KeyDirectory for Directory {
     }
 
     fn grants(&self, namespace: &str, key_name: &str) -> Vec<Arc<Grant>> {
-        self.grants.filter(|g| g.namespace == namespace && g.key_name == key_name)
+        self.grants.owned_by(namespace, key_name)
     }
 
     fn grant(&self, name: &str) -> Option<Arc<Grant>> {
@@ -437,6 +481,53 @@ mod tests {
             revision: None,
             ..Default::default()
         }
+    }
+
+    fn grant(namespace: &str, name: &str, key_name: &str) -> Grant {
+        Grant {
+            namespace: namespace.into(),
+            name: name.into(),
+            grant_id: format!("id-{namespace}-{name}"),
+            key_name: key_name.into(),
+            key_id: None,
+            state: None,
+            retired_by: None,
+            deleting: false,
+            expires_at: None,
+            grantee: crate::domain::Principal::User("u".into()),
+            operations: Vec::new(),
+            constraints: None,
+            retiring_principal: None,
+            creator: None,
+        }
+    }
+
+    #[test]
+    fn a_keys_grants_are_found_by_the_key_and_follow_every_change() {
+        let d = Directory::new(Arc::new(RootKey::from_material(KeyMaterial::from_slice(&[3; 32]).unwrap())));
+        let names = |ns: &str, key: &str| -> Vec<String> {
+            d.grants(ns, key).iter().map(|g| g.name.clone()).collect()
+        };
+        Feed::replace_all(
+            &d,
+            vec![grant("apps", "a", "k"), grant("apps", "b", "k"), grant("other", "a", "k")],
+        );
+        Feed::apply(&d, grant("apps", "c", "j"));
+        assert_eq!(names("apps", "k"), ["a", "b"], "by namespace and key");
+        assert_eq!(names("other", "k"), ["a"]);
+        assert_eq!(names("apps", "j"), ["c"]);
+        // A grant that names another key moves; one deleted is gone; a new list replaces all.
+        Feed::apply(&d, grant("apps", "b", "j"));
+        assert_eq!(
+            (names("apps", "k"), names("apps", "j")),
+            (vec!["a".to_owned()], vec!["b".into(), "c".into()])
+        );
+        Feed::delete(&d, &grant("apps", "a", "k"));
+        assert!(names("apps", "k").is_empty());
+        assert_eq!(d.grant("id-apps-b").map(|g| g.key_name.clone()).as_deref(), Some("j"));
+        Feed::replace_all(&d, vec![grant("apps", "z", "k")]);
+        assert_eq!((names("apps", "k"), names("apps", "j")), (vec!["z".to_owned()], vec![]));
+        assert!(d.grants.objects.read().unwrap().by_owner.len() == 1, "no empty entries are kept");
     }
 
     #[test]
