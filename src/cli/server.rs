@@ -1,6 +1,7 @@
 //! `kubekms server`: its flags, and the key API server's configuration built from them.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -8,6 +9,7 @@ use jiff::SignedDuration;
 
 use kubekms::audit::AuditLimits;
 use kubekms::server::limit::Rate;
+use kubekms::server::service::DEFAULT_MAX_GRANTS_PER_KEY;
 use kubekms::server::{Config, auth, authz, aws};
 
 use super::args::{KubeArgs, RootKeyArgs, UsageArgs};
@@ -78,6 +80,13 @@ pub struct Args {
     /// (kubekms_server_connections_refused_total). TLS handshakes time out after 10 s.
     #[arg(long, value_name = "N", default_value_t = kubekms::server::connections::DEFAULT_MAX)]
     max_connections: std::num::NonZeroUsize,
+    /// How many grants a key may have: past it CreateGrant (gRPC and AWS) is refused with
+    /// RESOURCE_EXHAUSTED / LimitExceededException. Every grant object of the key counts
+    /// until it is deleted, retired and expired ones too; every call of a key reads its
+    /// grants, so the bound keeps calls fast. Grants made with kubectl are bounded by a
+    /// ResourceQuota on count/kmsgrants.kms.kubekms.io instead.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_GRANTS_PER_KEY)]
+    max_grants_per_key: NonZeroUsize,
     /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -130,6 +139,7 @@ impl Args {
             },
             metrics_addr: self.metrics_addr,
             max_connections: self.max_connections,
+            max_grants_per_key: self.max_grants_per_key,
             usage: self.usage.config("server", Some("POD_NAME")),
             aws: match self.aws_listen {
                 None => None,

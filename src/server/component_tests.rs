@@ -363,6 +363,7 @@ struct Setup {
     auth: Settings,
     rbac_cache: CacheSettings,
     audit: AuditLimits,
+    max_grants_per_key: std::num::NonZeroUsize,
 }
 
 impl Default for Setup {
@@ -371,6 +372,7 @@ impl Default for Setup {
             auth: Settings::default(),
             rbac_cache: CacheSettings { ttl: Duration::ZERO, ..CacheSettings::default() },
             audit: AuditLimits::default(),
+            max_grants_per_key: super::service::DEFAULT_MAX_GRANTS_PER_KEY,
         }
     }
 }
@@ -412,7 +414,8 @@ impl Harness {
             audit.log_with(&root, setup.audit),
             OperationMetrics::register(&mut registry),
             Arc::new(uses.clone()),
-        );
+        )
+        .with_max_grants_per_key(setup.max_grants_per_key);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -1070,6 +1073,48 @@ async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_deci
             ("grant-readers".to_owned(), user("apps", "writer")),
         ]
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn creategrant_stops_at_the_most_grants_a_key_may_have_and_tells_only_grantors() {
+    let max = std::num::NonZeroUsize::new(3).unwrap();
+    let h = Harness::start_with(Setup { max_grants_per_key: max, ..Setup::default() }).await;
+    h.add_key(key("apps", "k", K, delegating(vec![])), 1);
+    h.add_key(key("apps", "other", SPARE, delegating(vec![])), 1);
+    for name in ["k", "other"] {
+        h.rbac.allow(&user("apps", "writer"), "creategrant", "apps", name);
+    }
+    let (writer, intruder) = (token("apps", "writer"), token("apps", "intruder"));
+    // Held: an active grant and a retired one (both count), one being deleted (does not).
+    h.directory.grants.apply(grant("g1", "grant-1", sa("partner", "reader"), &[Op::Decrypt]));
+    let retired = grant("g2", "grant-2", sa("partner", "reader"), &[Op::Decrypt]);
+    h.directory.grants.apply(Grant { state: Some(GrantState::Retired), ..retired });
+    let going = grant("g3", "grant-3", sa("partner", "reader"), &[Op::Decrypt]);
+    h.directory.grants.apply(Grant { deleting: true, ..going });
+    h.create_grant(&writer, "apps/k", "", &["Decrypt"]).await.unwrap();
+    // The watch brings the new grant in: the key now has its three.
+    h.directory.grants.apply(grant("g4", "grant-4", sa("partner", "reader"), &[Op::Decrypt]));
+    let full = "key apps/k has 3 grants, and a key may have at most 3 (--max-grants-per-key): retire or delete some first (retired and expired grants count until deleted)";
+    refused(h.create_grant(&writer, "apps/k", "", &["Decrypt"]).await, Code::ResourceExhausted, full);
+    let line = h.audit.lines().pop().unwrap();
+    assert_eq!((line["result"].as_str(), line["reason"].as_str()), (Some("ResourceExhausted"), Some(full)));
+    let metrics = h.metrics();
+    let counted = r#"kubekms_operations_total{component="server",key="apps/k",operation="CreateGrant",result="ResourceExhausted"} 1"#;
+    assert!(metrics.lines().any(|l| l == counted), "missing {counted} in\n{metrics}");
+    // A caller without the right to grant learns nothing about the key's grants.
+    forbidden(
+        &h,
+        h.create_grant(&intruder, "apps/k", "", &["Decrypt"]).await,
+        "apps/k",
+        "CreateGrant",
+        "system:serviceaccount:apps:intruder may not create this grant on key apps/k: system:serviceaccount:apps:intruder has no right to grant on the key: no key policy statement allows it CreateGrant, no grant gives it CreateGrant, and RBAC does not allow it the verb creategrant on the key",
+    );
+    // The bound is per key; deleting a grant makes room again.
+    h.create_grant(&writer, "apps/other", "", &["Decrypt"]).await.unwrap();
+    h.directory.grants.delete("apps", "g2");
+    h.create_grant(&writer, "apps/k", "", &["Decrypt"]).await.unwrap();
+    assert_eq!(h.retirer.created().len(), 3, "nothing was created past the bound");
     h.stop().await;
 }
 

@@ -55,6 +55,8 @@ pub struct Config {
     pub aws: Option<aws::Settings>,
     /// How many connections each port (gRPC, AWS) holds at once.
     pub max_connections: std::num::NonZeroUsize,
+    /// How many grants CreateGrant lets a key have.
+    pub max_grants_per_key: std::num::NonZeroUsize,
 }
 
 /// Why a configuration is refused.
@@ -175,17 +177,20 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
             }
         }
     });
-    let api = Arc::new(service::KeyApi::new(
-        auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone())
-            .with_metrics("key-api", auth_metrics.clone()),
-        authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache)
-            .with_metrics("key-api", rbac_metrics.clone()),
-        directory.clone(),
-        k8s::KubeGrantWriter(client.clone()),
-        audit.clone(),
-        metrics.clone(),
-        usage,
-    ));
+    let api = Arc::new(
+        service::KeyApi::new(
+            auth::Authenticator::new(k8s::KubeTokenReviewer(client.clone()), config.auth.clone())
+                .with_metrics("key-api", auth_metrics.clone()),
+            authz::CachedRbac::new(k8s::KubeSar(client.clone()), &config.rbac_cache)
+                .with_metrics("key-api", rbac_metrics.clone()),
+            directory.clone(),
+            k8s::KubeGrantWriter(client.clone()),
+            audit.clone(),
+            metrics.clone(),
+            usage,
+        )
+        .with_max_grants_per_key(config.max_grants_per_key),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Listen { addr: config.listen, source })?;

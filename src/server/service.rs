@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,10 @@ pub enum ApiError {
     GrantRequest(#[from] GrantRequestError),
     #[error("grant {0} already exists")]
     GrantExists(String),
+    #[error(
+        "key {key} has {held} grants, and a key may have at most {max} (--max-grants-per-key): retire or delete some first (retired and expired grants count until deleted)"
+    )]
+    TooManyGrants { key: String, held: usize, max: usize },
     #[error("the API server refused the grant: {0}")]
     GrantRejected(String),
     #[error("failed to create the grant")]
@@ -128,6 +133,7 @@ impl CallError for ApiError {
             | ApiError::GrantRejected(_)
             | ApiError::Blob(_) => Status::invalid_argument(self.to_string()),
             ApiError::GrantExists(_) => Status::already_exists(self.to_string()),
+            ApiError::TooManyGrants { .. } => Status::resource_exhausted(self.to_string()),
             ApiError::VersionNotHeld { .. } => Status::not_found(self.to_string()),
             ApiError::Rbac(_) => Status::unavailable("cannot check Kubernetes RBAC right now"),
             ApiError::KeyRefused { .. } | ApiError::GrantRefused { .. } => {
@@ -293,7 +299,17 @@ pub struct KeyApi<T, R, D, G> {
     grant_writer: G,
     calls: CallPipeline,
     usage: Arc<dyn UseRecorder>,
+    /// How many grants CreateGrant lets a key have.
+    max_grants_per_key: NonZeroUsize,
 }
+
+/// How many grants a key may have before CreateGrant refuses more (`--max-grants-per-key`).
+/// Every call of a key reads its grants, so the bound keeps calls fast as well as etcd
+/// small.
+pub const DEFAULT_MAX_GRANTS_PER_KEY: NonZeroUsize = match NonZeroUsize::new(1_000) {
+    Some(n) => n,
+    None => NonZeroUsize::MIN,
+};
 
 fn request_id(meta: &MetadataMap) -> String {
     meta.get("x-request-id")
@@ -334,7 +350,14 @@ where
             grant_writer,
             calls: CallPipeline::new("server", audit, metrics),
             usage,
+            max_grants_per_key: DEFAULT_MAX_GRANTS_PER_KEY,
         }
+    }
+
+    /// Lets CreateGrant give a key at most `max` grants (counting every grant object of the
+    /// key that is not being deleted: retired and expired ones too).
+    pub fn with_max_grants_per_key(self, max: NonZeroUsize) -> Self {
+        KeyApi { max_grants_per_key: max, ..self }
     }
 
     /// Authenticates, runs `body`, then hands the outcome to the call pipeline.
@@ -818,6 +841,14 @@ where
                 GrantAuthority::Policy(_) | GrantAuthority::Rbac => None,
             };
             trail.grant_id = parent_grant.clone();
+            // Checked once the caller is known to have the right to grant: only such a
+            // caller learns how many grants the key has. Concurrent calls may pass it
+            // together, by at most the calls in flight.
+            let held = grants.iter().filter(|g| !g.deleting).count();
+            let max = self.max_grants_per_key.get();
+            if held >= max {
+                return Err(ApiError::TooManyGrants { key: key.info.display(), held, max });
+            }
             let identity =
                 Identity { username: who.username.clone(), groups: who.groups.clone(), ..Default::default() };
             grant.creator = Some(Creator { identity, parent_grant });

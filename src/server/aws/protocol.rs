@@ -115,6 +115,7 @@ pub fn fault(e: &ApiError) -> AwsFault {
         | ApiError::VersionNotEnabled { .. }
         | ApiError::NoCurrentVersion(_) => AwsFault::client("KMSInvalidStateException", message),
         ApiError::GrantExists(_) => AwsFault::client("AlreadyExistsException", message),
+        ApiError::TooManyGrants { .. } => AwsFault::client("LimitExceededException", message),
         ApiError::Rbac(_) | ApiError::GrantWrite(_) | ApiError::GrantCreate(_) => {
             AwsFault::new(503, "DependencyTimeoutException", message)
         }
@@ -430,6 +431,9 @@ mod tests {
             cause: crate::server::service::Refusal::NotFound,
         };
         assert_eq!(fault(&absent).code, "AccessDeniedException");
+        let full = fault(&ApiError::TooManyGrants { key: "a/b".into(), held: 3, max: 3 });
+        assert_eq!((full.status, full.code), (400, "LimitExceededException"));
+        assert_eq!(full.status().code(), tonic::Code::ResourceExhausted, "as the gRPC API answers");
         assert_eq!(fault(&ApiError::Random).status, 500);
         let body: serde_json::Value =
             serde_json::from_slice(&fault(&ApiError::DecryptionFailed).body()).unwrap();
