@@ -295,25 +295,24 @@ fn principal<T>(req: &Request<T>) -> String {
 #[tonic::async_trait]
 impl<K: Keyring> KeyManagementService for KmsPlugin<K> {
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let response = match self.keyring.snapshot() {
+        // The state is read once, so that the answer cannot mix two moments (validTo may
+        // pass between two reads).
+        let snapshot = self.keyring.snapshot().map(|key| (key.info.state_at(jiff::Timestamp::now()), key));
+        let response = match snapshot {
             None => StatusResponse {
                 version: "v2".into(),
                 healthz: "waiting for the KmsKey and its material".into(),
                 key_id: String::new(),
             },
-            Some(key) if key.info.state_at(jiff::Timestamp::now()) != KeyState::Enabled => StatusResponse {
+            Some((state, key)) if state != KeyState::Enabled => StatusResponse {
                 version: "v2".into(),
-                healthz: format!(
-                    "key {} is {}",
-                    key.display(),
-                    key.info.state_at(jiff::Timestamp::now()).as_str()
-                ),
+                healthz: format!("key {} is {}", key.display(), state.as_str()),
                 // No key id while the key refuses to encrypt: kube-apiserver keeps using
                 // its current DEK seed for writes as long as Status repeats that seed's key
                 // id, even when unhealthy. Without one, its writes stop within minutes.
                 key_id: String::new(),
             },
-            Some(key) => {
+            Some((_, key)) => {
                 let key_id = key
                     .info
                     .current_version
