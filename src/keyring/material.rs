@@ -115,6 +115,17 @@ impl Owner {
     }
 }
 
+/// `material` wrapped by `root` for version `version` of `key_id`, as the object stores it.
+fn wrapped(
+    root: &RootKey,
+    material: &KeyMaterial,
+    key_id: &str,
+    version: u32,
+) -> Result<String, MaterialError> {
+    let wrapped = root.wrap(material, WrapContext { key_id, version }).map_err(MaterialError::Wrap)?;
+    Ok(B64.encode(wrapped))
+}
+
 fn wrap_version(
     root: &RootKey,
     key_id: &str,
@@ -124,13 +135,12 @@ fn wrap_version(
     request: Option<String>,
     now: Timestamp,
 ) -> Result<MaterialVersion, MaterialError> {
-    let wrapped = root.wrap(material, WrapContext { key_id, version }).map_err(MaterialError::Wrap)?;
     Ok(MaterialVersion {
         version,
         created: Time(now),
         trigger,
         request,
-        wrapped: Some(B64.encode(wrapped)),
+        wrapped: Some(wrapped(root, material, key_id, version)?),
         // Filled in by the caller when the material names another root key.
         root_key_fingerprint: None,
         deletion_time: None,
@@ -258,10 +268,7 @@ pub fn with_refilled(
     let fingerprint = version_root(&current.spec, root);
     let key_id = current.spec.key_id().to_owned();
     for v in updated.spec.versions.iter_mut().filter(|v| v.expired_at.is_some() && v.destroyed_at.is_none()) {
-        let wrapped = root
-            .wrap(material, WrapContext { key_id: &key_id, version: v.version })
-            .map_err(MaterialError::Wrap)?;
-        v.wrapped = Some(B64.encode(wrapped));
+        v.wrapped = Some(wrapped(root, material, &key_id, v.version)?);
         v.root_key_fingerprint = fingerprint.clone();
         v.expired_at = None;
     }
