@@ -364,6 +364,7 @@ struct Setup {
     rbac_cache: CacheSettings,
     audit: AuditLimits,
     max_grants_per_key: std::num::NonZeroUsize,
+    calls: super::CallLimits,
 }
 
 impl Default for Setup {
@@ -373,6 +374,7 @@ impl Default for Setup {
             rbac_cache: CacheSettings { ttl: Duration::ZERO, ..CacheSettings::default() },
             audit: AuditLimits::default(),
             max_grants_per_key: super::service::DEFAULT_MAX_GRANTS_PER_KEY,
+            calls: super::CallLimits::default(),
         }
     }
 }
@@ -426,6 +428,7 @@ impl Harness {
                 None,
                 listener,
                 super::connections::Slots::new(super::connections::DEFAULT_MAX),
+                setup.calls,
                 shutdown,
             )
             .await
@@ -1073,6 +1076,50 @@ async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_deci
             ("grant-readers".to_owned(), user("apps", "writer")),
         ]
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_holds_its_most_calls_and_a_call_its_time() {
+    let calls = super::CallLimits { timeout: Duration::from_secs(2), per_connection: 2 };
+    let audit = AuditLimits { timeout: Duration::from_secs(3600), queue: 64 };
+    let h = Harness::start_with(Setup { calls, audit, ..Setup::default() }).await;
+    h.add_key(key("apps", "k", K, delegating(vec![])), 1);
+    let callers = ["writer", "reader", "other"];
+    for name in callers {
+        h.rbac.allow(&user("apps", name), "encrypt", "apps", "k");
+    }
+    // Each call waits for its audit line, which the stalled sink does not write.
+    h.audit.stall(true);
+    let calls: Vec<_> = callers
+        .iter()
+        .map(|name| {
+            let (mut client, token) = (h.client.clone(), token("apps", name));
+            let request =
+                EncryptRequest { key: "apps/k".into(), plaintext: b"x".to_vec(), ..Default::default() };
+            tokio::spawn(async move { client.encrypt(authed(&token, request)).await })
+        })
+        .collect();
+    // Three callers on one connection: two get in (each authenticated: a TokenReview of
+    // its own token), the third waits for one of them to end.
+    let reviewed = || h.reviews.load(Ordering::SeqCst);
+    let two_in = async {
+        while reviewed() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), two_in).await.expect("two calls to get in");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(reviewed(), 2, "the third call waits outside");
+    assert!(calls.iter().all(|c| !c.is_finished()));
+    // The transport ends each at its time; then the third gets in, and ends the same way.
+    for call in calls {
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!((status.code(), status.message()), (Code::Cancelled, "Timeout expired"), "{status:?}");
+    }
+    assert_eq!(reviewed(), 3);
+    h.audit.stall(false);
+    h.encrypt(&token("apps", "writer"), "apps/k", b"x", &[]).await.unwrap();
     h.stop().await;
 }
 

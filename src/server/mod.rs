@@ -221,7 +221,15 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         tokio::spawn(aws::serve(front, Some(aws_tls), aws_listener, aws_slots, shutdown.clone()));
     }
     health.set_ready(true);
-    let served = serve(api, Some(tls), listener, grpc_slots, shutdown.clone().cancelled_owned()).await;
+    let served = serve(
+        api,
+        Some(tls),
+        listener,
+        grpc_slots,
+        CallLimits::default(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await;
     shutdown.cancel();
     if let Some(task) = metrics_task {
         let _ = task.await;
@@ -235,21 +243,34 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
 /// The most bytes of a request the server decodes. Requests are small (4 KiB of plaintext,
 /// 8 KiB of context): anything larger is refused before it is decoded.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// How long one call may take before the transport ends it.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How many calls one connection may have in flight.
-const CALLS_PER_CONNECTION: usize = 256;
+/// What one call and one connection may hold of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallLimits {
+    /// How long one call may take before the transport ends it (`CANCELLED`, "Timeout
+    /// expired").
+    pub timeout: Duration,
+    /// How many calls one connection may have in flight; more wait for one to end.
+    pub per_connection: usize,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits { timeout: Duration::from_secs(30), per_connection: 256 }
+    }
+}
+
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `api` on `listener` until `shutdown`, with the transport's limits (request size,
-/// call timeout, calls per connection, connections held in `slots`) — the one construction
-/// of the server, which the component tests serve too. Without `tls` (tests), plain HTTP/2.
+/// `calls`, connections held in `slots`) — the one construction of the server, which the
+/// component tests serve too. Without `tls` (tests), plain HTTP/2.
 pub async fn serve<T, R, D, G>(
     api: impl Into<Arc<service::KeyApi<T, R, D, G>>>,
     tls: Option<ServerTlsConfig>,
     listener: tokio::net::TcpListener,
     slots: connections::Slots,
+    calls: CallLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -263,8 +284,8 @@ where
         server = server.tls_config(tls)?;
     }
     server
-        .timeout(CALL_TIMEOUT)
-        .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
+        .timeout(calls.timeout)
+        .concurrency_limit_per_connection(calls.per_connection)
         .add_service(KeyServiceServer::from_arc(api.into()).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(slots.incoming(listener), shutdown)
         .await
