@@ -1081,7 +1081,8 @@ async fn a_group_grantee_retires_only_with_retire_grant_and_policy_and_rbac_deci
 
 #[tokio::test]
 async fn a_connection_holds_its_most_calls_and_a_call_its_time() {
-    let calls = super::CallLimits { timeout: Duration::from_secs(2), per_connection: 2 };
+    // Long enough that both calls get in before the first ends, even on a loaded machine.
+    let calls = super::CallLimits { timeout: Duration::from_secs(5), per_connection: 2 };
     let audit = AuditLimits { timeout: Duration::from_secs(3600), queue: 64 };
     let h = Harness::start_with(Setup { calls, audit, ..Setup::default() }).await;
     h.add_key(key("apps", "k", K, delegating(vec![])), 1);
