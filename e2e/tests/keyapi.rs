@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kube::Api;
 use kubekms::api::{GrantState, KeyState, KmsGrant, KmsKey};
@@ -16,7 +16,7 @@ use kubekms::proto::keyapi::*;
 use tonic::Code;
 
 use crate::support::{
-    TestNamespace, client, env_var, eventually, kubectl, kubectl_ok, kubekms_bin, patch_key, run_dir,
+    TestNamespace, can_i, client, env_var, eventually, kubectl, kubectl_ok, kubekms_bin, patch_key, run_dir,
 };
 
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
@@ -62,9 +62,18 @@ pub(crate) async fn enabled_key(ns: &str, name: &str, spec: &str) -> KmsKey {
     .await
 }
 
+/// Binds `sa_ns/sa` to `kubekms-key-user` in `ns` and returns once RBAC honours the binding:
+/// the API server's authorizer learns of a new RoleBinding through its own watch, and a call
+/// made before that is refused (and the refusal cached by the key API for its TTL).
 pub(crate) fn bind_key_user(ns: &str, sa_ns: &str, sa: &str) {
     let args = key_user_binding(ns, sa_ns, sa);
     kubectl_ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let who = format!("system:serviceaccount:{sa_ns}:{sa}");
+    let until = Instant::now() + WAIT;
+    while !can_i(ns, &who, "encrypt", "kmskeys.kms.kubekms.io") {
+        assert!(Instant::now() < until, "RBAC never honoured the binding of {who} in {ns}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The kubectl arguments that bind ServiceAccount `sa_ns/sa` to `kubekms-key-user` in `ns`.
