@@ -6,7 +6,8 @@
 //! checks the chain; given the root key it also checks every MAC, which catches a rewrite
 //! of the last line or of the whole file by someone who could recompute plain hashes.
 //! A line never holds plaintext, key material, data keys or tokens: only names, ids,
-//! encryption-context keys (not values) and results.
+//! encryption-context keys (not values) and results. A file rotates past a size, and the
+//! chain goes on across the files ([`series`]), which `audit verify` checks as one.
 //!
 //! One thread writes the lines, fed by a bounded queue, so that a slow or stalled sink
 //! never stalls the callers: a caller waits for its line at most [`AuditLimits::timeout`],
@@ -15,9 +16,7 @@
 //! already writing may land after its caller was told the log could not be written (the log
 //! may then record a call whose caller got no answer — never the reverse).
 
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -31,6 +30,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{KeyMaterial, RootKey};
+
+mod series;
+
+pub use series::{Rotation, SeriesError, SeriesVerified, rotated, verify_series};
 
 const MAC_PURPOSE: &[u8] = b"kubekms/v1 audit-log mac";
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -129,9 +132,25 @@ impl Default for AuditLimits {
 }
 
 struct Writer {
-    out: Box<dyn Write + Send>,
+    out: Sink,
     prev: String,
     seq: u64,
+}
+
+/// Where the lines go: a stream (standard output, a test's sink), or a file that rotates.
+enum Sink {
+    Stream(Box<dyn Write + Send>),
+    File(series::FileSink),
+}
+
+impl Sink {
+    /// Writes one whole line, the record `seq`.
+    fn write_line(&mut self, seq: u64, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stream(out) => out.write_all(line).and_then(|()| out.flush()),
+            Sink::File(file) => file.write_line(seq, line),
+        }
+    }
 }
 
 /// One line to write: the event's fields (serialized by the caller), until when its caller
@@ -170,6 +189,8 @@ pub struct AuditLog {
     waiting: Gauge,
     /// Calls whose line was not written, by why.
     failed: Family<FailureLabels, Counter>,
+    /// The current file's size and its rotations (zero for a stream).
+    file: series::FileMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -327,44 +348,46 @@ fn bounded(event: &AuditEvent) -> AuditEvent {
 
 impl AuditLog {
     /// Appends to `path` ("-" for standard output), continuing the chain of what the file
-    /// already holds. The file is created with mode 0600.
+    /// already holds. The file is created with mode 0600 and rotates as [`Rotation`]'s
+    /// default says.
     pub fn open(path: &Path, root: &RootKey) -> Result<AuditLog, AuditError> {
-        AuditLog::open_with(path, root, AuditLimits::default())
+        AuditLog::open_with(path, root, AuditLimits::default(), Rotation::default())
     }
 
-    /// [`AuditLog::open`], with callers waiting within `limits`.
-    pub fn open_with(path: &Path, root: &RootKey, limits: AuditLimits) -> Result<AuditLog, AuditError> {
+    /// [`AuditLog::open`], with callers waiting within `limits`, the file rotating as
+    /// `rotation` says. The chain goes on across rotated files: it continues from the last
+    /// record of the current file or, when that holds none (a rotation just happened), of
+    /// the newest rotated one.
+    pub fn open_with(
+        path: &Path,
+        root: &RootKey,
+        limits: AuditLimits,
+        rotation: Rotation,
+    ) -> Result<AuditLog, AuditError> {
         let mac_key = root.derive(MAC_PURPOSE);
+        let metrics = series::FileMetrics::default();
         if path == Path::new("-") {
-            return Ok(AuditLog::new(
-                Writer { out: Box::new(std::io::stdout()), prev: GENESIS.into(), seq: 0 },
-                mac_key,
-                limits,
-            ));
+            let writer =
+                Writer { out: Sink::Stream(Box::new(std::io::stdout())), prev: GENESIS.into(), seq: 0 };
+            return Ok(AuditLog::new(writer, mac_key, limits, metrics));
         }
-        let tail = tail(path).map_err(|e| AuditError::Open(path.to_owned(), e))?;
-        let (prev, seq) = match &tail.last {
+        let (file, last) = series::FileSink::open(path, rotation, metrics.clone())
+            .map_err(|e| AuditError::Open(path.to_owned(), e))?;
+        let (prev, seq) = match &last {
             Some((line, seq)) => (sha256_hex(line.as_bytes()), *seq),
             None => (GENESIS.to_owned(), 0),
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| AuditError::Open(path.to_owned(), e))?;
-        if !tail.ends_with_newline {
-            // A crash cut the last line short: end it, so the next line starts on its own.
-            // The chain goes on from the record before it; the cut line stays visible to
-            // `kubekms audit verify`, which reports it.
-            file.write_all(b"\n").map_err(|e| AuditError::Open(path.to_owned(), e))?;
-        }
-        Ok(AuditLog::new(Writer { out: Box::new(file), prev, seq }, mac_key, limits))
+        Ok(AuditLog::new(Writer { out: Sink::File(file), prev, seq }, mac_key, limits, metrics))
     }
 
     /// The log around a writer, on a thread of its own, its gauge starting where the
     /// writer's chain stands. Should the thread fail to start, every line fails (closed).
-    fn new(mut writer: Writer, mac_key: KeyMaterial, limits: AuditLimits) -> AuditLog {
+    fn new(
+        mut writer: Writer,
+        mac_key: KeyMaterial,
+        limits: AuditLimits,
+        file: series::FileMetrics,
+    ) -> AuditLog {
         let sequence = Gauge::default();
         set_sequence(&sequence, writer.seq);
         let (jobs, queue) = mpsc::sync_channel::<Job>(limits.queue);
@@ -385,11 +408,12 @@ impl AuditLog {
         if let Err(e) = started {
             tracing::error!(error = %e, "failed to start the audit writer; every audited call will fail");
         }
-        AuditLog { jobs, limits, sequence, waiting, failed: Family::default() }
+        AuditLog { jobs, limits, sequence, waiting, failed: Family::default(), file }
     }
 
     /// `kubekms_audit_sequence` (the sequence number of the last line written),
-    /// `kubekms_audit_queued` and `kubekms_audit_failures_total{reason}`.
+    /// `kubekms_audit_queued`, `kubekms_audit_failures_total{reason}`, and for a file
+    /// `kubekms_audit_file_bytes` and `kubekms_audit_rotations_total{result}`.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "kubekms_audit_sequence",
@@ -406,6 +430,7 @@ impl AuditLog {
             "Audited calls failed closed because their line was not written, by reason",
             self.failed.clone(),
         );
+        self.file.register(registry);
     }
 
     /// Counts a failed line in `kubekms_audit_failures_total`.
@@ -423,7 +448,8 @@ impl AuditLog {
 
     /// [`AuditLog::to_writer`], with callers waiting within `limits`.
     pub fn to_writer_with(out: Box<dyn Write + Send>, root: &RootKey, limits: AuditLimits) -> AuditLog {
-        AuditLog::new(Writer { out, prev: GENESIS.into(), seq: 0 }, root.derive(MAC_PURPOSE), limits)
+        let writer = Writer { out: Sink::Stream(out), prev: GENESIS.into(), seq: 0 };
+        AuditLog::new(writer, root.derive(MAC_PURPOSE), limits, series::FileMetrics::default())
     }
 
     /// Writes one line, blocking the calling thread until it is written or the timeout
@@ -489,7 +515,7 @@ impl Writer {
         line.push_str(",\"mac\":\"");
         line.push_str(&mac);
         line.push_str("\"}\n");
-        self.out.write_all(line.as_bytes()).and_then(|()| self.out.flush()).map_err(AuditError::Write)?;
+        self.out.write_line(seq, line.as_bytes()).map_err(AuditError::Write)?;
         line.pop(); // the newline: the chain hashes the line itself
         self.prev = sha256_hex(line.as_bytes());
         self.seq = seq;
@@ -518,60 +544,120 @@ pub enum VerifyError {
     Malformed(u64),
     #[error("line {0} does not follow line {prev}: a line was edited, removed or reordered", prev = .0 - 1)]
     Chain(u64),
-    #[error("line {0} does not start the chain: lines before it were removed")]
-    Start(u64),
+    #[error("line {0} (sequence {1}) does not start the chain: lines before it were removed")]
+    Start(u64, u64),
     #[error("line {0} has sequence number {1}, expected {2}: lines were removed or reordered")]
     Sequence(u64, u64, u64),
     #[error("line {0} fails its MAC: it was edited or forged")]
     Mac(u64),
+    #[error("line {line} has sequence number {seq}: the records {from} to {} are missing: lines or files of the series were removed", .seq - 1)]
+    Missing { line: u64, seq: u64, from: u64 },
 }
 
-/// Verifies an audit log read from `input`. With `root`, also checks every line's MAC. A
-/// line cut short by a crash ([`is_cut`]) is no break when the chain goes on across it; it
-/// is reported in [`Verified::cut`].
-pub fn verify(input: impl Read, root: Option<&RootKey>) -> Result<Verified, VerifyError> {
-    // A log written before a root-key rotation verifies under the previous root key, and
-    // its lines after it under the primary: each line is checked against every one held.
-    let mac_keys = root.map(|r| r.derive_all(MAC_PURPOSE));
-    let mut prev_hash: Option<String> = None;
-    let mut prev_seq = 0u64;
-    let mut n = 0u64;
-    let mut cut = Vec::new();
-    for line in BufReader::new(input).lines() {
-        let line = line.map_err(|e| VerifyError::Read(e.to_string()))?;
-        n += 1;
-        if is_cut(&line) {
-            cut.push(n);
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(&line).map_err(|_| VerifyError::Malformed(n))?;
-        let field = |k: &str| value.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
-        let (Some(prev), Some(mac)) = (field("prev"), field("mac")) else {
-            return Err(VerifyError::Malformed(n));
-        };
-        let seq = value.get("seq").and_then(serde_json::Value::as_u64).ok_or(VerifyError::Malformed(n))?;
-        match &prev_hash {
-            None if prev != GENESIS => return Err(VerifyError::Start(n)),
-            None if seq != 1 => return Err(VerifyError::Sequence(n, seq, 1)),
-            Some(h) if *h != prev => return Err(VerifyError::Chain(n)),
-            Some(_) if seq != prev_seq + 1 => return Err(VerifyError::Sequence(n, seq, prev_seq + 1)),
-            _ => {}
-        }
-        if let Some(keys) = &mac_keys {
-            let suffix = format!(",\"mac\":\"{mac}\"}}");
-            let body = line.strip_suffix(&suffix).map(|b| format!("{b}}}")).ok_or(VerifyError::Mac(n))?;
-            let matches = |key| {
-                let expected = mac_hex(key, body.as_bytes());
-                bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes()))
-            };
-            if !keys.iter().any(matches) {
-                return Err(VerifyError::Mac(n));
-            }
-        }
-        prev_hash = Some(sha256_hex(line.as_bytes()));
-        prev_seq = seq;
+/// What one input of a [`Chain`] held: its first and last record's sequence numbers (none
+/// when it held no record) and its lines cut short by a crash.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Part {
+    pub first: Option<u64>,
+    pub last: Option<u64>,
+    pub cut: Vec<u64>,
+}
+
+/// The check of one chain, fed its inputs in order: one file, or the files of a rotated
+/// series, each beginning where the one before ended.
+pub struct Chain {
+    /// With the root key: the MAC keys of the primary and every previous root key (a log
+    /// written across a root-key rotation holds lines of both).
+    mac_keys: Option<Vec<KeyMaterial>>,
+    /// The latest sequence number the chain may start at, when its beginning was rotated
+    /// away; otherwise it starts at 1, after the genesis hash.
+    from_seq: Option<u64>,
+    /// The last record so far: its hash and sequence number.
+    last: Option<(String, u64)>,
+}
+
+impl Chain {
+    /// A chain that starts at sequence 1, its MACs checked when `root` is given.
+    pub fn new(root: Option<&RootKey>) -> Chain {
+        Chain { mac_keys: root.map(|r| r.derive_all(MAC_PURPOSE)), from_seq: None, last: None }
     }
-    Ok(Verified { lines: prev_seq, macs_checked: mac_keys.is_some(), cut })
+
+    /// Lets the chain start at any sequence number up to `seq`: the lines before it were
+    /// rotated away. Where it starts, nothing shows what came before.
+    pub fn from_seq(mut self, seq: u64) -> Chain {
+        self.from_seq = Some(seq);
+        self
+    }
+
+    pub fn macs_checked(&self) -> bool {
+        self.mac_keys.is_some()
+    }
+
+    /// The last record's sequence number so far (0 before any).
+    pub fn last_seq(&self) -> u64 {
+        self.last.as_ref().map_or(0, |(_, seq)| *seq)
+    }
+
+    /// Checks the lines of `input`, which continue the chain so far. A line cut short by a
+    /// crash ([`is_cut`]) is no break when the chain goes on across it; it is reported in
+    /// [`Part::cut`]. The first record of an input that does not take up where the one
+    /// before ended, by sequence, is reported as the records missing between them.
+    pub fn read(&mut self, input: impl Read) -> Result<Part, VerifyError> {
+        let mut part = Part::default();
+        let mut n = 0u64;
+        for line in BufReader::new(input).lines() {
+            let line = line.map_err(|e| VerifyError::Read(e.to_string()))?;
+            n += 1;
+            if is_cut(&line) {
+                part.cut.push(n);
+                continue;
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(&line).map_err(|_| VerifyError::Malformed(n))?;
+            let field = |k: &str| value.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
+            let (Some(prev), Some(mac)) = (field("prev"), field("mac")) else {
+                return Err(VerifyError::Malformed(n));
+            };
+            let seq =
+                value.get("seq").and_then(serde_json::Value::as_u64).ok_or(VerifyError::Malformed(n))?;
+            match &self.last {
+                None if prev == GENESIS && seq != 1 => return Err(VerifyError::Sequence(n, seq, 1)),
+                None if prev != GENESIS && !self.from_seq.is_some_and(|from| (1..=from).contains(&seq)) => {
+                    return Err(VerifyError::Start(n, seq));
+                }
+                Some((_, last)) if part.first.is_none() && seq > last + 1 => {
+                    return Err(VerifyError::Missing { line: n, seq, from: last + 1 });
+                }
+                Some((hash, _)) if *hash != prev => return Err(VerifyError::Chain(n)),
+                Some((_, last)) if seq != last + 1 => return Err(VerifyError::Sequence(n, seq, last + 1)),
+                _ => {}
+            }
+            if let Some(keys) = &self.mac_keys {
+                let suffix = format!(",\"mac\":\"{mac}\"}}");
+                let body = line.strip_suffix(&suffix).map(|b| format!("{b}}}")).ok_or(VerifyError::Mac(n))?;
+                let matches = |key| {
+                    let expected = mac_hex(key, body.as_bytes());
+                    bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), mac.as_bytes()))
+                };
+                if !keys.iter().any(matches) {
+                    return Err(VerifyError::Mac(n));
+                }
+            }
+            part.first.get_or_insert(seq);
+            part.last = Some(seq);
+            self.last = Some((sha256_hex(line.as_bytes()), seq));
+        }
+        Ok(part)
+    }
+}
+
+/// Verifies an audit log read from `input`, which must start the chain. With `root`, also
+/// checks every line's MAC. A line cut short by a crash ([`is_cut`]) is no break when the
+/// chain goes on across it; it is reported in [`Verified::cut`].
+pub fn verify(input: impl Read, root: Option<&RootKey>) -> Result<Verified, VerifyError> {
+    let mut chain = Chain::new(root);
+    let part = chain.read(input)?;
+    Ok(Verified { lines: chain.last_seq(), macs_checked: chain.macs_checked(), cut: part.cut })
 }
 
 /// Verifies the audit log file at `path`.
@@ -587,11 +673,11 @@ mod tests {
 
     use super::*;
 
-    fn root() -> RootKey {
+    pub(super) fn root() -> RootKey {
         RootKey::from_material(KeyMaterial::from_slice(&[3; 32]).unwrap())
     }
 
-    fn event(i: u32) -> AuditEvent {
+    pub(super) fn event(i: u32) -> AuditEvent {
         AuditEvent {
             component: "server",
             request_id: format!("req-{i}"),
@@ -806,7 +892,7 @@ mod tests {
         forged[4] = forged[4].replace("req-5", "req-X");
         assert!(check(&forged, Some(&ring)).is_err());
         // After removing the old key, only what the new one wrote verifies (from line 4).
-        assert_eq!(check(&all[3..], Some(&new())), Err(VerifyError::Start(1)));
+        assert_eq!(check(&all[3..], Some(&new())), Err(VerifyError::Start(1, 4)));
     }
 
     #[test]
@@ -830,7 +916,7 @@ mod tests {
         assert_eq!(check(&reordered, None), Err(VerifyError::Chain(2)));
 
         let head_removed = good[1..].to_vec();
-        assert_eq!(check(&head_removed, None), Err(VerifyError::Start(1)));
+        assert_eq!(check(&head_removed, None), Err(VerifyError::Start(1, 2)));
 
         // The last line has no successor: only its MAC gives it away.
         let mut last_edited = good.clone();

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use kubekms::audit::Rotation;
 use kubekms::client::{Client, ClientError, TokenSource};
 use kubekms::crypto::{Pkcs11Config, RootKey, RootKeyConfig, RootKeySource, TokenSelector};
 use kubekms::domain::NamespacedName;
@@ -199,6 +200,49 @@ impl UsageArgs {
         });
         kubekms::usage::k8s::UsageConfig { reporter, granularity: self.usage_granularity_seconds }
     }
+}
+
+/// How an audit log file rotates (not standard output, which whoever reads it rotates).
+#[derive(Args)]
+pub struct AuditRotationArgs {
+    /// Past this size the audit log file is renamed FILE.<N>, N the sequence number of its
+    /// first line, and a new FILE begins; the chain goes on across them, and `kubekms audit
+    /// verify FILE` checks the whole series. Bytes, or a number with Ki, Mi or Gi. 0: never
+    /// rotate.
+    #[arg(long, value_name = "SIZE", default_value = "100Mi", value_parser = parse_size)]
+    pub audit_log_max_size: u64,
+    /// How many rotated audit log files are kept; the oldest beyond it are removed (ship
+    /// them elsewhere first; verify what is kept with `audit verify --from-seq`). 0: keep
+    /// them all.
+    #[arg(long, value_name = "N", default_value_t = Rotation::default().max_files)]
+    pub audit_log_max_files: usize,
+}
+
+impl AuditRotationArgs {
+    pub fn rotation(&self) -> Rotation {
+        Rotation { max_size: self.audit_log_max_size, max_files: self.audit_log_max_files }
+    }
+}
+
+/// A size in bytes: a whole number, alone or followed by Ki, Mi or Gi.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    if digits.is_empty() {
+        return Err(format!("{text:?} is no size: it must start with a whole number"));
+    }
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => return Err(format!("{text:?} is no size: give bytes, or a number with Ki, Mi or Gi (100Mi)")),
+    };
+    let n: u64 =
+        digits.parse().map_err(|_| format!("{text:?} is no size: it must start with a whole number"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// How a client reaches the key API, and with which token.

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Subcommand;
 
+use kubekms::audit::VerifyError;
 use kubekms::crypto::RootKey;
 
 use super::args::RootKeyArgs;
@@ -12,10 +12,13 @@ use super::args::RootKeyArgs;
 #[derive(Subcommand)]
 pub enum Command {
     /// Verify that no line of an audit log was edited, removed or reordered. With the root
-    /// key it also checks every line's MAC, which catches a forged or edited last line.
-    /// Exits 0 when the log is intact, 1 with the first broken line otherwise.
+    /// key it also checks every line's MAC, which catches a forged or edited last line. A
+    /// log that rotated (FILE.<N> beside FILE, N the sequence number of each file's first
+    /// line) is checked as one chain, oldest file first: a removed file is named by the
+    /// records it held. Exits 0 when the log is intact, 1 with the first broken line
+    /// otherwise.
     Verify {
-        /// The audit log file.
+        /// The audit log file (the current one of a rotated series).
         file: PathBuf,
         /// The root key of the component that wrote the log (a file or a PKCS#11 token).
         #[command(flatten)]
@@ -25,37 +28,66 @@ pub enum Command {
         /// only this shows them.
         #[arg(long, value_name = "N")]
         expect_seq: Option<u64>,
+        /// Let the log begin after sequence 1, at N at the latest: the files before it were
+        /// removed by --audit-log-max-files (or archived). Without it, a log must begin at
+        /// the first line its component ever wrote.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        from_seq: Option<u64>,
     },
 }
 
 impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Verify { file, root_key, expect_seq } => {
+            Command::Verify { file, root_key, expect_seq, from_seq } => {
                 let root = root_key.source_opt()?.map(|config| RootKey::open_config(&config)).transpose()?;
-                let verified = kubekms::audit::verify_file(&file, root.as_ref())
-                    .with_context(|| format!("{} is not intact", file.display()))?;
-                // A verified chain starts at 1 and counts up by one: its last line is line N.
+                let series = kubekms::audit::verify_series(&file, root.as_ref(), from_seq).map_err(|e| {
+                    let hint = match e.error {
+                        VerifyError::Start(_, seq) if from_seq.is_none() => format!(
+                            "; if the files before it were rotated away, verify from there with --from-seq {seq}"
+                        ),
+                        _ => String::new(),
+                    };
+                    anyhow::anyhow!("{e}{hint}").context(format!("{} is not intact", file.display()))
+                })?;
+                let (first, last) = series.range().unwrap_or((0, 0));
                 if let Some(expected) = expect_seq
-                    && verified.lines < expected
+                    && last < expected
                 {
                     anyhow::bail!(
-                        "{} is not intact: it ends at sequence {}, but sequence {expected} was written (lines were cut from the end)",
+                        "{} is not intact: it ends at sequence {last}, but sequence {expected} was written (lines were cut from the end)",
                         file.display(),
-                        verified.lines
                     );
                 }
-                let how = if verified.macs_checked {
+                let how = if series.macs_checked {
                     "chain and MACs"
                 } else {
                     "chain only; give --root-key-file to check MACs"
                 };
-                println!("{}: {} lines intact ({how})", file.display(), verified.lines);
-                for line in &verified.cut {
-                    println!(
-                        "{}: line {line} was cut short by a crash during its write: it holds no record, and the chain goes on across it",
-                        file.display()
-                    );
+                let rotated = series.files.len() - 1;
+                if rotated > 0 {
+                    for (path, part) in &series.files {
+                        match (part.first, part.last) {
+                            (Some(a), Some(b)) => println!("{}: sequences {a} to {b}", path.display()),
+                            _ => println!("{}: no record", path.display()),
+                        }
+                    }
+                }
+                let count = if last == 0 { 0 } else { last - first + 1 };
+                let what = match rotated {
+                    0 => String::new(),
+                    1 => " and 1 rotated file".to_owned(),
+                    n => format!(" and {n} rotated files"),
+                };
+                let from = if first > 1 { format!(" (sequences {first} to {last})") } else { String::new() };
+                println!("{}{what}: {count} lines{from} intact ({how})", file.display());
+                for (path, part) in &series.files {
+                    for line in &part.cut {
+                        println!(
+                            "{}: line {line} was cut short by a crash during its write: it holds no record, and the chain goes on across it",
+                            path.display()
+                        );
+                    }
                 }
             }
         }
@@ -68,12 +100,45 @@ mod tests {
     use crate::cli::parse;
 
     #[test]
-    fn expect_seq_takes_a_count() {
-        assert!(parse(&["audit", "verify", "f", "--expect-seq", "12"]).is_ok());
-        for bad in ["-1", "x", ""] {
-            let arg = format!("--expect-seq={bad}");
-            let err = parse(&["audit", "verify", "f", &arg]).err().expect(bad);
+    fn sequence_flags_take_sequence_numbers() {
+        // --expect-seq takes any count, --from-seq a sequence number (from 1).
+        for (flag, good, bad) in
+            [("--expect-seq", "0", &["-1", "x", ""]), ("--from-seq", "1", &["0", "-3", "x"])]
+        {
+            assert!(parse(&["audit", "verify", "f", flag, good]).is_ok(), "{flag} {good}");
+            for bad in bad {
+                let arg = format!("{flag}={bad}");
+                let err = parse(&["audit", "verify", "f", &arg]).err().expect(bad);
+                assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{flag} {bad:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn audit_log_sizes_take_bytes_or_binary_units() {
+        let plugin = ["plugin", "--key", "a/b", "--root-key-file", "/k"];
+        for good in ["0", "4096", "64Ki", "100Mi", "2Gi"] {
+            let arg = format!("--audit-log-max-size={good}");
+            assert!(parse(&[&plugin[..], &[&arg]].concat()).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("1G", "Ki, Mi or Gi"),
+            ("Mi", "whole number"),
+            ("1.5Mi", "Ki, Mi or Gi"),
+            ("-1", "whole number"),
+            ("99999999999Gi", "too large"),
+        ] {
+            let arg = format!("--audit-log-max-size={bad}");
+            let err = parse(&[&plugin[..], &[&arg]].concat()).err().expect(bad);
             assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
+        for component in [
+            &["server", "--tls-cert", "c", "--tls-key", "k", "--root-key-file", "/k"][..],
+            &["controller", "--root-key-file", "/k"],
+        ] {
+            let args = [component, &["--audit-log-max-size", "1Mi", "--audit-log-max-files", "0"]].concat();
+            assert!(parse(&args).is_ok(), "{args:?}");
         }
     }
 }

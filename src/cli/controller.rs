@@ -10,7 +10,7 @@ use jiff::SignedDuration;
 use kubekms::controller::{self, leader::Timing, lifecycle::Calendar, migration_plan::Resource};
 use kubekms::domain::NamespacedName;
 
-use super::args::{KubeArgs, RootKeyArgs};
+use super::args::{AuditRotationArgs, KubeArgs, RootKeyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,6 +36,8 @@ pub struct Args {
     /// activated …), "-" for standard output. Check it with `kubekms audit verify`.
     #[arg(long, value_name = "FILE", default_value = "-")]
     audit_log: PathBuf,
+    #[command(flatten)]
+    audit_rotation: AuditRotationArgs,
     /// Hold a Lease so that only one replica is active.
     #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
     leader_elect: bool,
@@ -131,6 +133,7 @@ impl Args {
                     .map_err(|_| anyhow::anyhow!("--rewrap-pause {} is negative", self.rewrap_pause))?,
             },
             audit_log: self.audit_log,
+            audit_rotation: self.audit_rotation.rotation(),
             metrics_addr: self.metrics_addr,
             lease: self.leader_elect.then_some((self.leader_election_namespace, self.leader_election_name)),
             identity: controller::default_identity(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kubekms::domain::NamespacedName;
 
-use super::args::{KubeArgs, RootKeyArgs, UsageArgs};
+use super::args::{AuditRotationArgs, KubeArgs, RootKeyArgs, UsageArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +28,8 @@ pub struct Args {
     /// Default: audit.log in the state directory.
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    audit_rotation: AuditRotationArgs,
     /// Address of the /healthz, /readyz and /metrics endpoints; none if not given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -45,6 +47,7 @@ impl Args {
             socket: self.socket,
             root_key: self.root_key.source()?,
             audit_log: self.audit_log.unwrap_or_else(|| self.state_dir.join("audit.log")),
+            audit_rotation: self.audit_rotation.rotation(),
             state_dir: self.state_dir,
             metrics_addr: self.metrics_addr,
             usage: self.usage.config("plugin", None),

@@ -12,7 +12,7 @@ use kubekms::server::limit::Rate;
 use kubekms::server::service::DEFAULT_MAX_GRANTS_PER_KEY;
 use kubekms::server::{Config, auth, authz, aws};
 
-use super::args::{KubeArgs, RootKeyArgs, UsageArgs};
+use super::args::{AuditRotationArgs, KubeArgs, RootKeyArgs, UsageArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -66,6 +66,8 @@ pub struct Args {
     /// The audit log: one JSON line per call ("-" for standard output).
     #[arg(long, value_name = "FILE", default_value = "-")]
     audit_log: PathBuf,
+    #[command(flatten)]
+    audit_rotation: AuditRotationArgs,
     /// How long a call waits for its audit line to be written; past it the call fails
     /// closed (UNAVAILABLE "the audit log cannot be written") instead of waiting on a slow or
     /// stalled sink.
@@ -133,6 +135,7 @@ impl Args {
                 denied_size: self.rbac_denied_cache_size,
             },
             audit_log: self.audit_log,
+            audit_rotation: self.audit_rotation.rotation(),
             audit: AuditLimits {
                 timeout: Config::audit_timeout(self.audit_timeout).context("invalid --audit-timeout")?,
                 queue: self.audit_queue,

@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{KmsGrant, KmsKey, KmsKeyImport, KmsKeyMaterial, KmsKeyUsage};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLimits, AuditLog, Rotation};
 use crate::crypto::{RootKey, RootKeyConfig, RootKeyError};
 use crate::keyring::MaterialError;
 use crate::kubeclient::WatchBackoff;
@@ -167,6 +167,8 @@ pub struct Config {
     pub rewrap: Rewrap,
     /// Where the management audit trail goes ("-" for standard output).
     pub audit_log: PathBuf,
+    /// How the audit log file rotates.
+    pub audit_rotation: Rotation,
     pub metrics_addr: SocketAddr,
     /// The Lease to hold while active; `None` runs without leader election.
     pub lease: Option<(String, String)>,
@@ -231,7 +233,10 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let previous: Vec<&str> = root.previous_fingerprints().collect();
     tracing::info!(root_key = root.fingerprint(), previous_root_keys = ?previous, identity = %config.identity, "loaded the root key");
 
-    let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
+    let audit = Arc::new(
+        AuditLog::open_with(&config.audit_log, &root, AuditLimits::default(), config.audit_rotation)
+            .map_err(RunError::Audit)?,
+    );
     let key_cache = Arc::new(std::sync::RwLock::new(reflector::store::<KmsKey>().0));
     let mut registry = Registry::default();
     audit.register(&mut registry);

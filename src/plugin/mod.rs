@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLimits, AuditLog, Rotation};
 use crate::crypto::{RootKey, RootKeyConfig, RootKeyError};
 use crate::domain::KeySnapshot;
 use crate::keyring::WatchKeyring;
@@ -38,6 +38,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where audit lines go ("-" for standard output).
     pub audit_log: PathBuf,
+    /// How the audit log file rotates.
+    pub audit_rotation: Rotation,
     /// The /healthz, /readyz and /metrics endpoints, if wanted.
     pub metrics_addr: Option<SocketAddr>,
     /// How it reports the use of the key's versions.
@@ -77,7 +79,10 @@ pub async fn run(
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&config.state_dir)
         .map_err(|e| RunError::StateDir(config.state_dir.clone(), e))?;
-    let audit = Arc::new(AuditLog::open(&config.audit_log, &root).map_err(RunError::Audit)?);
+    let audit = Arc::new(
+        AuditLog::open_with(&config.audit_log, &root, AuditLimits::default(), config.audit_rotation)
+            .map_err(RunError::Audit)?,
+    );
 
     let initial = watch::from_cache(&root, &config.state_dir, &config.namespace, &config.name);
     let (tx, rx) = tokio::sync::watch::channel::<Option<Arc<KeySnapshot>>>(initial);

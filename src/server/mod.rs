@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity as TlsIdentity, ServerTlsConfig};
 
-use crate::audit::{AuditError, AuditLimits, AuditLog};
+use crate::audit::{AuditError, AuditLimits, AuditLog, Rotation};
 use crate::crypto::{RootKey, RootKeyConfig, RootKeyError};
 use crate::metering::OperationMetrics;
 use crate::proto::keyapi::key_service_server::KeyServiceServer;
@@ -48,6 +48,8 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// How long a call waits for its audit line, and how many lines may wait.
     pub audit: AuditLimits,
+    /// How the audit log file rotates.
+    pub audit_rotation: Rotation,
     pub metrics_addr: Option<SocketAddr>,
     /// How it reports the use of key versions.
     pub usage: UsageConfig,
@@ -123,8 +125,10 @@ impl BackendError {
 pub async fn run(config: Config, client: Client, shutdown: CancellationToken) -> Result<(), RunError> {
     let root = Arc::new(RootKey::open_config(&config.root_key).map_err(RunError::RootKey)?);
     tracing::info!(root_key = root.fingerprint(), previous_root_keys = ?root.previous_fingerprints().collect::<Vec<_>>(), listen = %config.listen, "starting the key API server");
-    let audit =
-        Arc::new(AuditLog::open_with(&config.audit_log, &root, config.audit).map_err(RunError::Audit)?);
+    let audit = Arc::new(
+        AuditLog::open_with(&config.audit_log, &root, config.audit, config.audit_rotation)
+            .map_err(RunError::Audit)?,
+    );
     let read = |what, path: &PathBuf| {
         std::fs::read(path).map_err(|source| RunError::Tls { what, path: path.clone(), source })
     };
