@@ -239,6 +239,8 @@ async fn bad_values_are_refused_by_the_schema() {
         (vec!["server.tls.certManager.issuerRef.kind=Certificate"], "/server/tls/certManager/issuerRef/kind"),
         (vec!["server.tls.days=0"], "/server/tls/days"),
         (vec!["server.preStopSeconds=0"], "/server/preStopSeconds"),
+        (vec!["plugin.auditLog.maxSize=1G"], "/plugin/auditLog/maxSize"),
+        (vec!["plugin.auditLog.maxFiles=-1"], "/plugin/auditLog/maxFiles"),
     ] {
         let all = sets;
         let run = template("bad", "kubekms-system", &all);
