@@ -15,7 +15,9 @@ deletion being scheduled) and the key API server. After each round it checks:
     duplicated, skipped or lost, and n is one more than the rotations asked for;
   - a deletion interrupted by the kill is scheduled once, at the time of its request;
   - `kubekms audit verify` passes on the controller's, the plugin's and the key API
-    server's audit logs (a line cut by a kill is reported, never a silent gap);
+    server's audit logs (a line cut by a kill is reported, never a silent gap), each a
+    series of files that rotate every --audit-log-max-size (2Ki) and are checked as one
+    chain, so that kills land in the middle of rotations;
   - no process leaked: every component runs as the process the supervisor started, and no
     other process of the run directory is left.
 
@@ -36,6 +38,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import ssl
@@ -295,6 +298,7 @@ class Chaos:
         self.self_exits: dict[str, int] = {}
         self.lost: int | None = None  # of the last check of the Secrets
         self.cut_lines: dict[str, int] = {}
+        self.rotated_files: dict[str, int] = {}
 
     # --- kubectl and the objects ---
 
@@ -558,6 +562,8 @@ subjects: [{{kind: ServiceAccount, name: app, namespace: {NAMESPACE}}}]
             if done.returncode != 0 or "intact (chain and MACs)" not in done.stdout:
                 raise CheckFailed(f"kubekms audit verify {name}: {done.stdout}{done.stderr}")
             self.cut_lines[name] = done.stdout.count("was cut short by a crash")
+            rotated = re.search(r" and (\d+) rotated files?:", done.stdout)
+            self.rotated_files[name] = int(rotated.group(1)) if rotated else 0
 
     def check_processes(self) -> None:
         """Every component runs as the process the supervisor started (its pid file names
@@ -666,10 +672,11 @@ subjects: [{{kind: ServiceAccount, name: app, namespace: {NAMESPACE}}}]
         if self.self_exits:
             lines.append(f"components that exited on their own (restarted): {self.self_exits}")
         lines.append(f"audit lines cut by a kill (reported by audit verify): {self.cut_lines}")
+        lines.append(f"rotated audit files, each series verified as one chain: {self.rotated_files}")
         print("\n".join(lines), flush=True)
         (self.run_dir / "chaos-report.json").write_text(json.dumps(
             {"seed": self.args.seed, "seconds": round(seconds), "acknowledged": acked, "writes": writes,
-             "lost": self.lost,
+             "lost": self.lost, "audit_cut_lines": self.cut_lines, "audit_rotated_files": self.rotated_files,
              "targets": self.results, "self_exits": self.self_exits}, indent=2))
 
     def down(self) -> None:
@@ -692,12 +699,15 @@ def main() -> int:
                         help=f"the first of {len(PORT_VARS)} ports (default $KUBEKMS_CHAOS_PORT_BASE or 34500)")
     parser.add_argument("--run-dir", type=Path, default=root / "e2e" / ".run-chaos")
     parser.add_argument("--keep", action="store_true", help="leave the control plane running at the end")
+    parser.add_argument("--audit-log-max-size", default="2Ki",
+                        help="the components' audit log files rotate at this size, so that kills land mid-rotation")
     parser.add_argument("--smoke", action="store_true",
                         help="the short run of `make test`: 1 round, 50 stored Secrets, no kill mid-migration")
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.stored, args.mid_migration = 1, 50, False
     args.targets = [t for t in args.targets.split(",") if t]
+    os.environ["KUBEKMS_AUDIT_LOG_MAX_SIZE"] = args.audit_log_max_size
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown or not args.targets or args.rounds < 1:
         parser.error(f"unknown targets {unknown} (of {', '.join(TARGETS)}), or no rounds")

@@ -173,6 +173,14 @@ class ControlPlane:
                     "--pkcs11-pin-file", str(self.softhsm / "pin"), "--pkcs11-key-label", SOFTHSM_KEY]
         return ["--root-key-file", str(self.root_key)]
 
+    @staticmethod
+    def audit_rotation_args() -> list[str]:
+        """How the components' audit log files rotate: at $KUBEKMS_AUDIT_LOG_MAX_SIZE when set
+        (the chaos test rotates small, so that kills land in the middle of rotations), every
+        rotated file kept so that the whole series verifies; otherwise kubekms's defaults."""
+        size = os.environ.get("KUBEKMS_AUDIT_LOG_MAX_SIZE")
+        return ["--audit-log-max-size", size, "--audit-log-max-files", "0"] if size else []
+
     def prepare_softhsm(self) -> None:
         """A SoftHSM2 token in run_dir/softhsm (its config in softhsm2.conf, which
         SOFTHSM2_CONF names for every process started here) with the root key generated
@@ -302,7 +310,7 @@ class ControlPlane:
         audit_log.parent.mkdir(parents=True, exist_ok=True)
         return self.start(name, [
             self.kubekms, "controller", "--kubeconfig", kubeconfig, *self.root_key_args(),
-            "--audit-log", audit_log,
+            "--audit-log", audit_log, *self.audit_rotation_args(),
             "--metrics-addr", metrics, "--leader-election-namespace", KUBEKMS_NAMESPACE,
             "--selector", selector, *plugin_args,
         ], lambda: http_ok(f"http://{metrics}/readyz"), f"{name}'s /readyz")
@@ -312,7 +320,7 @@ class ControlPlane:
         `state_dir`; returns once it listens (it serves once it has the key)."""
         return self.start(name, [
             self.kubekms, "plugin", "--kubeconfig", kubeconfig, "--key", "/".join(CLUSTER_KEY),
-            "--socket", socket, *self.root_key_args(), "--state-dir", state_dir,
+            "--socket", socket, *self.root_key_args(), "--state-dir", state_dir, *self.audit_rotation_args(),
             "--metrics-addr", f"127.0.0.1:{self.ports.plugin_metrics}",
             "--usage-granularity-seconds", USAGE_GRANULARITY,
         ], socket.is_socket, f"{name}'s socket")
@@ -323,7 +331,7 @@ class ControlPlane:
         return self.start(name, [
             self.kubekms, "server", "--kubeconfig", kubeconfig, "--listen", f"127.0.0.1:{self.ports.server}",
             "--tls-cert", self.pki / "server.crt", "--tls-key", self.pki / "server.key",
-            *self.root_key_args(), "--audit-log", audit_log,
+            *self.root_key_args(), "--audit-log", audit_log, *self.audit_rotation_args(),
             "--metrics-addr", f"127.0.0.1:{self.ports.server_metrics}",
             "--usage-granularity-seconds", USAGE_GRANULARITY,
             *(["--aws-listen", f"127.0.0.1:{self.ports.aws}", "--aws-region", AWS_REGION] if self.ports.aws else []),

@@ -1,6 +1,7 @@
 //! Management actions are audited twice: kube-apiserver records who asked (with the audit
 //! policy of examples/kube-apiserver-audit-policy.yaml, which `make up` runs it with), and
-//! the kubekms controller records what it carried out, in its own chained audit log.
+//! the kubekms controller records what it carried out, in its own chained audit log. And
+//! `kubekms audit verify` checks a rotated series of audit log files as one chain.
 
 use std::time::Duration;
 
@@ -103,4 +104,98 @@ async fn a_disable_is_found_in_the_api_server_and_controller_audit_logs() {
         .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
     assert!(String::from_utf8_lossy(&verify.stdout).contains("intact (chain and MACs)"));
+}
+
+/// A rotated series written by the audit writer the components use, checked by the CLI as
+/// an auditor would: one chain across the files, a removed file named by the records it
+/// held, a series whose oldest files were removed verified from where it starts.
+#[test]
+fn audit_verify_checks_a_rotated_series_as_one_chain() {
+    use kubekms::audit::{AuditEvent, AuditLimits, AuditLog, Rotation};
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("root.key");
+    let made = std::process::Command::new(kubekms_bin())
+        .args(["root-key", "create", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let root = kubekms::crypto::RootKey::load(&key).unwrap();
+    let write = |path: &std::path::Path, from: u32, to: u32, max_files: usize| {
+        let rotation = Rotation { max_size: 2048, max_files };
+        let log = AuditLog::open_with(path, &root, AuditLimits::default(), rotation).unwrap();
+        for i in from..=to {
+            let event = AuditEvent {
+                component: "plugin",
+                request_id: format!("req-{i}"),
+                principal: "uid=0".into(),
+                operation: "Encrypt",
+                key: Some("kube-system/cluster-secrets".into()),
+                result: "OK",
+                ..Default::default()
+            };
+            log.record(&event).unwrap();
+        }
+    };
+    let verify = |path: &std::path::Path, extra: &[&str]| {
+        let out = std::process::Command::new(kubekms_bin())
+            .args(["audit", "verify"])
+            .arg(path)
+            .arg("--root-key-file")
+            .arg(&key)
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let log = dir.path().join("audit.log");
+    write(&log, 1, 40, 0);
+    let mut rotated: Vec<(u64, std::path::PathBuf)> = kubekms::audit::rotated(&log).unwrap();
+    assert!(rotated.len() >= 4, "{rotated:?}");
+    let (code, out, err) = verify(&log, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let summary =
+        format!("{} and {} rotated files: 40 lines intact (chain and MACs)", log.display(), rotated.len());
+    assert!(out.contains(&summary), "{summary:?} in\n{out}");
+    assert!(out.contains(&format!("{}: sequences 1 to ", rotated[0].1.display())), "{out}");
+    // Reopened, the chain goes on in the series.
+    write(&log, 41, 45, 0);
+    let (code, out, _) = verify(&log, &["--expect-seq", "45"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("45 lines intact (chain and MACs)"), "{out}");
+
+    // A middle file removed: named by the records it held, exit status 1.
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    rotated = kubekms::audit::rotated(&log).unwrap();
+    let (gone, next) = (rotated[1].0, rotated[2].0);
+    std::fs::remove_file(copy.path().join(format!("audit.log.{gone}"))).unwrap();
+    let (code, out, err) = verify(&copy.path().join("audit.log"), &[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let missing = format!(
+        "audit.log.{next}: line 1 has sequence number {next}: the records {gone} to {} are missing",
+        next - 1
+    );
+    assert!(err.contains(&missing), "{missing:?} in\n{err}");
+
+    // The oldest files removed by the bound: refused unless the auditor says where the kept
+    // part may begin, and then verified from there.
+    write(&log, 46, 60, 2);
+    rotated = kubekms::audit::rotated(&log).unwrap();
+    assert_eq!(rotated.len(), 2, "{rotated:?}");
+    let first = rotated[0].0;
+    let (code, out, err) = verify(&log, &[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains(&format!("verify from there with --from-seq {first}")), "{err}");
+    let (code, out, err) = verify(&log, &["--from-seq", &first.to_string()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let kept = format!("{} lines (sequences {first} to 60) intact (chain and MACs)", 60 - first + 1);
+    assert!(out.contains(&kept), "{kept:?} in\n{out}");
+    // Bad input: a sequence number is 1 or more.
+    let (code, _, err) = verify(&log, &["--from-seq", "0"]);
+    assert_eq!(code, Some(2), "{err}");
 }
