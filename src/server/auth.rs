@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use super::BackendError;
-use super::cache::{Answers, Cached, Lru};
+use super::cache::{AnswerMetrics, Answers, Cached, Lru};
 use super::limit::{Rate, ReviewLimiter, Throttled};
 use crate::domain::Identity;
 
@@ -112,8 +112,7 @@ struct ThrottleLabels {
 /// the limits refused.
 #[derive(Clone, Debug, Default)]
 pub struct AuthMetrics {
-    entries: Family<CacheLabels, Gauge>,
-    evicted: Family<CacheLabels, Counter>,
+    cache: AnswerMetrics<CacheLabels>,
     throttled: Family<ThrottleLabels, Counter>,
     /// By authenticator: clients whose review bucket is kept, and tokens in review.
     clients: Family<AuthenticatorLabel, Gauge>,
@@ -131,15 +130,11 @@ impl AuthMetrics {
     /// `…_reviews_in_flight`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = AuthMetrics::default();
-        registry.register(
-            "kubekms_server_token_cache_entries",
-            "TokenReview answers cached, by authenticator and answer",
-            m.entries.clone(),
-        );
-        registry.register(
-            "kubekms_server_token_cache_evicted",
-            "Cached TokenReview answers forgotten to make room, by authenticator and answer",
-            m.evicted.clone(),
+        m.cache.register(
+            registry,
+            "kubekms_server_token_cache",
+            "TokenReview answers",
+            "authenticator and answer",
         );
         registry.register(
             "kubekms_server_token_reviews_throttled",
@@ -309,15 +304,10 @@ impl<R: TokenReviewer> Authenticator<R> {
         };
         if let Ok(mut cache) = self.cache.lock() {
             let answer = reviewed.clone().map_or(Cached::No, Cached::Yes);
-            let label = |answer| CacheLabels { authenticator: self.name, answer };
-            let kind = if reviewed.is_some() { "valid" } else { "rejected" };
-            if cache.insert(hash, answer, until) {
-                self.metrics.evicted.get_or_create(&label(kind)).inc();
-            }
-            let (valid, rejected) = cache.len();
-            for (answer, n) in [("valid", valid), ("rejected", rejected)] {
-                self.metrics.entries.get_or_create(&label(answer)).set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+            cache.insert_reported(hash, answer, until, &self.metrics.cache, |valid| CacheLabels {
+                authenticator: self.name,
+                answer: if valid { "valid" } else { "rejected" },
+            });
         }
         reviewed.ok_or_else(|| AuthError::Rejected(self.audiences.join(",")))
     }

@@ -9,14 +9,11 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::BackendError;
-use super::cache::{Answers, Cached};
+use super::cache::{AnswerMetrics, Answers, Cached};
 use crate::domain::{
     Denial, Grant, GrantAuthority, GrantRefusal, Identity, Key, KeyOperation, Verdict, right_to_grant,
 };
@@ -64,25 +61,13 @@ struct RbacCacheLabels {
 
 /// The RBAC caches' metrics: how full they are and what made room.
 #[derive(Clone, Debug, Default)]
-pub struct RbacCacheMetrics {
-    entries: Family<RbacCacheLabels, Gauge>,
-    evicted: Family<RbacCacheLabels, Counter>,
-}
+pub struct RbacCacheMetrics(AnswerMetrics<RbacCacheLabels>);
 
 impl RbacCacheMetrics {
     /// Registers `kubekms_server_rbac_cache_entries` and `…_evicted_total`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = RbacCacheMetrics::default();
-        registry.register(
-            "kubekms_server_rbac_cache_entries",
-            "SubjectAccessReview answers cached, by API and answer",
-            m.entries.clone(),
-        );
-        registry.register(
-            "kubekms_server_rbac_cache_evicted",
-            "Cached SubjectAccessReview answers forgotten to make room, by API and answer",
-            m.evicted.clone(),
-        );
+        m.0.register(registry, "kubekms_server_rbac_cache", "SubjectAccessReview answers", "API and answer");
         m
     }
 }
@@ -145,15 +130,10 @@ impl<R: RbacChecker> RbacChecker for CachedRbac<R> {
         }
         let allowed = self.inner.allowed(who, verb, namespace, name).await?;
         if let Ok(mut cache) = self.cache.lock() {
-            let (answer, kind) = if allowed { (Cached::Yes(()), "allowed") } else { (Cached::No, "denied") };
-            let label = |answer| RbacCacheLabels { api: self.name, answer };
-            if cache.insert(question, answer, now + self.ttl) {
-                self.metrics.evicted.get_or_create(&label(kind)).inc();
-            }
-            let (yes, no) = cache.len();
-            for (answer, n) in [("allowed", yes), ("denied", no)] {
-                self.metrics.entries.get_or_create(&label(answer)).set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+            let answer = if allowed { Cached::Yes(()) } else { Cached::No };
+            cache.insert_reported(question, answer, now + self.ttl, &self.metrics.0, |allowed| {
+                RbacCacheLabels { api: self.name, answer: if allowed { "allowed" } else { "denied" } }
+            });
         }
         Ok(allowed)
     }

@@ -7,6 +7,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
 /// A map of at most `capacity` entries that forgets the least recently used one to make
 /// room for a new one.
 pub struct Lru<K, V> {
@@ -130,6 +136,61 @@ impl<K: Hash + Eq + Clone, V: Clone, T: Ord + Copy> Answers<K, V, T> {
     /// How many answers of each kind are held: (yes, no).
     pub fn len(&self) -> (usize, usize) {
         (self.yes.len(), self.no.len())
+    }
+
+    /// [`Answers::insert`], reported to `metrics`: an answer forgotten to make room, and how
+    /// many of each kind are held. `label(yes)` is the label set of the "yes" or "no" answers.
+    pub fn insert_reported<L: Labels>(
+        &mut self,
+        key: K,
+        answer: Cached<V>,
+        until: T,
+        metrics: &AnswerMetrics<L>,
+        label: impl Fn(bool) -> L,
+    ) {
+        let yes = matches!(answer, Cached::Yes(_));
+        if self.insert(key, answer, until) {
+            metrics.evicted.get_or_create(&label(yes)).inc();
+        }
+        let (held_yes, held_no) = self.len();
+        for (yes, n) in [(true, held_yes), (false, held_no)] {
+            metrics.entries.get_or_create(&label(yes)).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// What a label set of [`AnswerMetrics`] must be.
+pub trait Labels: Clone + std::fmt::Debug + Hash + Eq + EncodeLabelSet + Send + Sync + 'static {}
+
+impl<L: Clone + std::fmt::Debug + Hash + Eq + EncodeLabelSet + Send + Sync + 'static> Labels for L {}
+
+/// The metrics of an [`Answers`] cache: the answers held and those forgotten to make room,
+/// by a label set that names the cache and the kind of answer.
+#[derive(Clone, Debug)]
+pub struct AnswerMetrics<L> {
+    entries: Family<L, Gauge>,
+    evicted: Family<L, Counter>,
+}
+
+impl<L: Labels> Default for AnswerMetrics<L> {
+    fn default() -> Self {
+        AnswerMetrics { entries: Family::default(), evicted: Family::default() }
+    }
+}
+
+impl<L: Labels> AnswerMetrics<L> {
+    /// Registers `{prefix}_entries` ("{what} cached, by {by}") and `{prefix}_evicted_total`.
+    pub fn register(&self, registry: &mut Registry, prefix: &str, what: &str, by: &str) {
+        registry.register(
+            format!("{prefix}_entries"),
+            format!("{what} cached, by {by}"),
+            self.entries.clone(),
+        );
+        registry.register(
+            format!("{prefix}_evicted"),
+            format!("Cached {what} forgotten to make room, by {by}"),
+            self.evicted.clone(),
+        );
     }
 }
 
