@@ -34,7 +34,7 @@ log "the AWS clients of the AWS API's tests (pinned; cached outside the clone)"
 "$E2E_DIR/tools/go-client.sh" "$BIN_DIR" >/dev/null
 "$E2E_DIR/tools/sops.sh" "$BIN_DIR" >/dev/null
 log "end-to-end tests"
-cargo test --features e2e --test e2e -- --skip disruptive --skip hsm:: --test-threads "${KUBEKMS_E2E_THREADS:-4}"
+cargo test --test e2e -- --skip disruptive --skip hsm:: --test-threads "${KUBEKMS_E2E_THREADS:-4}"
 # The disruptive tests restart and disable components of the shared control plane and then
 # mostly wait (kube-apiserver notices a disabled key only after minutes), so what runs on
 # control planes of its own runs meanwhile, in the background, its output kept in a log that
@@ -56,10 +56,10 @@ background_log="$ROOT_DIR/e2e/.test-background.log"
       KUBEKMS_CONTROLLER_METRICS_PORT=33080 KUBEKMS_PLUGIN_METRICS_PORT=33081 KUBEKMS_SERVER_PORT=33444 \
       KUBEKMS_SERVER_METRICS_PORT=33082 KUBEKMS_CONTROLLER_MANAGER_PORT=33257 KUBEKMS_AWS_PORT=33445
     KUBEKMS_ROOT_KEY=pkcs11 "$E2E_DIR/up.sh"
-    cargo test --features e2e --test e2e -- lifecycle:: plugin:: keyapi:: hsm:: --skip disruptive \
+    cargo test --test e2e -- lifecycle:: plugin:: keyapi:: hsm:: --skip disruptive \
       --skip keyapi::cli_round_trip_of_100_mib --skip keyapi::benchmark_smoke_run \
       --test-threads "${KUBEKMS_E2E_THREADS:-4}"
-    cargo test --features e2e --test e2e -- hsm::disruptive --test-threads 1
+    cargo test --test e2e -- hsm::disruptive --test-threads 1
     "$E2E_DIR/down.sh"
   )
   log "crash consistency under load, the short run (make chaos-smoke; its own control plane)"
@@ -78,7 +78,7 @@ fuzzing=$!
 
 log "end-to-end tests that restart or disable shared components, one at a time (meanwhile in the background: $background_log, $fuzz_log)"
 disruptive_rc=0
-cargo test --features e2e --test e2e disruptive -- --skip hsm:: --test-threads 1 || disruptive_rc=$?
+cargo test --test e2e disruptive -- --skip hsm:: --test-threads 1 || disruptive_rc=$?
 log "waiting for the background passes"
 background_rc=0
 wait "$background" || background_rc=$?

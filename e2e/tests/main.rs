@@ -1,7 +1,7 @@
 //! End-to-end tests against the real control plane that `make up` starts (etcd and
 //! kube-apiserver built from the Go module proxy). Run them with `make test`, or against a
-//! running `make up` with `cargo test --features e2e --test e2e`; without the `e2e` feature
-//! they are not built, so a plain `cargo test` needs no control plane.
+//! running `make up` with `cargo test --test e2e`; a plain `cargo test` does not build them
+//! (`test = false` in Cargo.toml), so it needs no control plane.
 
 // A test crate: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
