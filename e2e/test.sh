@@ -38,8 +38,9 @@ cargo test --test e2e -- --skip disruptive --skip hsm:: --test-threads "${KUBEKM
 # The disruptive tests restart and disable components of the shared control plane and then
 # mostly wait (kube-apiserver notices a disabled key only after minutes), so what runs on
 # control planes of its own runs meanwhile, in the background, its output kept in a log that
-# is printed when it ends: the SoftHSM2 pass, the chaos test's short run and the benchmark's
-# smoke run, one after another; the fuzz targets' smoke run beside them.
+# is printed when it ends: the SoftHSM2 pass, the chaos test's short run, the benchmark's
+# smoke run and the root-key rotation test, one after another; the fuzz targets' smoke run
+# beside them.
 background_log="$ROOT_DIR/e2e/.test-background.log"
 (
   set -euo pipefail
@@ -66,6 +67,9 @@ background_log="$ROOT_DIR/e2e/.test-background.log"
   "$E2E_DIR/chaos.sh" --smoke
   log "benchmark smoke run (tiny sizes: checks that \`make bench\` works; measures nothing)"
   "$ROOT_DIR/bench/run.sh" --smoke
+  # Disruptive only to the control plane it starts for itself, so it need not wait its turn.
+  log "root-key rotation without downtime (rootrotate::disruptive; its own control plane)"
+  cargo test --test e2e -- rootrotate::disruptive --test-threads 1
 ) >"$background_log" 2>&1 &
 background=$!
 # The fuzz targets' smoke run (CPU, no control plane) beside them.
@@ -78,7 +82,7 @@ fuzzing=$!
 
 log "end-to-end tests that restart or disable shared components, one at a time (meanwhile in the background: $background_log, $fuzz_log)"
 disruptive_rc=0
-cargo test --test e2e disruptive -- --skip hsm:: --test-threads 1 || disruptive_rc=$?
+cargo test --test e2e disruptive -- --skip hsm:: --skip rootrotate:: --test-threads 1 || disruptive_rc=$?
 log "waiting for the background passes"
 background_rc=0
 wait "$background" || background_rc=$?

@@ -6,7 +6,9 @@
 //! restarts with B alone. Everything decrypts before, during and after. Bad root-key
 //! configurations are refused with a message that names them.
 //!
-//! Named `disruptive_*`, so `make test` runs it alone: it starts a second control plane.
+//! Named `disruptive_*`, so that the parallel pass of `make test` leaves it out: it starts a
+//! second control plane, and `make test` runs it in the background, beside the tests that
+//! disrupt the shared one.
 //! Its ports start at `KUBEKMS_ROOTROTATE_PORT_BASE` (default 39520; nine consecutive
 //! ports) and its state is in `KUBEKMS_ROOTROTATE_RUN_DIR` (default e2e/.run-rootrotate),
 //! removed when the test passes.
