@@ -56,7 +56,7 @@ pub(crate) fn condition<'a>(
     k.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
-async fn wait_events(ns: &str, name: &str, expected: &[&str]) {
+pub(crate) async fn wait_events(ns: &str, name: &str, expected: &[&str]) {
     let what = format!("Events {expected:?} on {ns}/{name}");
     eventually(WAIT, &what, || async {
         let got = event_reasons(ns, name).await;

@@ -18,8 +18,7 @@ use crate::plugin::{
     CLUSTER_KEY, cluster_key, cluster_key_enabled, create_secret, patch_cluster_key, read_secret, stored,
 };
 use crate::support::{
-    TestNamespace, client, control_plane, env_var, event_reasons, eventually, http_get, kubectl, kubectl_ok,
-    run_dir,
+    TestNamespace, client, control_plane, env_var, eventually, http_get, kubectl, kubectl_ok, run_dir,
 };
 
 /// The version a stored key id (`kubekms:<keyId>:<version>`) names.
@@ -167,10 +166,13 @@ async fn disruptive_rotation_moves_every_stored_secret_to_the_new_version() {
     all_read();
 
     // Reported everywhere: Events, metrics, the audit trail.
-    let reasons = event_reasons(CLUSTER_KEY.0, CLUSTER_KEY.1).await;
-    for reason in ["StorageMigrationStarted", "StorageMigrationSucceeded"] {
-        assert!(reasons.iter().any(|r| r == reason), "no {reason} Event: {reasons:?}");
-    }
+    // (An Event follows the status that reports it.)
+    crate::lifecycle::wait_events(
+        CLUSTER_KEY.0,
+        CLUSTER_KEY.1,
+        &["StorageMigrationStarted", "StorageMigrationSucceeded"],
+    )
+    .await;
     assert!(metric("kubekms_storage_migrations_total{result=\"started\"}").await > started_before);
     assert!(metric("kubekms_storage_migrations_total{result=\"succeeded\"}").await > succeeded_before);
     let audited = audited_migrations();

@@ -221,8 +221,8 @@ async fn deleting_a_key_in_use_takes_force_and_use_while_pending_postpones_destr
     })
     .await;
     assert!(k.status.as_ref().unwrap().conditions.iter().any(|c| c.type_ == "UsedWhilePendingDeletion"));
-    let reasons = crate::support::event_reasons(ns, "k").await;
-    assert!(reasons.iter().any(|r| r == "KeyUsedWhilePendingDeletion"), "{reasons:?}");
+    // The Event follows the status that reports the postponement.
+    crate::lifecycle::wait_events(ns, "k", &["KeyUsedWhilePendingDeletion"]).await;
     // Past the first window it is still there...
     tokio::time::sleep(first.duration_since(jiff::Timestamp::now()).unsigned_abs() + Duration::from_secs(1))
         .await;
