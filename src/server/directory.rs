@@ -235,6 +235,10 @@ pub struct Directory {
     root: Arc<RootKey>,
     /// Unwrapped versions by keyId, with the material revision they came from.
     unwrapped: Mutex<HashMap<String, Unwrapped>>,
+    /// Held while a key is derived from its material and stored, so that a key derived
+    /// from material that has changed since is never stored after the change's own
+    /// derivation (the watches of keys and of material report on tasks of their own).
+    deriving: Mutex<()>,
 }
 
 /// How a watch's reports change a [`Directory`].
@@ -249,12 +253,14 @@ pub trait Feed<D> {
 
 impl Feed<Key> for Directory {
     fn apply(&self, key: Key) {
+        let _deriving = self.deriving();
         self.keys.apply(self.derived(key));
     }
     fn delete(&self, key: &Key) {
         self.keys.delete(&key.info.namespace, &key.info.name);
     }
     fn replace_all(&self, all: Vec<Key>) {
+        let _deriving = self.deriving();
         self.keys.replace_all(all.into_iter().map(|k| self.derived(k)).collect());
     }
 }
@@ -263,15 +269,18 @@ impl Feed<Key> for Directory {
 /// the key.
 impl Feed<WrappedMaterial> for Directory {
     fn apply(&self, material: WrappedMaterial) {
+        let _deriving = self.deriving();
         let (uid, key_id) = (material.uid.clone(), material.key_id.clone());
         self.materials.apply(material);
         self.rederive(&uid, &key_id);
     }
     fn delete(&self, material: &WrappedMaterial) {
+        let _deriving = self.deriving();
         self.materials.delete("", &material.uid);
         self.rederive(&material.uid, &material.key_id);
     }
     fn replace_all(&self, all: Vec<WrappedMaterial>) {
+        let _deriving = self.deriving();
         self.materials.replace_all(all);
         for key in self.keys.filter(|_| true) {
             self.keys.apply(self.derived((*key).clone()));
@@ -304,6 +313,12 @@ impl Feed<Grant> for Directory {
 }
 
 impl Directory {
+    /// Holds [`Directory::deriving`] (a panic while it was held left nothing half-done that
+    /// the lock protects: it only orders derivations).
+    fn deriving(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.deriving.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Derives the key of UID `uid` anew from its current material (of keyId `key_id`):
     /// the directory knows the key by that keyId once it has seen the material, by its UID
     /// before.
@@ -328,6 +343,7 @@ impl Directory {
             aliases: Mirror::default(),
             root,
             unwrapped: Mutex::new(HashMap::new()),
+            deriving: Mutex::new(()),
         }
     }
 
@@ -579,6 +595,45 @@ mod tests {
         assert_eq!(state(&d), (KeyState::Enabled, Some(3)));
         Feed::<WrappedMaterial>::delete(&d, &material(&[], false));
         assert_eq!(state(&d), (KeyState::Creating, None));
+    }
+
+    #[test]
+    fn keys_and_material_listed_at_once_derive_every_key_from_its_material() {
+        // The first lists of the two watches arrive together, on two tasks: a key derived
+        // before its material was listed must not be stored after the material's own
+        // re-derivation (which a server that just started would then serve as Creating).
+        let keys: Vec<Key> = (0..2000)
+            .map(|i| {
+                let mut k = key(true);
+                (k.info.name, k.info.uid, k.info.key_id) =
+                    (format!("k{i}"), format!("uid-{i}"), format!("uid-{i}"));
+                k
+            })
+            .collect();
+        let materials: Vec<WrappedMaterial> = (0..2000)
+            .map(|i| WrappedMaterial {
+                uid: format!("uid-{i}"),
+                key_id: format!("uid-{i}"),
+                ..material(&[1], false)
+            })
+            .collect();
+        for round in 0..20 {
+            let d =
+                Directory::new(Arc::new(RootKey::from_material(KeyMaterial::from_slice(&[3; 32]).unwrap())));
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    start.wait();
+                    Feed::<Key>::replace_all(&d, keys.clone());
+                });
+                scope.spawn(|| {
+                    start.wait();
+                    Feed::<WrappedMaterial>::replace_all(&d, materials.clone());
+                });
+            });
+            let creating = d.keys.filter(|k| k.info.state != KeyState::Enabled).len();
+            assert_eq!(creating, 0, "round {round}: keys not derived from their material");
+        }
     }
 
     #[test]
