@@ -65,6 +65,9 @@ AWS_REGION = "kubekms-local"
 # controller runs with one-second days (deletion refused for a recent decryption, a use
 # while pending postponing destruction) see it at the same scale.
 USAGE_GRANULARITY = os.environ.get("KUBEKMS_USAGE_GRANULARITY_SECONDS", "1")
+# The most grants a key may have on these control planes' key API servers (kubekms's
+# default is 1,000): small, so that e2e/tests/aws.rs reaches the bound in seconds.
+SERVER_MAX_GRANTS_PER_KEY = 100
 
 def socket_path(run_dir: Path, name: str) -> Path:
     """run_dir/name, or, where that is longer than a unix socket path may be (107 bytes),
@@ -334,6 +337,7 @@ class ControlPlane:
             *self.root_key_args(), "--audit-log", audit_log, *self.audit_rotation_args(),
             "--metrics-addr", f"127.0.0.1:{self.ports.server_metrics}",
             "--usage-granularity-seconds", USAGE_GRANULARITY,
+            "--max-grants-per-key", str(SERVER_MAX_GRANTS_PER_KEY),
             *(["--aws-listen", f"127.0.0.1:{self.ports.aws}", "--aws-region", AWS_REGION] if self.ports.aws else []),
         ], lambda: http_ok(f"http://127.0.0.1:{self.ports.server_metrics}/readyz"), f"{name}'s /readyz")
 

@@ -918,3 +918,56 @@ async fn sops_encrypts_and_decrypts_a_file_under_a_kubekms_key() {
     assert!(!out.status.success(), "a stranger decrypted the file");
     assert!(String::from_utf8_lossy(&out.stderr).contains("AccessDeniedException"), "{out:?}");
 }
+
+/// The most grants a key may have on the key API of `make up` (`SERVER_MAX_GRANTS_PER_KEY`
+/// in e2e/controlplane/cluster.py).
+const MAX_GRANTS_PER_KEY: usize = 100;
+
+/// The bound on a key's grants as boto3 meets it: once the key holds its most grants, a
+/// caller with the right to grant gets `LimitExceededException`, one without it the usual
+/// `AccessDeniedException` (it learns nothing of the key's grants), and revoking a grant
+/// makes room again.
+#[tokio::test]
+async fn create_grant_past_the_most_grants_a_key_may_have_is_limit_exceeded() {
+    let ns = TestNamespace::new("aws-grants");
+    let ns = ns.name.as_str();
+    let key = enabled_key(ns, "k", "  description: grants bound\n").await;
+    let arn = key_arn(ns, key.status.as_ref().unwrap().key_id.as_ref().unwrap());
+    let (admin, user) = (Pod::own(ns, "admin"), Pod::own(ns, "user"));
+    let admins = format!("--serviceaccount={ns}:admin");
+    kubectl_ok(
+        &["create", "rolebinding", "admins", "-n", ns, "--clusterrole=kubekms-key-admin", &admins],
+        None,
+    );
+    bind_key_user(ns, ns, "user");
+    let grant = serde_json::json!({
+        "KeyId": arn, "GranteePrincipal": format!("arn:aws:iam::{ns}:role/batch"), "Operations": ["Decrypt"],
+    });
+    answers(&admin, "create_grant", &grant, "OK", "RBAC to let the admin grant").await;
+    let made = calls(&admin, &vec![("create_grant", grant.clone()); MAX_GRANTS_PER_KEY - 1]);
+    assert!(made.iter().all(|(code, _)| code == "OK"), "{made:?}");
+
+    // The key API counts the grants it has seen; it sees the last ones within moments.
+    let refused = crate::support::eventually(crate::keyapi::WAIT, "CreateGrant to be refused", || async {
+        let answer = call(&admin, "create_grant", grant.clone());
+        (answer["code"] != "OK").then_some(answer)
+    })
+    .await;
+    assert_eq!(refused["code"], "LimitExceededException", "{refused}");
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains(&format!("a key may have at most {MAX_GRANTS_PER_KEY}")), "{message}");
+    let held = kubectl_ok(&["get", "kmsgrants", "-n", ns, "-o", "name"], None).lines().count();
+    // Calls in flight together may pass the check together; these came one at a time.
+    assert!((MAX_GRANTS_PER_KEY..=MAX_GRANTS_PER_KEY + 1).contains(&held), "{held} grants");
+    // Without the right to grant: refused as ever, not told about the bound.
+    let intruder = call(&user, "create_grant", grant.clone());
+    assert_eq!(intruder["code"], "AccessDeniedException", "{intruder}");
+    assert!(!intruder["message"].as_str().unwrap().contains("at most"), "{intruder}");
+
+    // Revoking makes room (once the key API has seen the grants go).
+    let listed = ok(call(&admin, "list_grants", serde_json::json!({"KeyId": arn, "Limit": 100})));
+    for g in listed["Grants"].as_array().unwrap().iter().take(held + 1 - MAX_GRANTS_PER_KEY) {
+        ok(call(&admin, "revoke_grant", serde_json::json!({"KeyId": arn, "GrantId": g["GrantId"]})));
+    }
+    answers(&admin, "create_grant", &grant, "OK", "room for a grant after a revocation").await;
+}
