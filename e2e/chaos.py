@@ -561,7 +561,7 @@ subjects: [{{kind: ServiceAccount, name: app, namespace: {NAMESPACE}}}]
                                   capture_output=True, text=True, timeout=120)
             if done.returncode != 0 or "intact (chain and MACs)" not in done.stdout:
                 raise CheckFailed(f"kubekms audit verify {name}: {done.stdout}{done.stderr}")
-            self.cut_lines[name] = done.stdout.count("was cut short by a crash")
+            self.cut_lines[name] = done.stdout.count("was cut short during its write")
             rotated = re.search(r" and (\d+) rotated files?:", done.stdout)
             self.rotated_files[name] = int(rotated.group(1)) if rotated else 0
 

@@ -135,6 +135,31 @@ struct Writer {
     out: Sink,
     prev: String,
     seq: u64,
+    /// The last write failed part-way: what landed is the beginning of a line, so the next
+    /// line starts with a newline, and what landed stands alone as a cut line.
+    cut: bool,
+}
+
+impl Writer {
+    fn new(out: Sink, prev: String, seq: u64) -> Writer {
+        Writer { out, prev, seq, cut: false }
+    }
+}
+
+/// Writes all of `buf` and flushes; on failure, also says how many of its bytes landed.
+fn write_whole(out: &mut dyn Write, buf: &[u8]) -> Result<(), (std::io::Error, usize)> {
+    let mut done = 0;
+    while done < buf.len() {
+        match out.write(&buf[done..]) {
+            Ok(0) => return Err((std::io::ErrorKind::WriteZero.into(), done)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((e, done)),
+        }
+    }
+    // Written, as far as this process can tell: a flush that fails loses what a buffer
+    // held, which is then no part of a line.
+    out.flush().map_err(|e| (e, 0))
 }
 
 /// Where the lines go: a stream (standard output, a test's sink), or a file that rotates.
@@ -144,11 +169,12 @@ enum Sink {
 }
 
 impl Sink {
-    /// Writes one whole line, the record `seq`.
-    fn write_line(&mut self, seq: u64, line: &[u8]) -> std::io::Result<()> {
+    /// Writes the bytes of the record `seq`: its line, perhaps after a newline that ends a
+    /// line cut by a failed write. On failure, also says how many bytes landed.
+    fn write_line(&mut self, seq: u64, bytes: &[u8]) -> Result<(), (std::io::Error, usize)> {
         match self {
-            Sink::Stream(out) => out.write_all(line).and_then(|()| out.flush()),
-            Sink::File(file) => file.write_line(seq, line),
+            Sink::Stream(out) => write_whole(out.as_mut(), bytes),
+            Sink::File(file) => file.write_line(seq, bytes),
         }
     }
 }
@@ -238,15 +264,16 @@ fn set_sequence(gauge: &Gauge, seq: u64) {
 /// The longest line the writer continues a chain from; longer ones mean a corrupt file.
 const MAX_LINE: u64 = 1024 * 1024;
 
-/// How every line begins (`Writer::append`): a line that begins so but is no JSON value is
-/// one a crash cut short in the middle of its write.
+/// How every line begins (`Writer::append`): a line that begins so (or is a beginning of
+/// it) but is no JSON value is one a crash or a failed write cut short.
 const LINE_START: &str = "{\"time\":\"";
 
-/// Whether `line` is the beginning of a line that a crash cut short: it starts as every
-/// line does and does not parse. Such a line holds no record; the next one chains to the
-/// line before it.
+/// Whether `line` is the beginning of a line that a crash or a failed write cut short: it
+/// starts as every line does (or is a beginning of that start) and does not parse. Such a
+/// line holds no record; the next one chains to the line before it.
 fn is_cut(line: &str) -> bool {
-    line.starts_with(LINE_START) && serde_json::from_str::<serde_json::Value>(line).is_err()
+    let begins = line.starts_with(LINE_START) || (!line.is_empty() && LINE_START.starts_with(line));
+    begins && serde_json::from_str::<serde_json::Value>(line).is_err()
 }
 
 /// Where a file's chain stands: its last record (the line and its sequence number), and
@@ -367,8 +394,7 @@ impl AuditLog {
         let mac_key = root.derive(MAC_PURPOSE);
         let metrics = series::FileMetrics::default();
         if path == Path::new("-") {
-            let writer =
-                Writer { out: Sink::Stream(Box::new(std::io::stdout())), prev: GENESIS.into(), seq: 0 };
+            let writer = Writer::new(Sink::Stream(Box::new(std::io::stdout())), GENESIS.into(), 0);
             return Ok(AuditLog::new(writer, mac_key, limits, metrics));
         }
         let (file, last) = series::FileSink::open(path, rotation, metrics.clone())
@@ -377,7 +403,7 @@ impl AuditLog {
             Some((line, seq)) => (sha256_hex(line.as_bytes()), *seq),
             None => (GENESIS.to_owned(), 0),
         };
-        Ok(AuditLog::new(Writer { out: Sink::File(file), prev, seq }, mac_key, limits, metrics))
+        Ok(AuditLog::new(Writer::new(Sink::File(file), prev, seq), mac_key, limits, metrics))
     }
 
     /// The log around a writer, on a thread of its own, its gauge starting where the
@@ -448,7 +474,7 @@ impl AuditLog {
 
     /// [`AuditLog::to_writer`], with callers waiting within `limits`.
     pub fn to_writer_with(out: Box<dyn Write + Send>, root: &RootKey, limits: AuditLimits) -> AuditLog {
-        let writer = Writer { out: Sink::Stream(out), prev: GENESIS.into(), seq: 0 };
+        let writer = Writer::new(Sink::Stream(out), GENESIS.into(), 0);
         AuditLog::new(writer, root.derive(MAC_PURPOSE), limits, series::FileMetrics::default())
     }
 
@@ -515,7 +541,18 @@ impl Writer {
         line.push_str(",\"mac\":\"");
         line.push_str(&mac);
         line.push_str("\"}\n");
-        self.out.write_line(seq, line.as_bytes()).map_err(AuditError::Write)?;
+        // After a write that failed part-way, a newline first ends what it left.
+        let prefix = usize::from(self.cut);
+        let bytes: std::borrow::Cow<'_, [u8]> =
+            if self.cut { [b"\n", line.as_bytes()].concat().into() } else { line.as_bytes().into() };
+        if let Err((e, landed)) = self.out.write_line(seq, &bytes) {
+            // Once the newline has landed, only bytes of this line can be left over.
+            if landed >= prefix {
+                self.cut = landed > prefix;
+            }
+            return Err(AuditError::Write(e));
+        }
+        self.cut = false;
         line.pop(); // the newline: the chain hashes the line itself
         self.prev = sha256_hex(line.as_bytes());
         self.seq = seq;
@@ -776,6 +813,56 @@ mod tests {
             "the unwritten line left no gap"
         );
         assert!(!String::from_utf8_lossy(&text).contains("req-2"));
+    }
+
+    /// A sink whose writes fail once `budget` bytes have landed, as a disk that fills does.
+    struct Filling {
+        budget: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        out: std::sync::Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Filling {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = buf.len().min(self.budget.load(SeqCst));
+            if n == 0 {
+                return Err(std::io::Error::other("no space left on device"));
+            }
+            self.budget.fetch_sub(n, SeqCst);
+            self.out.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_part_way_leaves_a_cut_line_and_the_chain_goes_on() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let budget = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+        let out = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log =
+            AuditLog::to_writer(Box::new(Filling { budget: budget.clone(), out: out.clone() }), &root());
+        let fails = |e: u32| matches!(log.record(&event(e)), Err(AuditError::Write(_)));
+        log.record(&event(1)).unwrap();
+        // The disk fills 5 bytes into line 2; then, once, right after the newline that ends
+        // it; then there is room again, until it fills 30 bytes into line 4.
+        budget.store(5, SeqCst);
+        assert!(fails(2), "fail closed");
+        budget.store(1, SeqCst);
+        assert!(fails(3));
+        budget.store(usize::MAX, SeqCst);
+        log.record(&event(4)).unwrap();
+        budget.store(30, SeqCst);
+        assert!(fails(5));
+        budget.store(usize::MAX, SeqCst);
+        log.record(&event(6)).unwrap();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let v = verify(text.as_bytes(), Some(&root())).unwrap();
+        assert_eq!(v, Verified { lines: 3, macs_checked: true, cut: vec![2, 4] }, "{text}");
+        assert_eq!(text.lines().count(), 5, "no empty line: {text}");
+        assert!(!text.contains("req-3") && !text.contains("req-5") && text.contains("req-6"), "{text}");
     }
 
     #[tokio::test]

@@ -193,10 +193,11 @@ impl FileSink {
         Ok((sink, last))
     }
 
-    /// Writes the line of record `seq`, first rotating the file if the line would take it
-    /// past its bound. A rotation that fails is logged and counted, and the line goes into
-    /// the current file all the same: the audit trail is never refused for its size.
-    pub(super) fn write_line(&mut self, seq: u64, line: &[u8]) -> std::io::Result<()> {
+    /// Writes the bytes of record `seq`, first rotating the file if they would take it past
+    /// its bound. A rotation that fails is logged and counted, and the line goes into the
+    /// current file all the same: the audit trail is never refused for its size. On
+    /// failure, also says how many of the bytes landed.
+    pub(super) fn write_line(&mut self, seq: u64, line: &[u8]) -> Result<(), (std::io::Error, usize)> {
         let len = line.len() as u64;
         let max = self.rotation.max_size;
         if max > 0 && (self.detached || (self.first.is_some() && self.size + len > max)) {
@@ -214,17 +215,23 @@ impl FileSink {
                 }
             }
         }
-        let written = self.file.write_all(line).and_then(|()| self.file.flush());
+        // A newline that would end a line cut by a failed write is not wanted at the start
+        // of a file (the cut line stays, unended, at the end of the file rotated away): it
+        // would make an empty line. It counts as landed.
+        let (line, skipped) = match line.split_first() {
+            Some((b'\n', rest)) if self.size == 0 => (rest, 1),
+            _ => (line, 0),
+        };
+        let written = super::write_whole(&mut self.file, line);
         self.size = match &written {
-            Ok(()) => self.size + len,
-            // Some of the line may have landed.
-            Err(_) => self.file.metadata().map_or(self.size, |m| m.len()),
+            Ok(()) => self.size + line.len() as u64,
+            Err((_, landed)) => self.size + *landed as u64,
         };
         if written.is_ok() {
             self.first.get_or_insert(seq);
         }
         self.metrics.bytes.set(i64::try_from(self.size).unwrap_or(i64::MAX));
-        written
+        written.map_err(|(e, landed)| (e, landed + skipped))
     }
 
     /// Renames the current file after its first record and begins a new one, then removes
@@ -526,6 +533,20 @@ mod tests {
         log.record(&event(5)).unwrap();
         assert_eq!(names(dir.path()), ["audit.log", "audit.log.1"]);
         assert_eq!(verify_series(&path, Some(&root()), None).unwrap().range(), Some((1, 5)));
+    }
+
+    #[test]
+    fn a_new_file_does_not_begin_with_the_newline_that_ends_a_cut_line() {
+        // The writer ends a line that a failed write cut short with a newline before its
+        // next line; when that line goes to a new file, the cut line is at the end of the
+        // file rotated away, and the new file starts with the line itself.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (mut sink, _) = FileSink::open(&path, Rotation::default(), FileMetrics::default()).unwrap();
+        sink.write_line(1, b"\n{\"seq\":1}\n").unwrap();
+        sink.write_line(2, b"\n{\"seq\":2}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"seq\":1}\n\n{\"seq\":2}\n");
+        assert_eq!(sink.size, std::fs::metadata(&path).unwrap().len());
     }
 
     #[test]

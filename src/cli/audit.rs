@@ -84,7 +84,7 @@ impl Command {
                 for (path, part) in &series.files {
                     for line in &part.cut {
                         println!(
-                            "{}: line {line} was cut short by a crash during its write: it holds no record, and the chain goes on across it",
+                            "{}: line {line} was cut short during its write (by a crash or a full disk): it holds no record, and the chain goes on across it",
                             path.display()
                         );
                     }
