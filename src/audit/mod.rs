@@ -697,8 +697,10 @@ pub fn verify(input: impl Read, root: Option<&RootKey>) -> Result<Verified, Veri
     Ok(Verified { lines: chain.last_seq(), macs_checked: chain.macs_checked(), cut: part.cut })
 }
 
-/// Verifies the audit log file at `path`.
-pub fn verify_file(path: &Path, root: Option<&RootKey>) -> Result<Verified, VerifyError> {
+/// Verifies the audit log file at `path` alone (the tests'; `kubekms audit verify` reads
+/// the whole series, [`verify_series`]).
+#[cfg(test)]
+fn verify_file(path: &Path, root: Option<&RootKey>) -> Result<Verified, VerifyError> {
     let file =
         std::fs::File::open(path).map_err(|e| VerifyError::Read(format!("{}: {e}", path.display())))?;
     verify(file, root)
