@@ -165,6 +165,16 @@ fn audit_verify_checks_a_rotated_series_as_one_chain() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("45 lines intact (chain and MACs)"), "{out}");
 
+    // Without its current file (a crash right after a rotation), every rotated file counts.
+    let bare = tempfile::tempdir().unwrap();
+    for (_, file) in kubekms::audit::rotated(&log).unwrap() {
+        std::fs::copy(&file, bare.path().join(file.file_name().unwrap())).unwrap();
+    }
+    let (code, out, err) = verify(&bare.path().join("audit.log"), &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let kept = kubekms::audit::rotated(&log).unwrap().len();
+    assert!(out.contains(&format!("audit.log and {kept} rotated files: ")), "{kept} in\n{out}");
+
     // A middle file removed: named by the records it held, exit status 1.
     let copy = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(dir.path()).unwrap() {

@@ -64,7 +64,8 @@ impl Command {
                 } else {
                     "chain only; give --root-key-file to check MACs"
                 };
-                let rotated = series.files.len() - 1;
+                // The current file may be missing (a crash right after a rotation).
+                let rotated = series.files.iter().filter(|(path, _)| *path != file).count();
                 if rotated > 0 {
                     for (path, part) in &series.files {
                         match (part.first, part.last) {
